@@ -1,0 +1,48 @@
+"""Exception types. Every error a user can cause derives from `MCEnsembleError`.
+
+The CLI turns `MCEnsembleError` into a click error (exit 1, no traceback);
+`BadOptionError` (a bad option value or spec) becomes a usage error (exit 2).
+Messages say what went wrong, name the file / tensor / option, and say what to do.
+"""
+from __future__ import annotations
+
+__all__ = [
+    "MCEnsembleError", "CheckpointError", "UnsafeCheckpointError", "NonFiniteError",
+    "ArchitectureMismatchError", "BadOptionError", "ModelSpecError", "DataSpecError",
+]
+
+
+class MCEnsembleError(Exception):
+    """Base class of every error caused by user input (files, options, specs)."""
+
+
+class CheckpointError(MCEnsembleError, ValueError):
+    """A file is missing, truncated, corrupt, or not a checkpoint."""
+
+
+class UnsafeCheckpointError(CheckpointError):
+    """A pickle needs a global outside the allow-list; nothing in it was executed."""
+
+
+class NonFiniteError(CheckpointError):
+    """A tensor holds NaN or Inf."""
+
+
+class ArchitectureMismatchError(MCEnsembleError, ValueError):
+    """Two state dicts (or a state dict and a model) do not share an architecture."""
+
+
+class BadOptionError(MCEnsembleError, ValueError):
+    """An option value is invalid. `option` names it (e.g. '--members') when known."""
+
+    def __init__(self, message: str, *, option: str | None = None):
+        super().__init__(message)
+        self.option = option
+
+
+class ModelSpecError(BadOptionError):
+    """A model spec (timm name or module:function) cannot be resolved."""
+
+
+class DataSpecError(BadOptionError):
+    """A data spec (digits, folder, module:function) cannot be resolved or does not fit the model."""
