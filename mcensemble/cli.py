@@ -188,3 +188,151 @@ def scan(checkpoints: tuple[str, ...], points: int, report: str | None, plot: st
         from .plot import plot_scan
         plot_scan(rep, plot, title="straight line A -> B")
         click.echo(f"plot: {plot}")
+
+
+# ---------------------------------------------------------------------------------------------
+# build
+
+
+def _apply_recipe(ctx: click.Context, kw: dict[str, Any], recipe: str | None) -> dict[str, Any]:
+    """Fill options not given on the command line from a recipe (flags win)."""
+    if recipe is None:
+        return {}
+    from .recipes import load_recipe
+    params = {p.name: p for p in ctx.command.params if p.name}
+    data = load_recipe(recipe, valid=[n for n in params if n != "recipe"])
+    extra = data.pop("_extra", {})
+    for name, value in data.items():
+        src = ctx.get_parameter_source(name)
+        if src in (click.core.ParameterSource.DEFAULT, click.core.ParameterSource.DEFAULT_MAP, None):
+            p = params[name]
+            try:
+                kw[name] = p.type_cast_value(ctx, value) if not (p.nargs == -1 and isinstance(value, list)) \
+                    else tuple(str(v) for v in value)
+            except click.BadParameter as e:
+                raise click.BadParameter(f"{e.message} (from recipe {recipe})", param_hint=f"'{name}'") from e
+    return extra
+
+
+@main.command()
+@click.argument("checkpoints", nargs=-1, type=click.Path(path_type=str))
+@model_options
+@data_options
+@run_options
+@click.option("--method", default="bezier", show_default=True,
+              help="Path between consecutive checkpoints: linear, bezier, polychain or dropout.")
+@click.option("--members", type=int, default=4, show_default=True, help="Ensemble members (points along the path).")
+@click.option("--selection", type=click.Choice(["auto", "greedy", "uniform"]), default="auto", show_default=True,
+              help="How members are chosen: greedy on validation NLL (auto, with --val-data) or uniform in t.")
+@click.option("--candidates", type=int, default=11, show_default=True,
+              help="Points per path scanned for the report and the greedy choice.")
+@click.option("--bends", type=int, default=1, show_default=True, help="Bends of a bezier / polychain curve.")
+@click.option("--epochs", type=int, default=20, show_default=True, help="Curve-fitting epochs.")
+@click.option("--lr", type=float, default=0.05, show_default=True,
+              help="Curve-fitting learning rate (constant for half the steps, then linear decay to 1%).")
+@click.option("--weight-decay", type=float, default=5e-4, show_default=True, help="Weight decay on theta(t).")
+@click.option("--strategy", type=click.Choice(["auto", "loop", "vmap"]), default="auto", show_default=True,
+              help="Ensemble inference: measured (auto), member loop, or stack_module_state + vmap.")
+@click.option("--out", metavar="ENS.safetensors", help="Write the ensemble here.")
+@click.option("--path-out", metavar="PATH.safetensors", help="Write the path (endpoints, bends, metadata) here.")
+@click.option("--soup", metavar="FILE.safetensors", help="Write the members' weight average (BN re-estimated).")
+@click.option("--report", metavar="FILE.json", help="Write the build report as JSON.")
+@click.option("--plot", metavar="FILE.png", help="Write loss and error along t, straight line against the path.")
+@click.option("--recipe", metavar="FILE.yaml", help="Read options from a YAML recipe; flags on the command line win.")
+@click.pass_context
+def build(ctx: click.Context, **kw: Any) -> None:
+    """Connect checkpoints A B [C ...] by low-loss paths and sample an ensemble along them.
+
+    With no checkpoints and no recipe, runs the embedded default: trains two small CNNs on
+    the built-in digits, fits a Bezier curve between them, and writes the ensemble, report
+    and plot into a fresh folder under mcensemble-runs/.
+    """
+    from .pipeline import BuildOptions, build_ensemble, fresh_run_dir, train_default_endpoints
+    from .recipes import DEFAULT_RECIPE
+    recipe = kw.pop("recipe")
+    if not kw["checkpoints"] and recipe is None:
+        recipe = str(DEFAULT_RECIPE)
+    extra = _apply_recipe(ctx, kw, recipe)
+    checkpoints = kw.pop("checkpoints")
+    out, path_out, soup, report, plot = (kw.pop(k) for k in ("out", "path_out", "soup", "report", "plot"))
+    opts = BuildOptions(**{k: kw.pop(k) for k in ("method", "members", "selection", "candidates", "bends", "epochs",
+                                                   "lr", "weight_decay", "strategy")})
+    model, data = _model_opts(kw), _data_opts(kw, default_data="digits")
+    if not checkpoints:
+        if "endpoints" not in extra:
+            raise click.UsageError("give checkpoints A B [...] (or a recipe with an 'endpoints' section)")
+        run = fresh_run_dir(prefix="build")
+        click.echo(f"Training {extra['endpoints'].get('n', 2)} endpoint models into {run}/", err=True)
+        checkpoints = tuple(str(p) for p in train_default_endpoints(run, seed=data.seed, **extra["endpoints"]))
+        out, report, plot = (out or str(run / "ensemble.safetensors"), report or str(run / "report.json"),
+                             plot or str(run / "path.png"))
+        path_out = path_out or str(run / "path.safetensors")
+    res = build_ensemble(checkpoints, model=model, data=data, opts=opts, out=out, path_out=path_out, soup=soup)
+    rep = res.report
+    _echo_build_table(rep)
+    for label, dest in (("ensemble", out), ("path", path_out), ("soup", soup)):
+        if dest:
+            click.echo(f"{label}: {dest}")
+    if report:
+        _write_json(rep, report)
+        click.echo(f"report: {report}")
+    if plot:
+        from .plot import plot_scan
+        curves = {"straight line": {"points": rep["line"]["points"]}}
+        if opts.method != "linear":
+            curves[f"{opts.method} path"] = {"points": rep["path"]["points"]}
+        plot_scan(curves, plot, title=f"{opts.method}: loss along the path")
+        click.echo(f"plot: {plot}")
+
+
+def _echo_build_table(rep: dict[str, Any]) -> None:
+    split = "val" if "val" in rep["ensemble"] else "train"
+    pre = "val_" if split == "val" else ""
+
+    def row(name: str, m: dict[str, Any]) -> tuple:
+        return (name, _fmt(m["loss"]), _fmt(m["acc"]), _fmt(m.get(f"{pre}nll", m.get("nll"))),
+                _fmt(m.get(f"{pre}acc", m.get("acc"))), _fmt(m.get(f"{pre}ece", m.get("ece"))))
+
+    line_pts = rep["line"]["points"]
+    mid = min(line_pts, key=lambda p: abs(p["t"] - 0.5))
+    rows = [row(f"endpoint {n}", m) for n, m in rep["endpoints"].items()]
+    rows.append(row(f"straight line t={mid['t']:.2f}", mid))
+    if rep["method"] != "linear":
+        w = rep["path"]["worst"]
+        rows.append(row(f"{rep['method']} worst t={w['t']:.2f}", w))
+    e = rep["ensemble"]
+    rows.append((f"ensemble ({len(rep['members'])} members)", _fmt(e["train"]["loss"]), _fmt(e["train"]["acc"]),
+                 _fmt(e[split]["nll"]), _fmt(e[split]["acc"]), _fmt(e[split]["ece"])))
+    _echo_table(rows, ("", "train loss", "train acc", f"{split} nll", f"{split} acc", f"{split} ece"))
+    click.echo("members at t = " + ", ".join(f"{m['u']:.2f}" for m in rep["members"]) +
+               ("   (BatchNorm statistics re-estimated at every point)" if rep.get("bn_reestimated") else ""))
+
+
+# ---------------------------------------------------------------------------------------------
+# eval
+
+
+@main.command(name="eval")
+@click.argument("ensemble", type=click.Path(path_type=str))
+@click.option("--model", "model_entry", metavar="MODULE:FUNCTION",
+              help="Zero-argument function returning the members' nn.Module (needed when the file names one).")
+@click.option("--trust-remote-code", is_flag=True,
+              help="Import the module:function recorded in the file (only for files you trust).")
+@data_options
+@run_options
+@click.option("--report", metavar="FILE.json", help="Write the evaluation as JSON.")
+def eval_cmd(ensemble: str, model_entry: str | None, trust_remote_code: bool, report: str | None, **kw: Any) -> None:
+    """Evaluate an ensemble file and each of its members: accuracy, NLL, ECE."""
+    from .pipeline import evaluate_ensemble_file
+    data = _data_opts(kw)
+    if not data.data:
+        raise click.UsageError("pass --data SPEC (e.g. --data digits) to evaluate on", ctx=click.get_current_context())
+    rep = evaluate_ensemble_file(ensemble, model=model_entry, trust_remote_code=trust_remote_code, data=data)
+    rows = [(f"member {i} (t={m.get('t') if m.get('t') is not None else '?'})", _fmt(m["nll"]), _fmt(m["acc"]),
+             _fmt(m["ece"])) for i, m in enumerate(rep["members"])]
+    e = rep["ensemble"]
+    rows.append((f"ensemble ({len(rep['members'])})", _fmt(e["nll"]), _fmt(e["acc"]), _fmt(e["ece"])))
+    _echo_table(rows, ("", "nll", "acc", "ece"))
+    if report:
+        _write_json(rep, report)
+        click.echo(f"report: {report}")

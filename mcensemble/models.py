@@ -75,8 +75,11 @@ class ModelSpec:
 
 def check_timm_arch(name: str, *, option: str | None = "--arch") -> str:
     """Return `name` if timm's registry knows it (pretrained tags like 'resnet18.a1_in1k'
-    are accepted), else raise `ModelSpecError` listing close names."""
+    are accepted; mcensemble's own `mce_*` models are registered first), else raise
+    `ModelSpecError` listing close names."""
     import timm
+
+    from . import zoo  # noqa: F401  (registers the built-in mce_* architectures with timm)
 
     if isinstance(name, str) and name and timm.is_model(name):
         return name
@@ -128,9 +131,12 @@ def _import_callable(entry: str, *, error: type[BadOptionError], option: str | N
     except ModuleNotFoundError as e:
         missing = e.name or ""
         if missing and (mod_name == missing or mod_name.startswith(missing + ".")):
+            hint = ""
+            if mod_name.endswith(".py"):
+                hint = f" Leave out the '.py': pass '{mod_name[:-3]}:{attr_path}'."
             raise error(
                 f"{what} entry point {entry!r}: cannot find module {mod_name!r}. Make sure the module is "
-                f"importable: run from its folder or add it to PYTHONPATH.", option=option) from e
+                f"importable: run from its folder or add it to PYTHONPATH.{hint}", option=option) from e
         raise error(f"{what} entry point {entry!r}: importing module {mod_name!r} failed because it "
                     f"imports {missing or 'a module'!r}, which is not installed ({e}).", option=option) from e
     except Exception as e:  # the user's module raised while importing

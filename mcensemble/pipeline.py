@@ -171,3 +171,254 @@ def describe_checkpoint(file: str | os.PathLike, opts: ModelOptions, *, units: b
         net = ck.build_model()
         info["units"] = build_unit_graph(net, example_input(net)).describe()
     return info
+
+
+# ---------------------------------------------------------------------------------------------
+# build: checkpoints -> paths -> members -> ensemble
+
+
+@dataclass
+class BuildOptions:
+    """How to connect the checkpoints and sample the ensemble.
+
+    method: a key of `PATH_BUILDERS` ("linear", "bezier", "polychain", "dropout");
+    members: K points; selection: "auto" (greedy on validation NLL when validation data is
+    given, else uniform), "greedy" or "uniform"; candidates: points per path evaluated for
+    the greedy choice (ends included); curve fitting: bends, epochs, lr, weight_decay.
+    """
+
+    method: str = "bezier"
+    members: int = 4
+    selection: str = "auto"
+    candidates: int = 11
+    bends: int = 1
+    epochs: int = 20
+    lr: float = 0.05
+    weight_decay: float = 5e-4
+    strategy: str = "auto"
+
+
+def _linear_builder(net, a, b, *, opts: BuildOptions, data: DataOptions, fit_loader, bn_loader):
+    from .paths import LinearPath
+    return LinearPath(a, b)
+
+
+def _curve_builder(net, a, b, *, opts: BuildOptions, data: DataOptions, fit_loader, bn_loader):
+    from .paths.fit import CurveConfig, fit_curve
+    cfg = CurveConfig(kind=opts.method, bends=opts.bends, epochs=opts.epochs, lr=opts.lr,
+                      weight_decay=opts.weight_decay, seed=data.seed)
+    return fit_curve(net, a, b, fit_loader, config=cfg, device=data.device, progress=data.progress)
+
+
+def _dropout_builder(net, a, b, *, opts: BuildOptions, data: DataOptions, fit_loader, bn_loader):
+    from .paths.dropout import build_dropout_path
+    return build_dropout_path(net, a, b, bn_loader, device=data.device, progress=data.progress)
+
+
+#: method name -> function(net, a, b, *, opts, data, fit_loader, bn_loader) -> Path
+PATH_BUILDERS = {"linear": _linear_builder, "bezier": _curve_builder, "polychain": _curve_builder,
+                 "dropout": _dropout_builder}
+
+
+def _validate_build(opts: BuildOptions) -> None:
+    import difflib
+    if opts.method not in PATH_BUILDERS:
+        close = difflib.get_close_matches(opts.method, PATH_BUILDERS, n=1)
+        hint = f" Did you mean {close[0]!r}?" if close else ""
+        raise BadOptionError(f"unknown method {opts.method!r}; choose one of {', '.join(PATH_BUILDERS)}.{hint}",
+                             option="--method")
+    if opts.members < 1:
+        raise BadOptionError(f"--members must be at least 1, got {opts.members}", option="--members")
+    if opts.selection not in ("auto", "greedy", "uniform"):
+        raise BadOptionError(f"--selection must be auto, greedy or uniform, got {opts.selection!r}",
+                             option="--selection")
+    if opts.candidates < 2:
+        raise BadOptionError(f"--candidates must be at least 2, got {opts.candidates}", option="--candidates")
+    if opts.method in ("bezier", "polychain"):
+        from .paths.fit import CurveConfig, validate_curve_config
+        validate_curve_config(CurveConfig(kind=opts.method, bends=opts.bends, epochs=opts.epochs, lr=opts.lr,
+                                          weight_decay=opts.weight_decay))
+
+
+@dataclass
+class BuildResult:
+    """What `build_ensemble` made: the paths, the chosen members and the JSON report."""
+
+    paths: list
+    members: list  # Candidate
+    member_states: list
+    report: dict[str, Any]
+    model_spec: Any = None
+
+
+def build_ensemble(files: Sequence[str | os.PathLike], *, model: ModelOptions, data: DataOptions,
+                   opts: BuildOptions, out: str | os.PathLike | None = None, path_out: str | os.PathLike | None = None,
+                   soup: str | os.PathLike | None = None) -> BuildResult:
+    """Connect consecutive checkpoints by paths, choose members along them, write the ensemble.
+
+    Everything is validated before any work; outputs are written atomically at the end.
+    """
+    import time
+    from ._io import sha256_file
+    from .bn import has_batchnorm
+    from .members import candidate_state, evaluate_candidates, select_greedy_nll, uniform_points
+    _validate_build(opts)
+    if path_out is not None and len(files) != 2:
+        raise BadOptionError("--path-out needs exactly two checkpoints (one path)", option="--path-out")
+    t0 = time.perf_counter()
+    cks = load_endpoints(files, model)
+    net = cks[0].build_model().to(data.device)
+    train, val = _loaders(net, data)
+    from .data import create_loader
+    fit_loader = create_loader(data.data, split="train", batch_size=data.batch_size, shuffle=True, seed=data.seed,
+                               model=net)
+    timings: dict[str, float] = {"load_s": time.perf_counter() - t0}
+
+    t1 = time.perf_counter()
+    builder = PATH_BUILDERS[opts.method]
+    paths = [builder(net, a.state_dict, b.state_dict, opts=opts, data=data, fit_loader=fit_loader, bn_loader=train)
+             for a, b in zip(cks[:-1], cks[1:])]
+    timings["path_s"] = time.perf_counter() - t1
+
+    t2 = time.perf_counter()
+    n_paths, g = len(paths), opts.candidates
+    greedy = opts.selection == "greedy" or (opts.selection == "auto" and val is not None)
+    if greedy and val is None:
+        raise BadOptionError("--selection greedy needs --val-data", option="--selection")
+    # The grid: g points per path, joined paths sharing their ends. Scanned for the report
+    # and the plot, and the candidates of the greedy choice.
+    grid_points = [(p, i / (g - 1), (p + i / (g - 1)) / n_paths) for p in range(n_paths) for i in range(g)
+                   if p == 0 or i > 0]
+    grid = evaluate_candidates(paths, net, grid_points, train_loader=train, val_loader=val, device=data.device,
+                               progress=data.progress)
+    if greedy:
+        labels = _labels(val)
+        members = sorted((grid[i] for i in select_greedy_nll(grid, opts.members, labels)), key=lambda c: c.u)
+    else:
+        members = evaluate_candidates(paths, net, uniform_points(opts.members, n_paths), train_loader=train,
+                                      val_loader=val, device=data.device, progress=data.progress)
+    states = [candidate_state(paths[c.path], c) for c in members]
+    line = grid
+    if opts.method != "linear":
+        from .paths import LinearPath
+        lines = [LinearPath(a.state_dict, b.state_dict) for a, b in zip(cks[:-1], cks[1:])]
+        line = evaluate_candidates(lines, net, grid_points, train_loader=train, val_loader=val, device=data.device,
+                                   progress=data.progress)
+    timings["members_s"] = time.perf_counter() - t2
+
+    t3 = time.perf_counter()
+    spec = cks[0].model_spec
+    kind = paths[0].kind
+    sources = [{"file": str(f), "sha256": ck.metadata.get("sha256") or sha256_file(ck.path)}
+               for f, ck in zip(files, cks)]
+    from .ensemble import EnsembleModel
+    ens = EnsembleModel(net, states, strategy=opts.strategy, device=data.device)
+    report = {
+        "method": opts.method, "selection": "greedy-val-nll" if greedy else "uniform",
+        "checkpoints": [{"file": str(f), **_describe(ck)} for f, ck in zip(files, cks)],
+        "data": {"train": data.data, "val": data.val_data}, "seed": data.seed,
+        "batchnorm": has_batchnorm(net), "bn_reestimated": has_batchnorm(net),
+        "endpoints": {name: _cand_metrics(c) for name, c in _endpoint_cands(grid, n_paths)},
+        "members": [c.info(kind) for c in members],
+        "ensemble": _ens_metrics(ens, train, val, data.device),
+        "path": {"points": [_cand_metrics(c) for c in grid], "worst": _cand_metrics(max(grid, key=_train_loss))},
+        "line": {"points": [_cand_metrics(c) for c in line], "worst": _cand_metrics(max(line, key=_train_loss))},
+    }
+    if opts.method in ("bezier", "polychain"):
+        report["curve"] = {"kind": opts.method, "bends": opts.bends, "epochs": opts.epochs, "lr": opts.lr,
+                           "weight_decay": opts.weight_decay}
+    if getattr(paths[0], "certificate", None):
+        report["certificates"] = [p.certificate for p in paths]
+    if out is not None:
+        from .ensemble import save_ensemble
+        save_ensemble(out, states, model_spec=spec, members=[c.info(kind) for c in members], sources=sources,
+                      extra={"method": opts.method, "selection": report["selection"],
+                             "bn_reestimated": report["bn_reestimated"], "n_paths": n_paths})
+    if path_out is not None:
+        paths[0].save(path_out, model_spec=spec, extra={"sources": sources})
+    if soup is not None:
+        report["soup"] = _write_soup(soup, states, net, train, val, cks[0], data)
+    timings["write_s"] = time.perf_counter() - t3
+    timings["total_s"] = time.perf_counter() - t0
+    report["timings"] = timings
+    return BuildResult(paths=paths, members=members, member_states=states, report=report, model_spec=spec)
+
+
+def _train_loss(c) -> float:
+    return c.train.loss
+
+
+def _labels(loader) -> torch.Tensor:
+    from .train import split_batch
+    return torch.cat([torch.as_tensor(split_batch(b)[1]) for b in loader])
+
+
+def _cand_metrics(c) -> dict[str, Any]:
+    d: dict[str, Any] = {"t": c.u, "path": c.path, "path_t": c.t}
+    if c.train is not None:
+        d.update(loss=c.train.loss, acc=c.train.acc, nll=c.train.nll, ece=c.train.ece)
+    if c.val is not None:
+        d.update(val_loss=c.val.loss, val_acc=c.val.acc, val_nll=c.val.nll, val_ece=c.val.ece)
+    return d
+
+
+def _endpoint_cands(grid, n_paths: int):
+    """(name, candidate) for every checkpoint: the grid points at u = p / n_paths."""
+    names = [chr(ord("A") + i) if n_paths < 26 else f"ckpt{i}" for i in range(n_paths + 1)]
+    ends = [c for c in grid if c.t in (0.0, 1.0)]
+    return list(zip(names, sorted(ends, key=lambda c: c.u)))
+
+
+def _ens_metrics(ens, train, val, device) -> dict[str, Any]:
+    from .evaluate import evaluate
+    out = {"train": evaluate(ens, train, device=device, progress=False).to_dict()}
+    if val is not None:
+        out["val"] = evaluate(ens, val, device=device, progress=False).to_dict()
+    out["strategy"] = ens.strategy
+    return out
+
+
+def _write_soup(dest, states, net, train, val, ck, data: DataOptions) -> dict[str, Any]:
+    """The weight average of the members, BN re-estimated, as one plain checkpoint."""
+    from .bn import update_bn
+    from .checkpoints import save_checkpoint
+    from .evaluate import evaluate
+    avg = {}
+    for k, v in states[0].items():
+        avg[k] = (torch.stack([s[k] for s in states]).mean(0).to(v.dtype) if v.is_floating_point() else v.clone())
+    net.load_state_dict(avg, strict=True)
+    update_bn(net, train, device=data.device)
+    md = {k: ck.metadata.get(k) for k in ("arch", "num_classes", "in_chans", "model_args")
+          if ck.metadata.get(k) is not None}
+    md["kind"] = "soup"
+    save_checkpoint({k: v.detach().cpu() for k, v in net.state_dict().items()}, dest, metadata=md)
+    res = {"file": str(dest), "train": evaluate(net, train, device=data.device, progress=False).to_dict()}
+    if val is not None:
+        res["val"] = evaluate(net, val, device=data.device, progress=False).to_dict()
+    return res
+
+
+def evaluate_ensemble_file(file: str | os.PathLike, *, model: Any = None, trust_remote_code: bool = False,
+                           data: DataOptions) -> dict[str, Any]:
+    """Each member's and the ensemble's accuracy, NLL and ECE on `data.data` (split "val" for digits)."""
+    from .data import check_input_fits, create_loader
+    from .ensemble import load
+    from .members import ensemble_metrics, predict_log_probs
+    if isinstance(model, str):
+        from .models import ModelSpec, import_entry
+        import_entry(model)  # fail early, naming the spec
+        model = ModelSpec(entry=model)
+    ens = load(file, model=model, trust_remote_code=trust_remote_code, device=data.device)
+    split = "val" if (data.data or "").startswith("digits") and data.val_data is None else "train"
+    spec = data.val_data or data.data
+    loader = create_loader(spec, split=split, batch_size=data.batch_size, model=ens.members[0])
+    check_input_fits(ens.members[0], loader, spec=spec)
+    per, labels = [], None
+    for member in ens.members:
+        lp, labels = predict_log_probs(member, loader, device=data.device)
+        per.append(lp)
+    info = ens.metadata.get("members") or [{} for _ in per]
+    members = [{**ensemble_metrics([lp], labels).to_dict(), "t": info[i].get("t")} for i, lp in enumerate(per)]
+    return {"file": str(file), "data": spec, "split": split, "members": members,
+            "ensemble": ensemble_metrics(per, labels).to_dict(), "strategy": ens.strategy}
+

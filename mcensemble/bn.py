@@ -1,0 +1,136 @@
+"""BatchNorm statistics at any point of a path.
+
+`update_bn` re-estimates the running statistics of every BatchNorm layer with one pass
+over a loader, as `torch.optim.swa_utils.update_bn` does (reset, cumulative average,
+forward passes with BN in train mode), with three differences:
+
+- only the BatchNorm modules are switched to train mode; everything else (dropout,
+  stochastic depth, ...) runs in eval mode, so the statistics are those of the network
+  that will be evaluated;
+- every module's `training` flag and every BN `momentum` are restored afterwards, even
+  when a submodule was in a different mode than its parent, and even on error (then the
+  old statistics are restored too);
+- inputs are taken from tensors, `(x, y)` tuples / lists, or dicts (`"image"`,
+  `"input"`, `"x"`, `"pixel_values"`).
+"""
+from __future__ import annotations
+
+import logging
+import sys
+from typing import Any, Iterable
+
+import torch
+import torch.nn as nn
+from torch.nn.modules.batchnorm import _BatchNorm
+from tqdm import tqdm
+
+from .errors import DataSpecError
+
+__all__ = ["has_batchnorm", "update_bn", "batch_input"]
+
+log = logging.getLogger(__name__)
+
+_INPUT_KEYS = ("image", "input", "x", "pixel_values", "inputs", "images")
+
+
+def has_batchnorm(model: nn.Module) -> bool:
+    """True when any submodule of `model` is a BatchNorm layer (1d / 2d / 3d / Sync / Lazy)."""
+    return any(isinstance(m, _BatchNorm) for m in model.modules())
+
+
+def batch_input(batch: Any) -> torch.Tensor:
+    """The model input of one loader batch: the tensor itself, the first element of a
+    tuple / list, or the `"image"` / `"input"` (/ `"x"`, `"pixel_values"`) entry of a dict."""
+    if isinstance(batch, torch.Tensor):
+        return batch
+    if isinstance(batch, (list, tuple)):
+        if not batch:
+            raise DataSpecError("a data batch is an empty tuple/list; expected (inputs, labels)",
+                                option="--data")
+        return batch[0]
+    if isinstance(batch, dict):
+        for key in _INPUT_KEYS:
+            if key in batch:
+                return batch[key]
+        raise DataSpecError(
+            f"a data batch is a dict with keys {sorted(map(str, batch))}, none of which is an input "
+            f"key ({', '.join(repr(k) for k in _INPUT_KEYS)}); return (inputs, labels) tuples or "
+            "name the input 'image' or 'input'", option="--data")
+    raise DataSpecError(
+        f"a data batch is a {type(batch).__name__}; expected a tensor, an (inputs, labels) tuple "
+        "or a dict with an 'image' / 'input' entry", option="--data")
+
+
+def _model_device(model: nn.Module) -> torch.device | None:
+    for t in model.parameters():
+        return t.device
+    for t in model.buffers():
+        return t.device
+    return None
+
+
+@torch.no_grad()
+def update_bn(model: nn.Module, loader: Iterable[Any], *, device: str | torch.device | None = None,
+              max_batches: int | None = None, progress: bool | None = None) -> None:
+    """Re-estimate the BatchNorm running statistics of `model` (in place) on `loader`.
+
+    Running statistics are reset and re-accumulated as a cumulative average over the
+    batches (momentum None), with only the BN layers in train mode. `device`: where inputs
+    are sent (default: the device of the model's first parameter). `max_batches`: stop
+    after that many batches. No-op on a model without BatchNorm (or whose BN layers
+    track no running statistics). A loader that yields no batch raises `DataSpecError`
+    and leaves the statistics as they were.
+    """
+    bns = [m for m in model.modules() if isinstance(m, _BatchNorm) and m.track_running_stats]
+    if not bns:
+        return
+    if max_batches is not None and max_batches < 1:
+        from .errors import BadOptionError
+        raise BadOptionError(f"max_batches must be at least 1, got {max_batches}", option="max_batches")
+    if device is None:
+        device = _model_device(model)
+
+    modes = [(m, m.training) for m in model.modules()]
+    momenta = [(bn, bn.momentum) for bn in bns]
+    saved = [(bn, {k: v.clone() for k, v in bn.named_buffers(recurse=False) if v is not None}) for bn in bns]
+    ok = False
+    try:
+        model.eval()
+        for bn in bns:
+            bn.reset_running_stats()
+            bn.momentum = None
+            bn.train()
+        seen = 0
+        total = None
+        if max_batches is not None:
+            try:
+                total = min(len(loader), max_batches)  # type: ignore[arg-type]
+            except TypeError:
+                total = max_batches
+        bar = tqdm(loader, total=total, desc="BatchNorm statistics", unit="batch", leave=False,
+                   file=sys.stderr, disable=None if progress is None else not progress)
+        try:
+            for batch in bar:
+                if max_batches is not None and seen >= max_batches:
+                    break
+                x = batch_input(batch)
+                if device is not None:
+                    x = x.to(device)
+                model(x)
+                seen += 1
+        finally:
+            bar.close()
+        if seen == 0:
+            raise DataSpecError("cannot re-estimate BatchNorm statistics: the data loader yielded no "
+                                "batches; give a non-empty training data set", option="--data")
+        log.debug("re-estimated BatchNorm statistics of %d layers on %d batches", len(bns), seen)
+        ok = True
+    finally:
+        if not ok:
+            for bn, bufs in saved:
+                for k, v in bufs.items():
+                    getattr(bn, k).copy_(v)
+        for bn, mom in momenta:
+            bn.momentum = mom
+        for m, mode in modes:
+            m.training = mode

@@ -1,0 +1,422 @@
+"""Data specs -> DataLoaders.
+
+A data SPEC is one of:
+
+- ``digits`` or ``digits,key=value,...``: scikit-learn's bundled 8x8 handwritten digits
+  (offline). x is float32 ``[N, 1, 8, 8]`` in [0, 1] (pixel / 16), y int64. Fixed split:
+  ``torch.randperm(1797)`` drawn from a generator seeded 0; the first 1437 indices are
+  ``train``, the last 360 ``val``. Keys:
+  ``size=S`` (bilinear resize to S x S), ``chans=C`` (repeat the channel C times),
+  ``train=N`` (only the first N training examples), ``noise=P`` (replace a fraction P of
+  the training labels by a different class, chosen at random), ``seed=K`` (the seed of
+  that noise, default 0; the data set never depends on `create_loader`'s seed).
+- a folder path in ImageFolder layout (``root/<class>/<image>``), read with
+  ``timm.data.create_dataset("", root=path)`` and, when a model is given, the model's eval
+  transforms (``timm.data.resolve_data_config`` + ``create_transform``); else ``ToTensor``.
+- ``module:function``: the function is imported and called with no arguments; it returns a
+  ``Dataset`` (wrapped in a DataLoader here) or a ``DataLoader`` (used as is).
+"""
+from __future__ import annotations
+
+import functools
+import logging
+import os
+import re
+from dataclasses import dataclass
+from typing import Any
+
+import torch
+import torch.nn as nn
+import torch.nn.functional as F
+from torch.utils.data import DataLoader, Dataset, IterableDataset, TensorDataset
+
+from .errors import BadOptionError, DataSpecError
+
+__all__ = ["DIGITS_TRAIN_SIZE", "DIGITS_VAL_SIZE", "digits_tensors", "create_dataset", "create_loader",
+           "check_input_fits", "spec_name", "example_input"]
+
+logger = logging.getLogger(__name__)
+
+DIGITS_N = 1797
+DIGITS_TRAIN_SIZE = 1437
+DIGITS_VAL_SIZE = DIGITS_N - DIGITS_TRAIN_SIZE
+DIGITS_CLASSES = 10
+_DIGITS_KEYS = ("size", "chans", "train", "noise", "seed")
+_SPLITS = ("train", "val")
+_SPLIT_FOLDER_NAMES = {"train", "training", "val", "valid", "validation", "test", "eval", "evaluation"}
+_ENTRY_RE = re.compile(r"^[A-Za-z_]\w*(?:\.[A-Za-z_]\w*)*:[A-Za-z_]\w*(?:\.[A-Za-z_]\w*)*$")
+
+FORMS = ("'digits' or 'digits,size=16,chans=3,train=500,noise=0.2,seed=0' (built-in 8x8 digits), "
+         "a folder of class subfolders (ImageFolder layout), or 'module:function' returning a Dataset "
+         "or DataLoader")
+
+
+# --------------------------------------------------------------------------------------
+# digits
+
+
+@functools.lru_cache(maxsize=1)
+def _digits_arrays() -> tuple[torch.Tensor, torch.Tensor]:
+    from sklearn.datasets import load_digits
+
+    d = load_digits()
+    x = torch.tensor(d.images, dtype=torch.float32).unsqueeze(1) / 16.0
+    y = torch.tensor(d.target, dtype=torch.int64)
+    x.requires_grad_(False)
+    return x, y
+
+
+@functools.lru_cache(maxsize=1)
+def _digits_perm() -> torch.Tensor:
+    return torch.randperm(DIGITS_N, generator=torch.Generator().manual_seed(0))
+
+
+def digits_tensors(split: str = "train") -> tuple[torch.Tensor, torch.Tensor]:
+    """The plain digits split (no options): x float32 [N, 1, 8, 8] in [0, 1], y int64.
+    Fresh clones (the cached arrays are never handed out)."""
+    if split not in _SPLITS:
+        raise BadOptionError(f"split must be one of {', '.join(_SPLITS)}; got {split!r}", option="split")
+    x, y = _digits_arrays()
+    perm = _digits_perm()
+    idx = perm[:DIGITS_TRAIN_SIZE] if split == "train" else perm[DIGITS_TRAIN_SIZE:]
+    return x[idx].clone(), y[idx].clone()
+
+
+@dataclass(frozen=True)
+class _DigitsOptions:
+    size: int | None = None
+    chans: int | None = None
+    train: int | None = None
+    noise: float = 0.0
+    seed: int = 0
+
+
+def _parse_digits(spec: str) -> _DigitsOptions:
+    parts = [p.strip() for p in spec.split(",")]
+    opts: dict[str, Any] = {}
+    for part in parts[1:]:
+        if not part:
+            continue
+        key, eq, value = part.partition("=")
+        key, value = key.strip(), value.strip()
+        if not eq or not key:
+            raise DataSpecError(f"data {spec!r}: {part!r} is not key=value. Valid keys for digits: "
+                                f"{', '.join(_DIGITS_KEYS)} (e.g. digits,size=16,chans=3).", option="--data")
+        if key not in _DIGITS_KEYS:
+            raise DataSpecError(f"data {spec!r}: unknown key {key!r}. Valid keys for digits: "
+                                f"{', '.join(_DIGITS_KEYS)}.", option="--data")
+        if key in opts:
+            raise DataSpecError(f"data {spec!r}: key {key!r} is given twice.", option="--data")
+        try:
+            if key == "noise":
+                v: Any = float(value)
+                ok = 0.0 <= v <= 1.0
+                want = "a fraction between 0 and 1"
+            else:
+                v = int(value)
+                lo = 0 if key == "seed" else 1
+                hi = DIGITS_TRAIN_SIZE if key == "train" else None
+                ok = v >= lo and (hi is None or v <= hi)
+                want = (f"an integer from {lo} to {hi}" if hi else f"an integer >= {lo}")
+        except ValueError:
+            ok, want = False, ("a fraction between 0 and 1" if key == "noise" else "an integer")
+        if not ok:
+            raise DataSpecError(f"data {spec!r}: {key}={value!r} must be {want}.", option="--data")
+        opts[key] = v
+    return _DigitsOptions(**opts)
+
+
+def _digits_dataset(spec: str, split: str) -> TensorDataset:
+    o = _parse_digits(spec)
+    x, y = digits_tensors(split)
+    if split == "train":
+        if o.train is not None:
+            x, y = x[:o.train], y[:o.train]
+        if o.noise > 0:
+            g = torch.Generator().manual_seed(o.seed)
+            n = int(round(o.noise * len(y)))
+            which = torch.randperm(len(y), generator=g)[:n]
+            shift = torch.randint(1, DIGITS_CLASSES, (n,), generator=g)
+            y = y.clone()
+            y[which] = (y[which] + shift) % DIGITS_CLASSES
+    if o.size is not None and o.size != x.shape[-1]:
+        x = F.interpolate(x, size=(o.size, o.size), mode="bilinear", align_corners=False)
+    if o.chans is not None and o.chans != 1:
+        x = x.repeat(1, o.chans, 1, 1)
+    return TensorDataset(x.contiguous(), y)
+
+
+# --------------------------------------------------------------------------------------
+# folders
+
+
+def _model_in_chans(model: nn.Module) -> int | None:
+    cfg = getattr(model, "pretrained_cfg", None) or {}
+    name = cfg.get("first_conv")
+    if isinstance(name, (list, tuple)):
+        name = name[0] if name else None
+    if isinstance(name, str):
+        try:
+            mod = model.get_submodule(name)
+            if isinstance(mod, nn.modules.conv._ConvNd):
+                return mod.in_channels
+        except AttributeError:
+            pass
+    for mod in model.modules():
+        if isinstance(mod, nn.modules.conv._ConvNd):
+            return mod.in_channels
+    return None
+
+
+def _folder_dataset(spec: str, model: nn.Module | None) -> Dataset:
+    import timm.data
+
+    root = os.fspath(spec)
+    try:
+        subdirs = sorted(e.name for e in os.scandir(root) if e.is_dir())
+    except OSError as e:
+        raise DataSpecError(f"data {spec!r}: cannot read folder: {e}", option="--data") from e
+    if subdirs and all(s.lower() in _SPLIT_FOLDER_NAMES for s in subdirs):
+        raise DataSpecError(
+            f"data {spec!r} holds split folders ({', '.join(subdirs)}), which would be read as classes: "
+            f"pass one of them, e.g. {os.path.join(root, subdirs[0])!r}.", option="--data")
+
+    img_mode = "RGB"
+    if model is not None:
+        cfg = timm.data.resolve_data_config({}, model=model)
+        chans = _model_in_chans(model) or cfg["input_size"][0]
+        if chans == 1:
+            img_mode = "L"
+        if chans == 1 and cfg["input_size"][0] != 1:
+            cfg["input_size"] = (1, *cfg["input_size"][1:])
+            cfg["mean"] = (float(sum(cfg["mean"]) / len(cfg["mean"])),)
+            cfg["std"] = (float(sum(cfg["std"]) / len(cfg["std"])),)
+        transform = timm.data.create_transform(**cfg, is_training=False)
+    else:
+        from torchvision import transforms
+        transform = transforms.ToTensor()
+    try:
+        ds = timm.data.create_dataset("", root=root, search_split=False, input_img_mode=img_mode,
+                                      transform=transform)
+    except Exception as e:  # noqa: BLE001 - timm raises several kinds; all mean "not readable"
+        raise DataSpecError(f"data {spec!r}: timm cannot read this folder as a data set "
+                            f"(ImageFolder layout: <folder>/<class>/<image>): {e}", option="--data") from e
+    if len(ds) == 0:
+        raise DataSpecError(f"data {spec!r}: no images found (expected <folder>/<class>/<image>).",
+                            option="--data")
+    return ds
+
+
+# --------------------------------------------------------------------------------------
+# spec dispatch
+
+
+def spec_name(spec: Any) -> str:
+    """A short, human description of a data spec (for logs and reports)."""
+    s = os.fspath(spec) if isinstance(spec, os.PathLike) else str(spec)
+    if s == "digits" or s.startswith("digits,"):
+        return f"digits ({s})" if s != "digits" else "digits (scikit-learn 8x8)"
+    if os.path.isdir(s):
+        return f"folder {s}"
+    return s
+
+
+def _kind(spec: Any) -> str:
+    if isinstance(spec, os.PathLike):
+        spec = os.fspath(spec)
+    if not isinstance(spec, str) or not spec.strip():
+        raise DataSpecError(f"data spec must be a non-empty string; got {spec!r}. Accepted forms: {FORMS}.",
+                            option="--data")
+    s = spec.strip()
+    if s == "digits" or s.startswith("digits,"):
+        return "digits"
+    if os.path.isdir(s):
+        return "folder"
+    if os.path.exists(s):
+        raise DataSpecError(f"data {spec!r} is a file, not a folder. Accepted forms: {FORMS}.", option="--data")
+    if _ENTRY_RE.match(s):
+        return "entry"
+    raise DataSpecError(f"data {spec!r}: no such folder, and not a known data spec. Accepted forms: {FORMS}.",
+                        option="--data")
+
+
+def _entry_data(spec: str) -> Dataset | DataLoader:
+    from .models import _import_callable
+
+    fn = _import_callable(spec, error=DataSpecError, option="--data", what="data")
+    try:
+        out = fn()
+    except Exception as e:
+        raise DataSpecError(f"data {spec!r}: the function raised {type(e).__name__}: {e}. It must take no "
+                            f"arguments and return a Dataset or DataLoader.", option="--data") from e
+    if isinstance(out, (DataLoader, Dataset)):
+        return out
+    raise DataSpecError(f"data {spec!r} returned {type(out).__name__}; it must return a torch Dataset or "
+                        f"DataLoader (e.g. TensorDataset(x, y)).", option="--data")
+
+
+def create_dataset(spec: Any, *, split: str = "train", model: nn.Module | None = None) -> Dataset | DataLoader:
+    """The Dataset a spec names (a `module:function` may give a DataLoader instead)."""
+    if split not in _SPLITS:
+        raise BadOptionError(f"split must be one of {', '.join(_SPLITS)}; got {split!r}", option="split")
+    kind = _kind(spec)
+    s = os.fspath(spec).strip() if isinstance(spec, os.PathLike) else spec.strip()
+    if kind == "digits":
+        return _digits_dataset(s, split)
+    if kind == "folder":
+        return _folder_dataset(s, model)
+    return _entry_data(s)
+
+
+def create_loader(spec: Any, *, split: str = "train", batch_size: int = 128, shuffle: bool = False, seed: int = 0,
+                  model: nn.Module | None = None, drop_last: bool = False) -> DataLoader:
+    """A DataLoader over the data a spec names (num_workers=0).
+
+    `split` ("train" / "val") picks the digits split; folders and functions give what
+    they give. Shuffling draws from a generator seeded with `seed` (reproducible). A
+    DataLoader returned by a `module:function` spec is returned as is (its own batch
+    size and order). `model` (optional) picks a folder's eval transforms.
+    """
+    if isinstance(batch_size, bool) or not isinstance(batch_size, int) or batch_size < 1:
+        raise BadOptionError(f"--batch-size must be a positive integer; got {batch_size!r}", option="--batch-size")
+    data = create_dataset(spec, split=split, model=model)
+    if isinstance(data, DataLoader):
+        logger.debug("data %s gave a DataLoader; using it as is (batch size, shuffling, split ignored)", spec)
+        return data
+    if shuffle and isinstance(data, IterableDataset):
+        logger.info("data %s is an IterableDataset; it is not shuffled", spec)
+        shuffle = False
+    gen = torch.Generator().manual_seed(int(seed)) if shuffle else None
+    return DataLoader(data, batch_size=batch_size, shuffle=shuffle, generator=gen, num_workers=0,
+                      drop_last=drop_last)
+
+
+# --------------------------------------------------------------------------------------
+# fit check
+
+
+def _model_name(model: nn.Module) -> str:
+    cfg = getattr(model, "pretrained_cfg", None) or {}
+    arch = cfg.get("architecture") if isinstance(cfg, dict) else None
+    return f"timm:{arch}" if arch else type(model).__name__
+
+
+def _shape(x: Any) -> str:
+    if isinstance(x, torch.Tensor):
+        return "(" + ", ".join(str(d) for d in x.shape) + ")"
+    if isinstance(x, (list, tuple)):
+        return "[" + ", ".join(_shape(v) for v in x) + "]"
+    return type(x).__name__
+
+
+def check_input_fits(model: nn.Module, loader: DataLoader, *, spec: Any) -> None:
+    """Run one batch through `model` (eval, no_grad; every module's mode is restored) and
+    raise `DataSpecError` when it cannot take the inputs or a label is not below its
+    number of outputs."""
+    name = spec_name(spec) if not isinstance(spec, str) else spec
+    try:
+        batch = next(iter(loader))
+    except StopIteration:
+        raise DataSpecError(f"data {name!r} gives no batches (is it empty, or smaller than one batch with "
+                            f"drop_last?).", option="--data") from None
+    except Exception as e:  # noqa: BLE001 - reading user data can fail in many ways
+        raise DataSpecError(f"data {name!r}: reading the first batch failed: {type(e).__name__}: {e}",
+                            option="--data") from e
+    if not isinstance(batch, (list, tuple)) or len(batch) < 2:
+        raise DataSpecError(f"data {name!r} must give (inputs, labels) batches; got {_shape(batch)}.",
+                            option="--data")
+    x, y = batch[0], batch[1]
+    try:
+        device = next(model.parameters()).device
+    except StopIteration:
+        device = torch.device("cpu")
+    xs = x[:8] if isinstance(x, torch.Tensor) else x
+    if isinstance(xs, torch.Tensor):
+        xs = xs.to(device)
+    modes = [(m, m.training) for m in model.modules()]
+    model.eval()
+    try:
+        with torch.no_grad():
+            out = model(xs)
+    except Exception as e:  # noqa: BLE001 - any failure of the user's model on this input
+        raise DataSpecError(
+            f"data {name!r} gives inputs of shape {_shape(x)} that the model ({_model_name(model)}) cannot take: "
+            f"{type(e).__name__}: {e}. Pass --in-chans / --num-classes or a data spec with size=/chans= "
+            f"(e.g. digits,size=16,chans=3).", option="--data") from e
+    finally:
+        for m, mode in modes:
+            m.training = mode
+    if not isinstance(out, torch.Tensor) or out.ndim != 2:
+        raise DataSpecError(f"the model ({_model_name(model)}) gives {_shape(out)} on data {name!r}; "
+                            f"mcensemble needs class scores of shape (batch, classes).", option="--data")
+    n_out = out.shape[1]
+    if isinstance(y, torch.Tensor) and not y.is_floating_point() and y.numel():
+        lo, hi = int(y.min()), int(y.max())
+        if lo < 0 or hi >= n_out:
+            raise DataSpecError(
+                f"data {name!r} has labels from {lo} to {hi} (in the first batch) but the model "
+                f"({_model_name(model)}) has {n_out} outputs: pass --num-classes {max(hi + 1, n_out)} "
+                f"or data whose labels are 0..{n_out - 1}.", option="--data")
+
+
+# --------------------------------------------------------------------------------------
+# example inputs (for tracing)
+
+_CANDIDATE_SIZES = (8, 16, 32, 28, 64, 96, 128, 160, 224)
+
+
+def _runs(model: nn.Module, x: torch.Tensor) -> bool:
+    modes = [(m, m.training) for m in model.modules()]
+    model.eval()
+    try:
+        with torch.no_grad():
+            model(x)
+        return True
+    except Exception:  # noqa: BLE001 - probing shapes
+        return False
+    finally:
+        for m, mode in modes:
+            m.training = mode
+
+
+def example_input(model: nn.Module, *, data: Any = None, batch_size: int = 2) -> torch.Tensor:
+    """A small input batch the model accepts (for tracing, e.g. the unit graph).
+
+    From `data` (a DataLoader or a data spec) when given: its first batch's inputs. Else
+    from a timm `pretrained_cfg["input_size"]` (channels from the model's stem), else by
+    probing: `[B, in_features]` for a model whose first layer is Linear, `[B, C, S, S]` with
+    S in 8, 16, 32, ... for a conv net. Zeros/random values on the model's device. Raises
+    `DataSpecError` when no shape is found (pass data).
+    """
+    try:
+        device = next(model.parameters()).device
+    except StopIteration:
+        device = torch.device("cpu")
+    if data is not None:
+        loader = data if isinstance(data, DataLoader) else create_loader(data, batch_size=batch_size, model=model)
+        batch = next(iter(loader))
+        x = batch[0] if isinstance(batch, (list, tuple)) else batch
+        if isinstance(x, torch.Tensor):
+            return x[:batch_size].to(device)
+        raise DataSpecError(f"data {spec_name(data) if not isinstance(data, DataLoader) else 'loader'} does not "
+                            f"give tensor inputs", option="--data")
+    g = torch.Generator().manual_seed(0)
+    cfg = getattr(model, "pretrained_cfg", None) or {}
+    chans = _model_in_chans(model)
+    size = cfg.get("input_size") if isinstance(cfg, dict) else None
+    candidates: list[tuple[int, ...]] = []
+    if size and len(size) == 3:
+        candidates.append((chans or size[0], *size[1:]))
+    first = next((m for m in model.modules() if isinstance(m, (nn.Linear, nn.modules.conv._ConvNd))), None)
+    if isinstance(first, nn.Linear):
+        candidates.append((first.in_features,))
+    elif isinstance(first, nn.Conv1d):
+        candidates += [(first.in_channels, s) for s in _CANDIDATE_SIZES]
+    elif isinstance(first, nn.Conv2d):
+        candidates += [(first.in_channels, s, s) for s in _CANDIDATE_SIZES]
+    for shape in candidates:
+        x = torch.rand(batch_size, *shape, generator=g).to(device)
+        if _runs(model, x):
+            return x
+    raise DataSpecError(f"cannot guess an input shape for {_model_name(model)}: pass data (--data SPEC) that "
+                        f"the model takes.", option="--data")

@@ -1,0 +1,331 @@
+"""The `Path` base class, the path-kind registry and the path file format.
+
+A path maps t in [0, 1] to a full state dict. Its tensors live in named *groups*
+(`"endpoint.0"`, `"endpoint.1"`, `"bend.0"`, ...), each a state dict. A path file is one
+safetensors file: tensor `<group>.<name>` for each group's tensor `<name>`, and header
+metadata key `mcensemble` holding JSON::
+
+    {"format": "mcensemble-path", "format_version": 1, "kind": "linear",
+     "model": ModelSpec dict or null, "endpoints_sha256": [..., ...],
+     "groups": ["endpoint.0", "endpoint.1", ...], "vertices": [...] or null,
+     "certificate": {...} or null, ...kind-specific fields, ...extra}
+
+A new kind subclasses `Path`, decorates itself with `@register_path("kind")`, implements
+`_state_at(t)` (t already validated) and the classmethod `_from_file(groups, meta)`, and
+may override `_file_fields()` to add JSON fields. Files are read without unpickling.
+"""
+from __future__ import annotations
+
+import hashlib
+import json
+import logging
+import math
+import os
+from typing import Any, Callable, ClassVar, Mapping, TypeVar
+
+import torch
+
+from .._io import atomic_path
+from ..errors import ArchitectureMismatchError, BadOptionError, CheckpointError
+
+__all__ = [
+    "Path", "register_path", "load_path", "known_kinds", "check_same_layout", "state_dict_sha256",
+    "PATH_FORMAT", "PATH_FORMAT_VERSION", "METADATA_KEY",
+]
+
+log = logging.getLogger(__name__)
+
+PATH_FORMAT = "mcensemble-path"
+PATH_FORMAT_VERSION = 1
+METADATA_KEY = "mcensemble"
+_RESERVED = ("format", "format_version", "kind", "groups")
+
+StateDict = dict[str, torch.Tensor]
+P = TypeVar("P", bound="type[Path]")
+
+_REGISTRY: dict[str, type["Path"]] = {}
+
+
+def state_dict_sha256(state_dict: Mapping[str, torch.Tensor]) -> str:
+    """Content hash of a state dict: names (sorted), dtypes, shapes and bytes."""
+    h = hashlib.sha256()
+    for name in sorted(state_dict):
+        t = state_dict[name].detach().cpu().contiguous()
+        h.update(f"{name}\0{t.dtype}\0{tuple(t.shape)}\0".encode())
+        h.update(t.reshape(-1).view(torch.uint8).numpy().tobytes())
+    return h.hexdigest()
+
+
+def check_same_layout(a: Mapping[str, torch.Tensor], b: Mapping[str, torch.Tensor], *,
+                      names: tuple[str, str] = ("A", "B")) -> None:
+    """Raise `ArchitectureMismatchError` unless `a` and `b` have the same keys, shapes and
+    dtypes; the message names the first differing tensor and both shapes (or dtypes), or
+    the keys only one side has."""
+    na, nb = names
+    only_a = [k for k in a if k not in b]
+    only_b = [k for k in b if k not in a]
+    for k in a:
+        if k in b:
+            ta, tb = a[k], b[k]
+            if tuple(ta.shape) != tuple(tb.shape):
+                raise ArchitectureMismatchError(
+                    f"{na} and {nb} differ at tensor {k!r}: shape {tuple(ta.shape)} in {na}, "
+                    f"{tuple(tb.shape)} in {nb}; both must come from the same architecture "
+                    "(check --arch / --model and --num-classes)")
+            if ta.dtype != tb.dtype:
+                raise ArchitectureMismatchError(
+                    f"{na} and {nb} differ at tensor {k!r}: dtype {ta.dtype} in {na}, {tb.dtype} in "
+                    f"{nb} (shape {tuple(ta.shape)}); convert both to one dtype first")
+    if only_a or only_b:
+        def few(keys: list[str]) -> str:
+            return ", ".join(repr(k) for k in keys[:5]) + (f" (+{len(keys) - 5} more)" if len(keys) > 5 else "")
+        parts = []
+        if only_a:
+            parts.append(f"only in {na}: {few(only_a)}")
+        if only_b:
+            parts.append(f"only in {nb}: {few(only_b)}")
+        raise ArchitectureMismatchError(
+            f"{na} and {nb} do not have the same tensors ({'; '.join(parts)}); both must come from "
+            "the same architecture")
+
+
+def _check_t(t: Any) -> float:
+    try:
+        tf = float(t)
+    except (TypeError, ValueError) as e:
+        raise BadOptionError(f"t must be a number in [0, 1], got {t!r}", option="t") from e
+    if not (math.isfinite(tf) and 0.0 <= tf <= 1.0):
+        raise BadOptionError(f"t={t!r} is outside the path's range [0, 1]; pick t with 0 <= t <= 1",
+                             option="t")
+    return tf
+
+
+class Path:
+    """A map t in [0, 1] -> state dict, stored as named groups of tensors.
+
+    Attributes: `kind` (registered name), `groups` (name -> state dict, in order),
+    `vertices` (t values where a piecewise-linear path bends, ends included; None for
+    smooth curves), `certificate` (a loss bound for dropout-stable paths, else None),
+    `metadata` (the JSON document of a loaded file; for a new path, entries to store).
+    """
+
+    kind: ClassVar[str] = ""
+    vertices: list[float] | None = None
+    certificate: dict[str, Any] | None = None
+
+    def __init__(self, groups: Mapping[str, Mapping[str, torch.Tensor]], *,
+                 metadata: Mapping[str, Any] | None = None, copy: bool = True):
+        if "endpoint.0" not in groups or "endpoint.1" not in groups:
+            raise ValueError("a Path needs groups 'endpoint.0' and 'endpoint.1'")
+        for g in groups:
+            if not g or g.endswith(".") or g.startswith("."):
+                raise ValueError(f"bad group name {g!r}")
+        self.groups: dict[str, StateDict] = {
+            g: {k: (v.detach().clone() if copy else v.detach()) for k, v in sd.items()}
+            for g, sd in groups.items()}
+        self.metadata: dict[str, Any] = dict(metadata or {})
+        if self.metadata.get("certificate") is not None and self.certificate is None:
+            self.certificate = self.metadata["certificate"]
+
+    # -- evaluation ---------------------------------------------------------------
+    @property
+    def endpoints(self) -> tuple[StateDict, StateDict]:
+        return self.groups["endpoint.0"], self.groups["endpoint.1"]
+
+    def state_at(self, t: float) -> StateDict:
+        """The full state dict at `t` (0 <= t <= 1, else `BadOptionError`). The result is
+        fresh tensors: changing it does not change the path."""
+        return self._state_at(_check_t(t))
+
+    def _state_at(self, t: float) -> StateDict:
+        raise NotImplementedError(f"{type(self).__name__} does not implement _state_at")
+
+    @property
+    def model_spec(self):
+        """The `ModelSpec` recorded in the metadata, or None."""
+        d = self.metadata.get("model")
+        if not d:
+            return None
+        from ..models import ModelSpec
+        return ModelSpec.from_dict(d)
+
+    # -- files --------------------------------------------------------------------
+    def _file_fields(self) -> dict[str, Any]:
+        """Kind-specific JSON fields written to the file (override in subclasses)."""
+        return {}
+
+    @classmethod
+    def _from_file(cls, groups: dict[str, StateDict], meta: dict[str, Any]) -> "Path":
+        """Rebuild a path from a file's tensor groups and JSON document (override)."""
+        raise NotImplementedError(f"{cls.__name__} does not implement _from_file")
+
+    def save(self, file: str | os.PathLike, *, model_spec: Any = None,
+             extra: Mapping[str, Any] | None = None) -> None:
+        """Write the path to `file` (safetensors, atomically).
+
+        `model_spec`: a `ModelSpec` or its dict (default: the one in `metadata`).
+        `extra`: JSON-able fields to add. `endpoints_sha256` defaults to
+        `metadata["endpoints_sha256"]` (e.g. the source files' hashes) or else to the
+        content hashes of the two endpoint state dicts (`state_dict_sha256`).
+        """
+        from safetensors.torch import save_file
+
+        if model_spec is None:
+            spec = self.metadata.get("model")
+        elif hasattr(model_spec, "to_dict"):
+            spec = model_spec.to_dict()
+        else:
+            spec = dict(model_spec)
+        doc: dict[str, Any] = {k: v for k, v in self.metadata.items() if k not in _RESERVED}
+        doc.update({
+            "format": PATH_FORMAT, "format_version": PATH_FORMAT_VERSION, "kind": self.kind,
+            "model": spec,
+            "groups": list(self.groups),
+            "vertices": None if self.vertices is None else [float(v) for v in self.vertices],
+            "certificate": self.certificate,
+        })
+        doc.setdefault("endpoints_sha256", [state_dict_sha256(sd) for sd in self.endpoints])
+        doc.update(self._file_fields())
+        for k, v in (extra or {}).items():
+            if k in _RESERVED:
+                raise ValueError(f"extra may not set the reserved field {k!r}")
+            doc[k] = v
+        try:
+            header = json.dumps(doc)
+        except (TypeError, ValueError) as e:
+            raise ValueError(f"path metadata is not JSON-serialisable: {e}") from e
+
+        tensors: dict[str, torch.Tensor] = {}
+        seen: set[tuple[int, int]] = set()
+        for g, sd in self.groups.items():
+            for name, t in sd.items():
+                t = t.detach().cpu().contiguous()
+                key = (t.untyped_storage().data_ptr(), t.storage_offset()) if t.numel() else None
+                if key is not None and key in seen:  # safetensors refuses shared storage
+                    t = t.clone()
+                elif key is not None:
+                    seen.add(key)
+                tensors[f"{g}.{name}"] = t
+        with atomic_path(file) as tmp:
+            save_file(tensors, str(tmp), metadata={METADATA_KEY: header})
+        log.debug("saved %s path to %s", self.kind, file)
+
+    def __repr__(self) -> str:
+        n = len(self.groups["endpoint.0"])
+        return f"{type(self).__name__}(kind={self.kind!r}, groups={list(self.groups)}, tensors={n})"
+
+
+def register_path(kind: str) -> Callable[[P], P]:
+    """Class decorator: register a `Path` subclass under `kind` (sets `cls.kind`)."""
+    def deco(cls: P) -> P:
+        if not (isinstance(cls, type) and issubclass(cls, Path)):
+            raise TypeError("register_path decorates Path subclasses")
+        old = _REGISTRY.get(kind)
+        if old is not None and old.__qualname__ != cls.__qualname__:
+            raise ValueError(f"path kind {kind!r} is already registered by {old.__qualname__}")
+        cls.kind = kind
+        _REGISTRY[kind] = cls
+        return cls
+    return deco
+
+
+def _import_builtin_kinds() -> None:
+    """Import every module of `mcensemble.paths` so that its kinds register themselves."""
+    import importlib
+    import pkgutil
+    from .. import paths as pkg
+    for info in pkgutil.iter_modules(pkg.__path__):
+        if not info.name.startswith("_"):
+            try:
+                importlib.import_module(f"{pkg.__name__}.{info.name}")
+            except Exception as e:  # a broken optional module must not hide the others
+                log.debug("could not import %s.%s: %s", pkg.__name__, info.name, e)
+
+
+def known_kinds() -> list[str]:
+    _import_builtin_kinds()
+    return sorted(_REGISTRY)
+
+
+def _split_groups(tensors: dict[str, torch.Tensor], groups: list[str], file: str) -> dict[str, StateDict]:
+    out: dict[str, StateDict] = {g: {} for g in groups}
+    by_len = sorted(groups, key=len, reverse=True)
+    for key, t in tensors.items():
+        for g in by_len:
+            if key.startswith(g + "."):
+                out[g][key[len(g) + 1:]] = t
+                break
+        else:
+            raise CheckpointError(f"{file}: tensor {key!r} belongs to none of the path's groups {groups}; "
+                                  "the file is damaged or was not written by mcensemble")
+    return out
+
+
+def load_path(file: str | os.PathLike) -> Path:
+    """Read a path file written by `Path.save` (safetensors; nothing is unpickled)."""
+    from safetensors import safe_open
+
+    file = os.fspath(file)
+    if os.path.isdir(file):
+        raise CheckpointError(f"{file} is a directory, not a path file; give the .safetensors file "
+                              "written by `mcensemble build --path-out`")
+    if not os.path.exists(file):
+        raise CheckpointError(f"path file {file} does not exist")
+    try:
+        with safe_open(file, framework="pt", device="cpu") as f:
+            header = f.metadata() or {}
+            raw = header.get(METADATA_KEY)
+            if raw is None:
+                raise CheckpointError(
+                    f"{file} is not an mcensemble path file: it is a safetensors file without "
+                    f"'{METADATA_KEY}' metadata (a plain checkpoint?). Path files are written by "
+                    "`mcensemble build --path-out` or Path.save()")
+            try:
+                meta = json.loads(raw)
+            except ValueError as e:
+                raise CheckpointError(f"{file}: its '{METADATA_KEY}' metadata is not valid JSON; "
+                                      "the file is damaged") from e
+            if not isinstance(meta, dict) or meta.get("format") != PATH_FORMAT:
+                fmt = meta.get("format") if isinstance(meta, dict) else None
+                what = "an mcensemble ensemble file (load it with mcensemble.load)" if fmt == "mcensemble-ensemble" \
+                    else f"a {fmt!r} file" if fmt else "an mcensemble file of unknown format"
+                raise CheckpointError(f"{file} is not an mcensemble path file (format {PATH_FORMAT!r}); "
+                                      f"it is {what}")
+            version = meta.get("format_version")
+            if not isinstance(version, int) or isinstance(version, bool):
+                raise CheckpointError(f"{file}: path file has no valid format_version; the file is damaged")
+            if version > PATH_FORMAT_VERSION:
+                raise CheckpointError(
+                    f"{file} is a path file of format version {version}, newer than this mcensemble "
+                    f"supports ({PATH_FORMAT_VERSION}); upgrade mcensemble (pip install -U mcensemble)")
+            tensors = {k: f.get_tensor(k) for k in f.keys()}
+    except CheckpointError:
+        raise
+    except FileNotFoundError as e:
+        raise CheckpointError(f"path file {file} does not exist") from e
+    except OSError as e:
+        raise CheckpointError(f"cannot read path file {file}: {e}") from e
+    except Exception as e:  # safetensors raises its own error type on a bad header
+        raise CheckpointError(f"{file} is not a readable safetensors path file ({e}); it is corrupt, "
+                              "truncated, or in another format") from e
+
+    kind = meta.get("kind")
+    cls = _REGISTRY.get(kind)
+    if cls is None:
+        _import_builtin_kinds()
+        cls = _REGISTRY.get(kind)
+    if cls is None:
+        raise CheckpointError(f"{file}: unknown path kind {kind!r}; this mcensemble knows "
+                              f"{', '.join(sorted(_REGISTRY))}. Upgrade mcensemble if the file is newer")
+    groups_names = meta.get("groups") or ["endpoint.0", "endpoint.1"]
+    if not isinstance(groups_names, list) or not all(isinstance(g, str) for g in groups_names):
+        raise CheckpointError(f"{file}: the path's 'groups' field is damaged")
+    groups = _split_groups(tensors, groups_names, file)
+    try:
+        path = cls._from_file(groups, meta)
+    except (KeyError, ValueError, TypeError, ArchitectureMismatchError) as e:
+        raise CheckpointError(f"{file}: the {kind} path in it is damaged or inconsistent: {e}") from e
+    path.metadata = dict(meta)
+    if path.certificate is None and meta.get("certificate") is not None:
+        path.certificate = meta["certificate"]
+    return path

@@ -1,0 +1,90 @@
+"""PNG figures. Uses matplotlib's object API (`Figure` + `FigureCanvasAgg`), never
+pyplot, so no global backend or figure state is touched."""
+from __future__ import annotations
+
+import os
+from typing import Any, Mapping, Sequence, Union
+
+__all__ = ["plot_scan"]
+
+_KIND_LABELS = {"linear": "straight line", "bezier": "bezier", "polychain": "polychain"}
+
+ScanLike = Any  # ScanResult or its to_dict() form
+Scans = Union[ScanLike, Sequence[ScanLike], Mapping[str, ScanLike]]
+
+
+def _as_dict(r: ScanLike) -> dict[str, Any]:
+    if hasattr(r, "to_dict"):
+        return r.to_dict()
+    if isinstance(r, Mapping) and "points" in r:
+        return dict(r)
+    raise TypeError(f"expected a ScanResult or its to_dict() form, got {type(r).__name__}")
+
+
+def _curves(scans: Scans, labels: Sequence[str] | None) -> list[tuple[str, dict[str, Any]]]:
+    if isinstance(scans, Mapping) and "points" not in scans:
+        items = [(str(k), _as_dict(v)) for k, v in scans.items()]
+    else:
+        seq = [scans] if hasattr(scans, "to_dict") or isinstance(scans, Mapping) else list(scans)
+        items = []
+        for i, r in enumerate(seq):
+            d = _as_dict(r)
+            label = d.get("label") or _KIND_LABELS.get(d.get("kind") or "", d.get("kind")) or f"path {i + 1}"
+            items.append((label, d))
+    if labels is not None:
+        if len(labels) != len(items):
+            raise ValueError(f"{len(labels)} labels given for {len(items)} scans")
+        items = [(str(lab), d) for lab, (_, d) in zip(labels, items)]
+    if not items:
+        raise ValueError("plot_scan needs at least one scan result")
+    return items
+
+
+def plot_scan(result_or_list: Scans, dest: str | os.PathLike, *, title: str | None = None,
+              labels: Sequence[str] | None = None) -> None:
+    """Write a PNG of loss (left) and error = 1 - accuracy (right) against t.
+
+    `result_or_list`: a `ScanResult` (or its dict), a list of them, or a mapping
+    label -> result to draw several paths in one figure. Labels default to the result's
+    `label`, else its kind ("linear" -> "straight line"). Training curves are solid with
+    dots; validation curves (when the scan has `val_*`) dashed with crosses. Written
+    atomically.
+    """
+    from matplotlib.backends.backend_agg import FigureCanvasAgg
+    from matplotlib.figure import Figure
+
+    from ._io import atomic_path
+
+    curves = _curves(result_or_list, labels)
+    fig = Figure(figsize=(10, 4), dpi=100, layout="constrained")
+    FigureCanvasAgg(fig)
+    ax_loss, ax_err = fig.subplots(1, 2)
+    colors = [f"C{i % 10}" for i in range(len(curves))]
+    for (label, d), color in zip(curves, colors):
+        pts = d["points"]
+        ts = [p["t"] for p in pts]
+        ax_loss.plot(ts, [p["loss"] for p in pts], "-o", color=color, ms=3, label=f"{label} (train)")
+        ax_err.plot(ts, [1 - p["acc"] for p in pts], "-o", color=color, ms=3, label=f"{label} (train)")
+        if pts and "val_loss" in pts[0]:
+            ax_loss.plot(ts, [p["val_loss"] for p in pts], "--x", color=color, ms=4, label=f"{label} (val)")
+            ax_err.plot(ts, [1 - p["val_acc"] for p in pts], "--x", color=color, ms=4, label=f"{label} (val)")
+    for ax, ylabel in ((ax_loss, "loss (cross entropy)"), (ax_err, "error (1 - accuracy)")):
+        ax.set_xlabel("t")
+        ax.set_ylabel(ylabel)
+        ax.set_xlim(-0.02, 1.02)
+        ax.grid(True, alpha=0.3)
+        ax.legend(fontsize="small")
+    ax_loss.set_title("loss along the path", fontsize="medium")
+    ax_err.set_title("error along the path", fontsize="medium")
+    if len(curves) == 1:
+        d = curves[0][1]
+        note = f"barrier {d['barrier']:.4g}"
+        if d.get("val_barrier") is not None:
+            note += f", val barrier {d['val_barrier']:.4g}"
+        if d.get("has_batchnorm") and not d.get("bn_reestimated"):
+            note += " (BN statistics not re-estimated)"
+        fig.suptitle(f"{title}\n{note}" if title else note)
+    elif title:
+        fig.suptitle(title)
+    with atomic_path(dest) as tmp:
+        fig.savefig(tmp, format="png")

@@ -1,0 +1,139 @@
+"""Tests for mcensemble.bn: BatchNorm re-estimation."""
+from __future__ import annotations
+
+import copy
+
+import pytest
+import torch
+import torch.nn as nn
+from torch.optim.swa_utils import update_bn as swa_update_bn
+from torch.utils.data import DataLoader, TensorDataset
+
+from mcensemble.bn import batch_input, has_batchnorm, update_bn
+from mcensemble.errors import DataSpecError
+
+torch.set_flush_denormal(True)
+
+
+def bn_cnn(dropout: float = 0.0) -> nn.Module:
+    torch.manual_seed(0)
+    layers = [nn.Conv2d(1, 4, 3, padding=1), nn.BatchNorm2d(4), nn.ReLU()]
+    if dropout:
+        layers.append(nn.Dropout(dropout))
+    layers += [nn.Conv2d(4, 6, 3, padding=1), nn.BatchNorm2d(6, momentum=0.3), nn.ReLU(),
+               nn.AdaptiveAvgPool2d(1), nn.Flatten(), nn.Linear(6, 5), nn.BatchNorm1d(5)]
+    return nn.Sequential(*layers)
+
+
+def data(n: int = 40, batch: int = 8) -> DataLoader:
+    g = torch.Generator().manual_seed(1)
+    x = torch.randn(n, 1, 6, 6, generator=g) * 2 + 0.5
+    y = torch.randint(0, 5, (n,), generator=g)
+    return DataLoader(TensorDataset(x, y), batch_size=batch)
+
+
+def bn_stats(model: nn.Module) -> dict[str, torch.Tensor]:
+    return {k: v.clone() for k, v in model.state_dict().items()
+            if "running" in k or "num_batches" in k}
+
+
+def assert_stats_close(a, b):
+    assert a.keys() == b.keys()
+    for k in a:
+        if a[k].is_floating_point():
+            torch.testing.assert_close(a[k], b[k], rtol=1e-5, atol=1e-6, msg=k)
+        else:
+            assert torch.equal(a[k], b[k]), k
+
+
+def test_has_batchnorm():
+    assert has_batchnorm(bn_cnn())
+    assert not has_batchnorm(nn.Sequential(nn.Linear(3, 3), nn.ReLU()))
+
+
+def test_matches_swa_update_bn():
+    ours, ref = bn_cnn(), bn_cnn()
+    ours.eval()
+    ref.eval()
+    update_bn(ours, data())
+    swa_update_bn(data(), ref)
+    assert_stats_close(bn_stats(ours), bn_stats(ref))
+    # the statistics really changed from the fresh ones
+    assert not torch.allclose(bn_stats(ours)["1.running_mean"], torch.zeros(4))
+
+
+def test_dropout_stays_off():
+    torch.manual_seed(3)
+    ours = bn_cnn(dropout=0.5)
+    ref = copy.deepcopy(ours)
+    ref[3] = nn.Identity()  # what eval-mode dropout computes
+    ours.train()
+    update_bn(ours, data())
+    swa_update_bn(data(), ref)
+    assert_stats_close(bn_stats(ours), bn_stats(ref))
+
+
+def test_modes_and_momenta_restored():
+    model = bn_cnn(dropout=0.2)
+    model.train()
+    model[1].eval()          # a submodule in a different mode than its parent
+    model[3].eval()
+    model[1].momentum = None
+    before = {name: m.training for name, m in model.named_modules()}
+    update_bn(model, data())
+    assert {name: m.training for name, m in model.named_modules()} == before
+    assert model[1].momentum is None and model[5].momentum == 0.3 and model[10].momentum == 0.1
+
+
+@pytest.mark.parametrize("form", ["tensor", "tuple", "list", "dict_image", "dict_input"])
+def test_batch_forms(form):
+    loader = data()
+    xs = [x for x, _ in loader]
+    batches = {
+        "tensor": xs,
+        "tuple": [(x, 0) for x in xs],
+        "list": [[x, 0] for x in xs],
+        "dict_image": [{"image": x, "label": 0} for x in xs],
+        "dict_input": [{"input": x} for x in xs],
+    }[form]
+    ours, ref = bn_cnn(), bn_cnn()
+    update_bn(ours, batches)
+    swa_update_bn(xs, ref)
+    assert_stats_close(bn_stats(ours), bn_stats(ref))
+
+
+def test_bad_dict_batch():
+    with pytest.raises(DataSpecError, match="'pixels'.*'image'"):
+        batch_input({"pixels": torch.zeros(1)})
+
+
+def test_no_bn_is_noop():
+    model = nn.Sequential(nn.Linear(4, 3), nn.Dropout(0.5))
+    model.train()
+    before = copy.deepcopy(model.state_dict())
+
+    def never():
+        raise AssertionError("loader must not be read")
+        yield
+
+    update_bn(model, never())
+    assert model.training and model[1].training
+    for k, v in model.state_dict().items():
+        assert torch.equal(v, before[k])
+
+
+def test_max_batches():
+    ours, ref = bn_cnn(), bn_cnn()
+    update_bn(ours, data(), max_batches=2)
+    swa_update_bn([x for i, (x, _) in enumerate(data()) if i < 2], ref)
+    assert_stats_close(bn_stats(ours), bn_stats(ref))
+
+
+def test_empty_loader_keeps_stats():
+    model = bn_cnn()
+    update_bn(model, data())
+    before = bn_stats(model)
+    with pytest.raises(DataSpecError, match="no batches"):
+        update_bn(model, [])
+    assert_stats_close(bn_stats(model), before)
+    assert model[4].momentum == 0.3
