@@ -78,6 +78,8 @@ data_options = _stack(
 run_options = _stack(
     click.option("--device", default="cpu", show_default=True, help="torch device, e.g. cpu, cuda, cuda:1."),
     click.option("--seed", type=int, default=0, show_default=True, help="Random seed."),
+    click.option("--threads", type=click.IntRange(min=1), default=None,
+                 help="CPU threads for torch (default: torch's choice; 1 is fastest for tiny models)."),
 )
 
 
@@ -89,6 +91,10 @@ def _model_opts(kw: dict):
 
 def _data_opts(kw: dict, *, default_data: str | None = None):
     from .pipeline import DataOptions
+    threads = kw.pop("threads", None)
+    if threads:
+        import torch
+        torch.set_num_threads(threads)
     return DataOptions(data=kw.pop("data") or default_data, val_data=kw.pop("val_data"),
                        batch_size=kw.pop("batch_size"), seed=kw.pop("seed"), device=kw.pop("device"))
 
