@@ -11,7 +11,7 @@ from .base import (Path, check_same_layout, known_kinds, load_path, register_pat
 from .linear import LinearPath
 
 # name -> submodule, imported lazily (modules added by other parts of mcensemble)
-_LAZY = {"BezierPath": "curves", "PolyChainPath": "curves", "fit_curve": "curves"}
+_LAZY = {"BezierPath": "curves", "PolyChainPath": "curves", "fit_curve": "fit", "CurveConfig": "fit"}
 
 __all__ = ["Path", "LinearPath", "load_path", "register_path", "known_kinds", "check_same_layout",
            "state_dict_sha256"]
