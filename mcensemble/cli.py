@@ -19,8 +19,16 @@ from .errors import BadOptionError, MCEnsembleError
 __all__ = ["main"]
 
 
-class _Group(click.Group):
-    """Turns library errors into click errors; `--debug` shows the traceback instead."""
+def _click_error(e: MCEnsembleError, ctx: click.Context) -> click.ClickException:
+    if isinstance(e, BadOptionError):
+        if e.option and e.option.startswith("--") and e.option not in str(e):
+            return click.BadParameter(str(e), ctx=ctx, param_hint=e.option)
+        return click.UsageError(str(e), ctx=ctx)
+    return click.ClickException(str(e))
+
+
+class _Command(click.Command):
+    """Turns library errors into click errors with the command's own usage line."""
 
     def invoke(self, ctx: click.Context) -> Any:
         try:
@@ -28,9 +36,21 @@ class _Group(click.Group):
         except MCEnsembleError as e:
             if ctx.meta.get("mcensemble.debug"):
                 raise
-            if isinstance(e, BadOptionError):
-                raise click.UsageError(str(e), ctx=ctx) from e
-            raise click.ClickException(str(e)) from e
+            raise _click_error(e, ctx) from e
+
+
+class _Group(click.Group):
+    """Turns library errors into click errors; `--debug` shows the traceback instead."""
+
+    command_class = _Command
+
+    def invoke(self, ctx: click.Context) -> Any:
+        try:
+            return super().invoke(ctx)
+        except MCEnsembleError as e:
+            if ctx.meta.get("mcensemble.debug"):
+                raise
+            raise _click_error(e, ctx) from e
 
 
 @click.group(cls=_Group, context_settings={"help_option_names": ["-h", "--help"]})
@@ -206,9 +226,14 @@ def _apply_recipe(ctx: click.Context, kw: dict[str, Any], recipe: str | None) ->
         return {}
     from .recipes import load_recipe
     params = {p.name: p for p in ctx.command.params if p.name}
-    data = load_recipe(recipe, valid=[n for n in params if n != "recipe"])
+    # recipe keys are option names (`model` for --model) or parameter names (`model_entry`)
+    names = {n: n for n in params if n != "recipe"}
+    names.update({o[2:].replace("-", "_"): p.name for p in params.values() if p.name != "recipe"
+                  for o in p.opts if o.startswith("--")})
+    data = load_recipe(recipe, valid=list(names))
     extra = data.pop("_extra", {})
-    for name, value in data.items():
+    for key, value in data.items():
+        name = names[key]
         src = ctx.get_parameter_source(name)
         if src in (click.core.ParameterSource.DEFAULT, click.core.ParameterSource.DEFAULT_MAP, None):
             p = params[name]
@@ -284,9 +309,9 @@ def build(ctx: click.Context, **kw: Any) -> None:
         click.echo(f"report: {report}")
     if plot:
         from .plot import plot_scan
-        curves = {"straight line": {"points": rep["line"]["points"]}}
+        curves = {"straight line": {"points": rep["line"]["points"], "barrier": rep["line"]["barrier"]}}
         if opts.method != "linear":
-            curves[f"{opts.method} path"] = {"points": rep["path"]["points"]}
+            curves[f"{opts.method} path"] = {"points": rep["path"]["points"], "barrier": rep["path"]["barrier"]}
         plot_scan(curves, plot, title=f"{opts.method}: loss along the path")
         click.echo(f"plot: {plot}")
 

@@ -265,6 +265,13 @@ def build_ensemble(files: Sequence[str | os.PathLike], *, model: ModelOptions, d
     _validate_build(opts)
     if path_out is not None and len(files) != 2:
         raise BadOptionError("--path-out needs exactly two checkpoints (one path)", option="--path-out")
+    greedy = opts.selection == "greedy" or (opts.selection == "auto" and bool(data.val_data))
+    if greedy and not data.val_data:
+        raise BadOptionError("--selection greedy needs --val-data", option="--selection")
+    n_grid = max(len(files) - 1, 1) * (opts.candidates - 1) + 1
+    if greedy and opts.members > n_grid:
+        raise BadOptionError(f"--members {opts.members} is more than the {n_grid} candidate points; "
+                             "raise --candidates or lower --members", option="--members")
     t0 = time.perf_counter()
     cks = load_endpoints(files, model)
     net = cks[0].build_model().to(data.device)
@@ -282,9 +289,6 @@ def build_ensemble(files: Sequence[str | os.PathLike], *, model: ModelOptions, d
 
     t2 = time.perf_counter()
     n_paths, g = len(paths), opts.candidates
-    greedy = opts.selection == "greedy" or (opts.selection == "auto" and val is not None)
-    if greedy and val is None:
-        raise BadOptionError("--selection greedy needs --val-data", option="--selection")
     # The grid: g points per path, joined paths sharing their ends. Scanned for the report
     # and the plot, and the candidates of the greedy choice.
     grid_points = [(p, i / (g - 1), (p + i / (g - 1)) / n_paths) for p in range(n_paths) for i in range(g)
@@ -321,8 +325,10 @@ def build_ensemble(files: Sequence[str | os.PathLike], *, model: ModelOptions, d
         "endpoints": {name: _cand_metrics(c) for name, c in _endpoint_cands(grid, n_paths)},
         "members": [c.info(kind) for c in members],
         "ensemble": _ens_metrics(ens, train, val, data.device),
-        "path": {"points": [_cand_metrics(c) for c in grid], "worst": _cand_metrics(max(grid, key=_train_loss))},
-        "line": {"points": [_cand_metrics(c) for c in line], "worst": _cand_metrics(max(line, key=_train_loss))},
+        "path": {"points": [_cand_metrics(c) for c in grid], "worst": _cand_metrics(max(grid, key=_train_loss)),
+                 "barrier": _barrier(grid)},
+        "line": {"points": [_cand_metrics(c) for c in line], "worst": _cand_metrics(max(line, key=_train_loss)),
+                 "barrier": _barrier(line)},
     }
     if opts.method in ("bezier", "polychain"):
         report["curve"] = {"kind": opts.method, "bends": opts.bends, "epochs": opts.epochs, "lr": opts.lr,
@@ -346,6 +352,20 @@ def build_ensemble(files: Sequence[str | os.PathLike], *, model: ModelOptions, d
 
 def _train_loss(c) -> float:
     return c.train.loss
+
+
+def _barrier(cands) -> float:
+    """Largest training loss above the chord between each path's ends (0 when none is above)."""
+    start: dict[int, float] = {}
+    end: dict[int, float] = {}
+    for c in cands:  # joined paths share their ends: path p starts where path p - 1 ends
+        if c.t == 0.0:
+            start[c.path] = c.train.loss
+        elif c.t == 1.0:
+            end[c.path] = c.train.loss
+            start.setdefault(c.path + 1, c.train.loss)
+    return max([0.0] + [c.train.loss - ((1 - c.t) * start[c.path] + c.t * end[c.path])
+                        for c in cands if c.path in start and c.path in end])
 
 
 def _labels(loader) -> torch.Tensor:

@@ -5,7 +5,7 @@ from __future__ import annotations
 import os
 from typing import Any, Mapping, Sequence, Union
 
-__all__ = ["plot_scan"]
+__all__ = ["plot_scan", "plot_plane"]
 
 _KIND_LABELS = {"linear": "straight line", "bezier": "bezier", "polychain": "polychain"}
 
@@ -86,5 +86,41 @@ def plot_scan(result_or_list: Scans, dest: str | os.PathLike, *, title: str | No
         fig.suptitle(f"{title}\n{note}" if title else note)
     elif title:
         fig.suptitle(title)
+    with atomic_path(dest) as tmp:
+        fig.savefig(tmp, format="png")
+
+
+def plot_plane(result: Any, dest: str | os.PathLike, *, title: str | None = None) -> None:
+    """Write a PNG of training-loss contours on the plane through A, B and the bend, with
+    the projected paths (the curve, the straight line) and the three points marked.
+
+    `result`: a `mcensemble.plane.PlaneResult` or its `to_dict()`. Written atomically.
+    """
+    import math
+
+    from matplotlib.backends.backend_agg import FigureCanvasAgg
+    from matplotlib.figure import Figure
+
+    from ._io import atomic_path
+
+    d = result.to_dict() if hasattr(result, "to_dict") else dict(result)
+    fig = Figure(figsize=(6, 5), dpi=100, layout="constrained")
+    FigureCanvasAgg(fig)
+    ax = fig.subplots()
+    # log-scaled contour levels: the valley is orders of magnitude below the ridge
+    z = [[math.log10(max(v, 1e-6)) for v in row] for row in d["loss"]]
+    cs = ax.contourf(d["xs"], d["ys"], z, levels=20, cmap="viridis_r")
+    fig.colorbar(cs, ax=ax, label="log10 train loss")
+    for i, (label, pts) in enumerate(d["paths"].items()):
+        ax.plot([p[0] for p in pts], [p[1] for p in pts], "-", color=f"C{(i + 1) % 10}", lw=2,
+                label=_KIND_LABELS.get(label, label))
+    for name, (x, y) in d["points"].items():
+        ax.plot([x], [y], "o" if name != "bend" else "s", color="white", mec="black", ms=8)
+        ax.annotate(name, (x, y), textcoords="offset points", xytext=(6, 6), color="white", fontweight="bold")
+    ax.set_xlabel("along B - A")
+    ax.set_ylabel("towards the bend")
+    ax.legend(fontsize="small", loc="lower right")
+    if title:
+        ax.set_title(title, fontsize="medium")
     with atomic_path(dest) as tmp:
         fig.savefig(tmp, format="png")

@@ -1,0 +1,232 @@
+"""mcensemble.pipeline through its Python API: scans, builds (determinism, the ensemble's
+combination, BN, soups, joined paths), validation before any work, the default endpoints."""
+from __future__ import annotations
+
+import math
+
+import pytest
+import torch
+import torch.nn.functional as F
+from safetensors.torch import load_file
+
+import mcensemble
+from mcensemble.data import digits_tensors
+from mcensemble.errors import ArchitectureMismatchError, BadOptionError
+from mcensemble.models import create_model
+from mcensemble.pipeline import (BuildOptions, DataOptions, ModelOptions, build_ensemble, fresh_run_dir,
+                                 scan_checkpoints, train_default_endpoints)
+
+pytestmark = pytest.mark.usefixtures("mce_one_thread")
+
+
+def _barrier(points: list[dict], key: str = "loss") -> float:
+    la, lb = points[0][key], points[-1][key]
+    return max(p[key] - ((1 - p["t"]) * la + p["t"] * lb) for p in points)
+
+
+def _members(file) -> list[dict[str, torch.Tensor]]:
+    raw = load_file(str(file))
+    k = 1 + max(int(name.split(".")[1]) for name in raw)
+    return [{n.split(".", 2)[2]: v for n, v in raw.items() if n.startswith(f"member.{i}.")} for i in range(k)]
+
+
+def _member_models(ens) -> list[torch.nn.Module]:
+    nets = []
+    for i in range(len(ens)):
+        net = create_model(ens.model_spec)
+        net.load_state_dict(ens.member_state_dict(i), strict=True)
+        nets.append(net.eval())
+    return nets
+
+
+@torch.no_grad()
+def _log_mean_prob(nets, x) -> torch.Tensor:
+    lps = torch.stack([F.log_softmax(n(x), dim=-1) for n in nets])
+    return torch.logsumexp(lps, dim=0) - math.log(len(nets))
+
+
+# ----------------------------------------------------------------------------- scan
+def test_scan_report_and_barrier(mce_mlp_pair):
+    rep = scan_checkpoints(mce_mlp_pair, model=ModelOptions(), data=DataOptions(data="digits", val_data="digits"),
+                           points=5)
+    assert [p["t"] for p in rep["points"]] == [0.0, 0.25, 0.5, 0.75, 1.0]
+    assert rep["endpoints"]["A"] == rep["points"][0] and rep["endpoints"]["B"] == rep["points"][-1]
+    assert rep["barrier"] == pytest.approx(_barrier(rep["points"]), abs=1e-9)
+    assert rep["val_barrier"] == pytest.approx(_barrier(rep["points"], "val_loss"), abs=1e-9)
+    assert rep["barrier"] > 0  # independently trained MLPs: the straight line goes over a hill
+    assert all(p["n"] == 1437 and p["val_n"] == 360 for p in rep["points"])
+    assert rep["batchnorm"] is False and rep["bn_reestimated"] is False
+    assert [c["arch"] for c in rep["checkpoints"]] == ["mce_digits_mlp"] * 2
+    assert rep["checkpoints"][0]["sha256"] != rep["checkpoints"][1]["sha256"]
+    # the ends are the checkpoints' own losses
+    ck = mcensemble.load_checkpoint(mce_mlp_pair[1])
+    x, y = digits_tensors("train")
+    with torch.no_grad():
+        loss_b = F.cross_entropy(ck.build_model()(x), y).item()
+    assert rep["points"][-1]["loss"] == pytest.approx(loss_b, rel=1e-5)
+
+
+def test_scan_bn_model_reestimates_statistics(mce_cnn_pair):
+    rep = scan_checkpoints(mce_cnn_pair, model=ModelOptions(), data=DataOptions(data="digits"), points=3)
+    assert rep["batchnorm"] is True and rep["bn_reestimated"] is True
+
+
+def test_scan_needs_points_and_matching_architectures(mce_mlp_pair, tmp_path):
+    from mcensemble.checkpoints import save_checkpoint
+    from mcensemble.models import ModelSpec
+    with pytest.raises(BadOptionError, match="--points"):
+        scan_checkpoints(mce_mlp_pair, model=ModelOptions(), data=DataOptions(), points=1)
+    narrow = tmp_path / "narrow.safetensors"
+    md = {"arch": "mce_digits_mlp", "num_classes": 10, "in_chans": 1, "model_args": {"width": 16}}
+    save_checkpoint(create_model(ModelSpec(arch="mce_digits_mlp", kwargs={**md["model_args"], "num_classes": 10,
+                                                                            "in_chans": 1})).state_dict(),
+                    narrow, metadata=md)
+    with pytest.raises(ArchitectureMismatchError, match=r"first differing tensor 'head.weight'.*\(10, 32\).*\(10, 16\)"):
+        scan_checkpoints([mce_mlp_pair[0], narrow], model=ModelOptions(), data=DataOptions())
+
+
+# ----------------------------------------------------------------------------- build
+def _build(files, tmp_path, name, *, seed=0, val=None, **opts):
+    out = tmp_path / f"{name}.safetensors"
+    res = build_ensemble(files, model=ModelOptions(), data=DataOptions(data="digits", val_data=val, seed=seed),
+                         opts=BuildOptions(**opts), out=out)
+    return res, out
+
+
+def test_same_seed_same_ensemble_other_seed_other_curve(mce_mlp_pair, tmp_path):
+    kw = dict(method="bezier", epochs=1, members=3, candidates=3)
+    _, f1 = _build(mce_mlp_pair, tmp_path, "s0", seed=0, **kw)
+    _, f2 = _build(mce_mlp_pair, tmp_path, "s0-again", seed=0, **kw)
+    _, f3 = _build(mce_mlp_pair, tmp_path, "s1", seed=1, **kw)
+    m1, m2, m3 = _members(f1), _members(f2), _members(f3)
+    assert len(m1) == 3
+    for a, b in zip(m1, m2):
+        assert a.keys() == b.keys()
+        for k in a:
+            assert a[k].dtype == b[k].dtype and torch.equal(a[k], b[k]), k  # bit for bit
+    # the middle member comes from the fitted curve, which depends on the seed
+    assert any(not torch.equal(m1[1][k], m3[1][k]) for k in m1[1])
+    assert mcensemble.load(f1).metadata["members"] == mcensemble.load(f2).metadata["members"]
+
+
+def test_ensemble_output_is_the_log_mean_of_member_probabilities(mce_mlp_pair, tmp_path):
+    res, out = _build(mce_mlp_pair, tmp_path, "lin", method="linear", members=3, candidates=3)
+    ens = mcensemble.load(out)
+    assert len(ens) == 3
+    nets = _member_models(ens)
+    x, _ = digits_tensors("val")
+    with torch.no_grad():
+        got = ens(x[:64])
+    assert got.shape == (64, 10)
+    assert torch.allclose(got, _log_mean_prob(nets, x[:64]), atol=1e-5)
+    assert torch.allclose(got.exp().sum(-1), torch.ones(64), atol=1e-5)
+    # the members are the points of the straight line at t = 0, 0.5, 1
+    a, b = (mcensemble.load_checkpoint(f).state_dict for f in mce_mlp_pair)
+    assert [m["t"] for m in ens.metadata["members"]] == [0.0, 0.5, 1.0]
+    for k in a:
+        assert torch.equal(ens.member_state_dict(0)[k], a[k])
+        assert torch.allclose(ens.member_state_dict(1)[k], (a[k] + b[k]) / 2, atol=1e-6)
+        assert torch.equal(ens.member_state_dict(2)[k], b[k])
+    # the in-memory result agrees with the file
+    for i, st in enumerate(res.member_states):
+        for k, v in st.items():
+            assert torch.equal(ens.member_state_dict(i)[k], v)
+
+
+def test_bn_build_greedy_members_and_report_metrics(mce_cnn_pair, tmp_path):
+    soup = tmp_path / "soup.safetensors"
+    res = build_ensemble(mce_cnn_pair, model=ModelOptions(), data=DataOptions(data="digits", val_data="digits"),
+                         opts=BuildOptions(method="linear", members=2, candidates=5), out=tmp_path / "e.safetensors",
+                         soup=soup)
+    rep = res.report
+    assert rep["selection"] == "greedy-val-nll" and rep["batchnorm"] is True and rep["bn_reestimated"] is True
+    us = [m["u"] for m in rep["members"]]
+    assert us == sorted(us) and len(set(us)) == 2
+    assert all(u in [p["t"] for p in rep["path"]["points"]] for u in us)
+    # the greedy choice starts from the best single candidate on validation NLL
+    best = min(rep["path"]["points"], key=lambda p: p["val_nll"])
+    assert best["t"] in us
+    # the reported validation NLL is the file's ensemble, BN buffers included
+    ens = mcensemble.load(tmp_path / "e.safetensors")
+    x, y = digits_tensors("val")
+    nll = F.nll_loss(_log_mean_prob(_member_models(ens), x), y).item()
+    assert rep["ensemble"]["val"]["nll"] == pytest.approx(nll, rel=1e-4)
+    assert rep["ensemble"]["val"]["n"] == 360
+    # the soup: the members' weights averaged, BN re-estimated, a loadable checkpoint
+    ck = mcensemble.load_checkpoint(soup)
+    assert ck.metadata["arch"] == "mce_digits_cnn" and ck.metadata.get("kind") == "soup"
+    net = ck.build_model()
+    sts = [ens.member_state_dict(i) for i in range(2)]
+    w = "features.0.weight"
+    assert torch.allclose(net.state_dict()[w], (sts[0][w] + sts[1][w]) / 2, atol=1e-6)
+    assert rep["soup"]["val"]["n"] == 360
+
+
+def test_three_checkpoints_make_two_joined_paths(mce_mlp_pair, tmp_path):
+    a, b = mce_mlp_pair
+    res, out = _build([a, b, a], tmp_path, "chain", method="linear", members=5, candidates=3)
+    rep = res.report
+    assert list(rep["endpoints"]) == ["A", "B", "C"]
+    assert [p["t"] for p in rep["path"]["points"]] == [0.0, 0.25, 0.5, 0.75, 1.0]  # shared middle end once
+    assert [(m["path"], m["t"]) for m in rep["members"]] == [(0, 0.0), (0, 0.5), (1, 0.0), (1, 0.5), (1, 1.0)]
+    ens = mcensemble.load(out)
+    sa, sb = (mcensemble.load_checkpoint(f).state_dict for f in (a, b))
+    for k in sa:
+        assert torch.equal(ens.member_state_dict(2)[k], sb[k])  # u = 0.5 is checkpoint B
+        assert torch.equal(ens.member_state_dict(4)[k], sa[k])  # u = 1 is A again
+    assert rep["path"]["barrier"] == pytest.approx(rep["line"]["barrier"])  # linear: the path is the line
+    assert rep["path"]["barrier"] > 0
+    with pytest.raises(BadOptionError, match="--path-out needs exactly two checkpoints"):
+        build_ensemble([a, b, a], model=ModelOptions(), data=DataOptions(), opts=BuildOptions(method="linear"),
+                       path_out=tmp_path / "p.safetensors")
+
+
+@pytest.mark.parametrize("opts, val, match", [
+    (dict(members=0), None, "--members must be at least 1"),
+    (dict(method="nope"), None, "unknown method 'nope'; choose one of linear, bezier, polychain"),
+    (dict(method="bezier", bends=0), None, "--bends"),
+    (dict(method="bezier", epochs=0), None, "--epochs"),
+    (dict(candidates=1), None, "--candidates"),
+    (dict(selection="greedy"), None, "--selection greedy needs --val-data"),
+    (dict(method="linear", members=4, candidates=3), "digits", r"--members 4 is more than the 3 candidate points"),
+])
+def test_options_are_checked_before_any_work(tmp_path, opts, val, match):
+    """Bad options are refused before the checkpoints are even opened (these do not exist)."""
+    files = [tmp_path / "missing-a.pt", tmp_path / "missing-b.pt"]
+    out = tmp_path / "e.safetensors"
+    with pytest.raises(BadOptionError, match=match):
+        build_ensemble(files, model=ModelOptions(), data=DataOptions(data="digits", val_data=val),
+                       opts=BuildOptions(**opts), out=out)
+    assert list(tmp_path.iterdir()) == []
+
+
+def test_uniform_members_may_outnumber_candidates(mce_mlp_pair, tmp_path):
+    res, _ = _build(mce_mlp_pair, tmp_path, "u", method="linear", members=4, candidates=2)
+    assert res.report["selection"] == "uniform"
+    assert [round(m["t"], 6) for m in res.report["members"]] == [0.0, round(1 / 3, 6), round(2 / 3, 6), 1.0]
+
+
+# ----------------------------------------------------------------------------- the demo's first step
+def test_train_default_endpoints(tmp_path):
+    files = train_default_endpoints(tmp_path, arch="mce_digits_mlp", epochs=1, data="digits,train=200",
+                                    batch_size=64, seed=3)
+    assert [f.name for f in files] == ["endpoint0.safetensors", "endpoint1.safetensors"]
+    cks = [mcensemble.load_checkpoint(f) for f in files]
+    for i, ck in enumerate(cks):
+        assert ck.metadata["arch"] == "mce_digits_mlp" and ck.metadata["seed"] == 3 + i
+        assert ck.metadata["data"] == "digits,train=200" and ck.metadata["epochs"] == 1
+        net = ck.build_model()
+        assert net(torch.zeros(2, 1, 8, 8)).shape == (2, 10)
+    assert any(not torch.equal(cks[0].state_dict[k], cks[1].state_dict[k]) for k in cks[0].state_dict)
+    (tmp_path / "again").mkdir()
+    again = train_default_endpoints(tmp_path / "again", arch="mce_digits_mlp", epochs=1, data="digits,train=200",
+                                    batch_size=64, seed=3)
+    for f, g in zip(files, again):
+        sa, sb = load_file(str(f)), load_file(str(g))
+        assert all(torch.equal(sa[k], sb[k]) for k in sa)  # seeded
+
+
+def test_fresh_run_dir_never_reuses(tmp_path):
+    dirs = [fresh_run_dir(tmp_path / "runs", prefix="build") for _ in range(3)]
+    assert len(set(dirs)) == 3
+    assert all(d.is_dir() and d.name.startswith("build-") and not any(d.iterdir()) for d in dirs)
