@@ -583,7 +583,7 @@ def save_ensemble(dest: str | os.PathLike, member_states: Sequence[StateDict], *
     dest = Path(dest)
     with atomic_path(dest) as tmp:
         save_file(tensors, str(tmp), metadata={METADATA_KEY: text, "format": "pt"})
-    logger.info("wrote ensemble of %d member(s) to %s", k, dest)
+    logger.debug("wrote ensemble of %d member(s) to %s", k, dest)
     return dest
 
 

@@ -15,8 +15,9 @@ import torch
 
 from .errors import BadOptionError, CheckpointError
 
-__all__ = ["ModelOptions", "DataOptions", "load_endpoints", "scan_checkpoints", "train_default_endpoints",
-           "fresh_run_dir"]
+__all__ = ["ModelOptions", "DataOptions", "BuildOptions", "BuildResult", "PATH_BUILDERS", "load_endpoints",
+           "scan_checkpoints", "build_ensemble", "describe_checkpoint", "evaluate_ensemble_file",
+           "train_default_endpoints", "fresh_run_dir"]
 
 _log = logging.getLogger(__name__)
 
