@@ -103,6 +103,24 @@ run_options = _stack(
 )
 
 
+def path_options(default_method: str) -> Callable:
+    """How consecutive checkpoints are connected: shared by `scan` and `build`."""
+    return _stack(
+        click.option("--method", default=default_method, show_default=True,
+                     help="Path between consecutive checkpoints: linear, bezier, polychain or dropout."),
+        click.option("--bends", type=int, default=1, show_default=True, help="Bends of a bezier / polychain curve."),
+        click.option("--epochs", type=int, default=20, show_default=True, help="Curve-fitting epochs."),
+        click.option("--lr", type=float, default=0.05, show_default=True,
+                     help="Curve-fitting learning rate (constant for half the steps, then linear decay to 1%)."),
+        click.option("--weight-decay", type=float, default=5e-4, show_default=True, help="Weight decay on theta(t)."),
+        click.option("--align", is_flag=True,
+                     help="Permute each checkpoint's hidden units to match the previous one first (weight matching)."),
+    )
+
+
+_PATH_KEYS = ("method", "bends", "epochs", "lr", "weight_decay", "align")
+
+
 def _model_opts(kw: dict):
     from .pipeline import ModelOptions
     return ModelOptions(arch=kw.pop("arch"), model=kw.pop("model_entry"), num_classes=kw.pop("num_classes"),
@@ -179,21 +197,39 @@ def inspect(file: str, units: bool, **kw: Any) -> None:
 @model_options
 @data_options
 @run_options
+@path_options("linear")
+@click.option("--path", "path_file", metavar="PATH.safetensors",
+              help="Scan a saved path (build --path-out) instead of connecting A B.")
 @click.option("--points", type=int, default=11, show_default=True, help="Points along the path (>= 2).")
+@click.option("--plane", metavar="FILE.png",
+              help="Also draw loss contours on the plane through A, B and the bend (bezier / polychain).")
+@click.option("--plane-grid", type=click.IntRange(min=2), default=11, show_default=True,
+              help="Grid points per side of the --plane picture.")
+@click.option("--repair", is_flag=True,
+              help="REPAIR interior points of the straight line: rescale each channel to the endpoints' statistics.")
 @click.option("--report", metavar="FILE.json", help="Write the scan as JSON.")
 @click.option("--plot", metavar="FILE.png", help="Write loss and error along t as a PNG.")
-def scan(checkpoints: tuple[str, ...], points: int, report: str | None, plot: str | None, **kw: Any) -> None:
-    """Loss and accuracy along the straight line between two checkpoints A B.
+def scan(checkpoints: tuple[str, ...], path_file: str | None, points: int, plane: str | None, plane_grid: int,
+         repair: bool, report: str | None, plot: str | None, **kw: Any) -> None:
+    """Loss and accuracy along a path between two checkpoints A B (the straight line unless
+    --method says otherwise), or along a saved path (--path FILE).
 
     With no checkpoints, runs the embedded default: trains two small CNNs on the built-in
     digits (seconds) and scans between them, writing into a fresh folder.
     """
-    from .pipeline import scan_checkpoints, train_default_endpoints, fresh_run_dir
+    from .pipeline import BuildOptions, fresh_run_dir, scan_checkpoints, scan_path_file, train_default_endpoints
     if points < 2:
         raise click.BadParameter(f"must be at least 2, got {points}", param_hint="--points")
+    if path_file and checkpoints:
+        raise click.UsageError("give either checkpoints A B or --path FILE, not both")
     if len(checkpoints) not in (0, 2):
         raise click.UsageError(f"scan takes two checkpoints A B (or none for the built-in demo), got {len(checkpoints)}")
+    opts = BuildOptions(repair=repair, **{k: kw.pop(k) for k in _PATH_KEYS})
     model, data = _model_opts(kw), _data_opts(kw, default_data="digits")
+    if path_file:
+        rep = scan_path_file(path_file, model=model, data=data, points=points, plane=plane, plane_grid=plane_grid)
+        _finish_scan(rep, report, plot, title=f"{rep['method']} path")
+        return
     if not checkpoints:
         out = fresh_run_dir(prefix="scan")
         click.echo(f"No checkpoints given: training two small CNNs on the built-in digits into {out}/", err=True)
@@ -201,7 +237,12 @@ def scan(checkpoints: tuple[str, ...], points: int, report: str | None, plot: st
         data.val_data = data.val_data or "digits"
         report = report or str(out / "scan.json")
         plot = plot or str(out / "scan.png")
-    rep = scan_checkpoints(checkpoints, model=model, data=data, points=points)
+    rep = scan_checkpoints(checkpoints, model=model, data=data, points=points, opts=opts, plane=plane,
+                           plane_grid=plane_grid)
+    _finish_scan(rep, report, plot, title="straight line A -> B" if opts.method == "linear" else f"{opts.method} path")
+
+
+def _finish_scan(rep: dict[str, Any], report: str | None, plot: str | None, *, title: str) -> None:
     rows = [(_fmt(p["t"]), _fmt(p["loss"]), _fmt(p["acc"]), _fmt(p.get("val_loss", "")), _fmt(p.get("val_acc", "")))
             for p in rep["points"]]
     _echo_table(rows, ("t", "loss", "acc", "val_loss", "val_acc"))
@@ -212,8 +253,13 @@ def scan(checkpoints: tuple[str, ...], points: int, report: str | None, plot: st
         click.echo(f"report: {report}")
     if plot:
         from .plot import plot_scan
-        plot_scan(rep, plot, title="straight line A -> B")
+        plot_scan(rep, plot, title=title)
         click.echo(f"plot: {plot}")
+    if rep.get("plane"):
+        click.echo(f"plane: {rep['plane']['file']}")
+    if rep.get("certificate"):
+        c = rep["certificate"]
+        click.echo(f"certificate: loss <= {c['max_loss']:.4f} everywhere on the path (eps {c.get('eps', float('nan')):.4f})")
 
 
 # ---------------------------------------------------------------------------------------------
@@ -250,18 +296,12 @@ def _apply_recipe(ctx: click.Context, kw: dict[str, Any], recipe: str | None) ->
 @model_options
 @data_options
 @run_options
-@click.option("--method", default="bezier", show_default=True,
-              help="Path between consecutive checkpoints: linear, bezier, polychain or dropout.")
+@path_options("bezier")
 @click.option("--members", type=int, default=4, show_default=True, help="Ensemble members (points along the path).")
 @click.option("--selection", type=click.Choice(["auto", "greedy", "uniform"]), default="auto", show_default=True,
               help="How members are chosen: greedy on validation NLL (auto, with --val-data) or uniform in t.")
 @click.option("--candidates", type=int, default=11, show_default=True,
               help="Points per path scanned for the report and the greedy choice.")
-@click.option("--bends", type=int, default=1, show_default=True, help="Bends of a bezier / polychain curve.")
-@click.option("--epochs", type=int, default=20, show_default=True, help="Curve-fitting epochs.")
-@click.option("--lr", type=float, default=0.05, show_default=True,
-              help="Curve-fitting learning rate (constant for half the steps, then linear decay to 1%).")
-@click.option("--weight-decay", type=float, default=5e-4, show_default=True, help="Weight decay on theta(t).")
 @click.option("--strategy", type=click.Choice(["auto", "loop", "vmap"]), default="auto", show_default=True,
               help="Ensemble inference: measured (auto), member loop, or stack_module_state + vmap.")
 @click.option("--out", metavar="ENS.safetensors", help="Write the ensemble here.")
@@ -286,8 +326,7 @@ def build(ctx: click.Context, **kw: Any) -> None:
     extra = _apply_recipe(ctx, kw, recipe)
     checkpoints = kw.pop("checkpoints")
     out, path_out, soup, report, plot = (kw.pop(k) for k in ("out", "path_out", "soup", "report", "plot"))
-    opts = BuildOptions(**{k: kw.pop(k) for k in ("method", "members", "selection", "candidates", "bends", "epochs",
-                                                   "lr", "weight_decay", "strategy")})
+    opts = BuildOptions(**{k: kw.pop(k) for k in ("members", "selection", "candidates", "strategy", *_PATH_KEYS)})
     model, data = _model_opts(kw), _data_opts(kw, default_data="digits")
     if not checkpoints:
         if "endpoints" not in extra:
@@ -364,6 +403,32 @@ def eval_cmd(ensemble: str, model_entry: str | None, trust_remote_code: bool, re
     e = rep["ensemble"]
     rows.append((f"ensemble ({len(rep['members'])})", _fmt(e["nll"]), _fmt(e["acc"]), _fmt(e["ece"])))
     _echo_table(rows, ("", "nll", "acc", "ece"))
+    if report:
+        _write_json(rep, report)
+        click.echo(f"report: {report}")
+
+
+# ---------------------------------------------------------------------------------------------
+# align
+
+
+@main.command()
+@click.argument("a", type=click.Path(path_type=str))
+@click.argument("b", type=click.Path(path_type=str))
+@model_options
+@click.option("--out", required=True, metavar="B_ALIGNED.safetensors", help="Where to write the permuted B.")
+@click.option("--seed", type=int, default=0, show_default=True, help="Seed of the group order in weight matching.")
+@click.option("--report", metavar="FILE.json", help="Write the alignment summary as JSON.")
+def align(a: str, b: str, out: str, seed: int, report: str | None, **kw: Any) -> None:
+    """Permute B's hidden units to match A's (weight matching on the unit graph).
+
+    The written B computes exactly the same function as B; paths from A to it are shorter
+    and usually lower."""
+    from .pipeline import align_files
+    rep = align_files(a, b, out, model=_model_opts(kw), seed=seed)
+    click.echo(f"aligned {b} to {a}: {rep['groups']} unit groups, {rep['moved']:.0%} of units moved, "
+               f"{rep['iterations']} sweeps, objective {rep['objective_before']:.4g} -> {rep['objective_after']:.4g}")
+    click.echo(f"wrote {out}")
     if report:
         _write_json(rep, report)
         click.echo(f"report: {report}")

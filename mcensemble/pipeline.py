@@ -16,7 +16,7 @@ import torch
 from .errors import BadOptionError, CheckpointError
 
 __all__ = ["ModelOptions", "DataOptions", "BuildOptions", "BuildResult", "PATH_BUILDERS", "load_endpoints",
-           "scan_checkpoints", "build_ensemble", "describe_checkpoint", "evaluate_ensemble_file",
+           "scan_checkpoints", "scan_path_file", "RepairedPath", "align_files", "connect", "align_chain", "build_ensemble", "describe_checkpoint", "evaluate_ensemble_file",
            "train_default_endpoints", "fresh_run_dir"]
 
 _log = logging.getLogger(__name__)
@@ -81,25 +81,101 @@ def _loaders(model: torch.nn.Module, d: DataOptions):
 
 
 def scan_checkpoints(files: Sequence[str | os.PathLike], *, model: ModelOptions, data: DataOptions,
-                     points: int = 11) -> dict[str, Any]:
-    """Evaluate the straight line between two checkpoints. Returns the JSON-ready report."""
+                     points: int = 11, opts: BuildOptions | None = None, plane: str | os.PathLike | None = None,
+                     plane_grid: int = 11) -> dict[str, Any]:
+    """Evaluate the path between two checkpoints (the straight line unless `opts.method` says
+    otherwise; aligned first with `opts.align`). Returns the JSON-ready report. `plane`: also
+    draw the plane through A, B and the bend (curve methods) as a PNG there."""
     from .bn import has_batchnorm
     from .evaluate import scan
-    from .paths import LinearPath
+    opts = opts or BuildOptions(method="linear")
     if points < 2:
         raise BadOptionError(f"--points must be at least 2, got {points}", option="--points")
-    a, b = load_endpoints(files, model)
     if len(files) != 2:
         raise BadOptionError("scan takes exactly two checkpoints", option="CHECKPOINTS")
+    _validate_build(opts)
+    a, b = load_endpoints(files, model)
     net = a.build_model().to(data.device)
     train, val = _loaders(net, data)
-    path = LinearPath(a.state_dict, b.state_dict)
+    paths, _, aligned = connect([a.state_dict, b.state_dict], net, opts=opts, data=data, bn_loader=train)
+    path = paths[0]
+    if opts.repair:
+        if opts.method != "linear":
+            raise BadOptionError("--repair rescales points of the straight line: use it with --method linear",
+                                 option="--repair")
+        path = RepairedPath(path, net, train, device=data.device)
+    report = _scan_report(path, net, train, val, data, points, plane=plane, plane_grid=plane_grid)
+    report["repair"] = opts.repair
+    report["checkpoints"] = [{"file": str(f), **_describe(ck)} for f, ck in zip(files, (a, b))]
+    report["method"] = opts.method
+    if aligned:
+        report["aligned"] = aligned[0]
+    return report
+
+
+class RepairedPath:
+    """A straight line whose interior points get REPAIR (Jordan et al. 2022): each hidden
+    channel's statistics rescaled to the interpolation of the endpoints' (see `align.Repair`)."""
+
+    kind = "linear"
+
+    def __init__(self, path, net, loader, *, device="cpu"):
+        from .align import Repair
+        self.path, self.endpoints, self.groups = path, path.endpoints, path.groups
+        self.certificate = None
+        self._repair = Repair(net, *path.endpoints, loader, device=device)
+
+    def state_at(self, t: float) -> dict:
+        state = self.path.state_at(t)
+        return state if t in (0.0, 1.0) else self._repair(state, t)
+
+
+def _scan_report(path, net, train, val, data: DataOptions, points: int, *, plane=None,
+                 plane_grid: int = 11) -> dict[str, Any]:
+    from .bn import has_batchnorm
+    from .evaluate import scan
+    if plane is not None and "bend.0" not in getattr(path, "groups", {}):
+        raise BadOptionError(f"a {path.kind} path has no bend: --plane needs --method bezier or polychain "
+                             "(or --path FILE of such a path)", option="--plane")
     result = scan(path, net, train, points=points, val_loader=val, bn_loader=train, device=data.device,
                   progress=data.progress)
     report = result.to_dict()
-    report["checkpoints"] = [{"file": str(f), **_describe(ck)} for f, ck in zip(files, (a, b))]
     report["batchnorm"] = has_batchnorm(net)
     report["data"] = {"train": data.data, "val": data.val_data}
+    if getattr(path, "certificate", None):
+        report["certificate"] = path.certificate
+    if plane is not None:
+        from .paths import LinearPath
+        from .plane import scan_plane
+        from .plot import plot_plane
+        res = scan_plane(path, net, train, bn_loader=train, resolution=plane_grid, device=data.device,
+                         others={"linear": LinearPath(*path.endpoints)}, progress=data.progress)
+        plot_plane(res, plane, title=f"{path.kind} path: the plane through A, B and the bend")
+        report["plane"] = {"file": str(plane), **res.to_dict()}
+    return report
+
+
+def scan_path_file(file: str | os.PathLike, *, model: ModelOptions, data: DataOptions,
+                   points: int = 11, plane: str | os.PathLike | None = None, plane_grid: int = 11) -> dict[str, Any]:
+    """Evaluate a saved path (`--path-out` of build). The model comes from --arch / --model
+    or the timm architecture recorded in the file (a recorded module:function is not imported)."""
+    from .models import as_factory, create_model
+    from .paths import load_path
+    path = load_path(file)
+    spec = _model_arg(model)
+    if spec is None:
+        spec = path.model_spec
+        if spec is None or spec.entry:
+            raise BadOptionError(f"{file} does not name a timm architecture; pass --arch NAME or --model "
+                                 "module:function", option="--model")
+        net = create_model(spec, trust_entry=False)
+    else:
+        net = as_factory(spec)()
+    net = net.eval().to(data.device)
+    train, val = _loaders(net, data)
+    report = _scan_report(path, net, train, val, data, points, plane=plane, plane_grid=plane_grid)
+    report["path_file"] = str(file)
+    report["method"] = path.kind
     return report
 
 
@@ -148,10 +224,50 @@ def train_default_endpoints(out_dir: str | os.PathLike, *, arch: str = "mce_digi
     return files
 
 
+def _mcensemble_header(file: str | os.PathLike) -> dict[str, Any] | None:
+    """The `mcensemble` JSON of a safetensors header, or None (not safetensors, no such key)."""
+    import json
+    try:
+        from safetensors import safe_open
+        with safe_open(str(file), framework="pt") as f:
+            raw = (f.metadata() or {}).get("mcensemble")
+        return json.loads(raw) if raw else None
+    except Exception:  # not safetensors / unreadable: the checkpoint reader gives the real error
+        return None
+
+
+def _describe_own_file(file: str | os.PathLike, doc: dict[str, Any]) -> dict[str, Any]:
+    """`inspect` of an ensemble or path file: validated through their own readers."""
+    from .models import ModelSpec
+    spec = ModelSpec.from_dict(doc["model"]).describe() if doc.get("model") else "not recorded (pass model=)"
+    info: dict[str, Any] = {"file": str(file), "format": f"{doc['format']} v{doc.get('format_version')}",
+                            "model": spec}
+    if doc["format"] == "mcensemble-ensemble":
+        from .ensemble import read_ensemble_metadata
+        doc = read_ensemble_metadata(file)
+        info["members"] = len(doc.get("members") or [])
+        info["t"] = ", ".join("?" if m.get("t") is None else f"{m['t']:.3f}" for m in doc.get("members") or [])
+        info["combine"] = doc.get("combine")
+    else:
+        from .paths import load_path
+        path = load_path(file)
+        info["kind"] = path.kind
+        if path.vertices is not None:
+            info["vertices"] = len(path.vertices)
+        if path.certificate:
+            info["certificate"] = {k: path.certificate.get(k) for k in ("max_loss", "eps", "loss_a", "loss_b")}
+    skip = {"format", "format_version", "model", "members", "groups", "vertices", "certificate"}
+    info["metadata"] = {k: v for k, v in doc.items() if k not in skip}
+    return info
+
+
 def describe_checkpoint(file: str | os.PathLike, opts: ModelOptions, *, units: bool = False) -> dict[str, Any]:
     """What `mcensemble inspect` prints: format, architecture, sizes, dtypes, EMA, metadata."""
     from collections import Counter
     from .checkpoints import load_checkpoint
+    doc = _mcensemble_header(file)
+    if doc and doc.get("format") in ("mcensemble-ensemble", "mcensemble-path"):
+        return _describe_own_file(file, doc)
     ck = load_checkpoint(file, model=_model_arg(opts), ema=opts.ema)
     sd, md = ck.state_dict, dict(ck.metadata)
     dtypes = Counter(str(v.dtype).replace("torch.", "") for v in sd.values())
@@ -197,6 +313,8 @@ class BuildOptions:
     lr: float = 0.05
     weight_decay: float = 5e-4
     strategy: str = "auto"
+    align: bool = False
+    repair: bool = False
 
 
 def _linear_builder(net, a, b, *, opts: BuildOptions, data: DataOptions, fit_loader, bn_loader):
@@ -252,6 +370,43 @@ class BuildResult:
     model_spec: Any = None
 
 
+def align_chain(states: Sequence[dict], net: torch.nn.Module, *, seed: int = 0,
+                progress: bool | None = None) -> tuple[list[dict], list[dict[str, Any]]]:
+    """Permute each checkpoint's hidden units to match the one before it (weight matching on
+    the unit graph). The permuted states compute exactly the functions of the originals."""
+    from .align import align_states
+    from .data import example_input
+    from .units import build_unit_graph
+    graph = build_unit_graph(net, example_input(net))
+    out, info = [dict(states[0])], []
+    for s in states[1:]:
+        res = align_states(net, out[-1], s, graph=graph, seed=seed, progress=progress)
+        out.append(res.state)
+        info.append(res.to_dict())
+    return out, info
+
+
+def connect(states: Sequence[dict], net: torch.nn.Module, *, opts: BuildOptions, data: DataOptions,
+            bn_loader) -> tuple[list, list[dict], list[dict[str, Any]]]:
+    """Paths between consecutive states by `opts.method` (after alignment with `opts.align`).
+
+    Returns (paths, the endpoint states the paths use, alignment reports). With `--align`,
+    every checkpoint after the first is replaced by its permutation matching the previous
+    one, so the paths end at permuted checkpoints that compute the same functions."""
+    aligned: list[dict[str, Any]] = []
+    if opts.align:
+        states, aligned = align_chain(states, net, seed=data.seed, progress=data.progress)
+    fit_loader = None
+    if opts.method in ("bezier", "polychain"):
+        from .data import create_loader
+        fit_loader = create_loader(data.data, split="train", batch_size=data.batch_size, shuffle=True,
+                                   seed=data.seed, model=net)
+    builder = PATH_BUILDERS[opts.method]
+    paths = [builder(net, a, b, opts=opts, data=data, fit_loader=fit_loader, bn_loader=bn_loader)
+             for a, b in zip(states[:-1], states[1:])]
+    return paths, list(states), aligned
+
+
 def build_ensemble(files: Sequence[str | os.PathLike], *, model: ModelOptions, data: DataOptions,
                    opts: BuildOptions, out: str | os.PathLike | None = None, path_out: str | os.PathLike | None = None,
                    soup: str | os.PathLike | None = None) -> BuildResult:
@@ -277,15 +432,10 @@ def build_ensemble(files: Sequence[str | os.PathLike], *, model: ModelOptions, d
     cks = load_endpoints(files, model)
     net = cks[0].build_model().to(data.device)
     train, val = _loaders(net, data)
-    from .data import create_loader
-    fit_loader = create_loader(data.data, split="train", batch_size=data.batch_size, shuffle=True, seed=data.seed,
-                               model=net)
     timings: dict[str, float] = {"load_s": time.perf_counter() - t0}
 
     t1 = time.perf_counter()
-    builder = PATH_BUILDERS[opts.method]
-    paths = [builder(net, a.state_dict, b.state_dict, opts=opts, data=data, fit_loader=fit_loader, bn_loader=train)
-             for a, b in zip(cks[:-1], cks[1:])]
+    paths, states, aligned = connect([ck.state_dict for ck in cks], net, opts=opts, data=data, bn_loader=train)
     timings["path_s"] = time.perf_counter() - t1
 
     t2 = time.perf_counter()
@@ -306,7 +456,7 @@ def build_ensemble(files: Sequence[str | os.PathLike], *, model: ModelOptions, d
     line = grid
     if opts.method != "linear":
         from .paths import LinearPath
-        lines = [LinearPath(a.state_dict, b.state_dict) for a, b in zip(cks[:-1], cks[1:])]
+        lines = [LinearPath(a, b) for a, b in zip(states[:-1], states[1:])]
         line = evaluate_candidates(lines, net, grid_points, train_loader=train, val_loader=val, device=data.device,
                                    progress=data.progress)
     timings["members_s"] = time.perf_counter() - t2
@@ -334,6 +484,8 @@ def build_ensemble(files: Sequence[str | os.PathLike], *, model: ModelOptions, d
     if opts.method in ("bezier", "polychain"):
         report["curve"] = {"kind": opts.method, "bends": opts.bends, "epochs": opts.epochs, "lr": opts.lr,
                            "weight_decay": opts.weight_decay}
+    if aligned:
+        report["aligned"] = aligned
     if getattr(paths[0], "certificate", None):
         report["certificates"] = [p.certificate for p in paths]
     if out is not None:
@@ -443,3 +595,20 @@ def evaluate_ensemble_file(file: str | os.PathLike, *, model: Any = None, trust_
     return {"file": str(file), "data": spec, "split": split, "members": members,
             "ensemble": ensemble_metrics(per, labels).to_dict(), "strategy": ens.strategy}
 
+
+
+def align_files(a_file: str | os.PathLike, b_file: str | os.PathLike, out: str | os.PathLike, *,
+                model: ModelOptions, seed: int = 0, progress: bool | None = None) -> dict[str, Any]:
+    """Write B with its hidden units permuted to match A (`mcensemble align`). The result
+    computes the same function as B (checked on an example input before writing)."""
+    from .align import align_states
+    from .checkpoints import save_checkpoint
+    a, b = load_endpoints([a_file, b_file], model)
+    net = a.build_model()
+    res = align_states(net, a.state_dict, b.state_dict, seed=seed, progress=progress)
+    md = {k: b.metadata.get(k) for k in ("arch", "num_classes", "in_chans", "model_args") if b.metadata.get(k) is not None}
+    info = res.to_dict()
+    md["alignment"] = {**info, "aligned_to": {"file": str(a_file), "sha256": a.metadata.get("sha256")},
+                       "source": {"file": str(b_file), "sha256": b.metadata.get("sha256")}}
+    save_checkpoint(res.state, out, metadata=md)
+    return {"file": str(out), **info}
