@@ -435,7 +435,7 @@ def build_ensemble(files: Sequence[str | os.PathLike], *, model: ModelOptions, d
     timings: dict[str, float] = {"load_s": time.perf_counter() - t0}
 
     t1 = time.perf_counter()
-    paths, states, aligned = connect([ck.state_dict for ck in cks], net, opts=opts, data=data, bn_loader=train)
+    paths, ends, aligned = connect([ck.state_dict for ck in cks], net, opts=opts, data=data, bn_loader=train)
     timings["path_s"] = time.perf_counter() - t1
 
     t2 = time.perf_counter()
@@ -456,7 +456,7 @@ def build_ensemble(files: Sequence[str | os.PathLike], *, model: ModelOptions, d
     line = grid
     if opts.method != "linear":
         from .paths import LinearPath
-        lines = [LinearPath(a, b) for a, b in zip(states[:-1], states[1:])]
+        lines = [LinearPath(a, b) for a, b in zip(ends[:-1], ends[1:])]
         line = evaluate_candidates(lines, net, grid_points, train_loader=train, val_loader=val, device=data.device,
                                    progress=data.progress)
     timings["members_s"] = time.perf_counter() - t2

@@ -1,0 +1,214 @@
+"""`MCEnsembleCallback`: mcensemble's training-loop hooks as one Lightning callback."""
+from __future__ import annotations
+
+import logging
+import math
+import os
+from pathlib import Path
+from typing import Any, Iterable, Mapping
+
+import torch
+import torch.nn as nn
+
+from mcensemble.errors import BadOptionError
+from mcensemble.hooks import SnapshotCollector
+from mcensemble.hooks import channel_dropout as _channel_dropout
+
+try:  # the unified package first; the standalone one if that is what is installed
+    import lightning.pytorch as pl
+except ImportError:  # pragma: no cover - depends on the environment
+    import pytorch_lightning as pl  # type: ignore[no-redef]
+
+__all__ = ["MCEnsembleCallback"]
+
+logger = logging.getLogger(__name__)
+
+_MODES = ("fge", "epoch", None)
+
+
+class MCEnsembleCallback(pl.Callback):
+    """Channel dropout while training, snapshots along the way, an ensemble file at the end.
+
+    Args:
+        out: the ensemble file written at the end of training (`mcensemble.load` reads it);
+            default `<trainer.default_root_dir>/mcensemble.safetensors`.
+        snapshots: "fge" (fast geometric ensembling: cyclical lr, a snapshot at each cycle's
+            low point; see `mcensemble.hooks.SnapshotCollector`), "epoch" (a snapshot at the
+            end of every epoch from `start_epoch` on) or None (no snapshots, no file).
+        cycle_epochs / cycle_steps: FGE cycle length, in epochs or optimizer steps.
+        lr_max / lr_min: FGE learning rates at the top and the low point of a cycle (set on
+            every param group of the one optimizer; configure no lr scheduler with "fge").
+        start_epoch: epochs trained normally before snapshots (and cycles) begin.
+        max_snapshots: keep only the most recent ones.
+        channel_dropout: drop whole hidden units with this probability while training
+            (`mcensemble.hooks.channel_dropout`, traced on one training batch or
+            `example_input`; `groups=` a unit graph to restrict it); removed when training ends.
+        module: attribute name of the network inside the LightningModule (e.g. "model");
+            None: the LightningModule itself. Snapshots are that network's state dicts.
+        model_spec: a `mcensemble.ModelSpec` (or its dict) stored in the file so that it
+            loads without `model=`.
+        bn_loader: "train" (the trainer's training loader), any iterable of batches, or
+            None: where BatchNorm statistics of each member are re-estimated before saving
+            (`bn_max_batches` caps the batches).
+
+    The collector's state (step count, snapshots) is saved in Lightning checkpoints
+    (`state_dict` / `load_state_dict`), so `trainer.fit(..., ckpt_path=...)` resumes
+    collecting where it stopped. Only global rank 0 writes the file.
+    """
+
+    def __init__(self, out: str | os.PathLike | None = None, *, snapshots: str | None = "epoch",
+                 cycle_epochs: int | None = None, cycle_steps: int | None = None,
+                 lr_max: float | None = None, lr_min: float | None = None, start_epoch: int = 0,
+                 max_snapshots: int | None = None, channel_dropout: float = 0.0, groups: Any = None,
+                 example_input: torch.Tensor | None = None, module: str | None = None,
+                 model_spec: Any = None, bn_loader: str | Iterable | None = "train",
+                 bn_max_batches: int | None = None):
+        if snapshots not in _MODES:
+            raise BadOptionError(f"snapshots must be 'fge', 'epoch' or None, got {snapshots!r}",
+                                 option="snapshots")
+        if snapshots == "fge" and (cycle_epochs is None) == (cycle_steps is None):
+            raise BadOptionError("snapshots='fge' needs exactly one of cycle_epochs= or cycle_steps=",
+                                 option="cycle_epochs")
+        if snapshots != "fge" and (cycle_epochs, cycle_steps, lr_max, lr_min) != (None,) * 4:
+            raise BadOptionError("cycle_epochs / cycle_steps / lr_max / lr_min belong to "
+                                 "snapshots='fge'", option="snapshots")
+        if isinstance(start_epoch, bool) or not isinstance(start_epoch, int) or start_epoch < 0:
+            raise BadOptionError(f"start_epoch must be an integer >= 0, got {start_epoch!r}",
+                                 option="start_epoch")
+        if not 0.0 <= float(channel_dropout) < 1.0:
+            raise BadOptionError(f"channel_dropout must be in [0, 1), got {channel_dropout!r}",
+                                 option="channel_dropout")
+        if isinstance(bn_loader, str) and bn_loader != "train":
+            raise BadOptionError(f"bn_loader must be 'train', an iterable or None, got {bn_loader!r}",
+                                 option="bn_loader")
+        self.out = None if out is None else Path(out)
+        self.mode, self.cycle_epochs, self.cycle_steps = snapshots, cycle_epochs, cycle_steps
+        self.lr_max, self.lr_min, self.start_epoch = lr_max, lr_min, start_epoch
+        self.max_snapshots, self.p, self.groups = max_snapshots, float(channel_dropout), groups
+        self.example_input, self.module, self.model_spec = example_input, module, model_spec
+        self.bn_loader, self.bn_max_batches = bn_loader, bn_max_batches
+        self.collector: SnapshotCollector | None = None
+        self.ensemble_path: Path | None = None
+        self._dropout = None
+        self._pending: dict[str, Any] | None = None
+        self._seen_step = 0
+
+    @property
+    def state_key(self) -> str:
+        return self._generate_state_key(out=str(self.out), snapshots=self.mode)
+
+    # -- helpers -------------------------------------------------------------------------
+    def network(self, pl_module: nn.Module) -> nn.Module:
+        """The network whose weights are snapshotted (the LightningModule or its `module`)."""
+        if self.module is None:
+            return pl_module
+        try:
+            return pl_module.get_submodule(self.module)
+        except AttributeError as e:
+            raise BadOptionError(f"the LightningModule has no submodule {self.module!r} "
+                                 f"(module= names the network inside it)", option="module") from e
+
+    @staticmethod
+    def _first_input(trainer: "pl.Trainer", device: torch.device) -> torch.Tensor:
+        from mcensemble.bn import batch_input
+        loader = trainer.train_dataloader
+        if loader is None:
+            raise BadOptionError("channel dropout needs example_input= or a training dataloader",
+                                 option="example_input")
+        return batch_input(next(iter(loader)))[:2].to(device)
+
+    def _steps_per_epoch(self, trainer: "pl.Trainer") -> int:
+        n = trainer.num_training_batches
+        if not math.isfinite(n) or n < 1:
+            raise BadOptionError("the number of training batches per epoch is unknown (an "
+                                 "iterable dataset?); pass cycle_steps= and start_epoch=0",
+                                 option="cycle_epochs")
+        return math.ceil(int(n) / max(1, trainer.accumulate_grad_batches))
+
+    def _make_collector(self, trainer: "pl.Trainer", net: nn.Module) -> SnapshotCollector:
+        if self.mode != "fge":
+            return SnapshotCollector(net, max_snapshots=self.max_snapshots)
+        if len(trainer.optimizers) != 1:
+            raise BadOptionError(f"snapshots='fge' sets the lr of one optimizer; the module "
+                                 f"configures {len(trainer.optimizers)}", option="snapshots")
+        if trainer.lr_scheduler_configs:
+            logger.warning("MCEnsembleCallback(snapshots='fge') sets the learning rate itself; "
+                           "the configured lr scheduler will fight it")
+        per_epoch = self._steps_per_epoch(trainer) if (self.cycle_epochs or self.start_epoch) else 0
+        cycle = self.cycle_steps if self.cycle_steps is not None else self.cycle_epochs * per_epoch
+        return SnapshotCollector(net, trainer.optimizers[0], cycle_steps=cycle, lr_max=self.lr_max,
+                                 lr_min=self.lr_min, start=self.start_epoch * per_epoch,
+                                 max_snapshots=self.max_snapshots)
+
+    # -- hooks -----------------------------------------------------------------------------
+    def on_train_start(self, trainer: "pl.Trainer", pl_module: "pl.LightningModule") -> None:
+        net = self.network(pl_module)
+        if self.p > 0 and self._dropout is None:
+            x = self.example_input
+            if x is None and self.groups is None:
+                x = self._first_input(trainer, pl_module.device)
+            self._dropout = _channel_dropout(net, self.p, groups=self.groups, example_input=x)
+        if self.mode is not None:
+            self.collector = self._make_collector(trainer, net)
+            if self._pending is not None:
+                self.collector.load_state_dict(self._pending)
+                self._pending = None
+        self._seen_step = trainer.global_step
+
+    def on_train_batch_end(self, trainer, pl_module, outputs, batch, batch_idx) -> None:
+        if self.mode != "fge" or self.collector is None:
+            return
+        while self._seen_step < trainer.global_step:    # one call per optimizer step taken
+            self._seen_step += 1
+            taken = self.collector.step()
+            if taken is not None:
+                taken["epoch"] = trainer.current_epoch
+
+    def on_train_epoch_end(self, trainer, pl_module) -> None:
+        if self.mode == "epoch" and self.collector is not None and \
+                trainer.current_epoch >= self.start_epoch:
+            self.collector.snapshot(epoch=trainer.current_epoch, global_step=trainer.global_step)
+
+    def on_train_end(self, trainer, pl_module) -> None:
+        self._remove_dropout()
+        col = self.collector
+        if col is None or not trainer.is_global_zero:
+            return
+        if not len(col):
+            logger.warning("MCEnsembleCallback: no snapshot was taken (training too short for "
+                           "the schedule?); no ensemble written")
+            return
+        out = self.out or Path(trainer.default_root_dir) / "mcensemble.safetensors"
+        bn = trainer.train_dataloader if isinstance(self.bn_loader, str) else self.bn_loader
+        self.ensemble_path = col.save(out, model_spec=self.model_spec, bn_loader=bn,
+                                      bn_max_batches=self.bn_max_batches,
+                                      extra={"lightning": {"epochs": trainer.current_epoch,
+                                                           "global_step": trainer.global_step,
+                                                           "channel_dropout": self.p}})
+        logger.info("MCEnsembleCallback: wrote %d-member ensemble to %s", len(col), out)
+
+    def on_exception(self, trainer, pl_module, exception) -> None:
+        self._remove_dropout()
+
+    def teardown(self, trainer, pl_module, stage: str) -> None:
+        self._remove_dropout()
+
+    def _remove_dropout(self) -> None:
+        if self._dropout is not None:
+            self._dropout.remove()
+            self._dropout = None
+
+    # -- checkpointing ----------------------------------------------------------------------
+    def state_dict(self) -> dict[str, Any]:
+        if self.collector is not None:
+            return {"collector": self.collector.state_dict()}
+        return {"collector": self._pending} if self._pending is not None else {}
+
+    def load_state_dict(self, state_dict: Mapping[str, Any]) -> None:
+        state = state_dict.get("collector")
+        if state is None:
+            return
+        if self.collector is not None:
+            self.collector.load_state_dict(state)
+        else:
+            self._pending = dict(state)

@@ -1,0 +1,223 @@
+"""SnapshotCollector: the FGE cyclical schedule, snapshots, the ensemble file, resume.
+
+The training-loop example in SnapshotCollector's docstring and in the README ("In a training
+loop") is one text; it is checked to be identical in both places and run as it stands.
+"""
+from __future__ import annotations
+
+import inspect
+import re
+import textwrap
+from pathlib import Path
+
+import pytest
+import torch
+import torch.nn as nn
+
+import mcensemble
+from mcensemble.ensemble import read_ensemble_metadata
+from mcensemble.errors import BadOptionError
+from mcensemble.hooks import SnapshotCollector, fge_lr
+
+torch.set_num_threads(1)
+torch.set_flush_denormal(True)
+
+README = Path(__file__).resolve().parents[1] / "README.md"
+
+
+def docstring_example() -> str:
+    lines = inspect.cleandoc(SnapshotCollector.__doc__).splitlines()
+    start = next(i for i, line in enumerate(lines) if line.rstrip().endswith("::")) + 1
+    block = []
+    for line in lines[start:]:
+        if line.strip() and not line.startswith(" "):
+            break
+        block.append(line)
+    return textwrap.dedent("\n".join(block)).strip("\n")
+
+
+def readme_example() -> str:
+    text = README.read_text()
+    section = text.split("### In a training loop", 1)[1]
+    m = re.search(r"```python\n(.*?)```", section, re.S)
+    assert m, "README's 'In a training loop' section has no python block"
+    return m.group(1).strip("\n")
+
+
+def test_readme_and_docstring_show_the_same_example():
+    assert docstring_example() == readme_example()
+
+
+def test_the_example_runs_and_writes_a_loadable_ensemble(tmp_path, monkeypatch):
+    monkeypatch.chdir(tmp_path)
+    scope: dict = {"__name__": "example"}
+    exec(compile(docstring_example(), "SnapshotCollector-example", "exec"), scope)
+    col, steps, x = scope["col"], scope["steps"], scope["x"]
+    assert len(col) == 4 and col.step_count == 12 * steps
+    # one snapshot per cycle, at the step with the lowest lr (the cycle's middle)
+    assert [i["step"] for i in col.info] == [4 * steps + c * 2 * steps + steps - 1 for c in range(4)]
+    assert all(i["lr"] == pytest.approx(0.001) for i in col.info)
+    doc = read_ensemble_metadata(tmp_path / "fge.safetensors")
+    assert [m["kind"] for m in doc["members"]] == ["snapshot"] * 4
+    assert all(m["t"] is None and m["bn"] == "re-estimated" for m in doc["members"])
+    assert doc["model"]["arch"] == "mce_digits_cnn"
+    assert doc["snapshots"]["cycle_steps"] == 2 * steps
+    ens = mcensemble.load(tmp_path / "fge.safetensors")
+    assert isinstance(ens, mcensemble.EnsembleModel) and len(ens) == 4
+    log_probs = scope["log_probs"]
+    assert log_probs.shape == (x.shape[0], 10)
+    assert torch.allclose(log_probs.exp().sum(1), torch.ones(x.shape[0]), atol=1e-5)
+    # BN statistics were re-estimated for every member (not the running averages of training)
+    bn_key = "features.1.running_mean"
+    assert not torch.equal(ens.member_state_dict(0)[bn_key], col.snapshots[0][bn_key])
+    from mcensemble.data import create_loader
+    from mcensemble.evaluate import evaluate
+    assert evaluate(ens, create_loader("digits", split="val")).acc > 0.8
+
+
+# ----------------------------------------------------------------------------- the schedule
+def test_fge_lr_is_linear_down_then_up():
+    c, hi, lo = 8, 0.1, 0.01
+    lrs = [fge_lr(i, c, hi, lo) for i in range(2 * c)]
+    assert lrs[c // 2 - 1] == pytest.approx(lo) and lrs[c - 1] == pytest.approx(hi)
+    assert lrs[:c] == pytest.approx(lrs[c:])                       # periodic
+    down, up = lrs[:c // 2], lrs[c // 2 - 1:c]
+    assert all(a > b for a, b in zip(down, down[1:])) and all(a < b for a, b in zip(up, up[1:]))
+    assert (down[0] - down[1]) == pytest.approx(down[1] - down[2])  # linear
+    assert min(fge_lr(i, 5, hi, lo) for i in range(5)) > lo         # odd c: no exact low point
+
+
+def model_and_opt(seed: int = 0):
+    torch.manual_seed(seed)
+    net = nn.Sequential(nn.Linear(4, 8), nn.BatchNorm1d(8), nn.ReLU(), nn.Linear(8, 3))
+    return net, torch.optim.SGD(net.parameters(), lr=0.123, momentum=0.9)
+
+
+def train_steps(net, opt, col, n, seed=0):
+    g = torch.Generator().manual_seed(seed)
+    for _ in range(n):
+        x, y = torch.randn(16, 4, generator=g), torch.randint(0, 3, (16,), generator=g)
+        loss = nn.functional.cross_entropy(net(x), y)
+        opt.zero_grad()
+        loss.backward()
+        opt.step()
+        col.step()
+
+
+def test_step_sets_lr_only_from_start_and_snapshots_at_low_points():
+    net, opt = model_and_opt()
+    col = SnapshotCollector(net, opt, cycle_steps=4, lr_max=0.1, lr_min=0.02, start=3)
+    seen = []
+    for n in range(11):
+        seen.append(opt.param_groups[0]["lr"])
+        taken = col.step()
+        assert (taken is not None) == (n in (4, 8))
+    assert seen[:3] == [0.123] * 3                      # before start: the optimizer's own lr
+    assert seen[3:] == pytest.approx([fge_lr(i, 4, 0.1, 0.02) for i in range(8)])
+    assert [i["step"] for i in col.info] == [4, 8] and [i["cycle"] for i in col.info] == [0, 1]
+
+
+def test_snapshots_are_copies_on_cpu_and_max_snapshots_keeps_the_latest():
+    net, opt = model_and_opt()
+    col = SnapshotCollector(net, opt, cycle_steps=2, lr_max=0.1, lr_min=0.01, max_snapshots=2)
+    train_steps(net, opt, col, 7)                       # low points after steps 0, 2, 4, 6
+    assert [i["step"] for i in col.info] == [4, 6]
+    last = col.snapshots[-1]
+    assert all(t.device.type == "cpu" for t in last.values())
+    assert torch.equal(last["0.weight"], net[0].weight)
+    assert last["0.weight"].data_ptr() != net[0].weight.data_ptr()
+
+
+def test_manual_snapshots_without_a_schedule(tmp_path):
+    net, opt = model_and_opt()
+    col = SnapshotCollector(net)
+    for epoch in range(3):
+        train_steps(net, opt, col, 2, seed=epoch)
+        col.snapshot(epoch=epoch)
+    assert opt.param_groups[0]["lr"] == 0.123          # never touched
+    dest = col.save(tmp_path / "e.safetensors")         # no BN loader: statistics as trained
+    doc = read_ensemble_metadata(dest)
+    assert [m["epoch"] for m in doc["members"]] == [0, 1, 2]
+    assert all(m["bn"] == "as trained" and m["kind"] == "snapshot" for m in doc["members"])
+    ens = mcensemble.load(dest, model=model_and_opt()[0])
+    for i, snap in enumerate(col.snapshots):
+        sd = ens.member_state_dict(i)
+        assert all(torch.equal(sd[k], v) for k, v in snap.items())
+
+
+def test_bn_reestimation_leaves_the_training_model_as_it_was(tmp_path):
+    net, opt = model_and_opt()
+    col = SnapshotCollector(net, opt, cycle_steps=2, lr_max=0.1, lr_min=0.01)
+    train_steps(net, opt, col, 4)
+    before = {k: v.clone() for k, v in net.state_dict().items()}
+    net.train()
+    data = [(torch.randn(32, 4), torch.zeros(32, dtype=torch.long)) for _ in range(2)]
+    states = col.member_states(bn_loader=data)
+    assert net.training and all(torch.equal(before[k], v) for k, v in net.state_dict().items())
+    assert not torch.equal(states[0]["1.running_mean"], col.snapshots[0]["1.running_mean"])
+    assert torch.equal(states[0]["0.weight"], col.snapshots[0]["0.weight"])
+
+
+def test_resume_continues_exactly():
+    net, opt = model_and_opt()
+    col = SnapshotCollector(net, opt, cycle_steps=4, lr_max=0.1, lr_min=0.01, start=1)
+    train_steps(net, opt, col, 6)
+    saved = col.state_dict()
+    net2, opt2 = model_and_opt(1)
+    col2 = SnapshotCollector(net2, opt2, cycle_steps=4, lr_max=0.1, lr_min=0.01, start=1)
+    col2.load_state_dict(saved)
+    assert col2.step_count == 6 and len(col2) == len(col) == 1
+    assert opt2.param_groups[0]["lr"] == pytest.approx(col.lr_at(6))
+    assert torch.equal(col2.snapshots[0]["0.weight"], col.snapshots[0]["0.weight"])
+    other = SnapshotCollector(net2, opt2, cycle_steps=6, lr_max=0.1, lr_min=0.01, start=1)
+    with pytest.raises(BadOptionError, match="cycle_steps=4"):
+        other.load_state_dict(saved)
+
+
+@pytest.mark.parametrize("kwargs, match", [
+    (dict(cycle_steps=4), "lr_max= and lr_min="),
+    (dict(lr_max=0.1, lr_min=0.01), "needs cycle_steps="),
+    (dict(cycle_steps=1, lr_max=0.1, lr_min=0.01), "cycle_steps must be an integer >= 2"),
+    (dict(cycle_steps=4, lr_max=0.01, lr_min=0.1), "lr_min=0.1 is above lr_max=0.01"),
+    (dict(cycle_steps=4, lr_max=float("nan"), lr_min=0.1), "lr_max must be a finite number"),
+    (dict(start=-1), "start must be an integer >= 0"),
+    (dict(max_snapshots=0), "max_snapshots must be an integer >= 1"),
+])
+def test_bad_options_name_the_option(kwargs, match):
+    net, opt = model_and_opt()
+    with pytest.raises(BadOptionError, match=match):
+        SnapshotCollector(net, opt, **kwargs)
+
+
+def test_schedule_without_optimizer_and_save_without_snapshots(tmp_path):
+    net, _ = model_and_opt()
+    with pytest.raises(BadOptionError, match="needs the optimizer") as info:
+        SnapshotCollector(net, cycle_steps=4, lr_max=0.1, lr_min=0.01)
+    assert info.value.option == "optimizer"
+    with pytest.raises(BadOptionError, match="no snapshots taken yet"):
+        SnapshotCollector(net).save(tmp_path / "x.safetensors")
+    assert not (tmp_path / "x.safetensors").exists()
+
+
+def test_fge_train_from_a_trained_model(tmp_path):
+    from mcensemble.data import create_loader
+    from mcensemble.evaluate import evaluate
+    from mcensemble.hooks import fge_train
+    from mcensemble.models import ModelSpec, create_model
+    from mcensemble.train import TrainConfig, train_model
+    spec = ModelSpec(arch="mce_digits_mlp", kwargs={"width": 32})
+    loader = create_loader("digits", batch_size=64, shuffle=True)
+    val = create_loader("digits", split="val")
+    net = train_model(create_model(spec), loader, config=TrainConfig(epochs=5, lr=0.1), progress=False)
+    start = evaluate(net, val)
+    col = fge_train(net, loader, cycles=3, epochs=3, lr_max=0.05)
+    assert len(col) == 3 and col.lr_min == pytest.approx(0.0005) and not net.training
+    assert [i["epoch"] for i in col.info] == [0, 1, 2]
+    ens = mcensemble.load(col.save(tmp_path / "f.safetensors", model_spec=spec))
+    assert evaluate(ens, val).nll < start.nll          # FGE improves on the model it starts from
+    assert col.cycle_steps == len(loader) and col.step_count == 3 * len(loader)
+    col = fge_train(net, loader, cycles=2, epochs=1)   # cycles need not end with an epoch
+    assert col.cycle_steps == len(loader) // 2 and len(col) == 2
+    with pytest.raises(BadOptionError, match="at least 2 steps per cycle") as info:
+        fge_train(net, [(torch.zeros(1, 1, 8, 8), torch.zeros(1, dtype=torch.long))], cycles=1, epochs=1)
+    assert info.value.option == "--epochs"
