@@ -24,7 +24,9 @@ def _click_error(e: MCEnsembleError, ctx: click.Context) -> click.ClickException
         if e.option and e.option.startswith("--") and e.option not in str(e):
             return click.BadParameter(str(e), ctx=ctx, param_hint=e.option)
         return click.UsageError(str(e), ctx=ctx)
-    return click.ClickException(str(e))
+    exc = click.ClickException(str(e))
+    exc.exit_code = getattr(e, "exit_code", 1)  # an interrupted fit: 130 (SIGINT) / 143 (SIGTERM)
+    return exc
 
 
 class _Command(click.Command):
@@ -133,12 +135,31 @@ def _data_opts(kw: dict, *, default_data: str | None = None):
     if threads:
         import torch
         torch.set_num_threads(threads)
+    device = kw.pop("device")
+    ctx = click.get_current_context(silent=True)
+    if ctx is not None:  # under torchrun: join the process group until the command ends (else a no-op)
+        from .distributed import session
+        device = ctx.with_resource(session(device))
     return DataOptions(data=kw.pop("data") or default_data, val_data=kw.pop("val_data"),
-                       batch_size=kw.pop("batch_size"), seed=kw.pop("seed"), device=kw.pop("device"))
+                       batch_size=kw.pop("batch_size"), seed=kw.pop("seed"), device=device)
+
+
+def _is_main() -> bool:
+    """Rank 0 of several processes (torchrun), or the only process: the one that writes files."""
+    from .distributed import is_main
+    return is_main()
+
+
+def _no_demo_under_torchrun() -> None:
+    from .distributed import world_size
+    if world_size() > 1:
+        raise click.UsageError("the built-in demo runs in one process: under torchrun give checkpoints A B ...")
 
 
 def _write_json(obj: Any, dest: str) -> None:
     from ._io import atomic_path
+    if not _is_main():
+        return
     with atomic_path(dest) as tmp:
         tmp.write_text(json.dumps(obj, indent=2, default=_json_default))
 
@@ -231,6 +252,7 @@ def scan(checkpoints: tuple[str, ...], path_file: str | None, points: int, plane
         _finish_scan(rep, report, plot, title=f"{rep['method']} path")
         return
     if not checkpoints:
+        _no_demo_under_torchrun()
         out = fresh_run_dir(prefix="scan")
         click.echo(f"No checkpoints given: training two small CNNs on the built-in digits into {out}/", err=True)
         checkpoints = tuple(str(p) for p in train_default_endpoints(out, seed=data.seed))
@@ -251,7 +273,7 @@ def _finish_scan(rep: dict[str, Any], report: str | None, plot: str | None, *, t
     if report:
         _write_json(rep, report)
         click.echo(f"report: {report}")
-    if plot:
+    if plot and _is_main():
         from .plot import plot_scan
         plot_scan(rep, plot, title=title)
         click.echo(f"plot: {plot}")
@@ -309,10 +331,24 @@ def _apply_recipe(ctx: click.Context, kw: dict[str, Any], recipe: str | None) ->
 @click.option("--soup", metavar="FILE.safetensors", help="Write the members' weight average (BN re-estimated).")
 @click.option("--report", metavar="FILE.json", help="Write the build report as JSON.")
 @click.option("--plot", metavar="FILE.png", help="Write loss and error along t, straight line against the path.")
+@click.option("--from-run", multiple=True, metavar="DIR",
+              help="A timm training output folder; its best checkpoints (by recorded metric) join the list. Repeatable.")
+@click.option("--top-k", type=click.IntRange(min=1), default=None,
+              help="Checkpoints taken per --from-run folder (default: 1 each with several folders, all with one).")
+@click.option("--metric-mode", type=click.Choice(["max", "min"]), default="max", show_default=True,
+              help="Whether a higher (max) or lower (min) recorded metric is better for --from-run.")
+@click.option("--checkpoint-dir", metavar="DIR",
+              help="Save the curve fits' state here (each epoch, every --checkpoint-every steps, on Ctrl-C / SIGTERM).")
+@click.option("--checkpoint-every", type=click.IntRange(min=1), default=None, metavar="N",
+              help="Also save the curve fit every N steps.")
+@click.option("--resume", is_flag=True, help="Continue the curve fits saved in --checkpoint-dir.")
 @click.option("--recipe", metavar="FILE.yaml", help="Read options from a YAML recipe; flags on the command line win.")
 @click.pass_context
 def build(ctx: click.Context, **kw: Any) -> None:
     """Connect checkpoints A B [C ...] by low-loss paths and sample an ensemble along them.
+
+    --method fge takes ONE checkpoint and trains it further with a cyclical learning rate,
+    keeping a snapshot per cycle (fast geometric ensembling).
 
     With no checkpoints and no recipe, runs the embedded default: trains two small CNNs on
     the built-in digits, fits a Bezier curve between them, and writes the ensemble, report
@@ -321,22 +357,34 @@ def build(ctx: click.Context, **kw: Any) -> None:
     from .pipeline import BuildOptions, build_ensemble, fresh_run_dir, train_default_endpoints
     from .recipes import DEFAULT_RECIPE
     recipe = kw.pop("recipe")
-    if not kw["checkpoints"] and recipe is None:
+    if not kw["checkpoints"] and not kw["from_run"] and recipe is None:
         recipe = str(DEFAULT_RECIPE)
     extra = _apply_recipe(ctx, kw, recipe)
     checkpoints = kw.pop("checkpoints")
+    from_run, top_k, metric_mode = kw.pop("from_run"), kw.pop("top_k"), kw.pop("metric_mode")
+    if from_run:
+        from .runs import checkpoints_from_runs
+        picked = checkpoints_from_runs(list(from_run), top_k=top_k, metric_mode=metric_mode)
+        click.echo("from runs: " + ", ".join(str(p) for p in picked), err=True)
+        checkpoints = (*checkpoints, *(str(p) for p in picked))
     out, path_out, soup, report, plot = (kw.pop(k) for k in ("out", "path_out", "soup", "report", "plot"))
-    opts = BuildOptions(**{k: kw.pop(k) for k in ("members", "selection", "candidates", "strategy", *_PATH_KEYS)})
+    if kw["resume"] and not kw["checkpoint_dir"]:
+        raise click.UsageError("--resume needs --checkpoint-dir DIR (where the fit was saved)")
+    opts = BuildOptions(**{k: kw.pop(k) for k in ("members", "selection", "candidates", "strategy", *_PATH_KEYS,
+                                                  "checkpoint_dir", "checkpoint_every", "resume")})
     model, data = _model_opts(kw), _data_opts(kw, default_data="digits")
     if not checkpoints:
+        _no_demo_under_torchrun()
         if "endpoints" not in extra:
             raise click.UsageError("give checkpoints A B [...] (or a recipe with an 'endpoints' section)")
         run = fresh_run_dir(prefix="build")
         click.echo(f"Training {extra['endpoints'].get('n', 2)} endpoint models into {run}/", err=True)
         checkpoints = tuple(str(p) for p in train_default_endpoints(run, seed=data.seed, **extra["endpoints"]))
-        out, report, plot = (out or str(run / "ensemble.safetensors"), report or str(run / "report.json"),
-                             plot or str(run / "path.png"))
-        path_out = path_out or str(run / "path.safetensors")
+        out, report = out or str(run / "ensemble.safetensors"), report or str(run / "report.json")
+        if opts.method != "fge":
+            plot, path_out = plot or str(run / "path.png"), path_out or str(run / "path.safetensors")
+    if opts.method == "fge" and (plot or path_out):
+        raise click.UsageError("--method fge makes no path: --plot and --path-out do not apply")
     res = build_ensemble(checkpoints, model=model, data=data, opts=opts, out=out, path_out=path_out, soup=soup)
     rep = res.report
     _echo_build_table(rep)
@@ -346,7 +394,7 @@ def build(ctx: click.Context, **kw: Any) -> None:
     if report:
         _write_json(rep, report)
         click.echo(f"report: {report}")
-    if plot:
+    if plot and _is_main():
         from .plot import plot_scan
         curves = {"straight line": {"points": rep["line"]["points"], "barrier": rep["line"]["barrier"]}}
         if opts.method != "linear":
@@ -358,6 +406,13 @@ def build(ctx: click.Context, **kw: Any) -> None:
 def _echo_build_table(rep: dict[str, Any]) -> None:
     split = "val" if "val" in rep["ensemble"] else "train"
     pre = "val_" if split == "val" else ""
+    if rep["method"] == "fge":
+        rows = [(name, _fmt(m["train"]["loss"]), _fmt(m["train"]["acc"]), _fmt(m[split]["nll"]), _fmt(m[split]["acc"]),
+                 _fmt(m[split]["ece"])) for name, m in (("start checkpoint", rep["start"]),
+                                                        (f"FGE ensemble ({len(rep['members'])} snapshots)",
+                                                         rep["ensemble"]))]
+        _echo_table(rows, ("", "train loss", "train acc", f"{split} nll", f"{split} acc", f"{split} ece"))
+        return
 
     def row(name: str, m: dict[str, Any]) -> tuple:
         return (name, _fmt(m["loss"]), _fmt(m["acc"]), _fmt(m.get(f"{pre}nll", m.get("nll"))),
@@ -429,6 +484,57 @@ def align(a: str, b: str, out: str, seed: int, report: str | None, **kw: Any) ->
     click.echo(f"aligned {b} to {a}: {rep['groups']} unit groups, {rep['moved']:.0%} of units moved, "
                f"{rep['iterations']} sweeps, objective {rep['objective_before']:.4g} -> {rep['objective_after']:.4g}")
     click.echo(f"wrote {out}")
+    if report:
+        _write_json(rep, report)
+        click.echo(f"report: {report}")
+
+
+# ---------------------------------------------------------------------------------------------
+# stability, pack
+
+
+@main.command()
+@click.argument("checkpoint", type=click.Path(path_type=str))
+@model_options
+@data_options
+@run_options
+@click.option("--search-steps", type=click.IntRange(min=0), default=48, show_default=True,
+              help="Swap trials per unit group when choosing the kept halves (0: importance ranking only).")
+@click.option("--report", metavar="FILE.json", help="Write eps and the per-depth losses as JSON.")
+def stability(checkpoint: str, search_steps: int, report: str | None, **kw: Any) -> None:
+    """Dropout stability of a checkpoint (Kuditipudi et al. 2019): for each depth k, the loss
+    increase when only a chosen half of every hidden unit group at depth >= k is kept
+    (outgoing weights doubled, BatchNorm statistics re-estimated); eps is the largest."""
+    from .pipeline import stability_of_file
+    data = _data_opts(kw, default_data="digits")
+    rep = stability_of_file(checkpoint, model=_model_opts(kw), data=data, search_steps=search_steps)
+    rows = [(d["depth"], _fmt(d["loss"]), _fmt(d["increase"])) for d in rep["depths"]]
+    _echo_table(rows, ("depth >=", "loss", "increase"))
+    click.echo(f"base loss {rep['base_loss']:.4f}   eps {rep['eps']:.4f}")
+    if report:
+        _write_json(rep, report)
+        click.echo(f"report: {report}")
+
+
+@main.command()
+@click.argument("a", type=click.Path(path_type=str))
+@click.argument("b", type=click.Path(path_type=str))
+@model_options
+@data_options
+@run_options
+@click.option("--out", required=True, metavar="FILE.safetensors", help="Where to write the packed model.")
+@click.option("--report", metavar="FILE.json", help="Write the comparison as JSON.")
+def pack(a: str, b: str, out: str, report: str | None, **kw: Any) -> None:
+    """Pack two checkpoints into ONE model of the same architecture and size whose output is
+    the mean of the logits of their dropout halves: a 2-member ensemble at one model's cost,
+    loadable with load_state_dict or timm."""
+    from .pipeline import pack_files
+    data = _data_opts(kw, default_data="digits")
+    rep = pack_files(a, b, out, model=_model_opts(kw), data=data)
+    rows = [(name, _fmt(m["nll"]), _fmt(m["acc"]), _fmt(m["ece"])) for name, m in rep.items()
+            if isinstance(m, dict)]
+    _echo_table(rows, ("", f"{rep['split']} nll", f"{rep['split']} acc", f"{rep['split']} ece"))
+    click.echo(f"packed model: {out}")
     if report:
         _write_json(rep, report)
         click.echo(f"report: {report}")

@@ -289,7 +289,7 @@ class SnapshotCollector:
         self.info.append(record)
         if self.max_snapshots is not None and len(self.snapshots) > self.max_snapshots:
             del self.snapshots[0], self.info[0]
-        logger.info("snapshot %d taken (%s)", len(self.snapshots), record)
+        logger.debug("snapshot %d taken (%s)", len(self.snapshots), record)
         return record
 
     def __len__(self) -> int:

@@ -140,6 +140,8 @@ def _scan_report(path, net, train, val, data: DataOptions, points: int, *, plane
     result = scan(path, net, train, points=points, val_loader=val, bn_loader=train, device=data.device,
                   progress=data.progress)
     report = result.to_dict()
+    from .distributed import is_main, world_size
+    report["world_size"] = world_size()
     report["batchnorm"] = has_batchnorm(net)
     report["data"] = {"train": data.data, "val": data.val_data}
     if getattr(path, "certificate", None):
@@ -150,7 +152,8 @@ def _scan_report(path, net, train, val, data: DataOptions, points: int, *, plane
         from .plot import plot_plane
         res = scan_plane(path, net, train, bn_loader=train, resolution=plane_grid, device=data.device,
                          others={"linear": LinearPath(*path.endpoints)}, progress=data.progress)
-        plot_plane(res, plane, title=f"{path.kind} path: the plane through A, B and the bend")
+        if is_main():
+            plot_plane(res, plane, title=f"{path.kind} path: the plane through A, B and the bend")
         report["plane"] = {"file": str(plane), **res.to_dict()}
     return report
 
@@ -200,10 +203,12 @@ def fresh_run_dir(root: str | os.PathLike = "mcensemble-runs", *, prefix: str = 
 
 def train_default_endpoints(out_dir: str | os.PathLike, *, arch: str = "mce_digits_cnn", n: int = 2,
                             epochs: int = 15, seed: int = 0, data: str = "digits", batch_size: int = 64,
-                            progress: bool | None = None) -> list[_FsPath]:
+                            channel_dropout: float = 0.0, progress: bool | None = None) -> list[_FsPath]:
     """Train `n` small models on the built-in digits from different seeds; save them as safetensors.
 
     This is the embedded default's first step: it makes checkpoints like the ones users bring.
+    `channel_dropout`: p of `mcensemble.hooks.channel_dropout` during training (what makes
+    models dropout-stable).
     """
     from . import zoo  # noqa: F401  (registers the mce_* architectures with timm)
     from .checkpoints import save_checkpoint
@@ -216,10 +221,16 @@ def train_default_endpoints(out_dir: str | os.PathLike, *, arch: str = "mce_digi
         torch.manual_seed(seed + i)
         net = create_model(spec)
         loader = create_loader(data, split="train", batch_size=batch_size, shuffle=True, seed=seed + i, model=net)
-        train_model(net, loader, config=TrainConfig(epochs=epochs, seed=seed + i), progress=progress)
+        hook = None
+        if channel_dropout:
+            from .data import example_input
+            from .hooks import channel_dropout as _cd
+            hook = lambda m: _cd(m, channel_dropout, example_input=example_input(m, data=loader))  # noqa: E731
+        train_model(net, loader, config=TrainConfig(epochs=epochs, seed=seed + i), progress=progress, hook=hook)
         dest = _FsPath(out_dir) / f"endpoint{i}.safetensors"
         save_checkpoint(net.state_dict(), dest, metadata={"arch": arch, "num_classes": 10, "in_chans": 1,
-                                                           "seed": seed + i, "epochs": epochs, "data": data})
+                                                           "seed": seed + i, "epochs": epochs, "data": data,
+                                                           "channel_dropout": channel_dropout})
         files.append(dest)
     return files
 
@@ -315,6 +326,9 @@ class BuildOptions:
     strategy: str = "auto"
     align: bool = False
     repair: bool = False
+    checkpoint_dir: str | None = None  # curve fits save their state here (curve-<i>.safetensors)
+    checkpoint_every: int | None = None  # ... every N steps too (always at each epoch's end)
+    resume: bool = False  # continue the fits saved in checkpoint_dir
 
 
 def _linear_builder(net, a, b, *, opts: BuildOptions, data: DataOptions, fit_loader, bn_loader):
@@ -322,11 +336,13 @@ def _linear_builder(net, a, b, *, opts: BuildOptions, data: DataOptions, fit_loa
     return LinearPath(a, b)
 
 
-def _curve_builder(net, a, b, *, opts: BuildOptions, data: DataOptions, fit_loader, bn_loader):
+def _curve_builder(net, a, b, *, opts: BuildOptions, data: DataOptions, fit_loader, bn_loader, index: int = 0):
     from .paths.fit import CurveConfig, fit_curve
     cfg = CurveConfig(kind=opts.method, bends=opts.bends, epochs=opts.epochs, lr=opts.lr,
                       weight_decay=opts.weight_decay, seed=data.seed)
-    return fit_curve(net, a, b, fit_loader, config=cfg, device=data.device, progress=data.progress)
+    ck = None if opts.checkpoint_dir is None else os.path.join(opts.checkpoint_dir, f"curve-{index}.safetensors")
+    return fit_curve(net, a, b, fit_loader, config=cfg, device=data.device, progress=data.progress,
+                     checkpoint=ck, checkpoint_every=opts.checkpoint_every, resume=opts.resume)
 
 
 def _dropout_builder(net, a, b, *, opts: BuildOptions, data: DataOptions, fit_loader, bn_loader):
@@ -339,12 +355,17 @@ PATH_BUILDERS = {"linear": _linear_builder, "bezier": _curve_builder, "polychain
                  "dropout": _dropout_builder}
 
 
+#: methods that are not paths between checkpoints
+OTHER_METHODS = ("fge",)
+
+
 def _validate_build(opts: BuildOptions) -> None:
     import difflib
     if opts.method not in PATH_BUILDERS:
-        close = difflib.get_close_matches(opts.method, PATH_BUILDERS, n=1)
+        known = [*PATH_BUILDERS, *OTHER_METHODS]
+        close = difflib.get_close_matches(opts.method, known, n=1)
         hint = f" Did you mean {close[0]!r}?" if close else ""
-        raise BadOptionError(f"unknown method {opts.method!r}; choose one of {', '.join(PATH_BUILDERS)}.{hint}",
+        raise BadOptionError(f"unknown method {opts.method!r}; choose one of {', '.join(known)}.{hint}",
                              option="--method")
     if opts.members < 1:
         raise BadOptionError(f"--members must be at least 1, got {opts.members}", option="--members")
@@ -402,8 +423,9 @@ def connect(states: Sequence[dict], net: torch.nn.Module, *, opts: BuildOptions,
         fit_loader = create_loader(data.data, split="train", batch_size=data.batch_size, shuffle=True,
                                    seed=data.seed, model=net)
     builder = PATH_BUILDERS[opts.method]
-    paths = [builder(net, a, b, opts=opts, data=data, fit_loader=fit_loader, bn_loader=bn_loader)
-             for a, b in zip(states[:-1], states[1:])]
+    paths = [builder(net, a, b, opts=opts, data=data, fit_loader=fit_loader, bn_loader=bn_loader,
+                     **({"index": i} if builder is _curve_builder else {}))
+             for i, (a, b) in enumerate(zip(states[:-1], states[1:]))]
     return paths, list(states), aligned
 
 
@@ -418,6 +440,8 @@ def build_ensemble(files: Sequence[str | os.PathLike], *, model: ModelOptions, d
     from ._io import sha256_file
     from .bn import has_batchnorm
     from .members import candidate_state, evaluate_candidates, select_greedy_nll, uniform_points
+    if opts.method == "fge":
+        return build_fge(files, model=model, data=data, opts=opts, out=out, soup=soup)
     _validate_build(opts)
     if path_out is not None and len(files) != 2:
         raise BadOptionError("--path-out needs exactly two checkpoints (one path)", option="--path-out")
@@ -488,12 +512,14 @@ def build_ensemble(files: Sequence[str | os.PathLike], *, model: ModelOptions, d
         report["aligned"] = aligned
     if getattr(paths[0], "certificate", None):
         report["certificates"] = [p.certificate for p in paths]
-    if out is not None:
+    from .distributed import is_main, world_size
+    report["world_size"] = world_size()
+    if out is not None and is_main():  # several processes: only rank 0 writes
         from .ensemble import save_ensemble
         save_ensemble(out, states, model_spec=spec, members=[c.info(kind) for c in members], sources=sources,
                       extra={"method": opts.method, "selection": report["selection"],
                              "bn_reestimated": report["bn_reestimated"], "n_paths": n_paths})
-    if path_out is not None:
+    if path_out is not None and is_main():
         paths[0].save(path_out, model_spec=spec, extra={"sources": sources})
     if soup is not None:
         report["soup"] = _write_soup(soup, states, net, train, val, cks[0], data)
@@ -560,11 +586,13 @@ def _write_soup(dest, states, net, train, val, ck, data: DataOptions) -> dict[st
     for k, v in states[0].items():
         avg[k] = (torch.stack([s[k] for s in states]).mean(0).to(v.dtype) if v.is_floating_point() else v.clone())
     net.load_state_dict(avg, strict=True)
-    update_bn(net, train, device=data.device)
+    update_bn(net, train, device=data.device, distributed=True)  # batches split over processes, if several
     md = {k: ck.metadata.get(k) for k in ("arch", "num_classes", "in_chans", "model_args")
           if ck.metadata.get(k) is not None}
     md["kind"] = "soup"
-    save_checkpoint({k: v.detach().cpu() for k, v in net.state_dict().items()}, dest, metadata=md)
+    from .distributed import is_main
+    if is_main():
+        save_checkpoint({k: v.detach().cpu() for k, v in net.state_dict().items()}, dest, metadata=md)
     res = {"file": str(dest), "train": evaluate(net, train, device=data.device, progress=False).to_dict()}
     if val is not None:
         res["val"] = evaluate(net, val, device=data.device, progress=False).to_dict()
@@ -612,3 +640,85 @@ def align_files(a_file: str | os.PathLike, b_file: str | os.PathLike, out: str |
                        "source": {"file": str(b_file), "sha256": b.metadata.get("sha256")}}
     save_checkpoint(res.state, out, metadata=md)
     return {"file": str(out), **info}
+
+
+def build_fge(files: Sequence[str | os.PathLike], *, model: ModelOptions, data: DataOptions, opts: BuildOptions,
+              out: str | os.PathLike | None = None, soup: str | os.PathLike | None = None) -> BuildResult:
+    """Fast geometric ensembling (Garipov et al. 2018) from ONE checkpoint: train it further
+    with a cyclical learning rate for `opts.epochs` epochs split into `opts.members` cycles,
+    one snapshot at each cycle's low point (`lr / 100`), BN re-estimated for each member."""
+    import time
+    from .checkpoints import load_checkpoint
+    from .data import create_loader
+    from .ensemble import EnsembleModel, save_ensemble
+    from .hooks import fge_train
+    if len(files) != 1:
+        raise BadOptionError(f"--method fge starts from one checkpoint, got {len(files)}", option="--method")
+    if opts.members < 1:
+        raise BadOptionError(f"--members must be at least 1, got {opts.members}", option="--members")
+    t0 = time.perf_counter()
+    ck = load_checkpoint(files[0], model=_model_arg(model), ema=model.ema)
+    net = ck.build_model().to(data.device)
+    train, val = _loaders(net, data)
+    start = _ens_metrics(EnsembleModel(net, [ck.state_dict], device=data.device), train, val, data.device)
+    loader = create_loader(data.data, split="train", batch_size=data.batch_size, shuffle=True, seed=data.seed,
+                           model=net)
+    col = fge_train(net, loader, cycles=opts.members, epochs=opts.epochs, lr_max=opts.lr,
+                    weight_decay=opts.weight_decay, device=data.device, seed=data.seed, progress=data.progress)
+    states = col.member_states(bn_loader=train)
+    ens = EnsembleModel(net, states, strategy=opts.strategy, device=data.device)
+    members = [{"t": None, "kind": "snapshot", **{k: v for k, v in info.items() if k != "t"}} for info in col.info]
+    sources = [{"file": str(files[0]), "sha256": ck.metadata.get("sha256")}]
+    report: dict[str, Any] = {
+        "method": "fge", "selection": "all-snapshots", "checkpoints": [{"file": str(files[0]), **_describe(ck)}],
+        "data": {"train": data.data, "val": data.val_data}, "seed": data.seed,
+        "batchnorm": _has_bn(net), "bn_reestimated": _has_bn(net), "start": start, "members": members,
+        "ensemble": _ens_metrics(ens, train, val, data.device),
+        "fge": {"cycles": opts.members, "epochs": opts.epochs, "lr_max": opts.lr, "lr_min": opts.lr / 100},
+    }
+    if out is not None:
+        save_ensemble(out, states, model_spec=ck.model_spec, members=members, sources=sources,
+                      extra={"method": "fge", "selection": "all-snapshots", "bn_reestimated": report["bn_reestimated"]})
+    if soup is not None:
+        report["soup"] = _write_soup(soup, states, net, train, val, ck, data)
+    report["timings"] = {"total_s": time.perf_counter() - t0}
+    return BuildResult(paths=[], members=members, member_states=states, report=report, model_spec=ck.model_spec)
+
+
+def _has_bn(net) -> bool:
+    from .bn import has_batchnorm
+    return has_batchnorm(net)
+
+
+def stability_of_file(file: str | os.PathLike, *, model: ModelOptions, data: DataOptions,
+                      search_steps: int = 48) -> dict[str, Any]:
+    """`mcensemble stability`: eps of dropout stability, per depth, for one checkpoint."""
+    from .checkpoints import load_checkpoint
+    from .stability import dropout_stability
+    ck = load_checkpoint(file, model=_model_arg(model), ema=model.ema)
+    net = ck.build_model().to(data.device)
+    train, _ = _loaders(net, DataOptions(data=data.data, batch_size=data.batch_size, seed=data.seed,
+                                         device=data.device))
+    res = dropout_stability(net, ck.state_dict, train, bn_loader=train, device=data.device,
+                            search_steps=search_steps, seed=data.seed, progress=data.progress)
+    return {"file": str(file), "data": data.data, **res.to_dict()}
+
+
+def pack_files(a_file: str | os.PathLike, b_file: str | os.PathLike, out: str | os.PathLike, *,
+               model: ModelOptions, data: DataOptions) -> dict[str, Any]:
+    """`mcensemble pack`: the packed pair (one model of A's architecture whose logits are the
+    mean of D_1(A)'s and D_1(B)'s), written as a plain checkpoint; quality against A, B and
+    their 2-member ensemble on the validation data (else the training data)."""
+    from .checkpoints import save_checkpoint
+    from .pack import pack_pair, pack_report
+    a, b = load_endpoints([a_file, b_file], model)
+    net = a.build_model().to(data.device)
+    train, val = _loaders(net, data)
+    packed = pack_pair(net, a.state_dict, b.state_dict, train, device=data.device, progress=data.progress)
+    md = {k: a.metadata.get(k) for k in ("arch", "num_classes", "in_chans", "model_args") if a.metadata.get(k) is not None}
+    md["kind"] = "packed-pair"
+    md["sources"] = [{"file": str(f), "sha256": ck.metadata.get("sha256")} for f, ck in ((a_file, a), (b_file, b))]
+    save_checkpoint(packed, out, metadata=md)
+    split = "val" if val is not None else "train"
+    return {"file": str(out), "split": split,
+            **pack_report(net, packed, a.state_dict, b.state_dict, val or train, device=data.device)}

@@ -90,3 +90,42 @@ def test_inspect_an_ensemble_and_a_path(mce_cli, mce_mlp_pair, tmp_path):
     assert "mcensemble-ensemble" in res.output and "members: 3" in res.output
     res = mce_cli("inspect", tmp_path / "p.safetensors")
     assert res.exit_code == 0 and "kind: linear" in res.output
+
+
+def test_stability_command_reports_eps_per_depth(mce_cli, mce_mlp_pair, tmp_path):
+    a, _ = mce_mlp_pair
+    res = mce_cli("stability", a, "--data", "digits,train=200", "--search-steps", "2", "--report", tmp_path / "s.json")
+    assert res.exit_code == 0, res.output
+    rep = json.loads((tmp_path / "s.json").read_text())
+    assert rep["eps"] == pytest.approx(max(d["increase"] for d in rep["depths"]))
+    assert [d["depth"] for d in rep["depths"]] == [1, 2]
+    assert f"eps {rep['eps']:.4f}" in res.output
+
+
+def test_pack_writes_one_plain_model_with_the_same_architecture(mce_cli, mce_cnn_pair, tmp_path):
+    a, b = mce_cnn_pair
+    out = tmp_path / "packed.safetensors"
+    res = mce_cli("pack", a, b, "--data", "digits,train=200", "--val-data", "digits", "--out", out,
+                  "--report", tmp_path / "p.json")
+    assert res.exit_code == 0, res.output
+    rep = json.loads((tmp_path / "p.json").read_text())
+    assert set(rep) >= {"packed", "A", "B", "ensemble"} and rep["split"] == "val"
+    packed = load_checkpoint(out)
+    original = load_checkpoint(a)
+    assert {k: v.shape for k, v in packed.state_dict.items()} == {k: v.shape for k, v in original.state_dict.items()}
+    packed.build_model()  # loads strictly into the timm architecture recorded in the file
+
+
+def test_fge_from_one_checkpoint(mce_cli, mce_mlp_pair, tmp_path):
+    a, _ = mce_mlp_pair
+    out = tmp_path / "fge.safetensors"
+    res = mce_cli("build", a, "--method", "fge", "--members", "2", "--epochs", "2", "--data", "digits,train=256",
+                  "--batch-size", "64", "--out", out, "--report", tmp_path / "r.json")
+    assert res.exit_code == 0, res.output
+    rep = json.loads((tmp_path / "r.json").read_text())
+    assert rep["method"] == "fge" and len(rep["members"]) == 2
+    assert all(m["kind"] == "snapshot" for m in mcensemble.load(out).metadata["members"])
+    res = mce_cli("build", a, "--method", "fge", "--data", "digits", "--plot", tmp_path / "x.png")
+    assert res.exit_code == 2 and "no path" in res.output and not (tmp_path / "x.png").exists()
+    res = mce_cli("build", *mce_mlp_pair, "--method", "fge", "--data", "digits", "--out", tmp_path / "y.safetensors")
+    assert res.exit_code == 2 and "one checkpoint" in res.output and not (tmp_path / "y.safetensors").exists()

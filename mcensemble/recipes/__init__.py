@@ -3,7 +3,8 @@
 Keys are option names with dashes or underscores (`val-data` or `val_data`); values are what
 you would type after the flag (lists for repeated arguments such as `checkpoints`). Flags on
 the command line win over the file. An `endpoints:` section (used by the embedded default)
-trains the checkpoints first: `arch`, `n`, `epochs`, `data`, `batch_size`.
+trains the checkpoints first: `arch`, `n`, `epochs`, `data`, `batch_size`,
+`channel_dropout` (p of `mcensemble.hooks.channel_dropout` while they train).
 Parsed with `yaml.safe_load`; an unknown key is an error naming it and the nearest valid key.
 """
 from __future__ import annotations
@@ -20,7 +21,7 @@ __all__ = ["DEFAULT_RECIPE", "load_recipe", "SECTIONS"]
 DEFAULT_RECIPE = Path(__file__).with_name("default.yaml")
 
 #: Recipe sections that are not CLI options -> their valid keys.
-SECTIONS = {"endpoints": ("arch", "n", "epochs", "data", "batch_size")}
+SECTIONS = {"endpoints": ("arch", "n", "epochs", "data", "batch_size", "channel_dropout")}
 
 
 def _norm(key: Any) -> str:

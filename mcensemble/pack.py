@@ -1,0 +1,77 @@
+"""The packed pair: two dropout networks in the body of one.
+
+The midpoint of step 3 of the dropout-stable path (`mcensemble.paths.dropout`): D_1(A)
+lives in half of every hidden group's units, D_1(B) in the free half, and the
+classifier reads both with half weight. It is one state dict of the original
+architecture and size whose logits are the mean of D_1(A)'s and D_1(B)'s logits (a
+two-member logit-averaging ensemble at the cost of one model), loadable with
+`load_state_dict` or timm like any checkpoint of the architecture.
+"""
+from __future__ import annotations
+
+import copy
+from typing import Any, Iterable, Mapping
+
+import torch
+import torch.nn as nn
+import torch.nn.functional as F
+
+from .evaluate import expected_calibration_error
+from .paths.dropout import mix_states, prepare
+from .train import split_batch
+
+__all__ = ["pack_pair", "pack_report"]
+
+
+def pack_pair(model: nn.Module, a: Mapping[str, torch.Tensor], b: Mapping[str, torch.Tensor],
+              loader: Iterable[Any], *, graph=None, stability_a=None, stability_b=None,
+              device="cpu", progress: bool | None = None,
+              search_steps: int = 48) -> dict[str, torch.Tensor]:
+    """One state dict of `model`'s architecture computing (D_1(A) + D_1(B)) / 2 in logit
+    space. `loader` (training data) chooses the kept halves (unless `stability_a` /
+    `stability_b` are given) and re-estimates BatchNorm statistics of the dropout networks.
+    Unsupported graphs raise `DropoutPathError` (layered networks only)."""
+    _, con, side_a, side_b = prepare(model, a, b, loader, graph=graph, stability_a=stability_a,
+                                     stability_b=stability_b, device=device, progress=progress,
+                                     search_steps=search_steps)
+    tr, pa = con.forward(side_a)
+    pb = [side_b.slots(j, j % 2) for j in range(len(con.chain))]  # where B's chain ends
+    con.cross(tr, side_a, side_b, pa, pb)
+    before, after = tr.vertices[-2], tr.vertices[-1]
+    return mix_states(before, after, 0.5)
+
+
+def _logits(model: nn.Module, state: Mapping[str, torch.Tensor], x: torch.Tensor) -> torch.Tensor:
+    model.load_state_dict(state)
+    out = model(x)
+    return (out[0] if isinstance(out, (tuple, list)) else out).float()
+
+
+def _metrics(logp: torch.Tensor, y: torch.Tensor) -> dict[str, float]:
+    nll = float(F.nll_loss(logp, y))
+    return {"acc": float((logp.argmax(1) == y).float().mean()), "nll": nll,
+            "ece": expected_calibration_error(logp.exp(), y), "n": int(y.numel())}
+
+
+@torch.no_grad()
+def pack_report(model: nn.Module, packed: Mapping[str, torch.Tensor], a: Mapping[str, torch.Tensor],
+                b: Mapping[str, torch.Tensor], loader: Iterable[Any], *,
+                device="cpu") -> dict[str, dict[str, float]]:
+    """Accuracy / NLL / ECE on `loader` of the packed model, A, B, and the 2-member
+    ensemble of A and B (mean probability): `{"packed": {...}, "A": ..., "B": ...,
+    "ensemble": ...}`. Models are evaluated in eval mode with their stored statistics."""
+    work = copy.deepcopy(model).to(device).eval()
+    outs: dict[str, list[torch.Tensor]] = {k: [] for k in ("packed", "A", "B", "ensemble")}
+    ys = []
+    for batch in loader:
+        x, y = split_batch(batch)
+        x = x.to(device)
+        la = F.log_softmax(_logits(work, a, x), 1)
+        lb = F.log_softmax(_logits(work, b, x), 1)
+        outs["A"].append(la.cpu())
+        outs["B"].append(lb.cpu())
+        outs["packed"].append(F.log_softmax(_logits(work, packed, x), 1).cpu())
+        outs["ensemble"].append((torch.logaddexp(la, lb) - torch.log(torch.tensor(2.0))).cpu())
+        ys.append(y.long().cpu())
+    y = torch.cat(ys)
+    return {k: _metrics(torch.cat(v), y) for k, v in outs.items()}

@@ -1,0 +1,648 @@
+"""The dropout-stable path (Kuditipudi et al. 2019, Theorem 1), built without training.
+
+A piecewise-linear path from A to B whose segments are of three kinds only:
+
+- ``classifier`` (a): only the classifier's tensors change; logits are linear in them
+  and the loss is convex in the logits, so on any fixed data the loss along the segment
+  is at most the larger of its two ends;
+- ``inactive`` (b): only the rows (producer / bn roles) of *dead* units change -- units
+  that no live consumer reads with a nonzero weight and the classifier does not read --
+  so the network's output does not change;
+- ``switch``: a live consumer moves its weights between two exact copies of the same
+  units (identical rows), so the output does not change.
+
+Hence the loss at every point is at most the largest vertex loss (`certificate
+["max_loss"]`), and every vertex computes A, B, or some D_k (dropout network) of one of
+them, so that is at most max(L(A), L(B)) + eps. Construction (D_k = dropout at every
+hidden depth >= k, d = top depth, "chain" = the live copy of the dropped-out layers):
+
+1. A -> D_d(A): classifier only.
+2. k = d-1 .. 1: write a copy of D_k(A)'s units at depths > k into the free slots (the
+   copy at depth k+1 reads A's kept half at depth k; above, copies read copies); switch
+   the classifier onto it. Free slots alternate between the kept half and its image in
+   the dropped half, so a group of n units needs 2 * (n // 2) <= n slots.
+3. Write D_1(B) into D_1(A)'s free slots, each unit straight into the slot it has at the
+   end of B's own construction (E_B) when that slot is free; switch the classifier from
+   A's chain to B's (the midpoint is the packed pair, `mcensemble.pack`).
+4. Relocate B's units, from the bottom depth up: copy each unit that is not yet in its E_B
+   slot there (its target is in A's old chain, dead now; no unit ever needs parking),
+   switch the consumers between the exact copies, then give every dead slot of the depth
+   its E_B values. The result equals E_B bit for bit (checked).
+5. B's steps 2 and 1 backwards, ending at B.
+
+BatchNorm networks: copies are new units; their statistics are those of D_k of the
+network they belong to (`stability.dropout_network`). Supported graphs: layered networks
+(one unit group per depth, each read only by the next layer, the top one only by the
+classifier: MLPs, VGG-style CNNs with BN and Flatten). Others raise `DropoutPathError`.
+
+File: endpoints `endpoint.0` / `endpoint.1`; vertex i (1 <= i <= n-2) stored as the rows
+that changed from vertex i-1: group `delta.<i>` with `R:<name>` (row indices along dim 0)
+and `V:<name>` (those rows), or `F:<name>` (the whole tensor).
+"""
+from __future__ import annotations
+
+import logging
+import sys
+import time
+from typing import Any, Iterable, Mapping
+
+import torch
+import torch.nn as nn
+from tqdm import tqdm
+
+from ..errors import MCEnsembleError
+from ..units import AxisRef, UnitGraph, UnitGroup
+from .base import Path, StateDict, check_same_layout, register_path
+
+__all__ = ["DropoutPath", "DropoutPathError", "build_dropout_path", "layered_chain", "prepare",
+           "mix_states", "verify_segments"]
+
+log = logging.getLogger(__name__)
+_ROW_ROLES = ("producer", "bn", "depthwise")
+
+
+class DropoutPathError(MCEnsembleError, ValueError):
+    """The dropout-stable path cannot be built for this network (unsupported unit graph)."""
+
+
+# ----------------------------------------------------------------------------- graph
+def layered_chain(graph: UnitGraph, state: Mapping[str, torch.Tensor]) -> list[UnitGroup]:
+    """The groups of a layered network, by depth 1..d; `DropoutPathError` naming the group
+    and the reason when the graph is not one (residual streams, branches, concatenations)."""
+    if not graph.groups:
+        raise DropoutPathError("the network has no hidden unit groups: nothing to drop out")
+    if not graph.classifier:
+        raise DropoutPathError("the unit graph names no classifier tensors")
+    chain: list[UnitGroup] = []
+    for k, depth in enumerate(graph.depths, start=1):
+        at = graph.at_depth(depth)
+        if depth != k or len(at) != 1:
+            names = ", ".join(g.name for g in at)
+            raise DropoutPathError(
+                f"unit group(s) {names} at depth {depth}: the dropout-stable path supports "
+                "layered networks only (one unit group per depth, each read by the next layer); "
+                "residual streams, branches and concatenations are not supported yet")
+        chain.append(at[0])
+    rows = [{r.tensor for r in g.refs(*_ROW_ROLES)} for g in chain]
+    for j, g in enumerate(chain):
+        reader = rows[j + 1] if j + 1 < len(chain) else set(graph.classifier)
+        what = f"layer {chain[j + 1].name!r}" if j + 1 < len(chain) else "the classifier"
+        for r in g.refs("consumer"):
+            if r.tensor not in reader:
+                raise DropoutPathError(
+                    f"unit group {g.name!r} is read by {r.module!r}, not only by {what}: a "
+                    "skip connection or branch; only layered networks are supported")
+        if not g.refs("producer") or not g.refs("consumer"):
+            raise DropoutPathError(f"unit group {g.name!r} has no producing or no consuming "
+                                   "layer in the unit graph")
+        if g.size < 2:
+            raise DropoutPathError(f"unit group {g.name!r} has {g.size} unit; half of it "
+                                   "cannot be kept")
+    covered = set().union(*rows) | set(graph.classifier)
+    for name, t in state.items():
+        if t.is_floating_point() and name not in covered:
+            raise DropoutPathError(
+                f"tensor {name!r} belongs to no unit group's layer and is not the classifier; "
+                "the dropout-stable path cannot move it (only layered networks are supported)")
+    if set(graph.classifier) & set().union(*rows):
+        raise DropoutPathError("the classifier shares tensors with a hidden layer")
+    return chain
+
+
+def _check_norms(model: nn.Module, chain: list[UnitGroup]) -> None:
+    """Norms that mix units (LayerNorm over channels, GroupNorm with fewer groups than
+    channels) let dead units change live ones: refused."""
+    mods = dict(model.named_modules())
+    for g in chain:
+        for r in g.refs("bn"):
+            m = mods.get(r.module)
+            if isinstance(m, nn.LayerNorm) or (isinstance(m, nn.GroupNorm) and
+                                               m.num_groups != m.num_channels):
+                raise DropoutPathError(
+                    f"unit group {g.name!r} is normalised by {r.module!r} "
+                    f"({type(m).__name__}), which mixes the units' statistics: copies and "
+                    "dead units would change the live ones; not supported")
+
+
+def _row_ref(g: UnitGroup, tensor: str) -> AxisRef:
+    return next(r for r in g.refs(*_ROW_ROLES) if r.tensor == tensor)
+
+
+# ----------------------------------------------------------------------------- editing
+class _Track:
+    """The current state and the vertices emitted so far (unchanged tensors shared)."""
+
+    def __init__(self, start: Mapping[str, torch.Tensor]):
+        self.state: StateDict = dict(start)
+        self.vertices: list[StateDict] = [dict(start)]
+        self.kinds: list[dict[str, Any]] = []
+        self._owned: set[str] = set()
+
+    def w(self, name: str) -> torch.Tensor:
+        """Tensor `name` of the current state, writable (copied on first write)."""
+        if name not in self._owned:
+            self.state[name] = self.state[name].clone()
+            self._owned.add(name)
+        return self.state[name]
+
+    def emit(self, kind: str, note: str) -> None:
+        prev = self.vertices[-1]
+        changed = [n for n in self._owned if not _same(prev[n], self.state[n])]
+        for n in self._owned - set(changed):
+            self.state[n] = prev[n]
+        self._owned = set()
+        if changed:
+            self.vertices.append(dict(self.state))
+            self.kinds.append({"kind": kind, "step": note})
+
+
+def _same(a: torch.Tensor, b: torch.Tensor) -> bool:
+    return a is b or (a.shape == b.shape and a.dtype == b.dtype and torch.equal(_bytes(a), _bytes(b)))
+
+
+def _bytes(t: torch.Tensor) -> torch.Tensor:
+    t = t.detach().contiguous()
+    return t.reshape(-1).view(torch.uint8) if t.numel() else t.reshape(-1).to(torch.uint8)
+
+
+def _copy_rows(tr: _Track, src: Mapping[str, torch.Tensor], g: UnitGroup,
+               units: list[int], slots: list[int]) -> None:
+    """Rows (producer / bn roles) of `src`'s `units` into the current state's `slots`."""
+    if not units:
+        return
+    for r in g.refs(*_ROW_ROLES):
+        val = src[r.tensor].index_select(r.axis, r.indices(units))
+        tr.w(r.tensor).index_copy_(r.axis, r.indices(slots), val)
+
+
+def _remap_cols(tr: _Track, src: Mapping[str, torch.Tensor], below: UnitGroup, g: UnitGroup | None,
+                units: list[int], slots: list[int], cmap: Mapping[int, int]) -> None:
+    """In the rows `slots` of `g` (all rows of the classifier when `g` is None), the
+    columns of group `below`: zero, then `src`'s columns of unit v (rows `units`) at the
+    columns of slot cmap[v]."""
+    vs = sorted(cmap)
+    ps = [cmap[v] for v in vs]
+    for c in below.refs("consumer"):
+        full = torch.arange(c.offset, c.offset + below.size * c.block)
+        if g is None:
+            dst = tr.w(c.tensor).movedim(c.axis, 0)
+            dst[full] = 0
+            dst[c.indices(ps)] = src[c.tensor].movedim(c.axis, 0)[c.indices(vs)]
+            continue
+        r = _row_ref(g, c.tensor)
+        rd, rs = r.indices(slots)[:, None], r.indices(units)[:, None]
+        dst = tr.w(c.tensor).movedim((r.axis, c.axis), (0, 1))
+        dst[rd, full[None, :]] = 0
+        dst[rd, c.indices(ps)[None, :]] = src[c.tensor].movedim((r.axis, c.axis), (0, 1))[
+            rs, c.indices(vs)[None, :]]
+
+
+def _set_classifier(tr: _Track, src: Mapping[str, torch.Tensor], graph: UnitGraph,
+                    top: UnitGroup, cmap: Mapping[int, int]) -> None:
+    """The classifier of `src` reading top unit v from slot cmap[v] (zero elsewhere)."""
+    cols = {c.tensor for c in top.refs("consumer")}
+    for name in graph.classifier:
+        if name not in cols:
+            tr.w(name).copy_(src[name])
+    _remap_cols(tr, src, top, None, [], [], cmap)
+
+
+# ----------------------------------------------------------------------------- construction
+class _Side:
+    """One endpoint: its state, kept halves per depth, and its D_k states (cached)."""
+
+    def __init__(self, name: str, state: StateDict, stab, chain: list[UnitGroup]):
+        self.name, self.state, self.stab = name, state, stab
+        self.kept = [list(stab.kept[g.name]) for g in chain]
+        self.free = [sorted(set(range(g.size)) - set(k)) for g, k in zip(chain, self.kept)]
+        self._dk: dict[int, StateDict] = {}
+
+    def slots(self, j: int, parity: int) -> dict[int, int]:
+        """Slot of each kept unit of depth index j (0-based): itself, or its image in the
+        dropped half."""
+        if parity == 0:
+            return {u: u for u in self.kept[j]}
+        return dict(zip(self.kept[j], self.free[j]))
+
+
+class _Construction:
+    def __init__(self, work: nn.Module, graph: UnitGraph, chain: list[UnitGroup], bn_loader,
+                 device):
+        self.work, self.graph, self.chain = work, graph, chain
+        self.bn_loader, self.device = bn_loader, device
+
+    def dk(self, side: _Side, k: int) -> StateDict:
+        """D_k of a side (k is a 1-based depth), BN statistics as stability measured them."""
+        if k not in side._dk:
+            from ..stability import dropout_network, dropout_state
+            stats = side.stab.bn_stats.get(self.chain[k - 1].depth)
+            if stats is not None or self.bn_loader is None:
+                sd = dropout_state(side.state, self.graph, side.stab.kept, self.chain[k - 1].depth)
+                sd.update(stats or {})
+            else:
+                sd, _ = dropout_network(self.work, side.state, self.graph, side.stab.kept,
+                                        self.chain[k - 1].depth, bn_loader=self.bn_loader,
+                                        device=self.device)
+            side._dk[k] = sd
+        return side._dk[k]
+
+    def write_chain(self, tr: _Track, side: _Side, k: int, lo: int,
+                    place: list[dict[int, int] | None]) -> None:
+        """Rows of D_k(side)'s kept units at depths lo..d (1-based) into slots `place`;
+        each reads the units below at place[j-1] (A's own slots for j-1 = k)."""
+        src = self.dk(side, k)
+        for j in range(lo - 1, len(self.chain)):
+            g, units = self.chain[j], side.kept[j]
+            slots = [place[j][u] for u in units]
+            _copy_rows(tr, src, g, units, slots)
+            if j > 0:
+                _remap_cols(tr, src, self.chain[j - 1], g, units, slots, place[j - 1])
+
+    def forward(self, side: _Side) -> tuple[_Track, list[dict[int, int]]]:
+        """Steps 1-2 from `side`'s endpoint to D_1(side); returns the track and where the
+        final chain sits (depth index -> unit -> slot)."""
+        d = len(self.chain)
+        tr = _Track(side.state)
+        top = self.chain[-1]
+        place = [side.slots(j, 0) for j in range(d)]
+        _set_classifier(tr, self.dk(side, d), self.graph, top, place[-1])
+        tr.emit("classifier", f"{side.name} -> D_{d}({side.name})")
+        for k in range(d - 1, 0, -1):
+            new = [side.slots(j, 0) if j < k else side.slots(j, (j + 1 - k) % 2)
+                   for j in range(d)]
+            self.write_chain(tr, side, k, k + 1, new)
+            tr.emit("inactive", f"copy of D_{k}({side.name}) into free slots")
+            _set_classifier(tr, self.dk(side, k), self.graph, top, new[-1])
+            tr.emit("classifier", f"classifier onto D_{k}({side.name})")
+            place = new
+        return tr, place
+
+    def cross(self, tr: _Track, a: _Side, b: _Side, pa: list[dict[int, int]],
+              pb: list[dict[int, int]]) -> list[dict[int, int]]:
+        """Step 3: D_1(B) into D_1(A)'s free slots, classifier switched from A to B.
+        Returns where B's units sit (each in its E_B slot when that was free)."""
+        q = []
+        for j, g in enumerate(self.chain):
+            live_a = set(pa[j].values())
+            free = [s for s in range(g.size) if s not in live_a]
+            qj = {u: t for u, t in pb[j].items() if t not in live_a}
+            rest = [s for s in free if s not in set(qj.values()) and s not in set(pb[j].values())]
+            for u in b.kept[j]:
+                if u not in qj:
+                    qj[u] = rest.pop(0)
+            q.append(qj)
+        self.write_chain(tr, b, 1, 1, q)
+        tr.emit("inactive", "copy of D_1(B) into D_1(A)'s free slots")
+        _set_classifier(tr, self.dk(b, 1), self.graph, self.chain[-1], q[-1])
+        for name, t in b.state.items():
+            if not t.is_floating_point():
+                tr.w(name).copy_(t)
+        tr.emit("classifier", "classifier from D_1(A) to D_1(B)")
+        return q
+
+    def relocate(self, tr: _Track, q: list[dict[int, int]], pb: list[dict[int, int]],
+                 end: StateDict) -> None:
+        """Step 4: move B's units from `q` to their E_B slots `pb`, bottom depth first, then
+        give the dead slots their E_B values; the state ends equal to `end` (E_B)."""
+        d = len(self.chain)
+        for j, g in enumerate(self.chain):
+            moves = {u: (q[j][u], pb[j][u]) for u in q[j] if q[j][u] != pb[j][u]}
+            live = set(q[j].values())
+            if moves:
+                if any(t in live for _, t in moves.values()):  # never happens: see cross()
+                    raise RuntimeError("internal error: relocation target is occupied")
+                snap = dict(tr.state)
+                _copy_rows(tr, snap, g, [s for s, _ in moves.values()],
+                           [t for _, t in moves.values()])
+                tr.emit("inactive", f"copy B's units of {g.name!r} to their final slots")
+                for c in g.refs("consumer"):
+                    v = tr.w(c.tensor).movedim(c.axis, 0)
+                    src = c.indices([s for s, _ in moves.values()])
+                    v[c.indices([t for _, t in moves.values()])] = v[src]
+                    v[src] = 0
+                what = "the classifier" if j == d - 1 else repr(self.chain[j + 1].name)
+                tr.emit("switch", f"{what} switched between copies of {g.name!r}")
+            targets = set(pb[j].values())
+            dead = [s for s in range(g.size) if s not in targets]
+            _copy_rows(tr, end, g, dead, dead)
+            tr.emit("inactive", f"dead slots of {g.name!r} set to their final values")
+        for name, t in end.items():
+            if not _same(tr.state[name], t):
+                raise RuntimeError(f"internal error: relocation does not end at D_1(B) "
+                                   f"(tensor {name!r} differs)")
+        tr.state = dict(end)
+        tr.vertices[-1] = end
+
+
+# ----------------------------------------------------------------------------- verification
+def _unit_nz(t: torch.Tensor, row: AxisRef | None, n_rows: int, col: AxisRef, n_cols: int) -> torch.Tensor:
+    """(n_rows, n_cols) bool: does unit row i read unit column s with a nonzero weight
+    (one row standing for the whole tensor when `row` is None: the classifier)."""
+    if row is None:
+        m = (t != 0).movedim(col.axis, 0)
+        m = m.reshape(m.shape[0], -1).any(1)[None, :]
+    else:
+        m = (t != 0).movedim((row.axis, col.axis), (0, 1))
+        m = m.reshape(m.shape[0], m.shape[1], -1).any(-1)[row.indices(range(n_rows))]
+        m = m.reshape(n_rows, row.block, -1).any(1)
+    m = m[:, col.indices(range(n_cols))]
+    return m.reshape(m.shape[0], n_cols, col.block).any(2)
+
+
+def _live(v: StateDict, graph: UnitGraph, chain: list[UnitGroup]) -> list[torch.Tensor]:
+    """Per depth, which slots are live (read, through live units, by the classifier)."""
+    d = len(chain)
+    live: list[torch.Tensor] = [torch.zeros(0, dtype=torch.bool)] * d
+    top = chain[-1]
+    live[-1] = torch.zeros(top.size, dtype=torch.bool)
+    for c in top.refs("consumer"):
+        live[-1] |= _unit_nz(v[c.tensor], None, 0, c, top.size).any(0)
+    for j in range(d - 2, -1, -1):
+        g, up = chain[j], chain[j + 1]
+        live[j] = torch.zeros(g.size, dtype=torch.bool)
+        for c in g.refs("consumer"):
+            nz = _unit_nz(v[c.tensor], _row_ref(up, c.tensor), up.size, c, g.size)
+            live[j] |= nz[live[j + 1]].any(0)
+    return live
+
+
+def _changed_units(va: StateDict, vb: StateDict, g: UnitGroup) -> set[int]:
+    out: set[int] = set()
+    for r in g.refs(*_ROW_ROLES):
+        x, y = va[r.tensor], vb[r.tensor]
+        if x is y or _same(x, y):
+            continue
+        diff = (x != y) | (x.signbit() != y.signbit()) if x.is_floating_point() else x != y
+        rows = diff.movedim(r.axis, 0).reshape(x.shape[r.axis], -1).any(1).nonzero().reshape(-1)
+        rows = rows[(rows >= r.offset) & (rows < r.offset + g.size * r.block)]
+        out |= {int(i) for i in (rows - r.offset) // r.block}
+    return out
+
+
+def _check_segment(va: StateDict, vb: StateDict, kind: str, graph: UnitGraph,
+                   chain: list[UnitGroup]) -> str | None:
+    """Why the segment va -> vb is not of its kind, or None when it is."""
+    changed = {k for k in va if va[k].is_floating_point() and not _same(va[k], vb[k])}
+    cls = set(graph.classifier)
+    if kind == "classifier":
+        return None if changed <= cls else f"changes {sorted(changed - cls)}"
+    if kind == "inactive":
+        if changed & cls:
+            return "changes the classifier"
+        la, lb = _live(va, graph, chain), _live(vb, graph, chain)
+        for j, g in enumerate(chain):
+            bad = [u for u in _changed_units(va, vb, g) if la[j][u] or lb[j][u]]
+            if bad:
+                return f"changes live units {bad[:5]} of {g.name!r}"
+        return None
+    return _check_switch(va, vb, changed, chain)
+
+
+def _copy_classes(v: StateDict, g: UnitGroup) -> tuple[torch.Tensor, int]:
+    """Class id per unit of `g`: units with identical rows (bit for bit) share one."""
+    key: dict[bytes, int] = {}
+    ids = []
+    for u in range(g.size):
+        parts = [_bytes(v[r.tensor].index_select(r.axis, r.indices([u]))) for r in g.refs(*_ROW_ROLES)]
+        ids.append(key.setdefault(bytes(torch.cat(parts).cpu().numpy()), len(key)))
+    return torch.tensor(ids), len(key)
+
+
+def _check_switch(va: StateDict, vb: StateDict, changed: set[str],
+                  chain: list[UnitGroup]) -> str | None:
+    """Only the consumer columns of one group change and every live consumer row keeps its
+    total weight on each class of exact copies (whose rows do not change); rows of dead
+    consumer units may change freely."""
+    for j, g in enumerate(chain):
+        cons = {c.tensor for c in g.refs("consumer")}
+        if not changed or not changed <= cons:
+            continue
+        if _changed_units(va, vb, g):
+            return f"changes rows of {g.name!r} while switching its consumers"
+        cls_of, n_cls = _copy_classes(va, g)
+        up = chain[j + 1] if j + 1 < len(chain) else None
+        if up is not None:
+            la, lb = _live(va, None, chain), _live(vb, None, chain)
+            live_up = (la[j + 1] | lb[j + 1]).nonzero().reshape(-1)
+        for c in g.refs("consumer"):
+            sums = []
+            for v in (va, vb):
+                if up is None:
+                    m = v[c.tensor].movedim(c.axis, 0)
+                else:
+                    r = _row_ref(up, c.tensor)
+                    m = v[c.tensor].movedim((c.axis, r.axis), (0, 1))[:, r.indices(live_up)]
+                m = m[c.indices(range(g.size))].double().reshape(g.size, c.block, -1)
+                sums.append(torch.zeros(n_cls, *m.shape[1:], dtype=m.dtype).index_add_(0, cls_of, m))
+            if not torch.allclose(sums[0], sums[1], rtol=1e-6, atol=1e-12):
+                return f"{c.tensor!r} does not move weight between exact copies of {g.name!r}"
+        return None
+    return f"changes {sorted(changed)}, not the consumers of one group"
+
+
+def verify_segments(vertices: list[StateDict], kinds: list[dict[str, Any]], graph: UnitGraph,
+                    chain: list[UnitGroup]) -> None:
+    """Check every segment is of its kind (classifier only / dead rows only / a move
+    between exact copies); RuntimeError naming the segment otherwise."""
+    for i, k in enumerate(kinds):
+        why = _check_segment(vertices[i], vertices[i + 1], k["kind"], graph, chain)
+        if why:
+            raise RuntimeError(f"internal error: segment {i} ({k['kind']}: {k['step']}) {why}")
+
+
+def _vertex_losses(work: nn.Module, vertices: list[StateDict], loader, device, progress) -> list[float]:
+    from ..evaluate import evaluate
+    out = []
+    for sd in tqdm(vertices, desc="dropout path vertices", leave=False, file=sys.stderr,
+                   disable=None if progress is None else not progress):
+        work.load_state_dict(sd)
+        out.append(evaluate(work, loader, device=device).loss)
+    return out
+
+
+def prepare(model: nn.Module, a: Mapping[str, torch.Tensor], b: Mapping[str, torch.Tensor],
+            loader: Iterable[Any], *, graph=None, stability_a=None, stability_b=None,
+            device="cpu", progress: bool | None = None, search_steps: int = 48):
+    """Shared set-up of `build_dropout_path` and `mcensemble.pack.pack_pair`: checks the
+    layout and the graph, measures stability where not given. Returns
+    `(work model, construction, side A, side B)`."""
+    import copy
+    from ..stability import check_kept, dropout_stability, graph_for
+
+    if loader is None:
+        from ..errors import BadOptionError
+        raise BadOptionError("the dropout-stable path needs training data (--data): it measures "
+                             "stability, re-estimates BatchNorm and certifies vertices on it",
+                             option="--data")
+    check_same_layout(a, b)
+    a = {k: v.detach().cpu() for k, v in a.items()}
+    b = {k: v.detach().cpu() for k, v in b.items()}
+    work = copy.deepcopy(model).to(device).eval()
+    graph = graph_for(work, loader, graph)
+    graph.validate(a)
+    chain = layered_chain(graph, a)
+    _check_norms(work, chain)
+    stab = []
+    for st, sd in ((stability_a, a), (stability_b, b)):
+        if st is None:
+            st = dropout_stability(work, sd, loader, graph=graph, device=device,
+                                   search_steps=search_steps, progress=progress)
+        else:
+            check_kept(graph, st.kept)
+        stab.append(st)
+    con = _Construction(work, graph, chain, loader, device)
+    return work, con, _Side("A", a, stab[0], chain), _Side("B", b, stab[1], chain)
+
+
+def build_dropout_path(model: nn.Module, a: Mapping[str, torch.Tensor], b: Mapping[str, torch.Tensor],
+                       loader: Iterable[Any], *, graph=None, stability_a=None, stability_b=None,
+                       device="cpu", progress: bool | None = None,
+                       search_steps: int = 48) -> "DropoutPath":
+    """The dropout-stable path from state dict `a` to `b` (module docstring), certified on
+    `loader` (also used for BatchNorm re-estimation and, unless `stability_a` /
+    `stability_b` (`StabilityResult`s measured on the same data) are given, for measuring
+    stability and choosing the kept halves). `model`: an nn.Module of the architecture
+    (not changed; a copy does the work). Unsupported graphs -> `DropoutPathError`."""
+    t0 = time.perf_counter()
+    work, con, side_a, side_b = prepare(model, a, b, loader, graph=graph, stability_a=stability_a,
+                                        stability_b=stability_b, device=device,
+                                        progress=progress, search_steps=search_steps)
+    tr, pa = con.forward(side_a)
+    trb, pb = con.forward(side_b)
+    q = con.cross(tr, side_a, side_b, pa, pb)
+    con.relocate(tr, q, pb, trb.vertices[-1])
+    vertices = tr.vertices + trb.vertices[-2::-1]
+    kinds = tr.kinds + trb.kinds[::-1]
+    verify_segments(vertices, kinds, con.graph, con.chain)
+    losses = _vertex_losses(work, vertices, loader, con.device, progress)
+    n = len(vertices)
+    ts = [i / (n - 1) for i in range(n)]
+    segments = [dict(k, t0=ts[i], t1=ts[i + 1]) for i, k in enumerate(kinds)]
+    stab = (side_a.stab, side_b.stab)
+    eps = max(float(s.eps) for s in stab)
+    cert = {"max_loss": max(losses), "eps": eps, "loss_a": losses[0], "loss_b": losses[-1],
+            "bound": max(losses[0], losses[-1]) + eps, "vertex_losses": losses,
+            "segments": segments, "stability": [s.to_dict() for s in stab]}
+    meta = {"construction_seconds": time.perf_counter() - t0,
+            "unit_groups": [g.name for g in con.chain]}
+    log.info("dropout path: %d segments, max vertex loss %.4f (A %.4f, B %.4f, eps %.4f)",
+             n - 1, cert["max_loss"], losses[0], losses[-1], eps)
+    return DropoutPath(vertices, certificate=cert, metadata=meta)
+
+
+def mix_states(va: Mapping[str, torch.Tensor], vb: Mapping[str, torch.Tensor], s: float) -> StateDict:
+    """`(1 - s) va + s vb` as the path interpolates a segment: entries equal at both ends
+    are kept bit for bit; non-floating tensors are va's for s < 0.5, else vb's."""
+    out: StateDict = {}
+    for k, x in va.items():
+        y = vb[k]
+        if x is y or not x.is_floating_point():
+            out[k] = (x if s < 0.5 or x is y else y).clone()
+            continue
+        half = x.dtype in (torch.float16, torch.bfloat16)
+        xa, xb = (x.float(), y.float()) if half else (x, y)
+        out[k] = torch.where(x == y, x, ((1.0 - s) * xa + s * xb).to(x.dtype))
+    return out
+
+
+# ----------------------------------------------------------------------------- the path
+def _encode(prev: StateDict, cur: StateDict) -> StateDict:
+    """The tensors of `cur` that differ from `prev`: changed rows (dim 0) when at most half
+    of them changed, else the whole tensor."""
+    out: StateDict = {}
+    for name, t in cur.items():
+        p = prev[name]
+        if t is p or _same(p, t):
+            continue
+        if t.dim() >= 1 and t.shape[0] > 1:
+            diff = (_bytes(p).reshape(t.shape[0], -1) != _bytes(t).reshape(t.shape[0], -1)).any(1)
+            rows = diff.nonzero().reshape(-1)
+            if 2 * len(rows) <= t.shape[0]:
+                out[f"R:{name}"] = rows
+                out[f"V:{name}"] = t[rows].contiguous()
+                continue
+        out[f"F:{name}"] = t
+    return out
+
+
+def _decode(prev: StateDict, delta: Mapping[str, torch.Tensor]) -> StateDict:
+    cur = dict(prev)
+    for key, t in delta.items():
+        kind, _, name = key.partition(":")
+        if name not in prev:
+            raise KeyError(f"vertex delta names tensor {name!r}, which the endpoints do not have")
+        if kind == "F":
+            if tuple(t.shape) != tuple(prev[name].shape) or t.dtype != prev[name].dtype:
+                raise ValueError(f"vertex delta for {name!r} has shape {tuple(t.shape)}, "
+                                 f"expected {tuple(prev[name].shape)}")
+            cur[name] = t
+        elif kind == "V":
+            x = prev[name].clone()
+            x[delta[f"R:{name}"].long()] = t.to(x.dtype)
+            cur[name] = x
+        elif kind != "R":
+            raise KeyError(f"bad vertex delta entry {key!r}")
+    return cur
+
+
+@register_path("dropout")
+class DropoutPath(Path):
+    """A piecewise-linear path through `vertices` (state dicts; the first is A, the last
+    B), equally spaced in t. `certificate`: `max_loss` (largest vertex loss: a bound on
+    the loss everywhere on the path, on the data it was computed on), `eps`, `loss_a`,
+    `loss_b`, `bound`, `vertex_losses`, `segments` (`kind` in classifier / inactive /
+    switch, `step`, `t0`, `t1`), `stability`. Stored as endpoints plus per-vertex row
+    deltas."""
+
+    def __init__(self, vertices: list[Mapping[str, torch.Tensor]], *, certificate=None,
+                 metadata: Mapping[str, Any] | None = None, copy: bool = True):
+        if len(vertices) < 2:
+            raise ValueError("a dropout path needs at least two vertices")
+        check_same_layout(vertices[0], vertices[-1])
+        groups: dict[str, Mapping[str, torch.Tensor]] = {"endpoint.0": vertices[0],
+                                                         "endpoint.1": vertices[-1]}
+        for i in range(1, len(vertices) - 1):
+            groups[f"delta.{i}"] = _encode(vertices[i - 1], vertices[i])
+        self._init(groups, len(vertices), certificate, metadata, copy)
+
+    def _init(self, groups, n, certificate, metadata, copy) -> None:
+        Path.__init__(self, groups, metadata=metadata, copy=copy)
+        self.n_vertices = n
+        self.vertices = [i / (n - 1) for i in range(n)]
+        if certificate is not None:
+            self.certificate = dict(certificate)
+        self._states: list[StateDict] | None = None
+
+    def vertex_states(self) -> list[StateDict]:
+        """Every vertex's state dict (shared tensors between vertices; do not modify)."""
+        if self._states is None:
+            a, b = self.endpoints
+            states = [a]
+            for i in range(1, self.n_vertices - 1):
+                states.append(_decode(states[-1], self.groups.get(f"delta.{i}", {})))
+            states.append(b)
+            self._states = states
+        return self._states
+
+    def _state_at(self, t: float) -> StateDict:
+        vs = self.vertex_states()
+        pos = t * (self.n_vertices - 1)
+        i = round(pos)
+        if abs(pos - i) < 1e-9:
+            return {k: v.clone() for k, v in vs[i].items()}
+        i = min(int(pos), self.n_vertices - 2)
+        return mix_states(vs[i], vs[i + 1], pos - i)
+
+    def _file_fields(self) -> dict[str, Any]:
+        return {"n_vertices": self.n_vertices}
+
+    @classmethod
+    def _from_file(cls, groups: dict[str, StateDict], meta: dict[str, Any]) -> "DropoutPath":
+        n = int(meta["n_vertices"])
+        if n < 2 or any(g not in groups for g in ("endpoint.0", "endpoint.1")):
+            raise ValueError("bad dropout path: needs n_vertices >= 2 and both endpoints")
+        check_same_layout(groups["endpoint.0"], groups["endpoint.1"])
+        self = cls.__new__(cls)
+        self._init(groups, n, meta.get("certificate"), meta, False)
+        self.vertex_states()  # validates every delta now
+        return self

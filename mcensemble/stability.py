@@ -1,0 +1,366 @@
+"""Dropout stability of a checkpoint (Kuditipudi et al. 2019).
+
+A network is eps-dropout stable when, for every depth k of its unit graph, keeping a
+chosen half of the units of every hidden group at depth >= k (the other units' outgoing
+weights -- the group's consumer-role axes -- zeroed, the kept units' outgoing weights
+doubled) raises the loss by at most eps. Write D_k for that network.
+
+- Exactly `size // 2` units of a group are kept (an odd group drops one more than it
+  keeps; a group of one unit keeps none), so the free half always has room for one copy
+  of the kept half -- what the dropout-stable path needs.
+- BatchNorm networks: the units whose inputs change (those of groups deeper than k) get
+  their running statistics re-estimated on `bn_loader`, with every other BatchNorm layer
+  left in eval mode with its own statistics (`reestimate_bn`).
+- The kept halves are chosen, not drawn: units are ranked by importance (norm of the
+  outgoing weights x mean input magnitude seen by the consumer on one batch), then a
+  short local search swaps kept / dropped pairs when that lowers the loss of the D_k
+  networks on a subset of the data (BatchNorm layers of affected groups use batch
+  statistics there). One kept half per group serves every depth.
+"""
+from __future__ import annotations
+
+import copy
+import logging
+import sys
+from dataclasses import dataclass, field
+from typing import Any, Iterable, Mapping
+
+import torch
+import torch.nn as nn
+import torch.nn.functional as F
+from torch.nn.modules.batchnorm import _BatchNorm
+from tqdm import tqdm
+
+from .bn import batch_input, has_batchnorm
+from .errors import BadOptionError, DataSpecError
+from .evaluate import evaluate
+from .units import UnitGraph, UnitGroup, build_unit_graph
+
+__all__ = ["StabilityResult", "dropout_stability", "dropout_state", "dropout_network",
+           "reestimate_bn", "default_kept", "graph_for", "check_kept"]
+
+log = logging.getLogger(__name__)
+
+StateDict = dict[str, torch.Tensor]
+_BN_STATS = ("running_mean", "running_var", "num_batches_tracked")
+
+
+@dataclass
+class StabilityResult:
+    """What `dropout_stability` measured. `kept[group]`: the kept units (sorted);
+    `depths`: `[{"depth", "loss", "increase"}]`; `eps` = the largest increase (>= 0);
+    `bn_stats[k]`: the re-estimated BatchNorm tensors of D_k (not in `to_dict()`)."""
+
+    eps: float
+    base_loss: float
+    depths: list[dict[str, Any]]
+    kept: dict[str, list[int]]
+    bn_stats: dict[int, StateDict] = field(default_factory=dict, repr=False)
+    graph: UnitGraph | None = field(default=None, repr=False)
+
+    def to_dict(self) -> dict[str, Any]:
+        return {"eps": float(self.eps), "base_loss": float(self.base_loss),
+                "depths": [dict(d) for d in self.depths],
+                "kept": {k: list(map(int, v)) for k, v in self.kept.items()}}
+
+    @classmethod
+    def from_dict(cls, d: Mapping[str, Any]) -> "StabilityResult":
+        """Back from `to_dict()` (no BN statistics: a path re-estimates them)."""
+        try:
+            return cls(float(d["eps"]), float(d["base_loss"]), [dict(r) for r in d["depths"]],
+                       {str(k): [int(u) for u in v] for k, v in d["kept"].items()})
+        except (KeyError, TypeError, ValueError, AttributeError) as e:
+            raise BadOptionError(f"not a stability report (needs eps, base_loss, depths, "
+                                 f"kept): {e}", option="--stability") from e
+
+
+def graph_for(model: nn.Module, loader: Iterable[Any] | None = None, graph=None) -> UnitGraph:
+    """The unit graph of `model`: `graph` when given (validated), else traced on the first
+    two inputs of `loader` (or a probed example input)."""
+    if graph is not None:
+        return build_unit_graph(model, groups=graph)
+    x = None
+    if loader is not None:
+        for batch in loader:
+            x = batch_input(batch)[:2]
+            break
+    if x is None:
+        from .data import example_input
+        x = example_input(model)
+    dev = next((p.device for p in model.parameters()), torch.device("cpu"))
+    return build_unit_graph(model, x.to(dev))
+
+
+def default_kept(group: UnitGroup, scores: torch.Tensor | None = None) -> list[int]:
+    """`size // 2` units: the highest-scoring ones (the first ones without scores)."""
+    h = group.size // 2
+    if scores is None:
+        return list(range(h))
+    return sorted(torch.argsort(scores, descending=True, stable=True)[:h].tolist())
+
+
+def dropout_state(state: Mapping[str, torch.Tensor], graph: UnitGraph,
+                  kept: Mapping[str, Any], depth: int) -> StateDict:
+    """D_depth without BatchNorm re-estimation: for every group at depth >= `depth`, the
+    dropped units' consumer columns are set to +0 and the kept ones' doubled. Tensors not
+    touched are shared with `state`."""
+    out = dict(state)
+    owned: set[str] = set()
+    for g in graph.groups:
+        if g.depth < depth:
+            continue
+        keep = torch.as_tensor(list(kept[g.name]), dtype=torch.long)
+        drop = torch.ones(g.size, dtype=torch.bool)
+        drop[keep] = False
+        drop = drop.nonzero().reshape(-1)
+        for r in g.refs("consumer"):
+            if r.tensor not in owned:
+                out[r.tensor] = out[r.tensor].clone()
+                owned.add(r.tensor)
+            v = out[r.tensor].movedim(r.axis, 0)
+            v[r.indices(keep)] *= 2
+            v[r.indices(drop)] = 0
+    return out
+
+
+def _bn_modules(model: nn.Module, graph: UnitGraph, min_depth: int) -> list[str]:
+    """BatchNorm modules holding statistics of groups deeper than `min_depth - 1`."""
+    names = {r.module for g in graph.groups if g.depth >= min_depth
+             for r in g.refs("bn") if r.tensor.endswith(".running_mean")}
+    mods = dict(model.named_modules())
+    return sorted(n for n in names if isinstance(mods.get(n), _BatchNorm))
+
+
+@torch.no_grad()
+def reestimate_bn(model: nn.Module, state: Mapping[str, torch.Tensor], loader: Iterable[Any],
+                  modules: list[str], *, device="cpu") -> StateDict:
+    """Running statistics of the BatchNorm `modules` of `model` loaded with `state`,
+    re-estimated on `loader` (cumulative average), every other module in eval mode with
+    its own statistics. Returns `{tensor name: statistics}`; `model` keeps `state`."""
+    if not modules:
+        return {}
+    model.load_state_dict(state)
+    mods = dict(model.named_modules())
+    flags = [(m, m.training) for m in model.modules()]
+    bns = [mods[n] for n in modules]
+    moms = [(bn, bn.momentum) for bn in bns]
+    try:
+        model.eval()
+        for bn in bns:
+            bn.reset_running_stats()
+            bn.momentum = None
+            bn.train()
+        seen = 0
+        for batch in loader:
+            model(batch_input(batch).to(device))
+            seen += 1
+        if not seen:
+            raise DataSpecError("cannot re-estimate BatchNorm statistics: the data loader "
+                                "yielded no batches", option="--data")
+        out = {f"{n}.{k}": getattr(mods[n], k).detach().cpu().clone()
+               for n in modules for k in _BN_STATS if getattr(mods[n], k, None) is not None}
+    finally:
+        for bn, mom in moms:
+            bn.momentum = mom
+        for m, f in flags:
+            m.training = f
+    return out
+
+
+def dropout_network(model: nn.Module, state: Mapping[str, torch.Tensor], graph: UnitGraph,
+                    kept: Mapping[str, Any], depth: int, *, bn_loader: Iterable[Any] | None = None,
+                    device="cpu") -> tuple[StateDict, StateDict]:
+    """(D_depth state, its re-estimated BN tensors): `dropout_state` plus, for BatchNorm
+    networks with a `bn_loader`, the statistics of groups deeper than `depth`
+    re-estimated (`model` is used as a work copy: its weights are overwritten)."""
+    sd = dropout_state(state, graph, kept, depth)
+    stats: StateDict = {}
+    if bn_loader is not None and has_batchnorm(model):
+        stats = reestimate_bn(model, sd, bn_loader, _bn_modules(model, graph, depth + 1),
+                              device=device)
+        sd.update(stats)
+    return sd, stats
+
+
+def _subset(loader: Iterable[Any], n: int) -> tuple[torch.Tensor, torch.Tensor]:
+    from .train import split_batch
+    xs, ys, got = [], [], 0
+    for batch in loader:
+        x, y = split_batch(batch)
+        if y is None:
+            raise DataSpecError("dropout stability needs labelled batches ((inputs, labels) "
+                                "tuples or dicts with a 'label' entry)", option="--data")
+        xs.append(x)
+        ys.append(y.long())
+        got += x.shape[0]
+        if got >= n:
+            break
+    if not xs:
+        raise DataSpecError("stability: the data loader yielded no batches", option="--data")
+    return torch.cat(xs)[:n], torch.cat(ys)[:n]
+
+
+def _importance(work: nn.Module, state: Mapping[str, torch.Tensor], graph: UnitGraph,
+                x: torch.Tensor) -> dict[str, torch.Tensor]:
+    """Per group: sum over the unit's consumer columns of ||outgoing weights|| x the mean
+    |input| the consumer sees there (weight norm alone where the input is not seen)."""
+    mods = dict(work.named_modules())
+    seen: dict[str, torch.Tensor] = {}
+
+    def hook(name, axis):
+        def fn(_m, args):
+            a = args[0].detach().abs().movedim(axis, 0)
+            seen[name] = a.reshape(a.shape[0], -1).mean(1) if a.dim() > 1 else a
+        return fn
+
+    handles = []
+    for g in graph.groups:
+        for r in g.refs("consumer"):
+            m = mods.get(r.module)
+            axis = -1 if isinstance(m, nn.Linear) else 1 if isinstance(m, nn.modules.conv._ConvNd) else None
+            if axis is not None and r.module not in {h[0] for h in handles}:
+                handles.append((r.module, m.register_forward_pre_hook(hook(r.module, axis))))
+    work.load_state_dict(state)
+    try:
+        with torch.no_grad():
+            work(x)
+    finally:
+        for _, h in handles:
+            h.remove()
+    scores = {}
+    for g in graph.groups:
+        s = torch.zeros(g.size, dtype=torch.float64)
+        for r in g.refs("consumer"):
+            w = state[r.tensor].detach().double().movedim(r.axis, 0)
+            norms = w.reshape(w.shape[0], -1).norm(dim=1)
+            act = seen.get(r.module)
+            col = norms if act is None else norms * act.double().cpu()
+            s += col[r.indices(range(g.size))].reshape(g.size, r.block).sum(1)
+        scores[g.name] = s
+    return scores
+
+
+@torch.no_grad()
+def _proxy_loss(work: nn.Module, sd: Mapping[str, torch.Tensor], x: torch.Tensor, y: torch.Tensor,
+                bn_train: list[str]) -> float:
+    """Loss of `sd` on (x, y); the BatchNorm modules `bn_train` use batch statistics (a
+    cheap stand-in for re-estimation while searching)."""
+    work.load_state_dict(sd)
+    mods = dict(work.named_modules())
+    try:
+        for n in bn_train:
+            mods[n].train()
+        return float(F.cross_entropy(work(x), y))
+    finally:
+        for n in bn_train:
+            mods[n].eval()
+
+
+def _search(work: nn.Module, state: Mapping[str, torch.Tensor], graph: UnitGraph,
+            kept: dict[str, list[int]], scores: dict[str, torch.Tensor], x: torch.Tensor,
+            y: torch.Tensor, steps: int, seed: int, bar) -> None:
+    """Local search, group by group from the top: swap a kept unit (low score first) with
+    a dropped one (high score first); keep the swap when max_k<=depth L(D_k) (+ a small
+    share of their sum) goes down on (x, y). `kept` is changed in place."""
+    gen = torch.Generator().manual_seed(seed)
+    bn = has_batchnorm(work)
+    bn_by_depth = {k: _bn_modules(work, graph, k + 1) if bn else [] for k in graph.depths}
+
+    def objective(depth: int) -> float:
+        ls = [_proxy_loss(work, dropout_state(state, graph, kept, k), x, y, bn_by_depth[k])
+              for k in graph.depths if k <= depth]
+        return max(ls) + 1e-3 * sum(ls)
+
+    for g in sorted(graph.groups, key=lambda g: -g.depth):
+        h = len(kept[g.name])
+        if h == 0 or g.size - h == 0 or steps <= 0:
+            continue
+        best = objective(g.depth)
+        s = scores[g.name]
+        for _ in range(steps):
+            k_units = torch.tensor(kept[g.name])
+            mask = torch.ones(g.size, dtype=torch.bool)
+            mask[k_units] = False
+            d_units = mask.nonzero().reshape(-1)
+            # rank-based sampling: weak kept units and strong dropped units first
+            ki = k_units[torch.argsort(s[k_units])]
+            di = d_units[torch.argsort(s[d_units], descending=True)]
+            wk = 1.0 / torch.arange(1, len(ki) + 1, dtype=torch.float64)
+            wd = 1.0 / torch.arange(1, len(di) + 1, dtype=torch.float64)
+            i = int(ki[torch.multinomial(wk, 1, generator=gen)])
+            o = int(di[torch.multinomial(wd, 1, generator=gen)])
+            old = kept[g.name]
+            kept[g.name] = sorted([u for u in old if u != i] + [o])
+            val = objective(g.depth)
+            if val < best - 1e-7:
+                best = val
+            else:
+                kept[g.name] = old
+            bar.update()
+
+
+def dropout_stability(model: nn.Module, state: Mapping[str, torch.Tensor], loader: Iterable[Any], *,
+                      graph=None, bn_loader: Iterable[Any] | None = None, device="cpu",
+                      search_steps: int = 48, search_examples: int = 512, kept=None,
+                      seed: int = 0, progress: bool | None = None) -> StabilityResult:
+    """Measure the dropout stability of `state` (a state dict of `model`'s architecture).
+
+    For each depth k of the unit graph, the loss on `loader` of D_k (the kept halves
+    of every group at depth >= k, outgoing weights doubled; BatchNorm statistics of the
+    groups deeper than k re-estimated on `bn_loader`, default `loader`) minus the loss of
+    the full network. `kept` (group -> units) skips the choice; else importance ranking
+    plus `search_steps` swap trials per group on `search_examples` examples. `model` is not
+    changed (a copy does the work).
+    """
+    if search_steps < 0 or search_examples < 1:
+        raise BadOptionError("search_steps must be >= 0 and search_examples >= 1",
+                             option="search_steps")
+    state = {k: v.detach().cpu() for k, v in state.items()}
+    work = copy.deepcopy(model).to(device).eval()
+    graph = graph_for(work, loader, graph)
+    graph.validate(state)
+    bn_loader = loader if bn_loader is None else bn_loader
+    total = search_steps * len(graph.groups) if kept is None else 0
+    bar = tqdm(total=total + len(graph.depths), desc="dropout stability", leave=False,
+               file=sys.stderr, disable=None if progress is None else not progress)
+    try:
+        if kept is None:
+            x, y = _subset(loader, search_examples)
+            x, y = x.to(device), y.to(device)
+            scores = _importance(work, state, graph, x)
+            kept = {g.name: default_kept(g, scores[g.name]) for g in graph.groups}
+            _search(work, state, graph, kept, scores, x, y, search_steps, seed, bar)
+        kept = check_kept(graph, kept)
+        base = evaluate(_loaded(work, state), loader, device=device).loss
+        rows, stats = [], {}
+        for k in graph.depths:
+            sd, stats[k] = dropout_network(work, state, graph, kept, k, bn_loader=bn_loader,
+                                           device=device)
+            loss = evaluate(_loaded(work, sd), loader, device=device).loss
+            rows.append({"depth": int(k), "loss": loss, "increase": loss - base})
+            bar.update()
+    finally:
+        bar.close()
+    eps = max([0.0] + [r["increase"] for r in rows])
+    return StabilityResult(eps, base, rows, kept, stats, graph)
+
+
+def _loaded(work: nn.Module, sd: Mapping[str, torch.Tensor]) -> nn.Module:
+    work.load_state_dict(sd)
+    return work
+
+
+def check_kept(graph: UnitGraph, kept: Mapping[str, Any]) -> dict[str, list[int]]:
+    """`kept` as sorted lists, after checking it names `size // 2` distinct units of every
+    group (`BadOptionError(option="kept")` naming the group otherwise)."""
+    out = {}
+    for g in graph.groups:
+        if g.name not in kept:
+            raise BadOptionError(f"kept halves name no units for group {g.name!r}", option="kept")
+        units = sorted(int(u) for u in kept[g.name])
+        if len(units) != g.size // 2 or len(set(units)) != len(units) or \
+                any(not 0 <= u < g.size for u in units):
+            raise BadOptionError(f"group {g.name!r} ({g.size} units) needs exactly {g.size // 2} "
+                                 f"distinct kept units in 0..{g.size - 1}", option="kept")
+        out[g.name] = units
+    return out

@@ -1,0 +1,142 @@
+"""Dropout stability: D_k networks, BN re-estimation of the affected units only, the
+choice of kept halves, the result's JSON form."""
+from __future__ import annotations
+
+import json
+
+import pytest
+import torch
+
+from mcensemble import zoo  # noqa: F401  (registers mce_* with timm)
+from mcensemble.data import create_loader
+from mcensemble.errors import BadOptionError
+from mcensemble.evaluate import evaluate
+from mcensemble.stability import (dropout_network, dropout_stability, dropout_state, graph_for)
+
+DATA = "digits,train=500"
+
+
+@pytest.fixture(autouse=True, scope="module")
+def _one_thread():
+    before = torch.get_num_threads()
+    torch.set_num_threads(1)
+    torch.set_flush_denormal(True)
+    yield
+    torch.set_num_threads(before)
+
+
+def train(arch: str, epochs: int, seed: int = 0, **kwargs):
+    import timm
+    from mcensemble.train import TrainConfig, train_model
+    torch.manual_seed(seed)
+    net = timm.create_model(arch, num_classes=10, in_chans=1, **kwargs)
+    train_model(net, create_loader(DATA, batch_size=50, shuffle=True, seed=seed),
+                config=TrainConfig(epochs=epochs, lr=0.2, seed=seed), progress=False)
+    return net.eval(), {k: v.detach().clone() for k, v in net.state_dict().items()}
+
+
+def loader():
+    return create_loader(DATA, batch_size=250)
+
+
+@pytest.fixture(scope="module")
+def mlp():
+    return train("mce_digits_mlp", 20, width=32, drop_rate=0.3)
+
+
+@pytest.fixture(scope="module")
+def cnn():
+    return train("mce_digits_cnn", 6, widths=(6, 8))
+
+
+def test_result_shape_and_json(mlp):
+    model, sd = mlp
+    res = dropout_stability(model, sd, loader(), search_steps=8)
+    d = json.loads(json.dumps(res.to_dict()))
+    assert set(d) == {"eps", "base_loss", "depths", "kept"}
+    assert [r["depth"] for r in d["depths"]] == [1, 2]
+    assert d["eps"] >= 0 and d["eps"] == pytest.approx(max(0, *(r["increase"] for r in d["depths"])))
+    for r in d["depths"]:
+        assert r["increase"] == pytest.approx(r["loss"] - d["base_loss"])
+    assert {k: len(v) for k, v in d["kept"].items()} == {"layers.1": 16, "layers.4": 16}
+    assert d["base_loss"] == pytest.approx(evaluate(model, loader()).loss)
+
+
+def test_depth_losses_are_dropout_networks(mlp):
+    model, sd = mlp
+    res = dropout_stability(model, sd, loader(), search_steps=0)
+    g = res.graph
+    for row in res.depths:
+        k = row["depth"]
+        d = dropout_state(sd, g, res.kept, k)
+        model.load_state_dict(d)
+        assert evaluate(model, loader()).loss == pytest.approx(row["loss"], abs=1e-6)
+    # the classifier of D_2 reads the kept units doubled, the others not at all
+    d2 = dropout_state(sd, g, res.kept, 2)
+    kept = res.kept["layers.4"]
+    drop = sorted(set(range(32)) - set(kept))
+    assert torch.equal(d2["head.weight"][:, kept], 2 * sd["head.weight"][:, kept])
+    assert torch.count_nonzero(d2["head.weight"][:, drop]) == 0
+    assert d2["layers.4.weight"] is sd["layers.4.weight"]  # untouched tensors shared
+    model.load_state_dict(sd)
+
+
+def test_search_lowers_dropout_loss(mlp):
+    model, sd = mlp
+    ld = loader()
+    plain = dropout_stability(model, sd, ld, search_steps=0)
+    searched = dropout_stability(model, sd, ld, search_steps=48, search_examples=500)
+    assert searched.depths[0]["loss"] <= plain.depths[0]["loss"] + 1e-6
+
+
+def test_chosen_halves_beat_random_halves(mlp):
+    model, sd = mlp
+    ld = loader()
+    chosen = dropout_stability(model, sd, ld, search_steps=16)
+    gen = torch.Generator().manual_seed(0)
+    def random_halves():
+        return {g.name: torch.randperm(g.size, generator=gen)[:g.size // 2].tolist()
+                for g in chosen.graph.groups}
+    rand = [dropout_stability(model, sd, ld, kept=random_halves()).eps for _ in range(3)]
+    assert chosen.eps <= min(rand) + 1e-6
+
+
+def test_bn_statistics_only_of_affected_units(cnn):
+    model, sd = cnn
+    ld = loader()
+    res = dropout_stability(model, sd, ld, search_steps=4)
+    g = res.graph
+    assert res.depths[-1]["loss"] >= 0
+    d1, stats1 = dropout_network(model, sd, g, res.kept, 1, bn_loader=ld)
+    # depth-1 units keep their statistics; depth-2 units' inputs changed: re-estimated
+    assert torch.equal(d1["features.1.running_mean"], sd["features.1.running_mean"])
+    assert not torch.equal(d1["features.5.running_mean"], sd["features.5.running_mean"])
+    assert set(stats1) == {"features.5.running_mean", "features.5.running_var",
+                           "features.5.num_batches_tracked"}
+    d2, stats2 = dropout_network(model, sd, g, res.kept, 2, bn_loader=ld)
+    assert stats2 == {}
+    # the head reads each channel as a block of 2x2 columns
+    kept = res.kept["features.4"]
+    dropped = sorted(set(range(8)) - set(kept))
+    cols = torch.tensor([4 * c + i for c in dropped for i in range(4)])
+    assert torch.count_nonzero(d2["head.weight"][:, cols]) == 0
+    # the re-estimated statistics are what the result reports
+    model.load_state_dict(d1)
+    assert evaluate(model, ld).loss == pytest.approx(res.depths[0]["loss"], abs=1e-6)
+    model.load_state_dict(sd)
+
+
+def test_bad_kept_refused(mlp):
+    model, sd = mlp
+    with pytest.raises(BadOptionError, match="layers.1"):
+        dropout_stability(model, sd, loader(), kept={"layers.1": [0, 1], "layers.4": list(range(16))})
+    with pytest.raises(BadOptionError):
+        dropout_stability(model, sd, loader(), search_steps=-1)
+
+
+def test_model_not_changed(mlp):
+    model, sd = mlp
+    before = {k: v.clone() for k, v in model.state_dict().items()}
+    graph_for(model, loader())
+    dropout_stability(model, sd, loader(), search_steps=2)
+    assert all(torch.equal(before[k], v) for k, v in model.state_dict().items())
