@@ -61,6 +61,66 @@ def batch_input(batch: Any) -> torch.Tensor:
         "or a dict with an 'image' / 'input' entry", option="--data")
 
 
+def _forward_batches(model: nn.Module, loader, *, device, max_batches, shard, progress) -> int:
+    """Run the (first `max_batches`; with `shard` = (rank, world) only this rank's) batches
+    through `model`; returns how many were run."""
+    seen, total = 0, None
+    if max_batches is not None:
+        try:
+            total = min(len(loader), max_batches)  # type: ignore[arg-type]
+        except TypeError:
+            total = max_batches
+    bar = tqdm(loader, total=total, desc="BatchNorm statistics", unit="batch", leave=False,
+               file=sys.stderr, disable=None if progress is None else not progress)
+    try:
+        for index, batch in enumerate(bar):
+            if max_batches is not None and index >= max_batches:
+                break
+            if shard is not None and index % shard[1] != shard[0]:
+                continue
+            x = batch_input(batch)
+            if device is not None:
+                x = x.to(device)
+            model(x)
+            seen += 1
+    finally:
+        bar.close()
+    return seen
+
+
+def _batch_shard(distributed: bool) -> tuple[int, int] | None:
+    """(rank, world) when batches are split over several processes, else None."""
+    if not distributed:
+        return None
+    from . import distributed as dist_
+    return (dist_.rank(), dist_.world_size()) if dist_.is_distributed() else None
+
+
+def _combine_across_processes(bns: list[_BatchNorm], seen: int) -> int:
+    """Every process's BN running statistics (averages over its `seen` batches) become the
+    batch-count-weighted average over the processes; returns the total batch count."""
+    from . import distributed as dist_
+    dev = bns[0].running_mean.device if bns[0].running_mean is not None else torch.device("cpu")
+    count = torch.tensor([float(seen)], dtype=torch.float64, device=dev)
+    dist_.all_reduce_sum_([count])
+    total = int(count.item())
+    if total == 0:
+        return 0
+    w = seen / total
+    stats = []
+    for bn in bns:
+        for name in ("running_mean", "running_var"):
+            t = getattr(bn, name, None)
+            if t is not None:
+                t.mul_(w)  # this process's share; weighted sums are added up below
+                stats.append(t)
+    dist_.all_reduce_sum_(stats)
+    for bn in bns:
+        if bn.num_batches_tracked is not None:
+            bn.num_batches_tracked.fill_(total)
+    return total
+
+
 def _model_device(model: nn.Module) -> torch.device | None:
     for t in model.parameters():
         return t.device
@@ -71,7 +131,7 @@ def _model_device(model: nn.Module) -> torch.device | None:
 
 @torch.no_grad()
 def update_bn(model: nn.Module, loader: Iterable[Any], *, device: str | torch.device | None = None,
-              max_batches: int | None = None, progress: bool | None = None) -> None:
+              max_batches: int | None = None, progress: bool | None = None, distributed: bool = False) -> None:
     """Re-estimate the BatchNorm running statistics of `model` (in place) on `loader`.
 
     Running statistics are reset and re-accumulated as a cumulative average over the
@@ -80,6 +140,15 @@ def update_bn(model: nn.Module, loader: Iterable[Any], *, device: str | torch.de
     after that many batches. No-op on a model without BatchNorm (or whose BN layers
     track no running statistics). A loader that yields no batch raises `DataSpecError`
     and leaves the statistics as they were.
+
+    `distributed=True` with several processes (`mcensemble.distributed`; every process
+    calls it with the same weights and loader): process r runs batches r, r + world, ...
+    and the statistics are then combined so that every process ends with what one process
+    gives over all the batches. With momentum None, BN's running mean is the average of the
+    batches' means and its running variance the average of the batches' (unbiased)
+    variances, so the exact union is the average of the processes' statistics weighted by
+    their batch counts (for the mean and the variance alike; `num_batches_tracked` is the
+    total). No-op flag with one process.
     """
     bns = [m for m in model.modules() if isinstance(m, _BatchNorm) and m.track_running_stats]
     if not bns:
@@ -100,26 +169,11 @@ def update_bn(model: nn.Module, loader: Iterable[Any], *, device: str | torch.de
             bn.reset_running_stats()
             bn.momentum = None
             bn.train()
-        seen = 0
-        total = None
-        if max_batches is not None:
-            try:
-                total = min(len(loader), max_batches)  # type: ignore[arg-type]
-            except TypeError:
-                total = max_batches
-        bar = tqdm(loader, total=total, desc="BatchNorm statistics", unit="batch", leave=False,
-                   file=sys.stderr, disable=None if progress is None else not progress)
-        try:
-            for batch in bar:
-                if max_batches is not None and seen >= max_batches:
-                    break
-                x = batch_input(batch)
-                if device is not None:
-                    x = x.to(device)
-                model(x)
-                seen += 1
-        finally:
-            bar.close()
+        shard = _batch_shard(distributed)
+        seen = _forward_batches(model, loader, device=device, max_batches=max_batches, shard=shard,
+                                progress=progress)
+        if shard is not None:
+            seen = _combine_across_processes(bns, seen)
         if seen == 0:
             raise DataSpecError("cannot re-estimate BatchNorm statistics: the data loader yielded no "
                                 "batches; give a non-empty training data set", option="--data")

@@ -270,7 +270,8 @@ def scan(path: Any, model: ModelLike, loader: Iterable[Any], *, points: int = 11
                     "points are evaluated with the statistics stored in the path's states")
     ts = [i / (points - 1) for i in range(points)]
     rows: list[dict[str, Any]] = []
-    bar = tqdm(ts, desc=f"scan {getattr(path, 'kind', 'path')}", unit="point", file=sys.stderr,
+    from . import distributed as dist_  # several processes: each scans its share of the points
+    bar = tqdm(dist_.shard(ts), desc=f"scan {getattr(path, 'kind', 'path')}", unit="point", file=sys.stderr,
                disable=None if progress is None else not progress)
     try:
         for t in bar:
@@ -283,6 +284,7 @@ def scan(path: Any, model: ModelLike, loader: Iterable[Any], *, points: int = 11
             rows.append(row)
     finally:
         bar.close()
+    rows = dist_.gather_sharded(rows, len(ts))
     barrier, barrier_t = _barrier(ts, [r["loss"] for r in rows])
     val_barrier = _barrier(ts, [r["val_loss"] for r in rows])[0] if val_loader is not None else None
     return ScanResult(points=rows, endpoints={"A": dict(rows[0]), "B": dict(rows[-1])}, barrier=barrier,

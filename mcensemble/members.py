@@ -117,11 +117,16 @@ def evaluate_candidates(paths: Sequence[Any], model: nn.Module, points: Sequence
                         device: str | torch.device = "cpu", progress: bool | None = None) -> list[Candidate]:
     """Evaluate each (path, t, u) point: BN re-estimated on `train_loader` for BN models,
     training metrics, and validation log-probabilities when `val_loader` is given.
-    `model` is used as scratch space (its weights are overwritten)."""
+    `model` is used as scratch space (its weights are overwritten).
+
+    With several processes (`mcensemble.distributed`) each evaluates its share of the
+    points (every world-th one) and every process returns all of them, in order."""
+    from . import distributed as dist_
     bn = has_batchnorm(model)
     bn_names = _bn_buffer_names(model) if bn else []
     out: list[Candidate] = []
-    for p, t, u in tqdm(points, desc="points", file=sys.stderr, leave=False,
+    mine = dist_.shard(list(points))
+    for p, t, u in tqdm(mine, desc="points", file=sys.stderr, leave=False,
                         disable=None if progress is None else not progress):
         model.load_state_dict(paths[p].state_at(t), strict=True)
         model.to(device)
@@ -134,7 +139,7 @@ def evaluate_candidates(paths: Sequence[Any], model: nn.Module, points: Sequence
             cand.val_log_probs, labels = predict_log_probs(model, val_loader, device=device)
             cand.val = ensemble_metrics([cand.val_log_probs], labels)
         out.append(cand)
-    return out
+    return dist_.gather_sharded(out, len(points))
 
 
 def select_greedy_nll(cands: Sequence[Candidate], k: int, labels: torch.Tensor) -> list[int]:
