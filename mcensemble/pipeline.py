@@ -429,19 +429,8 @@ def connect(states: Sequence[dict], net: torch.nn.Module, *, opts: BuildOptions,
     return paths, list(states), aligned
 
 
-def build_ensemble(files: Sequence[str | os.PathLike], *, model: ModelOptions, data: DataOptions,
-                   opts: BuildOptions, out: str | os.PathLike | None = None, path_out: str | os.PathLike | None = None,
-                   soup: str | os.PathLike | None = None) -> BuildResult:
-    """Connect consecutive checkpoints by paths, choose members along them, write the ensemble.
-
-    Everything is validated before any work; outputs are written atomically at the end.
-    """
-    import time
-    from ._io import sha256_file
-    from .bn import has_batchnorm
-    from .members import candidate_state, evaluate_candidates, select_greedy_nll, uniform_points
-    if opts.method == "fge":
-        return build_fge(files, model=model, data=data, opts=opts, out=out, soup=soup)
+def _check_build_request(files: Sequence, opts: BuildOptions, data: DataOptions, path_out) -> bool:
+    """Validate a build before any file is read; returns whether members are chosen greedily."""
     _validate_build(opts)
     if path_out is not None and len(files) != 2:
         raise BadOptionError("--path-out needs exactly two checkpoints (one path)", option="--path-out")
@@ -452,73 +441,77 @@ def build_ensemble(files: Sequence[str | os.PathLike], *, model: ModelOptions, d
     if greedy and opts.members > n_grid:
         raise BadOptionError(f"--members {opts.members} is more than the {n_grid} candidate points; "
                              "raise --candidates or lower --members", option="--members")
+    return greedy
+
+
+def _choose_members(paths: list, ends: list, net, train, val, opts: BuildOptions, data: DataOptions, *,
+                    greedy: bool) -> tuple[list, list, list]:
+    """(grid, members, straight-line grid): `opts.candidates` points per path (joined paths
+    share their ends) scanned for the report, the plot and the greedy choice; members greedy
+    on validation NLL among the grid, or uniform in t."""
+    from .members import evaluate_candidates, select_greedy_nll, uniform_points
+    n_paths, g = len(paths), opts.candidates
+    grid_points = [(p, i / (g - 1), (p + i / (g - 1)) / n_paths) for p in range(n_paths) for i in range(g)
+                   if p == 0 or i > 0]
+
+    def scan_points(ps, points):
+        return evaluate_candidates(ps, net, points, train_loader=train, val_loader=val, device=data.device,
+                                   progress=data.progress)
+
+    grid = scan_points(paths, grid_points)
+    if greedy:
+        members = sorted((grid[i] for i in select_greedy_nll(grid, opts.members, _labels(val))), key=lambda c: c.u)
+    else:
+        members = scan_points(paths, uniform_points(opts.members, n_paths))
+    line = grid
+    if opts.method != "linear":
+        from .paths import LinearPath
+        line = scan_points([LinearPath(a, b) for a, b in zip(ends[:-1], ends[1:])], grid_points)
+    return grid, members, line
+
+
+def build_ensemble(files: Sequence[str | os.PathLike], *, model: ModelOptions, data: DataOptions,
+                   opts: BuildOptions, out: str | os.PathLike | None = None, path_out: str | os.PathLike | None = None,
+                   soup: str | os.PathLike | None = None) -> BuildResult:
+    """Connect consecutive checkpoints by paths, choose members along them, write the ensemble.
+
+    Everything is validated before any work; outputs are written atomically at the end (by
+    rank 0 only under torchrun).
+    """
+    import time
+    from ._io import sha256_file
+    from .bn import has_batchnorm
+    from .distributed import is_main
+    from .ensemble import EnsembleModel, save_ensemble
+    from .members import candidate_state
+    if opts.method == "fge":
+        return build_fge(files, model=model, data=data, opts=opts, out=out, soup=soup)
+    greedy = _check_build_request(files, opts, data, path_out)
     t0 = time.perf_counter()
     cks = load_endpoints(files, model)
     net = cks[0].build_model().to(data.device)
     train, val = _loaders(net, data)
     timings: dict[str, float] = {"load_s": time.perf_counter() - t0}
-
-    t1 = time.perf_counter()
     paths, ends, aligned = connect([ck.state_dict for ck in cks], net, opts=opts, data=data, bn_loader=train)
-    timings["path_s"] = time.perf_counter() - t1
-
+    timings["path_s"] = time.perf_counter() - t0 - timings["load_s"]
     t2 = time.perf_counter()
-    n_paths, g = len(paths), opts.candidates
-    # The grid: g points per path, joined paths sharing their ends. Scanned for the report
-    # and the plot, and the candidates of the greedy choice.
-    grid_points = [(p, i / (g - 1), (p + i / (g - 1)) / n_paths) for p in range(n_paths) for i in range(g)
-                   if p == 0 or i > 0]
-    grid = evaluate_candidates(paths, net, grid_points, train_loader=train, val_loader=val, device=data.device,
-                               progress=data.progress)
-    if greedy:
-        labels = _labels(val)
-        members = sorted((grid[i] for i in select_greedy_nll(grid, opts.members, labels)), key=lambda c: c.u)
-    else:
-        members = evaluate_candidates(paths, net, uniform_points(opts.members, n_paths), train_loader=train,
-                                      val_loader=val, device=data.device, progress=data.progress)
+    grid, members, line = _choose_members(paths, ends, net, train, val, opts, data, greedy=greedy)
     states = [candidate_state(paths[c.path], c) for c in members]
-    line = grid
-    if opts.method != "linear":
-        from .paths import LinearPath
-        lines = [LinearPath(a, b) for a, b in zip(ends[:-1], ends[1:])]
-        line = evaluate_candidates(lines, net, grid_points, train_loader=train, val_loader=val, device=data.device,
-                                   progress=data.progress)
     timings["members_s"] = time.perf_counter() - t2
 
     t3 = time.perf_counter()
-    spec = cks[0].model_spec
-    kind = paths[0].kind
-    sources = [{"file": str(f), "sha256": ck.metadata.get("sha256") or sha256_file(ck.path)}
-               for f, ck in zip(files, cks)]
-    from .ensemble import EnsembleModel
     ens = EnsembleModel(net, states, strategy=opts.strategy, device=data.device)
-    report = {
-        "method": opts.method, "selection": "greedy-val-nll" if greedy else "uniform",
-        "checkpoints": [{"file": str(f), **_describe(ck)} for f, ck in zip(files, cks)],
-        "data": {"train": data.data, "val": data.val_data}, "seed": data.seed,
-        "batchnorm": has_batchnorm(net), "bn_reestimated": has_batchnorm(net),
-        "endpoints": {name: _cand_metrics(c) for name, c in _endpoint_cands(grid, n_paths)},
-        "members": [c.info(kind) for c in members],
-        "ensemble": _ens_metrics(ens, train, val, data.device),
-        "path": {"points": [_cand_metrics(c) for c in grid], "worst": _cand_metrics(max(grid, key=_train_loss)),
-                 "barrier": _barrier(grid)},
-        "line": {"points": [_cand_metrics(c) for c in line], "worst": _cand_metrics(max(line, key=_train_loss)),
-                 "barrier": _barrier(line)},
-    }
-    if opts.method in ("bezier", "polychain"):
-        report["curve"] = {"kind": opts.method, "bends": opts.bends, "epochs": opts.epochs, "lr": opts.lr,
-                           "weight_decay": opts.weight_decay}
+    report = _build_report(files, cks, paths, grid, members, line, opts, data, greedy=greedy,
+                           batchnorm=has_batchnorm(net), ensemble=_ens_metrics(ens, train, val, data.device))
     if aligned:
         report["aligned"] = aligned
-    if getattr(paths[0], "certificate", None):
-        report["certificates"] = [p.certificate for p in paths]
-    from .distributed import is_main, world_size
-    report["world_size"] = world_size()
+    spec, kind = cks[0].model_spec, paths[0].kind
+    sources = [{"file": str(f), "sha256": ck.metadata.get("sha256") or sha256_file(ck.path)}
+               for f, ck in zip(files, cks)]
     if out is not None and is_main():  # several processes: only rank 0 writes
-        from .ensemble import save_ensemble
         save_ensemble(out, states, model_spec=spec, members=[c.info(kind) for c in members], sources=sources,
                       extra={"method": opts.method, "selection": report["selection"],
-                             "bn_reestimated": report["bn_reestimated"], "n_paths": n_paths})
+                             "bn_reestimated": report["bn_reestimated"], "n_paths": len(paths)})
     if path_out is not None and is_main():
         paths[0].save(path_out, model_spec=spec, extra={"sources": sources})
     if soup is not None:
@@ -527,6 +520,35 @@ def build_ensemble(files: Sequence[str | os.PathLike], *, model: ModelOptions, d
     timings["total_s"] = time.perf_counter() - t0
     report["timings"] = timings
     return BuildResult(paths=paths, members=members, member_states=states, report=report, model_spec=spec)
+
+
+def _build_report(files, cks, paths, grid, members, line, opts: BuildOptions, data: DataOptions, *,
+                  greedy: bool, batchnorm: bool, ensemble: dict[str, Any]) -> dict[str, Any]:
+    """The JSON report of `build`: endpoints, members, the ensemble, both scans. BatchNorm
+    statistics are re-estimated at every point of a BN model."""
+    from .distributed import world_size
+    bn = batchnorm
+    report: dict[str, Any] = {
+        "method": opts.method, "selection": "greedy-val-nll" if greedy else "uniform",
+        "checkpoints": [{"file": str(f), **_describe(ck)} for f, ck in zip(files, cks)],
+        "data": {"train": data.data, "val": data.val_data}, "seed": data.seed,
+        "batchnorm": bn, "bn_reestimated": bn,
+        "endpoints": {name: _cand_metrics(c) for name, c in _endpoint_cands(grid, len(paths))},
+        "members": [c.info(paths[0].kind) for c in members],
+        "ensemble": ensemble,
+        "path": _scan_summary(grid), "line": _scan_summary(line), "world_size": world_size(),
+    }
+    if opts.method in ("bezier", "polychain"):
+        report["curve"] = {"kind": opts.method, "bends": opts.bends, "epochs": opts.epochs, "lr": opts.lr,
+                           "weight_decay": opts.weight_decay}
+    if getattr(paths[0], "certificate", None):
+        report["certificates"] = [p.certificate for p in paths]
+    return report
+
+
+def _scan_summary(cands) -> dict[str, Any]:
+    return {"points": [_cand_metrics(c) for c in cands], "worst": _cand_metrics(max(cands, key=_train_loss)),
+            "barrier": _barrier(cands)}
 
 
 def _train_loss(c) -> float:
@@ -676,7 +698,8 @@ def build_fge(files: Sequence[str | os.PathLike], *, model: ModelOptions, data: 
         "ensemble": _ens_metrics(ens, train, val, data.device),
         "fge": {"cycles": opts.members, "epochs": opts.epochs, "lr_max": opts.lr, "lr_min": opts.lr / 100},
     }
-    if out is not None:
+    from .distributed import is_main
+    if out is not None and is_main():  # several processes: only rank 0 writes
         save_ensemble(out, states, model_spec=ck.model_spec, members=members, sources=sources,
                       extra={"method": "fge", "selection": "all-snapshots", "bn_reestimated": report["bn_reestimated"]})
     if soup is not None:
