@@ -42,7 +42,7 @@ from torch.nn.modules.batchnorm import _BatchNorm
 from tqdm import tqdm
 
 from .bn import batch_input, has_batchnorm, update_bn
-from .errors import BadOptionError
+from .errors import BadOptionError, DataSpecError
 from .models import ModelLike, as_factory
 from .units import UnitGraph, UnitGraphError, UnitGroup, build_unit_graph, permute_state_dict
 
@@ -324,16 +324,21 @@ def _channel_stats(net: nn.Module, points: list[_Point], loader: Iterable[Any], 
                 lambda m, args, out, n=p.module, cl=isinstance(mod, nn.Linear): record(n, out, cl)))
     modes = [(m, m.training) for m in net.modules()]
     net.eval()
+    seen = 0
     try:
         for i, batch in enumerate(loader):
             if max_batches is not None and i >= max_batches:
                 break
             net(batch_input(batch).to(device))
+            seen += 1
     finally:
         for h in handles:
             h.remove()
         for m, mode in modes:
             m.training = mode
+    if not seen:
+        raise DataSpecError("REPAIR: the data loader yielded no batches to measure channel "
+                            "statistics on; give a non-empty training data set", option="--data")
     out = {}
     for name, (s, ss, n) in acc.items():
         mean = s / n
@@ -396,7 +401,10 @@ class Repair:
 
     @torch.no_grad()
     def __call__(self, state: Mapping[str, torch.Tensor], t: float) -> StateDict:
-        t = float(t)
+        try:
+            t = float(t)
+        except (TypeError, ValueError) as e:
+            raise BadOptionError(f"t must be a number in [0, 1], got {t!r}", option="t") from e
         if not 0.0 <= t <= 1.0:
             raise BadOptionError(f"t must be in [0, 1], got {t}", option="t")
         self._load(self.net, state)

@@ -11,7 +11,11 @@ forward passes with BN in train mode), with three differences:
   when a submodule was in a different mode than its parent, and even on error (then the
   old statistics are restored too);
 - inputs are taken from tensors, `(x, y)` tuples / lists, or dicts (`"image"`,
-  `"input"`, `"x"`, `"pixel_values"`).
+  `"input"`, `"x"`, `"pixel_values"`, `"inputs"`, `"images"`).
+
+`modules=` re-estimates only some BatchNorm layers (the others stay in eval mode on their
+own statistics). `batch_input` / `split_batch` are the one reader of loader batches that
+every module uses.
 """
 from __future__ import annotations
 
@@ -24,13 +28,14 @@ import torch.nn as nn
 from torch.nn.modules.batchnorm import _BatchNorm
 from tqdm import tqdm
 
-from .errors import DataSpecError
+from .errors import BadOptionError, DataSpecError
 
-__all__ = ["has_batchnorm", "update_bn", "batch_input"]
+__all__ = ["has_batchnorm", "update_bn", "batch_input", "split_batch", "labelled_batch"]
 
 log = logging.getLogger(__name__)
 
 _INPUT_KEYS = ("image", "input", "x", "pixel_values", "inputs", "images")
+_LABEL_KEYS = ("label", "labels", "target", "targets", "y")
 
 
 def has_batchnorm(model: nn.Module) -> bool:
@@ -40,7 +45,8 @@ def has_batchnorm(model: nn.Module) -> bool:
 
 def batch_input(batch: Any) -> torch.Tensor:
     """The model input of one loader batch: the tensor itself, the first element of a
-    tuple / list, or the `"image"` / `"input"` (/ `"x"`, `"pixel_values"`) entry of a dict."""
+    tuple / list, or the `"image"` / `"input"` (/ `"x"`, `"pixel_values"`, `"inputs"`,
+    `"images"`) entry of a dict; anything else -> `DataSpecError(option="--data")`."""
     if isinstance(batch, torch.Tensor):
         return batch
     if isinstance(batch, (list, tuple)):
@@ -59,6 +65,28 @@ def batch_input(batch: Any) -> torch.Tensor:
     raise DataSpecError(
         f"a data batch is a {type(batch).__name__}; expected a tensor, an (inputs, labels) tuple "
         "or a dict with an 'image' / 'input' entry", option="--data")
+
+
+def split_batch(batch: Any) -> tuple[torch.Tensor, Any]:
+    """(inputs, labels) of one loader batch: inputs as `batch_input` finds them; labels
+    `batch[1]` of a tuple / list, a dict's `"label"` / `"labels"` / `"target"` /
+    `"targets"` / `"y"` entry, else None (a bare tensor, a 1-tuple)."""
+    x = batch_input(batch)
+    if isinstance(batch, (list, tuple)):
+        return x, (batch[1] if len(batch) > 1 else None)
+    if isinstance(batch, dict):
+        return x, next((batch[k] for k in _LABEL_KEYS if k in batch), None)
+    return x, None
+
+
+def labelled_batch(batch: Any, *, what: str = "this") -> tuple[torch.Tensor, torch.Tensor]:
+    """`split_batch` for code that needs labels: (inputs, labels as a tensor); a batch
+    without labels -> `DataSpecError(option="--data")` saying that `what` needs them."""
+    x, y = split_batch(batch)
+    if y is None:
+        raise DataSpecError(f"a data batch has no labels; {what} needs (inputs, labels) batches "
+                            "or dicts with a 'label' / 'target' entry", option="--data")
+    return x, torch.as_tensor(y)
 
 
 def _forward_batches(model: nn.Module, loader, *, device, max_batches, shard, progress) -> int:
@@ -121,6 +149,35 @@ def _combine_across_processes(bns: list[_BatchNorm], seen: int) -> int:
     return total
 
 
+def _bn_layers(model: nn.Module, modules: Iterable[str | nn.Module] | None) -> list[_BatchNorm]:
+    """The BatchNorm layers to re-estimate: all of `model`'s, or those `modules` names (or
+    gives); either way only those tracking running statistics."""
+    if modules is None:
+        return [m for m in model.modules() if isinstance(m, _BatchNorm) and m.track_running_stats]
+    if isinstance(modules, (str, nn.Module)):
+        modules = [modules]
+    named = dict(model.named_modules())
+    name_of = {id(m): n for n, m in named.items()}
+    out: list[_BatchNorm] = []
+    for m in modules:
+        if isinstance(m, str):
+            if m not in named:
+                raise BadOptionError(f"update_bn: the model has no module {m!r}; pass names from "
+                                     "model.named_modules()", option="modules")
+            name, m = m, named[m]
+        elif id(m) in name_of:
+            name = name_of[id(m)]
+        else:
+            raise BadOptionError(f"update_bn: a {type(m).__name__} given in modules= is not a "
+                                 "submodule of the model", option="modules")
+        if not isinstance(m, _BatchNorm):
+            raise BadOptionError(f"update_bn: module {name!r} is a {type(m).__name__}, not a "
+                                 "BatchNorm layer; pass only BatchNorm modules", option="modules")
+        if m.track_running_stats and all(m is not o for o in out):
+            out.append(m)
+    return out
+
+
 def _model_device(model: nn.Module) -> torch.device | None:
     for t in model.parameters():
         return t.device
@@ -131,7 +188,8 @@ def _model_device(model: nn.Module) -> torch.device | None:
 
 @torch.no_grad()
 def update_bn(model: nn.Module, loader: Iterable[Any], *, device: str | torch.device | None = None,
-              max_batches: int | None = None, progress: bool | None = None, distributed: bool = False) -> None:
+              max_batches: int | None = None, progress: bool | None = None, distributed: bool = False,
+              modules: Iterable[str | nn.Module] | None = None) -> None:
     """Re-estimate the BatchNorm running statistics of `model` (in place) on `loader`.
 
     Running statistics are reset and re-accumulated as a cumulative average over the
@@ -139,7 +197,10 @@ def update_bn(model: nn.Module, loader: Iterable[Any], *, device: str | torch.de
     are sent (default: the device of the model's first parameter). `max_batches`: stop
     after that many batches. No-op on a model without BatchNorm (or whose BN layers
     track no running statistics). A loader that yields no batch raises `DataSpecError`
-    and leaves the statistics as they were.
+    and leaves the statistics as they were. `modules`: names (as in `named_modules()`) or
+    modules of the BatchNorm layers to re-estimate; every other BN layer stays in eval
+    mode on its own statistics (a name that is not a BatchNorm submodule ->
+    `BadOptionError(option="modules")`).
 
     `distributed=True` with several processes (`mcensemble.distributed`; every process
     calls it with the same weights and loader): process r runs batches r, r + world, ...
@@ -150,11 +211,10 @@ def update_bn(model: nn.Module, loader: Iterable[Any], *, device: str | torch.de
     their batch counts (for the mean and the variance alike; `num_batches_tracked` is the
     total). No-op flag with one process.
     """
-    bns = [m for m in model.modules() if isinstance(m, _BatchNorm) and m.track_running_stats]
+    bns = _bn_layers(model, modules)
     if not bns:
         return
     if max_batches is not None and max_batches < 1:
-        from .errors import BadOptionError
         raise BadOptionError(f"max_batches must be at least 1, got {max_batches}", option="max_batches")
     if device is None:
         device = _model_device(model)

@@ -27,7 +27,7 @@ from typing import Any, Callable, Iterable, Mapping
 import torch
 import torch.nn as nn
 
-from ._io import atomic_path, sha256_file
+from ._io import atomic_path, independent_tensors, sha256_file
 from .errors import (ArchitectureMismatchError, CheckpointError, MCEnsembleError,
                      NonFiniteError, UnsafeCheckpointError)
 from .models import ModelLike, ModelSpec, as_factory
@@ -439,6 +439,9 @@ def _read_safetensors(path: Path, ctx: _Ctx) -> tuple[StateDict, dict[str, Any]]
             stored = json.loads(ours)
         except json.JSONDecodeError as e:
             raise CheckpointError(f"{path}: the '{META_KEY}' header is not valid JSON ({e})") from e
+        if not isinstance(stored, dict):
+            raise CheckpointError(f"{path}: the '{META_KEY}' header holds a {type(stored).__name__}, "
+                                  "not a JSON object; re-save the weights with save_checkpoint")
         fmt = stored.get("format")
         if fmt in ("mcensemble-path", "mcensemble-ensemble"):
             raise CheckpointError(
@@ -604,21 +607,11 @@ def load_checkpoint(src: str | os.PathLike, *, model: ModelLike | None = None,
 
 def _independent_tensors(state_dict: Mapping[str, Any]) -> StateDict:
     """CPU, contiguous tensors that own their storage (safetensors refuses shared memory)."""
-    out: StateDict = {}
-    seen: set[int] = set()
     for name, t in state_dict.items():
         if not isinstance(name, str) or not isinstance(t, torch.Tensor):
             raise CheckpointError(
                 f"cannot save {name!r}: a state dict maps names to tensors, got {type(t).__name__}")
-        t = t.detach().cpu().contiguous()
-        storage = t.untyped_storage()
-        if storage.data_ptr() in seen or storage.nbytes() != t.nbytes:
-            t = t.clone()
-            storage = t.untyped_storage()
-        if t.numel():
-            seen.add(storage.data_ptr())
-        out[name] = t
-    return out
+    return independent_tensors(state_dict)
 
 
 def save_checkpoint(state_dict: Mapping[str, torch.Tensor], dest: str | os.PathLike, *,

@@ -394,12 +394,16 @@ def example_input(model: nn.Module, *, data: Any = None, batch_size: int = 2) ->
         device = torch.device("cpu")
     if data is not None:
         loader = data if isinstance(data, DataLoader) else create_loader(data, batch_size=batch_size, model=model)
-        batch = next(iter(loader))
-        x = batch[0] if isinstance(batch, (list, tuple)) else batch
+        from .bn import batch_input
+        what = spec_name(data) if not isinstance(data, DataLoader) else "loader"
+        batch = next(iter(loader), None)
+        if batch is None:
+            raise DataSpecError(f"data {what} gives no batches; give a non-empty data set",
+                                option="--data")
+        x = batch_input(batch)
         if isinstance(x, torch.Tensor):
             return x[:batch_size].to(device)
-        raise DataSpecError(f"data {spec_name(data) if not isinstance(data, DataLoader) else 'loader'} does not "
-                            f"give tensor inputs", option="--data")
+        raise DataSpecError(f"data {what} does not give tensor inputs", option="--data")
     g = torch.Generator().manual_seed(0)
     cfg = getattr(model, "pretrained_cfg", None) or {}
     chans = _model_in_chans(model)

@@ -35,7 +35,7 @@ from typing import Any, Callable, Iterable, Mapping, Sequence
 import torch
 import torch.nn as nn
 
-from ._io import atomic_path, sha256_file
+from ._io import atomic_path, independent_tensors, sha256_file
 from .errors import (
     ArchitectureMismatchError, BadOptionError, CheckpointError, MCEnsembleError,
     ModelSpecError, NonFiniteError,
@@ -511,24 +511,9 @@ def _json_safe(obj: Any) -> Any:
     return obj
 
 
-def save_ensemble(dest: str | os.PathLike, member_states: Sequence[StateDict], *,
-                  model_spec: ModelSpec | Mapping[str, Any] | None = None,
-                  members: Sequence[Mapping[str, Any]] | None = None,
-                  sources: Iterable = (), extra: Mapping[str, Any] | None = None) -> Path:
-    """Write an ensemble file (safetensors, atomically) and return its path.
-
-    member_states: K >= 1 state dicts with the same tensor names, shapes and dtypes, all
-    finite. members: one dict per member (`t` in [0, 1] or None, `kind`, anything else
-    JSON-able); default `{"t": None, "kind": "state"}`. sources: `{"file", "sha256"}` dicts
-    or file paths (hashed here). extra: more top-level JSON keys (not the reserved ones).
-    """
-    from safetensors.torch import save_file
-
-    if isinstance(member_states, EnsembleModel):
-        member_states = member_states.member_states()
-    member_states = list(member_states)
-    k = len(member_states)
-    if k < 1:
+def _check_member_states(member_states: list[StateDict]) -> None:
+    """Same tensor names, shapes and dtypes in every member, all finite."""
+    if not member_states:
         raise BadOptionError("an ensemble needs at least one member; got 0 member states",
                              option="members")
     ref = member_states[0]
@@ -544,18 +529,41 @@ def save_ensemble(dest: str | os.PathLike, member_states: Sequence[StateDict], *
                 raise NonFiniteError(
                     f"member {i} tensor {n!r} holds NaN or Inf; refusing to save a non-finite "
                     f"ensemble member")
-    info = _as_member_info(members, k)
+
+
+def _spec_dict(model_spec: ModelSpec | Mapping[str, Any] | None) -> dict[str, Any] | None:
     if isinstance(model_spec, ModelSpec):
-        spec = model_spec.to_dict()
-    elif model_spec is None:
-        spec = None
-    elif isinstance(model_spec, Mapping):
-        spec = ModelSpec.from_dict(dict(model_spec)).to_dict()
-    else:
-        raise BadOptionError(f"model_spec must be a ModelSpec or dict, got {type(model_spec).__name__}",
-                             option="model_spec")
+        return model_spec.to_dict()
+    if model_spec is None:
+        return None
+    if isinstance(model_spec, Mapping):
+        return ModelSpec.from_dict(dict(model_spec)).to_dict()
+    raise BadOptionError(f"model_spec must be a ModelSpec or dict, got {type(model_spec).__name__}",
+                         option="model_spec")
+
+
+def save_ensemble(dest: str | os.PathLike, member_states: Sequence[StateDict], *,
+                  model_spec: ModelSpec | Mapping[str, Any] | None = None,
+                  members: Sequence[Mapping[str, Any]] | None = None,
+                  sources: Iterable = (), extra: Mapping[str, Any] | None = None) -> Path:
+    """Write an ensemble file (safetensors, atomically) and return its path.
+
+    member_states: K >= 1 state dicts with the same tensor names, shapes and dtypes, all
+    finite (or an `EnsembleModel`, whose members are written). members: one dict per
+    member (`t` in [0, 1] or None, `kind`, anything else JSON-able); default
+    `{"t": None, "kind": "state"}`. sources: `{"file", "sha256"}` dicts or file paths
+    (hashed here). extra: more top-level JSON keys (not the reserved ones).
+    """
+    from safetensors.torch import save_file
+
+    if isinstance(member_states, EnsembleModel):
+        member_states = member_states.member_states()
+    member_states = list(member_states)
+    _check_member_states(member_states)
+    k = len(member_states)
+    info = _as_member_info(members, k)
     doc: dict[str, Any] = {
-        "format": FORMAT, "format_version": FORMAT_VERSION, "model": spec,
+        "format": FORMAT, "format_version": FORMAT_VERSION, "model": _spec_dict(model_spec),
         "members": info, "combine": "mean_prob", "sources": _as_sources(sources),
     }
     for key, value in (extra or {}).items():
@@ -567,19 +575,8 @@ def save_ensemble(dest: str | os.PathLike, member_states: Sequence[StateDict], *
     except (TypeError, ValueError) as e:
         raise BadOptionError(f"ensemble metadata is not JSON-serialisable: {e}", option="extra") from e
 
-    tensors: dict[str, torch.Tensor] = {}
-    seen: set[int] = set()
-    for i, st in enumerate(member_states):
-        for n, t in st.items():
-            t = t.detach().to("cpu")
-            storage = t.untyped_storage()
-            if (not t.is_contiguous() or storage.data_ptr() in seen
-                    or storage.nbytes() != t.numel() * t.element_size()):
-                t = t.clone(memory_format=torch.contiguous_format)
-                storage = t.untyped_storage()
-            if t.numel():
-                seen.add(storage.data_ptr())
-            tensors[f"member.{i}.{n}"] = t
+    tensors = independent_tensors({f"member.{i}.{n}": t for i, st in enumerate(member_states)
+                                   for n, t in st.items()})
     dest = Path(dest)
     with atomic_path(dest) as tmp:
         save_file(tensors, str(tmp), metadata={METADATA_KEY: text, "format": "pt"})

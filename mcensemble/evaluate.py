@@ -16,15 +16,13 @@ import torch.nn as nn
 import torch.nn.functional as F
 from tqdm import tqdm
 
-from .bn import batch_input, has_batchnorm, update_bn
+from .bn import has_batchnorm, labelled_batch, update_bn
 from .errors import ArchitectureMismatchError, BadOptionError, DataSpecError
 from .models import ModelLike, as_factory
 
 __all__ = ["Metrics", "ScanResult", "expected_calibration_error", "evaluate", "evaluate_state", "scan"]
 
 log = logging.getLogger(__name__)
-
-_LABEL_KEYS = ("label", "labels", "target", "targets", "y")
 
 
 @dataclass
@@ -77,19 +75,6 @@ def expected_calibration_error(probs: torch.Tensor, labels: torch.Tensor, n_bins
     return _ece(conf, pred.eq(labels.to(pred.device)), n_bins)
 
 
-def _split_batch(batch: Any) -> tuple[torch.Tensor, torch.Tensor]:
-    x = batch_input(batch)
-    y = None
-    if isinstance(batch, (list, tuple)) and len(batch) >= 2:
-        y = batch[1]
-    elif isinstance(batch, dict):
-        y = next((batch[k] for k in _LABEL_KEYS if k in batch), None)
-    if y is None:
-        raise DataSpecError("a data batch has no labels; evaluation needs (inputs, labels) batches "
-                            "or dicts with a 'label' / 'target' entry", option="--data")
-    return x, torch.as_tensor(y)
-
-
 def _logits(out: Any) -> torch.Tensor:
     if isinstance(out, (list, tuple)) and out and isinstance(out[0], torch.Tensor):
         out = out[0]
@@ -123,7 +108,7 @@ def evaluate(model: nn.Module, loader: Iterable[Any], *, device: str | torch.dev
                disable=None if progress is None else not progress)
     try:
         for batch in bar:
-            x, y = _split_batch(batch)
+            x, y = labelled_batch(batch, what="evaluation")
             x, y = x.to(device), y.to(device).long()
             logp = F.log_softmax(_logits(model(x)).float(), dim=1)
             if y.ndim != 1 or y.shape[0] != logp.shape[0]:

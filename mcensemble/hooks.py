@@ -70,14 +70,16 @@ class ChannelDropoutHandle:
                                          f"uses axis {r.axis}; channel dropout needs axis 1")
                 self.consumers.setdefault(r.module, []).append((g.name, g.size, r.block, r.offset))
         self._masks: dict[str, torch.Tensor] = {}
-        self._handles = [model.register_forward_pre_hook(self._new_pass)]
-        for name, entries in self.consumers.items():
+        hooked = []
+        for name, entries in self.consumers.items():  # check every consumer before hooking any
             try:
                 module = model.get_submodule(name)
             except AttributeError as e:
                 raise UnitGraphError(f"unit graph names consumer {name!r}, which the model "
                                      f"does not have") from e
-            axis = _unit_axis(module, name)
+            hooked.append((module, entries, _unit_axis(module, name)))
+        self._handles = [model.register_forward_pre_hook(self._new_pass)]
+        for module, entries, axis in hooked:
             self._handles.append(module.register_forward_pre_hook(self._hook(entries, axis)))
 
     def _new_pass(self, module, args) -> None:
@@ -373,7 +375,7 @@ def fge_train(model: nn.Module, loader: Iterable, *, cycles: int = 4, epochs: in
     import sys
     import torch.nn.functional as F
     from tqdm.auto import tqdm
-    from .train import split_batch
+    from .bn import labelled_batch
     cycles = _check_positive_int(cycles, "cycles", minimum=1)
     epochs = _check_positive_int(epochs, "epochs", minimum=1)
     cycle = epochs * len(loader) // cycles  # type: ignore[arg-type]
@@ -397,7 +399,7 @@ def fge_train(model: nn.Module, loader: Iterable, *, cycles: int = 4, epochs: in
             for batch in loader:
                 if col.step_count >= total:
                     break
-                x, y = split_batch(batch)
+                x, y = labelled_batch(batch, what="FGE training")
                 loss = F.cross_entropy(model(x.to(device)), y.to(device))
                 opt.zero_grad(set_to_none=True)
                 loss.backward()

@@ -21,9 +21,9 @@ import torch.nn as nn
 import torch.nn.functional as F
 from tqdm.auto import tqdm
 
-from .bn import has_batchnorm, update_bn
-from .errors import BadOptionError
-from .evaluate import Metrics, evaluate, expected_calibration_error
+from .bn import has_batchnorm, labelled_batch, update_bn
+from .errors import BadOptionError, DataSpecError
+from .evaluate import Metrics, _load_state_strict, evaluate, expected_calibration_error
 
 __all__ = ["Candidate", "global_to_local", "uniform_points", "evaluate_candidates", "select_greedy_nll",
            "candidate_state", "predict_log_probs", "ensemble_metrics"]
@@ -88,18 +88,20 @@ def _bn_buffer_names(model: nn.Module) -> list[str]:
 def predict_log_probs(model: nn.Module, loader: Iterable, *, device: str | torch.device = "cpu"
                       ) -> tuple[torch.Tensor, torch.Tensor]:
     """(log_softmax outputs (N, C), labels (N,)) on CPU, model in eval mode."""
-    from .bn import batch_input
-    was = model.training
+    modes = [(m, m.training) for m in model.modules()]
     model.eval()
     outs, labels = [], []
     try:
         for batch in loader:
-            x = batch_input(batch)
-            y = batch[1] if isinstance(batch, (list, tuple)) else batch["label"]
+            x, y = labelled_batch(batch, what="evaluation")
             outs.append(F.log_softmax(model(x.to(device)).float(), dim=-1).cpu())
             labels.append(torch.as_tensor(y).cpu())
     finally:
-        model.train(was)
+        for m, mode in modes:  # every module's own flag, as evaluate() does
+            m.training = mode
+    if not outs:
+        raise DataSpecError("cannot predict: the data loader yielded no batches; give a non-empty "
+                            "data set", option="--data")
     return torch.cat(outs), torch.cat(labels)
 
 
@@ -128,7 +130,7 @@ def evaluate_candidates(paths: Sequence[Any], model: nn.Module, points: Sequence
     mine = dist_.shard(list(points))
     for p, t, u in tqdm(mine, desc="points", file=sys.stderr, leave=False,
                         disable=None if progress is None else not progress):
-        model.load_state_dict(paths[p].state_at(t), strict=True)
+        _load_state_strict(model, paths[p].state_at(t))  # a mismatch names the tensor
         model.to(device)
         if bn:
             update_bn(model, train_loader, device=device, progress=False)

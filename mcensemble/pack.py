@@ -16,9 +16,10 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
+from .bn import labelled_batch
+from .errors import DataSpecError
 from .evaluate import expected_calibration_error
 from .paths.dropout import mix_states, prepare
-from .train import split_batch
 
 __all__ = ["pack_pair", "pack_report"]
 
@@ -64,7 +65,7 @@ def pack_report(model: nn.Module, packed: Mapping[str, torch.Tensor], a: Mapping
     outs: dict[str, list[torch.Tensor]] = {k: [] for k in ("packed", "A", "B", "ensemble")}
     ys = []
     for batch in loader:
-        x, y = split_batch(batch)
+        x, y = labelled_batch(batch, what="pack_report")
         x = x.to(device)
         la = F.log_softmax(_logits(work, a, x), 1)
         lb = F.log_softmax(_logits(work, b, x), 1)
@@ -73,5 +74,8 @@ def pack_report(model: nn.Module, packed: Mapping[str, torch.Tensor], a: Mapping
         outs["packed"].append(F.log_softmax(_logits(work, packed, x), 1).cpu())
         outs["ensemble"].append((torch.logaddexp(la, lb) - torch.log(torch.tensor(2.0))).cpu())
         ys.append(y.long().cpu())
+    if not ys:
+        raise DataSpecError("pack_report: the data loader yielded no batches; give a non-empty "
+                            "data set", option="--data")
     y = torch.cat(ys)
     return {k: _metrics(torch.cat(v), y) for k, v in outs.items()}

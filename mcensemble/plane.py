@@ -18,7 +18,8 @@ from tqdm.auto import tqdm
 
 from .bn import has_batchnorm, update_bn
 from .errors import BadOptionError
-from .evaluate import evaluate
+from .evaluate import _load_state_strict, evaluate
+from .models import ModelLike, as_factory
 
 __all__ = ["PlaneResult", "plane_basis", "project", "scan_plane"]
 
@@ -87,20 +88,26 @@ def _state_on_plane(x: float, y: float, template: StateDict, names: list[str], b
     return out
 
 
-def scan_plane(path: Any, model: nn.Module, loader: Iterable, *, bn_loader: Iterable | None = None,
+def scan_plane(path: Any, model: ModelLike, loader: Iterable, *, bn_loader: Iterable | None = None,
                resolution: int = 11, margin: float = 0.2, path_points: int = 21, others: Mapping[str, Any] = {},
                device: str | torch.device = "cpu", progress: bool | None = None) -> PlaneResult:
     """Evaluate the training loss on a `resolution` x `resolution` grid of the plane through
-    the path's endpoints and its first bend; project the path (and `others`, label -> path)."""
+    the path's endpoints and its first bend; project the path (and `others`, label -> path)
+    at `path_points` evenly spaced t. `model` (a ModelLike) is instantiated once via
+    `as_factory`: an `nn.Module` is copied, the caller's model is never changed."""
     if resolution < 2:
         raise BadOptionError(f"the plane grid needs at least 2 points a side, got {resolution}", option="--plane-grid")
+    if path_points < 2:
+        raise BadOptionError(f"path_points must be at least 2 (the path's ends), got {path_points}",
+                             option="path_points")
     groups = getattr(path, "groups", {})
     if "bend.0" not in groups:
         raise BadOptionError(f"a {path.kind} path has no bend: --plane needs a bezier or polychain path "
                              "(build one with `mcensemble build --method bezier --path-out FILE`)", option="--plane")
     a, b = path.endpoints
     bend = {**a, **groups["bend.0"]}
-    names = _coords(model, a)
+    net = as_factory(model)()
+    names = _coords(net, a)
     basis = plane_basis(a, b, bend, names)
     pts = {"A": project(a, names, basis), "B": project(b, names, basis), "bend": project(bend, names, basis)}
     xs_all, ys_all = [p[0] for p in pts.values()], [p[1] for p in pts.values()]
@@ -109,22 +116,23 @@ def scan_plane(path: Any, model: nn.Module, loader: Iterable, *, bn_loader: Iter
     lo_y, hi_y = min(ys_all) - margin * span, max(ys_all) + margin * span
     xs = [lo_x + (hi_x - lo_x) * i / (resolution - 1) for i in range(resolution)]
     ys = [lo_y + (hi_y - lo_y) * j / (resolution - 1) for j in range(resolution)]
-    net = model
     bn = has_batchnorm(net) and bn_loader is not None
     loss = [[0.0] * resolution for _ in ys]
     acc = [[0.0] * resolution for _ in ys]
     bar = tqdm(total=resolution * resolution, desc="plane", file=sys.stderr, leave=False,
                disable=None if progress is None else not progress)
-    for j, y in enumerate(ys):
-        for i, x in enumerate(xs):
-            net.load_state_dict(_state_on_plane(x, y, a, names, basis), strict=True)
-            net.to(device)
-            if bn:
-                update_bn(net, bn_loader, device=device, progress=False)
-            m = evaluate(net, loader, device=device, progress=False)
-            loss[j][i], acc[j][i] = m.loss, m.acc
-            bar.update()
-    bar.close()
+    try:
+        for j, y in enumerate(ys):
+            for i, x in enumerate(xs):
+                _load_state_strict(net, _state_on_plane(x, y, a, names, basis))
+                net.to(device)
+                if bn:
+                    update_bn(net, bn_loader, device=device, progress=False)
+                m = evaluate(net, loader, device=device, progress=False)
+                loss[j][i], acc[j][i] = m.loss, m.acc
+                bar.update()
+    finally:
+        bar.close()
     ts = [k / (path_points - 1) for k in range(path_points)]
     paths = {label: [project(p.state_at(t), names, basis) for t in ts]
              for label, p in {path.kind: path, **others}.items()}

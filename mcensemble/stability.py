@@ -31,7 +31,7 @@ import torch.nn.functional as F
 from torch.nn.modules.batchnorm import _BatchNorm
 from tqdm import tqdm
 
-from .bn import batch_input, has_batchnorm
+from .bn import batch_input, has_batchnorm, labelled_batch, update_bn
 from .errors import BadOptionError, DataSpecError
 from .evaluate import evaluate
 from .units import UnitGraph, UnitGroup, build_unit_graph
@@ -135,36 +135,16 @@ def _bn_modules(model: nn.Module, graph: UnitGraph, min_depth: int) -> list[str]
 def reestimate_bn(model: nn.Module, state: Mapping[str, torch.Tensor], loader: Iterable[Any],
                   modules: list[str], *, device="cpu") -> StateDict:
     """Running statistics of the BatchNorm `modules` of `model` loaded with `state`,
-    re-estimated on `loader` (cumulative average), every other module in eval mode with
-    its own statistics. Returns `{tensor name: statistics}`; `model` keeps `state`."""
+    re-estimated on `loader` (cumulative average, `update_bn(modules=...)`), every other
+    module in eval mode with its own statistics. Returns `{tensor name: statistics}`;
+    `model` keeps `state`."""
     if not modules:
         return {}
     model.load_state_dict(state)
+    update_bn(model, loader, device=device, progress=False, modules=modules)
     mods = dict(model.named_modules())
-    flags = [(m, m.training) for m in model.modules()]
-    bns = [mods[n] for n in modules]
-    moms = [(bn, bn.momentum) for bn in bns]
-    try:
-        model.eval()
-        for bn in bns:
-            bn.reset_running_stats()
-            bn.momentum = None
-            bn.train()
-        seen = 0
-        for batch in loader:
-            model(batch_input(batch).to(device))
-            seen += 1
-        if not seen:
-            raise DataSpecError("cannot re-estimate BatchNorm statistics: the data loader "
-                                "yielded no batches", option="--data")
-        out = {f"{n}.{k}": getattr(mods[n], k).detach().cpu().clone()
-               for n in modules for k in _BN_STATS if getattr(mods[n], k, None) is not None}
-    finally:
-        for bn, mom in moms:
-            bn.momentum = mom
-        for m, f in flags:
-            m.training = f
-    return out
+    return {f"{n}.{k}": getattr(mods[n], k).detach().cpu().clone()
+            for n in modules for k in _BN_STATS if getattr(mods[n], k, None) is not None}
 
 
 def dropout_network(model: nn.Module, state: Mapping[str, torch.Tensor], graph: UnitGraph,
@@ -183,13 +163,9 @@ def dropout_network(model: nn.Module, state: Mapping[str, torch.Tensor], graph: 
 
 
 def _subset(loader: Iterable[Any], n: int) -> tuple[torch.Tensor, torch.Tensor]:
-    from .train import split_batch
     xs, ys, got = [], [], 0
     for batch in loader:
-        x, y = split_batch(batch)
-        if y is None:
-            raise DataSpecError("dropout stability needs labelled batches ((inputs, labels) "
-                                "tuples or dicts with a 'label' entry)", option="--data")
+        x, y = labelled_batch(batch, what="dropout stability")
         xs.append(x)
         ys.append(y.long())
         got += x.shape[0]

@@ -13,6 +13,7 @@ import torch.nn.functional as F
 from torch.utils.data import DataLoader
 from tqdm.auto import tqdm
 
+from .bn import labelled_batch, split_batch  # split_batch re-exported (public name)
 from .errors import BadOptionError
 
 __all__ = ["TrainConfig", "train_model", "split_batch"]
@@ -27,21 +28,6 @@ class TrainConfig:
     momentum: float = 0.9
     weight_decay: float = 5e-4
     seed: int = 0
-
-
-def split_batch(batch) -> tuple[torch.Tensor, torch.Tensor | None]:
-    """(input, target) from a batch that is a tensor, an (x, y, ...) sequence or a dict."""
-    if isinstance(batch, torch.Tensor):
-        return batch, None
-    if isinstance(batch, (list, tuple)):
-        return batch[0], (batch[1] if len(batch) > 1 else None)
-    if isinstance(batch, dict):
-        x = next((batch[k] for k in ("image", "input", "x", "pixel_values") if k in batch), None)
-        y = next((batch[k] for k in ("label", "target", "y", "labels") if k in batch), None)
-        if x is not None:
-            return x, y
-    raise BadOptionError(f"cannot find inputs in a batch of type {type(batch).__name__}: "
-                         "return tensors, (input, target) pairs or dicts with 'image'/'label'", option="--data")
 
 
 def train_model(model: nn.Module, loader: DataLoader, *, config: TrainConfig = TrainConfig(),
@@ -67,7 +53,7 @@ def train_model(model: nn.Module, loader: DataLoader, *, config: TrainConfig = T
     try:
         for _ in range(config.epochs):
             for batch in loader:
-                x, y = split_batch(batch)
+                x, y = labelled_batch(batch, what="training")
                 loss = F.cross_entropy(model(x.to(device)), y.to(device))
                 opt.zero_grad(set_to_none=True)
                 loss.backward()

@@ -25,7 +25,7 @@ from typing import Any, Callable, ClassVar, Mapping, TypeVar
 
 import torch
 
-from .._io import atomic_path
+from .._io import atomic_path, independent_tensors
 from ..errors import ArchitectureMismatchError, BadOptionError, CheckpointError
 
 __all__ = [
@@ -188,24 +188,18 @@ class Path:
         doc.update(self._file_fields())
         for k, v in (extra or {}).items():
             if k in _RESERVED:
-                raise ValueError(f"extra may not set the reserved field {k!r}")
+                raise BadOptionError(f"extra= may not set the reserved field {k!r}; pass other "
+                                     "field names", option="extra")
             doc[k] = v
         try:
             header = json.dumps(doc)
         except (TypeError, ValueError) as e:
-            raise ValueError(f"path metadata is not JSON-serialisable: {e}") from e
+            raise BadOptionError(f"path metadata is not JSON-serialisable ({e}); pass plain "
+                                 "numbers, strings, lists and dicts in metadata / extra",
+                                 option="extra") from e
 
-        tensors: dict[str, torch.Tensor] = {}
-        seen: set[tuple[int, int]] = set()
-        for g, sd in self.groups.items():
-            for name, t in sd.items():
-                t = t.detach().cpu().contiguous()
-                key = (t.untyped_storage().data_ptr(), t.storage_offset()) if t.numel() else None
-                if key is not None and key in seen:  # safetensors refuses shared storage
-                    t = t.clone()
-                elif key is not None:
-                    seen.add(key)
-                tensors[f"{g}.{name}"] = t
+        tensors = independent_tensors({f"{g}.{name}": t for g, sd in self.groups.items()
+                                       for name, t in sd.items()})
         with atomic_path(file) as tmp:
             save_file(tensors, str(tmp), metadata={METADATA_KEY: header})
         log.debug("saved %s path to %s", self.kind, file)

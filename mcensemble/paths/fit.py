@@ -52,6 +52,7 @@ from torch.utils.data import BatchSampler, DataLoader, IterableDataset, RandomSa
 from tqdm.auto import tqdm
 
 from .. import distributed as dist_
+from ..bn import split_batch
 from ..checkpoints import check_same_architecture
 from ..errors import BadOptionError, CheckpointError, MCEnsembleError
 from .base import check_same_layout, state_dict_sha256
@@ -127,11 +128,6 @@ def lr_factor(step: int, total: int) -> float:
     if frac <= 0.5:
         return 1.0
     return 1.0 - 0.99 * (frac - 0.5) / 0.5
-
-
-def _split_batch(batch):
-    from ..train import split_batch
-    return split_batch(batch)
 
 
 def _steps_per_epoch(loader) -> int:
@@ -461,7 +457,7 @@ def epoch_batches(loader, epoch: int, seed: int, *, skip: int = 0) -> Iterator[t
     for j, batch in enumerate(it):
         if j < skip:
             continue
-        x, y = _split_batch(batch)
+        x, y = split_batch(batch)
         if world > 1:
             x, y = x[r::world], (y[r::world] if y is not None else None)
             if len(x) == 0:
@@ -493,7 +489,7 @@ def _owned_batches(loader: DataLoader, epoch, seed, skip, world, r):
         if not m:
             yield None
             continue
-        x, y = _split_batch(next(it))
+        x, y = split_batch(next(it))
         yield x, y
 
 

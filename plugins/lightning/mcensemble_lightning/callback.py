@@ -75,7 +75,12 @@ class MCEnsembleCallback(pl.Callback):
         if isinstance(start_epoch, bool) or not isinstance(start_epoch, int) or start_epoch < 0:
             raise BadOptionError(f"start_epoch must be an integer >= 0, got {start_epoch!r}",
                                  option="start_epoch")
-        if not 0.0 <= float(channel_dropout) < 1.0:
+        try:
+            p = float(channel_dropout)
+        except (TypeError, ValueError) as e:
+            raise BadOptionError(f"channel_dropout must be a number in [0, 1), got {channel_dropout!r}",
+                                 option="channel_dropout") from e
+        if not 0.0 <= p < 1.0:
             raise BadOptionError(f"channel_dropout must be in [0, 1), got {channel_dropout!r}",
                                  option="channel_dropout")
         if isinstance(bn_loader, str) and bn_loader != "train":
