@@ -570,8 +570,8 @@ def _barrier(cands) -> float:
 
 
 def _labels(loader) -> torch.Tensor:
-    from .train import split_batch
-    return torch.cat([torch.as_tensor(split_batch(b)[1]) for b in loader])
+    from .bn import labelled_batch
+    return torch.cat([labelled_batch(b, what="choosing members on --val-data")[1] for b in loader])
 
 
 def _cand_metrics(c) -> dict[str, Any]:
@@ -640,8 +640,10 @@ def evaluate_ensemble_file(file: str | os.PathLike, *, model: Any = None, trust_
     for member in ens.members:
         lp, labels = predict_log_probs(member, loader, device=data.device)
         per.append(lp)
-    info = ens.metadata.get("members") or [{} for _ in per]
-    members = [{**ensemble_metrics([lp], labels).to_dict(), "t": info[i].get("t")} for i, lp in enumerate(per)]
+    info = ens.metadata.get("members")
+    info = info if isinstance(info, list) and len(info) == len(per) else [{} for _ in per]
+    members = [{**ensemble_metrics([lp], labels).to_dict(), "t": m.get("t") if isinstance(m, dict) else None}
+               for m, lp in zip(info, per)]
     return {"file": str(file), "data": spec, "split": split, "members": members,
             "ensemble": ensemble_metrics(per, labels).to_dict(), "strategy": ens.strategy}
 
