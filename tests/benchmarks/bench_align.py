@@ -49,6 +49,7 @@ PAIRS = {  # label: (model key, data spec, epochs)
     "bn-cnn 32-64 (digits 8x8)": ("cnn", "digits", 10),
     "timm test_resnet (digits 16x16)": ("test_resnet", "digits,size=16", 10),
     "timm resnet10t (digits 16x16)": ("resnet10t", "digits,size=16", 10),
+    "timm resnet18 (digits 16x16)": ("resnet18", "digits,size=16", 8),
 }
 
 
@@ -135,7 +136,7 @@ def main(argv=None) -> int:
     ap.add_argument("--out", help="also write the markdown table to this file")
     ap.add_argument("--threads", type=int, default=1, help="torch threads (default 1)")
     ap.add_argument("--repeats", type=int, default=3)
-    ap.add_argument("--only", nargs="*", help="model keys to run (mlp cnn test_resnet resnet10t)")
+    ap.add_argument("--only", nargs="*", help="model keys to run (mlp cnn test_resnet resnet10t resnet18)")
     args = ap.parse_args(argv)
     torch.set_num_threads(args.threads)
     torch.set_flush_denormal(True)
