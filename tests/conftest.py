@@ -5,13 +5,14 @@ locally. Everything here is CPU-only, offline, and takes a few seconds in all.
 """
 from __future__ import annotations
 
-import contextlib
 import sys
 import textwrap
 from pathlib import Path
 
 import pytest
 import torch
+
+from helpers import one_thread, train_pair
 
 #: the user's own module for `--model module:function` tests (a unique name: imported once)
 USER_MODULE = "mce_user_models"
@@ -26,36 +27,20 @@ USER_MODULE_SOURCE = textwrap.dedent('''
 ''')
 
 
-@contextlib.contextmanager
-def _one_thread():
-    # Tiny models on a shared 2-core machine: one thread is several times faster than two.
-    before = torch.get_num_threads()
-    torch.set_num_threads(1)
-    try:
-        yield
-    finally:
-        torch.set_num_threads(before)
-
-
 @pytest.fixture
 def mce_one_thread():
     """torch on one CPU thread for this test (restored after; a CLI `--threads` inside is undone too)."""
-    with _one_thread():
+    with one_thread():
         yield
 
 
 def _train_timm_pair(folder: Path, arch: str, model_args: dict, epochs: int) -> tuple[Path, Path]:
     from mcensemble import zoo  # noqa: F401  (registers mce_* with timm)
     from mcensemble.checkpoints import save_checkpoint
-    from mcensemble.data import create_loader
     from mcensemble.models import ModelSpec, create_model
-    from mcensemble.train import TrainConfig, train_model
+    spec = ModelSpec(arch=arch, kwargs={"num_classes": 10, "in_chans": 1, **model_args})
     files = []
-    for seed in (0, 1):
-        torch.manual_seed(seed)
-        net = create_model(ModelSpec(arch=arch, kwargs={"num_classes": 10, "in_chans": 1, **model_args}))
-        loader = create_loader("digits", split="train", batch_size=64, shuffle=True, seed=seed)
-        train_model(net, loader, config=TrainConfig(epochs=epochs, lr=0.1, seed=seed), progress=False)
+    for seed, net in zip((0, 1), train_pair(lambda: create_model(spec), epochs=epochs, lr=0.1)):
         dest = folder / f"{arch}-{seed}.safetensors"
         save_checkpoint(net.state_dict(), dest, metadata={"arch": arch, "num_classes": 10, "in_chans": 1,
                                                            "model_args": model_args})
@@ -66,14 +51,14 @@ def _train_timm_pair(folder: Path, arch: str, model_args: dict, epochs: int) -> 
 @pytest.fixture(scope="session")
 def mce_mlp_pair(tmp_path_factory) -> tuple[Path, Path]:
     """Two `mce_digits_mlp` (width 32, no BN) trained from seeds 0 and 1; safetensors naming the arch."""
-    with _one_thread():
+    with one_thread():
         return _train_timm_pair(tmp_path_factory.mktemp("mlp_pair"), "mce_digits_mlp", {"width": 32}, epochs=4)
 
 
 @pytest.fixture(scope="session")
 def mce_cnn_pair(tmp_path_factory) -> tuple[Path, Path]:
     """Two tiny `mce_digits_cnn` (widths 4, 8: with BatchNorm), one epoch each."""
-    with _one_thread():
+    with one_thread():
         return _train_timm_pair(tmp_path_factory.mktemp("cnn_pair"), "mce_digits_cnn", {"widths": [4, 8]}, epochs=1)
 
 
@@ -90,7 +75,7 @@ def mce_user_folder(tmp_path_factory) -> Path:
     finally:
         sys.path.remove(str(folder))
     x, y = digits_tensors("train")
-    with _one_thread():
+    with one_thread():
         _train_user_pair(mod, folder, x, y)
     return folder
 
@@ -136,6 +121,9 @@ def mce_cli():
 @pytest.fixture(scope="session", autouse=True)
 def _mce_suite_one_thread():
     """The whole suite runs torch on one thread: its models are tiny, and on a 2-core
-    machine two threads were measured several times slower (thread hand-off dominates)."""
-    with _one_thread():
+    machine two threads were measured several times slower (thread hand-off dominates).
+    Denormals are flushed to zero too (on CPU they made training and fitting steps many
+    times slower); there is no getter, so it stays on, as the modules that set it left it."""
+    torch.set_flush_denormal(True)
+    with one_thread():
         yield

@@ -8,7 +8,6 @@ from __future__ import annotations
 import copy
 
 import pytest
-import timm
 import torch
 import torch.nn as nn
 
@@ -17,11 +16,10 @@ from mcensemble.data import create_loader
 from mcensemble.errors import ArchitectureMismatchError, BadOptionError
 from mcensemble.evaluate import evaluate_state, scan
 from mcensemble.paths.linear import LinearPath, interpolate
-from mcensemble.train import TrainConfig, train_model
 from mcensemble.units import UnitGraph, UnitGraphError, UnitGroup, build_unit_graph, permute_state_dict
 from mcensemble.zoo import DigitsCNN, DigitsMLP
 
-torch.set_num_threads(1)
+from helpers import randomize, randomized_case, timm_factory, train_pair
 
 
 class ResMLP(nn.Module):
@@ -38,36 +36,17 @@ class ResMLP(nn.Module):
         return self.head(h + torch.relu(self.mix(h)))
 
 
-def _timm(name):
-    return lambda: timm.create_model(name, num_classes=10, in_chans=1)
-
-
 CASES = {  # name -> (factory, input size)
     "mlp": (DigitsMLP, 8), "bn_cnn": (DigitsCNN, 8), "resmlp": (ResMLP, 8),
-    "test_resnet": (_timm("test_resnet"), 16), "test_efficientnet": (_timm("test_efficientnet"), 16),
+    "test_resnet": (timm_factory("test_resnet"), 16),
+    "test_efficientnet": (timm_factory("test_efficientnet"), 16),
 }
-
-
-def randomize(model: nn.Module, seed: int) -> nn.Module:
-    """Random weights and BN statistics, so that no two units are alike by accident."""
-    g = torch.Generator().manual_seed(seed)
-    with torch.no_grad():
-        for name, t in model.state_dict().items():
-            if t.is_floating_point():
-                if name.endswith("running_var"):
-                    t.copy_(torch.rand(t.shape, generator=g) + 0.5)
-                else:
-                    t.copy_(torch.randn(t.shape, generator=g) * (0.5 if t.dim() > 1 else 0.3))
-    return model.eval()
 
 
 @pytest.fixture(scope="module", params=list(CASES))
 def case(request):
     factory, size = CASES[request.param]
-    torch.manual_seed(0)
-    model = randomize(factory(), 0)
-    x = torch.randn(4, 1, size, size)
-    graph = build_unit_graph(model, x[:1])
+    model, x, graph = randomized_case(factory, size, 4)
     b = randomize(factory(), 1).state_dict()
     return request.param, model, x, graph, model.state_dict(), b
 
@@ -145,22 +124,10 @@ def loaders():
     return create_loader("digits", batch_size=512), create_loader("digits", split="val", batch_size=512)
 
 
-def _train_pair(factory, epochs):
-    torch.set_flush_denormal(True)
-    out = []
-    for seed in (0, 1):
-        torch.manual_seed(seed)
-        m = factory()
-        loader = create_loader("digits", batch_size=128, shuffle=True, seed=seed)
-        train_model(m, loader, config=TrainConfig(epochs=epochs, seed=seed), progress=False)
-        out.append(m.state_dict())
-    return out
-
-
 @pytest.fixture(scope="module", params=["mlp", "bn_cnn"])
 def pair(request):
     factory, epochs = {"mlp": (DigitsMLP, 20), "bn_cnn": (DigitsCNN, 4)}[request.param]
-    a, b = _train_pair(factory, epochs)
+    a, b = (net.state_dict() for net in train_pair(factory, epochs=epochs, batch_size=128))
     return request.param, factory, a, b
 
 

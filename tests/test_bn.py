@@ -12,8 +12,6 @@ from torch.utils.data import DataLoader, TensorDataset
 from mcensemble.bn import batch_input, has_batchnorm, update_bn
 from mcensemble.errors import DataSpecError
 
-torch.set_flush_denormal(True)
-
 
 def bn_cnn(dropout: float = 0.0) -> nn.Module:
     torch.manual_seed(0)

@@ -5,7 +5,6 @@ import argparse
 import hashlib
 import json
 import logging
-import os
 import pickle
 import random
 from collections import OrderedDict
@@ -21,6 +20,9 @@ from mcensemble.checkpoints import (check_finite, check_same_architecture,
 from mcensemble.errors import (ArchitectureMismatchError, CheckpointError, NonFiniteError,
                                UnsafeCheckpointError)
 from mcensemble.models import ModelSpec
+
+import helpers
+from helpers import RunsShell
 
 timm = pytest.importorskip("timm")
 
@@ -44,7 +46,8 @@ def assert_same_tensors(got: dict, want: dict) -> None:
 
 
 def clone_state(m: nn.Module) -> OrderedDict:
-    return OrderedDict((k, v.detach().clone()) for k, v in m.state_dict().items())
+    """A detached copy of `m`'s state dict, of the type state_dict() returns."""
+    return OrderedDict(helpers.clone_state(m))
 
 
 def file_hashes(root: Path) -> dict[str, str]:
@@ -312,14 +315,6 @@ def test_saving_does_not_touch_input_tensors(tmp_path):
 
 
 # ----------------------------------------------------------------------------- safety
-class _RunsShell:
-    def __init__(self, marker):
-        self.marker = marker
-
-    def __reduce__(self):
-        return (os.system, (f"touch {self.marker}",))
-
-
 def _make_marker(path):
     Path(path).write_text("code ran")
 
@@ -336,7 +331,7 @@ class _TouchesFile:
 def test_malicious_pickle_is_refused_without_running(tmp_path, how):
     marker = tmp_path / "PWNED"
     f = tmp_path / "evil.pth"
-    payload = _RunsShell(marker) if how.endswith("system") else _TouchesFile(marker)
+    payload = RunsShell(marker) if how.endswith("system") else _TouchesFile(marker)
     if how.startswith("torch"):
         torch.save({"weight": torch.zeros(2), "x": payload}, f)
     else:

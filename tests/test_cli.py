@@ -7,7 +7,6 @@ import argparse
 import importlib
 import json
 import math
-import os
 import pickle
 import re
 import subprocess
@@ -23,6 +22,8 @@ import mcensemble
 from mcensemble.data import digits_tensors
 from mcensemble.errors import UnsafeCheckpointError
 from mcensemble.models import create_model
+
+from helpers import RunsShell, one_thread
 
 pytestmark = pytest.mark.usefixtures("mce_one_thread")
 
@@ -98,14 +99,6 @@ def test_inspect_timm_checkpoint_saver_file(mce_cli, saver_folder):
     assert folder["format"] == "timm-train" and folder["weights"] == "ema"
 
 
-class _RunsShell:
-    def __init__(self, marker):
-        self.marker = marker
-
-    def __reduce__(self):
-        return (os.system, (f"touch {self.marker}",))
-
-
 def _write_bad(kind: str, f: Path, marker: Path) -> None:
     if kind == "corrupt":
         f.write_bytes(b"\x80\x02" + bytes(range(256)) * 4)
@@ -113,9 +106,9 @@ def _write_bad(kind: str, f: Path, marker: Path) -> None:
         torch.save({"w": torch.zeros(100)}, f)
         f.write_bytes(f.read_bytes()[:200])
     elif kind == "evil-torch":
-        torch.save({"weight": torch.zeros(2), "x": _RunsShell(marker)}, f)
+        torch.save({"weight": torch.zeros(2), "x": RunsShell(marker)}, f)
     elif kind == "evil-pickle":
-        f.write_bytes(pickle.dumps(_RunsShell(marker), protocol=2))
+        f.write_bytes(pickle.dumps(RunsShell(marker), protocol=2))
 
 
 @pytest.mark.parametrize("kind, message", [
@@ -206,16 +199,12 @@ def built(mce_mlp_pair, tmp_path_factory):
             d = tmp_path_factory.mktemp(f"build-{method}")
             files = {k: d / n for k, n in (("out", "ens.safetensors"), ("report", "build.json"), ("plot", "build.png"),
                                           ("path_out", "path.safetensors"), ("soup", "soup.safetensors"))}
-            before = torch.get_num_threads()
-            torch.set_num_threads(1)
-            try:
+            with one_thread():
                 res = CliRunner().invoke(main, [str(x) for x in (
                     "build", *mce_mlp_pair, "--method", method, "--epochs", 1, "--members", 2, "--candidates", 3,
                     "--data", "digits", "--val-data", "digits", "--batch-size", 64,
                     "--out", files["out"], "--report", files["report"], "--plot", files["plot"],
                     "--path-out", files["path_out"], "--soup", files["soup"])])
-            finally:
-                torch.set_num_threads(before)
             cache[method] = (res, files)
         return cache[method]
     return run

@@ -16,21 +16,7 @@ from mcensemble.paths.curves import (BezierPath, PolyChainPath, bezier_coefficie
 from mcensemble.paths.fit import CurveConfig, CurveFitter, fit_curve, lr_factor
 from mcensemble.zoo import DigitsCNN, DigitsMLP
 
-torch.set_flush_denormal(True)
-
-
-@pytest.fixture(scope="module", autouse=True)
-def one_thread():
-    """Tiny models: one intra-op thread is as fast, and immune to oversubscribed CPUs
-    (two threads on a loaded 2-core machine made these tests 100x slower)."""
-    n = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(n)
-
-
-def clone(sd):
-    return {k: v.detach().clone() for k, v in sd.items()}
+from helpers import clone_state, timm_factory, train_pair
 
 
 def small_cnn():
@@ -46,7 +32,7 @@ def random_state(make, seed):
                 mod.running_mean.normal_()
                 mod.running_var.uniform_(0.5, 2.0)
                 mod.num_batches_tracked.fill_(seed + 3)
-    return clone(m.state_dict())
+    return clone_state(m)
 
 
 def random_bends(a, n, seed=100):
@@ -250,15 +236,9 @@ def mean_loss(model, state, loader):
 
 
 def train_endpoints(make, epochs):
-    from mcensemble.train import TrainConfig, train_model
     train, full = digits_loaders()
-    ends = []
-    for seed in (1, 2):
-        torch.manual_seed(seed)
-        m = make()
-        train_model(m, train, config=TrainConfig(epochs=epochs, seed=seed), progress=False)
-        ends.append(clone(m.state_dict()))
-    return ends[0], ends[1], train, full
+    a, b = (clone_state(m) for m in train_pair(make, epochs=epochs, seeds=(1, 2), data=train))
+    return a, b, train, full
 
 
 def mlp():
@@ -278,9 +258,9 @@ def cnn_endpoints():
 @pytest.mark.parametrize("kind", ["bezier", "polychain"])
 def test_fit_mlp_lowers_midpoint_loss(mlp_endpoints, kind):
     a, b, train, full = mlp_endpoints
-    a0, b0 = clone(a), clone(b)
+    a0, b0 = clone_state(a), clone_state(b)
     model = mlp()
-    own = clone(model.state_dict())
+    own = clone_state(model)
     model.eval()
     steps = []
     path = fit_curve(model, a, b, train, config=CurveConfig(kind=kind, epochs=15, bends=1),
@@ -303,7 +283,7 @@ def test_fit_mlp_lowers_midpoint_loss(mlp_endpoints, kind):
 @pytest.mark.parametrize("kind", ["bezier", "polychain"])
 def test_fit_bn_cnn_lowers_midpoint_loss(cnn_endpoints, kind):
     a, b, train, full = cnn_endpoints
-    a0, b0 = clone(a), clone(b)
+    a0, b0 = clone_state(a), clone_state(b)
     model = small_cnn().train()
     path = fit_curve(model, a, b, train, config=CurveConfig(kind=kind, epochs=4, bends=1), progress=False)
     assert all(torch.equal(a[k], a0[k]) for k in a) and all(torch.equal(b[k], b0[k]) for k in b)
@@ -335,11 +315,10 @@ def test_same_seed_same_bends_and_rng_untouched():
 
 
 def test_fit_timm_model_and_save(tmp_path):
-    import timm
     from mcensemble.paths import load_path
+    make = timm_factory("test_resnet")
     torch.manual_seed(0)
-    make = lambda: timm.create_model("test_resnet", num_classes=10, in_chans=1)  # noqa: E731
-    a, b = clone(make().state_dict()), clone(make().state_dict())
+    a, b = clone_state(make()), clone_state(make())
     ds = TensorDataset(torch.rand(32, 1, 16, 16), torch.randint(0, 10, (32,)))
     path = fit_curve(make(), a, b, DataLoader(ds, batch_size=16),
                      config=CurveConfig(kind="polychain", bends=1, epochs=1), progress=False)
@@ -366,7 +345,7 @@ class Tied(nn.Module):
 
 def test_fit_tied_weights():
     torch.manual_seed(0)
-    a, b = clone(Tied().state_dict()), clone(Tied().state_dict())
+    a, b = clone_state(Tied()), clone_state(Tied())
     a["dec.weight"] = a["enc.weight"]
     b["dec.weight"] = b["enc.weight"]
     ds = TensorDataset(torch.rand(32, 1, 8, 8), torch.randint(0, 10, (32,)))
@@ -391,10 +370,10 @@ def test_bad_config(field, value, match):
 
 def test_architecture_mismatch():
     a = random_state(small_cnn, 1)
-    b = clone(a)
+    b = clone_state(a)
     b["head.weight"] = torch.zeros(10, 7)
     loader = DataLoader(TensorDataset(torch.rand(4, 1, 8, 8), torch.randint(0, 10, (4,))))
     with pytest.raises(ArchitectureMismatchError, match=r"head\.weight.*\(10, 64\).*\(10, 7\)"):
         fit_curve(small_cnn(), a, b, loader, config=CurveConfig(epochs=1))
     with pytest.raises(ArchitectureMismatchError, match="features.0.weight"):
-        fit_curve(DigitsCNN(widths=(4, 16)), a, clone(a), loader, config=CurveConfig(epochs=1))
+        fit_curve(DigitsCNN(widths=(4, 16)), a, clone_state(a), loader, config=CurveConfig(epochs=1))

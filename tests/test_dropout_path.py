@@ -16,41 +16,7 @@ from mcensemble.paths import dropout as dp
 from mcensemble.paths.dropout import DropoutPath, DropoutPathError, build_dropout_path
 from mcensemble.units import build_unit_graph
 
-DATA = "digits,train=500"
-
-
-@pytest.fixture(autouse=True, scope="module")
-def _one_thread():
-    before = torch.get_num_threads()
-    torch.set_num_threads(1)
-    torch.set_flush_denormal(True)
-    yield
-    torch.set_num_threads(before)
-
-
-def train_pair(arch: str, epochs: int, *, channel_p: float = 0.0, lr: float = 0.2, **kwargs):
-    """Two models of `arch` trained from seeds 0 and 1 on DATA (with channel dropout when
-    `channel_p`); returns (model, A state, B state)."""
-    import timm
-    from mcensemble.hooks import channel_dropout
-    from mcensemble.train import TrainConfig, train_model
-    states = []
-    for seed in (0, 1):
-        torch.manual_seed(seed)
-        net = timm.create_model(arch, num_classes=10, in_chans=1, **kwargs)
-        loader = create_loader(DATA, batch_size=50, shuffle=True, seed=seed)
-        hook = None
-        if channel_p:
-            def hook(m):
-                return channel_dropout(m, channel_p, example_input=torch.zeros(2, 1, 8, 8))
-        train_model(net, loader, config=TrainConfig(epochs=epochs, lr=lr, seed=seed), hook=hook,
-                    progress=False)
-        states.append({k: v.detach().clone() for k, v in net.state_dict().items()})
-    return net.eval(), states[0], states[1]
-
-
-def loader():
-    return create_loader(DATA, batch_size=250)
+from helpers import small_eval_loader, small_pair
 
 
 def loss_at(model, state, ld) -> float:
@@ -66,18 +32,18 @@ def dense(path, model, ld, per_segment: int = 9) -> list[list[float]]:
 
 @pytest.fixture(scope="module")
 def mlp_pair():
-    return train_pair("mce_digits_mlp", 30, width=32, drop_rate=0.3)
+    return small_pair("mce_digits_mlp", 30, width=32, drop_rate=0.3)
 
 
 @pytest.fixture(scope="module")
 def cnn_pair():
-    return train_pair("mce_digits_cnn", 10, channel_p=0.3, widths=(6, 8))
+    return small_pair("mce_digits_cnn", 10, channel_p=0.3, widths=(6, 8))
 
 
 @pytest.fixture(scope="module")
 def deep_pair():
     # three hidden layers of odd width: alternating slots, relocation at every depth
-    return train_pair("mce_digits_mlp", 30, width=15, depth=3, drop_rate=0.2)
+    return small_pair("mce_digits_mlp", 30, width=15, depth=3, drop_rate=0.2)
 
 
 def check_certificate(path, model, a, b, ld):
@@ -105,7 +71,7 @@ def check_certificate(path, model, a, b, ld):
 
 def test_mlp_path_certificate(mlp_pair):
     model, a, b = mlp_pair
-    ld = loader()
+    ld = small_eval_loader()
     path = build_dropout_path(model, a, b, ld)
     assert path.kind == "dropout" and path.vertices[0] == 0.0 and path.vertices[-1] == 1.0
     kinds = [s["kind"] for s in path.certificate["segments"]]
@@ -117,7 +83,7 @@ def test_mlp_path_certificate(mlp_pair):
 
 def test_bn_cnn_path_certificate(cnn_pair):
     model, a, b = cnn_pair
-    ld = loader()
+    ld = small_eval_loader()
     path = build_dropout_path(model, a, b, ld)
     check_certificate(path, model, a, b, ld)
     # copies carry re-estimated statistics: some vertex has BN statistics of neither end
@@ -128,7 +94,7 @@ def test_bn_cnn_path_certificate(cnn_pair):
 
 def test_deep_odd_width_path(deep_pair):
     model, a, b = deep_pair
-    ld = loader()
+    ld = small_eval_loader()
     path = build_dropout_path(model, a, b, ld)
     check_certificate(path, model, a, b, ld)
     assert [s["kind"] for s in path.certificate["segments"]].count("switch") == 3
@@ -138,7 +104,7 @@ def test_dense_check_catches_a_wrong_construction(mlp_pair, monkeypatch):
     """Jumping straight from B's copy to B's final slots (no step 4) is not certified:
     the dense check sees the loss move along that "inactive" segment."""
     model, a, b = mlp_pair
-    ld = loader()
+    ld = small_eval_loader()
 
     def jump(self, tr, q, pb, end):
         for name in end:
@@ -160,7 +126,7 @@ def test_dense_check_catches_a_wrong_construction(mlp_pair, monkeypatch):
 
 def test_save_load_exact_and_small(mlp_pair, tmp_path):
     model, a, b = mlp_pair
-    ld = loader()
+    ld = small_eval_loader()
     path = build_dropout_path(model, a, b, ld, search_steps=4)
     f = tmp_path / "p.safetensors"
     path.save(f)
@@ -181,7 +147,7 @@ def test_save_load_exact_and_small(mlp_pair, tmp_path):
 def test_segment_verifier(mlp_pair):
     """verify_segments accepts the built path and rejects a mislabelled segment."""
     model, a, b = mlp_pair
-    path = build_dropout_path(model, a, b, loader(), search_steps=0)
+    path = build_dropout_path(model, a, b, small_eval_loader(), search_steps=0)
     graph = build_unit_graph(model, torch.zeros(2, 1, 8, 8))
     chain = dp.layered_chain(graph, a)
     vs, segs = path.vertex_states(), path.certificate["segments"]
@@ -206,7 +172,7 @@ def test_segment_verifier(mlp_pair):
 def test_t_outside_range(mlp_pair):
     from mcensemble.errors import BadOptionError
     model, a, b = mlp_pair
-    path = build_dropout_path(model, a, b, loader(), search_steps=0)
+    path = build_dropout_path(model, a, b, small_eval_loader(), search_steps=0)
     with pytest.raises(BadOptionError):
         path.state_at(1.5)
 
@@ -228,7 +194,7 @@ def test_residual_graph_refused():
     net = Skip().eval()
     sd = net.state_dict()
     with pytest.raises(DropoutPathError, match="fc1"):
-        build_dropout_path(net, sd, sd, loader(), search_steps=0)
+        build_dropout_path(net, sd, sd, small_eval_loader(), search_steps=0)
 
 
 def test_timm_resnet_refused():
@@ -245,4 +211,4 @@ def test_layernorm_refused():
                         nn.Linear(8, 8), nn.ReLU(), nn.Linear(8, 10)).eval()
     sd = net.state_dict()
     with pytest.raises(DropoutPathError, match="LayerNorm"):
-        build_dropout_path(net, sd, sd, loader(), search_steps=0)
+        build_dropout_path(net, sd, sd, small_eval_loader(), search_steps=0)

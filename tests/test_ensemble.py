@@ -21,6 +21,8 @@ from mcensemble.errors import (
 )
 from mcensemble.models import ModelSpec
 
+from helpers import clone_state
+
 STRATEGIES = ["loop", "vmap"]
 
 
@@ -46,8 +48,17 @@ def member_states(factory, k, *, seed=0):
                     mod.running_mean.uniform_(-0.5, 0.5)
                     mod.running_var.uniform_(0.5, 2.0)
                     mod.num_batches_tracked.fill_(i + 3)
-        states.append({n: t.detach().clone() for n, t in m.state_dict().items()})
+        states.append(clone_state(m))
     return states
+
+
+def loop_then_vmap(ens, x):
+    """`ens(x)` without gradients with the loop strategy, then with vmap (left selected)."""
+    with torch.no_grad():
+        ens.strategy = "loop"
+        a = ens(x)
+        ens.strategy = "vmap"
+        return a, ens(x)
 
 
 def by_hand(factory, states, x):
@@ -92,11 +103,7 @@ def test_loop_and_vmap_agree(arch):
     factory, data = MODELS[arch]
     ens = EnsembleModel(factory, member_states(factory, 4))
     x = data(9)
-    with torch.no_grad():
-        ens.strategy = "loop"
-        a = ens(x)
-        ens.strategy = "vmap"
-        b = ens(x)
+    a, b = loop_then_vmap(ens, x)
     assert ens.strategy == "vmap"
     torch.testing.assert_close(a, b, atol=1e-5, rtol=1e-5)
     # works with gradients enabled too (falls back to the loop, gradients reach members)
@@ -196,11 +203,7 @@ def test_holds_exactly_k_copies_and_to_keeps_sharing():
     assert ens.members[2][0].weight.dtype == torch.float64
     assert storage_bytes() == k * nbytes(make_cnn().double())
     x = torch.randn(2, 1, 8, 8, dtype=torch.float64)
-    with torch.no_grad():
-        ens.strategy = "loop"
-        a = ens(x)
-        ens.strategy = "vmap"
-        b = ens(x)
+    a, b = loop_then_vmap(ens, x)
     torch.testing.assert_close(a, b)
     # in-place edits of a member are seen by the vmap strategy (same memory)
     with torch.no_grad():

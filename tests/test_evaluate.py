@@ -17,8 +17,6 @@ from mcensemble.evaluate import (Metrics, ScanResult, evaluate, evaluate_state,
 from mcensemble.paths import LinearPath
 from mcensemble.paths.linear import interpolate
 
-torch.set_flush_denormal(True)
-
 
 class TableModel(nn.Module):
     """Returns fixed logits: row `int(x[i, 0])` of a table."""

@@ -19,9 +19,6 @@ from mcensemble.ensemble import read_ensemble_metadata
 from mcensemble.errors import BadOptionError
 from mcensemble.hooks import SnapshotCollector, fge_lr
 
-torch.set_num_threads(1)
-torch.set_flush_denormal(True)
-
 README = Path(__file__).resolve().parents[1] / "README.md"
 
 

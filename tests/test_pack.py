@@ -6,45 +6,25 @@ import pytest
 import torch
 
 from mcensemble import zoo  # noqa: F401  (registers mce_* with timm)
-from mcensemble.data import create_loader
 from mcensemble.pack import pack_pair, pack_report
 from mcensemble.paths.dropout import DropoutPathError, build_dropout_path
 from mcensemble.stability import dropout_network, dropout_stability
 
-DATA = "digits,train=500"
-
-
-@pytest.fixture(autouse=True, scope="module")
-def _one_thread():
-    before = torch.get_num_threads()
-    torch.set_num_threads(1)
-    torch.set_flush_denormal(True)
-    yield
-    torch.set_num_threads(before)
-
-
-def train_pair(arch: str, epochs: int, **kwargs):
-    import timm
-    from mcensemble.train import TrainConfig, train_model
-    states = []
-    for seed in (0, 1):
-        torch.manual_seed(seed)
-        net = timm.create_model(arch, num_classes=10, in_chans=1, **kwargs)
-        train_model(net, create_loader(DATA, batch_size=50, shuffle=True, seed=seed),
-                    config=TrainConfig(epochs=epochs, lr=0.2, seed=seed), progress=False)
-        states.append({k: v.detach().clone() for k, v in net.state_dict().items()})
-    return net.eval(), states[0], states[1]
-
-
-def loader():
-    return create_loader(DATA, batch_size=250)
+from helpers import small_eval_loader, small_pair
 
 
 @pytest.fixture(scope="module", params=["mlp", "cnn"])
 def pair(request):
     if request.param == "mlp":
-        return train_pair("mce_digits_mlp", 20, width=32, drop_rate=0.3)
-    return train_pair("mce_digits_cnn", 6, widths=(6, 8))
+        return small_pair("mce_digits_mlp", 20, width=32, drop_rate=0.3)
+    return small_pair("mce_digits_cnn", 6, widths=(6, 8))
+
+
+def stabilities_and_packed(model, a, b, ld, search_steps):
+    """Both endpoints' dropout stability and the pair packed with them."""
+    sa = dropout_stability(model, a, ld, search_steps=search_steps)
+    sb = dropout_stability(model, b, ld, search_steps=search_steps)
+    return sa, sb, pack_pair(model, a, b, ld, stability_a=sa, stability_b=sb)
 
 
 def logits(model, state, x):
@@ -55,10 +35,8 @@ def logits(model, state, x):
 
 def test_packed_logits_are_the_mean_of_the_dropout_networks(pair):
     model, a, b = pair
-    ld = loader()
-    sa = dropout_stability(model, a, ld, search_steps=4)
-    sb = dropout_stability(model, b, ld, search_steps=4)
-    packed = pack_pair(model, a, b, ld, stability_a=sa, stability_b=sb)
+    ld = small_eval_loader()
+    sa, sb, packed = stabilities_and_packed(model, a, b, ld, search_steps=4)
     assert packed.keys() == a.keys()
     assert all(packed[k].shape == a[k].shape and packed[k].dtype == a[k].dtype for k in a)
     d1a, _ = dropout_network(model, a, sa.graph, sa.kept, 1, bn_loader=ld)
@@ -73,10 +51,8 @@ def test_packed_logits_are_the_mean_of_the_dropout_networks(pair):
 
 def test_packed_is_the_midpoint_of_the_path_switch(pair):
     model, a, b = pair
-    ld = loader()
-    sa = dropout_stability(model, a, ld, search_steps=2)
-    sb = dropout_stability(model, b, ld, search_steps=2)
-    packed = pack_pair(model, a, b, ld, stability_a=sa, stability_b=sb)
+    ld = small_eval_loader()
+    sa, sb, packed = stabilities_and_packed(model, a, b, ld, search_steps=2)
     path = build_dropout_path(model, a, b, ld, stability_a=sa, stability_b=sb)
     i = [s["step"] for s in path.certificate["segments"]].index("classifier from D_1(A) to D_1(B)")
     seg = path.certificate["segments"][i]
@@ -88,17 +64,17 @@ def test_packed_is_the_midpoint_of_the_path_switch(pair):
 def test_loads_in_plain_timm(pair):
     import timm
     model, a, b = pair
-    packed = pack_pair(model, a, b, loader(), search_steps=0)
+    packed = pack_pair(model, a, b, small_eval_loader(), search_steps=0)
     arch = "mce_digits_mlp" if "layers.1.weight" in a else "mce_digits_cnn"
     kw = {"width": 32, "drop_rate": 0.3} if arch == "mce_digits_mlp" else {"widths": (6, 8)}
     net = timm.create_model(arch, num_classes=10, in_chans=1, **kw).eval()
     net.load_state_dict(packed, strict=True)
-    assert net(next(iter(loader()))[0]).shape == (250, 10)
+    assert net(next(iter(small_eval_loader()))[0]).shape == (250, 10)
 
 
 def test_report(pair):
     model, a, b = pair
-    ld = loader()
+    ld = small_eval_loader()
     packed = pack_pair(model, a, b, ld, search_steps=0)
     rep = pack_report(model, packed, a, b, ld)
     assert set(rep) == {"packed", "A", "B", "ensemble"}
@@ -122,4 +98,4 @@ def test_unsupported_graph():
             return self.head(h + self.fc2(h))
     net = Skip().eval()
     with pytest.raises(DropoutPathError):
-        pack_pair(net, net.state_dict(), net.state_dict(), loader(), search_steps=0)
+        pack_pair(net, net.state_dict(), net.state_dict(), small_eval_loader(), search_steps=0)

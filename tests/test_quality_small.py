@@ -27,7 +27,8 @@ from mcensemble.data import create_loader, digits_tensors
 from mcensemble.members import ensemble_metrics, predict_log_probs
 from mcensemble.models import ModelSpec, create_model
 from mcensemble.pipeline import BuildOptions, DataOptions, ModelOptions, build_ensemble
-from mcensemble.train import TrainConfig, train_model
+
+from helpers import train_seeded
 
 DATA = "digits,train=300,noise=0.2"
 EPOCHS = 100
@@ -41,15 +42,6 @@ def _selection():
 
 
 @pytest.fixture()
-def one_thread():
-    # These models are tiny: one thread is several times faster than two on a shared CPU.
-    old = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(old)
-
-
-@pytest.fixture()
 def selection_spec(monkeypatch):
     mod = types.ModuleType(_MOD)
     mod.selection = _selection
@@ -58,17 +50,14 @@ def selection_spec(monkeypatch):
 
 
 def _train(arch: str, seed: int, dest):
-    torch.manual_seed(seed)
-    net = create_model(ModelSpec(arch=arch, kwargs={"num_classes": 10, "in_chans": 1}))
-    loader = create_loader(DATA, split="train", batch_size=64, shuffle=True, seed=seed, model=net)
-    train_model(net, loader, config=TrainConfig(epochs=EPOCHS, seed=seed), progress=False)
+    net = train_seeded(lambda: create_model(ModelSpec(arch=arch, kwargs={"num_classes": 10, "in_chans": 1})),
+                       seed, epochs=EPOCHS, data=DATA)
     save_checkpoint(net.state_dict(), dest, metadata={"arch": arch, "num_classes": 10, "in_chans": 1})
     return net
 
 
 @pytest.mark.parametrize("arch", ["mce_digits_mlp", "mce_digits_cnn"])
-def test_curve_ensemble_beats_both_endpoints(arch, tmp_path, selection_spec, one_thread):
-    torch.set_flush_denormal(True)
+def test_curve_ensemble_beats_both_endpoints(arch, tmp_path, selection_spec, mce_one_thread):
     files = [tmp_path / "a.safetensors", tmp_path / "b.safetensors"]
     nets = [_train(arch, seed, f) for seed, f in zip((0, 1), files)]
     res = build_ensemble(files, model=ModelOptions(),

@@ -96,6 +96,8 @@ def test_builtin_data_specs_are_valid(file, pending_allowed):
     for spec in specs:
         if isinstance(spec, str) and spec.startswith("digits"):
             assert len(create_dataset(spec)) > 0
+        elif spec is not None:  # the user's own data: a folder (an absolute path to fill in) or module:function
+            assert Path(spec).is_absolute() or ":" in spec, f"{file.name}: {spec!r} is neither digits nor a folder"
 
 
 def test_offline_recipes_need_no_files_and_the_template_names_runs():
@@ -114,3 +116,6 @@ def test_pending_keys_are_wired():
     if options or sections:
         pytest.skip(f"proposed, not wired yet: build options {sorted(options)}, "
                     f"section keys {sections}")
+    # all wired: entries left in the pending lists are stale ("remove entries once they are")
+    assert not PENDING_OPTIONS, f"wired now, remove from PENDING_OPTIONS: {sorted(PENDING_OPTIONS)}"
+    assert not PENDING_SECTION_KEYS, f"wired now, remove from PENDING_SECTION_KEYS: {PENDING_SECTION_KEYS}"

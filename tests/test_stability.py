@@ -8,35 +8,16 @@ import pytest
 import torch
 
 from mcensemble import zoo  # noqa: F401  (registers mce_* with timm)
-from mcensemble.data import create_loader
 from mcensemble.errors import BadOptionError
 from mcensemble.evaluate import evaluate
 from mcensemble.stability import (dropout_network, dropout_stability, dropout_state, graph_for)
 
-DATA = "digits,train=500"
-
-
-@pytest.fixture(autouse=True, scope="module")
-def _one_thread():
-    before = torch.get_num_threads()
-    torch.set_num_threads(1)
-    torch.set_flush_denormal(True)
-    yield
-    torch.set_num_threads(before)
+from helpers import clone_state, small_eval_loader, train_small
 
 
 def train(arch: str, epochs: int, seed: int = 0, **kwargs):
-    import timm
-    from mcensemble.train import TrainConfig, train_model
-    torch.manual_seed(seed)
-    net = timm.create_model(arch, num_classes=10, in_chans=1, **kwargs)
-    train_model(net, create_loader(DATA, batch_size=50, shuffle=True, seed=seed),
-                config=TrainConfig(epochs=epochs, lr=0.2, seed=seed), progress=False)
-    return net.eval(), {k: v.detach().clone() for k, v in net.state_dict().items()}
-
-
-def loader():
-    return create_loader(DATA, batch_size=250)
+    net = train_small(arch, epochs, seed, **kwargs)
+    return net.eval(), clone_state(net)
 
 
 @pytest.fixture(scope="module")
@@ -51,7 +32,7 @@ def cnn():
 
 def test_result_shape_and_json(mlp):
     model, sd = mlp
-    res = dropout_stability(model, sd, loader(), search_steps=8)
+    res = dropout_stability(model, sd, small_eval_loader(), search_steps=8)
     d = json.loads(json.dumps(res.to_dict()))
     assert set(d) == {"eps", "base_loss", "depths", "kept"}
     assert [r["depth"] for r in d["depths"]] == [1, 2]
@@ -59,18 +40,18 @@ def test_result_shape_and_json(mlp):
     for r in d["depths"]:
         assert r["increase"] == pytest.approx(r["loss"] - d["base_loss"])
     assert {k: len(v) for k, v in d["kept"].items()} == {"layers.1": 16, "layers.4": 16}
-    assert d["base_loss"] == pytest.approx(evaluate(model, loader()).loss)
+    assert d["base_loss"] == pytest.approx(evaluate(model, small_eval_loader()).loss)
 
 
 def test_depth_losses_are_dropout_networks(mlp):
     model, sd = mlp
-    res = dropout_stability(model, sd, loader(), search_steps=0)
+    res = dropout_stability(model, sd, small_eval_loader(), search_steps=0)
     g = res.graph
     for row in res.depths:
         k = row["depth"]
         d = dropout_state(sd, g, res.kept, k)
         model.load_state_dict(d)
-        assert evaluate(model, loader()).loss == pytest.approx(row["loss"], abs=1e-6)
+        assert evaluate(model, small_eval_loader()).loss == pytest.approx(row["loss"], abs=1e-6)
     # the classifier of D_2 reads the kept units doubled, the others not at all
     d2 = dropout_state(sd, g, res.kept, 2)
     kept = res.kept["layers.4"]
@@ -83,7 +64,7 @@ def test_depth_losses_are_dropout_networks(mlp):
 
 def test_search_lowers_dropout_loss(mlp):
     model, sd = mlp
-    ld = loader()
+    ld = small_eval_loader()
     plain = dropout_stability(model, sd, ld, search_steps=0)
     searched = dropout_stability(model, sd, ld, search_steps=48, search_examples=500)
     assert searched.depths[0]["loss"] <= plain.depths[0]["loss"] + 1e-6
@@ -91,7 +72,7 @@ def test_search_lowers_dropout_loss(mlp):
 
 def test_chosen_halves_beat_random_halves(mlp):
     model, sd = mlp
-    ld = loader()
+    ld = small_eval_loader()
     chosen = dropout_stability(model, sd, ld, search_steps=16)
     gen = torch.Generator().manual_seed(0)
     def random_halves():
@@ -103,7 +84,7 @@ def test_chosen_halves_beat_random_halves(mlp):
 
 def test_bn_statistics_only_of_affected_units(cnn):
     model, sd = cnn
-    ld = loader()
+    ld = small_eval_loader()
     res = dropout_stability(model, sd, ld, search_steps=4)
     g = res.graph
     assert res.depths[-1]["loss"] >= 0
@@ -129,14 +110,14 @@ def test_bn_statistics_only_of_affected_units(cnn):
 def test_bad_kept_refused(mlp):
     model, sd = mlp
     with pytest.raises(BadOptionError, match="layers.1"):
-        dropout_stability(model, sd, loader(), kept={"layers.1": [0, 1], "layers.4": list(range(16))})
+        dropout_stability(model, sd, small_eval_loader(), kept={"layers.1": [0, 1], "layers.4": list(range(16))})
     with pytest.raises(BadOptionError):
-        dropout_stability(model, sd, loader(), search_steps=-1)
+        dropout_stability(model, sd, small_eval_loader(), search_steps=-1)
 
 
 def test_model_not_changed(mlp):
     model, sd = mlp
     before = {k: v.clone() for k, v in model.state_dict().items()}
-    graph_for(model, loader())
-    dropout_stability(model, sd, loader(), search_steps=2)
+    graph_for(model, small_eval_loader())
+    dropout_stability(model, sd, small_eval_loader(), search_steps=2)
     assert all(torch.equal(before[k], v) for k, v in model.state_dict().items())

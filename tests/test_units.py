@@ -4,7 +4,6 @@ from __future__ import annotations
 import json
 
 import pytest
-import timm
 import torch
 import torch.nn as nn
 
@@ -12,6 +11,8 @@ from mcensemble.errors import BadOptionError, MCEnsembleError
 from mcensemble.units import (
     AxisRef, UnitGraph, UnitGraphError, UnitGroup, build_unit_graph, permute_state_dict,
 )
+
+from helpers import randomized_case, timm_factory
 
 
 def mlp():
@@ -43,38 +44,18 @@ class CatNet(nn.Module):
         return self.fc(torch.flatten(torch.cat([torch.relu(self.mix(h)), h], 1), 1))
 
 
-def timm_model(name):
-    return lambda: timm.create_model(name, pretrained=False, num_classes=10, in_chans=1)
-
-
 CASES = {  # name -> (factory, input size)
     "mlp": (mlp, 8), "bn_cnn": (bn_cnn, 16), "catnet": (CatNet, 8),
-    "test_resnet": (timm_model("test_resnet"), 16), "resnet10t": (timm_model("resnet10t"), 32),
-    "test_efficientnet": (timm_model("test_efficientnet"), 16),
-    "test_convnext": (timm_model("test_convnext"), 32),
+    "test_resnet": (timm_factory("test_resnet"), 16), "resnet10t": (timm_factory("resnet10t"), 32),
+    "test_efficientnet": (timm_factory("test_efficientnet"), 16),
+    "test_convnext": (timm_factory("test_convnext"), 32),
 }
-
-
-def randomize(model: nn.Module, seed: int = 0) -> nn.Module:
-    """Random weights and BN statistics, so that no unit is interchangeable by accident."""
-    g = torch.Generator().manual_seed(seed)
-    with torch.no_grad():
-        for name, t in model.state_dict().items():
-            if t.is_floating_point():
-                if name.endswith("running_var"):
-                    t.copy_(torch.rand(t.shape, generator=g) + 0.5)
-                else:
-                    t.copy_(torch.randn(t.shape, generator=g) * (0.5 if t.dim() > 1 else 0.3))
-    return model.eval()
 
 
 @pytest.fixture(scope="module", params=list(CASES))
 def case(request):
-    factory, size = CASES[request.param]
-    torch.manual_seed(0)
-    model = randomize(factory())
-    x = torch.randn(3, 1, size, size)
-    return request.param, model, x, build_unit_graph(model, x[:1])
+    model, x, graph = randomized_case(*CASES[request.param], 3)
+    return request.param, model, x, graph
 
 
 def run(model, state, x):
@@ -165,7 +146,7 @@ def test_concat_gives_offsets():
 
 
 def test_residual_streams_merge_into_one_group_per_stage():
-    model = timm_model("resnet18")()
+    model = timm_factory("resnet18")()
     graph = build_unit_graph(model, torch.randn(1, 1, 32, 32))
     stage4 = next(g for g in graph.groups if "fc" in g.consumers)
     assert set(stage4.producers) == {"layer4.0.conv2", "layer4.0.downsample.0", "layer4.1.conv2"}
@@ -176,7 +157,7 @@ def test_residual_streams_merge_into_one_group_per_stage():
 
 
 def test_efficientnet_squeeze_excite_and_depthwise():
-    graph = build_unit_graph(timm_model("test_efficientnet")(), torch.randn(1, 1, 16, 16))
+    graph = build_unit_graph(timm_factory("test_efficientnet")(), torch.randn(1, 1, 16, 16))
     main = graph.group("blocks.3.0.conv_pw")
     assert AxisRef("blocks.3.0.conv_dw.weight", 0, "depthwise") in main.members
     assert set(main.producers) == {"blocks.3.0.conv_pw", "blocks.3.0.se.conv_expand"}
