@@ -29,30 +29,27 @@ def _click_error(e: MCEnsembleError, ctx: click.Context) -> click.ClickException
     return exc
 
 
-class _Command(click.Command):
-    """Turns library errors into click errors with the command's own usage line."""
+class _LibraryErrors:
+    """Turns library errors into click errors (no traceback) with the context's own usage
+    line; `--debug` re-raises them instead."""
 
     def invoke(self, ctx: click.Context) -> Any:
         try:
-            return super().invoke(ctx)
+            return super().invoke(ctx)  # type: ignore[misc]
         except MCEnsembleError as e:
             if ctx.meta.get("mcensemble.debug"):
                 raise
             raise _click_error(e, ctx) from e
 
 
-class _Group(click.Group):
-    """Turns library errors into click errors; `--debug` shows the traceback instead."""
+class _Command(_LibraryErrors, click.Command):
+    """A subcommand: errors name `mcensemble CMD --help`."""
+
+
+class _Group(_LibraryErrors, click.Group):
+    """The group: also catches errors raised while a subcommand's resources close."""
 
     command_class = _Command
-
-    def invoke(self, ctx: click.Context) -> Any:
-        try:
-            return super().invoke(ctx)
-        except MCEnsembleError as e:
-            if ctx.meta.get("mcensemble.debug"):
-                raise
-            raise _click_error(e, ctx) from e
 
 
 @click.group(cls=_Group, context_settings={"help_option_names": ["-h", "--help"]})
@@ -164,6 +161,13 @@ def _write_json(obj: Any, dest: str) -> None:
         tmp.write_text(json.dumps(obj, indent=2, default=_json_default))
 
 
+def _write_report(rep: dict[str, Any], dest: str | None) -> None:
+    """`--report FILE.json`: write the report (rank 0 only) and say where."""
+    if dest:
+        _write_json(rep, dest)
+        click.echo(f"report: {dest}")
+
+
 def _json_default(o: Any) -> Any:
     if hasattr(o, "to_dict"):
         return o.to_dict()
@@ -270,9 +274,7 @@ def _finish_scan(rep: dict[str, Any], report: str | None, plot: str | None, *, t
     _echo_table(rows, ("t", "loss", "acc", "val_loss", "val_acc"))
     click.echo(f"barrier (train loss): {rep['barrier']:.4f}" +
                ("   BatchNorm statistics re-estimated at every point" if rep.get("bn_reestimated") else ""))
-    if report:
-        _write_json(rep, report)
-        click.echo(f"report: {report}")
+    _write_report(rep, report)
     if plot and _is_main():
         from .plot import plot_scan
         plot_scan(rep, plot, title=title)
@@ -391,9 +393,7 @@ def build(ctx: click.Context, **kw: Any) -> None:
     for label, dest in (("ensemble", out), ("path", path_out), ("soup", soup)):
         if dest:
             click.echo(f"{label}: {dest}")
-    if report:
-        _write_json(rep, report)
-        click.echo(f"report: {report}")
+    _write_report(rep, report)
     if plot and _is_main():
         from .plot import plot_scan
         curves = {"straight line": {"points": rep["line"]["points"], "barrier": rep["line"]["barrier"]}}
@@ -458,9 +458,7 @@ def eval_cmd(ensemble: str, model_entry: str | None, trust_remote_code: bool, re
     e = rep["ensemble"]
     rows.append((f"ensemble ({len(rep['members'])})", _fmt(e["nll"]), _fmt(e["acc"]), _fmt(e["ece"])))
     _echo_table(rows, ("", "nll", "acc", "ece"))
-    if report:
-        _write_json(rep, report)
-        click.echo(f"report: {report}")
+    _write_report(rep, report)
 
 
 # ---------------------------------------------------------------------------------------------
@@ -484,9 +482,7 @@ def align(a: str, b: str, out: str, seed: int, report: str | None, **kw: Any) ->
     click.echo(f"aligned {b} to {a}: {rep['groups']} unit groups, {rep['moved']:.0%} of units moved, "
                f"{rep['iterations']} sweeps, objective {rep['objective_before']:.4g} -> {rep['objective_after']:.4g}")
     click.echo(f"wrote {out}")
-    if report:
-        _write_json(rep, report)
-        click.echo(f"report: {report}")
+    _write_report(rep, report)
 
 
 # ---------------------------------------------------------------------------------------------
@@ -511,9 +507,7 @@ def stability(checkpoint: str, search_steps: int, report: str | None, **kw: Any)
     rows = [(d["depth"], _fmt(d["loss"]), _fmt(d["increase"])) for d in rep["depths"]]
     _echo_table(rows, ("depth >=", "loss", "increase"))
     click.echo(f"base loss {rep['base_loss']:.4f}   eps {rep['eps']:.4f}")
-    if report:
-        _write_json(rep, report)
-        click.echo(f"report: {report}")
+    _write_report(rep, report)
 
 
 @main.command()
@@ -535,6 +529,4 @@ def pack(a: str, b: str, out: str, report: str | None, **kw: Any) -> None:
             if isinstance(m, dict)]
     _echo_table(rows, ("", f"{rep['split']} nll", f"{rep['split']} acc", f"{rep['split']} ece"))
     click.echo(f"packed model: {out}")
-    if report:
-        _write_json(rep, report)
-        click.echo(f"report: {report}")
+    _write_report(rep, report)
