@@ -5,7 +5,6 @@ exits 2, any other failure exits 1. `mcensemble --debug ...` re-raises them inst
 """
 from __future__ import annotations
 
-import functools
 import json
 import logging
 import sys

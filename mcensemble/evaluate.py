@@ -51,7 +51,6 @@ def _ece(conf: torch.Tensor, correct: torch.Tensor, n_bins: int) -> float:
     correct = correct.double()
     # bin i holds confidences in (i/n_bins, (i+1)/n_bins]; a confidence of exactly 0 goes to bin 0
     idx = (torch.ceil(conf * n_bins).long() - 1).clamp_(0, n_bins - 1)
-    count = torch.zeros(n_bins, dtype=torch.float64).index_add_(0, idx, torch.ones_like(conf))
     sum_conf = torch.zeros(n_bins, dtype=torch.float64).index_add_(0, idx, conf)
     sum_acc = torch.zeros(n_bins, dtype=torch.float64).index_add_(0, idx, correct)
     return float((sum_acc - sum_conf).abs().sum() / n)

@@ -7,7 +7,7 @@ from __future__ import annotations
 import datetime as _dt
 import logging
 import os
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from pathlib import Path as _FsPath
 from typing import Any, Sequence
 
@@ -15,9 +15,10 @@ import torch
 
 from .errors import BadOptionError, CheckpointError
 
-__all__ = ["ModelOptions", "DataOptions", "BuildOptions", "BuildResult", "PATH_BUILDERS", "load_endpoints",
-           "scan_checkpoints", "scan_path_file", "RepairedPath", "align_files", "connect", "align_chain", "build_ensemble", "describe_checkpoint", "evaluate_ensemble_file",
-           "train_default_endpoints", "fresh_run_dir"]
+__all__ = ["ModelOptions", "DataOptions", "BuildOptions", "BuildResult", "PATH_BUILDERS", "OTHER_METHODS",
+           "load_endpoints", "connect", "align_chain", "scan_checkpoints", "scan_path_file", "RepairedPath",
+           "build_ensemble", "build_fge", "evaluate_ensemble_file", "describe_checkpoint", "align_files",
+           "stability_of_file", "pack_files", "train_default_endpoints", "fresh_run_dir"]
 
 _log = logging.getLogger(__name__)
 
@@ -35,13 +36,15 @@ class ModelOptions:
 
 @dataclass
 class DataOptions:
+    """Data and run settings: specs for training and held-out data (see `data.create_loader`),
+    batch size, seed (shuffling, t draws, selection), device, and progress bars (None: on a TTY)."""
+
     data: str | None = "digits"
     val_data: str | None = None
     batch_size: int = 128
     seed: int = 0
     device: str = "cpu"
     progress: bool | None = None
-    extra: dict = field(default_factory=dict)
 
 
 def _model_arg(opts: ModelOptions):
@@ -86,24 +89,23 @@ def scan_checkpoints(files: Sequence[str | os.PathLike], *, model: ModelOptions,
     """Evaluate the path between two checkpoints (the straight line unless `opts.method` says
     otherwise; aligned first with `opts.align`). Returns the JSON-ready report. `plane`: also
     draw the plane through A, B and the bend (curve methods) as a PNG there."""
-    from .bn import has_batchnorm
-    from .evaluate import scan
     opts = opts or BuildOptions(method="linear")
     if points < 2:
         raise BadOptionError(f"--points must be at least 2, got {points}", option="--points")
     if len(files) != 2:
         raise BadOptionError("scan takes exactly two checkpoints", option="CHECKPOINTS")
     _validate_build(opts)
+    if opts.repair and opts.method != "linear":
+        raise BadOptionError("--repair rescales points of the straight line: use it with --method linear",
+                             option="--repair")
+    if plane is not None and opts.method not in ("bezier", "polychain"):
+        raise BadOptionError(f"a {opts.method} path has no bend: --plane needs --method bezier or polychain "
+                             "(or --path FILE of such a path)", option="--plane")
     a, b = load_endpoints(files, model)
     net = a.build_model().to(data.device)
     train, val = _loaders(net, data)
     paths, _, aligned = connect([a.state_dict, b.state_dict], net, opts=opts, data=data, bn_loader=train)
-    path = paths[0]
-    if opts.repair:
-        if opts.method != "linear":
-            raise BadOptionError("--repair rescales points of the straight line: use it with --method linear",
-                                 option="--repair")
-        path = RepairedPath(path, net, train, device=data.device)
+    path = RepairedPath(paths[0], net, train, device=data.device) if opts.repair else paths[0]
     report = _scan_report(path, net, train, val, data, points, plane=plane, plane_grid=plane_grid)
     report["repair"] = opts.repair
     report["checkpoints"] = [{"file": str(f), **_describe(ck)} for f, ck in zip(files, (a, b))]

@@ -26,7 +26,7 @@ from ..errors import ArchitectureMismatchError, BadOptionError
 from .base import Path, StateDict, check_same_layout, register_path
 
 __all__ = ["BezierPath", "PolyChainPath", "CURVE_KINDS", "bezier_coefficients", "polychain_coefficients",
-           "curve_coefficients", "straight_bends", "is_interpolated", "fit_curve", "CurveConfig"]
+           "curve_coefficients", "straight_bends", "is_interpolated"]
 
 _LOW_PRECISION = (torch.float16, torch.bfloat16)
 
@@ -217,10 +217,3 @@ class PolyChainPath(_CurvePath):
         m = self.n_bends + 1
         self.vertices = [i / m for i in range(m + 1)]
 
-
-def __getattr__(name: str):
-    # fit_curve / CurveConfig live in .fit (which imports this module); offered here too.
-    if name in ("fit_curve", "CurveConfig"):
-        from . import fit
-        return getattr(fit, name)
-    raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
