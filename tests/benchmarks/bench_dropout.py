@@ -3,7 +3,10 @@
 Pairs (seeds 0 and 1, the full digits training split, SGD lr 0.1, cosine, batch 64):
 - MLP: `mce_digits_mlp` (2 x 128 ReLU) trained with nn.Dropout p=0.5, 30 epochs;
 - CNN: `mce_digits_cnn` (32-64 channels, BatchNorm), 20 epochs, trained without and with
-  `mcensemble.hooks.channel_dropout` (p=0.3).
+  `mcensemble.hooks.channel_dropout` (p=0.3);
+- timm EfficientNet: timm's `EfficientNet` class built by its block builder (stem 8, a
+  depthwise-separable block to 16, an inverted-residual block to 24, head 32; no
+  squeeze-excite, no skip connections), on 16x16 digits, channel dropout p=0.25, 20 epochs.
 
 For each pair: eps (max over A and B), the path's certificate (largest vertex loss) and
 the worst loss of a dense check (`--per-segment` points on every segment) against the
@@ -26,21 +29,36 @@ import time
 import torch
 
 
-def train_pair(arch, kwargs, epochs, channel_p):
+def timm_efficientnet(**_):
+    """timm's EfficientNet class without squeeze-excite or skip connections (a layered net)."""
+    from timm.models._efficientnet_builder import decode_arch_def
+    from timm.models.efficientnet import EfficientNet
+    arch = [["ds_r1_k3_s1_c16"], ["ir_r1_k3_s2_e2_c24"]]
+    return EfficientNet(block_args=decode_arch_def(arch), num_classes=10, in_chans=1, stem_size=8,
+                        num_features=32)
+
+
+def _make(arch, kwargs):
+    if callable(arch):
+        return arch(**kwargs)
     import timm
     from mcensemble import zoo  # noqa: F401
+    return timm.create_model(arch, num_classes=10, in_chans=1, **kwargs)
+
+
+def train_pair(arch, kwargs, epochs, channel_p, data="digits", size=8):
     from mcensemble.data import create_loader
     from mcensemble.hooks import channel_dropout
     from mcensemble.train import TrainConfig, train_model
     states = []
     for seed in (0, 1):
         torch.manual_seed(seed)
-        net = timm.create_model(arch, num_classes=10, in_chans=1, **kwargs)
-        ld = create_loader("digits", batch_size=64, shuffle=True, seed=seed)
+        net = _make(arch, kwargs)
+        ld = create_loader(data, batch_size=64, shuffle=True, seed=seed)
         hook = None
         if channel_p:
             def hook(m):
-                return channel_dropout(m, channel_p, example_input=torch.zeros(2, 1, 8, 8))
+                return channel_dropout(m, channel_p, example_input=torch.zeros(2, 1, size, size))
         train_model(net, ld, config=TrainConfig(epochs=epochs, lr=0.1, seed=seed), hook=hook,
                     progress=False)
         states.append({k: v.detach().clone() for k, v in net.state_dict().items()})
@@ -74,16 +92,16 @@ def forward_time(model, states, x, repeats=30):
     return best
 
 
-def run_pair(name, arch, kwargs, epochs, channel_p, per_segment):
+def run_pair(name, arch, kwargs, epochs, channel_p, per_segment, data="digits", size=8):
     from mcensemble.bn import has_batchnorm
     from mcensemble.data import create_loader
     from mcensemble.evaluate import evaluate
     from mcensemble.pack import pack_pair, pack_report
     from mcensemble.paths import LinearPath
     from mcensemble.paths.dropout import build_dropout_path
-    model, a, b = train_pair(arch, kwargs, epochs, channel_p)
-    train = create_loader("digits", batch_size=256)
-    val = create_loader("digits", split="val", batch_size=360)
+    model, a, b = train_pair(arch, kwargs, epochs, channel_p, data, size)
+    train = create_loader(data, batch_size=256)
+    val = create_loader(data, split="val", batch_size=360)
     model.load_state_dict(a)
     t = time.perf_counter()
     evaluate(model, train)
@@ -161,11 +179,13 @@ def main(argv=None):
         ("MLP 2x128, dropout 0.5", "mce_digits_mlp", {"drop_rate": 0.5}, 30, 0.0),
         ("BN-CNN 32-64, plain", "mce_digits_cnn", {}, 20, 0.0),
         ("BN-CNN 32-64, channel dropout 0.3", "mce_digits_cnn", {}, 20, 0.3),
+        ("timm EfficientNet (16x16), channel dropout 0.25", timm_efficientnet, {}, 20, 0.25, "digits,size=16", 16),
     ]
     rows = []
     for pair in pairs:
         t = time.perf_counter()
-        rows.append(run_pair(*pair, per_segment=args.per_segment))
+        rows.append(run_pair(*pair[:5], per_segment=args.per_segment, data=pair[5] if len(pair) > 5 else "digits",
+                             size=pair[6] if len(pair) > 6 else 8))
         print(f"{pair[0]}: {time.perf_counter() - t:.1f} s", file=sys.stderr)
     text = table(rows)
     text += (f"\nCPU, {args.threads} thread(s), torch {torch.__version__}. Straight line: BN "
