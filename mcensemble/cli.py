@@ -84,6 +84,8 @@ model_options = _stack(
     click.option("--in-chans", type=click.IntRange(min=1), help="Input channels, if not in the checkpoint."),
     click.option("--ema/--no-ema", default=None,
                  help="Use a timm checkpoint's EMA weights (default: EMA when present) or the raw weights."),
+    click.option("--unit-graph", type=click.Path(exists=True, dir_okay=False, path_type=str), default=None,
+                 help="Hidden unit groups as JSON (inspect --units-out writes one to edit) instead of tracing."),
 )
 
 data_options = _stack(
@@ -122,7 +124,7 @@ _PATH_KEYS = ("method", "bends", "epochs", "lr", "weight_decay", "align")
 def _model_opts(kw: dict):
     from .pipeline import ModelOptions
     return ModelOptions(arch=kw.pop("arch"), model=kw.pop("model_entry"), num_classes=kw.pop("num_classes"),
-                        in_chans=kw.pop("in_chans"), ema=kw.pop("ema"))
+                        in_chans=kw.pop("in_chans"), ema=kw.pop("ema"), unit_graph=kw.pop("unit_graph"))
 
 
 def _data_opts(kw: dict, *, default_data: str | None = None):
@@ -195,13 +197,15 @@ def _fmt(x: Any) -> str:
 @click.argument("file", type=click.Path(path_type=str))
 @model_options
 @click.option("--units", is_flag=True, help="Also print the unit graph (hidden unit groups and their tensors).")
-def inspect(file: str, units: bool, **kw: Any) -> None:
+@click.option("--units-out", metavar="FILE.json",
+              help="Write the unit graph as JSON: edit it and pass it back with --unit-graph.")
+def inspect(file: str, units: bool, units_out: str | None, **kw: Any) -> None:
     """Describe a checkpoint: format, architecture, parameters, dtypes, EMA, metadata.
 
     Exits non-zero with the reason if the file fails any safety or sanity check.
     """
     from .pipeline import describe_checkpoint
-    info = describe_checkpoint(file, _model_opts(kw), units=units)
+    info = describe_checkpoint(file, _model_opts(kw), units=units, units_out=units_out)
     for key, value in info.items():
         if key == "units":
             continue

@@ -16,7 +16,7 @@ import torch
 from .errors import BadOptionError, CheckpointError
 
 __all__ = ["ModelOptions", "DataOptions", "BuildOptions", "BuildResult", "PATH_BUILDERS", "OTHER_METHODS",
-           "load_endpoints", "connect", "align_chain", "scan_checkpoints", "scan_path_file", "RepairedPath",
+           "unit_graph_of", "load_endpoints", "connect", "align_chain", "scan_checkpoints", "scan_path_file", "RepairedPath",
            "build_ensemble", "build_fge", "evaluate_ensemble_file", "describe_checkpoint", "align_files",
            "stability_of_file", "pack_files", "train_default_endpoints", "fresh_run_dir"]
 
@@ -32,6 +32,16 @@ class ModelOptions:
     num_classes: int | None = None
     in_chans: int | None = None
     ema: bool | None = None
+    unit_graph: str | os.PathLike | None = None  # a JSON file of unit groups, instead of tracing
+
+
+def unit_graph_of(net: torch.nn.Module, opts: ModelOptions):
+    """The unit graph given by hand (`--unit-graph FILE.json`, checked against the model), or
+    None (the tools then trace the model themselves)."""
+    if opts.unit_graph is None:
+        return None
+    from .units import build_unit_graph
+    return build_unit_graph(net, groups=os.fspath(opts.unit_graph))
 
 
 @dataclass
@@ -104,7 +114,8 @@ def scan_checkpoints(files: Sequence[str | os.PathLike], *, model: ModelOptions,
     a, b = load_endpoints(files, model)
     net = a.build_model().to(data.device)
     train, val = _loaders(net, data)
-    paths, _, aligned = connect([a.state_dict, b.state_dict], net, opts=opts, data=data, bn_loader=train)
+    paths, _, aligned = connect([a.state_dict, b.state_dict], net, opts=opts, data=data, bn_loader=train,
+                                graph=unit_graph_of(net, model))
     path = RepairedPath(paths[0], net, train, device=data.device) if opts.repair else paths[0]
     report = _scan_report(path, net, train, val, data, points, plane=plane, plane_grid=plane_grid)
     report["repair"] = opts.repair
@@ -274,8 +285,11 @@ def _describe_own_file(file: str | os.PathLike, doc: dict[str, Any]) -> dict[str
     return info
 
 
-def describe_checkpoint(file: str | os.PathLike, opts: ModelOptions, *, units: bool = False) -> dict[str, Any]:
-    """What `mcensemble inspect` prints: format, architecture, sizes, dtypes, EMA, metadata."""
+def describe_checkpoint(file: str | os.PathLike, opts: ModelOptions, *, units: bool = False,
+                        units_out: str | os.PathLike | None = None) -> dict[str, Any]:
+    """What `mcensemble inspect` prints: format, architecture, sizes, dtypes, EMA, metadata;
+    with `units`, the unit graph (traced, or `opts.unit_graph` checked against the model);
+    `units_out` writes it as JSON, to edit and pass back with `--unit-graph`."""
     from collections import Counter
     from .checkpoints import load_checkpoint
     doc = _mcensemble_header(file)
@@ -295,11 +309,15 @@ def describe_checkpoint(file: str | os.PathLike, opts: ModelOptions, *, units: b
         "sha256": md.pop("sha256", None),
         "metadata": {k: v for k, v in md.items() if v is not None and k != "source"},
     }
-    if units:
-        from .units import build_unit_graph
+    if units or units_out:
         from .data import example_input
+        from .units import build_unit_graph
         net = ck.build_model()
-        info["units"] = build_unit_graph(net, example_input(net)).describe()
+        graph = unit_graph_of(net, opts) or build_unit_graph(net, example_input(net))
+        info["units"] = graph.describe()
+        if units_out is not None:
+            graph.save(units_out)
+            info["units_file"] = str(units_out)
     return info
 
 
@@ -333,12 +351,14 @@ class BuildOptions:
     resume: bool = False  # continue the fits saved in checkpoint_dir
 
 
-def _linear_builder(net, a, b, *, opts: BuildOptions, data: DataOptions, fit_loader, bn_loader):
+def _linear_builder(net, a, b, *, opts: BuildOptions, data: DataOptions, fit_loader, bn_loader, index: int = 0,
+                    graph=None):
     from .paths import LinearPath
     return LinearPath(a, b)
 
 
-def _curve_builder(net, a, b, *, opts: BuildOptions, data: DataOptions, fit_loader, bn_loader, index: int = 0):
+def _curve_builder(net, a, b, *, opts: BuildOptions, data: DataOptions, fit_loader, bn_loader, index: int = 0,
+                   graph=None):
     from .paths.fit import CurveConfig, fit_curve
     cfg = CurveConfig(kind=opts.method, bends=opts.bends, epochs=opts.epochs, lr=opts.lr,
                       weight_decay=opts.weight_decay, seed=data.seed)
@@ -347,12 +367,14 @@ def _curve_builder(net, a, b, *, opts: BuildOptions, data: DataOptions, fit_load
                      checkpoint=ck, checkpoint_every=opts.checkpoint_every, resume=opts.resume)
 
 
-def _dropout_builder(net, a, b, *, opts: BuildOptions, data: DataOptions, fit_loader, bn_loader):
+def _dropout_builder(net, a, b, *, opts: BuildOptions, data: DataOptions, fit_loader, bn_loader, index: int = 0,
+                     graph=None):
     from .paths.dropout import build_dropout_path
-    return build_dropout_path(net, a, b, bn_loader, device=data.device, progress=data.progress)
+    return build_dropout_path(net, a, b, bn_loader, graph=graph, device=data.device, progress=data.progress)
 
 
-#: method name -> function(net, a, b, *, opts, data, fit_loader, bn_loader) -> Path
+#: method name -> function(net, a, b, *, opts, data, fit_loader, bn_loader, index, graph) -> Path
+#: (`index`: which consecutive pair; `graph`: a hand-given unit graph or None)
 PATH_BUILDERS = {"linear": _linear_builder, "bezier": _curve_builder, "polychain": _curve_builder,
                  "dropout": _dropout_builder}
 
@@ -393,14 +415,15 @@ class BuildResult:
     model_spec: Any = None
 
 
-def align_chain(states: Sequence[dict], net: torch.nn.Module, *, seed: int = 0,
+def align_chain(states: Sequence[dict], net: torch.nn.Module, *, seed: int = 0, graph=None,
                 progress: bool | None = None) -> tuple[list[dict], list[dict[str, Any]]]:
     """Permute each checkpoint's hidden units to match the one before it (weight matching on
-    the unit graph). The permuted states compute exactly the functions of the originals."""
+    the unit graph, traced unless `graph` is given). The permuted states compute exactly the
+    functions of the originals."""
     from .align import align_states
     from .data import example_input
     from .units import build_unit_graph
-    graph = build_unit_graph(net, example_input(net))
+    graph = graph if graph is not None else build_unit_graph(net, example_input(net))
     out, info = [dict(states[0])], []
     for s in states[1:]:
         res = align_states(net, out[-1], s, graph=graph, seed=seed, progress=progress)
@@ -410,24 +433,24 @@ def align_chain(states: Sequence[dict], net: torch.nn.Module, *, seed: int = 0,
 
 
 def connect(states: Sequence[dict], net: torch.nn.Module, *, opts: BuildOptions, data: DataOptions,
-            bn_loader) -> tuple[list, list[dict], list[dict[str, Any]]]:
+            bn_loader, graph=None) -> tuple[list, list[dict], list[dict[str, Any]]]:
     """Paths between consecutive states by `opts.method` (after alignment with `opts.align`).
+    `graph`: the unit graph given by hand (alignment, dropout paths), else traced when needed.
 
     Returns (paths, the endpoint states the paths use, alignment reports). With `--align`,
     every checkpoint after the first is replaced by its permutation matching the previous
     one, so the paths end at permuted checkpoints that compute the same functions."""
     aligned: list[dict[str, Any]] = []
     if opts.align:
-        states, aligned = align_chain(states, net, seed=data.seed, progress=data.progress)
+        states, aligned = align_chain(states, net, seed=data.seed, graph=graph, progress=data.progress)
     fit_loader = None
     if opts.method in ("bezier", "polychain"):
         from .data import create_loader
         fit_loader = create_loader(data.data, split="train", batch_size=data.batch_size, shuffle=True,
                                    seed=data.seed, model=net)
     builder = PATH_BUILDERS[opts.method]
-    paths = [builder(net, a, b, opts=opts, data=data, fit_loader=fit_loader, bn_loader=bn_loader,
-                     **({"index": i} if builder is _curve_builder else {}))
-             for i, (a, b) in enumerate(zip(states[:-1], states[1:]))]
+    paths = [builder(net, a, b, opts=opts, data=data, fit_loader=fit_loader, bn_loader=bn_loader, index=i,
+                     graph=graph) for i, (a, b) in enumerate(zip(states[:-1], states[1:]))]
     return paths, list(states), aligned
 
 
@@ -494,7 +517,8 @@ def build_ensemble(files: Sequence[str | os.PathLike], *, model: ModelOptions, d
     net = cks[0].build_model().to(data.device)
     train, val = _loaders(net, data)
     timings: dict[str, float] = {"load_s": time.perf_counter() - t0}
-    paths, ends, aligned = connect([ck.state_dict for ck in cks], net, opts=opts, data=data, bn_loader=train)
+    paths, ends, aligned = connect([ck.state_dict for ck in cks], net, opts=opts, data=data, bn_loader=train,
+                                   graph=unit_graph_of(net, model))
     timings["path_s"] = time.perf_counter() - t0 - timings["load_s"]
     t2 = time.perf_counter()
     grid, members, line = _choose_members(paths, ends, net, train, val, opts, data, greedy=greedy)
@@ -659,7 +683,8 @@ def align_files(a_file: str | os.PathLike, b_file: str | os.PathLike, out: str |
     from .checkpoints import save_checkpoint
     a, b = load_endpoints([a_file, b_file], model)
     net = a.build_model()
-    res = align_states(net, a.state_dict, b.state_dict, seed=seed, progress=progress)
+    res = align_states(net, a.state_dict, b.state_dict, graph=unit_graph_of(net, model), seed=seed,
+                       progress=progress)
     md = {k: b.metadata.get(k) for k in ("arch", "num_classes", "in_chans", "model_args") if b.metadata.get(k) is not None}
     info = res.to_dict()
     md["alignment"] = {**info, "aligned_to": {"file": str(a_file), "sha256": a.metadata.get("sha256")},
@@ -726,7 +751,8 @@ def stability_of_file(file: str | os.PathLike, *, model: ModelOptions, data: Dat
     net = ck.build_model().to(data.device)
     train, _ = _loaders(net, DataOptions(data=data.data, batch_size=data.batch_size, seed=data.seed,
                                          device=data.device))
-    res = dropout_stability(net, ck.state_dict, train, bn_loader=train, device=data.device,
+    res = dropout_stability(net, ck.state_dict, train, graph=unit_graph_of(net, model), bn_loader=train,
+                            device=data.device,
                             search_steps=search_steps, seed=data.seed, progress=data.progress)
     return {"file": str(file), "data": data.data, **res.to_dict()}
 
@@ -741,7 +767,8 @@ def pack_files(a_file: str | os.PathLike, b_file: str | os.PathLike, out: str | 
     a, b = load_endpoints([a_file, b_file], model)
     net = a.build_model().to(data.device)
     train, val = _loaders(net, data)
-    packed = pack_pair(net, a.state_dict, b.state_dict, train, device=data.device, progress=data.progress)
+    packed = pack_pair(net, a.state_dict, b.state_dict, train, graph=unit_graph_of(net, model), device=data.device,
+                       progress=data.progress)
     md = {k: a.metadata.get(k) for k in ("arch", "num_classes", "in_chans", "model_args") if a.metadata.get(k) is not None}
     md["kind"] = "packed-pair"
     md["sources"] = [{"file": str(f), "sha256": ck.metadata.get("sha256")} for f, ck in ((a_file, a), (b_file, b))]

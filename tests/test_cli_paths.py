@@ -129,3 +129,34 @@ def test_fge_from_one_checkpoint(mce_cli, mce_mlp_pair, tmp_path):
     assert res.exit_code == 2 and "no path" in res.output and not (tmp_path / "x.png").exists()
     res = mce_cli("build", *mce_mlp_pair, "--method", "fge", "--data", "digits", "--out", tmp_path / "y.safetensors")
     assert res.exit_code == 2 and "one checkpoint" in res.output and not (tmp_path / "y.safetensors").exists()
+
+
+def test_unit_graph_by_hand_round_trips_through_inspect_and_build(mce_cli, mce_cnn_pair, tmp_path):
+    a, b = mce_cnn_pair
+    graph = tmp_path / "units.json"
+    res = mce_cli("inspect", a, "--units-out", graph)
+    assert res.exit_code == 0, res.output
+    doc = json.loads(graph.read_text())
+    assert [g["size"] for g in doc["groups"]] == [4, 8]
+    res = mce_cli("build", a, b, "--method", "dropout", "--unit-graph", graph, "--data", "digits,train=200",
+                  "--members", "2", "--candidates", "3", "--report", tmp_path / "r.json")
+    assert res.exit_code == 0, res.output
+    cert = json.loads((tmp_path / "r.json").read_text())["certificates"][0]
+    assert cert["max_loss"] <= max(cert["loss_a"], cert["loss_b"]) + cert["eps"] + 1e-6
+    # a hand-written graph that does not fit the model is refused, naming the tensor, before any work
+    doc["groups"][0]["members"][0]["tensor"] = "features.nope.weight"
+    graph.write_text(json.dumps(doc))
+    res = mce_cli("stability", a, "--unit-graph", graph, "--data", "digits,train=200", "--report", tmp_path / "s.json")
+    assert res.exit_code != 0 and "features.nope.weight" in res.output and "Traceback" not in res.output
+    assert not (tmp_path / "s.json").exists()
+
+
+def test_align_accepts_a_unit_graph_by_hand(mce_cli, mce_mlp_pair, tmp_path):
+    a, b = mce_mlp_pair
+    graph = tmp_path / "units.json"
+    assert mce_cli("inspect", a, "--units-out", graph).exit_code == 0
+    res = mce_cli("align", a, b, "--unit-graph", graph, "--out", tmp_path / "b2.safetensors")
+    assert res.exit_code == 0, res.output
+    nb, nal = load_checkpoint(b).build_model(), load_checkpoint(tmp_path / "b2.safetensors").build_model()
+    x = torch.rand(8, 1, 8, 8)
+    torch.testing.assert_close(nal(x), nb(x), atol=1e-5, rtol=1e-5)
