@@ -30,7 +30,7 @@ import math
 import numbers
 import os
 from pathlib import Path
-from typing import Any, Iterable, Mapping
+from typing import Any, Callable, Iterable, Mapping
 
 import torch
 import torch.nn as nn
@@ -38,7 +38,8 @@ import torch.nn as nn
 from .errors import BadOptionError
 from .units import UnitGraph, UnitGraphError, build_unit_graph
 
-__all__ = ["channel_dropout", "ChannelDropoutHandle", "SnapshotCollector", "fge_lr", "fge_train"]
+__all__ = ["channel_dropout", "ChannelDropoutHandle", "SnapshotCollector", "fge_lr", "fge_train",
+           "network_in", "example_batch", "fge_collector", "save_snapshots"]
 
 logger = logging.getLogger(__name__)
 
@@ -414,3 +415,55 @@ def fge_train(model: nn.Module, loader: Iterable, *, cycles: int = 4, epochs: in
             handle.remove()
     model.eval()
     return col
+
+
+# ----------------------------------------------------------------------------- for trainer plugins
+def network_in(model: nn.Module, name: str | None, *, owner: str = "the model") -> nn.Module:
+    """`model` itself (name None) or its submodule `name`: the network whose weights a
+    plugin snapshots and drops out. A missing one -> `BadOptionError(option="module")`."""
+    if name is None:
+        return model
+    try:
+        return model.get_submodule(name)
+    except AttributeError as e:
+        raise BadOptionError(f"{owner} has no submodule {name!r} (module= names the network inside it)",
+                             option="module") from e
+
+
+def example_batch(loader: Iterable | None, device: torch.device | str, *, n: int = 2) -> torch.Tensor:
+    """The first `n` inputs of `loader`'s first batch, on `device`: what tracing the unit graph
+    for channel dropout needs when no example input was given."""
+    from .bn import batch_input
+    if loader is None:
+        raise BadOptionError("channel dropout needs example_input= or a training dataloader",
+                             option="example_input")
+    return batch_input(next(iter(loader)))[:n].to(device)
+
+
+def fge_collector(net: nn.Module, optimizer, *, steps_per_epoch: Callable[[], int], cycle_steps: int | None,
+                  cycle_epochs: int | None, start_epoch: int, lr_max: float, lr_min: float | None,
+                  max_snapshots: int | None) -> SnapshotCollector:
+    """A `SnapshotCollector` on an FGE schedule counted in optimizer steps: cycles of
+    `cycle_steps`, or `cycle_epochs` x `steps_per_epoch()` (only called when epochs are used),
+    starting after `start_epoch` epochs."""
+    per_epoch = steps_per_epoch() if (cycle_epochs or start_epoch) else 0
+    cycle = cycle_steps if cycle_steps is not None else (cycle_epochs or 0) * per_epoch
+    if cycle < 2:
+        raise BadOptionError(f"cycle_epochs={cycle_epochs} makes cycles of {cycle} optimizer step(s); "
+                             "FGE needs at least 2 (use cycle_steps=)", option="cycle_epochs")
+    return SnapshotCollector(net, optimizer, cycle_steps=cycle, lr_max=lr_max, lr_min=lr_min,
+                             start=start_epoch * per_epoch, max_snapshots=max_snapshots)
+
+
+def save_snapshots(col: SnapshotCollector, out, *, who: str, model_spec=None, bn_loader=None,
+                   bn_max_batches: int | None = None, extra: Mapping[str, Any] | None = None):
+    """End of training in a plugin: write the collected snapshots as an ensemble file (BN
+    re-estimated on `bn_loader`), or warn and write nothing when none was taken. Returns the
+    file written, or None."""
+    if not len(col):
+        logger.warning("%s: no snapshot was taken (training too short for the schedule?); no ensemble "
+                       "written", who)
+        return None
+    path = col.save(out, model_spec=model_spec, bn_loader=bn_loader, bn_max_batches=bn_max_batches, extra=extra)
+    logger.info("%s: wrote %d-member ensemble to %s", who, len(col), out)
+    return path

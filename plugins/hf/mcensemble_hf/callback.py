@@ -16,7 +16,7 @@ import torch.nn as nn
 from transformers import TrainerCallback
 
 from mcensemble.errors import BadOptionError
-from mcensemble.hooks import SnapshotCollector
+from mcensemble.hooks import SnapshotCollector, example_batch, fge_collector, network_in, save_snapshots
 from mcensemble.hooks import channel_dropout as _channel_dropout
 
 __all__ = ["MCEnsembleTrainerCallback", "SNAPSHOTS_FILE"]
@@ -170,21 +170,7 @@ class MCEnsembleTrainerCallback(TrainerCallback):
     # -- helpers -------------------------------------------------------------------------
     def network(self, model: nn.Module) -> nn.Module:
         """The network that is snapshotted (the Trainer's model, or its `module`)."""
-        if self.module is None:
-            return model
-        try:
-            return model.get_submodule(self.module)
-        except AttributeError as e:
-            raise BadOptionError(f"the Trainer's model has no submodule {self.module!r} "
-                                 f"(module= names the network inside it)", option="module") from e
-
-    @staticmethod
-    def _first_input(train_dataloader, device: torch.device) -> torch.Tensor:
-        from mcensemble.bn import batch_input
-        if train_dataloader is None:
-            raise BadOptionError("channel dropout needs example_input= or a training dataloader",
-                                 option="example_input")
-        return batch_input(next(iter(train_dataloader)))[:2].to(device)
+        return network_in(model, self.module, owner="the Trainer's model")
 
     @staticmethod
     def _steps_per_epoch(args, train_dataloader) -> int:
@@ -205,16 +191,10 @@ class MCEnsembleTrainerCallback(TrainerCallback):
         if optimizer is None:
             raise BadOptionError("snapshots='fge' sets the optimizer's lr, but the Trainer passed "
                                  "no optimizer to the callback", option="snapshots")
-        per_epoch = self._steps_per_epoch(args, train_dataloader) \
-            if (self.cycle_epochs or self.start_epoch) else 0
-        cycle = self.cycle_steps if self.cycle_steps is not None else self.cycle_epochs * per_epoch
-        if cycle < 2:
-            raise BadOptionError(f"cycle_epochs={self.cycle_epochs} makes cycles of {cycle} "
-                                 f"optimizer step(s); FGE needs at least 2 (use cycle_steps=)",
-                                 option="cycle_epochs")
-        return SnapshotCollector(net, optimizer, cycle_steps=cycle, lr_max=self.lr_max,
-                                 lr_min=self.lr_min, start=self.start_epoch * per_epoch,
-                                 max_snapshots=self.max_snapshots)
+        return fge_collector(net, optimizer, steps_per_epoch=lambda: self._steps_per_epoch(args, train_dataloader),
+                             cycle_steps=self.cycle_steps, cycle_epochs=self.cycle_epochs,
+                             start_epoch=self.start_epoch, lr_max=self.lr_max, lr_min=self.lr_min,
+                             max_snapshots=self.max_snapshots)
 
     # -- hooks -----------------------------------------------------------------------------
     def on_train_begin(self, args, state, control, model=None, optimizer=None,
@@ -238,7 +218,7 @@ class MCEnsembleTrainerCallback(TrainerCallback):
             x = self.example_input
             if x is None and self.groups is None:
                 device = next((t.device for t in net.parameters()), torch.device("cpu"))
-                x = self._first_input(train_dataloader, device)
+                x = example_batch(train_dataloader, device)
             self._dropout = _channel_dropout(net, self.p, groups=self.groups, example_input=x)
 
     def on_step_begin(self, args, state, control, optimizer=None, **kwargs):
@@ -286,18 +266,12 @@ class MCEnsembleTrainerCallback(TrainerCallback):
         col = self.collector
         if col is None or not state.is_world_process_zero:
             return
-        if not len(col):
-            logger.warning("MCEnsembleTrainerCallback: no snapshot was taken (training too short "
-                           "for the schedule?); no ensemble written")
-            return
         out = self.out or Path(args.output_dir) / "mcensemble.safetensors"
         bn = train_dataloader if isinstance(self.bn_dataloader, str) else self.bn_dataloader
-        self.ensemble_path = col.save(out, model_spec=self.model_spec, bn_loader=bn,
-                                      bn_max_batches=self.bn_max_batches,
-                                      extra={"transformers": {"epoch": state.epoch,
-                                                              "global_step": state.global_step,
-                                                              "channel_dropout": self.p}})
-        logger.info("MCEnsembleTrainerCallback: wrote %d-member ensemble to %s", len(col), out)
+        self.ensemble_path = save_snapshots(
+            col, out, who="MCEnsembleTrainerCallback", model_spec=self.model_spec, bn_loader=bn,
+            bn_max_batches=self.bn_max_batches,
+            extra={"transformers": {"epoch": state.epoch, "global_step": state.global_step, "channel_dropout": self.p}})
 
     def remove_dropout(self) -> None:
         """Take the channel-dropout hooks off now (done at `on_train_end`; call it yourself

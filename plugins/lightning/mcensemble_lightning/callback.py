@@ -11,7 +11,7 @@ import torch
 import torch.nn as nn
 
 from mcensemble.errors import BadOptionError
-from mcensemble.hooks import SnapshotCollector
+from mcensemble.hooks import SnapshotCollector, example_batch, fge_collector, network_in, save_snapshots
 from mcensemble.hooks import channel_dropout as _channel_dropout
 
 try:  # the unified package first; the standalone one if that is what is installed
@@ -105,22 +105,7 @@ class MCEnsembleCallback(pl.Callback):
     # -- helpers -------------------------------------------------------------------------
     def network(self, pl_module: nn.Module) -> nn.Module:
         """The network whose weights are snapshotted (the LightningModule or its `module`)."""
-        if self.module is None:
-            return pl_module
-        try:
-            return pl_module.get_submodule(self.module)
-        except AttributeError as e:
-            raise BadOptionError(f"the LightningModule has no submodule {self.module!r} "
-                                 f"(module= names the network inside it)", option="module") from e
-
-    @staticmethod
-    def _first_input(trainer: "pl.Trainer", device: torch.device) -> torch.Tensor:
-        from mcensemble.bn import batch_input
-        loader = trainer.train_dataloader
-        if loader is None:
-            raise BadOptionError("channel dropout needs example_input= or a training dataloader",
-                                 option="example_input")
-        return batch_input(next(iter(loader)))[:2].to(device)
+        return network_in(pl_module, self.module, owner="the LightningModule")
 
     def _steps_per_epoch(self, trainer: "pl.Trainer") -> int:
         n = trainer.num_training_batches
@@ -139,11 +124,10 @@ class MCEnsembleCallback(pl.Callback):
         if trainer.lr_scheduler_configs:
             logger.warning("MCEnsembleCallback(snapshots='fge') sets the learning rate itself; "
                            "the configured lr scheduler will fight it")
-        per_epoch = self._steps_per_epoch(trainer) if (self.cycle_epochs or self.start_epoch) else 0
-        cycle = self.cycle_steps if self.cycle_steps is not None else self.cycle_epochs * per_epoch
-        return SnapshotCollector(net, trainer.optimizers[0], cycle_steps=cycle, lr_max=self.lr_max,
-                                 lr_min=self.lr_min, start=self.start_epoch * per_epoch,
-                                 max_snapshots=self.max_snapshots)
+        return fge_collector(net, trainer.optimizers[0], steps_per_epoch=lambda: self._steps_per_epoch(trainer),
+                             cycle_steps=self.cycle_steps, cycle_epochs=self.cycle_epochs,
+                             start_epoch=self.start_epoch, lr_max=self.lr_max, lr_min=self.lr_min,
+                             max_snapshots=self.max_snapshots)
 
     # -- hooks -----------------------------------------------------------------------------
     def on_train_start(self, trainer: "pl.Trainer", pl_module: "pl.LightningModule") -> None:
@@ -151,7 +135,7 @@ class MCEnsembleCallback(pl.Callback):
         if self.p > 0 and self._dropout is None:
             x = self.example_input
             if x is None and self.groups is None:
-                x = self._first_input(trainer, pl_module.device)
+                x = example_batch(trainer.train_dataloader, pl_module.device)
             self._dropout = _channel_dropout(net, self.p, groups=self.groups, example_input=x)
         if self.mode is not None:
             self.collector = self._make_collector(trainer, net)
@@ -179,18 +163,13 @@ class MCEnsembleCallback(pl.Callback):
         col = self.collector
         if col is None or not trainer.is_global_zero:
             return
-        if not len(col):
-            logger.warning("MCEnsembleCallback: no snapshot was taken (training too short for "
-                           "the schedule?); no ensemble written")
-            return
         out = self.out or Path(trainer.default_root_dir) / "mcensemble.safetensors"
         bn = trainer.train_dataloader if isinstance(self.bn_loader, str) else self.bn_loader
-        self.ensemble_path = col.save(out, model_spec=self.model_spec, bn_loader=bn,
-                                      bn_max_batches=self.bn_max_batches,
-                                      extra={"lightning": {"epochs": trainer.current_epoch,
-                                                           "global_step": trainer.global_step,
-                                                           "channel_dropout": self.p}})
-        logger.info("MCEnsembleCallback: wrote %d-member ensemble to %s", len(col), out)
+        self.ensemble_path = save_snapshots(
+            col, out, who="MCEnsembleCallback", model_spec=self.model_spec, bn_loader=bn,
+            bn_max_batches=self.bn_max_batches,
+            extra={"lightning": {"epochs": trainer.current_epoch, "global_step": trainer.global_step,
+                                 "channel_dropout": self.p}})
 
     def on_exception(self, trainer, pl_module, exception) -> None:
         self._remove_dropout()
