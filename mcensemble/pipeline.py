@@ -14,6 +14,7 @@ from typing import Any, Sequence
 import torch
 
 from .errors import BadOptionError, CheckpointError
+from .paths.fit import CurveConfig
 
 __all__ = ["ModelOptions", "DataOptions", "BuildOptions", "BuildResult", "PATH_BUILDERS", "OTHER_METHODS",
            "unit_graph_of", "load_endpoints", "connect", "align_chain", "scan_checkpoints", "scan_path_file", "RepairedPath",
@@ -332,17 +333,18 @@ class BuildOptions:
     method: a key of `PATH_BUILDERS` ("linear", "bezier", "polychain", "dropout");
     members: K points; selection: "auto" (greedy on validation NLL when validation data is
     given, else uniform), "greedy" or "uniform"; candidates: points per path evaluated for
-    the greedy choice (ends included); curve fitting: bends, epochs, lr, weight_decay.
+    the greedy choice (ends included); curve fitting: bends, epochs, lr, weight_decay
+    (defaults: those of `paths.fit.CurveConfig`).
     """
 
     method: str = "bezier"
     members: int = 4
     selection: str = "auto"
     candidates: int = 11
-    bends: int = 1
-    epochs: int = 20
-    lr: float = 0.05
-    weight_decay: float = 5e-4
+    bends: int = CurveConfig.bends
+    epochs: int = CurveConfig.epochs
+    lr: float = CurveConfig.lr
+    weight_decay: float = CurveConfig.weight_decay
     strategy: str = "auto"
     align: bool = False
     repair: bool = False
@@ -359,7 +361,7 @@ def _linear_builder(net, a, b, *, opts: BuildOptions, data: DataOptions, fit_loa
 
 def _curve_builder(net, a, b, *, opts: BuildOptions, data: DataOptions, fit_loader, bn_loader, index: int = 0,
                    graph=None):
-    from .paths.fit import CurveConfig, fit_curve
+    from .paths.fit import fit_curve
     cfg = CurveConfig(kind=opts.method, bends=opts.bends, epochs=opts.epochs, lr=opts.lr,
                       weight_decay=opts.weight_decay, seed=data.seed)
     ck = None if opts.checkpoint_dir is None else os.path.join(opts.checkpoint_dir, f"curve-{index}.safetensors")
@@ -399,7 +401,7 @@ def _validate_build(opts: BuildOptions) -> None:
     if opts.candidates < 2:
         raise BadOptionError(f"--candidates must be at least 2, got {opts.candidates}", option="--candidates")
     if opts.method in ("bezier", "polychain"):
-        from .paths.fit import CurveConfig, validate_curve_config
+        from .paths.fit import validate_curve_config
         validate_curve_config(CurveConfig(kind=opts.method, bends=opts.bends, epochs=opts.epochs, lr=opts.lr,
                                           weight_decay=opts.weight_decay))
 
