@@ -418,17 +418,20 @@ class BuildResult:
 
 
 def align_chain(states: Sequence[dict], net: torch.nn.Module, *, seed: int = 0, graph=None,
-                progress: bool | None = None) -> tuple[list[dict], list[dict[str, Any]]]:
+                progress: bool | None = None, data: Any = None) -> tuple[list[dict], list[dict[str, Any]]]:
     """Permute each checkpoint's hidden units to match the one before it (weight matching on
     the unit graph, traced unless `graph` is given). The permuted states compute exactly the
-    functions of the originals."""
+    functions of the originals (checked on an input batch). `data` (a DataLoader or a data
+    spec): where that batch, and the one the graph is traced with, come from (default: a
+    shape guessed from the model, see `data.example_input`)."""
     from .align import align_states
     from .data import example_input
     from .units import build_unit_graph
-    graph = graph if graph is not None else build_unit_graph(net, example_input(net))
+    x = example_input(net, data=data)
+    graph = graph if graph is not None else build_unit_graph(net, x[:1])
     out, info = [dict(states[0])], []
     for s in states[1:]:
-        res = align_states(net, out[-1], s, graph=graph, seed=seed, progress=progress)
+        res = align_states(net, out[-1], s, graph=graph, example_input=x, seed=seed, progress=progress)
         out.append(res.state)
         info.append(res.to_dict())
     return out, info
@@ -444,7 +447,8 @@ def connect(states: Sequence[dict], net: torch.nn.Module, *, opts: BuildOptions,
     one, so the paths end at permuted checkpoints that compute the same functions."""
     aligned: list[dict[str, Any]] = []
     if opts.align:
-        states, aligned = align_chain(states, net, seed=data.seed, graph=graph, progress=data.progress)
+        states, aligned = align_chain(states, net, seed=data.seed, graph=graph, progress=data.progress,
+                                      data=bn_loader)
     fit_loader = None
     if opts.method in ("bezier", "polychain"):
         from .data import create_loader
