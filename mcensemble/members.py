@@ -12,6 +12,7 @@ model plus the buffers.
 from __future__ import annotations
 
 import math
+import numbers
 import sys
 from dataclasses import dataclass, field
 from typing import Any, Iterable, Sequence
@@ -26,6 +27,8 @@ from .errors import BadOptionError, DataSpecError
 from .evaluate import Metrics, _load_state_strict, evaluate, expected_calibration_error
 
 __all__ = ["Candidate", "global_to_local", "uniform_points", "evaluate_candidates", "select_greedy_nll",
+           "Selection", "select_members", "paired_bootstrap", "check_weights", "GUARANTEE",
+           "BOOTSTRAP_RESAMPLES", "BOOTSTRAP_CONFIDENCE", "MAX_PICKS",
            "candidate_state", "predict_log_probs", "ensemble_metrics"]
 
 StateDict = dict[str, torch.Tensor]
@@ -105,9 +108,38 @@ def predict_log_probs(model: nn.Module, loader: Iterable, *, device: str | torch
     return torch.cat(outs), torch.cat(labels)
 
 
-def ensemble_metrics(log_probs: Sequence[torch.Tensor], labels: torch.Tensor) -> Metrics:
-    """Metrics of the mean-probability ensemble of members' log-probabilities."""
-    lp = torch.logsumexp(torch.stack(list(log_probs)), dim=0) - math.log(len(log_probs))
+def check_weights(weights: Sequence[float] | torch.Tensor, k: int, *, option: str = "weights") -> list[float]:
+    """Member weights as a list of K floats summing to 1: each finite and >= 0, the sum > 0
+    (`BadOptionError` naming `option` otherwise)."""
+    try:
+        raw = list(weights.tolist() if isinstance(weights, torch.Tensor) else weights)
+    except TypeError as e:
+        raise BadOptionError(f"{option} must be {k} numbers, got {weights!r}", option=option) from e
+    if any(isinstance(v, bool) or not isinstance(v, numbers.Real) for v in raw):
+        raise BadOptionError(f"{option} must be {k} numbers, got {raw!r}", option=option)
+    w = [float(v) for v in raw]
+    if len(w) != k:
+        raise BadOptionError(f"{option} has {len(w)} value(s) but the ensemble has {k} member(s)", option=option)
+    bad = [i for i, v in enumerate(w) if not math.isfinite(v) or v < 0]
+    if bad:
+        raise BadOptionError(f"{option}[{bad[0]}] = {w[bad[0]]!r}: member weights must be finite and >= 0",
+                             option=option)
+    total = math.fsum(w)
+    if not total > 0:
+        raise BadOptionError(f"{option} sum to 0: at least one member needs a positive weight", option=option)
+    return [v / total for v in w]
+
+
+def ensemble_metrics(log_probs: Sequence[torch.Tensor], labels: torch.Tensor,
+                     weights: Sequence[float] | None = None) -> Metrics:
+    """Metrics of the (weighted) mean-probability ensemble of members' log-probabilities;
+    `weights` (normalised here) default to equal."""
+    stacked = torch.stack(list(log_probs))
+    if weights is None:
+        lp = torch.logsumexp(stacked, dim=0) - math.log(len(log_probs))
+    else:
+        w = torch.tensor(check_weights(weights, len(log_probs)), dtype=stacked.dtype)
+        lp = torch.logsumexp(stacked + w.log().view(-1, *([1] * (stacked.dim() - 1))), dim=0)
     nll = F.nll_loss(lp, labels).item()
     acc = (lp.argmax(-1) == labels).float().mean().item()
     return Metrics(loss=nll, acc=acc, nll=nll, ece=expected_calibration_error(lp.exp(), labels),
@@ -171,3 +203,188 @@ def select_greedy_nll(cands: Sequence[Candidate], k: int, labels: torch.Tensor) 
         chosen.append(best)
         probs_sum += cands[best].val_log_probs.exp()
     return chosen
+
+
+# ----------------------------------------------------------------------------- selection with replacement
+#: paired bootstrap: resamples, and the share of them in which a gain must be positive
+BOOTSTRAP_RESAMPLES = 1000
+BOOTSTRAP_CONFIDENCE = 0.95
+#: greedy picks at most (weights are counts / picks)
+MAX_PICKS = 50
+
+GUARANTEE = ("On the selection data the chosen ensemble's NLL is never above that of its best single "
+             "candidate, nor (when --members allows as many) above the equal-weight ensemble of the "
+             "checkpoints: both are candidates, and a choice that costs more replaces a cheaper one only "
+             "when it lowers the NLL in at least {confidence:.0%} of {resamples} paired bootstrap "
+             "resamples of the selection examples.")
+
+
+@dataclass
+class Selection:
+    """What `select_members` chose: distinct candidate `indices` (ascending), their pick
+    `counts` and normalised `weights`, the `rule` that won ("endpoints", "best-single",
+    "greedy", "exact"), its selection `nll`, and the numbers behind the decision
+    (`baselines`, `greedy`, `tests`) for the report."""
+
+    indices: list[int]
+    counts: list[int]
+    weights: list[float]
+    rule: str
+    nll: float
+    baselines: dict[str, Any] = field(default_factory=dict)
+    greedy: dict[str, Any] = field(default_factory=dict)
+    tests: list[dict[str, Any]] = field(default_factory=list)
+    guarantee: str | None = None
+
+    def to_dict(self) -> dict[str, Any]:
+        return {"rule": self.rule, "indices": list(self.indices), "counts": list(self.counts),
+                "weights": list(self.weights), "nll": self.nll, "baselines": self.baselines,
+                "greedy": self.greedy, "bootstrap": self.tests, "guarantee": self.guarantee}
+
+
+def paired_bootstrap(loss_ref: torch.Tensor, loss_new: torch.Tensor, *, resamples: int = BOOTSTRAP_RESAMPLES,
+                     confidence: float = BOOTSTRAP_CONFIDENCE, seed: int = 0) -> dict[str, Any]:
+    """Is `loss_new` (per example) lower than `loss_ref` by more than the examples' noise?
+
+    Draws `resamples` sets of N examples with replacement (seeded) and, in each, the mean of
+    `loss_ref - loss_new` (the gain). `accepted`: the gain is positive in at least
+    `confidence` of the resamples (and overall). Also returns the gain on all examples, the
+    share `p_positive` and the 2.5% / 97.5% quantiles of the resampled gain."""
+    d = (loss_ref.double() - loss_new.double()).flatten()
+    n = d.numel()
+    if n == 0 or resamples < 1:
+        raise BadOptionError("the paired bootstrap needs examples and at least one resample", option="--val-data")
+    gen = torch.Generator().manual_seed(int(seed))
+    means = []
+    for start in range(0, resamples, 64):  # chunks keep memory at 64 x N
+        idx = torch.randint(0, n, (min(64, resamples - start), n), generator=gen)
+        means.append(d[idx].mean(dim=1))
+    m = torch.cat(means)
+    p = float((m > 0).double().mean())
+    gain = float(d.mean())
+    return {"gain": gain, "p_positive": p, "resamples": int(resamples), "confidence": float(confidence),
+            "seed": int(seed), "ci95": [float(m.quantile(0.025)), float(m.quantile(0.975))],
+            "accepted": bool(gain > 0 and p >= confidence)}
+
+
+def _true_class_probs(cands: Sequence[Candidate], labels: torch.Tensor) -> torch.Tensor:
+    """(M, N) float64: each candidate's probability of the true class."""
+    if not cands:
+        raise BadOptionError("member selection needs at least one candidate point", option="--candidates")
+    if any(c.val_log_probs is None for c in cands):
+        raise ValueError("greedy selection needs validation log-probabilities for every candidate")
+    y = labels.long().view(-1, 1)
+    return torch.stack([c.val_log_probs.double().gather(1, y).squeeze(1).exp() for c in cands])
+
+
+def _losses(q: torch.Tensor, counts: torch.Tensor) -> torch.Tensor:
+    """Per-example NLL of the mixture with weights proportional to `counts` (M,)."""
+    w = counts.double() / counts.sum()
+    return -(w @ q).clamp_min(1e-300).log()
+
+
+def _greedy_with_replacement(q: torch.Tensor, max_members: int, max_picks: int) -> list[tuple[torch.Tensor, float]]:
+    """Caruana et al. (2004): start from the best single candidate, then repeatedly add (again,
+    possibly) the candidate whose extra pick lowers the mixture's NLL most, never using more
+    than `max_members` distinct ones; stop when no pick lowers it. The trajectory of
+    (counts, nll); ties go to the earlier candidate."""
+    m = q.shape[0]
+    singles = -q.clamp_min(1e-300).log().mean(dim=1)
+    first = int(torch.argmin(singles))  # argmin returns the first of equal minima
+    counts = torch.zeros(m, dtype=torch.long)
+    counts[first] = 1
+    total_q, nll = q[first].clone(), float(singles[first])
+    out = [(counts.clone(), nll)]
+    for picks in range(1, max_picks):
+        allowed = torch.arange(m) if int((counts > 0).sum()) < max_members else torch.nonzero(counts).flatten()
+        mix = (total_q.unsqueeze(0) + q[allowed]) / (picks + 1)
+        trial = -mix.clamp_min(1e-300).log().mean(dim=1)
+        j = int(torch.argmin(trial))
+        if not float(trial[j]) < nll:
+            break
+        i = int(allowed[j])
+        counts[i] += 1
+        total_q += q[i]
+        nll = float(trial[j])
+        out.append((counts.clone(), nll))
+    return out
+
+
+def select_members(cands: Sequence[Candidate], labels: torch.Tensor, *, max_members: int,
+                   endpoints: Sequence[int] = (), exact: bool = False, max_picks: int = MAX_PICKS,
+                   resamples: int = BOOTSTRAP_RESAMPLES, confidence: float = BOOTSTRAP_CONFIDENCE,
+                   seed: int = 0) -> Selection:
+    """Choose members and weights on the selection data (the candidates' `val_log_probs`).
+
+    The rule, in order:
+    1. The cheaper choice: the equal-weight ensemble of the `endpoints` (candidate indices of
+       the checkpoints) when there are at least two, `max_members` allows them and its NLL is
+       not above the best single candidate's; else the best single candidate.
+    2. Greedy forward selection with replacement (Caruana et al. 2004) from the best single
+       candidate, at most `max_members` distinct members, at most `max_picks` picks, a pick
+       only when it lowers the NLL. For each number of distinct members d the greedy
+       trajectory reached, its last state with d members is a step.
+    3. Steps by increasing d: a step replaces the current choice only when its NLL is lower
+       and a paired bootstrap of per-example losses (`paired_bootstrap`: `resamples`,
+       `seed`) finds its gain positive in at least `confidence` of the resamples.
+    So the result never has a higher selection NLL than the best single candidate, nor than
+    the endpoints' ensemble when that was allowed. `exact`: exactly `max_members` distinct
+    members, equal weights (`select_greedy_nll`), no gate.
+    """
+    if max_members < 1:
+        raise BadOptionError(f"--members must be at least 1, got {max_members}", option="--members")
+    q = _true_class_probs(cands, labels)
+    m = q.shape[0]
+    singles = -q.clamp_min(1e-300).log().mean(dim=1)
+    best = int(torch.argmin(singles))
+    ends = sorted(set(int(i) for i in endpoints))
+    base: dict[str, Any] = {"best_single": {"index": best, "nll": float(singles[best]), "cost": 1},
+                            "endpoints": [{"index": i, "nll": float(singles[i])} for i in ends]}
+
+    def counts_of(idx: Sequence[int]) -> torch.Tensor:
+        c = torch.zeros(m, dtype=torch.long)
+        c[list(idx)] = 1
+        return c
+
+    if len(ends) >= 2:
+        base["endpoints_ensemble"] = {"indices": ends, "cost": len(ends),
+                                      "nll": float(_losses(q, counts_of(ends)).mean()),
+                                      "allowed": len(ends) <= max_members}
+    if exact:
+        chosen = sorted(select_greedy_nll(cands, max_members, labels))
+        c = counts_of(chosen)
+        return _selection(c, "exact", float(_losses(q, c).mean()), base, {}, [], None)
+    traj = _greedy_with_replacement(q, max_members, max_picks)
+    steps: dict[int, tuple[torch.Tensor, float]] = {}
+    for counts, nll in traj:
+        steps[int((counts > 0).sum())] = (counts, nll)
+    g_counts, g_nll = traj[-1]
+    greedy = {"indices": torch.nonzero(g_counts).flatten().tolist(),
+              "counts": g_counts[g_counts > 0].tolist(), "picks": int(g_counts.sum()), "nll": g_nll,
+              "steps": [{"members": d, "nll": nll} for d, (_, nll) in sorted(steps.items())]}
+    ee = base.get("endpoints_ensemble")
+    if ee is not None and ee["allowed"] and ee["nll"] <= base["best_single"]["nll"]:
+        cur, cur_rule, cur_nll, label = counts_of(ends), "endpoints", ee["nll"], "endpoints"
+    else:
+        cur, cur_rule, cur_nll, label = counts_of([best]), "best-single", base["best_single"]["nll"], "best single"
+    tests = []
+    for d, (counts, nll) in sorted(steps.items()):
+        same = torch.equal(counts * cur.sum(), cur * counts.sum())  # proportional counts: the same mixture
+        if same or not nll < cur_nll:
+            continue
+        res = paired_bootstrap(_losses(q, cur), _losses(q, counts), resamples=resamples, confidence=confidence,
+                               seed=seed)
+        to = f"greedy ({d} member{'s' if d > 1 else ''})"
+        tests.append({"from": label, "to": to, "members": d, "nll_from": cur_nll, "nll_to": nll, **res})
+        if res["accepted"]:
+            cur, cur_rule, cur_nll, label = counts, "greedy", nll, to
+    guarantee = GUARANTEE.format(confidence=confidence, resamples=resamples)
+    return _selection(cur, cur_rule, cur_nll, base, greedy, tests, guarantee)
+
+
+def _selection(counts: torch.Tensor, rule: str, nll: float, base, greedy, tests, guarantee) -> Selection:
+    idx = torch.nonzero(counts).flatten().tolist()
+    cs = [int(counts[i]) for i in idx]
+    total = sum(cs)
+    return Selection(indices=idx, counts=cs, weights=[c / total for c in cs], rule=rule, nll=nll,
+                     baselines=base, greedy=greedy, tests=tests, guarantee=guarantee)

@@ -243,3 +243,156 @@ def test_evaluate_candidates_without_bn_or_val():
     assert info == {"t": 0.25, "u": 0.25, "path": 0, "kind": "linear", "train_loss": c.train.loss,
                     "train_acc": c.train.acc}
     assert math.isfinite(info["train_loss"])
+
+
+# ----------------------------------------------------------------------------- selection with replacement
+from mcensemble.members import check_weights, paired_bootstrap, select_members  # noqa: E402
+
+
+def _random_cands(seed: int, m: int, n: int, classes: int = 5):
+    """m candidates on n examples: each right on a random share of the examples, confident either way."""
+    g = torch.Generator().manual_seed(seed)
+    labels = torch.randint(0, classes, (n,), generator=g)
+    cands = []
+    for i in range(m):
+        logits = torch.randn(n, classes, generator=g) * 2
+        right = torch.rand(n, 1, generator=g) < 0.3 + 0.5 * torch.rand(1, generator=g)
+        logits = logits + 4 * F.one_hot(labels, classes) * right
+        cands.append(_cand(i, F.log_softmax(logits, dim=-1)))
+    return cands, labels
+
+
+def _chosen_nll(cands, labels, sel) -> float:
+    return ensemble_metrics([cands[i].val_log_probs for i in sel.indices], labels, sel.weights).nll
+
+
+@pytest.mark.parametrize("seed", range(6))
+@pytest.mark.parametrize("max_members", [1, 2, 4])
+def test_selection_never_loses_to_its_best_member_on_the_selection_data(seed, max_members):
+    cands, labels = _random_cands(seed, m=7, n=60 + 40 * seed)
+    sel = select_members(cands, labels, max_members=max_members, endpoints=[0, 6], seed=seed)
+    nll = _chosen_nll(cands, labels, sel)
+    assert nll == pytest.approx(sel.nll, rel=1e-5)
+    singles = [_nll([c], labels) for c in cands]
+    assert nll <= min(singles) + 1e-6
+    if max_members >= 2:  # the two endpoints' ensemble is allowed: never worse than it either
+        assert nll <= _nll([cands[0], cands[6]], labels) + 1e-6
+    assert 1 <= len(sel.indices) <= max_members
+    assert sum(sel.weights) == pytest.approx(1.0) and all(w > 0 for w in sel.weights)
+    assert [c / sum(sel.counts) for c in sel.counts] == pytest.approx(sel.weights)
+
+
+def test_forced_distinct_members_can_lose_where_selection_does_not():
+    """The failure from the issue: four distinct members forced in are worse than the best
+    member alone; with replacement and the upper bound the selection keeps the best one."""
+    labels = torch.zeros(200, dtype=torch.long)
+    cands = [_cand(i, _log_probs([c] * 200)) for i, c in enumerate([0.95, 0.3, 0.35, 0.3])]
+    forced = select_members(cands, labels, max_members=4, exact=True)
+    assert len(forced.indices) == 4 and forced.rule == "exact"
+    assert _chosen_nll(cands, labels, forced) > _nll([cands[0]], labels)  # the old behaviour loses
+    sel = select_members(cands, labels, max_members=4, endpoints=[0, 3])
+    assert sel.indices == [0] and sel.rule == "best-single" and sel.weights == [1.0]
+    assert sel.baselines["endpoints_ensemble"]["nll"] > sel.nll
+
+
+def test_greedy_with_replacement_gives_weights():
+    """A strong member and a weaker complementary one: the best mixture is not 1:1, and
+    picking the strong one again is how the greedy gets there."""
+    labels = torch.zeros(400, dtype=torch.long)
+    a = _log_probs([0.97] * 300 + [0.02] * 100)
+    b = _log_probs([0.30] * 300 + [0.90] * 100)
+    cands = [_cand(0, a), _cand(1, b)]
+    sel = select_members(cands, labels, max_members=2, endpoints=[0, 1])
+    assert sel.rule == "greedy" and sel.indices == [0, 1]
+    assert sel.counts[0] > sel.counts[1]
+    # it beats the equal-weight pair, and any other split with as many picks is no better
+    assert sel.nll < _nll(cands, labels)
+    picks = sum(sel.counts)
+    best_grid = min(ensemble_metrics([a, b], labels, [k, picks - k]).nll for k in range(1, picks))
+    assert sel.nll <= best_grid + 1e-9
+    test = sel.tests[-1]
+    assert test["accepted"] and test["p_positive"] >= 0.95 and test["from"] == "endpoints"
+
+
+def _noisy_pair_and_lucky_point(n_repeat: int):
+    """Endpoints A, B (complementary on 10 of 12 examples, both wrong on 2) and a point C,
+    poor alone, whose help in a mixture rests on those 2 examples."""
+    labels = torch.zeros(12 * n_repeat, dtype=torch.long)
+    pa = [0.9, 0.4] * 5 + [0.3, 0.3]
+    pb = [0.4, 0.9] * 5 + [0.3, 0.3]
+    pc = [0.5] * 10 + [0.99, 0.99]
+    a, b, c = (_log_probs(p * n_repeat) for p in (pa, pb, pc))
+    return [_cand(0, a), _cand(1, c), _cand(2, b)], labels
+
+
+def test_bootstrap_gate_keeps_the_cheaper_choice_on_a_tiny_noisy_selection_set():
+    cands, labels = _noisy_pair_and_lucky_point(1)
+    sel = select_members(cands, labels, max_members=3, endpoints=[0, 2], seed=0)
+    # the greedy found a lower selection NLL than the endpoints' ensemble ...
+    assert sel.greedy["nll"] < sel.baselines["endpoints_ensemble"]["nll"]
+    # ... but on 12 examples the gain is within the noise: the two endpoints stay
+    assert sel.rule == "endpoints" and sel.indices == [0, 2] and sel.weights == [0.5, 0.5]
+    assert sel.tests and not any(t["accepted"] for t in sel.tests)
+    assert all(t["p_positive"] < 0.95 and t["resamples"] == 1000 for t in sel.tests)
+    # the same per-example pattern on 40 times as many examples is no longer noise
+    many = select_members(*_noisy_pair_and_lucky_point(40), max_members=3, endpoints=[0, 2], seed=0)
+    assert many.rule == "greedy" and 1 in many.indices
+    assert "never above that of its best single candidate" in sel.guarantee
+
+
+def test_selection_respects_the_upper_bound_and_exact():
+    cands, labels = _random_cands(3, m=9, n=300)
+    for k in (1, 2, 3):
+        sel = select_members(cands, labels, max_members=k, endpoints=[0, 8])
+        assert len(sel.indices) <= k
+        assert all(len(sel.greedy["indices"]) <= k for _ in [0])
+        exact = select_members(cands, labels, max_members=k, exact=True)
+        assert len(exact.indices) == k and exact.weights == pytest.approx([1 / k] * k)
+        assert sorted(exact.indices) == sorted(select_greedy_nll(cands, k, labels))
+    one = select_members(cands, labels, max_members=1, endpoints=[0, 8])
+    assert not one.baselines["endpoints_ensemble"]["allowed"]
+    assert one.indices == [one.baselines["best_single"]["index"]]
+
+
+def test_selection_is_deterministic_and_seeded():
+    cands, labels = _random_cands(1, m=6, n=80)
+    a = select_members(cands, labels, max_members=4, endpoints=[0, 5], seed=3)
+    b = select_members(cands, labels, max_members=4, endpoints=[0, 5], seed=3)
+    assert a.to_dict() == b.to_dict()
+
+
+def test_paired_bootstrap():
+    ref = torch.tensor([1.0, 2.0, 1.5, 0.5] * 10)
+    res = paired_bootstrap(ref, ref - 0.1, resamples=200, seed=0)
+    assert res["accepted"] and res["p_positive"] == 1.0 and res["gain"] == pytest.approx(0.1)
+    assert res["ci95"][0] == pytest.approx(0.1) and res["resamples"] == 200
+    same = paired_bootstrap(ref, ref.clone(), resamples=200)
+    assert not same["accepted"] and same["p_positive"] == 0.0
+    g = torch.Generator().manual_seed(0)
+    noise = torch.randn(40, generator=g)
+    coin = paired_bootstrap(ref, ref + noise - noise.mean() - 1e-3, resamples=500, seed=1)
+    assert not coin["accepted"] and 0.2 < coin["p_positive"] < 0.8  # a tiny mean gain inside the noise
+    assert paired_bootstrap(ref, ref + noise, seed=5) == paired_bootstrap(ref, ref + noise, seed=5)
+    with pytest.raises(BadOptionError, match="needs examples"):
+        paired_bootstrap(torch.zeros(0), torch.zeros(0))
+
+
+@pytest.mark.parametrize("weights, match", [
+    ([1, -1], r"weights\[1\] = -1.0"), ([0.0, 0.0], "sum to 0"), ([float("nan")], "finite"),
+    ([1, 2, 3], "3 value"), (None, "must be 2 numbers"),
+])
+def test_check_weights_refuses(weights, match):
+    with pytest.raises(BadOptionError, match=match):
+        check_weights(weights if weights is None or len(weights) != 1 else weights * 2, 2)
+
+
+def test_check_weights_normalises_and_weighted_metrics():
+    assert check_weights([2, 6], 2) == [0.25, 0.75]
+    assert check_weights(torch.tensor([1.0, 0.0, 1.0]), 3) == [0.5, 0.0, 0.5]
+    torch.manual_seed(2)
+    labels = torch.randint(0, 4, (30,))
+    lps = [F.log_softmax(torch.randn(30, 4), dim=-1) for _ in range(2)]
+    mix = 0.25 * lps[0].exp() + 0.75 * lps[1].exp()
+    m = ensemble_metrics(lps, labels, [1, 3])
+    assert m.nll == pytest.approx(F.nll_loss(mix.log(), labels).item(), rel=1e-5)
+    assert ensemble_metrics(lps, labels, [1, 1]).nll == pytest.approx(ensemble_metrics(lps, labels).nll, rel=1e-6)
