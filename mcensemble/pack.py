@@ -1,8 +1,9 @@
 """The packed pair: two dropout networks in the body of one.
 
-The midpoint of step 3 of the dropout-stable path (`mcensemble.paths.dropout`): D_1(A)
-lives in half of every hidden group's units, D_1(B) in the free half, and the
-classifier reads both with half weight. It is one state dict of the original
+The midpoint of step 3 of the dropout-stable path (`mcensemble.paths.dropout`), or of
+segment 3 of the short path (`mcensemble.paths.short`, `method="short"`, for residual and
+squeeze-excite networks too): D_1(A) (or D_S(A)) lives in half of every hidden group's
+units, D_1(B) (D_T(B)) in the free half, and the classifier reads both with half weight. It is one state dict of the original
 architecture and size whose logits are the mean of D_1(A)'s and D_1(B)'s logits (a
 two-member logit-averaging ensemble at the cost of one model), loadable with
 `load_state_dict` or timm like any checkpoint of the architecture.
@@ -17,7 +18,7 @@ import torch.nn as nn
 import torch.nn.functional as F
 
 from .bn import labelled_batch
-from .errors import DataSpecError
+from .errors import BadOptionError, DataSpecError
 from .evaluate import expected_calibration_error
 from .paths.dropout import mix_states, prepare
 
@@ -26,12 +27,27 @@ __all__ = ["pack_pair", "pack_report"]
 
 def pack_pair(model: nn.Module, a: Mapping[str, torch.Tensor], b: Mapping[str, torch.Tensor],
               loader: Iterable[Any], *, graph=None, stability_a=None, stability_b=None,
-              device="cpu", progress: bool | None = None,
-              search_steps: int = 48) -> dict[str, torch.Tensor]:
+              device="cpu", progress: bool | None = None, search_steps: int | None = None,
+              method: str = "dropout", halves=None) -> dict[str, torch.Tensor]:
     """One state dict of `model`'s architecture computing (D_1(A) + D_1(B)) / 2 in logit
     space. `loader` (training data) chooses the kept halves (unless `stability_a` /
     `stability_b` are given) and re-estimates BatchNorm statistics of the dropout networks.
-    Unsupported graphs raise `DropoutPathError` (layered networks only)."""
+
+    `method`: "dropout" (the midpoint of the dropout-stable path's switch; layered networks
+    only, others raise `DropoutPathError`) or "short" (the midpoint of the short path's
+    segment 3: D_S(A) and D_T(B), every group dropped at once, so residual and squeeze-excite
+    networks too; `halves` = (A's kept units, B's kept units) per group skips the search;
+    LayerNorm / GroupNorm networks raise `ShortPathError`). `search_steps`: swap trials per
+    group when choosing the halves (default 48 for "dropout", 8 for "short")."""
+    if method == "short":
+        from .paths.short import prepare_short
+        con = prepare_short(model, a, b, loader, graph=graph, halves=halves, device=device,
+                            progress=progress, search_steps=8 if search_steps is None else search_steps,
+                            random_baseline=False)
+        return mix_states(con.vertices[2], con.vertices[3], 0.5)
+    if method != "dropout":
+        raise BadOptionError(f"pack --method must be dropout or short, got {method!r}", option="--method")
+    search_steps = 48 if search_steps is None else search_steps
     _, con, side_a, side_b = prepare(model, a, b, loader, graph=graph, stability_a=stability_a,
                                      stability_b=stability_b, device=device, progress=progress,
                                      search_steps=search_steps)

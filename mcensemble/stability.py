@@ -37,7 +37,7 @@ from .evaluate import evaluate
 from .units import UnitGraph, UnitGroup, build_unit_graph
 
 __all__ = ["StabilityResult", "dropout_stability", "dropout_state", "dropout_network",
-           "reestimate_bn", "default_kept", "graph_for", "check_kept"]
+           "reestimate_bn", "default_kept", "graph_for", "check_kept", "changed_bn_modules"]
 
 log = logging.getLogger(__name__)
 
@@ -132,6 +132,41 @@ def _bn_modules(model: nn.Module, graph: UnitGraph, min_depth: int) -> list[str]
 
 
 @torch.no_grad()
+def changed_bn_modules(model: nn.Module, state: Mapping[str, torch.Tensor], graph: UnitGraph,
+                       kept: Mapping[str, Any], data, *, depth: int | None = None,
+                       device="cpu") -> list[str]:
+    """BatchNorm modules whose input changes when `state` is dropped out to D_depth (every
+    group at once when `depth` is None): those of groups deeper than `depth` (a layered
+    network's rule) plus those whose input differs on one batch of `data` (a batch tensor
+    or a loader). The second part catches what depths miss in residual networks: the
+    BatchNorm after each block's last convolution writes a stream group of depth 1, yet its
+    input changes. `model` is used as a work copy (its weights are overwritten)."""
+    if not has_batchnorm(model):
+        return []
+    depth = min(graph.depths) if depth is None else depth
+    names = set(_bn_modules(model, graph, depth + 1))
+    x = data if torch.is_tensor(data) else next(iter(batch_input(b) for b in data), None)
+    if x is None:
+        return sorted(names)
+    x = x[:64].to(device)
+    mods = {n: m for n, m in model.named_modules() if isinstance(m, _BatchNorm)}
+    seen: list[dict[str, torch.Tensor]] = []
+    for sd in (state, dropout_state(state, graph, kept, depth)):
+        got: dict[str, torch.Tensor] = {}
+        handles = [m.register_forward_pre_hook(lambda _m, args, n=n: got.__setitem__(n, args[0].detach()))
+                   for n, m in mods.items()]
+        try:
+            model.load_state_dict(sd)
+            model.eval()(x)
+        finally:
+            for h in handles:
+                h.remove()
+        seen.append(got)
+    names |= {n for n in mods if n in seen[0] and n in seen[1] and not torch.equal(seen[0][n], seen[1][n])}
+    return sorted(names)
+
+
+@torch.no_grad()
 def reestimate_bn(model: nn.Module, state: Mapping[str, torch.Tensor], loader: Iterable[Any],
                   modules: list[str], *, device="cpu") -> StateDict:
     """Running statistics of the BatchNorm `modules` of `model` loaded with `state`,
@@ -151,13 +186,14 @@ def dropout_network(model: nn.Module, state: Mapping[str, torch.Tensor], graph: 
                     kept: Mapping[str, Any], depth: int, *, bn_loader: Iterable[Any] | None = None,
                     device="cpu") -> tuple[StateDict, StateDict]:
     """(D_depth state, its re-estimated BN tensors): `dropout_state` plus, for BatchNorm
-    networks with a `bn_loader`, the statistics of groups deeper than `depth`
-    re-estimated (`model` is used as a work copy: its weights are overwritten)."""
+    networks with a `bn_loader`, the statistics of the BatchNorm layers whose input changes
+    (`changed_bn_modules`) re-estimated (`model` is used as a work copy: its weights are overwritten)."""
     sd = dropout_state(state, graph, kept, depth)
     stats: StateDict = {}
     if bn_loader is not None and has_batchnorm(model):
-        stats = reestimate_bn(model, sd, bn_loader, _bn_modules(model, graph, depth + 1),
-                              device=device)
+        stats = reestimate_bn(model, sd, bn_loader,
+                              changed_bn_modules(model, state, graph, kept, bn_loader, depth=depth,
+                                                 device=device), device=device)
         sd.update(stats)
     return sd, stats
 

@@ -52,7 +52,7 @@ from tqdm import tqdm
 
 from ..errors import MCEnsembleError
 from ..units import AxisRef, UnitGraph, UnitGroup
-from .base import Path, StateDict, check_same_layout, register_path
+from .base import Path, StateDict, check_same_layout, meta_field, register_path
 
 __all__ = ["DropoutPath", "DropoutPathError", "build_dropout_path", "layered_chain", "prepare",
            "mix_states", "verify_segments"]
@@ -81,7 +81,9 @@ def layered_chain(graph: UnitGraph, state: Mapping[str, torch.Tensor]) -> list[U
             raise DropoutPathError(
                 f"unit group(s) {names} at depth {depth}: the dropout-stable path supports "
                 "layered networks only (one unit group per depth, each read by the next layer); "
-                "residual streams, branches and concatenations are not supported yet")
+                "residual streams, squeeze-excite gates, branches and concatenations make cycles "
+                "that Theorem 1's construction cannot handle: use --method short (the short path, "
+                "Theorem 2) for such networks")
         chain.append(at[0])
     rows = [{r.tensor for r in g.refs(*_ROW_ROLES)} for g in chain]
     for j, g in enumerate(chain):
@@ -566,23 +568,46 @@ def _encode(prev: StateDict, cur: StateDict) -> StateDict:
 
 
 def _decode(prev: StateDict, delta: Mapping[str, torch.Tensor]) -> StateDict:
+    """The vertex after `prev`, from its delta (`_encode`'s output); `ValueError` / `KeyError`
+    on a delta that does not fit `prev` (a damaged file): wrong names, shapes, dtypes or rows."""
     cur = dict(prev)
     for key, t in delta.items():
         kind, _, name = key.partition(":")
+        if kind not in ("F", "V", "R"):
+            raise KeyError(f"bad vertex delta entry {key!r}")
         if name not in prev:
             raise KeyError(f"vertex delta names tensor {name!r}, which the endpoints do not have")
+        ref = prev[name]
         if kind == "F":
-            if tuple(t.shape) != tuple(prev[name].shape) or t.dtype != prev[name].dtype:
-                raise ValueError(f"vertex delta for {name!r} has shape {tuple(t.shape)}, "
-                                 f"expected {tuple(prev[name].shape)}")
+            if tuple(t.shape) != tuple(ref.shape) or t.dtype != ref.dtype:
+                raise ValueError(f"vertex delta for {name!r} has shape {tuple(t.shape)} ({t.dtype}), "
+                                 f"expected {tuple(ref.shape)} ({ref.dtype})")
             cur[name] = t
         elif kind == "V":
-            x = prev[name].clone()
-            x[delta[f"R:{name}"].long()] = t.to(x.dtype)
+            rows = _delta_rows(delta, name, ref)
+            if t.dtype != ref.dtype or tuple(t.shape) != (len(rows), *ref.shape[1:]):
+                raise ValueError(f"vertex delta rows for {name!r} have shape {tuple(t.shape)} ({t.dtype}), "
+                                 f"expected {(len(rows), *ref.shape[1:])} ({ref.dtype})")
+            x = ref.clone()
+            x[rows] = t
             cur[name] = x
-        elif kind != "R":
-            raise KeyError(f"bad vertex delta entry {key!r}")
+        elif f"V:{name}" not in delta:
+            raise KeyError(f"vertex delta has row indices for {name!r} but no rows")
     return cur
+
+
+def _delta_rows(delta: Mapping[str, torch.Tensor], name: str, ref: torch.Tensor) -> torch.Tensor:
+    """The row indices `R:<name>` of a delta, checked: 1-D integers in [0, rows of `ref`)."""
+    r = delta.get(f"R:{name}")
+    if r is None:
+        raise KeyError(f"vertex delta has rows for {name!r} but no row indices")
+    if ref.dim() < 1 or r.dim() != 1 or r.is_floating_point() or r.is_complex() or r.dtype == torch.bool:
+        raise ValueError(f"vertex delta row indices for {name!r} must be a 1-D integer tensor, "
+                         f"got shape {tuple(r.shape)} ({r.dtype})")
+    r = r.long()
+    if r.numel() and (int(r.min()) < 0 or int(r.max()) >= ref.shape[0]):
+        raise ValueError(f"vertex delta row indices for {name!r} run outside 0 .. {ref.shape[0] - 1}")
+    return r
 
 
 @register_path("dropout")
@@ -638,9 +663,13 @@ class DropoutPath(Path):
 
     @classmethod
     def _from_file(cls, groups: dict[str, StateDict], meta: dict[str, Any]) -> "DropoutPath":
-        n = int(meta["n_vertices"])
-        if n < 2 or any(g not in groups for g in ("endpoint.0", "endpoint.1")):
-            raise ValueError("bad dropout path: needs n_vertices >= 2 and both endpoints")
+        # every vertex between the ends has a delta group (empty when nothing changed), so the
+        # groups listed in the file bound n_vertices before anything is built from it
+        n = meta_field(meta, "n_vertices", "int", lo=2, hi=len(groups))
+        want = {"endpoint.0", "endpoint.1", *(f"delta.{i}" for i in range(1, n - 1))}
+        if set(groups) != want:
+            raise ValueError(f"a dropout path of {n} vertices has groups endpoint.0, endpoint.1 and "
+                             f"delta.1 .. delta.{n - 2}; the file has {sorted(groups)[:8]}")
         check_same_layout(groups["endpoint.0"], groups["endpoint.1"])
         self = cls.__new__(cls)
         self._init(groups, n, meta.get("certificate"), meta, False)

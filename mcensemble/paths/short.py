@@ -1,0 +1,707 @@
+"""The short path (Kuditipudi et al. 2019, Theorem 2): five segments whatever the depth.
+
+Choose jointly one half S of every unit group for A and, inside its complement, a half T
+for B (T = S^c when the group's size is even). D_S(A) keeps S in every group at once (the
+readers' columns of the other units zeroed, of the kept ones doubled; BatchNorm layers
+whose inputs change get their statistics re-estimated on training data); D_T(B) likewise.
+The path runs through six vertices:
+
+1. A -> D_S(A): **measured**. Noise stability says this segment stays low; nothing here
+   proves it, so its loss is evaluated at `points` (>= 17) evenly spaced states that
+   `state_at(t)` returns, and the largest slope between neighbouring points is reported.
+2. write D_T(B)'s units T -- their rows: the producing layers' rows (which hold their
+   reads), every writer of a stream slot, their BatchNorm / depthwise entries -- into the
+   slots T, which no reader of D_S(A) uses: **exact** (the output does not change).
+3. switch the classifier from D_S(A)'s to D_T(B)'s: **convex** (only the classifier
+   changes; logits are linear in it and the loss convex in the logits, so the loss is at
+   most the larger of the two vertex losses). Its midpoint is the packed pair
+   (`mcensemble.pack`).
+4. write D_T(B)'s values into every other slot (S, and S^c minus T for odd groups), which
+   nothing live reads now: **exact**; the state is then D_T(B) bit for bit.
+5. D_T(B) -> B: **measured**, as segment 1.
+
+Nothing needs an order of depths, so residual streams (one group per stage: every writer
+of a stream slot is a row of that group) and squeeze-excite loops (the bottleneck is a
+group; the gate's rows belong to the group it gates) are handled like layered networks.
+Segments 2-4 are checked from the weights (which units are live, which rows changed) and
+numerically on a batch; a failed check is an internal error, never a weaker certificate.
+Networks with LayerNorm or GroupNorm over channels are refused before any work: such a
+norm reads every channel, so no slot is ever free.
+
+File: as the dropout path (endpoints plus per-vertex deltas), plus column-scaling deltas
+(`C:<name>`: one int8 multiplier 0 / 1 / 2 per input column) for the dropout vertices.
+"""
+from __future__ import annotations
+
+import copy
+import logging
+import math
+import sys
+import time
+from dataclasses import dataclass, field
+from typing import Any, Iterable, Mapping
+
+import torch
+import torch.nn as nn
+from tqdm import tqdm
+
+from ..errors import BadOptionError, MCEnsembleError
+from ..units import AxisRef, UnitGraph, UnitGroup
+from .base import StateDict, check_same_layout, register_path
+from .dropout import (DropoutPath, _bytes, _changed_units, _decode, _encode, _same, mix_states)
+
+__all__ = ["ShortPath", "ShortPathError", "ShortConstruction", "build_short_path", "prepare_short",
+           "check_norms", "short_groups", "choose_halves", "verify_short_segments", "SEGMENT_KINDS"]
+
+log = logging.getLogger(__name__)
+_ROW_ROLES = ("producer", "bn", "depthwise")
+
+#: the kind of each of the five segments, in order
+SEGMENT_KINDS = ("measured", "exact", "convex", "exact", "measured")
+_STEPS = ("A -> D_S(A)", "D_T(B)'s units T into the free slots T", "classifier from D_S(A) to D_T(B)",
+          "D_T(B)'s other units into the slots nothing reads now", "D_T(B) -> B")
+
+
+class ShortPathError(MCEnsembleError, ValueError):
+    """The short path cannot be built for this network (unsupported layers or unit graph)."""
+
+
+# ----------------------------------------------------------------------------- scope
+def check_norms(model: nn.Module) -> None:
+    """Refuse norms that read every channel (LayerNorm, GroupNorm with fewer groups than
+    channels): a dead slot would change the live ones, so no slot is ever free."""
+    for name, m in model.named_modules():
+        if isinstance(m, nn.LayerNorm) or (isinstance(m, nn.GroupNorm) and m.num_groups != m.num_channels):
+            raise ShortPathError(
+                f"layer {name!r} is a {type(m).__name__}: it normalises over the channels, so every "
+                "channel's value depends on all the others and no unit can be silenced by zeroing "
+                "its readers' columns; the short path (and the dropout-stable path) need networks "
+                "whose norms are per channel (BatchNorm), e.g. ResNet, EfficientNet, MobileNet, "
+                "not ConvNeXt or ViT")
+
+
+def short_groups(graph: UnitGraph, state: Mapping[str, torch.Tensor]) -> None:
+    """`ShortPathError` naming the group or tensor when the graph cannot carry the path:
+    no groups or classifier, a group of one unit, a float tensor that is neither a row of
+    some group nor the classifier's."""
+    if not graph.groups:
+        raise ShortPathError("the network has no hidden unit groups: nothing to drop out")
+    if not graph.classifier:
+        raise ShortPathError("the unit graph names no classifier tensors")
+    rows: set[str] = set()
+    for g in graph.groups:
+        if g.size < 2:
+            raise ShortPathError(f"unit group {g.name!r} has {g.size} unit; half of it cannot be kept")
+        if not g.refs("producer"):
+            raise ShortPathError(f"unit group {g.name!r} has no producing layer in the unit graph")
+        rows |= {r.tensor for r in g.refs(*_ROW_ROLES)}
+    if set(graph.classifier) & rows:
+        raise ShortPathError("the classifier shares tensors with a hidden layer: it cannot be "
+                             "switched on its own")
+    for name, t in state.items():
+        if t.is_floating_point() and name not in rows and name not in graph.classifier:
+            raise ShortPathError(
+                f"tensor {name!r} belongs to no unit group's rows and is not the classifier: the "
+                "short path cannot tell whose half it serves (pass the unit groups by hand with "
+                "--unit-graph if the traced graph missed it)")
+
+
+# ----------------------------------------------------------------------------- halves
+def _split(g: UnitGroup, key: torch.Tensor, b_score: torch.Tensor) -> tuple[list[int], list[int]]:
+    """S: the n//2 units with the highest `key`; T: the n//2 of the rest best for B."""
+    h = g.size // 2
+    order = torch.argsort(key, descending=True, stable=True).tolist()
+    s, rest = order[:h], order[h:]
+    rest = sorted(rest, key=lambda u: -float(b_score[u]))[:h]
+    return sorted(s), sorted(rest)
+
+
+def _norm(s: torch.Tensor) -> torch.Tensor:
+    tot = float(s.abs().sum())
+    return s / tot if tot > 0 else s
+
+
+@dataclass
+class Halves:
+    """The chosen halves: `s[group]` A's kept units, `t[group]` B's (disjoint from s)."""
+
+    s: dict[str, list[int]]
+    t: dict[str, list[int]]
+    search: dict[str, Any] = field(default_factory=dict)
+
+
+def _check_halves(graph: UnitGraph, s: Mapping[str, Any], t: Mapping[str, Any]) -> Halves:
+    from ..stability import check_kept
+    s, t = check_kept(graph, s), check_kept(graph, t)
+    for g in graph.groups:
+        if set(s[g.name]) & set(t[g.name]):
+            raise BadOptionError(f"group {g.name!r}: A's and B's kept halves overlap; the short path "
+                                 "needs B's half inside the complement of A's", option="halves")
+    return Halves(s, t)
+
+
+# ----------------------------------------------------------------------------- construction
+@dataclass
+class ShortConstruction:
+    """Everything the path is made of: the graph, the halves, the six vertices, and the
+    passes over the training data it took (`passes`: full passes, evaluation and BatchNorm
+    re-estimation; `search_forwards`: forward passes on the search subset)."""
+
+    work: nn.Module
+    graph: UnitGraph
+    halves: Halves
+    vertices: list[StateDict]
+    bn_modules: list[str]
+    passes: int = 0
+    search_forwards: int = 0
+    eps: dict[str, float] = field(default_factory=dict)
+
+
+class _Ctx:
+    """Work model, data and counters shared by the steps of the construction."""
+
+    def __init__(self, work: nn.Module, graph: UnitGraph, loader, device, progress):
+        self.work, self.graph, self.loader, self.device, self.progress = work, graph, loader, device, progress
+        self.passes = 0
+        self.forwards = 0
+        self.bn: list[str] = []
+        self.min_depth = min(graph.depths)
+
+    def loss(self, sd: Mapping[str, torch.Tensor]) -> float:
+        from ..evaluate import evaluate
+        self.work.load_state_dict(sd)
+        self.passes += 1
+        return evaluate(self.work, self.loader, device=self.device).loss
+
+    def dropped(self, state: StateDict, kept: Mapping[str, list[int]]) -> StateDict:
+        """D_kept(state): every group at once, BatchNorm statistics of `self.bn` re-estimated."""
+        from ..stability import dropout_state, reestimate_bn
+        sd = dropout_state(state, self.graph, kept, self.min_depth)
+        if self.bn:
+            sd.update(reestimate_bn(self.work, sd, self.loader, self.bn, device=self.device))
+            self.passes += 1
+        return sd
+
+
+def prepare_short(model: nn.Module, a: Mapping[str, torch.Tensor], b: Mapping[str, torch.Tensor],
+                  loader: Iterable[Any], *, graph=None, halves: tuple[Mapping, Mapping] | None = None,
+                  device="cpu", progress: bool | None = None, search_steps: int = 8,
+                  search_examples: int = 256, seed: int = 0, random_baseline: bool = True) -> ShortConstruction:
+    """Checks, the joint choice of halves and the six vertices (no certificate yet).
+    `halves`: (A's kept units, B's kept units) per group to skip the search."""
+    if loader is None:
+        raise BadOptionError("the short path needs training data (--data): it chooses the halves, "
+                             "re-estimates BatchNorm and measures segments on it", option="--data")
+    check_norms(model)
+    check_same_layout(a, b)
+    a = {k: v.detach().cpu() for k, v in a.items()}
+    b = {k: v.detach().cpu() for k, v in b.items()}
+    from ..stability import changed_bn_modules, graph_for
+    work = copy.deepcopy(model).to(device).eval()
+    graph = graph_for(work, loader, graph)
+    graph.validate(a)
+    short_groups(graph, a)
+    ctx = _Ctx(work, graph, loader, device, progress)
+    if halves is not None:
+        hv = _check_halves(graph, *halves)
+    else:
+        hv = choose_halves(ctx, a, b, steps=search_steps, examples=search_examples, seed=seed)
+    ctx.bn = changed_bn_modules(work, a, graph, hv.s, loader, device=device)
+    da, db = ctx.dropped(a, hv.s), ctx.dropped(b, hv.t)
+    vertices = _vertices(graph, a, b, da, db, hv)
+    con = ShortConstruction(work, graph, hv, vertices, list(ctx.bn))
+    con.eps = {"loss_a": ctx.loss(a), "loss_b": ctx.loss(b), "loss_da": ctx.loss(da), "loss_db": ctx.loss(db)}
+    con.eps["eps"] = max(con.eps["loss_da"] - con.eps["loss_a"], con.eps["loss_db"] - con.eps["loss_b"], 0.0)
+    if random_baseline:
+        con.eps.update(_random_eps(ctx, a, b, seed, con.eps))
+    con.passes, con.search_forwards = ctx.passes, ctx.forwards
+    return con
+
+
+def _random_eps(ctx: _Ctx, a: StateDict, b: StateDict, seed: int, got: Mapping[str, float]) -> dict[str, float]:
+    """eps of a random half (S random, T = the first n//2 of its complement), for comparison."""
+    s, t = random_halves(ctx.graph, seed + 1)
+    la, lb = ctx.loss(ctx.dropped(a, s)), ctx.loss(ctx.dropped(b, t))
+    return {"loss_da_random": la, "loss_db_random": lb,
+            "eps_random": max(la - got["loss_a"], lb - got["loss_b"], 0.0)}
+
+
+def random_halves(graph: UnitGraph, seed: int) -> tuple[dict[str, list[int]], dict[str, list[int]]]:
+    """A random half S of every group and T = the first n//2 units of its complement."""
+    gen = torch.Generator().manual_seed(seed)
+    s, t = {}, {}
+    for g in graph.groups:
+        perm = torch.randperm(g.size, generator=gen).tolist()
+        h = g.size // 2
+        s[g.name], t[g.name] = sorted(perm[:h]), sorted(perm[h:2 * h])
+    return s, t
+
+
+def _rows(g: UnitGroup):
+    return g.refs(*_ROW_ROLES)
+
+
+def _set_rows(state: StateDict, owned: set[str], src: Mapping[str, torch.Tensor], g: UnitGroup,
+              units: list[int]) -> None:
+    """Rows (producer / bn / depthwise members, whole rows: their reads included) of `src`'s
+    `units` of group `g` into the same slots of `state`."""
+    if not units:
+        return
+    for r in _rows(g):
+        if r.tensor not in owned:
+            state[r.tensor] = state[r.tensor].clone()
+            owned.add(r.tensor)
+        idx = r.indices(units)
+        state[r.tensor].index_copy_(r.axis, idx, src[r.tensor].index_select(r.axis, idx))
+
+
+def _vertices(graph: UnitGraph, a: StateDict, b: StateDict, da: StateDict, db: StateDict,
+              hv: Halves) -> list[StateDict]:
+    v2, owned = dict(da), set()
+    for g in graph.groups:
+        _set_rows(v2, owned, db, g, hv.t[g.name])
+    v3 = dict(v2)
+    for name in graph.classifier:
+        v3[name] = db[name]
+    for name, t in db.items():
+        if not t.is_floating_point():
+            v3[name] = t
+    v4, owned = dict(v3), set()
+    for g in graph.groups:
+        rest = sorted(set(range(g.size)) - set(hv.t[g.name]))
+        _set_rows(v4, owned, db, g, rest)
+    for name, t in db.items():
+        if not _same(v4[name], t):
+            raise RuntimeError(f"internal error: segment 4 does not end at D_T(B) (tensor {name!r} differs)")
+    return [a, da, v2, v3, db, b]
+
+
+# ----------------------------------------------------------------------------- the search
+def choose_halves(ctx: _Ctx, a: StateDict, b: StateDict, *, steps: int, examples: int,
+                  seed: int) -> Halves:
+    """Minimise max(L(D_S(A)), L(D_T(B))): units ranked by A's importance minus B's (each
+    normalised per group), then `steps` swap trials per group, kept when the objective on
+    `examples` training examples goes down (BatchNorm layers on batch statistics there)."""
+    from ..stability import _importance, _proxy_loss, _subset, changed_bn_modules, dropout_state
+    if steps < 0 or examples < 1:
+        raise BadOptionError("search_steps must be >= 0 and search_examples >= 1", option="search_steps")
+    graph, work = ctx.graph, ctx.work
+    x, y = _subset(ctx.loader, examples)
+    x, y = x.to(ctx.device), y.to(ctx.device)
+    sa, sb = _importance(work, a, graph, x), _importance(work, b, graph, x)
+    ctx.forwards += 2
+    key = {g.name: _norm(sa[g.name]) - _norm(sb[g.name]) for g in graph.groups}
+    s, t = {}, {}
+    for g in graph.groups:
+        s[g.name], t[g.name] = _split(g, key[g.name], sb[g.name])
+    if steps == 0:
+        return Halves(s, t, {"steps": 0, "start": "importance"})
+    bn = changed_bn_modules(work, a, graph, s, x, device=ctx.device)
+
+    def objective(s, t) -> float:
+        ctx.forwards += 2
+        la = _proxy_loss(work, dropout_state(a, graph, s, ctx.min_depth), x, y, bn)
+        lb = _proxy_loss(work, dropout_state(b, graph, t, ctx.min_depth), x, y, bn)
+        return max(la, lb) + 1e-3 * (la + lb)
+
+    # start from the better of the importance ranking and two random halves (the first of
+    # them the one `eps_random` reports)
+    starts = {"importance": (s, t), "random": random_halves(graph, seed + 1),
+              "random-2": random_halves(graph, seed + 2)}
+    scored = {k: objective(*v) for k, v in starts.items()}
+    first = min(scored, key=scored.get)
+    s, t = ({k: list(v) for k, v in h.items()} for h in starts[first])
+    gen = torch.Generator().manual_seed(seed)
+    best = start = scored[first]
+    accepted = 0
+    bar = tqdm(total=steps * len(graph.groups), desc="short path: halves", leave=False, file=sys.stderr,
+               disable=None if ctx.progress is None else not ctx.progress)
+    try:
+        for g in graph.groups:
+            for _ in range(steps):
+                old = (s[g.name], t[g.name])
+                s[g.name], t[g.name] = _swap(g, s[g.name], key[g.name], sb[g.name], gen)
+                val = objective(s, t)
+                if val < best - 1e-7:
+                    best, accepted = val, accepted + 1
+                else:
+                    s[g.name], t[g.name] = old
+                bar.update()
+    finally:
+        bar.close()
+    return Halves(s, t, {"steps": steps, "examples": int(x.shape[0]), "start": first,
+                         "start_objectives": scored, "objective_start": start,
+                         "objective_end": best, "accepted": accepted})
+
+
+def _swap(g: UnitGroup, s: list[int], key: torch.Tensor, b_score: torch.Tensor,
+          gen: torch.Generator) -> tuple[list[int], list[int]]:
+    """One trial: a kept unit of A (weak first) traded for a unit of the complement
+    (strong for A first), by rank-weighted draws; B's half re-derived."""
+    ks = torch.tensor(s)
+    mask = torch.ones(g.size, dtype=torch.bool)
+    mask[ks] = False
+    ds = mask.nonzero().reshape(-1)
+    ki = ks[torch.argsort(key[ks])]
+    di = ds[torch.argsort(key[ds], descending=True)]
+    wk = 1.0 / torch.arange(1, len(ki) + 1, dtype=torch.float64)
+    wd = 1.0 / torch.arange(1, len(di) + 1, dtype=torch.float64)
+    i = int(ki[torch.multinomial(wk, 1, generator=gen)])
+    o = int(di[torch.multinomial(wd, 1, generator=gen)])
+    new_s = sorted([u for u in s if u != i] + [o])
+    rest = sorted(set(range(g.size)) - set(new_s), key=lambda u: -float(b_score[u]))[:g.size // 2]
+    return new_s, sorted(rest)
+
+
+# ----------------------------------------------------------------------------- verification
+def _unit_nz(t: torch.Tensor, row: AxisRef | None, n_rows: int, col: AxisRef, n_cols: int) -> torch.Tensor:
+    """(n_rows, n_cols) bool: does row unit i read column unit s with a nonzero weight (one
+    row for the whole tensor when `row` is None: the classifier)."""
+    nz = t != 0
+    if row is None:
+        m = nz.movedim(col.axis, 0)
+        m = m.reshape(m.shape[0], -1).any(1)[None, :]
+    else:
+        m = nz.movedim((row.axis, col.axis), (0, 1))
+        m = m.reshape(m.shape[0], m.shape[1], -1).any(-1)[row.indices(range(n_rows))]
+        m = m.reshape(n_rows, row.block, -1).any(1)
+    m = m[:, col.indices(range(n_cols))]
+    return m.reshape(m.shape[0], n_cols, col.block).any(2)
+
+
+def _edges(graph: UnitGraph) -> list[tuple[UnitGroup | None, AxisRef | None, UnitGroup, AxisRef]]:
+    """(reader group or None for the classifier, its row member, read group, consumer member)."""
+    owner: dict[str, tuple[UnitGroup, AxisRef]] = {}
+    for g in graph.groups:
+        for r in g.refs("producer"):
+            owner.setdefault(r.tensor, (g, r))
+    out = []
+    for g in graph.groups:
+        for c in g.refs("consumer"):
+            if c.tensor in owner:
+                h, r = owner[c.tensor]
+                out.append((h, r, g, c))
+            elif c.tensor in graph.classifier:
+                out.append((None, None, g, c))
+            else:
+                raise ShortPathError(f"tensor {c.tensor!r} reads group {g.name!r} but produces no "
+                                     "group and is not the classifier")
+    return out
+
+
+def live_units(v: Mapping[str, torch.Tensor], graph: UnitGraph, edges=None) -> dict[str, torch.Tensor]:
+    """Per group, the units the output depends on: read with a nonzero weight by the
+    classifier or by a live unit (a fixed point, so residual and squeeze-excite loops settle)."""
+    edges = _edges(graph) if edges is None else edges
+    live = {g.name: torch.zeros(g.size, dtype=torch.bool) for g in graph.groups}
+    nz = [_unit_nz(v[c.tensor], r, h.size if h else 0, c, g.size) for h, r, g, c in edges]
+    changed = True
+    while changed:
+        changed = False
+        for (h, _, g, _), m in zip(edges, nz):
+            rows = m if h is None else m[live[h.name]]
+            new = live[g.name] | rows.any(0)
+            if not torch.equal(new, live[g.name]):
+                live[g.name], changed = new, True
+    return live
+
+
+def _stray_rows(va: StateDict, vb: StateDict, graph: UnitGraph, changed: set[str]) -> list[str]:
+    """Changed tensors (not the classifier) with changed entries outside every group's rows."""
+    claimed: dict[str, torch.Tensor] = {}
+    for g in graph.groups:
+        for r in _rows(g):
+            n = va[r.tensor].shape[r.axis]
+            m = claimed.setdefault(f"{r.tensor}|{r.axis}", torch.zeros(n, dtype=torch.bool))
+            m[r.indices(range(g.size))] = True
+    bad = []
+    for name in changed:
+        x, y = va[name], vb[name]
+        diff = (_bytes(x).reshape(x.numel(), -1) != _bytes(y).reshape(y.numel(), -1)).any(1)
+        ok = False
+        for key, m in claimed.items():
+            t, _, ax = key.rpartition("|")
+            if t == name:
+                d = diff.reshape(x.shape).movedim(int(ax), 0).reshape(x.shape[int(ax)], -1).any(1) \
+                    if x.dim() else diff
+                ok = ok or not bool((d & ~m).any())
+        if not ok:
+            bad.append(name)
+    return bad
+
+
+def _why_not(va: StateDict, vb: StateDict, kind: str, graph: UnitGraph, edges) -> str | None:
+    """Why segment va -> vb is not of its kind (from the weights alone), or None."""
+    changed = {k for k in va if va[k].is_floating_point() and not _same(va[k], vb[k])}
+    cls = set(graph.classifier)
+    if kind == "convex":
+        return None if changed <= cls else f"changes {sorted(changed - cls)[:5]} besides the classifier"
+    if kind != "exact":
+        return None
+    if changed & cls:
+        return "changes the classifier"
+    stray = _stray_rows(va, vb, graph, changed)
+    if stray:
+        return f"changes {stray[:5]} outside the rows of the unit groups"
+    la, lb = live_units(va, graph, edges), live_units(vb, graph, edges)
+    for g in graph.groups:
+        bad = sorted(u for u in _changed_units(va, vb, g) if la[g.name][u] or lb[g.name][u])
+        if bad:
+            return f"changes live units {bad[:5]} of {g.name!r}"
+    return None
+
+
+@torch.no_grad()
+def _logits(work: nn.Module, sd: Mapping[str, torch.Tensor], x: torch.Tensor) -> torch.Tensor:
+    work.load_state_dict(sd)
+    out = work(x)
+    return (out[0] if isinstance(out, (tuple, list)) else out).double()
+
+
+def _rel_err(got: torch.Tensor, want: torch.Tensor) -> float:
+    scale = max(float(want.abs().max()), 1e-12)
+    return float((got - want).abs().max()) / scale
+
+
+def verify_short_segments(work: nn.Module, vertices: list[StateDict], graph: UnitGraph,
+                          x: torch.Tensor | None = None, *, rtol: float = 1e-5) -> list[dict[str, Any]]:
+    """Check segments 2-4 from the weights (exact: only rows of units dead at both ends
+    change; convex: only the classifier changes) and, when a batch `x` is given,
+    numerically: logits constant along exact segments (both ends and the midpoint), linear
+    along the convex one (at the midpoint). Returns per segment the largest relative logit deviation seen;
+    `RuntimeError` naming the segment when a check fails."""
+    edges = _edges(graph)
+    out = []
+    for i, kind in enumerate(SEGMENT_KINDS):
+        if kind == "measured":
+            out.append({})
+            continue
+        va, vb = vertices[i], vertices[i + 1]
+        why = _why_not(va, vb, kind, graph, edges)
+        if why:
+            raise RuntimeError(f"internal error: segment {i + 1} ({kind}: {_STEPS[i]}) {why}")
+        if x is None:
+            out.append({})
+            continue
+        z0, z1 = _logits(work, va, x), _logits(work, vb, x)
+        want = z0 if kind == "exact" else (z0 + z1) / 2
+        dev = _rel_err(_logits(work, mix_states(va, vb, 0.5), x), want)
+        if kind == "exact":
+            dev = max(dev, _rel_err(z1, z0))
+        if dev > rtol:
+            raise RuntimeError(f"internal error: segment {i + 1} ({kind}: {_STEPS[i]}) changes the logits "
+                               f"by {dev:.2e} (relative) on a batch")
+        out.append({"logit_deviation": dev})
+    return out
+
+
+# ----------------------------------------------------------------------------- the path
+def build_short_path(model: nn.Module, a: Mapping[str, torch.Tensor], b: Mapping[str, torch.Tensor],
+                     loader: Iterable[Any], *, graph=None, halves: tuple[Mapping, Mapping] | None = None,
+                     device="cpu", progress: bool | None = None, search_steps: int = 8,
+                     search_examples: int = 256, points: int = 17, seed: int = 0,
+                     random_baseline: bool = True) -> "ShortPath":
+    """The short path from state dict `a` to `b` (module docstring) with its certificate on
+    `loader` (training data: also used to choose the halves and re-estimate BatchNorm).
+    `points`: states evaluated on each measured segment (>= 17, ends included). `model`: an
+    nn.Module of the architecture (not changed). Refused networks -> `ShortPathError`."""
+    if isinstance(points, bool) or not isinstance(points, int) or points < 17:
+        raise BadOptionError(f"points must be an integer >= 17, got {points!r}", option="points")
+    t0 = time.perf_counter()
+    con = prepare_short(model, a, b, loader, graph=graph, halves=halves, device=device, progress=progress,
+                        search_steps=search_steps, search_examples=search_examples, seed=seed,
+                        random_baseline=random_baseline)
+    from ..stability import _subset
+    x, _ = _subset(loader, 64)
+    checks = verify_short_segments(con.work, con.vertices, con.graph, x.to(device))
+    meta = {"unit_groups": [g.name for g in con.graph.groups], "bn_reestimated": con.bn_modules,
+            "search": con.halves.search}
+    path = ShortPath(con.vertices, metadata=meta)
+    cert, passes = _certificate(con, path, loader, device, points, checks, progress)
+    path.certificate = cert
+    path.metadata.update(construction_seconds=time.perf_counter() - t0,
+                         evaluation_passes=con.passes + passes, search_forwards=con.search_forwards)
+    log.info("short path: eps %.4f (random half %.4f), max loss %.4f (measured segments included)",
+             cert["eps"], cert.get("eps_random", float("nan")), cert["max_loss"])
+    return path
+
+
+def _certificate(con: ShortConstruction, path: "ShortPath", loader, device, points: int, checks,
+                 progress) -> tuple[dict[str, Any], int]:
+    from ..evaluate import evaluate
+    e = con.eps
+    vl = [e["loss_a"], e["loss_da"], None, None, e["loss_db"], e["loss_b"]]
+    work, passes = con.work, 0
+    for i in (2, 3):  # equal to their neighbours' by the checks, but evaluated all the same
+        work.load_state_dict(con.vertices[i])
+        vl[i] = evaluate(work, loader, device=device).loss
+        passes += 1
+    n = len(con.vertices) - 1
+    segments = []
+    bar = tqdm(total=2 * (points - 2), desc="short path: measured segments", leave=False, file=sys.stderr,
+               disable=None if progress is None else not progress)
+    try:
+        for i, kind in enumerate(SEGMENT_KINDS):
+            seg: dict[str, Any] = {"kind": kind, "step": _STEPS[i], "t0": i / n, "t1": (i + 1) / n,
+                                   "proven": kind != "measured", **checks[i]}
+            if kind == "measured":
+                seg.update(_measure(path, work, loader, device, i, n, points, vl[i], vl[i + 1], bar))
+                passes += points - 2
+            else:  # exact: constant; convex: at most the larger end
+                seg["bound"] = vl[i] if kind == "exact" else max(vl[i], vl[i + 1])
+            segments.append(seg)
+    finally:
+        bar.close()
+    cert = {"max_loss": max(s["bound"] for s in segments),
+            "proven_max_loss": max(s["bound"] for s in segments if s["proven"]),
+            "measured_max_loss": max(s["bound"] for s in segments if not s["proven"]),
+            "loss_a": e["loss_a"], "loss_b": e["loss_b"], "eps": e["eps"], "vertex_losses": vl,
+            "segments": segments,
+            "note": "segments of kind 'measured' are evaluated at the listed points, not proven"}
+    for k in ("eps_random", "loss_da_random", "loss_db_random"):
+        if k in e:
+            cert[k] = e[k]
+    return cert, passes
+
+
+def _measure(path: "ShortPath", work: nn.Module, loader, device, i: int, n: int, points: int,
+             l0: float, l1: float, bar) -> dict[str, Any]:
+    from ..evaluate import evaluate
+    pts = []
+    for j in range(points):
+        s = j / (points - 1)
+        t = (i + s) / n
+        if j == 0 or j == points - 1:
+            loss = l0 if j == 0 else l1
+        else:
+            work.load_state_dict(path.state_at(t))
+            loss = evaluate(work, loader, device=device).loss
+            bar.update()
+        pts.append([t, loss])
+    slope = max(abs(b[1] - a[1]) * (points - 1) for a, b in zip(pts[:-1], pts[1:]))
+    return {"bound": max(p[1] for p in pts), "points": pts, "max_slope": slope}
+
+
+# ----------------------------------------------------------------------------- storage
+def _encode_cols(prev: torch.Tensor, cur: torch.Tensor) -> torch.Tensor | None:
+    """int8 multipliers m (0, 1 or 2 per index of axis 1) with cur == prev scaled by m
+    (m == 0: +0) bit for bit, or None."""
+    if cur.dim() < 2 or not cur.is_floating_point():
+        return None
+    p, c = prev.movedim(1, 0).reshape(prev.shape[1], -1), cur.movedim(1, 0).reshape(cur.shape[1], -1)
+    bp, bc = _bytes(p).reshape(p.shape[0], -1), _bytes(c).reshape(c.shape[0], -1)
+    m = torch.full((p.shape[0],), -1, dtype=torch.int8)
+    m[(bp == bc).all(1)] = 1
+    m[(m < 0) & (_bytes(torch.zeros_like(c)).reshape(c.shape[0], -1) == bc).all(1)] = 0
+    m[(m < 0) & (_bytes(p * 2).reshape(p.shape[0], -1) == bc).all(1)] = 2
+    if bool((m < 0).any()) or not _same(_apply_cols(prev, m), cur):
+        return None
+    return m
+
+
+def _apply_cols(prev: torch.Tensor, m: torch.Tensor) -> torch.Tensor:
+    x = prev.clone()
+    v = x.movedim(1, 0)
+    m = m.long()
+    v[m == 2] *= 2
+    v[m == 0] = 0
+    return x
+
+
+def _encode_short(prev: StateDict, cur: StateDict) -> StateDict:
+    out = _encode(prev, cur)
+    for key in [k for k in out if k.startswith("F:")]:
+        name = key[2:]
+        m = _encode_cols(prev[name], cur[name])
+        if m is not None:
+            del out[key]
+            out[f"C:{name}"] = m
+    return out
+
+
+def _decode_short(prev: StateDict, delta: Mapping[str, torch.Tensor]) -> StateDict:
+    cols = {k: t for k, t in delta.items() if k.startswith("C:")}
+    cur = _decode(prev, {k: t for k, t in delta.items() if k not in cols})
+    for key, m in cols.items():
+        name = key[2:]
+        if name not in prev:
+            raise KeyError(f"vertex delta names tensor {name!r}, which the endpoints do not have")
+        p = prev[name]
+        if p.dim() < 2 or m.dim() != 1 or m.shape[0] != p.shape[1] or m.dtype != torch.int8 or \
+                bool(((m < 0) | (m > 2)).any()):
+            raise ValueError(f"vertex delta {key!r} is not a multiplier (0, 1, 2) per column of {name!r}")
+        cur[name] = _apply_cols(p, m)
+    return cur
+
+
+def _meta_int(meta: Mapping[str, Any], key: str, lo: int, hi: int) -> int:
+    try:
+        from .base import meta_field  # the shared metadata check, where this version has it
+    except ImportError:
+        meta_field = None
+    if meta_field is not None:
+        return meta_field(meta, key, "int", where="short path", lo=lo, hi=hi)
+    v = meta.get(key)
+    if not isinstance(v, int) or isinstance(v, bool) or not lo <= v <= hi:
+        raise ValueError(f"bad short path: metadata field {key!r} must be an integer from {lo} to {hi}, "
+                         f"found {v!r}")
+    return v
+
+
+@register_path("short")
+class ShortPath(DropoutPath):
+    """The short path: six vertices (A, D_S(A), two intermediate states, D_T(B), B), equally
+    spaced in t. `certificate`: `max_loss` (over every segment's bound), `proven_max_loss`
+    (segments 2-4, from the weights), `measured_max_loss` (segments 1 and 5: the largest
+    loss measured, NOT a proof), `eps` (of the chosen halves), `eps_random` (of a random
+    half), `loss_a`, `loss_b`, `vertex_losses`, `segments` (`kind` in exact / convex /
+    measured, `proven`, `bound`, `step`, `t0`, `t1`; measured ones also `points` [[t, loss]]
+    and `max_slope`, the largest |dL/ds| between neighbouring points, s the segment's own
+    parameter). Stored as endpoints plus row / column-scaling deltas."""
+
+    def __init__(self, vertices: list[Mapping[str, torch.Tensor]], *, certificate=None,
+                 metadata: Mapping[str, Any] | None = None, copy: bool = True):
+        if len(vertices) < 2:
+            raise ValueError("a short path needs at least two vertices")
+        check_same_layout(vertices[0], vertices[-1])
+        groups: dict[str, Mapping[str, torch.Tensor]] = {"endpoint.0": vertices[0], "endpoint.1": vertices[-1]}
+        for i in range(1, len(vertices) - 1):
+            groups[f"delta.{i}"] = _encode_short(vertices[i - 1], vertices[i])
+        self._init(groups, len(vertices), certificate, metadata, copy)
+
+    def vertex_states(self) -> list[StateDict]:
+        if self._states is None:
+            a, b = self.endpoints
+            states = [a]
+            for i in range(1, self.n_vertices - 1):
+                states.append(_decode_short(states[-1], self.groups.get(f"delta.{i}", {})))
+            states.append(b)
+            self._states = states
+        return self._states
+
+    @classmethod
+    def _from_file(cls, groups: dict[str, StateDict], meta: dict[str, Any]) -> "ShortPath":
+        n = _meta_int(meta, "n_vertices", 2, max(2, len(groups)))
+        if any(g not in groups for g in ("endpoint.0", "endpoint.1")):
+            raise ValueError("bad short path: needs both endpoints")
+        cert = meta.get("certificate")
+        if cert is not None and not isinstance(cert, dict):
+            raise ValueError("bad short path: its certificate is not a JSON object")
+        check_same_layout(groups["endpoint.0"], groups["endpoint.1"])
+        self = cls.__new__(cls)
+        self._init(groups, n, cert, meta, False)
+        self.vertex_states()  # validates every delta now
+        return self
+
+
+def certificate_lines(cert: Mapping[str, Any]) -> list[str]:
+    """Plain-text lines describing a short path's certificate (for the CLI and reports):
+    exact / convex segments as bounds, measured ones as measurements, never as proofs."""
+    lines = []
+    for i, s in enumerate(cert.get("segments", []), start=1):
+        what = {"exact": "exact (output unchanged, checked from the weights)",
+                "convex": "convex (at most its larger end, from the weights)",
+                "measured": f"MEASURED at {len(s.get('points', []))} points, not proven; "
+                            f"largest slope {s.get('max_slope', math.nan):.3g}"}.get(s.get("kind"), s.get("kind"))
+        lines.append(f"segment {i}: loss <= {s['bound']:.4f}  {what}")
+    return lines

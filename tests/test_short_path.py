@@ -1,0 +1,222 @@
+"""The short path (Theorem 2): five segments on every architecture, exact segments constant,
+the convex one below its ends, measured segments measured on the very states of the path,
+the file format, the packed pair, refusals (ConvNeXt, layered-only dropout path)."""
+from __future__ import annotations
+
+import pytest
+import torch
+
+from mcensemble import zoo  # noqa: F401  (registers mce_* with timm)
+from mcensemble.data import create_loader
+from mcensemble.evaluate import evaluate
+from mcensemble.paths import load_path
+from mcensemble.paths.short import SEGMENT_KINDS, ShortPath, ShortPathError, build_short_path
+
+from helpers import assert_close_rel, clone_state, one_thread, small_pair, timm_factory
+
+DATA = "digits,size=16,train=64"
+INTERIOR = 9  # interior points checked per segment
+
+
+@pytest.fixture(autouse=True)
+def _threads():
+    with one_thread():
+        yield
+
+
+def _loss(model, state, ld) -> float:
+    model.load_state_dict(state)
+    return evaluate(model, ld).loss
+
+
+@torch.no_grad()
+def _logits(model, state, x) -> torch.Tensor:
+    model.load_state_dict(state)
+    return model.eval()(x).double()
+
+
+def dense_check(path, model, ld):
+    """Every segment at INTERIOR interior points on the one batch of `ld` (the certificate's
+    data): exact ones constant (logits and loss, to a relative 1e-5), the convex one at or
+    below its larger end, measured ones equal to what the certificate recorded at its points."""
+    cert = path.certificate
+    batch = next(iter(ld))
+    n = path.n_vertices
+    assert n == 6 and [s["kind"] for s in cert["segments"]] == list(SEGMENT_KINDS)
+    worst = []
+    for i, seg in enumerate(cert["segments"]):
+        ts = [(i + f / (INTERIOR + 1)) / (n - 1) for f in range(INTERIOR + 2)]
+        if seg["kind"] == "measured":
+            assert len(seg["points"]) >= 17 and seg["proven"] is False
+            assert seg["bound"] == pytest.approx(max(p[1] for p in seg["points"]))
+            assert seg["max_slope"] >= 0
+            for t, want in seg["points"][5:7]:  # the certificate measured the path's own states
+                assert _loss(model, path.state_at(t), ld) == pytest.approx(want, rel=1e-5)
+            continue
+        assert seg["proven"] is True
+        zs = [_logits(model, path.state_at(t), batch[0]) for t in ts]
+        losses = [float(torch.nn.functional.cross_entropy(z, batch[1].long())) for z in zs]
+        worst.append(max(losses))
+        if seg["kind"] == "exact":
+            for z in zs[1:]:
+                assert_close_rel(z, zs[0], rtol=1e-5)
+            assert max(losses) - min(losses) <= 1e-5 * max(1.0, abs(losses[0])), (i, losses)
+        else:
+            assert max(losses) <= max(losses[0], losses[-1]) * (1 + 1e-5) + 1e-7, (i, losses)
+        assert max(losses) <= seg["bound"] * (1 + 1e-5) + 1e-7
+        assert losses[0] == pytest.approx(cert["vertex_losses"][i], rel=1e-5)
+    assert cert["max_loss"] == pytest.approx(max(s["bound"] for s in cert["segments"]))
+    assert cert["proven_max_loss"] <= cert["max_loss"]
+    return worst
+
+
+def _check_ends(path, a, b):
+    s0, s1 = path.state_at(0.0), path.state_at(1.0)
+    assert all(torch.equal(s0[k], a[k]) and torch.equal(s1[k], b[k]) for k in a)
+
+
+# ----------------------------------------------------------------------------- trained pairs
+@pytest.fixture(scope="module")
+def mlp_pair():
+    return small_pair("mce_digits_mlp", 8, width=24, drop_rate=0.3)
+
+
+@pytest.fixture(scope="module")
+def cnn_pair():
+    return small_pair("mce_digits_cnn", 4, channel_p=0.3, widths=(6, 8))
+
+
+@pytest.mark.parametrize("which", ["mlp_pair", "cnn_pair"])
+def test_layered_networks_trained_with_dropout(which, request, tmp_path):
+    model, a, b = request.getfixturevalue(which)
+    ld = create_loader("digits,train=300", batch_size=300)
+    path = build_short_path(model, a, b, ld, search_steps=2)
+    assert path.kind == "short" and isinstance(path, ShortPath)
+    _check_ends(path, a, b)
+    dense_check(path, model, ld)
+    cert = path.certificate
+    assert cert["loss_a"] == pytest.approx(_loss(model, a, ld), rel=1e-6)
+    assert cert["eps"] >= 0 and cert["eps_random"] >= 0
+    assert path.metadata["evaluation_passes"] >= 2 * 15
+    # the file: same states bit for bit, the certificate kept, measured segments still not proven
+    f = tmp_path / "short.safetensors"
+    path.save(f)
+    back = load_path(f)
+    assert back.kind == "short" and back.certificate["segments"][0]["proven"] is False
+    for t in (0.1, 0.3, 0.5, 0.7, 0.9):
+        s, r = path.state_at(t), back.state_at(t)
+        assert all(torch.equal(s[k], r[k]) for k in s)
+
+
+def test_a_chosen_half_beats_a_random_one_on_a_dropout_trained_mlp(mlp_pair):
+    model, a, b = mlp_pair
+    ld = create_loader("digits,train=300", batch_size=300)
+    path = build_short_path(model, a, b, ld, search_steps=4, search_examples=300)
+    cert = path.certificate
+    # what the search minimises, on the same data: no worse than the random half it reports
+    chosen = max(cert["vertex_losses"][1], cert["vertex_losses"][4])
+    assert chosen <= max(cert["loss_da_random"], cert["loss_db_random"]) + 1e-2
+    search = path.metadata["search"]
+    assert search["objective_end"] <= search["objective_start"] <= search["start_objectives"]["random"]
+
+
+# ----------------------------------------------------------------------------- timm networks
+TIMM = {
+    "test_resnet": {},  # basic and bottleneck blocks, deep stem, avg-pool downsample
+    "resnet26": {"channels": (8, 16, 24, 32), "stem_width": 8},  # bottlenecks
+    "resnet10t": {"channels": (8, 16, 24, 32), "stem_width": 8},  # deep tiered stem
+    "test_efficientnet": {},  # squeeze-excite, inverted residuals, SiLU
+    "mobilenetv3_small_050": {},  # hard-swish, hard-sigmoid gates
+}
+
+
+def _init(make, seed: int) -> dict:
+    """timm's own initialisation from `seed` (the construction and its checks do not need
+    trained weights; the benchmark trains)."""
+    torch.manual_seed(seed)
+    return clone_state(make().eval())
+
+
+@pytest.mark.parametrize("arch", list(TIMM))
+def test_timm_residual_and_squeeze_excite_networks(arch, tmp_path):
+    make = timm_factory(arch, **TIMM[arch])
+    a, b = (_init(make, s) for s in (0, 1))
+    model = make().eval()
+    ld = create_loader(DATA, batch_size=64)
+    path = build_short_path(model, a, b, ld, search_steps=0, random_baseline=False)
+    _check_ends(path, a, b)
+    dense_check(path, model, ld)
+    assert all(s.get("logit_deviation", 0.0) <= 1e-5 for s in path.certificate["segments"])
+
+
+def test_packed_pair_outputs_the_mean_of_the_two_dropout_networks():
+    from mcensemble.pack import pack_pair
+    from mcensemble.paths.short import prepare_short
+    make = timm_factory("test_resnet")
+    a, b = (_init(make, s) for s in (0, 1))
+    model = make().eval()
+    ld = create_loader(DATA, batch_size=64)
+    x = next(iter(ld))[0][:32]
+    con = prepare_short(model, a, b, ld, search_steps=0, random_baseline=False)
+    packed = pack_pair(model, a, b, ld, method="short", halves=(con.halves.s, con.halves.t))
+    assert set(packed) == set(a) and all(packed[k].shape == a[k].shape for k in a)
+    da, db = con.vertices[1], con.vertices[4]
+    want = (_logits(model, da, x) + _logits(model, db, x)) / 2
+    assert_close_rel(_logits(model, packed, x), want, rtol=1e-5)
+
+
+# ----------------------------------------------------------------------------- refusals
+def test_convnext_is_refused_before_any_work():
+    import timm
+    model = timm.create_model("test_convnext", num_classes=10, in_chans=1).eval()
+    state = model.state_dict()
+
+    class NoData:
+        def __iter__(self):
+            raise AssertionError("the refusal must come before the data is read")
+
+    with pytest.raises(ShortPathError, match=r"LayerNorm.*normalises over the channels"):
+        build_short_path(model, state, state, NoData())
+
+
+def test_dropout_path_on_a_residual_network_names_the_short_path():
+    import timm
+
+    from mcensemble.paths.dropout import DropoutPathError, build_dropout_path
+    model = timm.create_model("test_resnet", num_classes=10, in_chans=1).eval()
+    state = model.state_dict()
+    with pytest.raises(DropoutPathError, match="--method short"):
+        build_dropout_path(model, state, state, create_loader(DATA, batch_size=64))
+
+
+def test_points_below_17_and_overlapping_halves_are_refused(mlp_pair):
+    from mcensemble.errors import BadOptionError
+    model, a, b = mlp_pair
+    ld = create_loader("digits,train=100", batch_size=100)
+    with pytest.raises(BadOptionError, match="points must be an integer >= 17"):
+        build_short_path(model, a, b, ld, points=9)
+    from mcensemble.units import build_unit_graph
+    graph = build_unit_graph(model, torch.zeros(1, 1, 8, 8))
+    same = {g.name: list(range(g.size // 2)) for g in graph.groups}
+    with pytest.raises(BadOptionError, match="overlap"):
+        build_short_path(model, a, b, ld, halves=(same, same))
+
+
+def test_a_damaged_delta_is_refused(mlp_pair, tmp_path):
+    from safetensors.torch import load_file, save_file
+
+    from mcensemble.errors import CheckpointError
+    model, a, b = mlp_pair
+    ld = create_loader("digits,train=100", batch_size=100)
+    path = build_short_path(model, a, b, ld, search_steps=0, random_baseline=False)
+    f = tmp_path / "p.safetensors"
+    path.save(f)
+    from safetensors import safe_open
+    with safe_open(str(f), "pt") as h:
+        meta = h.metadata()
+    tensors = load_file(str(f))
+    key = next(k for k in tensors if k.startswith("delta.1.C:"))
+    tensors[key] = torch.full_like(tensors[key], 7)
+    save_file(tensors, str(f), metadata=meta)
+    with pytest.raises(CheckpointError, match="multiplier"):
+        load_path(f)
