@@ -19,18 +19,29 @@ _EXPORTS = {
     "MCEnsembleError": ("errors", "MCEnsembleError"),
 }
 
+#: Submodules reachable as attributes after a plain `import mcensemble`
+#: (`mcensemble.hooks.channel_dropout(...)`), imported on first use. `mcensemble.evaluate` is
+#: the function (`from mcensemble.evaluate import scan` still reaches the module).
+_SUBMODULES = frozenset({
+    "align", "bn", "checkpoints", "data", "distributed", "ensemble", "errors",
+    "hooks", "members", "models", "pack", "paths", "pipeline", "plane", "plot", "runs",
+    "stability", "train", "units", "zoo",
+})
+
 __all__ = ["__version__", *_EXPORTS]
 
 
 def __getattr__(name: str):
+    import importlib
     if name in _EXPORTS:
-        import importlib
         mod, attr = _EXPORTS[name]
         value = getattr(importlib.import_module(f".{mod}", __name__), attr)
         globals()[name] = value
         return value
+    if name in _SUBMODULES:
+        return importlib.import_module(f".{name}", __name__)  # sets the attribute itself
     raise AttributeError(f"module 'mcensemble' has no attribute {name!r}")
 
 
 def __dir__():
-    return sorted(__all__)
+    return sorted({*__all__, *_SUBMODULES})

@@ -18,12 +18,17 @@ from torch.utils.data import DataLoader
 SMALL_DIGITS = "digits,train=500"
 
 
+#: torch threads for the suite: 1 unless `MCE_TEST_THREADS` says otherwise (the suite must pass
+#: with 1 and 2: float results differ in the last bits between thread counts)
+SUITE_THREADS = int(os.environ.get("MCE_TEST_THREADS", "1"))
+
+
 @contextlib.contextmanager
 def one_thread() -> Iterator[None]:
-    """torch on one thread inside (restored after). Tiny models on a shared 2-core machine:
-    one thread is several times faster than two (thread hand-off dominates)."""
+    """torch on one thread inside (`MCE_TEST_THREADS` if set; restored after). Tiny models on a
+    shared 2-core machine: one thread is several times faster than two (thread hand-off dominates)."""
     before = torch.get_num_threads()
-    torch.set_num_threads(1)
+    torch.set_num_threads(SUITE_THREADS)
     try:
         yield
     finally:
@@ -126,3 +131,15 @@ class RunsShell:
 
     def __reduce__(self):
         return (os.system, (f"touch {self.marker}",))
+
+
+def assert_close_rel(got: torch.Tensor, want: torch.Tensor, *, rtol: float = 1e-5, msg: str = "") -> None:
+    """`got` equals `want` up to float rounding, whatever their magnitude and the CPU.
+
+    Float results differ in the last bits between CPUs (AMD, Intel) and thread counts, and
+    the absolute size of a rounding error grows with the values: compare relatively, with the
+    absolute floor scaled to the largest value (so entries near zero do not fail on noise).
+    """
+    got, want = got.detach().double(), want.detach().double()
+    scale = float(want.abs().max()) if want.numel() else 0.0
+    torch.testing.assert_close(got, want, rtol=rtol, atol=rtol * max(scale, 1e-12), msg=msg or None)

@@ -109,7 +109,7 @@ def test_sharded_candidates_gathered_in_order(two_ranks):
     assert r0["shards"] == r1["shards"] == [i * 10 for i in range(7)]
     assert r0["scan"] == r1["scan"] and [p["t"] for p in r0["scan"]["points"]] == [0.0, 0.5, 1.0]
     losses = dict(r0["cands"])  # the scan's points are the candidates' (same path, loader)
-    assert all(abs(p["loss"] - losses[p["t"]]) < 1e-6 for p in r0["scan"]["points"])
+    assert all(p["loss"] == pytest.approx(losses[p["t"]], rel=1e-5) for p in r0["scan"]["points"])
 
 
 def test_helpers_are_no_ops_in_one_process():

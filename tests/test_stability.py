@@ -51,7 +51,7 @@ def test_depth_losses_are_dropout_networks(mlp):
         k = row["depth"]
         d = dropout_state(sd, g, res.kept, k)
         model.load_state_dict(d)
-        assert evaluate(model, small_eval_loader()).loss == pytest.approx(row["loss"], abs=1e-6)
+        assert evaluate(model, small_eval_loader()).loss == pytest.approx(row["loss"], rel=1e-5)
     # the classifier of D_2 reads the kept units doubled, the others not at all
     d2 = dropout_state(sd, g, res.kept, 2)
     kept = res.kept["layers.4"]
@@ -103,7 +103,7 @@ def test_bn_statistics_only_of_affected_units(cnn):
     assert torch.count_nonzero(d2["head.weight"][:, cols]) == 0
     # the re-estimated statistics are what the result reports
     model.load_state_dict(d1)
-    assert evaluate(model, ld).loss == pytest.approx(res.depths[0]["loss"], abs=1e-6)
+    assert evaluate(model, ld).loss == pytest.approx(res.depths[0]["loss"], rel=1e-5)
     model.load_state_dict(sd)
 
 

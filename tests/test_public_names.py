@@ -1,0 +1,40 @@
+"""Every `mcensemble.<name>...` the README writes resolves after a plain `import mcensemble`,
+exactly as written (issue: `mcensemble.hooks` raised AttributeError)."""
+from __future__ import annotations
+
+import re
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+README = Path(__file__).resolve().parents[1] / "README.md"
+#: dotted names as the README writes them: mcensemble.hooks.channel_dropout, mcensemble.load, ...
+NAMES = sorted(set(re.findall(r"\bmcensemble(?:\.[A-Za-z_]\w*)+", README.read_text())))
+
+
+def test_readme_names_something():
+    assert "mcensemble.hooks.channel_dropout" in NAMES and "mcensemble.load" in NAMES
+
+
+def test_every_readme_name_resolves_from_a_plain_import():
+    # a fresh interpreter: in this one, other tests have imported the submodules already
+    code = ("import mcensemble, operator, sys\n"
+            "bad = []\n"
+            "for name in sys.argv[1:]:\n"
+            "    try:\n"
+            "        operator.attrgetter(name.split('.', 1)[1])(mcensemble)\n"
+            "    except AttributeError as e:\n"
+            "        bad.append(f'{name}: {e}')\n"
+            "print('\\n'.join(bad)); sys.exit(1 if bad else 0)\n")
+    names = [n for n in NAMES if not n.startswith(("mcensemble.runs/", "mcensemble.safetensors"))]
+    res = subprocess.run([sys.executable, "-c", code, *names], capture_output=True, text=True)
+    assert res.returncode == 0, res.stdout + res.stderr
+
+
+@pytest.mark.parametrize("name", ["nothing_here", "_private"])
+def test_unknown_attribute_is_an_attribute_error(name):
+    import mcensemble
+    with pytest.raises(AttributeError, match=name):
+        getattr(mcensemble, name)
