@@ -1,18 +1,32 @@
-"""File helpers: atomic writes, content hashes, tensors ready for safetensors."""
+"""File helpers: atomic writes, content hashes, tensors ready for safetensors, and the
+per-tensor SHA-256 record that ensemble and path files carry (`tensor_hashes` when
+writing, `verify_tensor_hashes` when checking)."""
 from __future__ import annotations
 
 import contextlib
 import functools
 import hashlib
+import json
+import logging
 import os
+import re
+import socket
 import tempfile
 from pathlib import Path
-from typing import TYPE_CHECKING, Iterator, Mapping
+from typing import TYPE_CHECKING, Any, Iterator, Mapping
 
 if TYPE_CHECKING:
     import torch
 
-__all__ = ["atomic_path", "sha256_file", "independent_tensors"]
+__all__ = ["atomic_path", "sha256_file", "independent_tensors", "tensor_sha256", "tensor_hashes",
+           "safetensors_layout", "verify_tensor_hashes", "verify_file", "HASHES_KEY"]
+
+log = logging.getLogger(__name__)
+
+#: the JSON field (in ensemble and path files' `mcensemble` header) holding {tensor: sha256}
+HASHES_KEY = "tensor_sha256"
+# safetensors refuses headers larger than this (100 MB); so do we, before reading one
+_MAX_HEADER = 100_000_000
 
 
 @functools.lru_cache(maxsize=1)
@@ -23,16 +37,63 @@ def _umask() -> int:
     return mask
 
 
+@functools.lru_cache(maxsize=1)
+def _host_tag() -> str:
+    """8 hex digits naming this machine in temporary file names (a pid means something
+    only on the machine that owns it: folders may be shared between machines)."""
+    return hashlib.sha256(socket.gethostname().encode()).hexdigest()[:8]
+
+
+def _temp_prefix(dest: Path) -> str:
+    return f".{dest.name}.mce-{_host_tag()}-"
+
+
+def _pid_alive(pid: int) -> bool:
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except (PermissionError, OSError):  # someone else's live process, or cannot tell: keep its file
+        return True
+    return True
+
+
+def _remove_stale_temps(dest: Path) -> None:
+    """Remove temporary files that `atomic_path` left next to `dest` in a process that no
+    longer runs (killed with SIGKILL, a power cut): only names of our own pattern
+    `.<dest name>.mce-<this host>-<pid>-<random>.tmp` whose pid is not alive on this machine.
+    Files of live writers (another build writing the same file now) are never touched."""
+    prefix = _temp_prefix(dest)
+    pattern = re.compile(re.escape(prefix) + r"(\d+)-[^/]*\.tmp$")
+    try:
+        names = [e.name for e in os.scandir(dest.parent) if e.name.startswith(prefix)]
+    except OSError:
+        return
+    for name in names:
+        m = pattern.match(name)
+        if m is None or int(m.group(1)) == os.getpid() or _pid_alive(int(m.group(1))):
+            continue
+        try:
+            (dest.parent / name).unlink()
+            log.info("removed %s, left by an interrupted write of %s", name, dest)
+        except OSError:  # another process removed it first, or we may not
+            pass
+
+
 @contextlib.contextmanager
 def atomic_path(dest: str | os.PathLike) -> Iterator[Path]:
     """Yield a temporary path next to `dest`; on success rename it onto `dest`.
 
-    On any exception the temporary file is removed and `dest` is left as it was.
-    Parent folders are created.
+    On any exception the temporary file is removed and `dest` is left as it was. A process
+    killed during the write (SIGKILL) leaves `dest` as it was, or absent, never half
+    written; its temporary file is removed by the next write to `dest` (on this machine).
+    Concurrent writers to one `dest` each use their own temporary file (unique name), so
+    `dest` ends as one complete file, the last renamed. Parent folders are created.
     """
     dest = Path(dest)
     dest.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(prefix=f".{dest.name}.", suffix=".tmp", dir=dest.parent)
+    _remove_stale_temps(dest)
+    fd, tmp = tempfile.mkstemp(prefix=f"{_temp_prefix(dest)}{os.getpid()}-", suffix=".tmp", dir=dest.parent)
     os.close(fd)
     tmp = Path(tmp)
     try:
@@ -70,3 +131,118 @@ def independent_tensors(tensors: Mapping[str, "torch.Tensor"]) -> dict[str, "tor
             seen.add(storage.data_ptr())
         out[name] = t
     return out
+
+
+# ----------------------------------------------------------------------------- tensor hashes
+def tensor_sha256(t: "torch.Tensor") -> str:
+    """Hex SHA-256 of a tensor's bytes as safetensors stores them (C order, little-endian)."""
+    import torch
+    t = t.detach().cpu().contiguous()
+    return hashlib.sha256(t.reshape(-1).view(torch.uint8).numpy().tobytes()).hexdigest()
+
+
+def tensor_hashes(tensors: Mapping[str, "torch.Tensor"]) -> dict[str, str]:
+    """{name: tensor_sha256} of the tensors about to be written (the `tensor_sha256` record)."""
+    return {name: tensor_sha256(t) for name, t in tensors.items()}
+
+
+def safetensors_layout(path: str | os.PathLike) -> tuple[dict[str, Any], int]:
+    """(header, data start) of a safetensors file: the header's JSON (tensor name ->
+    {dtype, shape, data_offsets}, plus `__metadata__`) and the offset of the first data
+    byte. `CheckpointError` when the file is too short or the header is not JSON."""
+    from .errors import CheckpointError
+    path = Path(path)
+    try:
+        size = path.stat().st_size
+        with open(path, "rb") as f:
+            head = f.read(8)
+            n = int.from_bytes(head, "little") if len(head) == 8 else -1
+            if n < 2 or n > _MAX_HEADER or n + 8 > size:
+                raise CheckpointError(f"{path}: not a complete safetensors file (its header length "
+                                      f"{n} does not fit its size {size}); the file is truncated or corrupt")
+            raw = f.read(n)
+    except OSError as e:
+        raise CheckpointError(f"{path}: cannot read the file ({e.strerror or e})") from e
+    try:
+        header = json.loads(raw)
+    except ValueError as e:
+        raise CheckpointError(f"{path}: the safetensors header is not valid JSON; the file is corrupt") from e
+    if not isinstance(header, dict):
+        raise CheckpointError(f"{path}: the safetensors header is not a JSON object; the file is corrupt")
+    return header, 8 + n
+
+
+def _file_range_sha256(f, start: int, stop: int, chunk: int = 1 << 20) -> str:
+    h = hashlib.sha256()
+    f.seek(start)
+    left = stop - start
+    while left > 0:
+        block = f.read(min(chunk, left))
+        if not block:
+            break
+        h.update(block)
+        left -= len(block)
+    return h.hexdigest()
+
+
+def verify_tensor_hashes(path: str | os.PathLike, recorded: Mapping[str, Any] | None) -> int | None:
+    """Check every tensor's bytes in the safetensors file `path` against `recorded`
+    ({name: hex sha256}, the file's `tensor_sha256` record). Returns how many tensors were
+    checked, or None when nothing is recorded (a file written before mcensemble recorded
+    hashes). `CheckpointError` naming the first tensor whose bytes differ (and how many
+    do), a tensor with no recorded hash, or a recorded tensor missing from the file."""
+    from .errors import CheckpointError
+    if recorded is None:
+        return None
+    path = Path(path)
+    if not isinstance(recorded, Mapping) or not all(
+            isinstance(k, str) and isinstance(v, str) for k, v in recorded.items()):
+        raise CheckpointError(f"{path}: its '{HASHES_KEY}' record is not a {{tensor: sha256}} object; "
+                              "the file is damaged")
+    header, start = safetensors_layout(path)
+    names = [k for k in header if k != "__metadata__"]
+    unrecorded = [k for k in names if k not in recorded]
+    absent = [k for k in recorded if k not in header]
+    if unrecorded or absent:
+        what = (f"tensor {unrecorded[0]!r} has no recorded hash" if unrecorded
+                else f"tensor {absent[0]!r} is recorded but not in the file")
+        raise CheckpointError(f"{path}: integrity check failed: {what}; the file was changed after "
+                              "it was written")
+    bad = []
+    with open(path, "rb") as f:
+        for name in names:
+            entry = header[name]
+            offsets = entry.get("data_offsets") if isinstance(entry, dict) else None
+            if not (isinstance(offsets, list) and len(offsets) == 2
+                    and all(isinstance(o, int) and o >= 0 for o in offsets)):
+                raise CheckpointError(f"{path}: tensor {name!r} has no valid data_offsets; the file is corrupt")
+            if _file_range_sha256(f, start + offsets[0], start + offsets[1]) != recorded[name]:
+                bad.append(name)
+    if bad:
+        more = f" ({len(bad)} tensors differ: {', '.join(repr(b) for b in bad[:5])}" \
+               f"{' ...' if len(bad) > 5 else ''})" if len(bad) > 1 else ""
+        raise CheckpointError(f"{path}: integrity check failed: the bytes of tensor {bad[0]!r} do not "
+                              f"match the SHA-256 recorded when the file was written{more}; the file "
+                              "is corrupt or was modified. Re-copy it or rebuild it")
+    return len(names)
+
+
+def verify_file(path: str | os.PathLike) -> tuple[str, int | None]:
+    """(format, tensors checked) for `mcensemble inspect --verify`: check an ensemble or
+    path file's tensors against the SHA-256 recorded in its header (`verify_tensor_hashes`);
+    tensors checked is None when the file records no hashes. `CheckpointError` for another
+    kind of file (only ensemble and path files record hashes) or a tensor that differs."""
+    from .errors import CheckpointError
+    header, _ = safetensors_layout(path)
+    meta = header.get("__metadata__")
+    raw = meta.get("mcensemble") if isinstance(meta, dict) else None
+    try:
+        doc = json.loads(raw) if isinstance(raw, str) else None
+    except ValueError as e:
+        raise CheckpointError(f"{path}: its 'mcensemble' metadata is not valid JSON; the file is damaged") from e
+    fmt = doc.get("format") if isinstance(doc, dict) else None
+    if fmt not in ("mcensemble-ensemble", "mcensemble-path"):
+        raise CheckpointError(f"{path}: --verify checks mcensemble ensemble and path files, which record a "
+                              f"SHA-256 per tensor; this file is {'a ' + repr(fmt) if fmt else 'not one'} "
+                              "(compare a checkpoint's sha256, shown by inspect, with a known one instead)")
+    return fmt, verify_tensor_hashes(path, doc.get(HASHES_KEY))

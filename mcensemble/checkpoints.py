@@ -76,7 +76,9 @@ class Checkpoint:
         return resolve_model_spec(metadata=self.metadata)
 
     def build_model(self) -> nn.Module:
-        """The model with these weights loaded strictly, in eval mode."""
+        """The model with these weights loaded strictly, in eval mode. A model the file
+        describes (no `model=`) is first built on the meta device and checked against the
+        weights, so that sizes in the metadata never allocate more than the weights fit."""
         name = self.metadata.get("source") or "checkpoint"
         if self.model is not None:
             factory = as_factory(self.model)
@@ -87,6 +89,11 @@ class Checkpoint:
                     f"{name}: the file does not say which model it holds; pass --arch NAME "
                     "(a timm architecture) or --model module:function (model= in Python)")
             factory = as_factory(spec)
+            shapes = meta_shapes(factory)
+            if shapes is not None:
+                state = _fit_prefix(self.state_dict, shapes, self.metadata.get("stripped_prefixes") or [])
+                check_same_architecture(shapes, {k: _Shape(v.shape) for k, v in state.items()},
+                                        names=(f"the model the file names ({spec.describe()})", name))
         net = factory()
         if not isinstance(net, nn.Module):
             raise CheckpointError(
@@ -96,6 +103,29 @@ class Checkpoint:
         check_same_architecture(own, state, names=(f"the model ({type(net).__name__})", name))
         net.load_state_dict(state, strict=True)
         return net.eval()
+
+
+class _Shape(tuple):
+    """A shape that `check_same_architecture` can read like a tensor's (`.shape`)."""
+
+    @property
+    def shape(self) -> tuple:
+        return tuple(self)
+
+
+def meta_shapes(factory: Callable[[], Any]) -> dict[str, Any] | None:
+    """{name: shape} of the state dict of `factory()` built on the meta device (no memory
+    is allocated, whatever sizes the factory was given), or None when the model cannot be
+    built there (then nothing can be checked in advance)."""
+    try:
+        with torch.device("meta"):
+            net = factory()
+        return {k: _Shape(v.shape) for k, v in net.state_dict().items()}
+    except MCEnsembleError:
+        raise
+    except Exception as e:  # noqa: BLE001 - the real build reports its own error
+        _logger.debug("cannot build the model on the meta device (%s); sizes not pre-checked", e)
+        return None
 
 
 def _fit_prefix(state: StateDict, own: Mapping[str, Any], prefixes: list[str]) -> StateDict:
@@ -572,6 +602,20 @@ def _complete_model_meta(state: StateDict, meta: dict[str, Any]) -> None:
         meta[k] = v
 
 
+# metadata fields the readers use, and their JSON types (checked with `meta_field`)
+_FIELD_TYPES = (("arch", "str"), ("num_classes", "int"), ("in_chans", "int"), ("model_args", "dict"),
+                ("weights", "str"), ("stripped_prefixes", "str-list"), ("has_ema", "bool"))
+
+
+def _check_field_types(meta: Mapping[str, Any], source: str) -> None:
+    """`CheckpointError` naming the field when what a file says about its weights has the
+    wrong type (a damaged or crafted header: `"model_args": 1.5`, `"num_classes": "x"`)."""
+    from .paths.base import meta_field
+    for key, expect in _FIELD_TYPES:
+        meta_field(meta, key, expect, where=source, default=None, nullable=True,
+                   lo=1 if expect == "int" else None)
+
+
 def load_checkpoint(src: str | os.PathLike, *, model: ModelLike | None = None,
                     ema: bool | None = None) -> Checkpoint:
     """Read weights and metadata from a checkpoint file or folder (format read from content).
@@ -595,6 +639,7 @@ def load_checkpoint(src: str | os.PathLike, *, model: ModelLike | None = None,
     if stripped:
         meta["stripped_prefixes"] = list(meta.get("stripped_prefixes") or []) + stripped
     meta.setdefault("weights", None)
+    _check_field_types(meta, str(weights))
     meta.update(source=str(weights), sha256=sha256_file(weights))
     meta.setdefault("epoch", None)
     meta.setdefault("metric", None)

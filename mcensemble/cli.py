@@ -199,12 +199,21 @@ def _fmt(x: Any) -> str:
 @click.option("--units", is_flag=True, help="Also print the unit graph (hidden unit groups and their tensors).")
 @click.option("--units-out", metavar="FILE.json",
               help="Write the unit graph as JSON: edit it and pass it back with --unit-graph.")
-def inspect(file: str, units: bool, units_out: str | None, **kw: Any) -> None:
+@click.option("--verify", is_flag=True,
+              help="Check an ensemble or path file's tensors against the SHA-256 recorded when it was written.")
+def inspect(file: str, units: bool, units_out: str | None, verify: bool, **kw: Any) -> None:
     """Describe a checkpoint: format, architecture, parameters, dtypes, EMA, metadata.
 
-    Exits non-zero with the reason if the file fails any safety or sanity check.
+    Exits non-zero with the reason if the file fails any safety or sanity check (with
+    --verify: if a tensor's bytes differ from the hash recorded in the file, naming it).
     """
     from .pipeline import describe_checkpoint
+    if verify:
+        from ._io import verify_file
+        fmt, n = verify_file(file)
+        click.echo(f"{'integrity':>12}: " + (f"no hashes are recorded in this {fmt} file (written before "
+                                              "mcensemble recorded them); nothing verified" if n is None
+                                              else f"ok, all {n} tensors match their recorded SHA-256"))
     info = describe_checkpoint(file, _model_opts(kw), units=units, units_out=units_out)
     for key, value in info.items():
         if key == "units":

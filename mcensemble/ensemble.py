@@ -35,7 +35,7 @@ from typing import Any, Callable, Iterable, Mapping, Sequence
 import torch
 import torch.nn as nn
 
-from ._io import atomic_path, independent_tensors, sha256_file
+from ._io import HASHES_KEY, atomic_path, independent_tensors, sha256_file, tensor_hashes, verify_tensor_hashes
 from .errors import (
     ArchitectureMismatchError, BadOptionError, CheckpointError, MCEnsembleError,
     ModelSpecError, NonFiniteError,
@@ -43,7 +43,7 @@ from .errors import (
 from .models import ModelLike, ModelSpec, as_factory, create_model
 
 __all__ = [
-    "EnsembleModel", "save_ensemble", "load", "read_ensemble_metadata", "combine_mean_prob",
+    "EnsembleModel", "save_ensemble", "load", "read_ensemble_metadata", "verify_ensemble_file", "combine_mean_prob",
     "loop_strategy", "vmap_strategy", "STRATEGIES", "FORMAT", "FORMAT_VERSION", "METADATA_KEY",
 ]
 
@@ -57,7 +57,7 @@ METADATA_KEY = "mcensemble"
 AUTO_MARGIN = 0.95
 AUTO_MAX_ROUNDS = 12      # timing rounds (one loop + one vmap run each) for cheap batches
 AUTO_BUDGET_S = 0.25      # ... while the rounds so far took less than this
-_RESERVED = ("format", "format_version", "model", "members", "combine", "sources")
+_RESERVED = ("format", "format_version", "model", "members", "combine", "sources", "tensor_sha256")
 
 StateDict = Mapping[str, torch.Tensor]
 StrategyFn = Callable[["EnsembleModel", torch.Tensor], torch.Tensor]
@@ -570,13 +570,13 @@ def save_ensemble(dest: str | os.PathLike, member_states: Sequence[StateDict], *
         if key in _RESERVED:
             raise BadOptionError(f"extra= may not set the reserved key {key!r}", option="extra")
         doc[key] = value
+    tensors = independent_tensors({f"member.{i}.{n}": t for i, st in enumerate(member_states)
+                                   for n, t in st.items()})
+    doc[HASHES_KEY] = tensor_hashes(tensors)  # checked by load(verify=True) and inspect --verify
     try:
         text = json.dumps(_json_safe(doc), allow_nan=False)
     except (TypeError, ValueError) as e:
         raise BadOptionError(f"ensemble metadata is not JSON-serialisable: {e}", option="extra") from e
-
-    tensors = independent_tensors({f"member.{i}.{n}": t for i, st in enumerate(member_states)
-                                   for n, t in st.items()})
     dest = Path(dest)
     with atomic_path(dest) as tmp:
         save_file(tensors, str(tmp), metadata={METADATA_KEY: text, "format": "pt"})
@@ -630,10 +630,69 @@ def _open_ensemble(file: str | os.PathLike) -> tuple[dict[str, Any], list[str]]:
         raise CheckpointError(
             f"{str(path)!r} was written by a newer mcensemble (format {version} > "
             f"{FORMAT_VERSION}); upgrade mcensemble")
-    members = doc.get("members")
-    if not isinstance(members, list) or not members:
-        raise CheckpointError(f"{str(path)!r}: the ensemble metadata lists no members")
+    _check_document(doc, keys, repr(str(path)))
     return doc, keys
+
+
+def _check_document(doc: dict[str, Any], keys: list[str], where: str) -> None:
+    """Type-check the fields of an ensemble file's JSON document that loading uses (the
+    member count bounded by the tensors in the file); `CheckpointError` naming the field."""
+    from .paths.base import meta_field
+    members = meta_field(doc, "members", "list", where=where)
+    if not members:
+        raise CheckpointError(f"{where}: the ensemble metadata lists no members")
+    if len(members) > len(keys):
+        raise CheckpointError(f"{where}: the metadata lists {len(members)} members but the file holds "
+                              f"{len(keys)} tensor(s); the file is damaged")
+    for i, m in enumerate(members):
+        at = f"{where} (member {i})"
+        if not isinstance(m, dict):
+            raise CheckpointError(f"{at}: a member's metadata must be a JSON object, found "
+                                  f"{type(m).__name__}; the file is damaged")
+        meta_field(m, "t", "number", where=at, default=None, nullable=True, lo=0.0, hi=1.0)
+        meta_field(m, "kind", "str", where=at, default=None, nullable=True)
+        meta_field(m, "weight", "number", where=at, default=None, nullable=True, lo=0.0)
+    meta_field(doc, "model", "dict", where=where, default=None, nullable=True)
+    meta_field(doc, "sources", "list", where=where, default=None, nullable=True)
+    meta_field(doc, "combine", "str", where=where, default=None, nullable=True)
+    meta_field(doc, HASHES_KEY, "dict", where=where, default=None, nullable=True)
+
+
+def verify_ensemble_file(file: str | os.PathLike) -> int | None:
+    """Check the SHA-256 of every tensor of an ensemble file against the record in its
+    header. Returns how many tensors were checked, None when the file records no hashes
+    (written before mcensemble recorded them); `CheckpointError` naming the first tensor
+    whose bytes differ."""
+    doc, _ = _open_ensemble(file)
+    return verify_tensor_hashes(file, doc.get(HASHES_KEY))
+
+
+def _check_spec_fits(factory: Callable[[], nn.Module], path: Path, member0: list[tuple[str, str]]) -> None:
+    """Build the file's model on the meta device (no memory) and compare its state dict's
+    names and shapes with member 0's tensors in the file, so that a spec whose sizes do not
+    match the file (a damaged or crafted header) is refused before the real model is
+    allocated. A model that cannot be built on the meta device is not checked here."""
+    from safetensors import safe_open
+
+    from .checkpoints import meta_shapes
+    shapes = meta_shapes(factory)
+    if shapes is None:
+        return
+    want = {n: tuple(s) for n, s in shapes.items()}
+    try:
+        with safe_open(str(path), framework="pt", device="cpu") as f:
+            have = {name: tuple(f.get_slice(key).get_shape()) for key, name in member0}
+    except Exception as e:  # noqa: BLE001
+        raise CheckpointError(f"{str(path)!r}: cannot read member 0's tensor shapes ({e})") from e
+    if want != have:
+        differing = [n for n in want if n in have and want[n] != have[n]]
+        detail = (f"tensor {differing[0]!r} has shape {have[differing[0]]} in the file, {want[differing[0]]} in "
+                  "the model" if differing else
+                  f"the model's tensors {sorted(set(want) ^ set(have))[:3]} are in only one of them")
+        raise ArchitectureMismatchError(
+            f"{str(path)!r}: the model its metadata names does not fit its tensors: {detail}. The file "
+            "is damaged, or pass model= (CLI --model) to build the right model")
+
 
 
 class _LazyMembers(Sequence):
@@ -691,15 +750,22 @@ def _factory_from_spec(doc: dict[str, Any], path: Path, trust_remote_code: bool
 
 def load(file: str | os.PathLike, *, model: ModelLike | None = None,
          trust_remote_code: bool = False, strategy: str | StrategyFn = "auto",
-         device: str | torch.device | None = None) -> EnsembleModel:
+         device: str | torch.device | None = None, verify: bool = False) -> EnsembleModel:
     """Load an ensemble file as an `EnsembleModel` (eval mode).
 
     The model comes from `model=` (nn.Module / zero-argument callable / ModelSpec) when
     given, else from the file's spec: a timm `arch` through timm's registry; an `entry`
-    ("module:function") only with `trust_remote_code=True`.
+    ("module:function") only with `trust_remote_code=True`. A model built from the file's
+    spec is first built without memory (meta device) and checked against the tensors in
+    the file. `verify`: first check every tensor's bytes against the SHA-256 recorded in
+    the file (`CheckpointError` naming the tensor that differs; a file without hashes is
+    loaded with a warning).
     """
     path = Path(file)
     doc, keys = _open_ensemble(path)
+    if verify and verify_tensor_hashes(path, doc.get(HASHES_KEY)) is None:
+        logger.warning("%s records no tensor hashes (written before mcensemble recorded them): not verified",
+                       path)
     k = len(doc["members"])
     groups: list[list[tuple[str, str]]] = [[] for _ in range(k)]
     for key in keys:
@@ -717,7 +783,10 @@ def load(file: str | os.PathLike, *, model: ModelLike | None = None,
     for i, g in enumerate(groups):
         if not g:
             raise CheckpointError(f"{str(path)!r}: member {i} has no tensors")
-    factory = as_factory(model) if model is not None else \
-        _factory_from_spec(doc, path, trust_remote_code)
+    if model is not None:
+        factory = as_factory(model)
+    else:
+        factory = _factory_from_spec(doc, path, trust_remote_code)
+        _check_spec_fits(factory, path, groups[0])
     return EnsembleModel(factory, _LazyMembers(path, groups), metadata=doc,
                          strategy=strategy, device=device)

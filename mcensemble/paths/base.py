@@ -8,11 +8,15 @@ metadata key `mcensemble` holding JSON::
     {"format": "mcensemble-path", "format_version": 1, "kind": "linear",
      "model": ModelSpec dict or null, "endpoints_sha256": [..., ...],
      "groups": ["endpoint.0", "endpoint.1", ...], "vertices": [...] or null,
-     "certificate": {...} or null, ...kind-specific fields, ...extra}
+     "certificate": {...} or null, "tensor_sha256": {tensor: sha256},
+     ...kind-specific fields, ...extra}
 
 A new kind subclasses `Path`, decorates itself with `@register_path("kind")`, implements
 `_state_at(t)` (t already validated) and the classmethod `_from_file(groups, meta)`, and
 may override `_file_fields()` to add JSON fields. Files are read without unpickling.
+`_from_file` reads its own fields with `meta_field` (type and range checked, sizes bounded
+by the groups actually in the file) and raises `CheckpointError` / `ValueError` on anything
+inconsistent: `load_path` turns those into one `CheckpointError` naming the file.
 """
 from __future__ import annotations
 
@@ -25,12 +29,12 @@ from typing import Any, Callable, ClassVar, Mapping, TypeVar
 
 import torch
 
-from .._io import atomic_path, independent_tensors
+from .._io import HASHES_KEY, atomic_path, independent_tensors, tensor_hashes
 from ..errors import ArchitectureMismatchError, BadOptionError, CheckpointError
 
 __all__ = [
     "Path", "register_path", "load_path", "known_kinds", "check_same_layout", "state_dict_sha256",
-    "PATH_FORMAT", "PATH_FORMAT_VERSION", "METADATA_KEY",
+    "meta_field", "verify_path_file", "PATH_FORMAT", "PATH_FORMAT_VERSION", "METADATA_KEY",
 ]
 
 log = logging.getLogger(__name__)
@@ -38,7 +42,7 @@ log = logging.getLogger(__name__)
 PATH_FORMAT = "mcensemble-path"
 PATH_FORMAT_VERSION = 1
 METADATA_KEY = "mcensemble"
-_RESERVED = ("format", "format_version", "kind", "groups")
+_RESERVED = ("format", "format_version", "kind", "groups", "tensor_sha256")
 
 StateDict = dict[str, torch.Tensor]
 P = TypeVar("P", bound="type[Path]")
@@ -87,6 +91,71 @@ def check_same_layout(a: Mapping[str, torch.Tensor], b: Mapping[str, torch.Tenso
         raise ArchitectureMismatchError(
             f"{na} and {nb} do not have the same tensors ({'; '.join(parts)}); both must come from "
             "the same architecture")
+
+
+# ----------------------------------------------------------------------------- metadata checks
+def _is_int(v: Any) -> bool:
+    return isinstance(v, int) and not isinstance(v, bool)
+
+
+def _is_number(v: Any) -> bool:
+    return isinstance(v, (int, float)) and not isinstance(v, bool) and math.isfinite(v)
+
+
+# expected type name -> (what the message says, test)
+_EXPECT: dict[str, tuple[str, Callable[[Any], bool]]] = {
+    "int": ("an integer", _is_int),
+    "number": ("a finite number", _is_number),
+    "str": ("a string", lambda v: isinstance(v, str)),
+    "bool": ("true or false", lambda v: isinstance(v, bool)),
+    "list": ("a list", lambda v: isinstance(v, list)),
+    "dict": ("a JSON object", lambda v: isinstance(v, dict)),
+    "str-list": ("a list of strings", lambda v: isinstance(v, list) and all(isinstance(x, str) for x in v)),
+    "number-list": ("a list of finite numbers", lambda v: isinstance(v, list) and all(_is_number(x) for x in v)),
+}
+_MISSING = object()
+
+
+def _show(v: Any) -> str:
+    text = repr(v)
+    return f"{type(v).__name__} {text if len(text) <= 60 else text[:57] + '...'}"
+
+
+def meta_field(meta: Mapping[str, Any], key: str, expect: str, *, where: str = "metadata",
+               default: Any = _MISSING, nullable: bool = False,
+               lo: float | None = None, hi: float | None = None) -> Any:
+    """`meta[key]`, checked to be of type `expect` (a key of `_EXPECT`: "int", "number", "str",
+    "bool", "list", "dict", "str-list", "number-list") and, for numbers, within [lo, hi].
+
+    A missing key gives `default` when one is passed (else it is an error); `nullable`
+    accepts None (JSON null). Anything else raises `CheckpointError` naming `where` (e.g.
+    the file), the field, what was expected and what was found. Every reader of file
+    metadata (path kinds' `_from_file`, ensemble and checkpoint readers) checks its fields
+    with this before using them: a damaged or crafted header then gives one clear error,
+    never a TypeError, and a size read from it is bounded by `hi` (what the file's tensors
+    allow) before anything is allocated from it.
+    """
+    desc, ok = _EXPECT[expect]
+    if not isinstance(meta, Mapping):
+        raise CheckpointError(f"{where}: the metadata is a {type(meta).__name__}, not a JSON object; "
+                              "the file is damaged or was not written by mcensemble")
+    if key not in meta:
+        if default is not _MISSING:
+            return default
+        raise CheckpointError(f"{where}: metadata field {key!r} is missing; the file is damaged or "
+                              "was not written by mcensemble")
+    v = meta[key]
+    if v is None and nullable:
+        return None
+    if not ok(v):
+        raise CheckpointError(f"{where}: metadata field {key!r} must be {desc}"
+                              f"{' or null' if nullable else ''}, found {_show(v)}; the file is damaged")
+    if (lo is not None and v < lo) or (hi is not None and v > hi):
+        span = f"from {lo} to {hi}" if lo is not None and hi is not None else \
+            f">= {lo}" if lo is not None else f"<= {hi}"
+        raise CheckpointError(f"{where}: metadata field {key!r} is {v}, it must be {span} (for the "
+                              "tensors in the file); the file is damaged")
+    return v
 
 
 def _check_t(t: Any) -> float:
@@ -166,7 +235,8 @@ class Path:
         `model_spec`: a `ModelSpec` or its dict (default: the one in `metadata`).
         `extra`: JSON-able fields to add. `endpoints_sha256` defaults to
         `metadata["endpoints_sha256"]` (e.g. the source files' hashes) or else to the
-        content hashes of the two endpoint state dicts (`state_dict_sha256`).
+        content hashes of the two endpoint state dicts (`state_dict_sha256`). The SHA-256
+        of every tensor's bytes is recorded too (`tensor_sha256`; `load_path(verify=True)`).
         """
         from safetensors.torch import save_file
 
@@ -191,15 +261,15 @@ class Path:
                 raise BadOptionError(f"extra= may not set the reserved field {k!r}; pass other "
                                      "field names", option="extra")
             doc[k] = v
+        tensors = independent_tensors({f"{g}.{name}": t for g, sd in self.groups.items()
+                                       for name, t in sd.items()})
+        doc[HASHES_KEY] = tensor_hashes(tensors)  # checked by load_path(verify=True), inspect --verify
         try:
             header = json.dumps(doc)
         except (TypeError, ValueError) as e:
             raise BadOptionError(f"path metadata is not JSON-serialisable ({e}); pass plain "
                                  "numbers, strings, lists and dicts in metadata / extra",
                                  option="extra") from e
-
-        tensors = independent_tensors({f"{g}.{name}": t for g, sd in self.groups.items()
-                                       for name, t in sd.items()})
         with atomic_path(file) as tmp:
             save_file(tensors, str(tmp), metadata={METADATA_KEY: header})
         log.debug("saved %s path to %s", self.kind, file)
@@ -255,20 +325,12 @@ def _split_groups(tensors: dict[str, torch.Tensor], groups: list[str], file: str
     return out
 
 
-def load_path(file: str | os.PathLike) -> Path:
-    """Read a path file written by `Path.save` (safetensors; nothing is unpickled)."""
+def _read_path_file(file: str) -> tuple[dict[str, Any], dict[str, torch.Tensor]]:
+    """(JSON document, tensors) of a path file; the document's format and version checked."""
     from safetensors import safe_open
-
-    file = os.fspath(file)
-    if os.path.isdir(file):
-        raise CheckpointError(f"{file} is a directory, not a path file; give the .safetensors file "
-                              "written by `mcensemble build --path-out`")
-    if not os.path.exists(file):
-        raise CheckpointError(f"path file {file} does not exist")
     try:
         with safe_open(file, framework="pt", device="cpu") as f:
-            header = f.metadata() or {}
-            raw = header.get(METADATA_KEY)
+            raw = (f.metadata() or {}).get(METADATA_KEY)
             if raw is None:
                 raise CheckpointError(
                     f"{file} is not an mcensemble path file: it is a safetensors file without "
@@ -281,13 +343,12 @@ def load_path(file: str | os.PathLike) -> Path:
                                       "the file is damaged") from e
             if not isinstance(meta, dict) or meta.get("format") != PATH_FORMAT:
                 fmt = meta.get("format") if isinstance(meta, dict) else None
-                what = "an mcensemble ensemble file (load it with mcensemble.load)" if fmt == "mcensemble-ensemble" \
-                    else f"a {fmt!r} file" if fmt else "an mcensemble file of unknown format"
+                what = "an mcensemble ensemble file (load it with mcensemble.load)" \
+                    if fmt == "mcensemble-ensemble" else f"a {fmt!r} file" if isinstance(fmt, str) and fmt \
+                    else "an mcensemble file of unknown format"
                 raise CheckpointError(f"{file} is not an mcensemble path file (format {PATH_FORMAT!r}); "
                                       f"it is {what}")
-            version = meta.get("format_version")
-            if not isinstance(version, int) or isinstance(version, bool):
-                raise CheckpointError(f"{file}: path file has no valid format_version; the file is damaged")
+            version = meta_field(meta, "format_version", "int", where=file)
             if version > PATH_FORMAT_VERSION:
                 raise CheckpointError(
                     f"{file} is a path file of format version {version}, newer than this mcensemble "
@@ -302,8 +363,24 @@ def load_path(file: str | os.PathLike) -> Path:
     except Exception as e:  # safetensors raises its own error type on a bad header
         raise CheckpointError(f"{file} is not a readable safetensors path file ({e}); it is corrupt, "
                               "truncated, or in another format") from e
+    return meta, tensors
 
-    kind = meta.get("kind")
+
+def _check_common_fields(meta: dict[str, Any], file: str) -> None:
+    """Type-check the fields every path file has (kind-specific ones: the kind's `_from_file`)."""
+    meta_field(meta, "kind", "str", where=file)
+    meta_field(meta, "groups", "str-list", where=file, default=None, nullable=True)
+    meta_field(meta, "model", "dict", where=file, default=None, nullable=True)
+    meta_field(meta, "vertices", "number-list", where=file, default=None, nullable=True)
+    meta_field(meta, "endpoints_sha256", "str-list", where=file, default=None, nullable=True)
+    meta_field(meta, "tensor_sha256", "dict", where=file, default=None, nullable=True)
+    cert = meta_field(meta, "certificate", "dict", where=file, default=None, nullable=True)
+    if cert is not None:
+        for key in ("max_loss", "eps", "loss_a", "loss_b", "bound"):
+            meta_field(cert, key, "number", where=f"{file} (certificate)", default=None, nullable=True)
+
+
+def _path_class(kind: str, file: str) -> type[Path]:
     cls = _REGISTRY.get(kind)
     if cls is None:
         _import_builtin_kinds()
@@ -311,13 +388,49 @@ def load_path(file: str | os.PathLike) -> Path:
     if cls is None:
         raise CheckpointError(f"{file}: unknown path kind {kind!r}; this mcensemble knows "
                               f"{', '.join(sorted(_REGISTRY))}. Upgrade mcensemble if the file is newer")
+    return cls
+
+
+def verify_path_file(file: str | os.PathLike) -> int | None:
+    """Check the SHA-256 of every tensor of a path file against the record in its header.
+    Returns how many tensors were checked, None when the file records no hashes (written
+    before mcensemble recorded them); `CheckpointError` naming the first tensor that differs."""
+    from .._io import verify_tensor_hashes
+    file = os.fspath(file)
+    meta, _ = _read_path_file(file)
+    return verify_tensor_hashes(file, meta_field(meta, "tensor_sha256", "dict", where=file,
+                                                 default=None, nullable=True))
+
+
+def load_path(file: str | os.PathLike, *, verify: bool = False) -> Path:
+    """Read a path file written by `Path.save` (safetensors; nothing is unpickled).
+
+    `verify`: first check every tensor's bytes against the SHA-256 recorded in the file
+    (`CheckpointError` naming the tensor that differs; a file without hashes is loaded with
+    a warning). Every metadata field is type-checked, and sizes in it (bends, vertices) are
+    checked against the tensors in the file: a damaged or crafted file raises
+    `CheckpointError`, never another exception."""
+    file = os.fspath(file)
+    if os.path.isdir(file):
+        raise CheckpointError(f"{file} is a directory, not a path file; give the .safetensors file "
+                              "written by `mcensemble build --path-out`")
+    if not os.path.exists(file):
+        raise CheckpointError(f"path file {file} does not exist")
+    if verify and verify_path_file(file) is None:
+        log.warning("%s records no tensor hashes (written before mcensemble recorded them): not verified", file)
+    meta, tensors = _read_path_file(file)
+    _check_common_fields(meta, file)
+    kind = meta["kind"]
+    cls = _path_class(kind, file)
     groups_names = meta.get("groups") or ["endpoint.0", "endpoint.1"]
-    if not isinstance(groups_names, list) or not all(isinstance(g, str) for g in groups_names):
-        raise CheckpointError(f"{file}: the path's 'groups' field is damaged")
+    if len(set(groups_names)) != len(groups_names):
+        raise CheckpointError(f"{file}: the path's 'groups' field names a group twice; the file is damaged")
     groups = _split_groups(tensors, groups_names, file)
     try:
         path = cls._from_file(groups, meta)
-    except (KeyError, ValueError, TypeError, ArchitectureMismatchError) as e:
+    except CheckpointError as e:
+        raise CheckpointError(f"{file}: the {kind} path in it is damaged: {e}") from e
+    except (KeyError, ValueError, TypeError, IndexError, ArchitectureMismatchError) as e:
         raise CheckpointError(f"{file}: the {kind} path in it is damaged or inconsistent: {e}") from e
     path.metadata = dict(meta)
     if path.certificate is None and meta.get("certificate") is not None:

@@ -23,7 +23,7 @@ from typing import Any, Mapping, Sequence
 import torch
 
 from ..errors import ArchitectureMismatchError, BadOptionError
-from .base import Path, StateDict, check_same_layout, register_path
+from .base import Path, StateDict, check_same_layout, meta_field, register_path
 
 __all__ = ["BezierPath", "PolyChainPath", "CURVE_KINDS", "bezier_coefficients", "polychain_coefficients",
            "curve_coefficients", "straight_bends", "is_interpolated"]
@@ -178,13 +178,11 @@ class _CurvePath(Path):
 
     @classmethod
     def _from_file(cls, groups: dict[str, StateDict], meta: dict[str, Any]) -> "_CurvePath":
-        n = meta.get("bends")
         names = [g for g in groups if g.startswith("bend.")]
-        if n is None:
-            n = len(names)
-        if not isinstance(n, int) or n < 1 or sorted(names) != sorted(f"bend.{i}" for i in range(n)):
-            raise ValueError(f"expected bend groups bend.0 .. bend.{n - 1 if isinstance(n, int) else '?'}, "
-                             f"found {names}")
+        # the count is bounded by the bend groups in the file before anything is built from it
+        n = meta_field(meta, "bends", "int", default=len(names), lo=1, hi=max(len(names), 1))
+        if sorted(names) != sorted(f"bend.{i}" for i in range(n)):
+            raise ValueError(f"expected bend groups bend.0 .. bend.{n - 1}, found {names}")
         return cls(groups["endpoint.0"], groups["endpoint.1"], [groups[f"bend.{i}"] for i in range(n)],
                    metadata=meta, copy=False)
 

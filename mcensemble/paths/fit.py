@@ -55,7 +55,7 @@ from .. import distributed as dist_
 from ..bn import split_batch
 from ..checkpoints import check_same_architecture
 from ..errors import BadOptionError, CheckpointError, MCEnsembleError
-from .base import check_same_layout, state_dict_sha256
+from .base import check_same_layout, meta_field, state_dict_sha256
 from .curves import CURVE_KINDS, BezierPath, PolyChainPath, curve_coefficients, is_interpolated
 
 __all__ = ["CurveConfig", "CurveFitter", "FitInterrupted", "fit_curve", "lr_factor", "validate_curve_config",
@@ -630,19 +630,33 @@ class _FitRun:
             save_file(tensors, str(tmp), metadata={"mcensemble": json.dumps(meta)})
 
     def _restore(self) -> None:
+        """Everything is read and checked first; only then is anything of the fit changed
+        (a damaged checkpoint is refused whole, never half used)."""
         tensors, meta = read_fit_checkpoint(self.checkpoint)
         _check_resume(self, meta)
-        f, r = self.fitter, dist_.rank()
+        f, r, ck = self.fitter, dist_.rank(), self.checkpoint
+        train_names = [f.floating[j] for j in f.train_idx]
+        pairs = [(v, _ck_tensor(tensors, f"bend.{i}.{k}", v, ck))
+                 for i, bend in enumerate(f.bends) for k, v in zip(f.floating, bend)]
+        pairs += [(v, _ck_tensor(tensors, f"momentum.{i}.{k}", v, ck))
+                  for i, buf in enumerate(f.momenta) for k, v in zip(train_names, buf)]
+        rng = {k: _ck_tensor(tensors, f"rng.{k}.{r}", None, ck) for k in ("t", "torch")}
+        for k, v in rng.items():
+            if v.dtype != torch.uint8 or v.dim() != 1:
+                raise CheckpointError(f"the fit checkpoint {ck} has a damaged random state {f'rng.{k}.{r}'!r} "
+                                      f"({v.dtype}, shape {tuple(v.shape)}); choose another --checkpoint-dir")
+        saved_gen, saved_torch = self.gen.get_state(), torch.get_rng_state()
+        try:
+            self.gen.set_state(rng["t"])
+            torch.set_rng_state(rng["torch"])
+        except (RuntimeError, ValueError) as e:
+            self.gen.set_state(saved_gen)
+            torch.set_rng_state(saved_torch)
+            raise CheckpointError(f"the fit checkpoint {ck} has a damaged random state ({e}); "
+                                  "choose another --checkpoint-dir") from e
         with torch.no_grad():
-            for i, bend in enumerate(f.bends):
-                for k, v in zip(f.floating, bend):
-                    v.copy_(_ck_tensor(tensors, f"bend.{i}.{k}", v, self.checkpoint))
-            train_names = [f.floating[j] for j in f.train_idx]
-            for i, buf in enumerate(f.momenta):
-                for k, v in zip(train_names, buf):
-                    v.copy_(_ck_tensor(tensors, f"momentum.{i}.{k}", v, self.checkpoint))
-        self.gen.set_state(_ck_tensor(tensors, f"rng.t.{r}", None, self.checkpoint))
-        torch.set_rng_state(_ck_tensor(tensors, f"rng.torch.{r}", None, self.checkpoint))
+            for v, saved in pairs:
+                v.copy_(saved)
         if self.cuda and f"rng.cuda.{r}" in tensors:
             torch.cuda.set_rng_state(tensors[f"rng.cuda.{r}"], self.device)
         self.step = int(meta["step"])
@@ -680,6 +694,9 @@ def _check_resume(run: _FitRun, meta: Mapping[str, Any]) -> None:
     if meta.get("world_size", 1) != dist_.world_size():
         raise CheckpointError(f"the fit checkpoint {file} was written by {meta.get('world_size', 1)} processes, "
                               f"this run has {dist_.world_size()}; resume with as many processes")
+    if meta["total_steps"] != run.total:
+        raise CheckpointError(f"the fit checkpoint {file} was written for a fit of {meta['total_steps']} steps, "
+                              f"this run has {run.total} (other --epochs, --data or --batch-size); {hint}")
 
 
 def read_fit_checkpoint(file: str | os.PathLike) -> tuple[dict[str, torch.Tensor], dict[str, Any]]:
@@ -695,9 +712,21 @@ def read_fit_checkpoint(file: str | os.PathLike) -> tuple[dict[str, torch.Tensor
     if not isinstance(meta, dict) or meta.get("format") != FIT_CHECKPOINT_FORMAT:
         raise CheckpointError(f"{file} is not a curve-fit checkpoint (no {FIT_CHECKPOINT_FORMAT} metadata); "
                               "choose another --checkpoint-dir")
-    if int(meta.get("format_version", 0)) > 1:
+    where = f"the fit checkpoint {file}"
+    if meta_field(meta, "format_version", "int", where=where) > 1:
         raise CheckpointError(f"{file} is a newer fit checkpoint (format_version {meta['format_version']}); "
                               "upgrade mcensemble")
+    total = meta_field(meta, "total_steps", "int", where=where, lo=0)
+    meta_field(meta, "step", "int", where=where, lo=0, hi=total)
+    for key in ("epoch", "batch"):
+        meta_field(meta, key, "int", where=where, lo=0, default=0)
+    meta_field(meta, "steps_per_epoch", "int", where=where, lo=1)
+    meta_field(meta, "world_size", "int", where=where, lo=1, default=1)
+    meta_field(meta, "finished", "bool", where=where, default=False)
+    meta_field(meta, "config", "dict", where=where)
+    if len(meta_field(meta, "endpoints_sha256", "str-list", where=where)) != 2:
+        raise CheckpointError(f"{where}: metadata field 'endpoints_sha256' must hold two hashes (A and B); "
+                              "the file is damaged")
     return tensors, meta
 
 
