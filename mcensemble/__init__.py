@@ -15,6 +15,8 @@ _EXPORTS = {
     "update_bn": ("bn", "update_bn"),
     "load_path": ("paths", "load_path"),
     "load": ("ensemble", "load"),
+    "load_ensemble": ("ensemble", "load"),        # the same function as `load`
+    "save_ensemble": ("ensemble", "save_ensemble"),
     "EnsembleModel": ("ensemble", "EnsembleModel"),
     "MCEnsembleError": ("errors", "MCEnsembleError"),
 }

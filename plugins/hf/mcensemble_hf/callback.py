@@ -2,7 +2,6 @@
 `transformers.TrainerCallback`."""
 from __future__ import annotations
 
-import inspect
 import json
 import logging
 import math
@@ -73,17 +72,18 @@ class MCEnsembleTrainerCallback(TrainerCallback):
             "image" entry), or None: where each member's BatchNorm statistics are
             re-estimated before the file is written (`bn_max_batches` caps the batches).
         resume_from: where to read the collected snapshots back when the Trainer resumes
-            (`trainer.train(resume_from_checkpoint=...)`): None (default) finds the folder
-            the Trainer resumes from; a path (a checkpoint folder or the snapshots file in
-            it) overrides that; False starts collecting afresh.
+            (`trainer.train(resume_from_checkpoint=...)`): None (default) takes
+            `<args.output_dir>/checkpoint-<global_step>`, where the Trainer writes its
+            checkpoints; a path (a checkpoint folder or the snapshots file in it) says where
+            else; False starts collecting afresh.
 
     Resume: at every checkpoint (`on_save`) the collector's state - step count, schedule,
     snapshots - is written to `<checkpoint folder>/mcensemble_snapshots.safetensors`. When
     a run resumes, `on_train_begin` reads it back from the checkpoint the Trainer resumed
     from, so the run goes on collecting where it stopped. A callback only sees
-    `args`/`state`, not the path passed to `train()`: the folder is found from the Trainer's
-    call frame when possible, else taken to be `<args.output_dir>/checkpoint-<global_step>`
-    (where the Trainer writes its checkpoints); pass `resume_from=` when neither holds.
+    `args`/`state`, not the path passed to `train()`, and the Trainer restores `state` before
+    training resumes: the folder is `<args.output_dir>/checkpoint-<global_step>` (where the
+    Trainer writes its checkpoints) unless `resume_from=` names another.
     A file whose step does not match the resumed step is refused (`BadOptionError`).
 
     Only the world process zero writes the ensemble file; checkpoint files are written by
@@ -320,19 +320,13 @@ class MCEnsembleTrainerCallback(TrainerCallback):
                 raise BadOptionError(f"resume_from={str(self.resume_from)!r}: no {SNAPSHOTS_FILE} "
                                      "there", option="resume_from")
             return path
-        candidates = []
-        found = _trainer_resume_folder()
-        if found is not None:
-            candidates.append(Path(found))
-        candidates.append(Path(args.output_dir) / f"checkpoint-{state.global_step}")
-        for folder in candidates:
-            if (folder / SNAPSHOTS_FILE).is_file():
-                return folder / SNAPSHOTS_FILE
+        folder = Path(args.output_dir) / f"checkpoint-{state.global_step}"
+        if (folder / SNAPSHOTS_FILE).is_file():
+            return folder / SNAPSHOTS_FILE
         raise BadOptionError(
-            f"the Trainer resumed at step {state.global_step}, but no {SNAPSHOTS_FILE} was found in "
-            f"{' or '.join(str(c) for c in dict.fromkeys(candidates))}: pass resume_from= the "
-            "checkpoint folder it is in, or resume_from=False to start collecting afresh",
-            option="resume_from")
+            f"the Trainer resumed at step {state.global_step}, but there is no {SNAPSHOTS_FILE} in "
+            f"{str(folder)!r}: pass resume_from= the checkpoint folder the run resumes from, or "
+            "resume_from=False to start collecting afresh", option="resume_from")
 
     def _restore(self, args, state) -> None:
         from safetensors import safe_open
@@ -372,26 +366,3 @@ class MCEnsembleTrainerCallback(TrainerCallback):
         self.resumed_from = path
         logger.info("MCEnsembleTrainerCallback: resumed %d snapshot(s) from %s", len(snaps), path)
 
-
-def _trainer_resume_folder(max_depth: int = 12) -> str | None:
-    """The `resume_from_checkpoint` folder of the `Trainer` call that runs this callback,
-    read from its frame (a callback is not told it); None when not found."""
-    try:
-        from transformers import Trainer
-    except ImportError:  # pragma: no cover
-        return None
-    frame = inspect.currentframe()
-    try:
-        for _ in range(max_depth):
-            if frame is None:
-                return None
-            frame = frame.f_back
-            if frame is None:
-                return None
-            loc = frame.f_locals
-            if isinstance(loc.get("self"), Trainer) and "resume_from_checkpoint" in loc:
-                value = loc["resume_from_checkpoint"]
-                return os.fspath(value) if isinstance(value, (str, os.PathLike)) else None
-        return None
-    finally:
-        del frame

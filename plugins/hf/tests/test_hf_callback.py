@@ -176,20 +176,24 @@ def test_resume_from_a_checkpoint_goes_on_collecting(tmp_path, mode):
     assert len(mcensemble.load(tmp_path / "part" / "ens.safetensors")) == n_full
 
 
-def test_resume_finds_a_moved_checkpoint_and_refuses_a_missing_file(tmp_path):
+def test_resume_from_a_moved_checkpoint_needs_resume_from(tmp_path):
     def cb(**kw):
         return MCEnsembleTrainerCallback(snapshots="epoch", module="net", bn_dataloader=None, **kw)
 
     make_trainer(tmp_path / "a", cb(), epochs=1).train()
     moved = tmp_path / "elsewhere" / "ck"
     shutil.copytree(tmp_path / "a" / f"checkpoint-{STEPS}", moved)
-    c = cb()
-    make_trainer(tmp_path / "b", c, epochs=2).train(resume_from_checkpoint=str(moved))
-    assert c.resumed_from == moved / SNAPSHOTS_FILE       # found from the Trainer's call
+    # the callback is not told the folder: outside output_dir it says so and what to pass
+    with pytest.raises(BadOptionError, match=r"checkpoint-\d+'?: pass resume_from=") as e:
+        make_trainer(tmp_path / "b", cb(), epochs=2).train(resume_from_checkpoint=str(moved))
+    assert e.value.option == "resume_from"
+    c = cb(resume_from=moved)
+    make_trainer(tmp_path / "b2", c, epochs=2).train(resume_from_checkpoint=str(moved))
+    assert c.resumed_from == moved / SNAPSHOTS_FILE
     assert [i["epoch"] for i in c.collector.info] == [0, 1]
     (moved / SNAPSHOTS_FILE).unlink()                      # a checkpoint without snapshots
-    with pytest.raises(BadOptionError, match="resume_from") as e:
-        make_trainer(tmp_path / "c", cb(), epochs=2).train(resume_from_checkpoint=str(moved))
+    with pytest.raises(BadOptionError, match="no mcensemble_snapshots") as e:
+        make_trainer(tmp_path / "c", cb(resume_from=moved), epochs=2).train(resume_from_checkpoint=str(moved))
     assert e.value.option == "resume_from"
     c = cb(resume_from=False)                              # start collecting afresh
     trainer = make_trainer(tmp_path / "c", c, epochs=2)
@@ -198,9 +202,7 @@ def test_resume_finds_a_moved_checkpoint_and_refuses_a_missing_file(tmp_path):
     assert all(not m._forward_pre_hooks for m in trainer.model.modules())
 
 
-def test_resume_falls_back_to_the_output_dir_checkpoint(tmp_path, monkeypatch):
-    import mcensemble_hf.callback as mod
-    monkeypatch.setattr(mod, "_trainer_resume_folder", lambda: None)   # frame not found
+def test_resume_reads_the_output_dir_checkpoint(tmp_path):
     cb = MCEnsembleTrainerCallback(snapshots="epoch", module="net", bn_dataloader=None)
     make_trainer(tmp_path, cb, epochs=1).train()
     cb2 = MCEnsembleTrainerCallback(snapshots="epoch", module="net", bn_dataloader=None)
