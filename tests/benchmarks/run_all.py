@@ -31,8 +31,9 @@ def machine() -> str:
                 break
     except OSError:
         pass
-    return (f"{cpu}, {os.cpu_count()} cores, Python {platform.python_version()}, torch {torch.__version__}, "
-            f"torch threads {torch.get_num_threads()}")
+    # no thread count here: each benchmark sets its own (`--threads`, default 1) and states it
+    # in its table; this runner's own torch thread count says nothing about the figures
+    return f"{cpu}, {os.cpu_count()} cores, Python {platform.python_version()}, torch {torch.__version__}"
 
 
 def main() -> int:
