@@ -143,3 +143,17 @@ def assert_close_rel(got: torch.Tensor, want: torch.Tensor, *, rtol: float = 1e-
     got, want = got.detach().double(), want.detach().double()
     scale = float(want.abs().max()) if want.numel() else 0.0
     torch.testing.assert_close(got, want, rtol=rtol, atol=rtol * max(scale, 1e-12), msg=msg or None)
+
+
+def bn_mlp() -> nn.Module:
+    """A seeded 4 -> 3 MLP with two BatchNorm1d layers and a Dropout (indices 1, 4, 5)."""
+    torch.manual_seed(0)
+    return nn.Sequential(nn.Linear(4, 6), nn.BatchNorm1d(6), nn.ReLU(), nn.Linear(6, 6),
+                         nn.BatchNorm1d(6), nn.Dropout(0.5), nn.Linear(6, 3))
+
+
+def gaussian_batches() -> list[tuple[torch.Tensor, torch.Tensor]]:
+    """Four seeded (inputs [16, 4], labels in 0..2) batches for `bn_mlp`."""
+    g = torch.Generator().manual_seed(1)
+    return [(torch.randn(16, 4, generator=g) * 3 + 1, torch.randint(0, 3, (16,), generator=g))
+            for _ in range(4)]

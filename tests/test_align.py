@@ -215,3 +215,21 @@ def test_cli_align_traces_a_sequential_1d_cnn_with_the_data(command, mce_cli, tm
         assert report["aligned"]
     finally:
         sys.modules.pop(name, None)
+
+
+# moved from test_review_fixes.py
+from helpers import gaussian_batches as _data  # noqa: E402
+from mcensemble.errors import BadOptionError, DataSpecError  # noqa: E402
+
+
+def test_repair_empty_loader_and_bad_t():
+    from mcensemble.align import Repair
+
+    torch.manual_seed(0)
+    mk = lambda: nn.Sequential(nn.Linear(4, 6), nn.ReLU(), nn.Linear(6, 3))  # noqa: E731
+    a, b = mk().state_dict(), mk().state_dict()
+    with pytest.raises(DataSpecError, match="no batches"):
+        Repair(mk(), a, b, [], example_input=torch.zeros(2, 4))
+    rep = Repair(mk(), a, b, _data(), example_input=torch.zeros(2, 4))
+    with pytest.raises(BadOptionError, match="number"):
+        rep(a, "half")

@@ -135,3 +135,57 @@ def test_empty_loader_keeps_stats():
         update_bn(model, [])
     assert_stats_close(bn_stats(model), before)
     assert model[4].momentum == 0.3
+
+
+# moved from test_review_fixes.py
+from helpers import bn_mlp as _net, gaussian_batches as _data  # noqa: E402
+from mcensemble.bn import labelled_batch, split_batch, update_bn  # noqa: E402
+from mcensemble.errors import BadOptionError, DataSpecError  # noqa: E402
+from mcensemble.train import split_batch as train_split_batch  # noqa: E402
+
+
+def test_update_bn_modules_only_those():
+    net = _net().train()
+    net[1].momentum = 0.3
+    before = {k: v.clone() for k, v in net[1].state_dict().items()}
+    ref = _net()
+    update_bn(ref, _data())  # every BN layer
+    update_bn(net, _data(), modules=["4"])
+    for k, v in net[1].state_dict().items():  # layer 1 kept its statistics
+        assert torch.equal(v, before[k])
+    assert net[1].momentum == 0.3 and all(m.training for m in net.modules())
+    # layer 4's statistics are those of its inputs with layer 1 in eval mode on its own
+    # (initial) statistics
+    exp = _net()
+    exp.eval()
+    with torch.no_grad():
+        h = torch.cat([exp[:4](x) for x, _ in _data()])
+    assert net[4].num_batches_tracked.item() == 4
+    assert torch.allclose(net[4].running_mean, h.mean(0), atol=1e-5)
+    update_bn(net, _data(), modules=[net[1], net[4]])
+    for k in ("running_mean", "running_var"):
+        assert torch.allclose(getattr(net[1], k), getattr(ref[1], k))
+        assert torch.allclose(getattr(net[4], k), getattr(ref[4], k))
+
+
+def test_update_bn_modules_bad():
+    net = _net()
+    with pytest.raises(BadOptionError, match="no module 'nope'"):
+        update_bn(net, _data(), modules=["nope"])
+    with pytest.raises(BadOptionError, match="not a BatchNorm"):
+        update_bn(net, _data(), modules=["0"])
+    with pytest.raises(BadOptionError, match="not a submodule"):
+        update_bn(net, _data(), modules=[nn.BatchNorm1d(6)])
+
+
+def test_one_batch_reader():
+    x, y = torch.zeros(2, 4), torch.tensor([0, 1])
+    assert split_batch(x)[1] is None and train_split_batch is split_batch
+    for batch in ((x, y), [x, y, "extra"], {"image": x, "label": y}, {"inputs": x, "target": y},
+                  {"pixel_values": x, "labels": y}):
+        xx, yy = split_batch(batch)
+        assert xx is x and yy is y
+    with pytest.raises(DataSpecError, match="empty tuple"):
+        split_batch(())
+    with pytest.raises(DataSpecError, match="training needs"):
+        labelled_batch((x,), what="training")

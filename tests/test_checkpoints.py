@@ -463,3 +463,18 @@ def test_check_same_architecture_lists_missing_and_unexpected():
     msg = str(info.value)
     assert "'x.weight'" in msg and "first.pt has shape (3, 2)" in msg and "second.pt has shape (3, 4)" in msg
     assert "missing from second.pt: 'z'" in msg and "unexpected in second.pt: 'extra'" in msg
+
+
+# moved from test_review_fixes.py
+
+
+def test_checkpoint_with_non_object_header(tmp_path):
+    from safetensors.torch import save_file
+
+    from mcensemble import load_checkpoint
+    from mcensemble.errors import CheckpointError
+
+    f = tmp_path / "w.safetensors"
+    save_file({"w": torch.zeros(2)}, str(f), metadata={"mcensemble": "[1, 2]"})
+    with pytest.raises(CheckpointError, match="not a JSON object"):
+        load_checkpoint(f)

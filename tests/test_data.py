@@ -311,3 +311,21 @@ def test_example_input_unknown_shape():
 
     with pytest.raises(DataSpecError, match="cannot guess an input shape"):
         example_input(nn.Sequential(nn.Conv2d(3, 4, 3), nn.Flatten(), nn.Linear(7, 2)))
+
+
+# moved from test_review_fixes.py
+from helpers import bn_mlp as _net  # noqa: E402
+from mcensemble.errors import DataSpecError  # noqa: E402
+
+
+def test_example_input_reads_dict_batches_and_refuses_empty_data():
+    from torch.utils.data import DataLoader
+
+    from mcensemble.data import example_input
+
+    net = _net()
+    x = torch.randn(5, 4)
+    dl = DataLoader([{"image": r, "label": 0} for r in x], batch_size=5)
+    assert torch.equal(example_input(net, data=dl), x[:2])
+    with pytest.raises(DataSpecError, match="no batches"):
+        example_input(net, data=DataLoader([], batch_size=2))

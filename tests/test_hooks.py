@@ -163,3 +163,23 @@ def test_bad_p(p):
 def test_needs_example_input_or_groups():
     with pytest.raises(BadOptionError, match="example_input"):
         channel_dropout(sigmoid_mlp(), 0.5)
+
+
+# moved from test_review_fixes.py
+
+
+def test_channel_dropout_handle_leaves_no_hook_when_it_fails():
+    from types import SimpleNamespace
+
+    from mcensemble.hooks import ChannelDropoutHandle
+    from mcensemble.units import UnitGraphError
+
+    model = nn.Sequential(nn.Linear(4, 6), nn.ReLU(), nn.Linear(6, 6), nn.LayerNorm(6))
+
+    def ref(module):
+        return SimpleNamespace(axis=1, module=module, tensor=f"{module}.weight", block=1, offset=0)
+
+    group = SimpleNamespace(name="g", size=6, refs=lambda role: [ref("2"), ref("3")])
+    with pytest.raises(UnitGraphError, match="LayerNorm"):
+        ChannelDropoutHandle(model, SimpleNamespace(groups=[group]), 0.5)
+    assert not any(m._forward_pre_hooks for m in model.modules())

@@ -396,3 +396,27 @@ def test_check_weights_normalises_and_weighted_metrics():
     m = ensemble_metrics(lps, labels, [1, 3])
     assert m.nll == pytest.approx(F.nll_loss(mix.log(), labels).item(), rel=1e-5)
     assert ensemble_metrics(lps, labels, [1, 1]).nll == pytest.approx(ensemble_metrics(lps, labels).nll, rel=1e-6)
+
+
+# moved from test_review_fixes.py
+from helpers import bn_mlp as _net, gaussian_batches as _data  # noqa: E402
+from mcensemble.errors import DataSpecError  # noqa: E402
+from mcensemble.members import predict_log_probs  # noqa: E402
+
+
+def test_predict_log_probs_reads_dict_targets():
+    net = _net().eval()
+    data = [{"x": x, "target": y} for x, y in _data()]
+    lp, labels = predict_log_probs(net, data)
+    assert lp.shape == (64, 3) and torch.equal(labels, torch.cat([y for _, y in _data()]))
+    with pytest.raises(DataSpecError, match="no labels"):
+        predict_log_probs(net, [x for x, _ in _data()])
+
+
+def test_predict_log_probs_restores_each_mode_and_refuses_no_data():
+    net = _net().train()
+    net[5].eval()  # a submodule in another mode than its parent keeps it
+    predict_log_probs(net, _data())
+    assert net.training and not net[5].training and net[1].training
+    with pytest.raises(DataSpecError, match="no batches"):
+        predict_log_probs(net, [])

@@ -70,3 +70,26 @@ def test_plane_needs_a_bend(setup):
         scan_plane(BezierPath(a, b, [straight]), _mlp(0), loader)
     with pytest.raises(BadOptionError, match="at least 2 points"):
         scan_plane(BezierPath(a, b, [straight]), _mlp(0), loader, resolution=1)
+
+
+# moved from test_review_fixes.py
+from helpers import gaussian_batches as _data  # noqa: E402
+
+
+def test_scan_plane_leaves_the_model_alone():
+    from mcensemble.paths import BezierPath
+    from mcensemble.plane import scan_plane
+
+    torch.manual_seed(0)
+    mk = lambda: nn.Sequential(nn.Linear(4, 6), nn.BatchNorm1d(6), nn.ReLU(), nn.Linear(6, 3))  # noqa: E731
+    a, b = mk().state_dict(), mk().state_dict()
+    bend = {k: (0.5 * (a[k] + b[k]) + 0.3 * torch.randn_like(a[k])) if a[k].is_floating_point() else a[k]
+            for k in a}
+    model = mk().train()
+    before = {k: v.clone() for k, v in model.state_dict().items()}
+    res = scan_plane(BezierPath(a, b, [bend]), model, _data(), bn_loader=_data(), resolution=2, path_points=3)
+    assert res.bn_reestimated and model.training
+    for k, v in model.state_dict().items():
+        assert torch.equal(v, before[k]), k
+    with pytest.raises(BadOptionError, match="path_points"):
+        scan_plane(BezierPath(a, b, [bend]), model, _data(), path_points=1)
