@@ -107,7 +107,8 @@ def path_options(default_method: str) -> Callable:
     """How consecutive checkpoints are connected: shared by `scan` and `build`."""
     return _stack(
         click.option("--method", default=default_method, show_default=True,
-                     help="Path between consecutive checkpoints: linear, bezier, polychain or dropout."),
+                     help="Path between consecutive checkpoints: linear, bezier, polychain, dropout (layered "
+                          "networks) or short (Theorem 2: five segments, residual / squeeze-excite nets too)."),
         click.option("--bends", type=int, default=1, show_default=True, help="Bends of a bezier / polychain curve."),
         click.option("--epochs", type=int, default=20, show_default=True, help="Curve-fitting epochs."),
         click.option("--lr", type=float, default=0.05, show_default=True,
@@ -294,8 +295,20 @@ def _finish_scan(rep: dict[str, Any], report: str | None, plot: str | None, *, t
     if rep.get("plane"):
         click.echo(f"plane: {rep['plane']['file']}")
     if rep.get("certificate"):
-        c = rep["certificate"]
-        click.echo(f"certificate: loss <= {c['max_loss']:.4f} everywhere on the path (eps {c.get('eps', float('nan')):.4f})")
+        _echo_certificate(rep["certificate"], rep.get("method"))
+
+
+def _echo_certificate(c: dict[str, Any], method: str | None) -> None:
+    if method == "short":  # segments 1 and 5 are measured, not proven: say so line by line
+        from .paths.short import certificate_lines
+        click.echo(f"short path: eps {c.get('eps', float('nan')):.4f} (random half "
+                   f"{c.get('eps_random', float('nan')):.4f}); per segment:")
+        for line in certificate_lines(c):
+            click.echo("  " + line)
+        click.echo(f"proven segments: loss <= {c['proven_max_loss']:.4f}; measured segments: largest loss "
+                   f"measured {c['measured_max_loss']:.4f} (not a proof)")
+        return
+    click.echo(f"certificate: loss <= {c['max_loss']:.4f} everywhere on the path (eps {c.get('eps', float('nan')):.4f})")
 
 
 # ---------------------------------------------------------------------------------------------
@@ -402,6 +415,9 @@ def build(ctx: click.Context, **kw: Any) -> None:
     res = build_ensemble(checkpoints, model=model, data=data, opts=opts, out=out, path_out=path_out, soup=soup)
     rep = res.report
     _echo_build_table(rep)
+    if rep.get("method") == "short":
+        for c in rep.get("certificates") or []:
+            _echo_certificate(c, "short")
     for label, dest in (("ensemble", out), ("path", path_out), ("soup", soup)):
         if dest:
             click.echo(f"{label}: {dest}")
@@ -529,14 +545,17 @@ def stability(checkpoint: str, search_steps: int, report: str | None, **kw: Any)
 @data_options
 @run_options
 @click.option("--out", required=True, metavar="FILE.safetensors", help="Where to write the packed model.")
+@click.option("--method", type=click.Choice(["dropout", "short"]), default="dropout", show_default=True,
+              help="dropout: the dropout-stable path's halves (layered networks); short: every group halved "
+                   "at once (the short path's; residual and squeeze-excite networks too).")
 @click.option("--report", metavar="FILE.json", help="Write the comparison as JSON.")
-def pack(a: str, b: str, out: str, report: str | None, **kw: Any) -> None:
+def pack(a: str, b: str, out: str, method: str, report: str | None, **kw: Any) -> None:
     """Pack two checkpoints into ONE model of the same architecture and size whose output is
     the mean of the logits of their dropout halves: a 2-member ensemble at one model's cost,
     loadable with load_state_dict or timm."""
     from .pipeline import pack_files
     data = _data_opts(kw, default_data="digits")
-    rep = pack_files(a, b, out, model=_model_opts(kw), data=data)
+    rep = pack_files(a, b, out, model=_model_opts(kw), data=data, method=method)
     rows = [(name, _fmt(m["nll"]), _fmt(m["acc"]), _fmt(m["ece"])) for name, m in rep.items()
             if isinstance(m, dict)]
     _echo_table(rows, ("", f"{rep['split']} nll", f"{rep['split']} acc", f"{rep['split']} ece"))

@@ -330,7 +330,7 @@ def describe_checkpoint(file: str | os.PathLike, opts: ModelOptions, *, units: b
 class BuildOptions:
     """How to connect the checkpoints and sample the ensemble.
 
-    method: a key of `PATH_BUILDERS` ("linear", "bezier", "polychain", "dropout");
+    method: a key of `PATH_BUILDERS` ("linear", "bezier", "polychain", "dropout", "short");
     members: K points; selection: "auto" (greedy on validation NLL when validation data is
     given, else uniform), "greedy" or "uniform"; candidates: points per path evaluated for
     the greedy choice (ends included); curve fitting: bends, epochs, lr, weight_decay
@@ -375,10 +375,17 @@ def _dropout_builder(net, a, b, *, opts: BuildOptions, data: DataOptions, fit_lo
     return build_dropout_path(net, a, b, bn_loader, graph=graph, device=data.device, progress=data.progress)
 
 
+def _short_builder(net, a, b, *, opts: BuildOptions, data: DataOptions, fit_loader, bn_loader, index: int = 0,
+                   graph=None):
+    from .paths.short import build_short_path
+    return build_short_path(net, a, b, bn_loader, graph=graph, device=data.device, progress=data.progress,
+                            seed=data.seed)
+
+
 #: method name -> function(net, a, b, *, opts, data, fit_loader, bn_loader, index, graph) -> Path
 #: (`index`: which consecutive pair; `graph`: a hand-given unit graph or None)
 PATH_BUILDERS = {"linear": _linear_builder, "bezier": _curve_builder, "polychain": _curve_builder,
-                 "dropout": _dropout_builder}
+                 "dropout": _dropout_builder, "short": _short_builder}
 
 
 #: methods that are not paths between checkpoints
@@ -764,19 +771,24 @@ def stability_of_file(file: str | os.PathLike, *, model: ModelOptions, data: Dat
 
 
 def pack_files(a_file: str | os.PathLike, b_file: str | os.PathLike, out: str | os.PathLike, *,
-               model: ModelOptions, data: DataOptions) -> dict[str, Any]:
+               model: ModelOptions, data: DataOptions, method: str = "dropout") -> dict[str, Any]:
     """`mcensemble pack`: the packed pair (one model of A's architecture whose logits are the
     mean of D_1(A)'s and D_1(B)'s), written as a plain checkpoint; quality against A, B and
-    their 2-member ensemble on the validation data (else the training data)."""
+    their 2-member ensemble on the validation data (else the training data). `method`:
+    "dropout" (layered networks) or "short" (D_S(A) and D_T(B), every group dropped at once:
+    residual and squeeze-excite networks too)."""
     from .checkpoints import save_checkpoint
     from .pack import pack_pair, pack_report
+    if method not in ("dropout", "short"):
+        raise BadOptionError(f"pack --method must be dropout or short, got {method!r}", option="--method")
     a, b = load_endpoints([a_file, b_file], model)
     net = a.build_model().to(data.device)
     train, val = _loaders(net, data)
     packed = pack_pair(net, a.state_dict, b.state_dict, train, graph=unit_graph_of(net, model), device=data.device,
-                       progress=data.progress)
+                       progress=data.progress, method=method)
     md = {k: a.metadata.get(k) for k in ("arch", "num_classes", "in_chans", "model_args") if a.metadata.get(k) is not None}
     md["kind"] = "packed-pair"
+    md["method"] = method
     md["sources"] = [{"file": str(f), "sha256": ck.metadata.get("sha256")} for f, ck in ((a_file, a), (b_file, b))]
     save_checkpoint(packed, out, metadata=md)
     split = "val" if val is not None else "train"

@@ -220,3 +220,48 @@ def test_a_damaged_delta_is_refused(mlp_pair, tmp_path):
     save_file(tensors, str(f), metadata=meta)
     with pytest.raises(CheckpointError, match="multiplier"):
         load_path(f)
+
+
+# ----------------------------------------------------------------------------- training and stability
+def test_channel_dropout_ties_a_squeeze_excite_gate_to_the_group_it_gates():
+    """The gated group is read by the squeeze-excite reduce conv and by the projection: one
+    mask for both in a forward pass; the bottleneck has its own (what D_S drops at once)."""
+    import timm
+
+    from mcensemble.hooks import channel_dropout
+    model = timm.create_model("test_efficientnet", num_classes=10, in_chans=1).train()
+    x = torch.randn(6, 1, 16, 16)
+    seen = {}
+    names = ("blocks.3.0.se.conv_reduce", "blocks.3.0.conv_pwl", "blocks.3.0.se.conv_expand")
+    with channel_dropout(model, 0.5, example_input=x[:1]) as h:
+        assert {g for g, *_ in h.consumers["blocks.3.0.se.conv_reduce"]} == \
+            {g for g, *_ in h.consumers["blocks.3.0.conv_pwl"]}
+        hooks = [model.get_submodule(n).register_forward_pre_hook(
+            lambda m, args, n=n: seen.__setitem__(n, args[0].detach())) for n in names]
+        model(x)
+        for hk in hooks:
+            hk.remove()
+    zero = {n: (v.flatten(2).abs().sum(2) == 0) for n, v in seen.items()}
+    # the gated units dropped at the reduce conv are exactly those dropped at the projection
+    assert torch.equal(zero[names[0]], zero[names[1]])
+    assert 0 < zero[names[0]].float().mean() < 1 and 0 < zero[names[2]].float().mean() < 1
+
+
+def test_stability_on_a_residual_network_reestimates_the_stream_writers_batchnorm():
+    from mcensemble.stability import _bn_modules, changed_bn_modules, dropout_stability
+    from mcensemble.units import build_unit_graph
+    make = timm_factory("resnet18", channels=(64, 8, 8, 8))  # plain stem: stage 1's stream has depth 1
+    state = _init(make, 0)
+    model = make().eval()
+    ld = create_loader(DATA, batch_size=64)
+    graph = build_unit_graph(model, torch.zeros(1, 1, 16, 16))
+    assert graph.group("conv1").depth == 1
+    kept = {g.name: list(range(g.size // 2)) for g in graph.groups}
+    bns = changed_bn_modules(model, state, graph, kept, ld)
+    # the BatchNorm after a block's last conv writes that depth-1 stream, yet its input
+    # changes: the depth rule misses it, the measured inputs do not; the stem's does not change
+    assert "layer1.0.bn2" in bns and "layer1.0.bn2" not in _bn_modules(model, graph, 2)
+    assert "bn1" not in bns and "layer4.1.bn2" in bns
+    res = dropout_stability(model, state, ld, graph=graph, search_steps=0)
+    assert res.eps >= 0 and len(res.depths) == len(graph.depths)
+    assert res.depths[0]["depth"] == min(graph.depths)

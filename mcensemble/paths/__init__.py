@@ -2,7 +2,9 @@
 
 `Path` (base class), `register_path` (kind registry), `load_path` (read a path file),
 `LinearPath` (the straight line). Curve kinds (`BezierPath`, `PolyChainPath`,
-`fit_curve`) and others live in sibling modules, imported on first use.
+`fit_curve`), the short path (`ShortPath`, `build_short_path`), AutoNEB
+(`NebPath`, `NebConfig`, `fit_neb`) and others live in sibling
+modules, imported on first use.
 """
 from __future__ import annotations
 
@@ -11,7 +13,9 @@ from .base import (Path, check_same_layout, known_kinds, load_path, register_pat
 from .linear import LinearPath
 
 # name -> submodule, imported lazily (modules added by other parts of mcensemble)
-_LAZY = {"BezierPath": "curves", "PolyChainPath": "curves", "fit_curve": "fit", "CurveConfig": "fit"}
+_LAZY = {"BezierPath": "curves", "PolyChainPath": "curves", "fit_curve": "fit", "CurveConfig": "fit",
+         "ShortPath": "short", "build_short_path": "short",
+         "NebPath": "neb", "NebConfig": "neb", "fit_neb": "neb"}
 
 __all__ = ["Path", "LinearPath", "load_path", "register_path", "known_kinds", "check_same_layout",
            "state_dict_sha256"]
