@@ -38,11 +38,11 @@ def pack_pair(model: nn.Module, a: Mapping[str, torch.Tensor], b: Mapping[str, t
     segment 3: D_S(A) and D_T(B), every group dropped at once, so residual and squeeze-excite
     networks too; `halves` = (A's kept units, B's kept units) per group skips the search;
     LayerNorm / GroupNorm networks raise `ShortPathError`). `search_steps`: swap trials per
-    group when choosing the halves (default 48 for "dropout", 8 for "short")."""
+    group when choosing the halves (default 48 for "dropout", 4 for "short")."""
     if method == "short":
         from .paths.short import prepare_short
         con = prepare_short(model, a, b, loader, graph=graph, halves=halves, device=device,
-                            progress=progress, search_steps=8 if search_steps is None else search_steps,
+                            progress=progress, search_steps=4 if search_steps is None else search_steps,
                             random_baseline=False)
         return mix_states(con.vertices[2], con.vertices[3], 0.5)
     if method != "dropout":

@@ -265,3 +265,43 @@ def test_stability_on_a_residual_network_reestimates_the_stream_writers_batchnor
     res = dropout_stability(model, state, ld, graph=graph, search_steps=0)
     assert res.eps >= 0 and len(res.depths) == len(graph.depths)
     assert res.depths[0]["depth"] == min(graph.depths)
+
+
+# ----------------------------------------------------------------------------- the CLI
+@pytest.fixture(scope="module")
+def effnet_files(tmp_path_factory):
+    from mcensemble import save_checkpoint
+    d = tmp_path_factory.mktemp("short-cli")
+    make = timm_factory("test_efficientnet")
+    files = []
+    for s in (0, 1):
+        f = d / f"e{s}.safetensors"
+        save_checkpoint(_init(make, s), f, metadata={"arch": "test_efficientnet", "num_classes": 10, "in_chans": 1})
+        files.append(f)
+    return files
+
+
+def test_cli_pack_and_scan_short(effnet_files, mce_cli, tmp_path):
+    import json
+
+    import timm
+
+    from mcensemble import load_checkpoint
+    a, b = effnet_files
+    out = tmp_path / "packed.safetensors"
+    res = mce_cli("pack", a, b, "--method", "short", "--data", DATA, "--out", out)
+    assert res.exit_code == 0, res.output
+    ck = load_checkpoint(out)
+    assert ck.metadata["method"] == "short"
+    timm.create_model("test_efficientnet", num_classes=10, in_chans=1).load_state_dict(ck.state_dict)
+    res = mce_cli("pack", a, b, "--method", "sideways", "--data", DATA, "--out", out)
+    assert res.exit_code != 0 and "sideways" in res.output
+    # scan prints every segment's kind; the measured ones are never called proven
+    res = mce_cli("scan", a, b, "--method", "short", "--data", DATA, "--points", "3", "--report", tmp_path / "r.json")
+    assert res.exit_code == 0, res.output
+    assert res.output.count("MEASURED at 17 points, not proven") == 2
+    assert res.output.count("exact (output unchanged") == 2 and "convex" in res.output
+    assert "proven" not in res.output.replace("not proven", "").replace("proven segments", "")
+    rep = json.loads((tmp_path / "r.json").read_text())
+    assert rep["method"] == "short"
+    assert [s["proven"] for s in rep["certificate"]["segments"]] == [False, True, True, True, False]

@@ -185,7 +185,7 @@ class _Ctx:
 
 def prepare_short(model: nn.Module, a: Mapping[str, torch.Tensor], b: Mapping[str, torch.Tensor],
                   loader: Iterable[Any], *, graph=None, halves: tuple[Mapping, Mapping] | None = None,
-                  device="cpu", progress: bool | None = None, search_steps: int = 8,
+                  device="cpu", progress: bool | None = None, search_steps: int = 4,
                   search_examples: int = 256, seed: int = 0, random_baseline: bool = True) -> ShortConstruction:
     """Checks, the joint choice of halves and the six vertices (no certificate yet).
     `halves`: (A's kept units, B's kept units) per group to skip the search."""
@@ -498,7 +498,7 @@ def verify_short_segments(work: nn.Module, vertices: list[StateDict], graph: Uni
 # ----------------------------------------------------------------------------- the path
 def build_short_path(model: nn.Module, a: Mapping[str, torch.Tensor], b: Mapping[str, torch.Tensor],
                      loader: Iterable[Any], *, graph=None, halves: tuple[Mapping, Mapping] | None = None,
-                     device="cpu", progress: bool | None = None, search_steps: int = 8,
+                     device="cpu", progress: bool | None = None, search_steps: int = 4,
                      search_examples: int = 256, points: int = 17, seed: int = 0,
                      random_baseline: bool = True) -> "ShortPath":
     """The short path from state dict `a` to `b` (module docstring) with its certificate on
