@@ -95,6 +95,10 @@ data_options = _stack(
     click.option("--batch-size", type=click.IntRange(min=1), default=128, show_default=True, help="Batch size."),
 )
 
+test_data_option = click.option(
+    "--test-data", metavar="SPEC", default=None,
+    help="Data used for nothing else: every report row also gets its NLL, accuracy and ECE on it.")
+
 run_options = _stack(
     click.option("--device", default="cpu", show_default=True, help="torch device, e.g. cpu, cuda, cuda:1."),
     click.option("--seed", type=int, default=0, show_default=True, help="Random seed."),
@@ -140,6 +144,7 @@ def _data_opts(kw: dict, *, default_data: str | None = None):
         from .distributed import session
         device = ctx.with_resource(session(device))
     return DataOptions(data=kw.pop("data") or default_data, val_data=kw.pop("val_data"),
+                       test_data=kw.pop("test_data", None),
                        batch_size=kw.pop("batch_size"), seed=kw.pop("seed"), device=device)
 
 
@@ -346,7 +351,13 @@ def _apply_recipe(ctx: click.Context, kw: dict[str, Any], recipe: str | None) ->
 @data_options
 @run_options
 @path_options("bezier")
-@click.option("--members", type=int, default=4, show_default=True, help="Ensemble members (points along the path).")
+@test_data_option
+@click.option("--members", type=int, default=4, show_default=True,
+              help="Most distinct members chosen on --val-data (exactly this many with --exact-members or uniform).")
+@click.option("--exact-members", is_flag=True,
+              help="Exactly --members distinct members, equal weights (no bootstrap gate, no guarantee).")
+@click.option("--packed/--no-packed", default=True, show_default=True,
+              help="Score the packed pair (a dropout-stability search on both checkpoints) among the baselines.")
 @click.option("--selection", type=click.Choice(["auto", "greedy", "uniform"]), default="auto", show_default=True,
               help="How members are chosen: greedy on validation NLL (auto, with --val-data) or uniform in t.")
 @click.option("--candidates", type=int, default=11, show_default=True,
@@ -397,7 +408,8 @@ def build(ctx: click.Context, **kw: Any) -> None:
     out, path_out, soup, report, plot = (kw.pop(k) for k in ("out", "path_out", "soup", "report", "plot"))
     if kw["resume"] and not kw["checkpoint_dir"]:
         raise click.UsageError("--resume needs --checkpoint-dir DIR (where the fit was saved)")
-    opts = BuildOptions(**{k: kw.pop(k) for k in ("members", "selection", "candidates", "strategy", *_PATH_KEYS,
+    opts = BuildOptions(**{k: kw.pop(k) for k in ("members", "exact_members", "packed", "selection", "candidates",
+                                                  "strategy", *_PATH_KEYS,
                                                   "checkpoint_dir", "checkpoint_every", "resume")})
     model, data = _model_opts(kw), _data_opts(kw, default_data="digits")
     if not checkpoints:
@@ -427,38 +439,62 @@ def build(ctx: click.Context, **kw: Any) -> None:
         curves = {"straight line": {"points": rep["line"]["points"], "barrier": rep["line"]["barrier"]}}
         if opts.method != "linear":
             curves[f"{opts.method} path"] = {"points": rep["path"]["points"], "barrier": rep["path"]["barrier"]}
-        plot_scan(curves, plot, title=f"{opts.method}: loss along the path")
+        plot_scan(curves, plot, title=f"{opts.method}: loss along the path", baselines=rep.get("baselines"),
+                  split=rep.get("split", "val"))
         click.echo(f"plot: {plot}")
 
 
 def _echo_build_table(rep: dict[str, Any]) -> None:
-    split = "val" if "val" in rep["ensemble"] else "train"
-    pre = "val_" if split == "val" else ""
+    """The path table (checkpoints, the straight line's middle, the path's worst point) on
+    the training data, then what each choice costs and gives (`_echo_baselines`)."""
+    if rep["method"] != "fge":
+        def row(name: str, m: dict[str, Any]) -> tuple:
+            return (name, _fmt(m["loss"]), _fmt(m["acc"]))
+
+        line_pts = rep["line"]["points"]
+        mid = min(line_pts, key=lambda p: abs(p["t"] - 0.5))
+        rows = [row(f"endpoint {n}", m) for n, m in rep["endpoints"].items()]
+        rows.append(row(f"straight line t={mid['t']:.2f}", mid))
+        if rep["method"] != "linear":
+            w = rep["path"]["worst"]
+            rows.append(row(f"{rep['method']} worst t={w['t']:.2f}", w))
+        _echo_table(rows, ("", "train loss", "train acc"))
+        click.echo("")
+    _echo_baselines(rep)
     if rep["method"] == "fge":
-        rows = [(name, _fmt(m["train"]["loss"]), _fmt(m["train"]["acc"]), _fmt(m[split]["nll"]), _fmt(m[split]["acc"]),
-                 _fmt(m[split]["ece"])) for name, m in (("start checkpoint", rep["start"]),
-                                                        (f"FGE ensemble ({len(rep['members'])} snapshots)",
-                                                         rep["ensemble"]))]
-        _echo_table(rows, ("", "train loss", "train acc", f"{split} nll", f"{split} acc", f"{split} ece"))
         return
-
-    def row(name: str, m: dict[str, Any]) -> tuple:
-        return (name, _fmt(m["loss"]), _fmt(m["acc"]), _fmt(m.get(f"{pre}nll", m.get("nll"))),
-                _fmt(m.get(f"{pre}acc", m.get("acc"))), _fmt(m.get(f"{pre}ece", m.get("ece"))))
-
-    line_pts = rep["line"]["points"]
-    mid = min(line_pts, key=lambda p: abs(p["t"] - 0.5))
-    rows = [row(f"endpoint {n}", m) for n, m in rep["endpoints"].items()]
-    rows.append(row(f"straight line t={mid['t']:.2f}", mid))
-    if rep["method"] != "linear":
-        w = rep["path"]["worst"]
-        rows.append(row(f"{rep['method']} worst t={w['t']:.2f}", w))
-    e = rep["ensemble"]
-    rows.append((f"ensemble ({len(rep['members'])} members)", _fmt(e["train"]["loss"]), _fmt(e["train"]["acc"]),
-                 _fmt(e[split]["nll"]), _fmt(e[split]["acc"]), _fmt(e[split]["ece"])))
-    _echo_table(rows, ("", "train loss", "train acc", f"{split} nll", f"{split} acc", f"{split} ece"))
-    click.echo("members at t = " + ", ".join(f"{m['u']:.2f}" for m in rep["members"]) +
+    click.echo("members at t = " + ", ".join(f"{m['u']:.2f}" + (f" (w {m['weight']:.2f})" if "weight" in m else "")
+                                             for m in rep["members"]) +
                ("   (BatchNorm statistics re-estimated at every point)" if rep.get("bn_reestimated") else ""))
+    choice = rep.get("choice") or {}
+    if choice.get("decision"):
+        click.echo(f"selection: {choice['decision']}")
+    if choice.get("guarantee"):
+        click.echo(f"guarantee: {choice['guarantee']}")
+
+
+def _echo_baselines(rep: dict[str, Any]) -> None:
+    """One row per choice (cost, NLL, accuracy, ECE on the report's split, and on --test-data),
+    skipped baselines with their reason."""
+    rows_in = rep.get("baselines") or []
+    split = rep.get("split", "val")
+    test = any("test" in r for r in rows_in)
+    header = ("", "cost", f"{split} nll", f"{split} acc", f"{split} ece") + (("test nll", "test acc", "test ece")
+                                                                                if test else ())
+    rows, skipped = [], []
+    for r in rows_in:
+        if "skipped" in r:
+            skipped.append(f"{r['name']}: skipped ({r['skipped']})")
+            continue
+        cells = [r["name"], str(r["cost"])]
+        for s in (split, "test") if test else (split,):
+            m = r.get(s) or {}
+            cells += [_fmt(m.get("nll", "")), _fmt(m.get("acc", "")), _fmt(m.get("ece", ""))]
+        rows.append(tuple(cells))
+    if rows:
+        _echo_table(rows, header)
+    for line in skipped:
+        click.echo(line)
 
 
 # ---------------------------------------------------------------------------------------------
@@ -472,20 +508,25 @@ def _echo_build_table(rep: dict[str, Any]) -> None:
 @click.option("--trust-remote-code", is_flag=True,
               help="Import the module:function recorded in the file (only for files you trust).")
 @data_options
+@test_data_option
 @run_options
 @click.option("--report", metavar="FILE.json", help="Write the evaluation as JSON.")
 def eval_cmd(ensemble: str, model_entry: str | None, trust_remote_code: bool, report: str | None, **kw: Any) -> None:
-    """Evaluate an ensemble file and each of its members: accuracy, NLL, ECE."""
+    """Evaluate an ensemble file and each of its members: accuracy, NLL, ECE; and beside it
+    the checkpoints it was built from (when the files are still there), their ensemble, the
+    soup and the packed pair. With --val-data, --data is the training data those two need."""
     from .pipeline import evaluate_ensemble_file
     data = _data_opts(kw)
     if not data.data:
         raise click.UsageError("pass --data SPEC (e.g. --data digits) to evaluate on", ctx=click.get_current_context())
     rep = evaluate_ensemble_file(ensemble, model=model_entry, trust_remote_code=trust_remote_code, data=data)
-    rows = [(f"member {i} (t={m.get('t') if m.get('t') is not None else '?'})", _fmt(m["nll"]), _fmt(m["acc"]),
-             _fmt(m["ece"])) for i, m in enumerate(rep["members"])]
+    rows = [(f"member {i} (t={m.get('t') if m.get('t') is not None else '?'}, w {m['weight']:.2f})", _fmt(m["nll"]),
+             _fmt(m["acc"]), _fmt(m["ece"])) for i, m in enumerate(rep["members"])]
     e = rep["ensemble"]
     rows.append((f"ensemble ({len(rep['members'])})", _fmt(e["nll"]), _fmt(e["acc"]), _fmt(e["ece"])))
     _echo_table(rows, ("", "nll", "acc", "ece"))
+    click.echo("")
+    _echo_baselines({**rep, "split": "eval"})
     _write_report(rep, report)
 
 

@@ -65,11 +65,12 @@ StrategyFn = Callable[["EnsembleModel", torch.Tensor], torch.Tensor]
 
 # --------------------------------------------------------------------------- combination
 
-def combine_mean_prob(member_logits: torch.Tensor) -> torch.Tensor:
-    """(K, B, C, ...) member logits -> (B, C, ...) log of the mean member probability.
+def combine_mean_prob(member_logits: torch.Tensor, weights: Sequence[float] | None = None) -> torch.Tensor:
+    """(K, B, C, ...) member logits -> (B, C, ...) log of the (weighted) mean member probability.
 
-    `logsumexp_k log_softmax(logits_k) - log K`; the class axis is axis 1 of each member's
-    output (axis 2 here).
+    `logsumexp_k log_softmax(logits_k) - log K`, or with `weights` (K values, normalised
+    here) `logsumexp_k (log_softmax(logits_k) + log w_k)`; the class axis is axis 1 of each
+    member's output (axis 2 here).
     """
     if member_logits.dim() < 3:
         raise BadOptionError(
@@ -77,7 +78,16 @@ def combine_mean_prob(member_logits: torch.Tensor) -> torch.Tensor:
             f"{tuple(member_logits.shape)} (K first)")
     k = member_logits.shape[0]
     logp = torch.log_softmax(member_logits, dim=2)
-    return torch.logsumexp(logp, dim=0) - math.log(k)
+    if weights is None or _equal(weights):
+        return torch.logsumexp(logp, dim=0) - math.log(k)
+    from .members import check_weights
+    w = torch.tensor(check_weights(weights, k), dtype=logp.dtype, device=logp.device)
+    return torch.logsumexp(logp + w.log().view(k, *([1] * (logp.dim() - 1))), dim=0)
+
+
+def _equal(weights: Sequence[float]) -> bool:
+    w = list(weights)
+    return all(v == w[0] for v in w) and bool(w) and w[0] > 0
 
 
 # --------------------------------------------------------------------------- strategies
@@ -156,6 +166,8 @@ class EnsembleModel(nn.Module):
             with `len()`; items are read one at a time (so a lazy sequence keeps peak
             memory at K copies plus one member).
         metadata: the ensemble file's JSON document (or any dict); `ens.metadata`.
+        weights: K member weights (finite, >= 0, sum > 0; normalised); default: the
+            members' `"weight"` in `metadata["members"]` when every member has one, else equal.
         strategy: "auto", "loop", "vmap" or a callable `fn(ens, x) -> (K, B, C)`.
         device: where the weights live (default: where the model's weights are).
 
@@ -169,7 +181,8 @@ class EnsembleModel(nn.Module):
     def __init__(self, model: ModelLike, member_states: Sequence[StateDict], *,
                  metadata: Mapping[str, Any] | None = None,
                  strategy: str | StrategyFn = "auto",
-                 device: str | torch.device | None = None):
+                 device: str | torch.device | None = None,
+                 weights: Sequence[float] | None = None):
         super().__init__()
         k = len(member_states)
         if k < 1:
@@ -225,6 +238,11 @@ class EnsembleModel(nn.Module):
         object.__setattr__(self, "_stacked_params", stacked_p)
         object.__setattr__(self, "_stacked_buffers", stacked_b)
         self.metadata: dict[str, Any] = copy.deepcopy(dict(metadata or {}))
+        self._weights: list[float] = [1.0 / k] * k
+        if weights is None:
+            weights = _weights_in(self.metadata.get("members"), k)
+        if weights is not None:
+            self.weights = weights
         self._strategy: str | StrategyFn = "auto"
         self.strategy = strategy
         # auto: key -> {"loop": seconds, "vmap": seconds | None, "winner": name}
@@ -252,6 +270,21 @@ class EnsembleModel(nn.Module):
     def member_states(self) -> list[dict[str, torch.Tensor]]:
         return [self.member_state_dict(i) for i in range(len(self))]
 
+    @property
+    def weights(self) -> list[float]:
+        """The members' weights in `forward` (normalised to sum 1; equal by default)."""
+        return list(self._weights)
+
+    @weights.setter
+    def weights(self, value: Sequence[float]) -> None:
+        from .members import check_weights
+        self._weights = check_weights(value, len(self))
+        members = self.metadata.get("members")
+        if isinstance(members, list) and len(members) == len(self):  # keep the metadata in step
+            for m, w in zip(members, self._weights):
+                if isinstance(m, dict):
+                    m["weight"] = w
+
     def save(self, file: str | os.PathLike, *, model_spec: ModelSpec | Mapping | None = None,
              sources: Iterable = (), extra: Mapping[str, Any] | None = None) -> Path:
         """Write this ensemble to `file` (members, and what `metadata` says unless overridden)."""
@@ -263,7 +296,8 @@ class EnsembleModel(nn.Module):
         ex = {k: v for k, v in md.items() if k not in _RESERVED}
         ex.update(extra or {})
         return save_ensemble(file, self.member_states(), model_spec=spec, members=members,
-                             sources=srcs, extra=ex or None)
+                             sources=srcs, extra=ex or None,
+                             weights=None if _equal(self._weights) else self._weights)
 
     # -- strategy ---------------------------------------------------------------------
     @property
@@ -293,8 +327,8 @@ class EnsembleModel(nn.Module):
 
     # -- forward ----------------------------------------------------------------------
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        """Log of the mean member probability, shape (B, C, ...)."""
-        return combine_mean_prob(self.member_logits(x))
+        """Log of the (weighted, `weights`) mean member probability, shape (B, C, ...)."""
+        return combine_mean_prob(self.member_logits(x), self._weights)
 
     def member_logits(self, x: torch.Tensor) -> torch.Tensor:
         """Every member's output, stacked: (K, B, C, ...)."""
@@ -476,6 +510,31 @@ def _as_member_info(members: Sequence[Mapping[str, Any]] | None, k: int) -> list
     return members
 
 
+def _weights_in(members: Any, k: int) -> list[float] | None:
+    """The members' `"weight"` values (None when no member has one; all or none must)."""
+    if not isinstance(members, list) or len(members) != k:
+        return None
+    have = [isinstance(m, Mapping) and m.get("weight") is not None for m in members]
+    if not any(have):
+        return None
+    if not all(have):
+        raise BadOptionError(f"member {have.index(False)} has no weight but others do; give every member a "
+                             f"weight or none", option="weights")
+    return [m["weight"] for m in members]
+
+
+def _with_weights(info: list[dict], weights: Sequence[float] | None) -> list[dict]:
+    """Members' info with `"weight"` set from `weights` (or their own), checked and normalised."""
+    from .members import check_weights
+    if weights is None:
+        weights = _weights_in(info, len(info))
+        if weights is None:
+            return info
+    for m, w in zip(info, check_weights(weights, len(info))):
+        m["weight"] = w
+    return info
+
+
 def _as_sources(sources: Iterable) -> list[dict]:
     out = []
     for s in sources:
@@ -545,14 +604,17 @@ def _spec_dict(model_spec: ModelSpec | Mapping[str, Any] | None) -> dict[str, An
 def save_ensemble(dest: str | os.PathLike, member_states: Sequence[StateDict], *,
                   model_spec: ModelSpec | Mapping[str, Any] | None = None,
                   members: Sequence[Mapping[str, Any]] | None = None,
-                  sources: Iterable = (), extra: Mapping[str, Any] | None = None) -> Path:
+                  sources: Iterable = (), extra: Mapping[str, Any] | None = None,
+                  weights: Sequence[float] | None = None) -> Path:
     """Write an ensemble file (safetensors, atomically) and return its path.
 
     member_states: K >= 1 state dicts with the same tensor names, shapes and dtypes, all
     finite (or an `EnsembleModel`, whose members are written). members: one dict per
     member (`t` in [0, 1] or None, `kind`, anything else JSON-able); default
     `{"t": None, "kind": "state"}`. sources: `{"file", "sha256"}` dicts or file paths
-    (hashed here). extra: more top-level JSON keys (not the reserved ones).
+    (hashed here). extra: more top-level JSON keys (not the reserved ones). weights: K
+    member weights (finite, >= 0, sum > 0), stored normalised as each member's `"weight"`
+    (default: the members' own `"weight"` if they have one; none stored means equal).
     """
     from safetensors.torch import save_file
 
@@ -561,7 +623,7 @@ def save_ensemble(dest: str | os.PathLike, member_states: Sequence[StateDict], *
     member_states = list(member_states)
     _check_member_states(member_states)
     k = len(member_states)
-    info = _as_member_info(members, k)
+    info = _with_weights(_as_member_info(members, k), weights)
     doc: dict[str, Any] = {
         "format": FORMAT, "format_version": FORMAT_VERSION, "model": _spec_dict(model_spec),
         "members": info, "combine": "mean_prob", "sources": _as_sources(sources),
@@ -782,6 +844,10 @@ def load(file: str | os.PathLike, *, model: ModelLike | None = None,
         groups[i].append((key, name))
     for i, g in enumerate(groups):
         if not g:
+    try:
+        weights = _with_weights(copy.deepcopy(doc["members"]), None)
+    except BadOptionError as e:
+        raise CheckpointError(f"{str(path)!r}: invalid member weights in the metadata ({e})") from e
             raise CheckpointError(f"{str(path)!r}: member {i} has no tensors")
     if model is not None:
         factory = as_factory(model)
@@ -789,4 +855,4 @@ def load(file: str | os.PathLike, *, model: ModelLike | None = None,
         factory = _factory_from_spec(doc, path, trust_remote_code)
         _check_spec_fits(factory, path, groups[0])
     return EnsembleModel(factory, _LazyMembers(path, groups), metadata=doc,
-                         strategy=strategy, device=device)
+                         strategy=strategy, device=device, weights=_weights_in(weights, k))

@@ -48,10 +48,12 @@ def unit_graph_of(net: torch.nn.Module, opts: ModelOptions):
 @dataclass
 class DataOptions:
     """Data and run settings: specs for training and held-out data (see `data.create_loader`),
-    batch size, seed (shuffling, t draws, selection), device, and progress bars (None: on a TTY)."""
+    batch size, seed (shuffling, t draws, selection), device, and progress bars (None: on a TTY).
+    `test_data`: held-out data used for nothing but the report's test columns (build, eval)."""
 
     data: str | None = "digits"
     val_data: str | None = None
+    test_data: str | None = None
     batch_size: int = 128
     seed: int = 0
     device: str = "cpu"
@@ -331,14 +333,18 @@ class BuildOptions:
     """How to connect the checkpoints and sample the ensemble.
 
     method: a key of `PATH_BUILDERS` ("linear", "bezier", "polychain", "dropout", "short");
-    members: K points; selection: "auto" (greedy on validation NLL when validation data is
-    given, else uniform), "greedy" or "uniform"; candidates: points per path evaluated for
-    the greedy choice (ends included); curve fitting: bends, epochs, lr, weight_decay
-    (defaults: those of `paths.fit.CurveConfig`).
+    members: at most K distinct members for the greedy choice (exactly K with
+    `exact_members`, and for uniform members); selection: "auto" (greedy on validation NLL
+    when validation data is given, else uniform), "greedy" or "uniform"; candidates: points
+    per path evaluated for the greedy choice (ends included); curve fitting: bends, epochs,
+    lr, weight_decay (defaults: those of `paths.fit.CurveConfig`); packed: put the packed
+    pair (a stability search on both checkpoints) among the report's baselines.
     """
 
     method: str = "bezier"
     members: int = 4
+    exact_members: bool = False
+    packed: bool = True
     selection: str = "auto"
     candidates: int = 11
     bends: int = CurveConfig.bends
@@ -422,6 +428,7 @@ class BuildResult:
     member_states: list
     report: dict[str, Any]
     model_spec: Any = None
+    weights: list | None = None  # the members' weights (None: equal)
 
 
 def align_chain(states: Sequence[dict], net: torch.nn.Module, *, seed: int = 0, graph=None,
@@ -483,11 +490,13 @@ def _check_build_request(files: Sequence, opts: BuildOptions, data: DataOptions,
 
 
 def _choose_members(paths: list, ends: list, net, train, val, opts: BuildOptions, data: DataOptions, *,
-                    greedy: bool) -> tuple[list, list, list]:
-    """(grid, members, straight-line grid): `opts.candidates` points per path (joined paths
-    share their ends) scanned for the report, the plot and the greedy choice; members greedy
-    on validation NLL among the grid, or uniform in t."""
-    from .members import evaluate_candidates, select_greedy_nll, uniform_points
+                    greedy: bool) -> tuple[list, list, list[float], dict[str, Any], list]:
+    """(grid, members, weights, choice, straight-line grid): `opts.candidates` points per
+    path (joined paths share their ends) scanned for the report, the plot and the choice;
+    members chosen on validation NLL among the grid (`members.select_members`: greedy with
+    replacement behind a bootstrap gate, or exactly `opts.members` with `exact_members`), or
+    uniform in t with equal weights. `choice`: the decision and its numbers, for the report."""
+    from .members import evaluate_candidates, select_members, uniform_points
     n_paths, g = len(paths), opts.candidates
     grid_points = [(p, i / (g - 1), (p + i / (g - 1)) / n_paths) for p in range(n_paths) for i in range(g)
                    if p == 0 or i > 0]
@@ -498,14 +507,43 @@ def _choose_members(paths: list, ends: list, net, train, val, opts: BuildOptions
 
     grid = scan_points(paths, grid_points)
     if greedy:
-        members = sorted((grid[i] for i in select_greedy_nll(grid, opts.members, _labels(val))), key=lambda c: c.u)
+        sel = select_members(grid, _labels(val), max_members=opts.members, exact=opts.exact_members,
+                             endpoints=[i for i, c in enumerate(grid) if c.t in (0.0, 1.0)], seed=data.seed)
+        members, weights = [grid[i] for i in sel.indices], sel.weights
+        choice = _choice_report(sel, grid, opts)
     else:
         members = scan_points(paths, uniform_points(opts.members, n_paths))
+        weights = [1.0 / len(members)] * len(members)
+        choice = {"rule": "uniform", "data": "val" if val is not None else None, "max_members": opts.members,
+                  "exact": True, "n_members": len(members), "weights": weights, "guarantee": None}
+    from .baselines import decision_sentence
+    choice["decision"] = decision_sentence(choice)
     line = grid
     if opts.method != "linear":
         from .paths import LinearPath
         line = scan_points([LinearPath(a, b) for a, b in zip(ends[:-1], ends[1:])], grid_points)
-    return grid, members, line
+    return grid, members, weights, choice, line
+
+
+def _choice_report(sel, grid, opts: BuildOptions) -> dict[str, Any]:
+    """The member choice for the report: the rule that won, the members and weights, the
+    selection NLL of each cheaper choice and of the result, the bootstrap tests, the guarantee."""
+    def where(i: int) -> dict[str, Any]:
+        return {"t": grid[i].u, "path": grid[i].path, "path_t": grid[i].t}
+
+    b = sel.baselines
+    nll: dict[str, Any] = {"best_single": b["best_single"]["nll"], "best_single_t": grid[b["best_single"]["index"]].u,
+                           "endpoints": [{**where(e["index"]), "nll": e["nll"]} for e in b["endpoints"]],
+                           "chosen": sel.nll}
+    if "endpoints_ensemble" in b:
+        nll["endpoints_ensemble"] = b["endpoints_ensemble"]["nll"]
+    greedy = dict(sel.greedy)
+    if greedy:
+        greedy["members"] = [{**where(i), "count": c} for i, c in zip(greedy.pop("indices"), greedy.pop("counts"))]
+    return {"rule": sel.rule, "data": "val", "max_members": opts.members, "exact": opts.exact_members,
+            "n_members": len(sel.indices), "weights": sel.weights, "counts": sel.counts,
+            "members": [{**where(i), "count": c, "weight": w} for i, c, w in zip(sel.indices, sel.counts, sel.weights)],
+            "selection_nll": nll, "greedy": greedy, "bootstrap": sel.tests, "guarantee": sel.guarantee}
 
 
 def build_ensemble(files: Sequence[str | os.PathLike], *, model: ModelOptions, data: DataOptions,
@@ -514,7 +552,7 @@ def build_ensemble(files: Sequence[str | os.PathLike], *, model: ModelOptions, d
     """Connect consecutive checkpoints by paths, choose members along them, write the ensemble.
 
     Everything is validated before any work; outputs are written atomically at the end (by
-    rank 0 only under torchrun).
+    rank 0 only under torchrun). The report carries the baselines (`report["baselines"]`).
     """
     import time
     from ._io import sha256_file
@@ -529,39 +567,138 @@ def build_ensemble(files: Sequence[str | os.PathLike], *, model: ModelOptions, d
     cks = load_endpoints(files, model)
     net = cks[0].build_model().to(data.device)
     train, val = _loaders(net, data)
+    test = _test_loader(net, data)
     timings: dict[str, float] = {"load_s": time.perf_counter() - t0}
     paths, ends, aligned = connect([ck.state_dict for ck in cks], net, opts=opts, data=data, bn_loader=train,
                                    graph=unit_graph_of(net, model))
     timings["path_s"] = time.perf_counter() - t0 - timings["load_s"]
     t2 = time.perf_counter()
-    grid, members, line = _choose_members(paths, ends, net, train, val, opts, data, greedy=greedy)
+    grid, members, weights, choice, line = _choose_members(paths, ends, net, train, val, opts, data, greedy=greedy)
     states = [candidate_state(paths[c.path], c) for c in members]
     timings["members_s"] = time.perf_counter() - t2
 
     t3 = time.perf_counter()
-    ens = EnsembleModel(net, states, strategy=opts.strategy, device=data.device)
-    report = _build_report(files, cks, paths, grid, members, line, opts, data, greedy=greedy,
-                           batchnorm=has_batchnorm(net), ensemble=_ens_metrics(ens, train, val, data.device))
+    ens = EnsembleModel(net, states, strategy=opts.strategy, device=data.device, weights=weights)
+    report = _build_report(files, cks, paths, grid, members, weights, line, opts, data, greedy=greedy,
+                           batchnorm=has_batchnorm(net), ensemble=_ens_metrics(ens, train, val, data.device, test))
+    report["choice"] = choice
     if aligned:
         report["aligned"] = aligned
+    soup_sd = _soup(net, states, weights, train, data)
+    report["baselines"] = _build_baselines(net, grid, paths, ends, soup_sd, report, opts, data,
+                                           graph=unit_graph_of(net, model), loaders=(train, val, test))
+    timings["baselines_s"] = time.perf_counter() - t3
     spec, kind = cks[0].model_spec, paths[0].kind
     sources = [{"file": str(f), "sha256": ck.metadata.get("sha256") or sha256_file(ck.path)}
                for f, ck in zip(files, cks)]
     if out is not None and is_main():  # several processes: only rank 0 writes
         save_ensemble(out, states, model_spec=spec, members=[c.info(kind) for c in members], sources=sources,
-                      extra={"method": opts.method, "selection": report["selection"],
-                             "bn_reestimated": report["bn_reestimated"], "n_paths": len(paths)})
+                      weights=weights, extra={"method": opts.method, "selection": report["selection"],
+                                              "choice": _choice_summary(choice),
+                                              "bn_reestimated": report["bn_reestimated"], "n_paths": len(paths)})
     if path_out is not None and is_main():
         paths[0].save(path_out, model_spec=spec, extra={"sources": sources})
     if soup is not None:
-        report["soup"] = _write_soup(soup, states, net, train, val, cks[0], data)
-    timings["write_s"] = time.perf_counter() - t3
+        report["soup"] = _write_soup(soup, soup_sd, net, train, val, cks[0], data)
+    timings["write_s"] = time.perf_counter() - t3 - timings["baselines_s"]
     timings["total_s"] = time.perf_counter() - t0
     report["timings"] = timings
-    return BuildResult(paths=paths, members=members, member_states=states, report=report, model_spec=spec)
+    return BuildResult(paths=paths, members=members, member_states=states, report=report, model_spec=spec,
+                       weights=weights)
 
 
-def _build_report(files, cks, paths, grid, members, line, opts: BuildOptions, data: DataOptions, *,
+def _choice_summary(choice: dict[str, Any]) -> dict[str, Any]:
+    """What the ensemble file records of the choice (the report has the rest)."""
+    keys = ("rule", "data", "max_members", "exact", "n_members", "decision", "guarantee")
+    out = {k: choice.get(k) for k in keys}
+    if "selection_nll" in choice:
+        out["selection_nll"] = {k: v for k, v in choice["selection_nll"].items() if k != "endpoints"}
+    return out
+
+
+def _test_loader(net, data: DataOptions):
+    """The `--test-data` loader (digits: its held-out split), or None; warns when it is
+    the same spec as the training or validation data."""
+    if not data.test_data:
+        return None
+    from .data import check_input_fits, create_loader
+    if data.test_data in (data.data, data.val_data):
+        _log.warning("--test-data %s is also the %s data: its numbers are not on data used for nothing else",
+                     data.test_data, "validation" if data.test_data == data.val_data else "training")
+    test = create_loader(data.test_data, split="val", batch_size=data.batch_size, shuffle=False, seed=data.seed,
+                         model=net)
+    check_input_fits(net, test, spec=data.test_data)
+    return test
+
+
+def _data_report(data: DataOptions) -> dict[str, Any]:
+    d = {"train": data.data, "val": data.val_data}
+    if data.test_data:
+        d["test"] = data.test_data
+    return d
+
+
+def _soup(net, states, weights, train, data: DataOptions) -> dict[str, torch.Tensor]:
+    from .baselines import soup_state
+    return soup_state(net, states, weights, train, device=data.device)
+
+
+def _report_splits(train, val, test) -> dict[str, Any]:
+    """The splits every baseline row is scored on: "val" (else "train") and "test"."""
+    splits = {"val": val} if val is not None else {"train": train}
+    if test is not None:
+        splits["test"] = test
+    return splits
+
+
+TRAIN_ONLY_WARNING = ("no --val-data: the members were not chosen on held-out data, and every number in the "
+                      "report is on the training data, which also fitted the checkpoints and the path; pass "
+                      "--val-data SPEC (and --test-data SPEC) for an honest comparison")
+
+
+def _build_baselines(net, grid, paths, ends, soup_sd, report, opts: BuildOptions, data: DataOptions, *, graph,
+                     loaders) -> list[dict[str, Any]]:
+    """Rows: each checkpoint (cost 1), their equal-weight ensemble (cost = their number),
+    the soup (cost 1), the packed pair (cost 1, two checkpoints of a layered network) and
+    the built ensemble (cost K), on the report's splits."""
+    from .baselines import Scorer, packed_state, skipped_row
+    from .members import candidate_state
+    train, val, test = loaders
+    sc = Scorer(net, _report_splits(train, val, test), device=data.device)
+    ends_c = _endpoint_cands(grid, len(paths))
+    for name, c in ends_c:
+        sc.add(name, candidate_state(paths[c.path], c), known={"val": c.val_log_probs})
+    rows = [sc.row(f"endpoint {name}", "endpoint", [name], t=c.u) for name, c in ends_c]
+    names = [n for n, _ in ends_c]
+    rows.append(sc.row(f"{'+'.join(names)} ensemble", "endpoints-ensemble", names))
+    sc.add("soup", soup_sd)
+    rows.append(sc.row("soup", "soup", ["soup"], note=_soup_note(report)))
+    if not opts.packed:
+        rows.append(skipped_row("packed pair", "packed", 1, "not computed (packed=False / --no-packed)"))
+    elif len(ends) != 2:
+        rows.append(skipped_row("packed pair", "packed", 1, f"packs two checkpoints; {len(ends)} were given"))
+    else:
+        packed, why = packed_state(net, ends[0], ends[1], train, graph=graph, device=data.device,
+                                   progress=data.progress)
+        if packed is None:
+            rows.append(skipped_row("packed pair", "packed", 1, why))
+        else:
+            sc.add("packed", packed)
+            rows.append(sc.row("packed pair", "packed", ["packed"]))
+    e = report["ensemble"]
+    k = len(report["members"])
+    rows.append({"name": f"built ensemble ({k} member{'s' if k != 1 else ''})", "kind": "ensemble",
+                 "cost": sum(1 for m in report["members"] if m["weight"] > 0),
+                 **{s: e[s] for s in sc.splits if s in e}})
+    return rows
+
+
+def _soup_note(report) -> str:
+    from .baselines import SOUP_NOTE
+    return SOUP_NOTE if report.get("batchnorm") else SOUP_NOTE.split(",")[0] + " (no BatchNorm)"
+
+
+def _build_report(files, cks, paths, grid, members, weights, line, opts: BuildOptions, data: DataOptions, *,
                   greedy: bool, batchnorm: bool, ensemble: dict[str, Any]) -> dict[str, Any]:
     """The JSON report of `build`: endpoints, members, the ensemble, both scans. BatchNorm
     statistics are re-estimated at every point of a BN model."""
@@ -570,13 +707,19 @@ def _build_report(files, cks, paths, grid, members, line, opts: BuildOptions, da
     report: dict[str, Any] = {
         "method": opts.method, "selection": "greedy-val-nll" if greedy else "uniform",
         "checkpoints": [{"file": str(f), **_describe(ck)} for f, ck in zip(files, cks)],
-        "data": {"train": data.data, "val": data.val_data}, "seed": data.seed,
+        "data": _data_report(data), "seed": data.seed,
         "batchnorm": bn, "bn_reestimated": bn,
         "endpoints": {name: _cand_metrics(c) for name, c in _endpoint_cands(grid, len(paths))},
-        "members": [c.info(paths[0].kind) for c in members],
+        "members": [{**c.info(paths[0].kind), "weight": w} for c, w in zip(members, weights)],
         "ensemble": ensemble,
         "path": _scan_summary(grid), "line": _scan_summary(line), "world_size": world_size(),
+        "split": "val" if data.val_data else "train", "warnings": [],
     }
+    if not data.val_data:
+        _log.warning(TRAIN_ONLY_WARNING)
+        report["warnings"].append(TRAIN_ONLY_WARNING)
+    if data.test_data and data.test_data in (data.data, data.val_data):
+        report["warnings"].append(f"--test-data {data.test_data} is also used for training or selection")
     if opts.method in ("bezier", "polychain"):
         report["curve"] = {"kind": opts.method, "bends": opts.bends, "epochs": opts.epochs, "lr": opts.lr,
                            "weight_decay": opts.weight_decay}
@@ -629,31 +772,29 @@ def _endpoint_cands(grid, n_paths: int):
     return list(zip(names, sorted(ends, key=lambda c: c.u)))
 
 
-def _ens_metrics(ens, train, val, device) -> dict[str, Any]:
+def _ens_metrics(ens, train, val, device, test=None) -> dict[str, Any]:
     from .evaluate import evaluate
     out = {"train": evaluate(ens, train, device=device, progress=False).to_dict()}
     if val is not None:
         out["val"] = evaluate(ens, val, device=device, progress=False).to_dict()
+    if test is not None:
+        out["test"] = evaluate(ens, test, device=device, progress=False).to_dict()
     out["strategy"] = ens.strategy
     return out
 
 
-def _write_soup(dest, states, net, train, val, ck, data: DataOptions) -> dict[str, Any]:
-    """The weight average of the members, BN re-estimated, as one plain checkpoint."""
-    from .bn import update_bn
+def _write_soup(dest, soup_sd, net, train, val, ck, data: DataOptions) -> dict[str, Any]:
+    """Write the soup (`baselines.soup_state`: the members' weighted average, BN
+    re-estimated) as one plain checkpoint; its training and validation metrics."""
     from .checkpoints import save_checkpoint
+    from .distributed import is_main
     from .evaluate import evaluate
-    avg = {}
-    for k, v in states[0].items():
-        avg[k] = (torch.stack([s[k] for s in states]).mean(0).to(v.dtype) if v.is_floating_point() else v.clone())
-    net.load_state_dict(avg, strict=True)
-    update_bn(net, train, device=data.device, distributed=True)  # batches split over processes, if several
+    net.load_state_dict(soup_sd, strict=True)
     md = {k: ck.metadata.get(k) for k in ("arch", "num_classes", "in_chans", "model_args")
           if ck.metadata.get(k) is not None}
     md["kind"] = "soup"
-    from .distributed import is_main
     if is_main():
-        save_checkpoint({k: v.detach().cpu() for k, v in net.state_dict().items()}, dest, metadata=md)
+        save_checkpoint({k: v.detach().cpu() for k, v in soup_sd.items()}, dest, metadata=md)
     res = {"file": str(dest), "train": evaluate(net, train, device=data.device, progress=False).to_dict()}
     if val is not None:
         res["val"] = evaluate(net, val, device=data.device, progress=False).to_dict()
@@ -662,7 +803,12 @@ def _write_soup(dest, states, net, train, val, ck, data: DataOptions) -> dict[st
 
 def evaluate_ensemble_file(file: str | os.PathLike, *, model: Any = None, trust_remote_code: bool = False,
                            data: DataOptions) -> dict[str, Any]:
-    """Each member's and the ensemble's accuracy, NLL and ECE on `data.data` (split "val" for digits)."""
+    """Each member's and the (weighted) ensemble's accuracy, NLL and ECE on the evaluation
+    data (`data.val_data`, else `data.data`; digits: its val split), and the baselines
+    (`report["baselines"]`): the checkpoints the file records as sources (when the files are
+    still there and unchanged) and their ensemble, the soup and the packed pair (both need
+    training data: `data.data` when `data.val_data` is given; a soup without BatchNorm does
+    not), each on the evaluation data and on `data.test_data`."""
     from .data import check_input_fits, create_loader
     from .ensemble import load
     from .members import ensemble_metrics, predict_log_probs
@@ -671,21 +817,107 @@ def evaluate_ensemble_file(file: str | os.PathLike, *, model: Any = None, trust_
         import_entry(model)  # fail early, naming the spec
         model = ModelSpec(entry=model)
     ens = load(file, model=model, trust_remote_code=trust_remote_code, device=data.device)
-    split = "val" if (data.data or "").startswith("digits") and data.val_data is None else "train"
     spec = data.val_data or data.data
-    loader = create_loader(spec, split=split, batch_size=data.batch_size, model=ens.members[0])
-    check_input_fits(ens.members[0], loader, spec=spec)
+    split = "val" if data.val_data or (data.data or "").startswith("digits") else "train"
+    net = ens.members[0]
+    loader = create_loader(spec, split=split, batch_size=data.batch_size, model=net)
+    check_input_fits(net, loader, spec=spec)
     per, labels = [], None
     for member in ens.members:
         lp, labels = predict_log_probs(member, loader, device=data.device)
         per.append(lp)
     info = ens.metadata.get("members")
     info = info if isinstance(info, list) and len(info) == len(per) else [{} for _ in per]
-    members = [{**ensemble_metrics([lp], labels).to_dict(), "t": m.get("t") if isinstance(m, dict) else None}
-               for m, lp in zip(info, per)]
-    return {"file": str(file), "data": spec, "split": split, "members": members,
-            "ensemble": ensemble_metrics(per, labels).to_dict(), "strategy": ens.strategy}
+    members = [{**ensemble_metrics([lp], labels).to_dict(), "t": m.get("t") if isinstance(m, dict) else None,
+                "weight": w} for m, lp, w in zip(info, per, ens.weights)]
+    rep = {"file": str(file), "data": spec, "split": split, "members": members,
+           "ensemble": ensemble_metrics(per, labels, ens.weights).to_dict(), "strategy": ens.strategy,
+           "test_data": data.test_data}
+    train = None
+    if data.val_data and data.data:
+        train = create_loader(data.data, split="train", batch_size=data.batch_size, model=net)
+    rep["baselines"] = _eval_baselines(ens, file, per, loader, train, _test_loader(net, data), model, data)
+    return rep
 
+
+def _source_states(ens, file, model) -> tuple[list[tuple[str, dict]], list[tuple[str, str]]]:
+    """(name, state dict) of each recorded source checkpoint still there and unchanged (a
+    relative name is also looked for next to the ensemble file), and why others were not used."""
+    from ._io import sha256_file
+    from .checkpoints import load_checkpoint
+    found, why = [], []
+    for i, src in enumerate(ens.metadata.get("sources") or []):
+        name = chr(ord("A") + i) if i < 26 else f"ckpt{i}"
+        f = src.get("file") if isinstance(src, dict) else None
+        cands = [] if not f else [_FsPath(f), _FsPath(file).parent / f]
+        path = next((p for p in cands if p.exists()), None)
+        if path is None:
+            why.append((name, f"source {f!r} is not there"))
+            continue
+        try:
+            ck = load_checkpoint(path, model=model if model is not None else ens.model_spec)
+            sha = ck.metadata.get("sha256") or sha256_file(ck.path)
+        except Exception as e:  # noqa: BLE001 - a baseline that cannot be read is skipped, with the reason
+            why.append((name, f"{path} could not be read ({type(e).__name__}: {str(e).splitlines()[0][:200]})"))
+            continue
+        if src.get("sha256") and sha != src["sha256"]:
+            why.append((name, f"{path} changed since the build (sha256 differs)"))
+            continue
+        found.append((name, ck.state_dict))
+    return found, why
+
+
+def _eval_baselines(ens, file, per, loader, train, test, model, data: DataOptions) -> list[dict[str, Any]]:
+    """`eval`'s rows: the recorded checkpoints (as saved) and their ensemble, the soup, the
+    packed pair and the file's ensemble, on the evaluation data ("eval") and `--test-data`."""
+    import copy
+    from .baselines import Scorer, packed_state, skipped_row, soup_state, weighted_average
+    from .bn import has_batchnorm
+    splits = {"eval": loader, **({"test": test} if test is not None else {})}
+    net = ens.members[0]
+    sc = Scorer(net, splits, device=data.device)
+    for i, member in enumerate(ens.members):
+        sc.add(("member", i), model=member, known={"eval": per[i]})
+    srcs, why = _source_states(ens, file, model)
+    rows: list[dict[str, Any]] = []
+    names: list[str] = []
+    for name, st in srcs:
+        try:
+            sc.add(name, st)
+        except Exception as e:  # noqa: BLE001 - e.g. a source of another architecture
+            why.append((name, f"does not load into the ensemble's model ({str(e).splitlines()[0][:200]})"))
+            continue
+        rows.append(sc.row(f"endpoint {name}", "endpoint", [name]))
+        names.append(name)
+    if len(names) >= 2:
+        rows.append(sc.row(f"{'+'.join(names)} ensemble", "endpoints-ensemble", names))
+    rows += [skipped_row(f"endpoint {name}", "endpoint", 1, reason) for name, reason in why]
+    bn = has_batchnorm(net)
+    need_train = "needs training data: pass --data TRAIN --val-data EVAL"
+    if train is None and bn:
+        rows.append(skipped_row("soup", "soup", 1, need_train + " (BatchNorm is re-estimated on it)"))
+    else:
+        states = ens.member_states()
+        soup = soup_state(copy.deepcopy(net), states, ens.weights, train, device=data.device) if bn else \
+            weighted_average(states, ens.weights)
+        sc.add("soup", soup)
+        rows.append(sc.row("soup", "soup", ["soup"]))
+    if len(srcs) != 2:
+        rows.append(skipped_row("packed pair", "packed", 1, f"packs two recorded checkpoints; {len(srcs)} found"))
+    elif train is None:
+        rows.append(skipped_row("packed pair", "packed", 1, need_train))
+    else:
+        packed, reason = packed_state(copy.deepcopy(net), srcs[0][1], srcs[1][1], train, device=data.device,
+                                      progress=data.progress)
+        if packed is None:
+            rows.append(skipped_row("packed pair", "packed", 1, reason))
+        else:
+            sc.add("packed", packed)
+            rows.append(sc.row("packed pair", "packed", ["packed"]))
+    k = len(ens)
+    rows.append(sc.row(f"ensemble ({k} member{'s' if k != 1 else ''})", "ensemble",
+                       [("member", i) for i in range(k)], weights=ens.weights))
+    return rows
 
 
 def align_files(a_file: str | os.PathLike, b_file: str | os.PathLike, out: str | os.PathLike, *,
@@ -724,7 +956,8 @@ def build_fge(files: Sequence[str | os.PathLike], *, model: ModelOptions, data: 
     ck = load_checkpoint(files[0], model=_model_arg(model), ema=model.ema)
     net = ck.build_model().to(data.device)
     train, val = _loaders(net, data)
-    start = _ens_metrics(EnsembleModel(net, [ck.state_dict], device=data.device), train, val, data.device)
+    test = _test_loader(net, data)
+    start = _ens_metrics(EnsembleModel(net, [ck.state_dict], device=data.device), train, val, data.device, test)
     loader = create_loader(data.data, split="train", batch_size=data.batch_size, shuffle=True, seed=data.seed,
                            model=net)
     col = fge_train(net, loader, cycles=opts.members, epochs=opts.epochs, lr_max=opts.lr,
@@ -735,19 +968,39 @@ def build_fge(files: Sequence[str | os.PathLike], *, model: ModelOptions, data: 
     sources = [{"file": str(files[0]), "sha256": ck.metadata.get("sha256")}]
     report: dict[str, Any] = {
         "method": "fge", "selection": "all-snapshots", "checkpoints": [{"file": str(files[0]), **_describe(ck)}],
-        "data": {"train": data.data, "val": data.val_data}, "seed": data.seed,
+        "data": _data_report(data), "seed": data.seed,
         "batchnorm": _has_bn(net), "bn_reestimated": _has_bn(net), "start": start, "members": members,
-        "ensemble": _ens_metrics(ens, train, val, data.device),
+        "ensemble": _ens_metrics(ens, train, val, data.device, test),
         "fge": {"cycles": opts.members, "epochs": opts.epochs, "lr_max": opts.lr, "lr_min": opts.lr / 100},
+        "split": "val" if val is not None else "train", "warnings": [] if val is not None else [TRAIN_ONLY_WARNING],
     }
+    if val is None:
+        _log.warning(TRAIN_ONLY_WARNING)
+    soup_sd = _soup(net, states, None, train, data)
+    report["baselines"] = _fge_baselines(net, ck, soup_sd, report, (train, val, test), data)
     from .distributed import is_main
     if out is not None and is_main():  # several processes: only rank 0 writes
         save_ensemble(out, states, model_spec=ck.model_spec, members=members, sources=sources,
                       extra={"method": "fge", "selection": "all-snapshots", "bn_reestimated": report["bn_reestimated"]})
     if soup is not None:
-        report["soup"] = _write_soup(soup, states, net, train, val, ck, data)
+        report["soup"] = _write_soup(soup, soup_sd, net, train, val, ck, data)
     report["timings"] = {"total_s": time.perf_counter() - t0}
     return BuildResult(paths=[], members=members, member_states=states, report=report, model_spec=ck.model_spec)
+
+
+def _fge_baselines(net, ck, soup_sd, report, loaders, data: DataOptions) -> list[dict[str, Any]]:
+    """FGE's rows: the start checkpoint (cost 1), the snapshots' soup (cost 1), the packed
+    pair (does not apply: one checkpoint) and the FGE ensemble (cost K)."""
+    from .baselines import Scorer, skipped_row
+    sc = Scorer(net, _report_splits(*loaders), device=data.device)
+    sc.add("start", ck.state_dict)
+    sc.add("soup", soup_sd)
+    e, k = report["ensemble"], len(report["members"])
+    return [sc.row("start checkpoint", "endpoint", ["start"]),
+            sc.row("soup", "soup", ["soup"], note=_soup_note(report)),
+            skipped_row("packed pair", "packed", 1, "FGE starts from one checkpoint: there is no pair to pack"),
+            {"name": f"FGE ensemble ({k} snapshots)", "kind": "ensemble", "cost": k,
+             **{s: e[s] for s in sc.splits if s in e}}]
 
 
 def _has_bn(net) -> bool:

@@ -41,7 +41,8 @@ def _curves(scans: Scans, labels: Sequence[str] | None) -> list[tuple[str, dict[
 
 
 def plot_scan(result_or_list: Scans, dest: str | os.PathLike, *, title: str | None = None,
-              labels: Sequence[str] | None = None) -> None:
+              labels: Sequence[str] | None = None, baselines: Sequence[Mapping[str, Any]] | None = None,
+              split: str = "val") -> None:
     """Write a PNG of loss (left) and error = 1 - accuracy (right) against t.
 
     `result_or_list`: a `ScanResult` (or its dict), a list of them, or a mapping
@@ -49,6 +50,10 @@ def plot_scan(result_or_list: Scans, dest: str | os.PathLike, *, title: str | No
     `label`, else its kind ("linear" -> "straight line"). Training curves are solid with
     dots; validation curves (when the scan has `val_*`) dashed with crosses. Written
     atomically.
+
+    `baselines`: a build report's rows (`report["baselines"]`): a third panel gives each
+    row's NLL on `split` (and on "test" where rows have it), labelled with its cost;
+    skipped rows are listed with the reason.
     """
     from matplotlib.backends.backend_agg import FigureCanvasAgg
     from matplotlib.figure import Figure
@@ -56,9 +61,13 @@ def plot_scan(result_or_list: Scans, dest: str | os.PathLike, *, title: str | No
     from ._io import atomic_path
 
     curves = _curves(result_or_list, labels)
-    fig = Figure(figsize=(10, 4), dpi=100, layout="constrained")
+    fig = Figure(figsize=(15 if baselines else 10, 4), dpi=100, layout="constrained")
     FigureCanvasAgg(fig)
-    ax_loss, ax_err = fig.subplots(1, 2)
+    if baselines:
+        ax_loss, ax_err, ax_base = fig.subplots(1, 3, width_ratios=[1, 1, 1.1])
+        _plot_baselines(ax_base, baselines, split)
+    else:
+        ax_loss, ax_err = fig.subplots(1, 2)
     colors = [f"C{i % 10}" for i in range(len(curves))]
     for (label, d), color in zip(curves, colors):
         pts = d["points"]
@@ -88,6 +97,31 @@ def plot_scan(result_or_list: Scans, dest: str | os.PathLike, *, title: str | No
         fig.suptitle(title)
     with atomic_path(dest) as tmp:
         fig.savefig(tmp, format="png")
+
+
+def _plot_baselines(ax, rows: Sequence[Mapping[str, Any]], split: str) -> None:
+    """Horizontal bars: NLL of each baseline row on `split` (and "test"), cost in the label."""
+    shown = [r for r in rows if "skipped" not in r and isinstance(r.get(split), Mapping)]
+    if not shown:
+        raise ValueError(f"no baseline row has metrics on {split!r}")
+    names = [f"{r['name']} (cost {r['cost']})" for r in shown]
+    ys = list(range(len(shown)))[::-1]
+    test = any(isinstance(r.get("test"), Mapping) for r in shown)
+    h = 0.4 if test else 0.7
+    ax.barh([y + (h / 2 if test else 0) for y in ys], [r[split]["nll"] for r in shown], height=h,
+            color="C0", label=split)
+    if test:
+        ax.barh([y - h / 2 for y in ys], [r["test"]["nll"] if isinstance(r.get("test"), Mapping) else 0
+                                         for r in shown], height=h, color="C1", label="test")
+    ax.set_yticks(ys, names, fontsize="small")
+    ax.set_xlabel("NLL (lower is better)")
+    ax.set_title("what each choice costs and gives", fontsize="medium")
+    ax.grid(True, axis="x", alpha=0.3)
+    ax.legend(fontsize="small")
+    skipped = [f"{r['name']}: {r['skipped']}" for r in rows if "skipped" in r]
+    if skipped:
+        ax.text(0.0, -0.25, "\n".join(s if len(s) < 90 else s[:87] + "..." for s in skipped),
+                transform=ax.transAxes, fontsize="x-small", va="top")
 
 
 def plot_plane(result: Any, dest: str | os.PathLike, *, title: str | None = None) -> None:

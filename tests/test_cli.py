@@ -201,7 +201,7 @@ def built(mce_mlp_pair, tmp_path_factory):
                                           ("path_out", "path.safetensors"), ("soup", "soup.safetensors"))}
             with one_thread():
                 res = CliRunner().invoke(main, [str(x) for x in (
-                    "build", *mce_mlp_pair, "--method", method, "--epochs", 1, "--members", 2, "--candidates", 3,
+                    "build", *mce_mlp_pair, "--method", method, "--epochs", 1, "--members", 2, "--exact-members", "--candidates", 3,
                     "--data", "digits", "--val-data", "digits", "--batch-size", 64,
                     "--out", files["out"], "--report", files["report"], "--plot", files["plot"],
                     "--path-out", files["path_out"], "--soup", files["soup"])])

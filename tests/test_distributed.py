@@ -131,7 +131,7 @@ def test_torchrun_build_two_processes(mce_cnn_pair, tmp_path):
     env.pop("WORLD_SIZE", None)
     cmd = [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "2", "--master_addr", "127.0.0.1",
            "--master_port", str(_free_port()), "-m", "mcensemble", "build", str(a), str(b), "--epochs", "1",
-           "--members", "2", "--candidates", "3", "--data", "digits,train=200", "--val-data", "digits",
+           "--members", "2", "--exact-members", "--candidates", "3", "--data", "digits,train=200", "--val-data", "digits",
            "--batch-size", "64", "--threads", "1", "--out", str(tmp_path / "ens.safetensors"),
            "--report", str(tmp_path / "report.json"), "--checkpoint-dir", str(tmp_path / "ck"),
            "--soup", str(tmp_path / "soup.safetensors")]

@@ -481,3 +481,98 @@ def test_public_reexport():
     assert mcensemble.load is load and mcensemble.EnsembleModel is EnsembleModel
     assert math.isclose(float(combine_mean_prob(torch.zeros(4, 2, 3)).exp().sum(1)[0]), 1.0,
                         rel_tol=1e-6)
+
+
+# ----------------------------------------------------------------------------- member weights
+def weighted_by_hand(factory, states, weights, x):
+    w = torch.tensor(weights, dtype=torch.float64) / sum(weights)
+    probs = []
+    for st in states:
+        m = factory()
+        m.load_state_dict(st)
+        with torch.no_grad():
+            probs.append(torch.softmax(m.eval()(x).double(), dim=1))
+    return (torch.stack(probs) * w.view(-1, 1, 1)).sum(0).log()
+
+
+@pytest.mark.parametrize("strategy", STRATEGIES)
+@pytest.mark.parametrize("arch", list(MODELS))
+def test_weights_round_trip_and_change_forward(tmp_path, arch, strategy):
+    factory, data = MODELS[arch]
+    states = member_states(factory, 3)
+    x = data(6)
+    f = tmp_path / "w.safetensors"
+    save_ensemble(f, states, members=[{"t": 0.0}, {"t": 0.5}, {"t": 1.0}], weights=[3, 0, 1])
+    md = read_ensemble_metadata(f)
+    assert [m["weight"] for m in md["members"]] == [0.75, 0.0, 0.25]  # normalised, stored per member
+    ens = load(f, model=factory, strategy=strategy)
+    assert ens.weights == [0.75, 0.0, 0.25]
+    with torch.no_grad():
+        out = ens(x)
+    torch.testing.assert_close(out.double(), weighted_by_hand(factory, states, [3, 0, 1], x), atol=1e-5, rtol=1e-5)
+    equal = by_hand(factory, states, x)
+    assert (out.double() - equal).abs().max() > 1e-3  # the weights matter
+    # a zero-weight member does not count: the same as the two-member ensemble 3:1
+    two = EnsembleModel(factory, [states[0], states[2]], weights=[0.75, 0.25], strategy=strategy)
+    with torch.no_grad():
+        torch.testing.assert_close(two(x), out, atol=1e-5, rtol=1e-5)
+    # re-saving keeps them; setting them changes forward and the metadata
+    ens.save(tmp_path / "again.safetensors")
+    assert load(tmp_path / "again.safetensors", model=factory).weights == [0.75, 0.0, 0.25]
+    ens.weights = [1, 1, 1]
+    assert ens.metadata["members"][1]["weight"] == pytest.approx(1 / 3)
+    with torch.no_grad():
+        torch.testing.assert_close(ens(x).double(), equal, atol=1e-5, rtol=1e-5)
+
+
+def test_files_without_weights_load_with_equal_weights(tmp_path):
+    states = member_states(make_mlp, 2)
+    f = tmp_path / "old.safetensors"
+    save_ensemble(f, states)
+    assert all("weight" not in m for m in read_ensemble_metadata(f)["members"])
+    ens = load(f, model=make_mlp)
+    assert ens.weights == [0.5, 0.5]
+    x = torch.randn(4, 1, 4, 4)
+    with torch.no_grad():
+        torch.testing.assert_close(ens(x).double(), by_hand(make_mlp, states, x), atol=1e-5, rtol=1e-5)
+
+
+@pytest.mark.parametrize("weights, match", [
+    ([1.0, float("nan")], r"weights\[1\] = nan: member weights must be finite and >= 0"),
+    ([1.0, float("inf")], r"weights\[1\] = inf"),
+    ([-0.5, 1.5], r"weights\[0\] = -0.5"),
+    ([0, 0], "sum to 0"),
+    ([1.0], "1 value.*2 member"),
+    (["a", 1], "must be 2 numbers"),
+    ([True, 1], "must be 2 numbers"),
+])
+def test_bad_weights_are_refused(tmp_path, weights, match):
+    states = member_states(make_mlp, 2)
+    with pytest.raises(BadOptionError, match=match):
+        save_ensemble(tmp_path / "w.safetensors", states, weights=weights)
+    with pytest.raises(BadOptionError, match=match):
+        EnsembleModel(make_mlp, states, weights=weights)
+    assert not (tmp_path / "w.safetensors").exists()
+
+
+def test_load_refuses_bad_weights_in_the_file(tmp_path):
+    f = tmp_path / "e.safetensors"
+    save_ensemble(f, member_states(make_mlp, 2), weights=[1, 1])
+    good, tensors = read_ensemble_metadata(f), load_file(str(f))
+    for members, match in (([{"t": None, "kind": "state", "weight": -1}, {"t": None, "kind": "state", "weight": 1}],
+                            r"weight.* -1"),
+                           ([{"t": None, "kind": "state", "weight": 1}, {"t": None, "kind": "state"}],
+                            "member 1 has no weight")):
+        save_file(tensors, str(f), metadata={"mcensemble": json.dumps({**good, "members": members})})
+        with pytest.raises(CheckpointError, match=match):
+            load(f, model=make_mlp)
+
+
+def test_combine_mean_prob_with_weights():
+    torch.manual_seed(0)
+    logits = torch.randn(3, 4, 5)
+    p = torch.softmax(logits.double(), dim=2)
+    want = (0.5 * p[0] + 0.3 * p[1] + 0.2 * p[2]).log()
+    torch.testing.assert_close(combine_mean_prob(logits.double(), [5, 3, 2]), want)
+    # equal weights take the unweighted path exactly
+    assert torch.equal(combine_mean_prob(logits, [2, 2, 2]), combine_mean_prob(logits))

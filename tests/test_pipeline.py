@@ -136,8 +136,8 @@ def test_ensemble_output_is_the_log_mean_of_member_probabilities(mce_mlp_pair, t
 def test_bn_build_greedy_members_and_report_metrics(mce_cnn_pair, tmp_path):
     soup = tmp_path / "soup.safetensors"
     res = build_ensemble(mce_cnn_pair, model=ModelOptions(), data=DataOptions(data="digits", val_data="digits"),
-                         opts=BuildOptions(method="linear", members=2, candidates=5), out=tmp_path / "e.safetensors",
-                         soup=soup)
+                         opts=BuildOptions(method="linear", members=2, candidates=5, exact_members=True, packed=False),
+                         out=tmp_path / "e.safetensors", soup=soup)
     rep = res.report
     assert rep["selection"] == "greedy-val-nll" and rep["batchnorm"] is True and rep["bn_reestimated"] is True
     us = [m["u"] for m in rep["members"]]
@@ -230,3 +230,133 @@ def test_fresh_run_dir_never_reuses(tmp_path):
     dirs = [fresh_run_dir(tmp_path / "runs", prefix="build") for _ in range(3)]
     assert len(set(dirs)) == 3
     assert all(d.is_dir() and d.name.startswith("build-") and not any(d.iterdir()) for d in dirs)
+
+
+# ----------------------------------------------------------------------------- member choice and baselines
+_SEL_MOD = "_mce_test_pipeline_selection"
+
+
+@pytest.fixture()
+def selection_spec(monkeypatch):
+    """Selection data that is neither the training split's first 1077 examples nor digits' val split."""
+    import sys
+    import types
+    mod = types.ModuleType(_SEL_MOD)
+
+    def selection():
+        x, y = digits_tensors("train")
+        return torch.utils.data.TensorDataset(x[1077:].contiguous(), y[1077:].clone())
+
+    mod.selection = selection
+    monkeypatch.setitem(sys.modules, _SEL_MOD, mod)
+    return f"{_SEL_MOD}:selection"
+
+
+def _weighted_nll(nets, weights, x, y) -> float:
+    with torch.no_grad():
+        p = sum(w * F.softmax(n(x), dim=-1).double() for n, w in zip(nets, weights))
+    return F.nll_loss(p.log(), y).item()
+
+
+def test_build_chooses_with_replacement_never_worse_than_its_best_member(mce_mlp_pair, tmp_path, selection_spec):
+    out = tmp_path / "e.safetensors"
+    res = build_ensemble(mce_mlp_pair, model=ModelOptions(),
+                         data=DataOptions(data="digits", val_data=selection_spec, test_data="digits"),
+                         opts=BuildOptions(method="linear", members=3, candidates=5), out=out)
+    rep = res.report
+    choice = rep["choice"]
+    assert choice["rule"] in ("endpoints", "best-single", "greedy") and choice["max_members"] == 3
+    assert 1 <= choice["n_members"] <= 3 and len(rep["members"]) == choice["n_members"]
+    assert "never above that of its best single candidate" in choice["guarantee"] and choice["decision"]
+    # the guarantee, on the selection data: no candidate alone, nor the two endpoints, is better
+    chosen = rep["ensemble"]["val"]["nll"]
+    assert chosen == pytest.approx(choice["selection_nll"]["chosen"], rel=1e-4)
+    assert all(chosen <= p["val_nll"] * (1 + 1e-5) for p in rep["path"]["points"])
+    assert chosen <= choice["selection_nll"]["endpoints_ensemble"] * (1 + 1e-5)
+    # weights: in the report, in the file, and used by the loaded ensemble
+    ws = [m["weight"] for m in rep["members"]]
+    assert sum(ws) == pytest.approx(1.0) and ws == pytest.approx(res.weights)
+    ens = mcensemble.load(out)
+    assert ens.weights == pytest.approx(ws)
+    assert ens.metadata["choice"]["rule"] == choice["rule"]
+    x, y = digits_tensors("val")
+    assert rep["ensemble"]["test"]["nll"] == pytest.approx(_weighted_nll(_member_models(ens), ws, x, y), rel=1e-4)
+
+
+def test_build_report_rows_are_the_baselines(mce_mlp_pair, tmp_path, selection_spec):
+    res = build_ensemble(mce_mlp_pair, model=ModelOptions(),
+                         data=DataOptions(data="digits", val_data=selection_spec, test_data="digits"),
+                         opts=BuildOptions(method="linear", members=2, candidates=3, exact_members=True),
+                         out=tmp_path / "e.safetensors")
+    rep = res.report
+    rows = {r["kind"]: r for r in rep["baselines"]}
+    assert [r["name"] for r in rep["baselines"]] == ["endpoint A", "endpoint B", "A+B ensemble", "soup",
+                                                      "packed pair", "built ensemble (2 members)"]
+    assert [r["cost"] for r in rep["baselines"]] == [1, 1, 2, 1, 1, 2]
+    for r in rep["baselines"]:
+        assert r["val"]["n"] == 360 and r["test"]["n"] == 360 and "train" not in r, r["name"]
+        assert {"nll", "acc", "ece"} <= set(r["val"]) and {"nll", "acc", "ece"} <= set(r["test"])
+    assert rep["baselines"][0]["val"]["nll"] == pytest.approx(rep["endpoints"]["A"]["val_nll"], rel=1e-6)
+    assert rows["endpoints-ensemble"]["val"]["nll"] == pytest.approx(
+        rep["choice"]["selection_nll"]["endpoints_ensemble"], rel=1e-5)
+    assert rows["ensemble"]["test"] == rep["ensemble"]["test"]
+    # the two endpoints' ensemble and the soup on the test data, by hand (an MLP: no BN to re-estimate)
+    x, y = digits_tensors("val")
+    a, b = (mcensemble.load_checkpoint(f).build_model() for f in mce_mlp_pair)
+    assert rows["endpoints-ensemble"]["test"]["nll"] == pytest.approx(_weighted_nll([a, b], [0.5, 0.5], x, y),
+                                                                      rel=1e-4)
+    ens = mcensemble.load(tmp_path / "e.safetensors")
+    soup = create_model(ens.model_spec)
+    sts = ens.member_states()
+    soup.load_state_dict({k: (sts[0][k] + sts[1][k]) / 2 for k in sts[0]})
+    assert rows["soup"]["test"]["nll"] == pytest.approx(_weighted_nll([soup.eval()], [1.0], x, y), rel=1e-4)
+    # the packed pair of a layered MLP is one model: it is scored, not skipped
+    assert "skipped" not in rows["packed"] and rows["packed"]["test"]["acc"] > 0.5
+
+
+def test_build_without_val_data_reports_train_once_and_warns(mce_mlp_pair, tmp_path, caplog):
+    a, b = mce_mlp_pair
+    with caplog.at_level("WARNING", logger="mcensemble"):
+        res, _ = _build([a, b, a], tmp_path, "train-only", method="linear", members=3, candidates=3)
+    rep = res.report
+    assert rep["split"] == "train" and rep["choice"]["rule"] == "uniform"
+    assert any("no --val-data" in w for w in rep["warnings"])
+    assert any("no --val-data" in r.getMessage() for r in caplog.records)
+    rows = {r["name"]: r for r in rep["baselines"]}
+    assert list(rows) == ["endpoint A", "endpoint B", "endpoint C", "A+B+C ensemble", "soup", "packed pair",
+                          "built ensemble (3 members)"]
+    assert rows["A+B+C ensemble"]["cost"] == 3
+    assert rows["packed pair"]["skipped"] == "packs two checkpoints; 3 were given"
+    for r in rep["baselines"]:
+        if "skipped" not in r:
+            assert set(r) & {"train", "val", "test"} == {"train"} and r["train"]["n"] == 1437
+
+
+def test_eval_reports_the_recorded_checkpoints_and_baselines(mce_mlp_pair, tmp_path):
+    import shutil
+    from mcensemble.pipeline import evaluate_ensemble_file
+    a, b = (tmp_path / "a.safetensors", tmp_path / "b.safetensors")
+    shutil.copy(mce_mlp_pair[0], a)
+    shutil.copy(mce_mlp_pair[1], b)
+    out = tmp_path / "e.safetensors"
+    build_ensemble([a, b], model=ModelOptions(), data=DataOptions(data="digits", val_data="digits"),
+                   opts=BuildOptions(method="linear", members=3, candidates=3, packed=False), out=out)
+    rep = evaluate_ensemble_file(out, data=DataOptions(data="digits", val_data="digits", test_data="digits"))
+    rows = {r["name"]: r for r in rep["baselines"]}
+    assert list(rows)[:3] == ["endpoint A", "endpoint B", "A+B ensemble"]
+    assert rows["ensemble (%d member%s)" % (len(rep["members"]), "s" * (len(rep["members"]) > 1))]["eval"][
+        "nll"] == pytest.approx(rep["ensemble"]["nll"], rel=1e-5)
+    x, y = digits_tensors("val")
+    na, nb = (mcensemble.load_checkpoint(f).build_model() for f in (a, b))
+    assert rows["endpoint A"]["eval"]["nll"] == pytest.approx(_weighted_nll([na], [1.0], x, y), rel=1e-4)
+    assert rows["A+B ensemble"]["test"]["nll"] == pytest.approx(_weighted_nll([na, nb], [0.5, 0.5], x, y), rel=1e-4)
+    assert "skipped" not in rows["soup"] and "skipped" not in rows["packed pair"]
+    # a source that changed since the build, and one that is gone: skipped, with the reason
+    b.write_bytes(a.read_bytes())
+    a.unlink()
+    rep = evaluate_ensemble_file(out, data=DataOptions(data="digits"))
+    rows = {r["name"]: r for r in rep["baselines"]}
+    assert "is not there" in rows["endpoint A"]["skipped"]
+    assert "changed since the build" in rows["endpoint B"]["skipped"]
+    assert "A+B ensemble" not in rows and "skipped" in rows["packed pair"]
+    assert "skipped" not in rows["soup"]  # an MLP's soup needs no training data

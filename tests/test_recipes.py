@@ -157,7 +157,8 @@ def test_recipe_endpoints_section_trains_the_checkpoints(tmp_path, mce_cli, monk
     """No checkpoints: the `endpoints` section trains them into a fresh run folder first."""
     monkeypatch.chdir(tmp_path)
     f = _recipe(tmp_path, "endpoints:\n  arch: mce_digits_mlp\n  n: 2\n  epochs: 1\n  data: digits,train=200\n"
-                          "data: digits,train=200\nval-data: digits\nmethod: linear\nmembers: 2\ncandidates: 3\n"
+                          "data: digits,train=200\nval-data: digits\nmethod: linear\nmembers: 2\nexact-members: true\n"
+                          "candidates: 3\n"
                           "threads: 1\n")
     res = mce_cli("build", "--recipe", f)
     assert res.exit_code == 0, res.output
