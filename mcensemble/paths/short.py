@@ -47,7 +47,7 @@ from tqdm import tqdm
 
 from ..errors import BadOptionError, MCEnsembleError
 from ..units import AxisRef, UnitGraph, UnitGroup
-from .base import StateDict, check_same_layout, register_path
+from .base import StateDict, check_same_layout, meta_field, register_path
 from .dropout import (DropoutPath, _bytes, _changed_units, _decode, _encode, _same, mix_states)
 
 __all__ = ["ShortPath", "ShortPathError", "ShortConstruction", "build_short_path", "prepare_short",
@@ -206,7 +206,8 @@ def prepare_short(model: nn.Module, a: Mapping[str, torch.Tensor], b: Mapping[st
         hv = _check_halves(graph, *halves)
     else:
         hv = choose_halves(ctx, a, b, steps=search_steps, examples=search_examples, seed=seed)
-    ctx.bn = changed_bn_modules(work, a, graph, hv.s, loader, device=device)
+    ctx.bn = sorted(set(changed_bn_modules(work, a, graph, hv.s, loader, device=device)) |
+                    set(changed_bn_modules(work, b, graph, hv.t, loader, device=device)))
     da, db = ctx.dropped(a, hv.s), ctx.dropped(b, hv.t)
     vertices = _vertices(graph, a, b, da, db, hv)
     con = ShortConstruction(work, graph, hv, vertices, list(ctx.bn))
@@ -634,20 +635,6 @@ def _decode_short(prev: StateDict, delta: Mapping[str, torch.Tensor]) -> StateDi
     return cur
 
 
-def _meta_int(meta: Mapping[str, Any], key: str, lo: int, hi: int) -> int:
-    try:
-        from .base import meta_field  # the shared metadata check, where this version has it
-    except ImportError:
-        meta_field = None
-    if meta_field is not None:
-        return meta_field(meta, key, "int", where="short path", lo=lo, hi=hi)
-    v = meta.get(key)
-    if not isinstance(v, int) or isinstance(v, bool) or not lo <= v <= hi:
-        raise ValueError(f"bad short path: metadata field {key!r} must be an integer from {lo} to {hi}, "
-                         f"found {v!r}")
-    return v
-
-
 @register_path("short")
 class ShortPath(DropoutPath):
     """The short path: six vertices (A, D_S(A), two intermediate states, D_T(B), B), equally
@@ -681,12 +668,16 @@ class ShortPath(DropoutPath):
 
     @classmethod
     def _from_file(cls, groups: dict[str, StateDict], meta: dict[str, Any]) -> "ShortPath":
-        n = _meta_int(meta, "n_vertices", 2, max(2, len(groups)))
-        if any(g not in groups for g in ("endpoint.0", "endpoint.1")):
-            raise ValueError("bad short path: needs both endpoints")
-        cert = meta.get("certificate")
-        if cert is not None and not isinstance(cert, dict):
-            raise ValueError("bad short path: its certificate is not a JSON object")
+        # every vertex between the ends has a delta group, so the groups bound n_vertices
+        n = meta_field(meta, "n_vertices", "int", where="short path", lo=2, hi=len(groups))
+        want = {"endpoint.0", "endpoint.1", *(f"delta.{i}" for i in range(1, n - 1))}
+        if set(groups) != want:
+            raise ValueError(f"a short path of {n} vertices has groups endpoint.0, endpoint.1 and "
+                             f"delta.1 .. delta.{n - 2}; the file has {sorted(groups)[:8]}")
+        cert = meta_field(meta, "certificate", "dict", where="short path", default=None, nullable=True)
+        if cert is not None:
+            meta_field(cert, "segments", "list", where="short path certificate")
+            meta_field(cert, "max_loss", "number", where="short path certificate")
         check_same_layout(groups["endpoint.0"], groups["endpoint.1"])
         self = cls.__new__(cls)
         self._init(groups, n, cert, meta, False)
