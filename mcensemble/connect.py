@@ -1,0 +1,332 @@
+"""Many checkpoints at once (Draxler et al. 2018): the barrier matrix and the minimum spanning tree.
+
+`connect_checkpoints(inputs, out_dir=...)`:
+
+1. The barrier of every pair (i, j): the straight line from i to j scanned at `points` t
+   (BatchNorm statistics re-estimated at every point), barrier = the largest training loss
+   above the chord. With `align`, j's hidden units are first permuted to match i's.
+2. Kruskal's minimum spanning tree of the barrier matrix (ties broken by (i, j)).
+3. A path along every tree edge by `opts.method` (any of `pipeline.PATH_BUILDERS`: linear,
+   bezier, polychain, neb, dropout, short), scanned at `path_points` t: the edge's saddle
+   is the largest training loss along it.
+
+The output folder holds `connect.json` (the matrix, the tree with its saddles, times per
+pair), `barriers.png` (heat map) and `tree.png`, one JSON record per finished pair
+(`pairs/`) and per finished tree edge (`edges/`, with the path in `paths/`). A record whose
+checkpoints (SHA-256) and settings match is reused, so an interrupted run resumes where it
+stopped. Under torchrun the pairs are shared out between the processes (each writes its own
+records); tree edges are built by all processes together (curve fits and AutoNEB average
+their gradients over the processes), and only rank 0 writes the shared files.
+"""
+from __future__ import annotations
+
+import json
+import logging
+import os
+import time
+from dataclasses import dataclass
+from pathlib import Path as FsPath
+from typing import Any, Sequence
+
+import torch
+
+from . import distributed as dist_
+from ._io import atomic_path
+from .errors import BadOptionError, CheckpointError
+
+__all__ = ["ConnectOptions", "connect_checkpoints", "minimum_spanning_tree", "checkpoint_files",
+           "CHECKPOINT_SUFFIXES", "CONNECT_FORMAT"]
+
+log = logging.getLogger(__name__)
+
+CONNECT_FORMAT = "mcensemble-connect"
+#: file names taken from a folder of checkpoints
+CHECKPOINT_SUFFIXES = (".safetensors", ".pt", ".pth", ".pth.tar", ".ckpt", ".bin")
+
+
+@dataclass(frozen=True)
+class ConnectOptions:
+    """points: t per pair on the straight line (>= 2); path_points: t along each tree path
+    (>= 2); align: permute each pair's second checkpoint to match the first before its scan
+    and its path. How the tree's paths are made comes from a `pipeline.BuildOptions`."""
+
+    points: int = 11
+    path_points: int = 21
+    align: bool = False
+
+    def __post_init__(self) -> None:
+        for name in ("points", "path_points"):
+            v = getattr(self, name)
+            if isinstance(v, bool) or not isinstance(v, int) or v < 2:
+                raise BadOptionError(f"--{name.replace('_', '-')} must be an integer >= 2, got {v!r}",
+                                     option=f"--{name.replace('_', '-')}")
+
+
+def checkpoint_files(inputs: Sequence[str | os.PathLike]) -> list[FsPath]:
+    """Files and folders -> checkpoint paths. A folder that is itself one checkpoint (a timm
+    run or hub folder: `config.json`, `model_best.pth.tar`, `last.pth.tar`) stays one; any
+    other folder gives its files ending in `CHECKPOINT_SUFFIXES`, sorted by name."""
+    out: list[FsPath] = []
+    for src in inputs:
+        p = FsPath(src)
+        if not p.exists():
+            raise BadOptionError(f"{p}: no such file or folder", option="CHECKPOINTS")
+        if p.is_dir() and not any((p / n).exists() for n in ("config.json", "model_best.pth.tar", "last.pth.tar")):
+            found = sorted(f for f in p.iterdir() if f.is_file() and f.name.endswith(CHECKPOINT_SUFFIXES))
+            if not found:
+                raise BadOptionError(f"{p} holds no checkpoint files (names ending in "
+                                     f"{', '.join(CHECKPOINT_SUFFIXES)}); give the files themselves",
+                                     option="CHECKPOINTS")
+            out += found
+        else:
+            out.append(p)
+    if len(out) < 2:
+        raise BadOptionError(f"connect needs at least two checkpoints, got {len(out)}", option="CHECKPOINTS")
+    if len({os.path.realpath(p) for p in out}) != len(out):
+        raise BadOptionError("a checkpoint is given twice; give each once", option="CHECKPOINTS")
+    return out
+
+
+def minimum_spanning_tree(matrix: Sequence[Sequence[float]]) -> list[tuple[int, int]]:
+    """Kruskal's minimum spanning tree of a symmetric matrix of edge weights: the edges
+    (i < j), in the order they were taken (lightest first; ties by (i, j))."""
+    n = len(matrix)
+    parent = list(range(n))
+
+    def find(x: int) -> int:
+        while parent[x] != x:
+            parent[x] = parent[parent[x]]
+            x = parent[x]
+        return x
+
+    tree = []
+    for _, i, j in sorted((float(matrix[i][j]), i, j) for i in range(n) for j in range(i + 1, n)):
+        ri, rj = find(i), find(j)
+        if ri != rj:
+            parent[ri] = rj
+            tree.append((i, j))
+    return tree
+
+
+# ---------------------------------------------------------------------------------------------
+
+
+class _Job:
+    """What every step needs: the checkpoints, the model, the loaders, the settings."""
+
+    def __init__(self, files, cks, net, train, out_dir: FsPath, opts, build, data, graph):
+        from ._io import sha256_file
+        self.files, self.cks, self.net, self.train = files, cks, net, train
+        self.out, self.opts, self.build, self.data, self.graph = out_dir, opts, build, data, graph
+        self.sha = [ck.metadata.get("sha256") or sha256_file(f) for f, ck in zip(files, cks)]
+        self._example = None
+
+    def settings(self, kind: str) -> dict[str, Any]:
+        """What a record must match to be reused."""
+        d = {"data": self.data.data, "batch_size": self.data.batch_size, "seed": self.data.seed,
+             "align": self.opts.align}
+        if kind == "pair":
+            d["points"] = self.opts.points
+        else:
+            b = self.build
+            neb = b.neb.to_dict() if b.neb is not None else None
+            d.update(method=b.method, path_points=self.opts.path_points, bends=b.bends, epochs=b.epochs, lr=b.lr,
+                     weight_decay=b.weight_decay, neb=neb)
+        return d
+
+    def states(self, i: int, j: int) -> tuple[dict, dict]:
+        a, b = self.cks[i].state_dict, self.cks[j].state_dict
+        if self.opts.align:
+            from .align import align_states
+            from .data import example_input
+            if self._example is None:
+                self._example = example_input(self.net, data=self.train)
+            b = align_states(self.net, a, b, graph=self.graph, example_input=self._example, seed=self.data.seed,
+                             progress=False).state
+        return a, b
+
+    def record(self, kind: str, i: int, j: int) -> FsPath:
+        return self.out / f"{kind}s" / f"{kind}-{i}-{j}.json"
+
+    def reusable(self, kind: str, i: int, j: int) -> dict[str, Any] | None:
+        f = self.record(kind, i, j)
+        try:
+            rec = json.loads(f.read_text())
+        except (OSError, ValueError):
+            return None
+        if not isinstance(rec, dict) or rec.get("sha256") != [self.sha[i], self.sha[j]] \
+                or rec.get("settings") != self.settings(kind):
+            log.info("%s does not match this run: recomputing it", f)
+            return None
+        if kind == "edge" and not (self.out / str(rec.get("path_file", ""))).is_file():
+            return None
+        return rec
+
+    def write(self, kind: str, i: int, j: int, rec: dict[str, Any]) -> None:
+        f = self.record(kind, i, j)
+        f.parent.mkdir(parents=True, exist_ok=True)
+        rec = {**rec, "sha256": [self.sha[i], self.sha[j]], "settings": self.settings(kind)}
+        with atomic_path(f) as tmp:
+            tmp.write_text(json.dumps(rec, indent=1))
+
+
+def _pair(job: _Job, i: int, j: int) -> dict[str, Any]:
+    """Scan the straight line i -> j in this process alone (no collectives)."""
+    from .bn import has_batchnorm
+    from .evaluate import evaluate_state
+    from .paths.linear import interpolate
+    t0 = time.perf_counter()
+    a, b = job.states(i, j)
+    bn = job.train if has_batchnorm(job.net) else None
+    n = job.opts.points
+    ts = [k / (n - 1) for k in range(n)]
+    pts = []
+    for t in ts:
+        m = evaluate_state(job.net, interpolate(a, b, t), job.train, bn_loader=bn, device=job.data.device,
+                           progress=False)
+        pts.append({"t": t, "loss": m.loss, "acc": m.acc})
+    la, lb = pts[0]["loss"], pts[-1]["loss"]
+    gaps = [p["loss"] - ((1 - p["t"]) * la + p["t"] * lb) for p in pts]
+    k = max(range(n), key=lambda q: gaps[q])
+    rec = {"i": i, "j": j, "barrier": max(gaps[k], 0.0), "barrier_t": ts[k], "points": pts,
+           "seconds": time.perf_counter() - t0}
+    job.write("pair", i, j, rec)
+    return rec
+
+
+def _pairs(job: _Job, progress) -> list[dict[str, Any]]:
+    from tqdm.auto import tqdm
+    n = len(job.files)
+    all_pairs = [(i, j) for i in range(n) for j in range(i + 1, n)]
+    found = dist_.broadcast_object({p: job.reusable("pair", *p) for p in all_pairs})  # rank 0 decides
+    todo = [p for p in all_pairs if found[p] is None]
+    mine = dist_.shard(todo)
+    done = [_pair(job, i, j) for i, j in tqdm(mine, desc="pairs", leave=False,
+                                               disable=None if progress is None else not progress)]
+    computed = dict(zip(todo, dist_.gather_sharded(done, len(todo))))
+    out = []
+    for p in all_pairs:
+        rec = found[p] if found[p] is not None else computed[p]
+        out.append({**rec, "reused": found[p] is not None})
+    return out
+
+
+def _edge(job: _Job, i: int, j: int, index: int) -> dict[str, Any]:
+    """Build and scan the path along tree edge i - j (all processes together)."""
+    from .bn import has_batchnorm
+    from .evaluate import scan
+    from .pipeline import PATH_BUILDERS, TRAINED_METHODS
+    t0 = time.perf_counter()
+    a, b = job.states(i, j)
+    fit_loader = None
+    if job.build.method in TRAINED_METHODS:
+        from .data import create_loader
+        fit_loader = create_loader(job.data.data, split="train", batch_size=job.data.batch_size, shuffle=True,
+                                   seed=job.data.seed, model=job.net)
+    path = PATH_BUILDERS[job.build.method](job.net, a, b, opts=job.build, data=job.data, fit_loader=fit_loader,
+                                           bn_loader=job.train, index=index, graph=job.graph)
+    built = time.perf_counter() - t0
+    res = scan(path, job.net, job.train, points=job.opts.path_points,
+               bn_loader=job.train if has_batchnorm(job.net) else None, device=job.data.device, progress=False)
+    k = max(range(len(res.points)), key=lambda q: res.points[q]["loss"])
+    rel = f"paths/edge-{i}-{j}.safetensors"
+    rec = {"i": i, "j": j, "kind": path.kind, "saddle": res.points[k]["loss"], "saddle_t": res.points[k]["t"],
+           "path_barrier": res.barrier, "points": [{"t": p["t"], "loss": p["loss"], "acc": p["acc"]} for p in res.points],
+           "path_file": rel, "build_seconds": built, "seconds": time.perf_counter() - t0}
+    if dist_.is_main():
+        (job.out / "paths").mkdir(parents=True, exist_ok=True)
+        path.save(job.out / rel, model_spec=job.cks[i].model_spec,
+                  extra={"sources": [{"file": str(job.files[q]), "sha256": job.sha[q]} for q in (i, j)]})
+        job.write("edge", i, j, rec)
+    dist_.barrier()
+    return rec
+
+
+def connect_checkpoints(inputs: Sequence[str | os.PathLike], *, out_dir: str | os.PathLike, model=None,
+                        data=None, opts: ConnectOptions = ConnectOptions(), build=None) -> dict[str, Any]:
+    """The barrier matrix of the checkpoints in `inputs` (files or folders, see
+    `checkpoint_files`), its minimum spanning tree, and a path along every tree edge
+    (module docstring). `model`: a `pipeline.ModelOptions`; `data`: a `pipeline.DataOptions`
+    (the training data: barriers, saddles, BatchNorm, fitting); `build`: a
+    `pipeline.BuildOptions` saying how the tree's paths are made (`method`, curve settings,
+    `neb`; default AutoNEB). Writes `connect.json`, `barriers.png` and `tree.png` into
+    `out_dir` (rank 0) and returns the report."""
+    from .pipeline import PATH_BUILDERS, BuildOptions, DataOptions, ModelOptions, load_endpoints, unit_graph_of
+    model = model or ModelOptions()
+    data = data or DataOptions()
+    build = build or BuildOptions(method="neb")
+    if not isinstance(opts, ConnectOptions):
+        raise BadOptionError(f"opts must be a ConnectOptions, got {type(opts).__name__}", option="opts")
+    if build.method not in PATH_BUILDERS:
+        raise BadOptionError(f"unknown method {build.method!r}; choose one of {', '.join(PATH_BUILDERS)}",
+                             option="--method")
+    out = FsPath(out_dir)
+    if out.exists() and not out.is_dir():
+        raise BadOptionError(f"--out-dir {out} is a file; give a folder", option="--out-dir")
+    files = checkpoint_files(inputs)
+    t0 = time.perf_counter()
+    cks = load_endpoints(files, model)
+    net = cks[0].build_model().to(data.device)
+    train = _train_loader(net, data)
+    if dist_.is_main():
+        out.mkdir(parents=True, exist_ok=True)
+    dist_.barrier()
+    job = _Job(files, cks, net, train, out, opts, build, data, unit_graph_of(net, model))
+    pairs = _pairs(job, data.progress)
+    n = len(files)
+    matrix = [[0.0] * n for _ in range(n)]
+    for p in pairs:
+        matrix[p["i"]][p["j"]] = matrix[p["j"]][p["i"]] = p["barrier"]
+    t_pairs = time.perf_counter() - t0
+    tree = []
+    for index, (i, j) in enumerate(minimum_spanning_tree(matrix)):
+        found = dist_.broadcast_object(job.reusable("edge", i, j))
+        rec = found if found is not None else _edge(job, i, j, index)
+        tree.append({**{k: v for k, v in rec.items() if k not in ("sha256", "settings")},
+                     "barrier": matrix[i][j], "reused": found is not None})
+    report = _report(job, pairs, matrix, tree, timings={"pairs_s": t_pairs, "total_s": time.perf_counter() - t0})
+    if dist_.is_main():
+        _write_outputs(job, report)
+    return report
+
+
+def _train_loader(net, data):
+    from .data import check_input_fits, create_loader
+    if not data.data:
+        raise BadOptionError("training data is needed: pass --data SPEC (e.g. --data digits)", option="--data")
+    train = create_loader(data.data, split="train", batch_size=data.batch_size, shuffle=False, seed=data.seed,
+                          model=net)
+    check_input_fits(net, train, spec=data.data)
+    return train
+
+
+def _report(job: _Job, pairs, matrix, tree, *, timings) -> dict[str, Any]:
+    computed = [p["seconds"] for p in pairs if not p["reused"]]
+    return {
+        "format": CONNECT_FORMAT, "format_version": 1,
+        "checkpoints": [{"index": q, "file": str(f), "sha256": s} for q, (f, s) in enumerate(zip(job.files, job.sha))],
+        "method": job.build.method, "align": job.opts.align, "points": job.opts.points,
+        "path_points": job.opts.path_points, "data": job.data.data, "seed": job.data.seed,
+        "matrix": matrix,
+        "pairs": [{k: p[k] for k in ("i", "j", "barrier", "barrier_t", "seconds", "reused")} for p in pairs],
+        "tree": tree,
+        "tree_max_saddle": max((e["saddle"] for e in tree), default=None),
+        "seconds_per_pair": (sum(computed) / len(computed)) if computed else None,
+        "timings": timings, "world_size": dist_.world_size(),
+        "files": {"report": "connect.json", "matrix_png": "barriers.png", "tree_png": "tree.png"},
+    }
+
+
+def _write_outputs(job: _Job, report: dict[str, Any]) -> None:
+    from .plot import plot_barrier_matrix, plot_tree
+    labels = [FsPath(f).name for f in job.files]
+    try:
+        plot_barrier_matrix(report["matrix"], job.out / "barriers.png", labels=labels,
+                            tree=[(e["i"], e["j"]) for e in report["tree"]],
+                            title="barrier of the straight line between every pair")
+        plot_tree(len(labels), report["tree"], job.out / "tree.png", labels=labels,
+                  title=f"minimum spanning tree: {report['method']} paths, saddle loss on each edge")
+    except OSError as e:
+        raise CheckpointError(f"cannot write the pictures into {job.out}: {e}") from e
+    with atomic_path(job.out / "connect.json") as tmp:
+        tmp.write_text(json.dumps(report, indent=2))
