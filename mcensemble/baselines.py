@@ -147,7 +147,7 @@ def decision_sentence(choice: Mapping[str, Any]) -> str:
         t = next(t for t in reversed(tests) if t["accepted"])
         return (f"chose the greedy ensemble ({choice['n_members']} members, weights "
                 f"{_fmt_weights(choice['weights'])}): selection NLL {t['nll_to']:.4f} against {t['nll_from']:.4f} "
-                f"for the {t['from']}; the gain was positive in {t['p_positive']:.0%} of {t['resamples']} "
+                f"for the {t['from']}; the gain was positive in {t['p_positive']:.1%} of {t['resamples']} "
                 f"bootstrap resamples ({t['confidence']:.0%} needed)")
     kept = "the two-endpoint ensemble" if rule == "endpoints" else "the best single candidate"
     if rule == "endpoints" and choice["n_members"] > 2:
@@ -155,5 +155,5 @@ def decision_sentence(choice: Mapping[str, Any]) -> str:
     if last is None:
         return f"kept {kept} (selection NLL {nll['chosen']:.4f}): the greedy search found nothing lower"
     return (f"kept {kept} (selection NLL {nll['chosen']:.4f}): the {last['to']} lowered it to "
-            f"{last['nll_to']:.4f}, but the gain was positive in only {last['p_positive']:.0%} of "
+            f"{last['nll_to']:.4f}, but the gain was positive in only {last['p_positive']:.1%} of "
             f"{last['resamples']} bootstrap resamples ({last['confidence']:.0%} needed)")

@@ -622,13 +622,23 @@ def _test_loader(net, data: DataOptions):
     if not data.test_data:
         return None
     from .data import check_input_fits, create_loader
-    if data.test_data in (data.data, data.val_data):
-        _log.warning("--test-data %s is also the %s data: its numbers are not on data used for nothing else",
-                     data.test_data, "validation" if data.test_data == data.val_data else "training")
+    overlap = _test_overlap(data)
+    if overlap:
+        _log.warning(overlap)
     test = create_loader(data.test_data, split="val", batch_size=data.batch_size, shuffle=False, seed=data.seed,
                          model=net)
     check_input_fits(net, test, spec=data.test_data)
     return test
+
+
+def _test_overlap(data: DataOptions) -> str | None:
+    """A warning when --test-data names the validation data, or the training data (digits
+    specs aside: their test and training splits differ)."""
+    t = data.test_data
+    digits = t is not None and (t == "digits" or t.startswith("digits,"))
+    what = "validation" if t == data.val_data else "training" if t == data.data and not digits else None
+    return None if not t or what is None else (f"--test-data {t} is also the {what} data: its numbers are not "
+                                               "on data used for nothing else")
 
 
 def _data_report(data: DataOptions) -> dict[str, Any]:
@@ -718,8 +728,8 @@ def _build_report(files, cks, paths, grid, members, weights, line, opts: BuildOp
     if not data.val_data:
         _log.warning(TRAIN_ONLY_WARNING)
         report["warnings"].append(TRAIN_ONLY_WARNING)
-    if data.test_data and data.test_data in (data.data, data.val_data):
-        report["warnings"].append(f"--test-data {data.test_data} is also used for training or selection")
+    if _test_overlap(data):
+        report["warnings"].append(_test_overlap(data))
     if opts.method in ("bezier", "polychain"):
         report["curve"] = {"kind": opts.method, "bends": opts.bends, "epochs": opts.epochs, "lr": opts.lr,
                            "weight_decay": opts.weight_decay}

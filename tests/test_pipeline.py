@@ -2,6 +2,7 @@
 combination, BN, soups, joined paths), validation before any work, the default endpoints."""
 from __future__ import annotations
 
+import json
 import math
 
 import pytest
@@ -360,3 +361,56 @@ def test_eval_reports_the_recorded_checkpoints_and_baselines(mce_mlp_pair, tmp_p
     assert "changed since the build" in rows["endpoint B"]["skipped"]
     assert "A+B ensemble" not in rows and "skipped" in rows["packed pair"]
     assert "skipped" not in rows["soup"]  # an MLP's soup needs no training data
+
+
+def test_cli_build_table_train_once_test_columns_and_plot(mce_cli, mce_mlp_pair, tmp_path, caplog):
+    png, rep_f = tmp_path / "p.png", tmp_path / "r.json"
+    with caplog.at_level("WARNING", logger="mcensemble"):
+        res = mce_cli("build", *mce_mlp_pair, "--method", "linear", "--members", "2", "--candidates", "3",
+                      "--data", "digits", "--test-data", "digits", "--no-packed", "--plot", png, "--report", rep_f)
+    assert res.exit_code == 0, res.output
+    header = next(line for line in res.output.splitlines() if line.lstrip().startswith("cost"))
+    assert header.split() == ["cost", "train", "nll", "train", "acc", "train", "ece", "test", "nll", "test", "acc",
+                              "test", "ece"]
+    assert "val nll" not in res.output and "packed pair: skipped (not computed" in res.output
+    warnings = [r.getMessage() for r in caplog.records if r.levelname == "WARNING"]
+    assert any("no --val-data" in w for w in warnings)
+    assert not any("is also the" in w for w in warnings)  # digits: the test split is not the training split
+    assert png.read_bytes()[:4] == b"\x89PNG"
+    rep = json.loads(rep_f.read_text())
+    assert rep["split"] == "train" and rep["baselines"][-1]["test"]["n"] == 360
+
+
+def test_cli_exact_members_and_selection_sentence(mce_cli, mce_mlp_pair, tmp_path):
+    rep_f = tmp_path / "r.json"
+    res = mce_cli("build", *mce_mlp_pair, "--method", "linear", "--members", "3", "--exact-members",
+                  "--candidates", "5", "--data", "digits", "--val-data", "digits", "--no-packed", "--report", rep_f)
+    assert res.exit_code == 0, res.output
+    rep = json.loads(rep_f.read_text())
+    assert len(rep["members"]) == 3 and rep["choice"]["rule"] == "exact"
+    assert "selection: exactly 3 distinct members (--exact-members)" in res.output
+    assert "built ensemble (3 members)" in res.output
+
+
+def test_plot_baselines_panel(tmp_path):
+    from mcensemble.plot import plot_scan
+    scan = {"points": [{"t": 0.0, "loss": 0.2, "acc": 0.9}, {"t": 1.0, "loss": 0.3, "acc": 0.8}], "barrier": 0.0}
+    rows = [{"name": "endpoint A", "cost": 1, "val": {"nll": 0.3}, "test": {"nll": 0.35}},
+            {"name": "packed pair", "cost": 1, "skipped": "not a layered network"},
+            {"name": "built ensemble (2 members)", "cost": 2, "val": {"nll": 0.25}, "test": {"nll": 0.3}}]
+    plot_scan(scan, tmp_path / "b.png", baselines=rows)
+    assert (tmp_path / "b.png").read_bytes()[:4] == b"\x89PNG"
+    with pytest.raises(ValueError, match="no baseline row has metrics on 'train'"):
+        plot_scan(scan, tmp_path / "c.png", baselines=rows, split="train")
+    assert not (tmp_path / "c.png").exists()
+
+
+def test_fge_report_has_its_baselines(mce_mlp_pair, tmp_path):
+    res = build_ensemble(mce_mlp_pair[:1], model=ModelOptions(),
+                         data=DataOptions(data="digits,train=256", val_data="digits", test_data="digits"),
+                         opts=BuildOptions(method="fge", members=2, epochs=2, lr=0.05))
+    rows = {r["name"]: r for r in res.report["baselines"]}
+    assert list(rows) == ["start checkpoint", "soup", "packed pair", "FGE ensemble (2 snapshots)"]
+    assert "no pair to pack" in rows["packed pair"]["skipped"]
+    assert rows["FGE ensemble (2 snapshots)"]["val"] == res.report["ensemble"]["val"]
+    assert rows["start checkpoint"]["test"]["nll"] == pytest.approx(res.report["start"]["test"]["nll"], rel=1e-5)
