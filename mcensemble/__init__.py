@@ -25,7 +25,7 @@ _EXPORTS = {
 #: (`mcensemble.hooks.channel_dropout(...)`), imported on first use. `mcensemble.evaluate` is
 #: the function (`from mcensemble.evaluate import scan` still reaches the module).
 _SUBMODULES = frozenset({
-    "align", "baselines", "bn", "checkpoints", "data", "distributed", "ensemble", "errors",
+    "align", "baselines", "bn", "checkpoints", "connect", "data", "distributed", "ensemble", "errors",
     "hooks", "members", "models", "pack", "paths", "pipeline", "plane", "plot", "runs",
     "stability", "train", "units", "zoo",
 })

@@ -112,7 +112,8 @@ def path_options(default_method: str) -> Callable:
     return _stack(
         click.option("--method", default=default_method, show_default=True,
                      help="Path between consecutive checkpoints: linear, bezier, polychain, dropout (layered "
-                          "networks) or short (Theorem 2: five segments, residual / squeeze-excite nets too)."),
+                          "networks), short (Theorem 2: five segments, residual / squeeze-excite nets too) or "
+                          "neb (AutoNEB: a band of pivots trained with its default schedule)."),
         click.option("--bends", type=int, default=1, show_default=True, help="Bends of a bezier / polychain curve."),
         click.option("--epochs", type=int, default=20, show_default=True, help="Curve-fitting epochs."),
         click.option("--lr", type=float, default=0.05, show_default=True,
@@ -602,3 +603,44 @@ def pack(a: str, b: str, out: str, method: str, report: str | None, **kw: Any) -
     _echo_table(rows, ("", f"{rep['split']} nll", f"{rep['split']} acc", f"{rep['split']} ece"))
     click.echo(f"packed model: {out}")
     _write_report(rep, report)
+
+
+# ---------------------------------------------------------------------------------------------
+# connect
+
+
+@main.command()
+@click.argument("inputs", nargs=-1, required=True, type=click.Path(path_type=str))
+@model_options
+@data_options
+@run_options
+@path_options("neb")
+@click.option("--points", type=int, default=11, show_default=True,
+              help="Points per pair on the straight line (the barrier matrix).")
+@click.option("--path-points", type=int, default=21, show_default=True,
+              help="Points along each tree edge's path (its saddle).")
+@click.option("--out-dir", required=True, metavar="DIR",
+              help="Where connect.json, barriers.png, tree.png and the finished pairs and paths go (rerun to resume).")
+def connect(inputs: tuple[str, ...], points: int, path_points: int, out_dir: str, **kw: Any) -> None:
+    """Connect many checkpoints (files, or folders of them): the barrier of every pair, the
+    minimum spanning tree of the barriers, and a path (--method) along each tree edge with
+    its saddle loss (Draxler et al. 2018). Finished pairs and edges in --out-dir are reused."""
+    from .connect import ConnectOptions, connect_checkpoints
+    from .pipeline import BuildOptions
+    align = bool(kw.pop("align"))
+    build = BuildOptions(align=False, **{k: kw.pop(k) for k in _PATH_KEYS if k != "align"})
+    opts = ConnectOptions(points=points, path_points=path_points, align=align)
+    model, data = _model_opts(kw), _data_opts(kw, default_data="digits")
+    rep = connect_checkpoints(inputs, out_dir=out_dir, model=model, data=data, opts=opts, build=build)
+    n = len(rep["checkpoints"])
+    for c in rep["checkpoints"]:
+        click.echo(f"[{c['index']}] {c['file']}")
+    _echo_table([(str(i), *(_fmt(v) for v in row)) for i, row in enumerate(rep["matrix"])],
+                ("barrier", *(str(j) for j in range(n))))
+    click.echo("")
+    _echo_table([(f"{e['i']} - {e['j']}", _fmt(e["barrier"]), _fmt(e["saddle"]), f"{e['saddle_t']:.2f}",
+                  e["path_file"]) for e in rep["tree"]],
+                ("tree edge", "line barrier", f"{rep['method']} saddle", "at t", "path"))
+    click.echo(f"largest saddle on the tree: {rep['tree_max_saddle']:.4f}")
+    for name in ("connect.json", "barriers.png", "tree.png"):
+        click.echo(f"{name}: {FsPath(out_dir) / name}")

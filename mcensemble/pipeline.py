@@ -361,6 +361,7 @@ class BuildOptions:
 
 def _linear_builder(net, a, b, *, opts: BuildOptions, data: DataOptions, fit_loader, bn_loader, index: int = 0,
                     graph=None):
+    neb: Any = None  # a paths.neb.NebConfig for --method neb (None: its defaults, --weight-decay, --seed)
     from .paths import LinearPath
     return LinearPath(a, b)
 
@@ -391,7 +392,19 @@ def _short_builder(net, a, b, *, opts: BuildOptions, data: DataOptions, fit_load
 #: method name -> function(net, a, b, *, opts, data, fit_loader, bn_loader, index, graph) -> Path
 #: (`index`: which consecutive pair; `graph`: a hand-given unit graph or None)
 PATH_BUILDERS = {"linear": _linear_builder, "bezier": _curve_builder, "polychain": _curve_builder,
-                 "dropout": _dropout_builder, "short": _short_builder}
+                 "dropout": _dropout_builder, "short": _short_builder, "neb": _neb_builder}
+
+#: methods whose path is trained on shuffled batches of the training data (`connect` makes that loader)
+TRAINED_METHODS = ("bezier", "polychain", "neb")
+def _neb_builder(net, a, b, *, opts: BuildOptions, data: DataOptions, fit_loader, bn_loader, index: int = 0,
+                 graph=None):
+    from .paths.neb import NebConfig, fit_neb
+    cfg = opts.neb if opts.neb is not None else NebConfig(weight_decay=opts.weight_decay, seed=data.seed)
+    ck = None if opts.checkpoint_dir is None else os.path.join(opts.checkpoint_dir, f"neb-{index}.safetensors")
+    return fit_neb(net, a, b, fit_loader, config=cfg, bn_loader=bn_loader, device=data.device,
+                   progress=data.progress, checkpoint=ck, checkpoint_every=opts.checkpoint_every, resume=opts.resume)
+
+
 
 
 #: methods that are not paths between checkpoints
@@ -464,7 +477,7 @@ def connect(states: Sequence[dict], net: torch.nn.Module, *, opts: BuildOptions,
         states, aligned = align_chain(states, net, seed=data.seed, graph=graph, progress=data.progress,
                                       data=bn_loader)
     fit_loader = None
-    if opts.method in ("bezier", "polychain"):
+    if opts.method in TRAINED_METHODS:
         from .data import create_loader
         fit_loader = create_loader(data.data, split="train", batch_size=data.batch_size, shuffle=True,
                                    seed=data.seed, model=net)
@@ -746,6 +759,8 @@ def _scan_summary(cands) -> dict[str, Any]:
 def _train_loss(c) -> float:
     return c.train.loss
 
+    if opts.method == "neb":  # each band's schedule and what every cycle inserted
+        report["neb"] = [p.metadata.get("neb") for p in paths]
 
 def _barrier(cands) -> float:
     """Largest training loss above the chord between each path's ends (0 when none is above)."""

@@ -5,7 +5,7 @@ from __future__ import annotations
 import os
 from typing import Any, Mapping, Sequence, Union
 
-__all__ = ["plot_scan", "plot_plane"]
+__all__ = ["plot_scan", "plot_plane", "plot_barrier_matrix", "plot_tree"]
 
 _KIND_LABELS = {"linear": "straight line", "bezier": "bezier", "polychain": "polychain"}
 
@@ -156,5 +156,88 @@ def plot_plane(result: Any, dest: str | os.PathLike, *, title: str | None = None
     ax.legend(fontsize="small", loc="lower right")
     if title:
         ax.set_title(title, fontsize="medium")
+    with atomic_path(dest) as tmp:
+        fig.savefig(tmp, format="png")
+
+
+def plot_barrier_matrix(matrix: Sequence[Sequence[float]], dest: str | os.PathLike, *,
+                        labels: Sequence[str] | None = None, tree: Sequence[tuple[int, int]] = (),
+                        title: str | None = None) -> None:
+    """Write a heat map of a symmetric barrier matrix (`mcensemble connect`), each cell
+    labelled with its value; the cells of `tree` edges (i, j) are outlined. Written atomically."""
+    from matplotlib.backends.backend_agg import FigureCanvasAgg
+    from matplotlib.figure import Figure
+    from matplotlib.patches import Rectangle
+
+    from ._io import atomic_path
+
+    n = len(matrix)
+    labels = list(labels) if labels is not None else [str(i) for i in range(n)]
+    if len(labels) != n:
+        raise ValueError(f"{len(labels)} labels given for a {n} x {n} matrix")
+    size = 3 + 0.6 * n
+    fig = Figure(figsize=(size + 1, size), dpi=100, layout="constrained")
+    FigureCanvasAgg(fig)
+    ax = fig.subplots()
+    im = ax.imshow([list(map(float, row)) for row in matrix], cmap="magma_r")
+    fig.colorbar(im, ax=ax, label="barrier (train loss above the chord)")
+    top = max((float(v) for row in matrix for v in row), default=0.0)
+    for i in range(n):
+        for j in range(n):
+            v = float(matrix[i][j])
+            ax.text(j, i, f"{v:.2g}", ha="center", va="center", fontsize="x-small",
+                    color="white" if top and v > 0.6 * top else "black")
+    for i, j in tree:
+        for r, c in ((i, j), (j, i)):
+            ax.add_patch(Rectangle((c - 0.5, r - 0.5), 1, 1, fill=False, ec="C2", lw=2))
+    ax.set_xticks(range(n), labels, rotation=60, ha="right", fontsize="small")
+    ax.set_yticks(range(n), labels, fontsize="small")
+    ax.set_title(title or "barriers (green: minimum spanning tree)", fontsize="medium")
+    with atomic_path(dest) as tmp:
+        fig.savefig(tmp, format="png")
+
+
+def plot_tree(n: int, edges: Sequence[Mapping[str, Any]], dest: str | os.PathLike, *,
+              labels: Sequence[str] | None = None, title: str | None = None) -> None:
+    """Write a picture of a spanning tree over `n` checkpoints (on a circle): `edges` are
+    dicts with `i`, `j` and `saddle` (the largest loss along that edge's path, also its
+    colour) and optionally `barrier` (the straight line's). Written atomically."""
+    import math
+
+    from matplotlib import colormaps
+    from matplotlib.backends.backend_agg import FigureCanvasAgg
+    from matplotlib.cm import ScalarMappable
+    from matplotlib.colors import Normalize
+    from matplotlib.figure import Figure
+
+    from ._io import atomic_path
+
+    labels = list(labels) if labels is not None else [str(i) for i in range(n)]
+    if len(labels) != n:
+        raise ValueError(f"{len(labels)} labels given for {n} checkpoints")
+    pos = [(math.cos(2 * math.pi * k / n + math.pi / 2), math.sin(2 * math.pi * k / n + math.pi / 2))
+           for k in range(n)]
+    fig = Figure(figsize=(6.5, 6), dpi=100, layout="constrained")
+    FigureCanvasAgg(fig)
+    ax = fig.subplots()
+    saddles = [float(e["saddle"]) for e in edges]
+    norm = Normalize(vmin=min(saddles, default=0.0), vmax=max(saddles, default=1.0) or 1.0)
+    cmap = colormaps["viridis"]
+    for e, s in zip(edges, saddles):
+        (x0, y0), (x1, y1) = pos[e["i"]], pos[e["j"]]
+        ax.plot([x0, x1], [y0, y1], "-", color=cmap(norm(s)), lw=3, zorder=1)
+        text = f"{s:.3g}" + (f"\n(line {float(e['barrier']):.2g})" if "barrier" in e else "")
+        ax.annotate(text, ((x0 + x1) / 2, (y0 + y1) / 2), ha="center", va="center", fontsize="small",
+                    bbox={"boxstyle": "round", "fc": "white", "alpha": 0.8})
+    for k, (x, y) in enumerate(pos):
+        ax.plot([x], [y], "o", ms=14, color="white", mec="black", zorder=2)
+        ax.annotate(labels[k], (x, y), textcoords="offset points", xytext=(0, 12), ha="center", fontsize="small")
+    sm = ScalarMappable(norm=norm, cmap=cmap)
+    fig.colorbar(sm, ax=ax, label="saddle: largest train loss along the path")
+    ax.set_xlim(-1.4, 1.4)
+    ax.set_ylim(-1.4, 1.4)
+    ax.set_aspect("equal")
+    ax.axis("off")
+    ax.set_title(title or "minimum spanning tree", fontsize="medium")
     with atomic_path(dest) as tmp:
         fig.savefig(tmp, format="png")
