@@ -389,13 +389,6 @@ def _short_builder(net, a, b, *, opts: BuildOptions, data: DataOptions, fit_load
                             seed=data.seed)
 
 
-#: method name -> function(net, a, b, *, opts, data, fit_loader, bn_loader, index, graph) -> Path
-#: (`index`: which consecutive pair; `graph`: a hand-given unit graph or None)
-PATH_BUILDERS = {"linear": _linear_builder, "bezier": _curve_builder, "polychain": _curve_builder,
-                 "dropout": _dropout_builder, "short": _short_builder, "neb": _neb_builder}
-
-#: methods whose path is trained on shuffled batches of the training data (`connect` makes that loader)
-TRAINED_METHODS = ("bezier", "polychain", "neb")
 def _neb_builder(net, a, b, *, opts: BuildOptions, data: DataOptions, fit_loader, bn_loader, index: int = 0,
                  graph=None):
     from .paths.neb import NebConfig, fit_neb
@@ -405,6 +398,13 @@ def _neb_builder(net, a, b, *, opts: BuildOptions, data: DataOptions, fit_loader
                    progress=data.progress, checkpoint=ck, checkpoint_every=opts.checkpoint_every, resume=opts.resume)
 
 
+#: method name -> function(net, a, b, *, opts, data, fit_loader, bn_loader, index, graph) -> Path
+#: (`index`: which consecutive pair; `graph`: a hand-given unit graph or None)
+PATH_BUILDERS = {"linear": _linear_builder, "bezier": _curve_builder, "polychain": _curve_builder,
+                 "dropout": _dropout_builder, "short": _short_builder, "neb": _neb_builder}
+
+#: methods whose path is trained on shuffled batches of the training data (`connect` makes that loader)
+TRAINED_METHODS = ("bezier", "polychain", "neb")
 
 
 #: methods that are not paths between checkpoints
