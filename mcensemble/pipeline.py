@@ -357,11 +357,11 @@ class BuildOptions:
     checkpoint_dir: str | None = None  # curve fits save their state here (curve-<i>.safetensors)
     checkpoint_every: int | None = None  # ... every N steps too (always at each epoch's end)
     resume: bool = False  # continue the fits saved in checkpoint_dir
+    neb: Any = None  # a paths.neb.NebConfig for --method neb (None: its defaults, --weight-decay, --seed)
 
 
 def _linear_builder(net, a, b, *, opts: BuildOptions, data: DataOptions, fit_loader, bn_loader, index: int = 0,
                     graph=None):
-    neb: Any = None  # a paths.neb.NebConfig for --method neb (None: its defaults, --weight-decay, --seed)
     from .paths import LinearPath
     return LinearPath(a, b)
 
@@ -746,6 +746,8 @@ def _build_report(files, cks, paths, grid, members, weights, line, opts: BuildOp
     if opts.method in ("bezier", "polychain"):
         report["curve"] = {"kind": opts.method, "bends": opts.bends, "epochs": opts.epochs, "lr": opts.lr,
                            "weight_decay": opts.weight_decay}
+    if opts.method == "neb":  # each band's schedule and what every cycle inserted
+        report["neb"] = [p.metadata.get("neb") for p in paths]
     if getattr(paths[0], "certificate", None):
         report["certificates"] = [p.certificate for p in paths]
     return report
@@ -759,8 +761,6 @@ def _scan_summary(cands) -> dict[str, Any]:
 def _train_loss(c) -> float:
     return c.train.loss
 
-    if opts.method == "neb":  # each band's schedule and what every cycle inserted
-        report["neb"] = [p.metadata.get("neb") for p in paths]
 
 def _barrier(cands) -> float:
     """Largest training loss above the chord between each path's ends (0 when none is above)."""
