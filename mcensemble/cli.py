@@ -116,11 +116,14 @@ def path_options(default_method: str) -> Callable:
                           "neb (AutoNEB: a band of pivots trained with its default schedule)."),
         click.option("--bends", type=int, default=1, show_default=True, help="Bends of a bezier / polychain curve."),
         click.option("--epochs", type=int, default=20, show_default=True, help="Curve-fitting epochs."),
-        click.option("--lr", type=float, default=0.05, show_default=True,
-                     help="Curve-fitting learning rate (constant for half the steps, then linear decay to 1%)."),
+        click.option("--lr", type=float, default=0.04, show_default=True,
+                     help="Curve-fitting learning rate of the curve's points: the bends step at lr / max_t sum c_i(t)^2 "
+                          "(4 x lr for one Bezier bend). Constant for half the steps, then linear decay to 1%."),
         click.option("--weight-decay", type=float, default=5e-4, show_default=True, help="Weight decay on theta(t)."),
-        click.option("--align", is_flag=True,
-                     help="Permute each checkpoint's hidden units to match the previous one first (weight matching)."),
+        click.option("--align/--no-align", default=None,
+                     help="Permute each checkpoint's hidden units to match the previous one first (weight matching). "
+                          "Default: on for bezier / polychain curves (the bends start from the aligned midpoints), "
+                          "off otherwise."),
     )
 
 
@@ -542,13 +545,16 @@ def eval_cmd(ensemble: str, model_entry: str | None, trust_remote_code: bool, re
 @click.option("--out", required=True, metavar="B_ALIGNED.safetensors", help="Where to write the permuted B.")
 @click.option("--seed", type=int, default=0, show_default=True, help="Seed of the group order in weight matching.")
 @click.option("--report", metavar="FILE.json", help="Write the alignment summary as JSON.")
-def align(a: str, b: str, out: str, seed: int, report: str | None, **kw: Any) -> None:
+@click.option("--data", metavar="SPEC", default=None,
+              help="Data whose inputs the model takes (same forms as build's --data): one batch traces the "
+                   "model and checks the result. Default: an input shape guessed from the model.")
+def align(a: str, b: str, out: str, seed: int, report: str | None, data: str | None, **kw: Any) -> None:
     """Permute B's hidden units to match A's (weight matching on the unit graph).
 
     The written B computes exactly the same function as B; paths from A to it are shorter
     and usually lower."""
     from .pipeline import align_files
-    rep = align_files(a, b, out, model=_model_opts(kw), seed=seed)
+    rep = align_files(a, b, out, model=_model_opts(kw), seed=seed, data=data)
     click.echo(f"aligned {b} to {a}: {rep['groups']} unit groups, {rep['moved']:.0%} of units moved, "
                f"{rep['iterations']} sweeps, objective {rep['objective_before']:.4g} -> {rep['objective_after']:.4g}")
     click.echo(f"wrote {out}")

@@ -13,7 +13,7 @@ from typing import Any, Sequence
 
 import torch
 
-from .errors import BadOptionError, CheckpointError
+from .errors import BadOptionError, CheckpointError, MCEnsembleError
 from .paths.fit import CurveConfig
 
 __all__ = ["ModelOptions", "DataOptions", "BuildOptions", "BuildResult", "PATH_BUILDERS", "OTHER_METHODS",
@@ -352,7 +352,7 @@ class BuildOptions:
     lr: float = CurveConfig.lr
     weight_decay: float = CurveConfig.weight_decay
     strategy: str = "auto"
-    align: bool = False
+    align: bool | None = None  # None: align before fitting a curve (bezier / polychain), not otherwise
     repair: bool = False
     checkpoint_dir: str | None = None  # curve fits save their state here (curve-<i>.safetensors)
     checkpoint_every: int | None = None  # ... every N steps too (always at each epoch's end)
@@ -469,13 +469,22 @@ def connect(states: Sequence[dict], net: torch.nn.Module, *, opts: BuildOptions,
     """Paths between consecutive states by `opts.method` (after alignment with `opts.align`).
     `graph`: the unit graph given by hand (alignment, dropout paths), else traced when needed.
 
-    Returns (paths, the endpoint states the paths use, alignment reports). With `--align`,
-    every checkpoint after the first is replaced by its permutation matching the previous
-    one, so the paths end at permuted checkpoints that compute the same functions."""
+    Returns (paths, the endpoint states the paths use, alignment reports). With `--align`
+    (by default for bezier / polychain curves, whose bends then start from the aligned
+    midpoints: docs/benchmarks/quality.md), every checkpoint after the first is replaced by
+    its permutation matching the previous one, so the paths end at permuted checkpoints that
+    compute the same functions. A model that cannot be traced is then fitted unaligned, with
+    a warning, unless `opts.align` is True."""
     aligned: list[dict[str, Any]] = []
-    if opts.align:
-        states, aligned = align_chain(states, net, seed=data.seed, graph=graph, progress=data.progress,
-                                      data=bn_loader)
+    if opts.align or (opts.align is None and opts.method in ("bezier", "polychain")):
+        try:
+            states, aligned = align_chain(states, net, seed=data.seed, graph=graph, progress=data.progress,
+                                          data=bn_loader)
+        except MCEnsembleError as e:  # by default a curve is fitted between the checkpoints as they are
+            if opts.align:
+                raise
+            _log.warning("cannot align the checkpoints before fitting the curve (%s); fitting it between "
+                         "them as they are (pass --no-align to skip alignment)", e)
     fit_loader = None
     if opts.method in TRAINED_METHODS:
         from .data import create_loader
@@ -946,15 +955,18 @@ def _eval_baselines(ens, file, per, loader, train, test, model, data: DataOption
 
 
 def align_files(a_file: str | os.PathLike, b_file: str | os.PathLike, out: str | os.PathLike, *,
-                model: ModelOptions, seed: int = 0, progress: bool | None = None) -> dict[str, Any]:
+                model: ModelOptions, seed: int = 0, progress: bool | None = None,
+                data: Any = None) -> dict[str, Any]:
     """Write B with its hidden units permuted to match A (`mcensemble align`). The result
-    computes the same function as B (checked on an example input before writing)."""
+    computes the same function as B (checked on an example input before writing: a batch of
+    `data`, a data spec or DataLoader, when given; else a shape guessed from the model)."""
     from .align import align_states
     from .checkpoints import save_checkpoint
     a, b = load_endpoints([a_file, b_file], model)
     net = a.build_model()
+    from .data import example_input
     res = align_states(net, a.state_dict, b.state_dict, graph=unit_graph_of(net, model), seed=seed,
-                       progress=progress)
+                       example_input=example_input(net, data=data), progress=progress)
     md = {k: b.metadata.get(k) for k in ("arch", "num_classes", "in_chans", "model_args") if b.metadata.get(k) is not None}
     info = res.to_dict()
     md["alignment"] = {**info, "aligned_to": {"file": str(a_file), "sha256": a.metadata.get("sha256")},

@@ -181,7 +181,7 @@ def seq_data():
 '''
 
 
-@pytest.mark.parametrize("command", ["build", "scan"])
+@pytest.mark.parametrize("command", ["build", "scan", "align"])
 def test_cli_align_traces_a_sequential_1d_cnn_with_the_data(command, mce_cli, tmp_path, monkeypatch):
     """A Sequential 1-D CNN has no input shape to guess: --align must trace it with --data's inputs."""
     import importlib
@@ -202,8 +202,13 @@ def test_cli_align_traces_a_sequential_1d_cnn_with_the_data(command, mce_cli, tm
             net = randomize(mod.seq_cnn(), seed)
             files.append(tmp_path / f"{seed}.safetensors")
             save_checkpoint(net.state_dict(), files[-1])
-        common = ["--model", f"{name}:seq_cnn", "--data", f"{name}:seq_data", "--method", "linear", "--align",
-                  "--report", tmp_path / "r.json"]
+        common = ["--model", f"{name}:seq_cnn", "--data", f"{name}:seq_data", "--report", tmp_path / "r.json"]
+        if command == "align":
+            res = mce_cli("align", *files, *common, "--out", tmp_path / "b2.safetensors")
+            assert res.exit_code == 0, res.output
+            assert json.loads((tmp_path / "r.json").read_text())["groups"] >= 2
+            return
+        common += ["--method", "linear", "--align"]
         if command == "build":
             args = ["build", *files, *common, "--members", "2", "--selection", "uniform", "--candidates", "3",
                     "--out", tmp_path / "ens.safetensors"]

@@ -377,3 +377,35 @@ def test_architecture_mismatch():
         fit_curve(small_cnn(), a, b, loader, config=CurveConfig(epochs=1))
     with pytest.raises(ArchitectureMismatchError, match="features.0.weight"):
         fit_curve(DigitsCNN(widths=(4, 16)), a, clone_state(a), loader, config=CurveConfig(epochs=1))
+
+
+def test_default_fit_is_flat_on_a_small_bn_cnn_pair():
+    """The default fit (B aligned to A first, as `build` does for curves, then `CurveConfig()`:
+    20 epochs in batches of 128) keeps the whole curve within 2x of the endpoints' training
+    loss, BN re-estimated at every point; the straight line between them is far above."""
+    from mcensemble.align import align_states
+    from mcensemble.data import digits_tensors
+    from mcensemble.paths.fit import bend_lr_scale
+    x, y = digits_tensors("train")
+    ds = TensorDataset(x[:600], y[:600])
+    make = small_cnn
+    a, b = (clone_state(m) for m in train_pair(make, epochs=10, data=DataLoader(
+        ds, batch_size=64, shuffle=True, generator=torch.Generator().manual_seed(0))))
+    b_aligned = align_states(make(), a, b, example_input=x[:4]).state
+    path = fit_curve(make(), a, b_aligned, DataLoader(ds, batch_size=128, shuffle=True), config=CurveConfig(),
+                     progress=False)
+    assert path.metadata["fit"]["bend_lr"] == pytest.approx(CurveConfig.lr * bend_lr_scale("bezier", 1))
+    full = DataLoader(ds, batch_size=600)
+    model = make()
+    losses = [mean_loss(model, path.state_at(i / 10), full) for i in range(11)]
+    ends = 0.5 * (losses[0] + losses[-1])
+    assert max(losses) <= 2.0 * ends, losses
+    line_mid = mean_loss(model, {k: (0.5 * a[k] + 0.5 * b[k]) if a[k].is_floating_point() else a[k] for k in a}, full)
+    assert line_mid > 10 * ends, (line_mid, ends)
+
+
+@pytest.mark.parametrize("kind, n, scale", [("bezier", 1, 4.0), ("bezier", 2, 1 / (2 * (3 / 8) ** 2)),
+                                            ("polychain", 1, 1.0), ("polychain", 3, 1.0)])
+def test_bend_lr_scale(kind, n, scale):
+    from mcensemble.paths.fit import bend_lr_scale
+    assert bend_lr_scale(kind, n) == pytest.approx(scale, rel=1e-6)

@@ -81,7 +81,7 @@ def test_resume_refuses_another_fit(ends, tmp_path):
         fit_curve(make(), a, b, loader(), config=CFG, progress=False, checkpoint=ck)
     assert e.value.option == "--resume"
     cases = [
-        (dict(config=CurveConfig(**{**CFG.__dict__, "lr": 0.1})), r"--lr 0\.05.*--lr 0\.1"),
+        (dict(config=CurveConfig(**{**CFG.__dict__, "lr": 0.1})), r"--lr 0\.04.*--lr 0\.1"),
         (dict(config=CurveConfig(**{**CFG.__dict__, "kind": "polychain"})), "--method 'bezier'"),
         (dict(b={k: v + 1 for k, v in b.items()}), r"other endpoints: B \(t = 1\)"),
         (dict(loader=loader(batch_size=32)), "batches per epoch"),

@@ -58,7 +58,8 @@ from ..errors import BadOptionError, CheckpointError, MCEnsembleError
 from .base import check_same_layout, meta_field, state_dict_sha256
 from .curves import CURVE_KINDS, BezierPath, PolyChainPath, curve_coefficients, is_interpolated
 
-__all__ = ["CurveConfig", "CurveFitter", "FitInterrupted", "fit_curve", "lr_factor", "validate_curve_config",
+__all__ = ["CurveConfig", "CurveFitter", "FitInterrupted", "fit_curve", "lr_factor", "bend_lr_scale",
+           "validate_curve_config",
            "epoch_batches", "epoch_seed", "read_fit_checkpoint", "FIT_CHECKPOINT_FORMAT"]
 
 log = logging.getLogger(__name__)
@@ -71,8 +72,11 @@ class CurveConfig:
     """How to fit a curve.
 
     kind: "bezier" or "polychain"; bends: number of bends n >= 1; epochs: passes over the
-    loader (one step per batch); lr: SGD learning rate, held for the first half of the steps,
-    then decayed linearly to 1% of it at the last step; momentum: SGD momentum;
+    loader (one step per batch); lr: the SGD learning rate *of the curve's points*: the bends'
+    own learning rate is ``lr * bend_lr_scale(kind, bends)`` (4 x lr for one Bezier bend,
+    see `bend_lr_scale`), so that where the curve moves most with its bends (t = 0.5 for one
+    bend) a step moves theta(t) as far as a step at `lr` moves a trained model. Held for the
+    first half of the steps, then decayed linearly to 1% of it at the last step; momentum: SGD momentum;
     weight_decay: coefficient of ``weight_decay / 2 * ||theta(t)||^2`` (parameters at the
     sampled point, not the bends); seed: seeds the draws of t and the torch RNG used inside
     (dropout, shuffling), without disturbing the caller's RNG state; max_grad_norm: clip the
@@ -82,7 +86,7 @@ class CurveConfig:
     kind: str = "bezier"
     bends: int = 1
     epochs: int = 20
-    lr: float = 0.05
+    lr: float = 0.04
     momentum: float = 0.9
     weight_decay: float = 5e-4
     seed: int = 0
@@ -117,6 +121,24 @@ def validate_curve_config(config: CurveConfig) -> None:
                              option="--max-grad-norm")
     if not _is_int(config.seed):
         raise BadOptionError(f"--seed must be an integer, got {config.seed!r}", option="--seed")
+
+
+def bend_lr_scale(kind: str, bends: int) -> float:
+    """``1 / max_t sum_i c_i(t)^2`` over the bends' coefficients of a curve of `kind` with
+    `bends` bends (t on a grid of 1000 (bends + 1) + 1 points, the chain's vertices included).
+
+    A step of ``-eta * c_i(t) * g`` on every bend i (the gradient of a loss at theta(t)) moves
+    theta(t) by ``-eta * sum_i c_i(t)^2 * g``: the points of the curve learn at only a fraction
+    of the bends' learning rate, a quarter at t = 0.5 for one Bezier bend (2 t (1 - t) = 1/2).
+    Fitting at the endpoints' own learning rate therefore trains the middle of the curve 4x
+    slower than the endpoints were trained, and the fit stalls far above their loss
+    (docs/benchmarks/quality.md). Multiplying the bends' learning rate by this factor makes the
+    step of theta(t) at its most-moved point equal to `CurveConfig.lr`: 4 for one Bezier bend,
+    about 3.6 for two, 1 for a polygonal chain (a vertex is a bend itself)."""
+    n = int(bends)
+    steps = 1000 * (n + 1)
+    peak = max(sum(c * c for c in curve_coefficients(kind, i / steps, n)[1:-1]) for i in range(steps + 1))
+    return 1.0 / peak
 
 
 def lr_factor(step: int, total: int) -> float:
@@ -353,7 +375,8 @@ def fit_curve(model: Any, a: Mapping[str, torch.Tensor], b: Mapping[str, torch.T
         restorer.restore()
 
     cls = BezierPath if config.kind == "bezier" else PolyChainPath
-    fit_meta = {"epochs": config.epochs, "steps": total, "lr": config.lr, "momentum": config.momentum,
+    fit_meta = {"epochs": config.epochs, "steps": total, "lr": config.lr, "bend_lr": run.bend_lr,
+                "momentum": config.momentum,
                 "weight_decay": config.weight_decay, "seed": config.seed, "max_grad_norm": config.max_grad_norm}
     if dist_.world_size() > 1:
         fit_meta["world_size"] = dist_.world_size()
@@ -507,6 +530,7 @@ class _FitRun:
         self.checkpoint = None if checkpoint is None else str(checkpoint)
         self.a, self.b = a, b
         self.step = 0
+        self.bend_lr = config.lr * bend_lr_scale(config.kind, config.bends)
         self.gen = torch.Generator()
         self.cuda = device.type == "cuda"
         self._hashes: list[str] | None = None
@@ -565,7 +589,7 @@ class _FitRun:
                 if world > 1:
                     sync = torch.tensor([0.0 if x is None else float(len(x)), float(stop.signum or 0)],
                                         dtype=torch.float64, device=self.device if self.cuda else "cpu")
-                loss = fitter.step(x, y, t, cfg.lr * lr_factor(self.step, self.total), sync=sync)
+                loss = fitter.step(x, y, t, self.bend_lr * lr_factor(self.step, self.total), sync=sync)
                 self.step += 1
                 stopping = (float(sync[1]) > 0) if sync is not None else stop.signum is not None
                 if want_loss:

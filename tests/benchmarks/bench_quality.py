@@ -1,287 +1,357 @@
-"""Benchmark: quality of a curve ensemble at equal training budget.
+"""Benchmark: ensemble quality at equal training epochs, side by side in one run.
 
-For each architecture (the built-in MLP `mce_digits_mlp` and BN CNN `mce_digits_cnn`) and
-each seed:
+For each task, model and seed (5 seeds by default), at equal training epochs E:
 
-- train endpoints A and B (E epochs each, `mcensemble.train.train_model`, batch 64) on a
-  hard digits setting (default `digits,train=300,noise=0.2`: 300 training examples, a
-  fifth of their labels wrong; see SETTING_NOTE);
-- connect them with a Bezier curve (one bend, F curve epochs) with
-  `mcensemble.pipeline.build_ensemble`, K = 4 members chosen greedily on validation NLL.
-  The validation data of the build is a *selection* split disjoint from both the training
-  examples and the test split: 360 clean digits training-split examples the endpoints never
-  saw (indices 1077..1436 of the digits train split). The same curve's uniform members
-  (t = 0, 1/3, 2/3, 1) are reported too, and greedy members chosen on the test split
-  itself (optimistic: selection and report on the same data);
-- train a third model C (E epochs, another seed). Budget: A and B cost 2E epochs, the curve
-  F epochs; with F = E the curve ensemble costs 3E epochs, as much as the independent
-  ensemble A + B + C (3 models of E epochs). Curve steps cost about as much as training
-  steps (bench_curve_step.py); the candidate evaluations of the build (BN re-estimation and
-  forward passes at 11 points) are not counted;
-- report on the held-out `digits` val split (360 examples, never used for training or
-  selection): each endpoint, the curve ensemble, the independent 3-model ensemble, the
-  2-model A + B ensemble. Accuracy, NLL, ECE (15 bins) of the mean-probability ensemble.
-  Endpoints are the trained checkpoints as they are (their own BN running statistics);
-  curve members have BN re-estimated on the training data (as the build does).
-- one point of the curve alone: the grid point with the lowest selection-split NLL (it
-  shows how much of the gain is one better model rather than averaging);
-- also: the curve's worst training loss on the 11-point grid against the straight line's
-  midpoint training loss (both from the build report, BN re-estimated at every point).
+- endpoints A and B, and a third model C, trained independently (`train.train_model`:
+  SGD, cosine, batch 64, E epochs each, seeds 10 s, 10 s + 1, 10 s + 2);
+- the two-endpoint ensemble A + B (cost 2E) and the independent 3-model ensemble A + B + C (3E);
+- FGE from A (`hooks.fge_train`): E more epochs in 4 cycles, lr 0.05 -> 0.0005, one snapshot
+  per cycle, BN re-estimated (cost 2E: the budget of A + B, Garipov et al. 2018's "1 budget"
+  comparison is FGE against the independent 2-model ensemble);
+- the curve between A and B fitted with the library's defaults (`paths.fit.CurveConfig()`;
+  B aligned to A first, as `build` does by default for curves) for E epochs (cost 3E, as A + B + C);
+  11 points scanned (BN re-estimated on the training data), members chosen on the selection
+  split with the build's selection (`members.select_members`: greedy with replacement behind
+  a paired-bootstrap gate, member weights), at most 3, 5 and 8 distinct members;
+- for comparison, the same with the previous default fit (B not aligned, the bends stepping
+  at 0.05, i.e. `CurveConfig(lr=0.0125)`), at most 5 members.
 
-Mean +- std over seeds (seed s: A from seed 10 s, B from 10 s + 1, C from 10 s + 2).
+Selection data (the build's validation data) is disjoint from the training and test data;
+the test data is used for nothing else. Reported: test NLL / accuracy / ECE of every row,
+the selection-split NLL of each built ensemble against the A + B ensemble of the same
+(BN re-estimated) endpoints, the curve's flatness (worst training loss of the 11 points /
+mean of the two endpoints', BN re-estimated at every point), and the three targets.
+
+Tasks:
+- `digits`: the built-in digits, `digits,train=300,noise=0.2` (300 training examples, a fifth
+  of the labels wrong); selection: digits train-split examples 1077..1436 (clean, unseen);
+  test: the digits val split (360). Models: `mce_digits_cnn` (BN CNN), `mce_digits_mlp`, timm
+  `test_efficientnet` (BN, depthwise convolutions).
+- `seq`: a generated 1-D sequence classification (`seq_tensors`): 6 motifs (sines, a step, a
+  ramp, a bump, a chirp) of length 16 at a random shift in a sequence of 64, random amplitude,
+  a random linear trend and Gaussian noise (sigma 0.5); 800 training, 400 selection and 2000 test
+  sequences, each split from its own seed. Model: a Sequential BN 1-D CNN (`seq_cnn`); an MLP
+  (`seq_mlp`) with `--only seq:seq_mlp`.
 
 Run:  python tests/benchmarks/bench_quality.py [--seeds 5] [--out FILE.md] [--threads 1]
-      [--data SPEC] [--epochs E] [--curve-epochs F] [--arch mce_digits_cnn ...]
+      [--only digits:mce_digits_cnn seq:seq_cnn ...]
 Not collected by pytest (file name does not start with test_).
 """
 from __future__ import annotations
 
 import argparse
+import copy
+import math
 import os
 import platform
 import statistics
 import sys
-import tempfile
 import time
-import types
 from pathlib import Path
 
 import torch
+import torch.nn as nn
+from torch.utils.data import DataLoader, TensorDataset
 
 if __package__ in (None, ""):
     sys.path.insert(0, str(Path(__file__).resolve().parents[2]))
 
 from mcensemble import zoo  # noqa: F401,E402  (registers mce_* archs)
-from mcensemble.checkpoints import save_checkpoint  # noqa: E402
-from mcensemble.data import create_loader, digits_tensors  # noqa: E402
-from mcensemble.members import (ensemble_metrics, evaluate_candidates, predict_log_probs,  # noqa: E402
-                                select_greedy_nll, uniform_points)
-from mcensemble.models import ModelSpec, create_model  # noqa: E402
-from mcensemble.pipeline import BuildOptions, DataOptions, ModelOptions, build_ensemble  # noqa: E402
+from mcensemble.bn import has_batchnorm, update_bn  # noqa: E402
+from mcensemble.data import create_dataset, digits_tensors  # noqa: E402
+from mcensemble.hooks import fge_train  # noqa: E402
+from mcensemble.members import (candidate_state, ensemble_metrics, evaluate_candidates,  # noqa: E402
+                                predict_log_probs, select_members)
+from mcensemble.paths.fit import CurveConfig, fit_curve  # noqa: E402
 from mcensemble.train import TrainConfig, train_model  # noqa: E402
 
-DEFAULT_DATA = "digits,train=300,noise=0.2"
-SETTING_NOTE = (
-    "Plain `digits` is too easy (CNN val NLL ~0.03; two CNNs barely beat the better one). "
-    "Label noise on the full training split (`noise=0.3`) makes models underconfident on clean "
-    "test labels, so averaging (which lowers confidence further) does not help NLL. A small "
-    "training subset alone (`train=300`) leaves the models well calibrated and similar (the MLP "
-    "pair barely beats its better member). A small subset with label noise (`train=300,noise=0.2`, "
-    "trained long enough to fit the noise) gives overconfident, diverse models: there ensembling "
-    "clearly lowers NLL, most of all for the CNN."
-)
-
-#: indices of the digits train split used as the build's selection (validation) data: clean
-#: labels, disjoint from the first N <= 1077 training examples and from the test split.
+DIGITS_TRAIN = "digits,train=300,noise=0.2"
+#: digits train-split examples used as selection data: clean labels, unseen in training
 SELECTION = (1077, 1437)
+SEQ_LENGTH, SEQ_CLASSES, SEQ_NOISE = 64, 6, 0.5
+SEQ_SIZES = {"train": (800, 1), "selection": (400, 2), "test": (2000, 3)}  # split -> (examples, seed)
+KS = (3, 5, 8)
+GRID = 11
+FGE_CYCLES = 4
+#: CurveConfig.lr that reproduces the previous default fit (the bends at 0.05, 4 x 0.0125)
+OLD_LR = 0.0125
 
-_DATA_MODULE = "_mce_bench_quality_data"
+
+# ----------------------------------------------------------------------------- the sequence task
+def _motifs(length: int = 16) -> torch.Tensor:
+    u = torch.arange(length, dtype=torch.float32)
+    return torch.stack([
+        torch.sin(2 * math.pi * u / 8),
+        torch.sin(2 * math.pi * u / 5.3),
+        torch.where(u < length / 2, 1.0, -1.0),
+        2 * u / (length - 1) - 1,
+        2 * torch.exp(-((u - length / 2) ** 2) / 8) - 0.5,
+        torch.sin(2 * math.pi * u * u / (length * 10)),
+    ])
 
 
-def _selection_dataset():
+def seq_tensors(n: int, seed: int, *, length: int = SEQ_LENGTH, noise: float = SEQ_NOISE) -> tuple[torch.Tensor, torch.Tensor]:
+    """`n` sequences (n, 1, length) and labels (n,): a class motif at a random shift and
+    amplitude, on a random linear trend, plus Gaussian noise; reproducible from `seed`."""
+    g = torch.Generator().manual_seed(seed)
+    m = _motifs()[:SEQ_CLASSES]
+    y = torch.randint(0, SEQ_CLASSES, (n,), generator=g)
+    x = noise * torch.randn(n, 1, length, generator=g)
+    shift = torch.randint(0, length - m.shape[1] + 1, (n,), generator=g)
+    amp = 0.6 + 0.8 * torch.rand(n, generator=g)
+    trend = (torch.rand(n, generator=g) - 0.5) * 2
+    x += trend[:, None, None] * torch.linspace(-1, 1, length)[None, None]
+    for i in range(n):
+        s = int(shift[i])
+        x[i, 0, s:s + m.shape[1]] += amp[i] * m[y[i]]
+    return x, y
+
+
+def seq_cnn(num_classes: int = SEQ_CLASSES, width: int = 16) -> nn.Sequential:
+    """A Sequential 1-D CNN with BatchNorm (three Conv-BN-ReLU blocks, global max pooling)."""
+    return nn.Sequential(
+        nn.Conv1d(1, width, 5, padding=2, bias=False), nn.BatchNorm1d(width), nn.ReLU(), nn.MaxPool1d(2),
+        nn.Conv1d(width, 2 * width, 5, padding=2, bias=False), nn.BatchNorm1d(2 * width), nn.ReLU(), nn.MaxPool1d(2),
+        nn.Conv1d(2 * width, 2 * width, 3, padding=1, bias=False), nn.BatchNorm1d(2 * width), nn.ReLU(),
+        nn.AdaptiveMaxPool1d(1), nn.Flatten(), nn.Linear(2 * width, num_classes))
+
+
+def seq_mlp(num_classes: int = SEQ_CLASSES, width: int = 128) -> nn.Sequential:
+    return nn.Sequential(nn.Flatten(), nn.Linear(SEQ_LENGTH, width), nn.ReLU(), nn.Linear(width, width), nn.ReLU(),
+                         nn.Linear(width, num_classes))
+
+
+def _timm(arch: str, **kw):
+    def make() -> nn.Module:
+        import timm
+        return timm.create_model(arch, num_classes=10, in_chans=1, **kw)
+    return make
+
+
+# ----------------------------------------------------------------------------- tasks
+def digits_splits() -> dict[str, TensorDataset]:
     x, y = digits_tensors("train")
     lo, hi = SELECTION
-    return torch.utils.data.TensorDataset(x[lo:hi].contiguous(), y[lo:hi].clone())
+    return {"train": create_dataset(DIGITS_TRAIN, split="train"),
+            "selection": TensorDataset(x[lo:hi].contiguous(), y[lo:hi].clone()),
+            "test": create_dataset("digits", split="val")}
 
 
-def selection_spec() -> str:
-    """A `module:function` data spec for the selection split (a module registered in sys.modules)."""
-    if _DATA_MODULE not in sys.modules:
-        mod = types.ModuleType(_DATA_MODULE)
-        mod.selection = _selection_dataset
-        sys.modules[_DATA_MODULE] = mod
-    return f"{_DATA_MODULE}:selection"
+def seq_splits() -> dict[str, TensorDataset]:
+    return {k: TensorDataset(*seq_tensors(n, seed)) for k, (n, seed) in SEQ_SIZES.items()}
 
 
-def _train_size(spec: str) -> int:
-    for part in spec.split(",")[1:]:
-        k, _, v = part.partition("=")
-        if k.strip() == "train":
-            return int(v)
-    return 1437
+#: task -> (splits, {model name: (factory, epochs E)})
+TASKS = {
+    "digits": (digits_splits, {"mce_digits_cnn": (_timm("mce_digits_cnn"), 30),
+                               "mce_digits_mlp": (_timm("mce_digits_mlp"), 40),
+                               "timm test_efficientnet": (_timm("test_efficientnet"), 10)}),
+    "seq": (seq_splits, {"seq_cnn (BN, 1-D)": (seq_cnn, 15)}),
+}
+#: not run by default (the MLP on the sequences reaches only ~50% accuracy): --only 'seq:seq_mlp'
+EXTRA = {"seq": {"seq_mlp": (seq_mlp, 20)}}
+DATA_NOTE = {
+    "digits": f"`{DIGITS_TRAIN}` (300 training examples, 20% wrong labels); selection: digits train-split "
+              f"examples {SELECTION[0]}..{SELECTION[1] - 1} (clean, unseen); test: the digits val split (360).",
+    "seq": f"generated 1-D sequences ({SEQ_CLASSES} motifs at random shifts, amplitude, trend, noise sigma "
+           f"{SEQ_NOISE}); {SEQ_SIZES['train'][0]} training, {SEQ_SIZES['selection'][0]} selection, "
+           f"{SEQ_SIZES['test'][0]} test sequences, each split from its own seed.",
+}
 
 
-def train_one(arch: str, data: str, epochs: int, seed: int, dest: Path) -> Path:
-    """Train one model (SGD, cosine, batch 64) from `seed` and save it as safetensors."""
+def _loader(ds, *, shuffle: bool = False, seed: int = 0, batch_size: int = 64) -> DataLoader:
+    gen = torch.Generator().manual_seed(seed) if shuffle else None
+    return DataLoader(ds, batch_size=batch_size, shuffle=shuffle, generator=gen)
+
+
+def train_one(make, ds, epochs: int, seed: int) -> nn.Module:
     torch.manual_seed(seed)
-    net = create_model(ModelSpec(arch=arch, kwargs={"num_classes": 10, "in_chans": 1}))
-    loader = create_loader(data, split="train", batch_size=64, shuffle=True, seed=seed, model=net)
-    train_model(net, loader, config=TrainConfig(epochs=epochs, seed=seed), progress=False)
-    save_checkpoint(net.state_dict(), dest, metadata={"arch": arch, "num_classes": 10, "in_chans": 1,
-                                                       "seed": seed, "epochs": epochs, "data": data})
-    return dest
+    net = make()
+    train_model(net, _loader(ds, shuffle=True, seed=seed), config=TrainConfig(epochs=epochs, seed=seed), progress=False)
+    return net.eval()
 
 
-def _load_net(file: Path) -> torch.nn.Module:
-    from mcensemble.checkpoints import load_checkpoint
-    return load_checkpoint(file).build_model()
+def _state(net: nn.Module) -> dict[str, torch.Tensor]:
+    return {k: v.detach().clone() for k, v in net.state_dict().items()}
 
 
-def line_midpoint(report: dict) -> dict:
-    pts = report["line"]["points"]
-    return min(pts, key=lambda p: abs(p["t"] - 0.5))
+def _aligned(make, a, b, example) -> dict[str, torch.Tensor]:
+    """B aligned to A as `build` does for curves by default (falls back to B when tracing fails)."""
+    from mcensemble.pipeline import align_chain
+    try:
+        return align_chain([a, b], make(), data=example)[0][1]
+    except Exception as e:  # noqa: BLE001 - report and go on unaligned, as build's auto mode does
+        print(f"  alignment failed ({type(e).__name__}: {e}); curve fitted unaligned", file=sys.stderr)
+        return b
 
 
-def run_pair(arch: str, *, data: str, epochs: int, curve_epochs: int, seed: int, members: int = 4,
-             workdir: Path, independent: int | None = None, extra_rows: bool = True) -> dict:
-    """Everything for one (architecture, seed): metrics dicts keyed by row name, and loss figures."""
-    if _train_size(data) > SELECTION[0]:
-        raise SystemExit(f"--data {data!r} uses training examples that overlap the selection split "
-                         f"{SELECTION}; use train=N with N <= {SELECTION[0]}")
+def run_one(make, splits, epochs: int, seed: int) -> dict:
+    """Every row for one (model, seed)."""
     t0 = time.perf_counter()
-    n_models = independent if independent is not None else 2 + max(1, round(curve_epochs / epochs))
-    files = [train_one(arch, data, epochs, 10 * seed + i, workdir / f"{arch}-s{seed}-m{i}.safetensors")
-             for i in range(n_models)]
+    train_ds, sel_ds, test_ds = splits["train"], splits["selection"], splits["test"]
+    bn_loader, sel_loader, test_loader = (_loader(d, batch_size=512) for d in (train_ds, sel_ds, test_ds))
+    nets = [train_one(make, train_ds, epochs, 10 * seed + i) for i in range(3)]
     t_train = time.perf_counter() - t0
+    singles, labels = zip(*(predict_log_probs(n, test_loader) for n in nets))
+    labels = labels[0]
+    rows = {"endpoint A": ensemble_metrics([singles[0]], labels), "endpoint B": ensemble_metrics([singles[1]], labels),
+            "A + B ensemble (cost 2)": ensemble_metrics(singles[:2], labels),
+            "independent 3-model ensemble (cost 3)": ensemble_metrics(singles, labels)}
 
     t1 = time.perf_counter()
-    res = build_ensemble(files[:2], model=ModelOptions(),
-                         data=DataOptions(data=data, val_data=selection_spec(), batch_size=64, seed=seed,
-                                          progress=False),
-                         opts=BuildOptions(method="bezier", members=members, selection="greedy",
-                                           epochs=curve_epochs))
-    t_build = time.perf_counter() - t1
-    rep = res.report
+    fge_net = copy.deepcopy(nets[0]).train()
+    col = fge_train(fge_net, _loader(train_ds, shuffle=True, seed=seed), cycles=FGE_CYCLES, epochs=epochs,
+                    lr_max=0.05, seed=seed, progress=False)
+    fge_lps = []
+    for st in col.member_states(bn_loader=bn_loader):
+        fge_net.load_state_dict(st)
+        fge_lps.append(predict_log_probs(fge_net, test_loader)[0])
+    rows[f"FGE from A, {FGE_CYCLES} snapshots (cost 2)"] = ensemble_metrics(fge_lps, labels)
+    t_fge = time.perf_counter() - t1
 
-    test = create_loader("digits", split="val", batch_size=512)
-    net = _load_net(files[0])
-    # the checkpoints as they are
-    singles, labels = [], None
-    for f in files:
-        lp, labels = predict_log_probs(_load_net(f), test)
-        singles.append(lp)
-    # curve members (greedy on the selection split): states hold re-estimated BN buffers
-    curve_lp = []
-    for st in res.member_states:
-        net.load_state_dict(st, strict=True)
-        curve_lp.append(predict_log_probs(net, test)[0])
-    rows = {
-        "endpoint A": ensemble_metrics([singles[0]], labels),
-        "endpoint B": ensemble_metrics([singles[1]], labels),
-        "better endpoint (test NLL)": min((ensemble_metrics([s], labels) for s in singles[:2]), key=lambda m: m.nll),
-        f"curve ensemble, K={members}, greedy on selection split": ensemble_metrics(curve_lp, labels),
-    }
-    train_loader = create_loader(data, split="train", batch_size=64)
-    if extra_rows:
-        uni = evaluate_candidates(res.paths, net, uniform_points(members, 1), train_loader=train_loader,
-                                  val_loader=test, progress=False)
-        rows[f"curve ensemble, K={members}, uniform t"] = ensemble_metrics([c.val_log_probs for c in uni], labels)
-        g = 11
-        grid = evaluate_candidates(res.paths, net, [(0, i / (g - 1), i / (g - 1)) for i in range(g)],
-                                   train_loader=train_loader, val_loader=test, progress=False)
-        pick = select_greedy_nll(grid, members, labels)
-        rows[f"curve ensemble, K={members}, greedy on test split (optimistic)"] = ensemble_metrics(
-            [grid[i].val_log_probs for i in pick], labels)
-        # one point of the curve: the grid point with the lowest selection-split NLL (build report)
-        best = min(rep["path"]["points"], key=lambda p: p["val_nll"])
-        one = min(grid, key=lambda c: abs(c.u - best["t"]))
-        rows["best single curve point (on selection split)"] = ensemble_metrics([one.val_log_probs], labels)
-    rows[f"independent ensemble, {n_models} x {epochs} ep"] = ensemble_metrics(singles, labels)
-    rows["A + B ensemble"] = ensemble_metrics(singles[:2], labels)
-    mid = line_midpoint(rep)
-    return {
-        "rows": rows,
-        "curve_worst_train_loss": rep["path"]["worst"]["loss"],
-        "curve_worst_t": rep["path"]["worst"]["t"],
-        "line_mid_train_loss": mid["loss"],
-        "line_worst_train_loss": rep["line"]["worst"]["loss"],
-        "endpoint_train_loss": max(rep["endpoints"]["A"]["loss"], rep["endpoints"]["B"]["loss"]),
-        "members_t": [m["t"] for m in rep["members"]],
-        "n_models": n_models,
-        "train_s": t_train, "build_s": t_build, "total_s": time.perf_counter() - t0,
-    }
+    t2 = time.perf_counter()
+    a, b = _state(nets[0]), _state(nets[1])
+    b_al = _aligned(make, a, b, _loader(train_ds, batch_size=8))
+    loaders = (_loader(train_ds, shuffle=True, seed=seed), bn_loader, sel_loader, test_loader)
+    curve = _curve(make, a, b_al, CurveConfig(epochs=epochs, seed=seed), loaders, KS, seed)
+    t_fit = time.perf_counter() - t2
+    for k in KS:
+        rows[f"curve ensemble, <= {k} members (cost 3)"] = curve["test"][k]
+    # the previous default fit, for comparison: unaligned, the bends at 0.05 (CurveConfig.lr 0.0125)
+    old = _curve(make, a, b, CurveConfig(epochs=epochs, seed=seed, lr=OLD_LR), loaders, (5,), seed)
+    rows["curve ensemble, <= 5, previous fit defaults (cost 3)"] = old["test"][5]
+    return {"rows": rows, "built": curve["built"], "ends_sel_nll": curve["ends_sel_nll"], "flat": curve["flat"],
+            "flat_max": curve["flat_max"], "flat_old": old["flat"], "train_s": t_train, "fge_s": t_fge, "fit_s": t_fit,
+            "total_s": time.perf_counter() - t0}
 
 
+def _curve(make, a, b, config: CurveConfig, loaders, ks, seed: int) -> dict:
+    """Fit a curve from A to B, scan GRID points (BN re-estimated), choose members on the
+    selection split for each K in `ks`: test metrics, selection NLLs, flatness."""
+    fit_loader, bn_loader, sel_loader, test_loader = loaders
+    path = fit_curve(make(), a, b, fit_loader, config=config, progress=False)
+    net = make()
+    pts = [(0, i / (GRID - 1), i / (GRID - 1)) for i in range(GRID)]
+    grid = evaluate_candidates([path], net, pts, train_loader=bn_loader, val_loader=sel_loader, progress=False)
+    sel_labels = predict_log_probs(net, sel_loader)[1]
+    test_lps, labels = [], None
+    for c in grid:
+        net.load_state_dict(candidate_state(path, c))
+        lp, labels = predict_log_probs(net, test_loader)
+        test_lps.append(lp)
+    out: dict = {"test": {}, "built": {},
+                 "ends_sel_nll": ensemble_metrics([grid[0].val_log_probs, grid[-1].val_log_probs], sel_labels).nll}
+    for k in ks:
+        s = select_members(grid, sel_labels, max_members=k, endpoints=[0, GRID - 1], seed=seed)
+        out["test"][k] = ensemble_metrics([test_lps[i] for i in s.indices], labels, s.weights)
+        out["built"][k] = {"sel_nll": s.nll, "n": len(s.indices), "rule": s.rule, "t": [grid[i].u for i in s.indices]}
+    losses = [c.train.loss for c in grid]
+    out["flat"] = max(losses) / (0.5 * (losses[0] + losses[-1]))
+    out["flat_max"] = max(losses) / max(losses[0], losses[-1])
+    return out
+
+
+# ----------------------------------------------------------------------------- report
 def _ms(values: list[float], fmt: str = "{:.3f}") -> str:
     if len(values) == 1:
         return fmt.format(values[0])
     return f"{fmt.format(statistics.mean(values))} ± {fmt.format(statistics.stdev(values))}"
 
 
-def table(results: dict[str, list[dict]], *, data: str, epochs: int, curve_epochs: int, seeds: list[int],
-          members: int, wall: float) -> str:
-    lines = [
-        "## Quality at equal training budget",
+def _model_section(task: str, name: str, epochs: int, rs: list[dict]) -> tuple[list[str], dict]:
+    lines = [f"### {task}: {name} (E = {epochs} epochs)", "",
+             "| model (test data) | accuracy | NLL | ECE |", "|---|---|---|---|"]
+    for row in rs[0]["rows"]:
+        ms = [r["rows"][row] for r in rs]
+        lines.append(f"| {row} | {_ms([m.acc for m in ms])} | {_ms([m.nll for m in ms])} | {_ms([m.ece for m in ms])} |")
+    ab = "A + B ensemble (cost 2)"
+    c5 = "curve ensemble, <= 5 members (cost 3)"
+    fge = f"FGE from A, {FGE_CYCLES} snapshots (cost 2)"
+    never_worse = {k: sum(r["built"][k]["sel_nll"] <= r["ends_sel_nll"] + 1e-9 for r in rs) for k in KS}
+    beats = sum(r["rows"][c5].nll < r["rows"][ab].nll for r in rs)
+    c5_mean, ab_mean = (statistics.mean(r["rows"][x].nll for r in rs) for x in (c5, ab))
+    fge_ratio = statistics.mean(r["rows"][fge].nll for r in rs) / ab_mean
+    lines += [
         "",
-        f"Command: `python tests/benchmarks/bench_quality.py --seeds {len(seeds)} --data '{data}' "
-        f"--epochs {epochs} --curve-epochs {curve_epochs} --threads {torch.get_num_threads()}`  ",
-        f"Machine: {platform.processor() or platform.machine()}, {os.cpu_count()} CPU cores, torch "
-        f"{torch.__version__}, {torch.get_num_threads()} threads; wall time {wall:.0f} s.",
+        "Selection split: built ensemble's NLL not above the A + B ensemble's (same BN-re-estimated endpoints) in "
+        + ", ".join(f"{never_worse[k]}/{len(rs)} seeds at <= {k}" for k in KS) + ". Distinct members chosen: "
+        + ", ".join(f"<= {k}: {_ms([r['built'][k]['n'] for r in rs], '{:.1f}')}" for k in KS)
+        + "; rules: " + ", ".join(f"<= {k}: " + "/".join(r["built"][k]["rule"] for r in rs) for k in KS) + ".",
         "",
-        f"Training data `{data}`; selection (build validation) data: digits train-split examples "
-        f"{SELECTION[0]}..{SELECTION[1] - 1} (clean labels, unseen in training); test: the `digits` val split "
-        f"(360 examples, used for nothing else). Endpoints: {epochs} epochs each (SGD, cosine, batch 64). Curve: "
-        f"Bezier, 1 bend, {curve_epochs} epochs, K = {members}. Budget: 2 x {epochs} + {curve_epochs} epochs for "
-        f"the curve ensemble; the independent ensemble is A, B and one more model of {epochs} epochs. "
-        f"Mean ± std over seeds {seeds}.",
+        f"Held-out: curve ensemble (<= 5) NLL {c5_mean:.3f} vs A + B {ab_mean:.3f} (mean; lower in {beats}/{len(rs)} "
+        f"seeds). FGE / (A + B) NLL: {fge_ratio:.3f}. Curve flatness (worst of {GRID} points / mean of the "
+        f"endpoints' training loss): {_ms([r['flat'] for r in rs], '{:.2f}')} (/ the worse endpoint's: "
+        f"{_ms([r['flat_max'] for r in rs], '{:.2f}')}); previous fit defaults: {_ms([r['flat_old'] for r in rs], '{:.2f}')}.",
         "",
-        f"Why this setting: {SETTING_NOTE}",
+        f"Time per seed: {_ms([r['total_s'] for r in rs], '{:.1f}')} s (3 trainings "
+        f"{_ms([r['train_s'] for r in rs], '{:.1f}')} s, FGE {_ms([r['fge_s'] for r in rs], '{:.1f}')} s, "
+        f"alignment + curve fit {_ms([r['fit_s'] for r in rs], '{:.1f}')} s).",
         "",
     ]
-    for arch, rs in results.items():
-        lines += [f"### {arch}", "", "| model (test split) | accuracy | NLL | ECE |", "|---|---|---|---|"]
-        for name in rs[0]["rows"]:
-            ms = [r["rows"][name] for r in rs]
-            lines.append(f"| {name} | {_ms([m.acc for m in ms])} | {_ms([m.nll for m in ms])} | "
-                         f"{_ms([m.ece for m in ms])} |")
-        below = sum(r["rows"][f"curve ensemble, K={members}, greedy on selection split"].nll
-                    < min(r["rows"]["endpoint A"].nll, r["rows"]["endpoint B"].nll) for r in rs)
-        beats_ind = sum(r["rows"][f"curve ensemble, K={members}, greedy on selection split"].nll
-                        < r["rows"][f"independent ensemble, {r['n_models']} x {epochs} ep"].nll for r in rs)
-        ratio = [r["curve_worst_train_loss"] / r["line_mid_train_loss"] for r in rs]
-        lines += [
-            "",
-            f"Curve ensemble (greedy, selection split) test NLL below both endpoints' in {below}/{len(rs)} seeds; "
-            f"below the independent ensemble's in {beats_ind}/{len(rs)}.",
-            "",
-            "| training loss (train data, BN re-estimated) | value |", "|---|---|",
-            f"| endpoints (worse of A, B) | {_ms([r['endpoint_train_loss'] for r in rs], '{:.4f}')} |",
-            f"| straight line, midpoint t = 0.5 | {_ms([r['line_mid_train_loss'] for r in rs], '{:.4f}')} |",
-            f"| straight line, worst of 11 points | {_ms([r['line_worst_train_loss'] for r in rs], '{:.4f}')} |",
-            f"| curve, worst of 11 points | {_ms([r['curve_worst_train_loss'] for r in rs], '{:.4f}')} |",
-            f"| curve worst / line midpoint | {_ms(ratio, '{:.3f}')} |",
-            "",
-            "Members' t (greedy): " + "; ".join(",".join(f"{t:.1f}" for t in r["members_t"]) for r in rs)
-            + f". Time per seed: {_ms([r['total_s'] for r in rs], '{:.1f}')} s "
-              f"(training {_ms([r['train_s'] for r in rs], '{:.1f}')} s, "
-              f"build {_ms([r['build_s'] for r in rs], '{:.1f}')} s).",
-            "",
-        ]
-    return "\n".join(lines)
+    summary = {"never_worse": all(v == len(rs) for v in never_worse.values()), "curve5_beats": c5_mean < ab_mean,
+               "fge_ratio": fge_ratio, "c5": c5_mean, "ab": ab_mean}
+    return lines, summary
+
+
+def table(results: dict, *, seeds: list[int], wall: float, argv: list[str]) -> str:
+    cfg = CurveConfig()
+    lines = [
+        "## Quality at equal training epochs", "",
+        f"Command: `python tests/benchmarks/bench_quality.py {' '.join(argv)}`  ",
+        f"Machine: {platform.processor() or platform.machine()}, {os.cpu_count()} CPU cores, torch {torch.__version__}, "
+        f"{torch.get_num_threads()} thread(s); wall time {wall:.0f} s. Mean ± std over seeds {seeds}.", "",
+        "Every row at equal epochs E per model (see the module docstring of the benchmark): endpoints A, B and C "
+        f"E epochs each; FGE E more epochs from A; the curve E epochs with the default fit "
+        f"(`CurveConfig()`: {cfg.kind}, {cfg.bends} bend, lr {cfg.lr}, B aligned to A first). Members: the build's "
+        "selection (greedy with replacement behind a paired bootstrap, weights) on the selection split, at most K "
+        "distinct members.", "",
+    ]
+    summaries = {}
+    for task, models in results.items():
+        lines += [f"Data `{task}`: {DATA_NOTE[task]}", ""]
+        for name, (epochs, rs) in models.items():
+            sec, summaries[(task, name)] = _model_section(task, name, epochs, rs)
+            lines += sec
+    lines += ["### Targets", "", "| task, model | built <= A + B on selection (all seeds, all K) | "
+              "curve (<= 5) beats A + B on test NLL (mean) | FGE / (A + B) test NLL (target <= 1.05) |", "|---|---|---|---|"]
+    for (task, name), s in summaries.items():
+        lines.append(f"| {task}, {name} | {'yes' if s['never_worse'] else 'NO'} | "
+                     f"{'yes' if s['curve5_beats'] else 'no'} ({s['c5']:.3f} vs {s['ab']:.3f}) | {s['fge_ratio']:.3f} |")
+    return "\n".join(lines) + "\n"
 
 
 def main(argv: list[str] | None = None) -> int:
+    argv = sys.argv[1:] if argv is None else argv
     p = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     p.add_argument("--seeds", type=int, default=5)
-    p.add_argument("--data", default=DEFAULT_DATA)
-    p.add_argument("--epochs", type=int, default=100, help="epochs per endpoint (E)")
-    p.add_argument("--curve-epochs", type=int, default=100, help="curve-fitting epochs (F)")
-    p.add_argument("--members", type=int, default=4)
-    p.add_argument("--arch", nargs="+", default=["mce_digits_mlp", "mce_digits_cnn"])
     p.add_argument("--threads", type=int, default=1, help="torch threads (tiny models: 1 is fastest)")
+    p.add_argument("--only", nargs="*", default=None, help="task:model names to run (default: all)")
     p.add_argument("--out", default=None)
     a = p.parse_args(argv)
     torch.set_flush_denormal(True)
-    if a.threads:
-        torch.set_num_threads(a.threads)
+    torch.set_num_threads(a.threads)
     seeds = list(range(a.seeds))
     t0 = time.perf_counter()
-    results: dict[str, list[dict]] = {}
-    with tempfile.TemporaryDirectory() as d:
-        for arch in a.arch:
+    results: dict[str, dict[str, tuple[int, list[dict]]]] = {}
+    for task, (splits_fn, models) in TASKS.items():
+        splits = None
+        if a.only:
+            models = {**models, **EXTRA.get(task, {})}
+        for name, (make, epochs) in models.items():
+            if a.only and f"{task}:{name}" not in a.only and f"{task}:{name.split()[0]}" not in a.only:
+                continue
+            splits = splits or splits_fn()
             for s in seeds:
-                r = run_pair(arch, data=a.data, epochs=a.epochs, curve_epochs=a.curve_epochs, seed=s,
-                             members=a.members, workdir=Path(d))
-                results.setdefault(arch, []).append(r)
-                print(f"[{time.perf_counter() - t0:6.0f}s] {arch} seed {s}: " + ", ".join(
-                    f"{k}: {m.nll:.3f}" for k, m in r["rows"].items())
-                    + f"; curve worst {r['curve_worst_train_loss']:.4f} vs line mid {r['line_mid_train_loss']:.4f}",
-                    file=sys.stderr, flush=True)
-    md = table(results, data=a.data, epochs=a.epochs, curve_epochs=a.curve_epochs, seeds=seeds,
-               members=a.members, wall=time.perf_counter() - t0)
+                r = run_one(make, splits, epochs, s)
+                results.setdefault(task, {}).setdefault(name, (epochs, []))[1].append(r)
+                print(f"[{time.perf_counter() - t0:6.0f}s] {task} {name} seed {s}: "
+                      + ", ".join(f"{k}: {m.nll:.3f}" for k, m in r["rows"].items())
+                      + f"; flat {r['flat']:.2f}", file=sys.stderr, flush=True)
+    cmd = [f"--seeds {a.seeds}", f"--threads {a.threads}"] + ([f"--only {' '.join(a.only)}"] if a.only else [])
+    md = table(results, seeds=seeds, wall=time.perf_counter() - t0, argv=cmd)
     print(md)
     if a.out:
-        Path(a.out).write_text(md + "\n")
+        Path(a.out).write_text(md)
     return 0
 
 
