@@ -93,7 +93,8 @@ def layered_chain(graph: UnitGraph, state: Mapping[str, torch.Tensor]) -> list[U
             if r.tensor not in reader:
                 raise DropoutPathError(
                     f"unit group {g.name!r} is read by {r.module!r}, not only by {what}: a "
-                    "skip connection or branch; only layered networks are supported")
+                    "skip connection or branch; only layered networks are supported (use --method "
+                    "short, the short path, for such networks)")
         if not g.refs("producer") or not g.refs("consumer"):
             raise DropoutPathError(f"unit group {g.name!r} has no producing or no consuming "
                                    "layer in the unit graph")
