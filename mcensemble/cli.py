@@ -627,7 +627,13 @@ def pack(a: str, b: str, out: str, method: str, report: str | None, **kw: Any) -
               help="Points along each tree edge's path (its saddle).")
 @click.option("--out-dir", required=True, metavar="DIR",
               help="Where connect.json, barriers.png, tree.png and the finished pairs and paths go (rerun to resume).")
-def connect(inputs: tuple[str, ...], points: int, path_points: int, out_dir: str, **kw: Any) -> None:
+@click.option("--out", metavar="ENS.safetensors",
+              help="Also write an ensemble whose members are chosen across all the tree's paths on --val-data.")
+@click.option("--members", type=int, default=4, show_default=True, help="Most distinct members of --out.")
+@click.option("--candidates", type=int, default=11, show_default=True,
+              help="Points per tree path evaluated for --out's choice (ends included).")
+def connect(inputs: tuple[str, ...], points: int, path_points: int, out_dir: str, out: str | None, members: int,
+            candidates: int, **kw: Any) -> None:
     """Connect many checkpoints (files, or folders of them): the barrier of every pair, the
     minimum spanning tree of the barriers, and a path (--method) along each tree edge with
     its saddle loss (Draxler et al. 2018). Finished pairs and edges in --out-dir are reused."""
@@ -635,9 +641,10 @@ def connect(inputs: tuple[str, ...], points: int, path_points: int, out_dir: str
     from .pipeline import BuildOptions
     align = bool(kw.pop("align"))
     build = BuildOptions(align=False, **{k: kw.pop(k) for k in _PATH_KEYS if k != "align"})
-    opts = ConnectOptions(points=points, path_points=path_points, align=align)
+    opts = ConnectOptions(points=points, path_points=path_points, align=align, members=members,
+                          candidates=candidates)
     model, data = _model_opts(kw), _data_opts(kw, default_data="digits")
-    rep = connect_checkpoints(inputs, out_dir=out_dir, model=model, data=data, opts=opts, build=build)
+    rep = connect_checkpoints(inputs, out_dir=out_dir, model=model, data=data, opts=opts, build=build, ensemble=out)
     n = len(rep["checkpoints"])
     for c in rep["checkpoints"]:
         click.echo(f"[{c['index']}] {c['file']}")
@@ -648,5 +655,9 @@ def connect(inputs: tuple[str, ...], points: int, path_points: int, out_dir: str
                   e["path_file"]) for e in rep["tree"]],
                 ("tree edge", "line barrier", f"{rep['method']} saddle", "at t", "path"))
     click.echo(f"largest saddle on the tree: {rep['tree_max_saddle']:.4f}")
+    if rep.get("ensemble"):
+        e = rep["ensemble"]
+        click.echo(f"ensemble: {len(e['members'])} member(s) ({e['rule']}), val NLL {e['val']['nll']:.4f} "
+                   f"(best single point {e['best_single_val_nll']:.4f}): {e['file']}")
     for name in ("connect.json", "barriers.png", "tree.png"):
         click.echo(f"{name}: {FsPath(out_dir) / name}")

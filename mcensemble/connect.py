@@ -48,18 +48,25 @@ CHECKPOINT_SUFFIXES = (".safetensors", ".pt", ".pth", ".pth.tar", ".ckpt", ".bin
 class ConnectOptions:
     """points: t per pair on the straight line (>= 2); path_points: t along each tree path
     (>= 2); align: permute each pair's second checkpoint to match the first before its scan
-    and its path. How the tree's paths are made comes from a `pipeline.BuildOptions`."""
+    and its path; members, candidates: the ensemble from the tree (`connect_checkpoints(
+    ensemble=...)`): at most `members` distinct members chosen on the validation data among
+    `candidates` points per tree path (ends included). How the tree's paths are made comes
+    from a `pipeline.BuildOptions`."""
 
     points: int = 11
     path_points: int = 21
     align: bool = False
+    members: int = 4
+    candidates: int = 11
 
     def __post_init__(self) -> None:
-        for name in ("points", "path_points"):
+        for name in ("points", "path_points", "candidates"):
             v = getattr(self, name)
             if isinstance(v, bool) or not isinstance(v, int) or v < 2:
                 raise BadOptionError(f"--{name.replace('_', '-')} must be an integer >= 2, got {v!r}",
                                      option=f"--{name.replace('_', '-')}")
+        if isinstance(self.members, bool) or not isinstance(self.members, int) or self.members < 1:
+            raise BadOptionError(f"--members must be an integer >= 1, got {self.members!r}", option="--members")
 
 
 def checkpoint_files(inputs: Sequence[str | os.PathLike]) -> list[FsPath]:
@@ -239,18 +246,21 @@ def _edge(job: _Job, i: int, j: int, index: int) -> dict[str, Any]:
                   extra={"sources": [{"file": str(job.files[q]), "sha256": job.sha[q]} for q in (i, j)]})
         job.write("edge", i, j, rec)
     dist_.barrier()
-    return rec
+    return rec, path
 
 
 def connect_checkpoints(inputs: Sequence[str | os.PathLike], *, out_dir: str | os.PathLike, model=None,
-                        data=None, opts: ConnectOptions = ConnectOptions(), build=None) -> dict[str, Any]:
+                        data=None, opts: ConnectOptions = ConnectOptions(), build=None,
+                        ensemble: str | os.PathLike | None = None) -> dict[str, Any]:
     """The barrier matrix of the checkpoints in `inputs` (files or folders, see
     `checkpoint_files`), its minimum spanning tree, and a path along every tree edge
     (module docstring). `model`: a `pipeline.ModelOptions`; `data`: a `pipeline.DataOptions`
     (the training data: barriers, saddles, BatchNorm, fitting); `build`: a
     `pipeline.BuildOptions` saying how the tree's paths are made (`method`, curve settings,
     `neb`; default AutoNEB). Writes `connect.json`, `barriers.png` and `tree.png` into
-    `out_dir` (rank 0) and returns the report."""
+    `out_dir` (rank 0) and returns the report. `ensemble`: also write an ensemble file
+    there, its members chosen across all the tree's paths on `data.val_data` (required)
+    by `members.select_members` (report key `ensemble`)."""
     from .pipeline import PATH_BUILDERS, BuildOptions, DataOptions, ModelOptions, load_endpoints, unit_graph_of
     model = model or ModelOptions()
     data = data or DataOptions()
@@ -263,6 +273,9 @@ def connect_checkpoints(inputs: Sequence[str | os.PathLike], *, out_dir: str | o
     out = FsPath(out_dir)
     if out.exists() and not out.is_dir():
         raise BadOptionError(f"--out-dir {out} is a file; give a folder", option="--out-dir")
+    if ensemble is not None and not data.val_data:
+        raise BadOptionError("an ensemble from the tree chooses its members on held-out data: pass --val-data SPEC",
+                             option="--val-data")
     files = checkpoint_files(inputs)
     t0 = time.perf_counter()
     cks = load_endpoints(files, model)
@@ -278,16 +291,69 @@ def connect_checkpoints(inputs: Sequence[str | os.PathLike], *, out_dir: str | o
     for p in pairs:
         matrix[p["i"]][p["j"]] = matrix[p["j"]][p["i"]] = p["barrier"]
     t_pairs = time.perf_counter() - t0
-    tree = []
+    tree, paths = [], []
     for index, (i, j) in enumerate(minimum_spanning_tree(matrix)):
         found = dist_.broadcast_object(job.reusable("edge", i, j))
-        rec = found if found is not None else _edge(job, i, j, index)
+        if found is None:
+            rec, path = _edge(job, i, j, index)
+        else:
+            from .paths import load_path
+            rec, path = found, (load_path(out / found["path_file"]) if ensemble is not None else None)
+        paths.append(path)
         tree.append({**{k: v for k, v in rec.items() if k not in ("sha256", "settings")},
                      "barrier": matrix[i][j], "reused": found is not None})
     report = _report(job, pairs, matrix, tree, timings={"pairs_s": t_pairs, "total_s": time.perf_counter() - t0})
+    if ensemble is not None:
+        report["ensemble"] = _tree_ensemble(job, tree, paths, ensemble)
+        report["timings"]["total_s"] = time.perf_counter() - t0
     if dist_.is_main():
         _write_outputs(job, report)
     return report
+
+
+def _tree_ensemble(job: _Job, tree: list[dict[str, Any]], paths: list, dest) -> dict[str, Any]:
+    """Members chosen across all the tree's paths: `opts.candidates` points per path (each
+    checkpoint once), evaluated on the training data (BN re-estimated) and the validation
+    data, chosen by `members.select_members` (the checkpoints are its endpoints), written
+    to `dest` (rank 0)."""
+    from .data import check_input_fits, create_loader
+    from .ensemble import save_ensemble
+    from .bn import labelled_batch
+    from .members import candidate_state, ensemble_metrics, evaluate_candidates, select_members
+    data, g, n_paths = job.data, job.opts.candidates, len(paths)
+    val = create_loader(data.val_data, split="val", batch_size=data.batch_size, shuffle=False, seed=data.seed,
+                        model=job.net)
+    check_input_fits(job.net, val, spec=data.val_data)
+    points, seen, ckpt_of = [], set(), {}
+    for p, e in enumerate(tree):
+        for k in range(g):
+            t = k / (g - 1)
+            node = e["i"] if k == 0 else e["j"] if k == g - 1 else None
+            if node is not None and node in seen:
+                continue
+            if node is not None:
+                seen.add(node)
+                ckpt_of[len(points)] = node
+            points.append((p, t, (p + t) / n_paths))
+    cands = evaluate_candidates(paths, job.net, points, train_loader=job.train, val_loader=val,
+                                device=data.device, progress=data.progress)
+    labels = torch.cat([labelled_batch(b, what="choosing members on --val-data")[1] for b in val])
+    sel = select_members(cands, labels, max_members=job.opts.members, endpoints=sorted(ckpt_of), seed=data.seed)
+    chosen = [cands[i] for i in sel.indices]
+    states = [candidate_state(paths[c.path], c) for c in chosen]
+    members = [{**c.info(paths[c.path].kind), "edge": [tree[c.path]["i"], tree[c.path]["j"]],
+                "checkpoint": ckpt_of.get(i), "weight": w} for i, c, w in zip(sel.indices, chosen, sel.weights)]
+    val_metrics = ensemble_metrics([c.val_log_probs for c in chosen], labels, sel.weights).to_dict()
+    if dist_.is_main():
+        save_ensemble(dest, states, model_spec=job.cks[0].model_spec, members=members,
+                      sources=[{"file": str(f), "sha256": s} for f, s in zip(job.files, job.sha)], weights=sel.weights,
+                      extra={"method": job.build.method, "selection": "tree", "rule": sel.rule,
+                             "tree": [[e["i"], e["j"]] for e in tree]})
+    best = min(cands, key=lambda c: c.val.nll)
+    return {"file": str(dest), "rule": sel.rule, "members": members, "val": val_metrics,
+            "candidates": len(cands), "best_single_val_nll": best.val.nll,
+            "checkpoints_val_nll": {str(ckpt_of[i]): cands[i].val.nll for i in sorted(ckpt_of)},
+            "guarantee": sel.guarantee}
 
 
 def _train_loader(net, data):

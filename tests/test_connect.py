@@ -130,9 +130,11 @@ def test_connect_neb_tree_is_below_the_straight_lines(zoo4, tmp_path):
     from mcensemble.pipeline import BuildOptions, DataOptions
     torch.manual_seed(0)
     neb = NebConfig(cycles=((8, 0.1), (8, 0.1)), insert=1, dense_points=3, eval_batches=1)
-    rep = connect_checkpoints([zoo4], out_dir=tmp_path / "neb", data=DataOptions(data=DATA, batch_size=64),
-                              opts=ConnectOptions(points=5, path_points=9),
-                              build=BuildOptions(method="neb", neb=neb))
+    data = DataOptions(data=DATA, val_data="digits", batch_size=64)
+    ens_file = tmp_path / "neb" / "ens.safetensors"
+    rep = connect_checkpoints([zoo4], out_dir=tmp_path / "neb", data=data,
+                              opts=ConnectOptions(points=5, path_points=9, candidates=5, members=3),
+                              build=BuildOptions(method="neb", neb=neb), ensemble=ens_file)
     assert rep["method"] == "neb" and len(rep["tree"]) == 3
     pairs = {(p["i"], p["j"]): p for p in rep["pairs"]}
     for e in rep["tree"]:
@@ -140,3 +142,17 @@ def test_connect_neb_tree_is_below_the_straight_lines(zoo4, tmp_path):
         line = json.loads((tmp_path / "neb" / "pairs" / f"pair-{e['i']}-{e['j']}.json").read_text())
         assert e["saddle"] < max(p["loss"] for p in line["points"]), (e, pairs[e["i"], e["j"]])
     assert rep["tree_max_saddle"] == max(e["saddle"] for e in rep["tree"])
+    # the ensemble from the tree: members chosen across its paths on the validation data
+    import mcensemble
+    from mcensemble.data import create_loader
+    from mcensemble.evaluate import evaluate
+    e = rep["ensemble"]
+    assert e["candidates"] == 3 * 5 - 2  # each checkpoint once
+    assert sorted(e["checkpoints_val_nll"]) == ["0", "1", "2", "3"]
+    assert 1 <= len(e["members"]) <= 3 and sum(m["weight"] for m in e["members"]) == pytest.approx(1.0)
+    assert e["val"]["nll"] <= e["best_single_val_nll"] + 1e-9  # select_members' guarantee
+    ens = mcensemble.load(ens_file)
+    m = evaluate(ens, create_loader("digits", split="val", batch_size=128))
+    assert len(ens) == len(e["members"]) and m.nll == pytest.approx(e["val"]["nll"], rel=1e-4)
+    with pytest.raises(BadOptionError, match="--val-data"):
+        connect_checkpoints([zoo4], out_dir=tmp_path / "x", data=DataOptions(data=DATA), ensemble=ens_file)
