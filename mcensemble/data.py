@@ -33,7 +33,7 @@ from torch.utils.data import DataLoader, Dataset, IterableDataset, TensorDataset
 from .errors import BadOptionError, DataSpecError
 
 __all__ = ["DIGITS_TRAIN_SIZE", "DIGITS_VAL_SIZE", "digits_tensors", "create_dataset", "create_loader",
-           "check_input_fits", "spec_name", "example_input"]
+           "check_input_fits", "spec_name", "example_input", "folder_classes", "check_same_classes"]
 
 logger = logging.getLogger(__name__)
 
@@ -181,6 +181,7 @@ def _folder_dataset(spec: str, model: nn.Module | None) -> Dataset:
             f"data {spec!r} holds split folders ({', '.join(subdirs)}), which would be read as classes: "
             f"pass one of them, e.g. {os.path.join(root, subdirs[0])!r}.", option="--data")
 
+    _check_has_images(spec, root, subdirs)
     img_mode = "RGB"
     if model is not None:
         cfg = timm.data.resolve_data_config({}, model=model)
@@ -205,6 +206,47 @@ def _folder_dataset(spec: str, model: nn.Module | None) -> Dataset:
         raise DataSpecError(f"data {spec!r}: no images found (expected <folder>/<class>/<image>).",
                             option="--data")
     return ds
+
+
+def _check_has_images(spec: str, root: str, subdirs: list[str]) -> None:
+    """`DataSpecError` naming the folder when no image timm reads is anywhere under it."""
+    from timm.data.readers.img_extensions import get_img_extensions
+    exts = tuple(get_img_extensions())
+    for _, _, files in os.walk(root, followlinks=True):
+        if any(f.lower().endswith(exts) for f in files):
+            return
+    where = (f"its class folders ({', '.join(subdirs[:5])}{' ...' if len(subdirs) > 5 else ''}) hold"
+             if subdirs else "it has no class folders and holds")
+    raise DataSpecError(f"data {spec!r}: the folder has no images: {where} no {' / '.join(exts)} files. "
+                        "Give a folder laid out as <folder>/<class>/<image>.", option="--data")
+
+
+def folder_classes(data: Any) -> list[str] | None:
+    """The class names of a folder data set (a DataLoader or Dataset over one), in label
+    order; None for any other data (digits, module:function)."""
+    ds = data.dataset if isinstance(data, DataLoader) else data
+    c2i = getattr(getattr(ds, "reader", None), "class_to_idx", None)
+    if not isinstance(c2i, dict) or not c2i:
+        return None
+    return [c for c, _ in sorted(c2i.items(), key=lambda kv: kv[1])]
+
+
+def check_same_classes(train: Any, val: Any, *, train_spec: Any, val_spec: Any) -> None:
+    """`DataSpecError` when two folder data sets (train: --data, val: --val-data) do not
+    have the same classes: labels are class indices in sorted name order, so a class
+    missing on one side would silently shift every label after it."""
+    a, b = folder_classes(train), folder_classes(val)
+    if a is None or b is None or a == b:
+        return
+    only_a, only_b = [c for c in a if c not in b], [c for c in b if c not in a]
+
+    def few(names: list[str]) -> str:
+        return ", ".join(repr(n) for n in names[:5]) + (f" (+{len(names) - 5} more)" if len(names) > 5 else "")
+    parts = ([f"only in --data: {few(only_a)}"] if only_a else []) + \
+        ([f"only in --val-data: {few(only_b)}"] if only_b else [])
+    raise DataSpecError(f"--data {str(train_spec)!r} and --val-data {str(val_spec)!r} do not have the "
+                        f"same classes ({'; '.join(parts)}); labels are class indices in name order, so both "
+                        "folders need the same class subfolders.", option="--val-data")
 
 
 # --------------------------------------------------------------------------------------

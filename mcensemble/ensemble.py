@@ -756,7 +756,6 @@ def _check_spec_fits(factory: Callable[[], nn.Module], path: Path, member0: list
             "is damaged, or pass model= (CLI --model) to build the right model")
 
 
-
 class _LazyMembers(Sequence):
     """Member i's state dict, read from the file when asked for (one member in memory)."""
 
@@ -844,11 +843,11 @@ def load(file: str | os.PathLike, *, model: ModelLike | None = None,
         groups[i].append((key, name))
     for i, g in enumerate(groups):
         if not g:
+            raise CheckpointError(f"{str(path)!r}: member {i} has no tensors")
     try:
         weights = _with_weights(copy.deepcopy(doc["members"]), None)
     except BadOptionError as e:
         raise CheckpointError(f"{str(path)!r}: invalid member weights in the metadata ({e})") from e
-            raise CheckpointError(f"{str(path)!r}: member {i} has no tensors")
     if model is not None:
         factory = as_factory(model)
     else:

@@ -84,7 +84,7 @@ def load_endpoints(files: Sequence[str | os.PathLike], opts: ModelOptions) -> li
 
 
 def _loaders(model: torch.nn.Module, d: DataOptions):
-    from .data import check_input_fits, create_loader
+    from .data import check_input_fits, check_same_classes, create_loader
     if not d.data:
         raise BadOptionError("training data is needed: pass --data SPEC (e.g. --data digits)", option="--data")
     train = create_loader(d.data, split="train", batch_size=d.batch_size, shuffle=False, seed=d.seed, model=model)
@@ -92,6 +92,7 @@ def _loaders(model: torch.nn.Module, d: DataOptions):
     val = None
     if d.val_data:
         val = create_loader(d.val_data, split="val", batch_size=d.batch_size, shuffle=False, seed=d.seed, model=model)
+        check_same_classes(train, val, train_spec=d.data, val_spec=d.val_data)
         check_input_fits(model, val, spec=d.val_data)
     return train, val
 
@@ -283,7 +284,10 @@ def _describe_own_file(file: str | os.PathLike, doc: dict[str, Any]) -> dict[str
             info["vertices"] = len(path.vertices)
         if path.certificate:
             info["certificate"] = {k: path.certificate.get(k) for k in ("max_loss", "eps", "loss_a", "loss_b")}
-    skip = {"format", "format_version", "model", "members", "groups", "vertices", "certificate"}
+    hashes = doc.get("tensor_sha256")
+    info["hashes"] = (f"SHA-256 of {len(hashes)} tensors recorded (check them: inspect --verify)"
+                      if isinstance(hashes, dict) and hashes else "none recorded (a file from before they were)")
+    skip = {"format", "format_version", "model", "members", "groups", "vertices", "certificate", "tensor_sha256"}
     info["metadata"] = {k: v for k, v in doc.items() if k not in skip}
     return info
 

@@ -181,7 +181,7 @@ def test_folder_errors(image_folder, tmp_path):
     with pytest.raises(DataSpecError, match=r"holds split folders \(train, val\).*pass one of them"):
         create_loader(str(tmp_path / "split"))
     (tmp_path / "empty" / "a").mkdir(parents=True)
-    with pytest.raises(DataSpecError, match=r"cannot read this folder.*Found 0 images"):
+    with pytest.raises(DataSpecError, match=r"'.*empty'.*has no images: its class folders \(a\) hold no"):
         create_loader(str(tmp_path / "empty"))
     (tmp_path / "file.txt").write_text("x")
     with pytest.raises(DataSpecError, match=r"is a file, not a folder"):

@@ -1,8 +1,8 @@
 """Mutation fuzz of every file kind mcensemble reads: a damaged or crafted file either loads
 or raises `MCEnsembleError`, within a memory cap, never another exception.
 
-Real files are written first (an ensemble; linear, bezier, polychain and dropout paths; a
-curve-fit checkpoint; a checkpoint), by the library itself, for a tiny timm MLP. Each is
+Real files are written first (an ensemble; linear, bezier, polychain, dropout and short
+paths; a curve-fit checkpoint; a checkpoint), by the library itself, for a tiny timm MLP. Each is
 then mutated `MUTANTS_PER_KIND` times (seeded), both in its `mcensemble` header JSON
 (every wrong JSON type, absurd sizes, missing and extra fields, broken JSON) and in its
 tensors (truncation, flipped bytes, wrong dtypes / shapes / offsets in the safetensors
@@ -27,7 +27,7 @@ import sys
 from collections import Counter, defaultdict
 from pathlib import Path
 
-KINDS = ("ensemble", "linear", "bezier", "polychain", "dropout", "fit-checkpoint", "checkpoint")
+KINDS = ("ensemble", "linear", "bezier", "polychain", "dropout", "short", "fit-checkpoint", "checkpoint")
 MUTANTS_PER_KIND = 60
 SEED = 13
 CAP_ABOVE_IMPORTS = 2 << 30      # address space allowed beyond what the imports took
@@ -73,6 +73,7 @@ def make_seed_files(folder: Path) -> dict[str, Path]:
     from mcensemble.paths import BezierPath, LinearPath, PolyChainPath
     from mcensemble.paths.curves import straight_bends
     from mcensemble.paths.dropout import DropoutPath
+    from mcensemble.paths.short import ShortPath
     from mcensemble.paths.fit import CurveConfig, fit_curve
     spec, (a, b) = _endpoints()
     out = {k: folder / f"{k}.safetensors" for k in KINDS}
@@ -87,6 +88,10 @@ def make_seed_files(folder: Path) -> dict[str, Path]:
     v1["head.bias"] = b["head.bias"].clone()                   # a full delta (F:)
     v2 = {k: v.clone() for k, v in v1.items()}                 # an empty delta group
     DropoutPath([a, v1, v2, b], certificate={"max_loss": 1.0, "eps": 0.1}).save(out["dropout"], model_spec=spec)
+    v3 = {k: v.clone() for k, v in v1.items()}
+    v3["layers.3.weight"][:, 0] *= 2                           # a column scaling (C:)
+    v3["layers.3.weight"][:, 1] = 0
+    ShortPath([a, v1, v3, b], certificate={"max_loss": 1.0, "segments": []}).save(out["short"], model_spec=spec)
     save_checkpoint(a, out["checkpoint"], metadata={"arch": ARCH, **SPEC_KW, "model_args": {"width": 8}})
     fit_curve(_model(), a, b, _loader(), config=CurveConfig(kind="bezier", bends=1, epochs=1),
               checkpoint=out["fit-checkpoint"], progress=False)
@@ -400,7 +405,7 @@ def _load_checkpoint(f: Path) -> None:
 
 
 LOADERS = {"ensemble": _load_ensemble, "linear": _load_path, "bezier": _load_path, "polychain": _load_path,
-           "dropout": _load_path, "fit-checkpoint": _load_fit, "checkpoint": _load_checkpoint}
+           "dropout": _load_path, "short": _load_path, "fit-checkpoint": _load_fit, "checkpoint": _load_checkpoint}
 
 
 class _Alarm(BaseException):
@@ -479,8 +484,11 @@ def run_fuzz(folder: Path, *, n: int = MUTANTS_PER_KIND, timeout: float = 600) -
     return json.loads(out.read_text())
 
 
+LABELS = {"ensemble": "ensemble", "fit-checkpoint": "fit checkpoint", "checkpoint": "checkpoint"}
+
+
 def table(results: list[dict]) -> str:
-    """Markdown: mutants per file kind and category, and what they gave."""
+    """Markdown: mutants per file kind and category, and what they gave (the README's table)."""
     per_kind = Counter(r["kind"] for r in results)
     by = defaultdict(Counter)
     for r in results:
@@ -488,7 +496,7 @@ def table(results: list[dict]) -> str:
     lines = ["| file kind | mutants | loaded | MCEnsembleError | anything else |", "|---|---|---|---|---|"]
     for kind in KINDS:
         c = Counter(r["outcome"] for r in results if r["kind"] == kind)
-        lines.append(f"| {kind} | {per_kind[kind]} | {c['loaded']} | {c['MCEnsembleError']} | {c['other']} |")
+        lines.append(f"| {LABELS.get(kind, kind + ' path')} | {per_kind[kind]} | {c['loaded']} | {c['MCEnsembleError']} | {c['other']} |")
     lines += ["", "| mutation | mutants | loaded | MCEnsembleError | anything else |", "|---|---|---|---|---|"]
     for cat in MUTATIONS:
         c = by[cat]

@@ -12,7 +12,11 @@ from typing import Any, Iterable
 
 import torch
 import torch.nn as nn
-from transformers import TrainerCallback
+try:
+    from transformers import TrainerCallback
+except ImportError as e:  # pragma: no cover - depends on the environment
+    raise ImportError("mcensemble_hf needs Hugging Face transformers, which is not installed: "
+                      "pip install transformers accelerate") from e
 
 from mcensemble.errors import BadOptionError
 from mcensemble.hooks import SnapshotCollector, example_batch, fge_collector, network_in, save_snapshots

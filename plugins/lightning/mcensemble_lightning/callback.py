@@ -17,7 +17,11 @@ from mcensemble.hooks import channel_dropout as _channel_dropout
 try:  # the unified package first; the standalone one if that is what is installed
     import lightning.pytorch as pl
 except ImportError:  # pragma: no cover - depends on the environment
-    import pytorch_lightning as pl  # type: ignore[no-redef]
+    try:
+        import pytorch_lightning as pl  # type: ignore[no-redef]
+    except ImportError as e:
+        raise ImportError("mcensemble_lightning needs Lightning, which is not installed: "
+                          "pip install lightning") from e
 
 __all__ = ["MCEnsembleCallback"]
 
