@@ -100,11 +100,50 @@ test_data_option = click.option(
     help="Data used for nothing else: every report row also gets its NLL, accuracy and ECE on it.")
 
 run_options = _stack(
-    click.option("--device", default="cpu", show_default=True, help="torch device, e.g. cpu, cuda, cuda:1."),
+    click.option("--device", default="cpu", show_default=True, callback=lambda ctx, p, v: _check_device(v),
+                 help="torch device, e.g. cpu, cuda, cuda:1."),
     click.option("--seed", type=int, default=0, show_default=True, help="Random seed."),
     click.option("--threads", type=click.IntRange(min=1), default=None,
                  help="CPU threads for torch (default: torch's choice; 1 is fastest for tiny models)."),
 )
+
+
+def _cuda_problem(device: Any) -> str | None:
+    import torch
+    if not torch.cuda.is_available():
+        return "CUDA is not available here (no NVIDIA GPU or driver, or a CPU-only torch); use --device cpu"
+    n = torch.cuda.device_count()
+    if device.index is not None and device.index >= n:
+        return f"this machine has {n} CUDA device(s): cuda:0 .. cuda:{n - 1}"
+    return None
+
+
+def _mps_problem(device: Any) -> str | None:
+    import torch
+    ok = getattr(torch.backends, "mps", None) is not None and torch.backends.mps.is_available()
+    return None if ok else "Apple MPS is not available here; use --device cpu"
+
+
+# device type -> (device) -> why it cannot be used here, or None
+_DEVICE_PROBLEMS: dict[str, Callable[[Any], str | None]] = {
+    "cpu": lambda d: None, "cuda": _cuda_problem, "mps": _mps_problem}
+
+
+def _check_device(value: str) -> str:
+    """`--device`, checked when the command line is read (before any work): a malformed
+    string, a device type mcensemble does not run on, or a device this machine does not
+    have is a usage error (exit 2, one line). The one place devices are checked."""
+    from .distributed import process_device
+    try:
+        device = process_device(value)
+    except (RuntimeError, TypeError, ValueError) as e:
+        raise click.BadParameter(f"{value!r} is not a torch device; give e.g. cpu, cuda, cuda:1 or mps",
+                                 param_hint="'--device'") from e
+    problem = _DEVICE_PROBLEMS.get(device.type, lambda d: f"mcensemble runs on {', '.join(_DEVICE_PROBLEMS)} "
+                                                           "devices")(device)
+    if problem:
+        raise click.BadParameter(f"{value!r}: {problem}", param_hint="'--device'")
+    return value
 
 
 def path_options(default_method: str) -> Callable:
@@ -344,6 +383,8 @@ def _apply_recipe(ctx: click.Context, kw: dict[str, Any], recipe: str | None) ->
             try:
                 kw[name] = p.type_cast_value(ctx, value) if not (p.nargs == -1 and isinstance(value, list)) \
                     else tuple(str(v) for v in value)
+                if p.callback is not None:  # the checks a flag gets (e.g. --device)
+                    kw[name] = p.callback(ctx, p, kw[name])
             except click.BadParameter as e:
                 raise click.BadParameter(f"{e.message} (from recipe {recipe})", param_hint=f"'{name}'") from e
     return extra
