@@ -628,14 +628,17 @@ class _NebRun:
     def _save(self) -> None:
         if self.checkpoint is None:
             return
-        rng = dist_.gather_objects(torch.get_rng_state())  # a collective: every process takes part
+        mine = {"torch": torch.get_rng_state()}
+        if self.device.type == "cuda":
+            mine["cuda"] = torch.cuda.get_rng_state(self.device)
+        rng = dist_.gather_objects(mine)  # a collective: every process takes part
         if not dist_.is_main():
             return
         from safetensors.torch import save_file
 
         from .._io import atomic_path
         band = self.band
-        tensors = {f"rng.torch.{r}": s for r, s in enumerate(rng)}
+        tensors = {f"rng.{k}.{r}": v for r, states in enumerate(rng) for k, v in states.items()}
         for i, (piv, buf) in enumerate(zip(band.pivots, band.momenta)):
             tensors.update({f"pivot.{i}.{k}": v.detach().cpu().clone() for k, v in zip(band.names, piv)})
             tensors.update({f"momentum.{i}.{k}": v.detach().cpu().clone() for k, v in zip(band.names, buf)})
@@ -668,6 +671,8 @@ class _NebRun:
         state = _ck_tensor(tensors, f"rng.torch.{r}", None, ck)
         try:
             torch.set_rng_state(state)
+            if self.device.type == "cuda" and f"rng.cuda.{r}" in tensors:
+                torch.cuda.set_rng_state(tensors[f"rng.cuda.{r}"], self.device)
         except (RuntimeError, ValueError, TypeError) as e:
             raise CheckpointError(f"the AutoNEB checkpoint {ck} has a damaged random state ({e}); choose "
                                   "another --checkpoint-dir") from e
