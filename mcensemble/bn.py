@@ -89,7 +89,7 @@ def labelled_batch(batch: Any, *, what: str = "this") -> tuple[torch.Tensor, tor
     return x, torch.as_tensor(y)
 
 
-def _forward_batches(model: nn.Module, loader, *, device, max_batches, shard, progress) -> int:
+def _forward_batches(model: nn.Module, loader, *, device, max_batches, shard, progress, prec=None) -> int:
     """Run the (first `max_batches`; with `shard` = (rank, world) only this rank's) batches
     through `model`; returns how many were run."""
     seen, total = 0, None
@@ -109,7 +109,11 @@ def _forward_batches(model: nn.Module, loader, *, device, max_batches, shard, pr
             x = batch_input(batch)
             if device is not None:
                 x = x.to(device)
-            model(x)
+            if prec is None:
+                model(x)
+            else:
+                with prec.autocast():
+                    model(prec.input(x))
             seen += 1
     finally:
         bar.close()
@@ -189,8 +193,12 @@ def _model_device(model: nn.Module) -> torch.device | None:
 @torch.no_grad()
 def update_bn(model: nn.Module, loader: Iterable[Any], *, device: str | torch.device | None = None,
               max_batches: int | None = None, progress: bool | None = None, distributed: bool = False,
-              modules: Iterable[str | nn.Module] | None = None) -> None:
+              modules: Iterable[str | nn.Module] | None = None, precision: str | None = None) -> None:
     """Re-estimate the BatchNorm running statistics of `model` (in place) on `loader`.
+
+    `precision` ("fp32" default, "bf16", "fp16"; `mcensemble.precision`): the forward
+    passes run under autocast; the statistics are accumulated in float32 (BatchNorm layers
+    held in half precision are accumulated in a float32 copy, then cast back).
 
     Running statistics are reset and re-accumulated as a cumulative average over the
     batches (momentum None), with only the BN layers in train mode. `device`: where inputs
@@ -218,12 +226,18 @@ def update_bn(model: nn.Module, loader: Iterable[Any], *, device: str | torch.de
         raise BadOptionError(f"max_batches must be at least 1, got {max_batches}", option="max_batches")
     if device is None:
         device = _model_device(model)
+    from .precision import resolve_precision
+    prec = resolve_precision(precision, device)
 
     modes = [(m, m.training) for m in model.modules()]
+    half = [(bn, bn.running_mean.dtype) for bn in bns if prec.enabled and bn.running_mean is not None
+            and bn.running_mean.dtype in (torch.float16, torch.bfloat16)]
     momenta = [(bn, bn.momentum) for bn in bns]
     saved = [(bn, {k: v.clone() for k, v in bn.named_buffers(recurse=False) if v is not None}) for bn in bns]
     ok = False
     try:
+        for bn, _ in half:
+            bn.float()  # float32 master copy of the accumulated statistics
         model.eval()
         for bn in bns:
             bn.reset_running_stats()
@@ -231,7 +245,7 @@ def update_bn(model: nn.Module, loader: Iterable[Any], *, device: str | torch.de
             bn.train()
         shard = _batch_shard(distributed)
         seen = _forward_batches(model, loader, device=device, max_batches=max_batches, shard=shard,
-                                progress=progress)
+                                progress=progress, prec=prec if prec.enabled or prec.channels_last else None)
         if shard is not None:
             seen = _combine_across_processes(bns, seen)
         if seen == 0:
@@ -240,6 +254,8 @@ def update_bn(model: nn.Module, loader: Iterable[Any], *, device: str | torch.de
         log.debug("re-estimated BatchNorm statistics of %d layers on %d batches", len(bns), seen)
         ok = True
     finally:
+        for bn, dtype in half:
+            bn.to(dtype)
         if not ok:
             for bn, bufs in saved:
                 for k, v in bufs.items():

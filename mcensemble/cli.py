@@ -105,6 +105,13 @@ run_options = _stack(
     click.option("--seed", type=int, default=0, show_default=True, help="Random seed."),
     click.option("--threads", type=click.IntRange(min=1), default=None,
                  help="CPU threads for torch (default: torch's choice; 1 is fastest for tiny models)."),
+    click.option("--precision", type=click.Choice(["fp32", "bf16", "fp16"]), default="fp32", show_default=True,
+                 help="Forward passes under autocast in this dtype (bends, momenta, BN statistics stay float32; "
+                      "fp16 curve fits use a GradScaler)."),
+    click.option("--workers", type=click.IntRange(min=0), default=0, show_default=True,
+                 help="Data-loader worker processes (memory is pinned on CUDA)."),
+    click.option("--channels-last/--no-channels-last", default=False, show_default=True,
+                 help="Run convolutional models in channels_last memory format."),
 )
 
 
@@ -182,10 +189,16 @@ def _data_opts(kw: dict, *, default_data: str | None = None):
         import torch
         torch.set_num_threads(threads)
     device = kw.pop("device")
+    precision, workers, channels_last = kw.pop("precision", None), kw.pop("workers", 0), kw.pop("channels_last", False)
     ctx = click.get_current_context(silent=True)
     if ctx is not None:  # under torchrun: join the process group until the command ends (else a no-op)
+        from .data import loader_settings
         from .distributed import session
+        from .precision import use_precision
         device = ctx.with_resource(session(device))
+        # the whole command: forward passes at --precision, loaders with --workers
+        ctx.with_resource(use_precision(precision, channels_last=channels_last))
+        ctx.with_resource(loader_settings(workers=workers, pin_memory=str(device).startswith("cuda")))
     return DataOptions(data=kw.pop("data") or default_data, val_data=kw.pop("val_data"),
                        test_data=kw.pop("test_data", None),
                        batch_size=kw.pop("batch_size"), seed=kw.pop("seed"), device=device)
@@ -410,6 +423,9 @@ def _apply_recipe(ctx: click.Context, kw: dict[str, Any], recipe: str | None) ->
 @click.option("--strategy", type=click.Choice(["auto", "loop", "vmap"]), default="auto", show_default=True,
               help="Ensemble inference: measured (auto), member loop, or stack_module_state + vmap.")
 @click.option("--out", metavar="ENS.safetensors", help="Write the ensemble here.")
+@click.option("--save-dtype", type=click.Choice(["fp32", "bf16", "fp16"]), default=None,
+              help="Store the ensemble's members in this dtype (bf16 / fp16: half the file; loaded back into the "
+                   "model's dtype). Default: as trained.")
 @click.option("--path-out", metavar="PATH.safetensors", help="Write the path (endpoints, bends, metadata) here.")
 @click.option("--soup", metavar="FILE.safetensors", help="Write the members' weight average (BN re-estimated).")
 @click.option("--report", metavar="FILE.json", help="Write the build report as JSON.")
@@ -454,7 +470,7 @@ def build(ctx: click.Context, **kw: Any) -> None:
     if kw["resume"] and not kw["checkpoint_dir"]:
         raise click.UsageError("--resume needs --checkpoint-dir DIR (where the fit was saved)")
     opts = BuildOptions(**{k: kw.pop(k) for k in ("members", "exact_members", "packed", "selection", "candidates",
-                                                  "strategy", *_PATH_KEYS,
+                                                  "strategy", "save_dtype", *_PATH_KEYS,
                                                   "checkpoint_dir", "checkpoint_every", "resume")})
     model, data = _model_opts(kw), _data_opts(kw, default_data="digits")
     if not checkpoints:

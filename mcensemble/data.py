@@ -18,12 +18,14 @@ A data SPEC is one of:
 """
 from __future__ import annotations
 
+import contextlib
+import contextvars
 import functools
 import logging
 import os
 import re
 from dataclasses import dataclass
-from typing import Any
+from typing import Any, Iterator
 
 import torch
 import torch.nn as nn
@@ -32,10 +34,27 @@ from torch.utils.data import DataLoader, Dataset, IterableDataset, TensorDataset
 
 from .errors import BadOptionError, DataSpecError
 
-__all__ = ["DIGITS_TRAIN_SIZE", "DIGITS_VAL_SIZE", "digits_tensors", "create_dataset", "create_loader",
+__all__ = ["loader_settings", "DIGITS_TRAIN_SIZE", "DIGITS_VAL_SIZE", "digits_tensors", "create_dataset", "create_loader",
            "check_input_fits", "spec_name", "example_input", "folder_classes", "check_same_classes"]
 
 logger = logging.getLogger(__name__)
+
+# (num_workers, pin_memory) of the loaders `create_loader` makes: the CLI's --workers / --device
+_LOADER_SETTINGS: contextvars.ContextVar[tuple[int, bool]] = contextvars.ContextVar(
+    "mcensemble_loader_settings", default=(0, False))
+
+
+@contextlib.contextmanager
+def loader_settings(*, workers: int = 0, pin_memory: bool = False) -> Iterator[None]:
+    """Inside the block, `create_loader` gives loaders `workers` worker processes and pins
+    memory when `pin_memory` (and CUDA is available). `BadOptionError` for workers < 0."""
+    if isinstance(workers, bool) or not isinstance(workers, int) or workers < 0:
+        raise BadOptionError(f"--workers must be an integer >= 0, got {workers!r}", option="--workers")
+    token = _LOADER_SETTINGS.set((workers, bool(pin_memory) and torch.cuda.is_available()))
+    try:
+        yield
+    finally:
+        _LOADER_SETTINGS.reset(token)
 
 DIGITS_N = 1797
 DIGITS_TRAIN_SIZE = 1437
@@ -312,7 +331,8 @@ def create_dataset(spec: Any, *, split: str = "train", model: nn.Module | None =
 
 def create_loader(spec: Any, *, split: str = "train", batch_size: int = 128, shuffle: bool = False, seed: int = 0,
                   model: nn.Module | None = None, drop_last: bool = False) -> DataLoader:
-    """A DataLoader over the data a spec names (num_workers=0).
+    """A DataLoader over the data a spec names (num_workers 0 and no pinned memory, unless
+    inside `loader_settings`: the CLI's --workers, and pinned memory on CUDA).
 
     `split` ("train" / "val") picks the digits split; folders and functions give what
     they give. Shuffling draws from a generator seeded with `seed` (reproducible). A
@@ -329,8 +349,9 @@ def create_loader(spec: Any, *, split: str = "train", batch_size: int = 128, shu
         logger.info("data %s is an IterableDataset; it is not shuffled", spec)
         shuffle = False
     gen = torch.Generator().manual_seed(int(seed)) if shuffle else None
-    return DataLoader(data, batch_size=batch_size, shuffle=shuffle, generator=gen, num_workers=0,
-                      drop_last=drop_last)
+    workers, pin = _LOADER_SETTINGS.get()
+    return DataLoader(data, batch_size=batch_size, shuffle=shuffle, generator=gen, num_workers=workers,
+                      pin_memory=pin, drop_last=drop_last, persistent_workers=workers > 0)
 
 
 # --------------------------------------------------------------------------------------

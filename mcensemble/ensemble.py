@@ -43,7 +43,7 @@ from .errors import (
 from .models import ModelLike, ModelSpec, as_factory, create_model
 
 __all__ = [
-    "EnsembleModel", "save_ensemble", "load", "read_ensemble_metadata", "verify_ensemble_file", "combine_mean_prob",
+    "EnsembleModel", "LazyEnsembleModel", "save_ensemble", "load", "read_ensemble_metadata", "verify_ensemble_file", "combine_mean_prob",
     "loop_strategy", "vmap_strategy", "STRATEGIES", "FORMAT", "FORMAT_VERSION", "METADATA_KEY",
 ]
 
@@ -77,6 +77,8 @@ def combine_mean_prob(member_logits: torch.Tensor, weights: Sequence[float] | No
             f"member outputs must be (batch, classes, ...) logits; got member_logits of shape "
             f"{tuple(member_logits.shape)} (K first)")
     k = member_logits.shape[0]
+    if member_logits.dtype in (torch.float16, torch.bfloat16):
+        member_logits = member_logits.float()  # combine half-precision members in float32
     logp = torch.log_softmax(member_logits, dim=2)
     if weights is None or _equal(weights):
         return torch.logsumexp(logp, dim=0) - math.log(k)
@@ -286,8 +288,10 @@ class EnsembleModel(nn.Module):
                     m["weight"] = w
 
     def save(self, file: str | os.PathLike, *, model_spec: ModelSpec | Mapping | None = None,
-             sources: Iterable = (), extra: Mapping[str, Any] | None = None) -> Path:
-        """Write this ensemble to `file` (members, and what `metadata` says unless overridden)."""
+             sources: Iterable = (), extra: Mapping[str, Any] | None = None,
+             dtype: str | torch.dtype | None = None) -> Path:
+        """Write this ensemble to `file` (members, and what `metadata` says unless overridden;
+        `dtype`: as in `save_ensemble`)."""
         md = self.metadata
         spec = model_spec if model_spec is not None else md.get("model")
         members = md.get("members") if isinstance(md.get("members"), list) and \
@@ -297,7 +301,7 @@ class EnsembleModel(nn.Module):
         ex.update(extra or {})
         return save_ensemble(file, self.member_states(), model_spec=spec, members=members,
                              sources=srcs, extra=ex or None,
-                             weights=None if _equal(self._weights) else self._weights)
+                             weights=None if _equal(self._weights) else self._weights, dtype=dtype)
 
     # -- strategy ---------------------------------------------------------------------
     @property
@@ -605,7 +609,7 @@ def save_ensemble(dest: str | os.PathLike, member_states: Sequence[StateDict], *
                   model_spec: ModelSpec | Mapping[str, Any] | None = None,
                   members: Sequence[Mapping[str, Any]] | None = None,
                   sources: Iterable = (), extra: Mapping[str, Any] | None = None,
-                  weights: Sequence[float] | None = None) -> Path:
+                  weights: Sequence[float] | None = None, dtype: str | torch.dtype | None = None) -> Path:
     """Write an ensemble file (safetensors, atomically) and return its path.
 
     member_states: K >= 1 state dicts with the same tensor names, shapes and dtypes, all
@@ -615,8 +619,14 @@ def save_ensemble(dest: str | os.PathLike, member_states: Sequence[StateDict], *
     (hashed here). extra: more top-level JSON keys (not the reserved ones). weights: K
     member weights (finite, >= 0, sum > 0), stored normalised as each member's `"weight"`
     (default: the members' own `"weight"` if they have one; none stored means equal).
+    dtype: store the members' floating tensors in "fp32", "bf16" or "fp16" (CLI
+    `--save-dtype`; bf16 / fp16 files are half the size; None: as they are). `load` casts
+    them back to the model's dtype unless asked otherwise.
     """
     from safetensors.torch import save_file
+
+    from .precision import cast_floating, parse_dtype
+    save_dtype = parse_dtype(dtype)
 
     if isinstance(member_states, EnsembleModel):
         member_states = member_states.member_states()
@@ -633,7 +643,13 @@ def save_ensemble(dest: str | os.PathLike, member_states: Sequence[StateDict], *
             raise BadOptionError(f"extra= may not set the reserved key {key!r}", option="extra")
         doc[key] = value
     tensors = independent_tensors({f"member.{i}.{n}": t for i, st in enumerate(member_states)
-                                   for n, t in st.items()})
+                                   for n, t in cast_floating(dict(st), save_dtype).items()})
+    if save_dtype == torch.float16:
+        bad = next((n for n, t in tensors.items() if t.is_floating_point() and not bool(torch.isfinite(t).all())),
+                   None)
+        if bad is not None:
+            raise NonFiniteError(f"tensor {bad!r} overflows float16 (|x| > 65504); save with --save-dtype bf16 "
+                                 "or fp32")
     doc[HASHES_KEY] = tensor_hashes(tensors)  # checked by load(verify=True) and inspect --verify
     try:
         text = json.dumps(_json_safe(doc), allow_nan=False)
@@ -811,7 +827,8 @@ def _factory_from_spec(doc: dict[str, Any], path: Path, trust_remote_code: bool
 
 def load(file: str | os.PathLike, *, model: ModelLike | None = None,
          trust_remote_code: bool = False, strategy: str | StrategyFn = "auto",
-         device: str | torch.device | None = None, verify: bool = False) -> EnsembleModel:
+         device: str | torch.device | None = None, verify: bool = False,
+         dtype: str | torch.dtype | None = None, lazy: bool = False) -> "EnsembleModel | LazyEnsembleModel":
     """Load an ensemble file as an `EnsembleModel` (eval mode).
 
     The model comes from `model=` (nn.Module / zero-argument callable / ModelSpec) when
@@ -821,6 +838,13 @@ def load(file: str | os.PathLike, *, model: ModelLike | None = None,
     the file. `verify`: first check every tensor's bytes against the SHA-256 recorded in
     the file (`CheckpointError` naming the tensor that differs; a file without hashes is
     loaded with a warning).
+
+    `dtype`: the dtype the members are held in: None (default) the model's own (a file
+    written with `--save-dtype bf16` is cast back to a float32 model's float32), "file" the
+    dtype stored in the file, or "fp32" / "bf16" / "fp16". `lazy`: return a
+    `LazyEnsembleModel`, which keeps one model in memory and reads member i's tensors from
+    the file (safetensors `safe_open`, memory-mapped) when a forward pass needs them,
+    instead of holding all K members.
     """
     path = Path(file)
     doc, keys = _open_ensemble(path)
@@ -853,5 +877,90 @@ def load(file: str | os.PathLike, *, model: ModelLike | None = None,
     else:
         factory = _factory_from_spec(doc, path, trust_remote_code)
         _check_spec_fits(factory, path, groups[0])
+    factory = _with_dtype(factory, _load_dtype(dtype, path, groups[0]))
+    if lazy:
+        return LazyEnsembleModel(factory, _LazyMembers(path, groups), metadata=doc, device=device,
+                                 weights=_weights_in(weights, k))
     return EnsembleModel(factory, _LazyMembers(path, groups), metadata=doc,
                          strategy=strategy, device=device, weights=_weights_in(weights, k))
+
+
+_SAFETENSORS_DTYPES = {"F32": torch.float32, "BF16": torch.bfloat16, "F16": torch.float16, "F64": torch.float64}
+
+
+def _load_dtype(dtype: str | torch.dtype | None, path: Path, member0: list[tuple[str, str]]) -> torch.dtype | None:
+    """load(dtype=): None, a torch dtype, or the floating dtype of member 0's tensors ("file")."""
+    if not (isinstance(dtype, str) and dtype.lower() == "file"):
+        from .precision import parse_dtype
+        return parse_dtype(dtype, option="dtype")
+    from safetensors import safe_open
+    with safe_open(str(path), framework="pt", device="cpu") as f:
+        for key, _ in member0:
+            found = _SAFETENSORS_DTYPES.get(f.get_slice(key).get_dtype())
+            if found is not None:
+                return found
+    return None
+
+
+def _with_dtype(factory: Callable[[], nn.Module], dtype: torch.dtype | None) -> Callable[[], nn.Module]:
+    if dtype is None:
+        return factory
+    return lambda: factory().to(dtype)
+
+
+class LazyEnsembleModel(nn.Module):
+    """An ensemble whose members stay in their file: `mcensemble.load(file, lazy=True)`.
+
+    Holds one model (`ens.model`); every forward pass loads member i's tensors into it (read
+    from the safetensors file, memory-mapped) and runs it, for i = 0 .. K-1, so memory holds
+    one member instead of K (slower than `EnsembleModel`: K state loads per batch).
+    `forward(x)` = log of the (weighted) mean member probability, as `EnsembleModel`'s.
+    `.to()` / `.half()` / `.bfloat16()` convert the one model; members are cast to its dtype
+    as they are loaded.
+    """
+
+    def __init__(self, model: ModelLike, member_states: Sequence[StateDict], *,
+                 metadata: Mapping[str, Any] | None = None, device: str | torch.device | None = None,
+                 weights: Sequence[float] | None = None):
+        super().__init__()
+        from .members import check_weights
+        self.model = as_factory(model)()
+        if device is not None:
+            self.model.to(device)
+        self.model.eval()
+        self._sources = member_states
+        self.metadata: dict[str, Any] = copy.deepcopy(dict(metadata or {}))
+        k = len(member_states)
+        self.weights = check_weights(weights, k) if weights is not None else [1.0 / k] * k
+        self._expected = {n: (tuple(t.shape), t.dtype) for n, t in self.model.state_dict().items()}
+
+    def __len__(self) -> int:
+        return len(self._sources)
+
+    def member_state_dict(self, i: int) -> dict[str, torch.Tensor]:
+        """Member i's tensors, read from the file."""
+        if not -len(self) <= i < len(self):
+            raise IndexError(f"member index {i} out of range for an ensemble of {len(self)}")
+        return dict(self._sources[i])
+
+    def _load_member(self, i: int) -> None:
+        state = self._sources[i]
+        _check_member_state(state, self._expected, index=i, ref="the model", check_dtype=False)
+        try:
+            self.model.load_state_dict(state, strict=True)
+        except RuntimeError as e:
+            raise ArchitectureMismatchError(f"member {i} does not load into the model: {e}") from e
+
+    def member_logits(self, x: torch.Tensor) -> torch.Tensor:
+        """Every member's output, stacked: (K, B, C, ...)."""
+        outs = []
+        for i in range(len(self)):
+            self._load_member(i)
+            outs.append(self.model(x))
+        return torch.stack(outs)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return combine_mean_prob(self.member_logits(x), self.weights)
+
+    def extra_repr(self) -> str:
+        return f"members={len(self)} (lazy)"

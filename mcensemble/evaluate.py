@@ -88,13 +88,17 @@ def _logits(out: Any) -> torch.Tensor:
 
 @torch.no_grad()
 def evaluate(model: nn.Module, loader: Iterable[Any], *, device: str | torch.device = "cpu",
-             progress: bool | None = None) -> Metrics:
+             progress: bool | None = None, precision: str | None = None) -> Metrics:
     """Evaluate a classifier on a loader of `(inputs, labels)` batches.
 
     The model is moved to `device` (in place, as `nn.Module.to` does) and run in eval mode
     under `torch.no_grad()`; its train/eval mode is restored afterwards. Outputs go through
     `log_softmax` (a no-op on log-probabilities such as an `EnsembleModel`'s output).
+    `precision` ("fp32" default, "bf16", "fp16"): forward passes under autocast
+    (`mcensemble.precision`); the metrics are computed in float32.
     """
+    from .precision import resolve_precision
+    prec = resolve_precision(precision, device)
     model.to(device)
     modes = [(m, m.training) for m in model.modules()]
     model.eval()
@@ -109,7 +113,9 @@ def evaluate(model: nn.Module, loader: Iterable[Any], *, device: str | torch.dev
         for batch in bar:
             x, y = labelled_batch(batch, what="evaluation")
             x, y = x.to(device), y.to(device).long()
-            logp = F.log_softmax(_logits(model(x)).float(), dim=1)
+            with prec.autocast():
+                out = model(prec.input(x))
+            logp = F.log_softmax(_logits(out).float(), dim=1)
             if y.ndim != 1 or y.shape[0] != logp.shape[0]:
                 raise DataSpecError(f"labels of shape {tuple(y.shape)} do not match outputs of shape "
                                     f"{tuple(logp.shape)}; expected one integer class per example",
@@ -162,15 +168,16 @@ def _load_state_strict(model: nn.Module, state_dict: Mapping[str, torch.Tensor])
 
 def evaluate_state(model: nn.Module, state_dict: Mapping[str, torch.Tensor], loader: Iterable[Any], *,
                    bn_loader: Iterable[Any] | None = None, device: str | torch.device = "cpu",
-                   progress: bool | None = None) -> Metrics:
+                   progress: bool | None = None, precision: str | None = None) -> Metrics:
     """Load `state_dict` into `model` (in place, strict), re-estimate BatchNorm statistics
     on `bn_loader` when the model has BN and a `bn_loader` is given, and evaluate on
     `loader`. Shape / key mismatches raise `ArchitectureMismatchError`."""
     _load_state_strict(model, state_dict)
     model.to(device)
     if bn_loader is not None and has_batchnorm(model):
-        update_bn(model, bn_loader, device=device, progress=False if progress is None else progress)
-    return evaluate(model, loader, device=device, progress=progress)
+        update_bn(model, bn_loader, device=device, progress=False if progress is None else progress,
+                  precision=precision)
+    return evaluate(model, loader, device=device, progress=progress, precision=precision)
 
 
 @dataclass
@@ -234,14 +241,15 @@ def _barrier(ts: list[float], losses: list[float]) -> tuple[float, float]:
 
 def scan(path: Any, model: ModelLike, loader: Iterable[Any], *, points: int = 11,
          val_loader: Iterable[Any] | None = None, bn_loader: Iterable[Any] | None = None,
-         device: str | torch.device = "cpu", progress: bool | None = None) -> ScanResult:
+         device: str | torch.device = "cpu", progress: bool | None = None,
+         precision: str | None = None) -> ScanResult:
     """Evaluate `path.state_at(t)` at `points` evenly spaced t in [0, 1] (both ends included).
 
     `model`: an `nn.Module` (deep-copied once; the caller's model is not changed), a
     zero-argument callable or a `ModelSpec`. For a model with BatchNorm, the statistics
     are re-estimated on `bn_loader` at every point, endpoints included; without a
     `bn_loader` the states' own statistics are used and the result says
-    `bn_reestimated=False` (a warning is logged).
+    `bn_reestimated=False` (a warning is logged). `precision`: as in `evaluate`.
     """
     if isinstance(points, bool) or not isinstance(points, int) or points < 2:
         raise BadOptionError(f"--points must be an integer of at least 2 (the two endpoints), got {points!r}",
@@ -260,10 +268,10 @@ def scan(path: Any, model: ModelLike, loader: Iterable[Any], *, points: int = 11
     try:
         for t in bar:
             m = evaluate_state(net, path.state_at(t), loader, bn_loader=bn_loader if reestimate else None,
-                               device=device, progress=False)
+                               device=device, progress=False, precision=precision)
             row: dict[str, Any] = {"t": t, **m.to_dict()}
             if val_loader is not None:
-                v = evaluate(net, val_loader, device=device, progress=False)
+                v = evaluate(net, val_loader, device=device, progress=False, precision=precision)
                 row.update({f"val_{k}": x for k, x in v.to_dict().items()})
             rows.append(row)
     finally:

@@ -90,14 +90,19 @@ def _bn_buffer_names(model: nn.Module) -> list[str]:
 @torch.no_grad()
 def predict_log_probs(model: nn.Module, loader: Iterable, *, device: str | torch.device = "cpu"
                       ) -> tuple[torch.Tensor, torch.Tensor]:
-    """(log_softmax outputs (N, C), labels (N,)) on CPU, model in eval mode."""
+    """(log_softmax outputs (N, C), labels (N,)) on CPU, model in eval mode; forward passes
+    at the current precision (`mcensemble.precision.use_precision`), log-probabilities float32."""
+    from .precision import resolve_precision
+    prec = resolve_precision(None, device)
     modes = [(m, m.training) for m in model.modules()]
     model.eval()
     outs, labels = [], []
     try:
         for batch in loader:
             x, y = labelled_batch(batch, what="evaluation")
-            outs.append(F.log_softmax(model(x.to(device)).float(), dim=-1).cpu())
+            with prec.autocast():
+                out = model(prec.input(x.to(device)))
+            outs.append(F.log_softmax(out.float(), dim=-1).cpu())
             labels.append(torch.as_tensor(y).cpu())
     finally:
         for m, mode in modes:  # every module's own flag, as evaluate() does

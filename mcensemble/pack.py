@@ -59,8 +59,11 @@ def pack_pair(model: nn.Module, a: Mapping[str, torch.Tensor], b: Mapping[str, t
 
 
 def _logits(model: nn.Module, state: Mapping[str, torch.Tensor], x: torch.Tensor) -> torch.Tensor:
+    from .precision import resolve_precision
     model.load_state_dict(state)
-    out = model(x)
+    prec = resolve_precision(None, x.device)
+    with prec.autocast():  # the current precision (--precision, --channels-last)
+        out = model(prec.input(x))
     return (out[0] if isinstance(out, (tuple, list)) else out).float()
 
 

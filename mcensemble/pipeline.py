@@ -362,6 +362,7 @@ class BuildOptions:
     checkpoint_every: int | None = None  # ... every N steps too (always at each epoch's end)
     resume: bool = False  # continue the fits saved in checkpoint_dir
     neb: Any = None  # a paths.neb.NebConfig for --method neb (None: its defaults, --weight-decay, --seed)
+    save_dtype: str | None = None  # the ensemble file's member dtype ("fp32", "bf16", "fp16"; None: as trained)
 
 
 def _linear_builder(net, a, b, *, opts: BuildOptions, data: DataOptions, fit_loader, bn_loader, index: int = 0,
@@ -619,7 +620,7 @@ def build_ensemble(files: Sequence[str | os.PathLike], *, model: ModelOptions, d
                for f, ck in zip(files, cks)]
     if out is not None and is_main():  # several processes: only rank 0 writes
         save_ensemble(out, states, model_spec=spec, members=[c.info(kind) for c in members], sources=sources,
-                      weights=weights, extra={"method": opts.method, "selection": report["selection"],
+                      weights=weights, dtype=opts.save_dtype, extra={"method": opts.method, "selection": report["selection"],
                                               "choice": _choice_summary(choice),
                                               "bn_reestimated": report["bn_reestimated"], "n_paths": len(paths)})
     if path_out is not None and is_main():
@@ -759,6 +760,11 @@ def _build_report(files, cks, paths, grid, members, weights, line, opts: BuildOp
     if opts.method in ("bezier", "polychain"):
         report["curve"] = {"kind": opts.method, "bends": opts.bends, "epochs": opts.epochs, "lr": opts.lr,
                            "weight_decay": opts.weight_decay}
+        fits = [p.metadata.get("fit") or {} for p in paths]
+        if any("precision" in f for f in fits):  # --precision bf16 / fp16; fp16: GradScaler's skipped steps
+            report["curve"]["precision"] = fits[0]["precision"]
+        if any("skipped_steps" in f for f in fits):
+            report["curve"]["skipped_steps"] = [f.get("skipped_steps", 0) for f in fits]
     if opts.method == "neb":  # each band's schedule and what every cycle inserted
         report["neb"] = [p.metadata.get("neb") for p in paths]
     if getattr(paths[0], "certificate", None):
@@ -1022,6 +1028,7 @@ def build_fge(files: Sequence[str | os.PathLike], *, model: ModelOptions, data: 
     from .distributed import is_main
     if out is not None and is_main():  # several processes: only rank 0 writes
         save_ensemble(out, states, model_spec=ck.model_spec, members=members, sources=sources,
+                      dtype=opts.save_dtype,
                       extra={"method": "fge", "selection": "all-snapshots", "bn_reestimated": report["bn_reestimated"]})
     if soup is not None:
         report["soup"] = _write_soup(soup, soup_sd, net, train, val, ck, data)

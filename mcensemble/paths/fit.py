@@ -55,6 +55,7 @@ from .. import distributed as dist_
 from ..bn import split_batch
 from ..checkpoints import check_same_architecture
 from ..errors import BadOptionError, CheckpointError, MCEnsembleError
+from ..precision import Precision, resolve_precision
 from .base import check_same_layout, meta_field, state_dict_sha256
 from .curves import CURVE_KINDS, BezierPath, PolyChainPath, curve_coefficients, is_interpolated
 
@@ -182,8 +183,14 @@ class CurveFitter:
     def __init__(self, model: nn.Module, a: Mapping[str, torch.Tensor], b: Mapping[str, torch.Tensor], *,
                  kind: str = "bezier", bends: int = 1, momentum: float = 0.9, weight_decay: float = 5e-4,
                  max_grad_norm: float | None = None, device: str | torch.device = "cpu",
-                 loss_fn: Callable[[torch.Tensor, torch.Tensor], torch.Tensor] | None = None):
+                 loss_fn: Callable[[torch.Tensor, torch.Tensor], torch.Tensor] | None = None,
+                 precision: str | Precision | None = None):
         device = torch.device(device)
+        # forward passes under autocast; bends, momenta and theta(t) stay float32 (master copies)
+        self.precision = resolve_precision(precision, device)
+        self.scaler = self.precision.grad_scaler()
+        self.skipped_steps = 0  # fp16: steps whose gradients overflowed (not applied)
+        self._scaler_opt = _ScalerProbe() if self.scaler is not None else None
         self.model, self.kind, self.n = model, kind, bends
         self.momentum, self.weight_decay, self.max_grad_norm = float(momentum), float(weight_decay), max_grad_norm
         self.loss_fn = F.cross_entropy if loss_fn is None else loss_fn
@@ -201,11 +208,12 @@ class CurveFitter:
             raise BadOptionError("the model has no trainable parameters: nothing to fit", option="model")
         n = bends
         # Control points on the device. A and B are only ever read.
-        self.A = [a[k].detach().to(device) for k in self.floating]
-        self.B = [b[k].detach().to(device) for k in self.floating]
+        master = torch.float32 if self.precision.enabled else None  # half endpoints: float32 masters
+        self.A = [_master(a[k], device, master) for k in self.floating]
+        self.B = [_master(b[k], device, master) for k in self.floating]
         self.bends = [[_lerp_tensor(pa, pb, (i + 1) / (n + 1)) for pa, pb in zip(self.A, self.B)]
                       for i in range(n)]
-        if any(p.dtype in (torch.float16, torch.bfloat16) for p in self.A):
+        if not self.precision.enabled and any(p.dtype in (torch.float16, torch.bfloat16) for p in self.A):
             log.warning("fitting a curve between half-precision endpoints: the bends are trained in the "
                         "endpoints' dtype; convert them to float32 for a better fit")
         # num_batches_tracked etc.: private clones (BatchNorm increments them in place).
@@ -228,6 +236,12 @@ class CurveFitter:
         (contributes nothing; loss NaN)."""
         coeffs = curve_coefficients(self.kind, t, self.n)
         loss, grads = self._gradient(x, y, coeffs)
+        if grads is None:  # fp16: the scaled gradients overflowed; the scaler backed off
+            self.skipped_steps += 1
+            if sync is not None:  # every process still takes part in the collective
+                grads = [torch.full_like(self.theta[j], float("nan")) for j in self.train_idx]
+            else:
+                return loss
         with torch.no_grad():
             if sync is not None:
                 self._update_synced(grads, coeffs, lr, sync)
@@ -264,19 +278,45 @@ class CurveFitter:
             p.requires_grad_(True)
         state = dict(zip(self.floating, theta))
         state.update(self.scratch)
-        out = functional_call(self.model, state, (x,), tie_weights=self.tied)
+        with self.precision.autocast():
+            out = functional_call(self.model, state, (self.precision.input(x),), tie_weights=self.tied)
+        if self.precision.enabled and isinstance(out, torch.Tensor) and out.is_floating_point():
+            out = out.float()  # the loss in float32
         loss = self.loss_fn(out, y)
-        grads = list(torch.autograd.grad(loss, theta_train, allow_unused=True, materialize_grads=True))
+        if self.scaler is not None:
+            grads = self._unscaled_grads(loss, theta_train)
+            if grads is None:
+                return loss.detach(), None
+        else:
+            grads = list(torch.autograd.grad(loss, theta_train, allow_unused=True, materialize_grads=True))
         if self.weight_decay:
             with torch.no_grad():
                 # d/dtheta of weight_decay / 2 * ||theta||^2
                 torch._foreach_add_(grads, theta_train, alpha=self.weight_decay)
         return loss.detach(), grads
 
+    def _unscaled_grads(self, loss: torch.Tensor, theta_train: list[torch.Tensor]) -> list[torch.Tensor] | None:
+        """fp16: dL/dtheta through the `GradScaler` (scaled backward, unscale, inf check,
+        scale update); None when the gradients overflowed (the step is skipped)."""
+        scaler, probe = self.scaler, self._scaler_opt
+        grads = torch.autograd.grad(scaler.scale(loss), theta_train, allow_unused=True, materialize_grads=True)
+        for p, g in zip(theta_train, grads):
+            p.grad = g
+        probe.param_groups[0]["params"] = theta_train
+        scaler.unscale_(probe)
+        applied = scaler.step(probe)  # the probe's step only reports that the scaler let it run
+        scaler.update()
+        out = [p.grad for p in theta_train]
+        for p in theta_train:
+            p.grad = None
+        return out if applied else None
+
     def _update_synced(self, grads, coeffs, lr: float, sync: torch.Tensor) -> None:
         rows = float(sync[0])
         bend_grads = [torch._foreach_mul(grads, coeffs[i + 1] * rows) for i in range(self.n)]
         dist_.all_reduce_sum_([g for bg in bend_grads for g in bg] + [sync])
+        if self.scaler is not None and not all(bool(torch.isfinite(g).all()) for bg in bend_grads for g in bg):
+            return  # fp16: some process overflowed; every process skips this step alike
         total_rows = float(sync[0])
         scale = 1.0 / max(total_rows, 1.0)
         if self.max_grad_norm is not None:
@@ -299,7 +339,8 @@ class CurveFitter:
         alias = _aliases(self.model, self.a)
         out = []
         for i, bend in enumerate(self.bends):
-            sd = {k: bend[j].detach().to(self.a[k].device) for j, k in enumerate(self.floating)}
+            # in the endpoints' dtype (a float32 master copy of half endpoints goes back to half)
+            sd = {k: bend[j].detach().to(self.a[k].device, self.a[k].dtype) for j, k in enumerate(self.floating)}
             for k, canon in alias.items():
                 if canon in sd and k not in sd:
                     sd[k] = sd[canon]
@@ -308,6 +349,25 @@ class CurveFitter:
                     sd[k] = _lerp_tensor(v, self.b[k], (i + 1) / (self.n + 1))
             out.append(sd)
         return out
+
+
+class _ScalerProbe(torch.optim.Optimizer):
+    """A stand-in optimizer for `torch.amp.GradScaler`: the scaler unscales its parameters'
+    gradients and runs `step` only when they are finite; `step` returns True so that the
+    caller learns whether the (hand-written) update may be applied."""
+
+    def __init__(self) -> None:
+        super().__init__([torch.zeros(1, requires_grad=True)], {})
+
+    def step(self, closure=None):  # noqa: ARG002
+        return True
+
+
+def _master(v: torch.Tensor, device, master: torch.dtype | None) -> torch.Tensor:
+    v = v.detach().to(device)
+    if master is not None and v.dtype in (torch.float16, torch.bfloat16):
+        v = v.to(master)
+    return v
 
 
 def _lerp_tensor(a: torch.Tensor, b: torch.Tensor, w: float) -> torch.Tensor:
@@ -320,7 +380,7 @@ def fit_curve(model: Any, a: Mapping[str, torch.Tensor], b: Mapping[str, torch.T
               callback: Callable[[int, float, float], Any] | None = None,
               loss_fn: Callable[[torch.Tensor, torch.Tensor], torch.Tensor] | None = None,
               checkpoint: str | os.PathLike | None = None, checkpoint_every: int | None = None,
-              resume: bool = False) -> BezierPath | PolyChainPath:
+              resume: bool = False, precision: str | None = None) -> BezierPath | PolyChainPath:
     """Fit the bends of a curve from state dict `a` (t = 0) to `b` (t = 1) on `loader`.
 
     `model`: an `nn.Module` of the endpoints' architecture (only its structure is used: its
@@ -339,6 +399,11 @@ def fit_curve(model: Any, a: Mapping[str, torch.Tensor], b: Mapping[str, torch.T
     (the step in progress is finished first; then `FitInterrupted` is raised). `resume`:
     continue from `checkpoint` when it exists; the result is bit-identical to an
     uninterrupted fit on the same device. Without `resume` an existing `checkpoint` is an error.
+
+    `precision` ("fp32" default, "bf16", "fp16"; `mcensemble.precision`): the forward
+    passes run under autocast in that dtype; the bends and their momenta stay float32. fp16
+    scales the loss with a `torch.amp.GradScaler`; steps whose gradients overflow are skipped
+    and counted in the path's ``metadata["fit"]["skipped_steps"]``.
 
     Several processes (`mcensemble.distributed`): each takes its share of every batch
     (rows rank, rank + world, ...), draws its own t, and the bends' gradients are averaged
@@ -366,7 +431,7 @@ def fit_curve(model: Any, a: Mapping[str, torch.Tensor], b: Mapping[str, torch.T
     model.to(device).train()
     fitter = CurveFitter(model, a, b, kind=config.kind, bends=config.bends, momentum=config.momentum,
                          weight_decay=config.weight_decay, max_grad_norm=config.max_grad_norm,
-                         device=device, loss_fn=loss_fn)
+                         device=device, loss_fn=loss_fn, precision=precision)
     run = _FitRun(fitter, config, loader, device=device, total=total, steps_per_epoch=spe,
                   checkpoint=checkpoint, every=checkpoint_every, a=a, b=b)
     try:
@@ -380,6 +445,11 @@ def fit_curve(model: Any, a: Mapping[str, torch.Tensor], b: Mapping[str, torch.T
                 "weight_decay": config.weight_decay, "seed": config.seed, "max_grad_norm": config.max_grad_norm}
     if dist_.world_size() > 1:
         fit_meta["world_size"] = dist_.world_size()
+    if fitter.precision.enabled:
+        fit_meta["precision"] = fitter.precision.name
+    if fitter.scaler is not None:
+        fit_meta["skipped_steps"] = fitter.skipped_steps
+        fit_meta["loss_scale"] = float(fitter.scaler.get_scale())
     return cls(a, b, fitter.bend_state_dicts(), metadata={"fit": fit_meta})
 
 
