@@ -1,17 +1,21 @@
 """The key quality claim, small and fast: on a pair of small models trained where ensembles
-matter, the curve ensemble's held-out NLL is below both endpoints', and the curve's worst
-training loss is far below the straight line's midpoint.
+matter, the ensemble `build` makes with its default selection (with replacement, behind the
+bootstrap gate; at most 4 members) has a held-out NLL below both endpoints', and the curve's
+worst training loss is far below the straight line's midpoint.
 
 Setting (as in tests/benchmarks/bench_quality.py): `digits,train=300,noise=0.2` (300
 training examples, a fifth of their labels wrong), endpoints trained 100 epochs (long
 enough to fit the noise: overconfident, diverse models), a Bezier curve fitted 100 epochs,
-4 members chosen greedily on a clean selection split (digits training-split examples
-1077..1436, never trained on), NLL reported on the `digits` val split (360 examples, used
-for nothing else). Checked offline on seeds 0..7 for both models: the NLL margin (better
-endpoint minus curve ensemble) was 0.044..0.072 (MLP) and 0.013..0.085 (CNN); the ratio
-curve-worst / line-midpoint 0.29..0.36 (MLP) and 0.014..0.022 (CNN). Seed 0 is used here.
-With shorter training (40 epochs) the MLP endpoints do not overfit and the claim does not
-hold for the MLP (see the benchmark's notes).
+members chosen on a clean selection split (digits training-split examples 1077..1436,
+never trained on), NLL reported on the `digits` val split (360 examples, used for nothing
+else). With the old fit defaults (bends at the points' learning rate, no alignment) 4
+greedy members beat the better endpoint by 0.044..0.072 (MLP) and 0.013..0.085 (CNN) on
+seeds 0..7. The flat default fit (aligned start, bends at 4x the rate) fits the MLP's wrong
+labels along the whole curve as the endpoints do, so 4 forced curve members lost to the
+better endpoint there (0.656 against 0.625), and the selection's choice, the two-endpoint
+ensemble (0.641), does not beat the better endpoint either: on that MLP the old curve's gain
+was the early stopping of an under-fitted middle, not averaging. The claim is kept for the
+BN CNN, the case the flat default was made for (docs/benchmarks/quality.md).
 """
 from __future__ import annotations
 
@@ -56,16 +60,16 @@ def _train(arch: str, seed: int, dest):
     return net
 
 
-@pytest.mark.parametrize("arch", ["mce_digits_mlp", "mce_digits_cnn"])
+@pytest.mark.parametrize("arch", ["mce_digits_cnn"])
 def test_curve_ensemble_beats_both_endpoints(arch, tmp_path, selection_spec, mce_one_thread):
     files = [tmp_path / "a.safetensors", tmp_path / "b.safetensors"]
     nets = [_train(arch, seed, f) for seed, f in zip((0, 1), files)]
     res = build_ensemble(files, model=ModelOptions(),
                          data=DataOptions(data=DATA, val_data=selection_spec, batch_size=64, seed=0, progress=False),
                          opts=BuildOptions(method="bezier", members=4, selection="greedy", epochs=CURVE_EPOCHS,
-                                           exact_members=True, packed=False))
+                                           packed=False))
     rep = res.report
-    assert rep["selection"] == "greedy-val-nll" and len(res.member_states) == 4
+    assert rep["selection"] == "greedy-val-nll" and 1 <= len(res.member_states) <= 4
 
     test = create_loader("digits", split="val", batch_size=512)
     ends = []
@@ -77,9 +81,8 @@ def test_curve_ensemble_beats_both_endpoints(arch, tmp_path, selection_spec, mce
     for state in res.member_states:
         scratch.load_state_dict(state, strict=True)
         member_lp.append(predict_log_probs(scratch, test)[0])
-    curve_nll = ensemble_metrics(member_lp, labels).nll
-    # seed 0 gave margins of about 0.05 (MLP) and 0.04 (CNN)
-    assert curve_nll < min(ends) - 0.01, (curve_nll, ends)
+    built_nll = ensemble_metrics(member_lp, labels, weights=res.weights).nll
+    assert built_nll < min(ends) - 0.01, (built_nll, ends, rep["choice"]["decision"])
 
     worst = rep["path"]["worst"]["loss"]
     mid = min(rep["line"]["points"], key=lambda p: abs(p["t"] - 0.5))
