@@ -8,18 +8,22 @@ import functools
 import hashlib
 import json
 import logging
+import math
 import os
 import re
 import socket
 import tempfile
 from pathlib import Path
-from typing import TYPE_CHECKING, Any, Iterator, Mapping
+from typing import TYPE_CHECKING, Any, Callable, Iterator, Mapping
+
+from .errors import CheckpointError
 
 if TYPE_CHECKING:
     import torch
 
 __all__ = ["atomic_path", "sha256_file", "independent_tensors", "tensor_sha256", "tensor_hashes",
-           "safetensors_layout", "verify_tensor_hashes", "verify_file", "HASHES_KEY"]
+           "safetensors_layout", "verify_tensor_hashes", "verify_file", "HASHES_KEY", "meta_field",
+           "is_int", "is_number"]
 
 log = logging.getLogger(__name__)
 
@@ -246,3 +250,70 @@ def verify_file(path: str | os.PathLike) -> tuple[str, int | None]:
                               f"SHA-256 per tensor; this file is {'a ' + repr(fmt) if fmt else 'not one'} "
                               "(compare a checkpoint's sha256, shown by inspect, with a known one instead)")
     return fmt, verify_tensor_hashes(path, doc.get(HASHES_KEY))
+
+
+# ----------------------------------------------------------------------------- metadata checks
+def is_int(v: Any) -> bool:
+    """An int that is not a bool (JSON true/false are not counts)."""
+    return isinstance(v, int) and not isinstance(v, bool)
+
+
+def is_number(v: Any) -> bool:
+    """A finite int or float that is not a bool."""
+    return isinstance(v, (int, float)) and not isinstance(v, bool) and math.isfinite(v)
+
+
+# expected type name -> (what the message says, test)
+_EXPECT: dict[str, tuple[str, Callable[[Any], bool]]] = {
+    "int": ("an integer", is_int),
+    "number": ("a finite number", is_number),
+    "str": ("a string", lambda v: isinstance(v, str)),
+    "bool": ("true or false", lambda v: isinstance(v, bool)),
+    "list": ("a list", lambda v: isinstance(v, list)),
+    "dict": ("a JSON object", lambda v: isinstance(v, dict)),
+    "str-list": ("a list of strings", lambda v: isinstance(v, list) and all(isinstance(x, str) for x in v)),
+    "number-list": ("a list of finite numbers", lambda v: isinstance(v, list) and all(is_number(x) for x in v)),
+}
+_MISSING = object()
+
+
+def _show(v: Any) -> str:
+    text = repr(v)
+    return f"{type(v).__name__} {text if len(text) <= 60 else text[:57] + '...'}"
+
+
+def meta_field(meta: Mapping[str, Any], key: str, expect: str, *, where: str = "metadata",
+               default: Any = _MISSING, nullable: bool = False,
+               lo: float | None = None, hi: float | None = None) -> Any:
+    """`meta[key]`, checked to be of type `expect` (a key of `_EXPECT`: "int", "number", "str",
+    "bool", "list", "dict", "str-list", "number-list") and, for numbers, within [lo, hi].
+
+    A missing key gives `default` when one is passed (else it is an error); `nullable`
+    accepts None (JSON null). Anything else raises `CheckpointError` naming `where` (e.g.
+    the file), the field, what was expected and what was found. Every reader of file
+    metadata (path kinds' `_from_file`, ensemble and checkpoint readers) checks its fields
+    with this before using them: a damaged or crafted header then gives one clear error,
+    never a TypeError, and a size read from it is bounded by `hi` (what the file's tensors
+    allow) before anything is allocated from it.
+    """
+    desc, ok = _EXPECT[expect]
+    if not isinstance(meta, Mapping):
+        raise CheckpointError(f"{where}: the metadata is a {type(meta).__name__}, not a JSON object; "
+                              "the file is damaged or was not written by mcensemble")
+    if key not in meta:
+        if default is not _MISSING:
+            return default
+        raise CheckpointError(f"{where}: metadata field {key!r} is missing; the file is damaged or "
+                              "was not written by mcensemble")
+    v = meta[key]
+    if v is None and nullable:
+        return None
+    if not ok(v):
+        raise CheckpointError(f"{where}: metadata field {key!r} must be {desc}"
+                              f"{' or null' if nullable else ''}, found {_show(v)}; the file is damaged")
+    if (lo is not None and v < lo) or (hi is not None and v > hi):
+        span = f"from {lo} to {hi}" if lo is not None and hi is not None else \
+            f">= {lo}" if lo is not None else f"<= {hi}"
+        raise CheckpointError(f"{where}: metadata field {key!r} is {v}, it must be {span} (for the "
+                              "tensors in the file); the file is damaged")
+    return v

@@ -610,7 +610,7 @@ _FIELD_TYPES = (("arch", "str"), ("num_classes", "int"), ("in_chans", "int"), ("
 def _check_field_types(meta: Mapping[str, Any], source: str) -> None:
     """`CheckpointError` naming the field when what a file says about its weights has the
     wrong type (a damaged or crafted header: `"model_args": 1.5`, `"num_classes": "x"`)."""
-    from .paths.base import meta_field
+    from ._io import meta_field
     for key, expect in _FIELD_TYPES:
         meta_field(meta, key, expect, where=source, default=None, nullable=True,
                    lo=1 if expect == "int" else None)

@@ -29,7 +29,7 @@ from typing import Any, Callable, ClassVar, Mapping, TypeVar
 
 import torch
 
-from .._io import HASHES_KEY, atomic_path, independent_tensors, tensor_hashes
+from .._io import HASHES_KEY, atomic_path, independent_tensors, meta_field, tensor_hashes
 from ..errors import ArchitectureMismatchError, BadOptionError, CheckpointError
 
 __all__ = [
@@ -91,71 +91,6 @@ def check_same_layout(a: Mapping[str, torch.Tensor], b: Mapping[str, torch.Tenso
         raise ArchitectureMismatchError(
             f"{na} and {nb} do not have the same tensors ({'; '.join(parts)}); both must come from "
             "the same architecture")
-
-
-# ----------------------------------------------------------------------------- metadata checks
-def _is_int(v: Any) -> bool:
-    return isinstance(v, int) and not isinstance(v, bool)
-
-
-def _is_number(v: Any) -> bool:
-    return isinstance(v, (int, float)) and not isinstance(v, bool) and math.isfinite(v)
-
-
-# expected type name -> (what the message says, test)
-_EXPECT: dict[str, tuple[str, Callable[[Any], bool]]] = {
-    "int": ("an integer", _is_int),
-    "number": ("a finite number", _is_number),
-    "str": ("a string", lambda v: isinstance(v, str)),
-    "bool": ("true or false", lambda v: isinstance(v, bool)),
-    "list": ("a list", lambda v: isinstance(v, list)),
-    "dict": ("a JSON object", lambda v: isinstance(v, dict)),
-    "str-list": ("a list of strings", lambda v: isinstance(v, list) and all(isinstance(x, str) for x in v)),
-    "number-list": ("a list of finite numbers", lambda v: isinstance(v, list) and all(_is_number(x) for x in v)),
-}
-_MISSING = object()
-
-
-def _show(v: Any) -> str:
-    text = repr(v)
-    return f"{type(v).__name__} {text if len(text) <= 60 else text[:57] + '...'}"
-
-
-def meta_field(meta: Mapping[str, Any], key: str, expect: str, *, where: str = "metadata",
-               default: Any = _MISSING, nullable: bool = False,
-               lo: float | None = None, hi: float | None = None) -> Any:
-    """`meta[key]`, checked to be of type `expect` (a key of `_EXPECT`: "int", "number", "str",
-    "bool", "list", "dict", "str-list", "number-list") and, for numbers, within [lo, hi].
-
-    A missing key gives `default` when one is passed (else it is an error); `nullable`
-    accepts None (JSON null). Anything else raises `CheckpointError` naming `where` (e.g.
-    the file), the field, what was expected and what was found. Every reader of file
-    metadata (path kinds' `_from_file`, ensemble and checkpoint readers) checks its fields
-    with this before using them: a damaged or crafted header then gives one clear error,
-    never a TypeError, and a size read from it is bounded by `hi` (what the file's tensors
-    allow) before anything is allocated from it.
-    """
-    desc, ok = _EXPECT[expect]
-    if not isinstance(meta, Mapping):
-        raise CheckpointError(f"{where}: the metadata is a {type(meta).__name__}, not a JSON object; "
-                              "the file is damaged or was not written by mcensemble")
-    if key not in meta:
-        if default is not _MISSING:
-            return default
-        raise CheckpointError(f"{where}: metadata field {key!r} is missing; the file is damaged or "
-                              "was not written by mcensemble")
-    v = meta[key]
-    if v is None and nullable:
-        return None
-    if not ok(v):
-        raise CheckpointError(f"{where}: metadata field {key!r} must be {desc}"
-                              f"{' or null' if nullable else ''}, found {_show(v)}; the file is damaged")
-    if (lo is not None and v < lo) or (hi is not None and v > hi):
-        span = f"from {lo} to {hi}" if lo is not None and hi is not None else \
-            f">= {lo}" if lo is not None else f"<= {hi}"
-        raise CheckpointError(f"{where}: metadata field {key!r} is {v}, it must be {span} (for the "
-                              "tensors in the file); the file is damaged")
-    return v
 
 
 def _check_t(t: Any) -> float:

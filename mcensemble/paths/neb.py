@@ -46,6 +46,7 @@ from tqdm.auto import tqdm
 
 from .. import distributed as dist_
 from ..checkpoints import check_same_architecture
+from .._io import is_int as _is_int, is_number
 from ..errors import BadOptionError, CheckpointError
 from .base import Path, StateDict, check_same_layout, meta_field, register_path, state_dict_sha256
 from .curves import is_interpolated
@@ -59,12 +60,8 @@ log = logging.getLogger(__name__)
 NEB_CHECKPOINT_FORMAT = "mcensemble-neb-checkpoint"
 
 
-def _is_int(x: Any) -> bool:
-    return isinstance(x, int) and not isinstance(x, bool)
-
-
 def _is_pos(x: Any) -> bool:
-    return isinstance(x, (int, float)) and not isinstance(x, bool) and 0 < x < math.inf
+    return is_number(x) and x > 0
 
 
 @dataclass(frozen=True)
