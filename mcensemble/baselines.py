@@ -115,11 +115,18 @@ def soup_state(net: nn.Module, states: Sequence[StateDict], weights: Sequence[fl
 def packed_state(net: nn.Module, a: StateDict, b: StateDict, train: Iterable[Any], *, graph=None,
                  device: str | torch.device = "cpu", progress: bool | None = None
                  ) -> tuple[dict[str, torch.Tensor] | None, str | None]:
-    """(the packed pair of A and B, None), or (None, why it does not apply): the dropout
-    construction takes layered networks only."""
+    """(the packed pair of A and B, None), or (None, why it does not apply). Layered networks
+    get the dropout construction's (D_1(A) + D_1(B)) / 2; residual and squeeze-excite ones,
+    which it refuses, the short path's (D_S(A) + D_T(B)) / 2; networks with LayerNorm or
+    GroupNorm over channels neither."""
     from .pack import pack_pair
+    from .paths.dropout import DropoutPathError
     try:
-        return pack_pair(net, a, b, train, graph=graph, device=device, progress=progress), None
+        try:
+            return pack_pair(net, a, b, train, graph=graph, device=device, progress=progress), None
+        except DropoutPathError:
+            return pack_pair(net, a, b, train, graph=graph, device=device, progress=progress,
+                             method="short"), None
     except MCEnsembleError as e:
         reason = (str(e).strip().splitlines() or [type(e).__name__])[0]
         _log.info("packed pair skipped: %s", reason)
