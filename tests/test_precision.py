@@ -288,3 +288,72 @@ def test_cli_build_fp16_bf16_file_and_eval(mce_cli, mce_cnn_pair, tmp_path):
 def test_cli_refuses_bad_precision_options(mce_cli, tmp_path, option, value):
     res = mce_cli("build", tmp_path / "a", tmp_path / "b", option, value)
     assert res.exit_code == 2 and option in res.output and "Traceback" not in res.output
+
+
+# ------------------------------------------------------------------ CUDA (skipped without a GPU)
+
+needs_cuda = pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU")
+
+
+@pytest.mark.cuda
+@needs_cuda
+@pytest.mark.parametrize("prec", ["fp32", "bf16", "fp16"])
+def test_cuda_curve_fit_and_evaluation(pair, prec):
+    ds, a, b = pair
+    loader = DataLoader(ds, batch_size=32, shuffle=True)
+    path = fit_curve(make_cnn(), a, b, loader, config=CurveConfig(epochs=2), device="cuda", progress=False,
+                     precision=prec)
+    assert all(v.device.type == "cpu" for v in path.bends[0].values())  # on a's device
+    if prec == "fp16":
+        assert path.metadata["fit"]["skipped_steps"] >= 0
+    net = make_cnn()
+    net.load_state_dict(path.state_at(0.5))
+    update_bn(net, loader, device="cuda", precision=prec)
+    m = evaluate(net, DataLoader(ds, batch_size=128), device="cuda", precision=prec)
+    assert m.n == len(ds) and m.loss == m.loss
+
+
+@pytest.mark.cuda
+@needs_cuda
+def test_cuda_ensemble_moves_converts_and_loads(pair, tmp_path):
+    members = _members(pair)
+    x = pair[0].tensors[0][:32]
+    ens = EnsembleModel(make_cnn, members)
+    with torch.no_grad():
+        ref = ens(x)
+        ens.to("cuda")
+        assert all(p.device.type == "cuda" for p in ens.parameters())
+        assert torch.allclose(ens(x.cuda()).cpu(), ref, atol=1e-4)
+        ens.half()
+        assert torch.allclose(ens(x.cuda().half()).float().cpu().exp(), ref.exp(), atol=0.03)
+        file = save_ensemble(tmp_path / "e.safetensors", members, dtype="bf16")
+        lazy = mcensemble.load(file, model=make_cnn, lazy=True, device="cuda")
+        with autocast("bf16", "cuda"):
+            out = lazy(x.cuda())
+    assert torch.allclose(out.float().cpu().exp(), ref.exp(), atol=0.05)
+
+
+@pytest.mark.cuda
+@needs_cuda
+def test_cuda_loader_settings_pin_memory_and_channels_last(pair):
+    from mcensemble.data import create_loader, loader_settings
+    from mcensemble.precision import use_precision
+    with loader_settings(workers=2, pin_memory=True):
+        loader = create_loader("digits,train=200", batch_size=64)
+    assert loader.pin_memory and loader.num_workers == 2
+    x, _ = next(iter(loader))
+    assert x.is_pinned()
+    net = make_cnn().cuda()
+    with use_precision("bf16", channels_last=True):
+        m = evaluate(net, DataLoader(pair[0], batch_size=64), device="cuda")
+    assert m.n == len(pair[0])
+
+
+@pytest.mark.cuda
+@needs_cuda
+def test_cuda_cli_build_fp16(mce_cli, mce_cnn_pair, tmp_path):
+    a, b = mce_cnn_pair
+    res = mce_cli("build", a, b, "--device", "cuda", "--data", "digits,train=200", "--epochs", "1", "--members", "2",
+                  "--candidates", "3", "--no-packed", "--precision", "fp16", "--save-dtype", "fp16", "--workers", "2",
+                  "--channels-last", "--out", tmp_path / "e.safetensors")
+    assert res.exit_code == 0, res.output
