@@ -30,12 +30,16 @@ from typing import Any, Iterator
 import torch
 import torch.nn as nn
 import torch.nn.functional as F
-from torch.utils.data import DataLoader, Dataset, IterableDataset, TensorDataset
+from torch.utils.data import (BatchSampler, DataLoader, Dataset, IterableDataset, RandomSampler, SequentialSampler,
+                              TensorDataset)
 
+from . import distributed as dist_
+from .bn import split_batch
 from .errors import BadOptionError, DataSpecError
 
 __all__ = ["loader_settings", "DIGITS_TRAIN_SIZE", "DIGITS_VAL_SIZE", "digits_tensors", "create_dataset", "create_loader",
-           "check_input_fits", "spec_name", "example_input", "folder_classes", "check_same_classes"]
+           "check_input_fits", "spec_name", "example_input", "folder_classes", "check_same_classes",
+           "epoch_batches", "epoch_seed"]
 
 logger = logging.getLogger(__name__)
 
@@ -487,3 +491,78 @@ def example_input(model: nn.Module, *, data: Any = None, batch_size: int = 2) ->
             return x
     raise DataSpecError(f"cannot guess an input shape for {_model_name(model)}: pass data (--data SPEC) that "
                         f"the model takes.", option="--data")
+
+
+# ----------------------------------------------------------------------------- the data order of a fit
+def epoch_seed(seed: int, epoch: int) -> int:
+    """The seed of epoch `epoch`'s data order (and of its loader's worker seeds)."""
+    return (int(seed) * 1_000_003 + int(epoch) + 1) % (1 << 63)
+
+
+def _owns_order(loader) -> bool:
+    """A DataLoader over a map-style dataset with a plain random / sequential sampler:
+    `epoch_batches` then draws the order itself and skips batches without loading them."""
+    if not isinstance(loader, DataLoader) or isinstance(loader.dataset, IterableDataset):
+        return False
+    bs, sampler = loader.batch_sampler, loader.sampler
+    if type(bs) is not BatchSampler or type(sampler) not in (RandomSampler, SequentialSampler):
+        return False
+    return not (isinstance(sampler, RandomSampler) and (sampler.replacement or sampler._num_samples is not None))
+
+
+def epoch_batches(loader, epoch: int, seed: int, *, skip: int = 0) -> Iterator[tuple[Any, Any] | None]:
+    """This process's ``(input, target)`` batches of epoch `epoch`, after the first `skip`.
+
+    A DataLoader over a map-style dataset (what `data.create_loader` gives): a shuffling
+    one takes the permutation drawn from ``epoch_seed(seed, epoch)``, a sequential one the
+    dataset's order; batches of the loader's batch size (its `drop_last`, `collate_fn`,
+    workers), skipped ones never loaded. Any other loader is iterated as it is (its
+    `generator`, when it has one, reseeded from ``epoch_seed``); skipped batches are read and
+    dropped. With several processes each takes rows rank, rank + world, ... of every batch
+    (None when that leaves nothing)."""
+    world, r = dist_.world_size(), dist_.rank()
+    if _owns_order(loader):
+        yield from _owned_batches(loader, epoch, seed, skip, world, r)
+        return
+    gen = getattr(loader, "generator", None)
+    if isinstance(gen, torch.Generator):
+        gen.manual_seed(epoch_seed(seed, epoch))
+    with torch.random.fork_rng(devices=[]):  # iterator creation must not draw from the fit's RNG
+        it = iter(loader)
+    for j, batch in enumerate(it):
+        if j < skip:
+            continue
+        x, y = split_batch(batch)
+        if world > 1:
+            x, y = x[r::world], (y[r::world] if y is not None else None)
+            if len(x) == 0:
+                yield None
+                continue
+        yield x, y
+
+
+def _owned_batches(loader: DataLoader, epoch, seed, skip, world, r):
+    n = len(loader.dataset)
+    gen = torch.Generator().manual_seed(epoch_seed(seed, epoch))
+    if isinstance(loader.sampler, RandomSampler):
+        order = torch.randperm(n, generator=gen).tolist()
+    else:
+        order = list(range(n))
+    bs = loader.batch_size
+    batches = [order[i:i + bs] for i in range(0, n, bs)]
+    if loader.drop_last and batches and len(batches[-1]) < bs:
+        batches.pop()
+    mine = [batch[r::world] for batch in batches[skip:]]
+    kw: dict[str, Any] = {}
+    if loader.num_workers > 0:
+        kw = {"prefetch_factor": loader.prefetch_factor, "worker_init_fn": loader.worker_init_fn,
+              "multiprocessing_context": loader.multiprocessing_context, "timeout": loader.timeout}
+    sub = DataLoader(loader.dataset, batch_sampler=[m for m in mine if m], collate_fn=loader.collate_fn,
+                     num_workers=loader.num_workers, pin_memory=loader.pin_memory, generator=gen, **kw)
+    it = iter(sub)
+    for m in mine:
+        if not m:
+            yield None
+            continue
+        x, y = split_batch(next(it))
+        yield x, y

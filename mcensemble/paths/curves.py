@@ -26,7 +26,7 @@ from ..errors import ArchitectureMismatchError, BadOptionError
 from .base import Path, StateDict, check_same_layout, meta_field, register_path
 
 __all__ = ["BezierPath", "PolyChainPath", "CURVE_KINDS", "bezier_coefficients", "polychain_coefficients",
-           "curve_coefficients", "straight_bends", "is_interpolated"]
+           "curve_coefficients", "straight_bends", "is_interpolated", "bend_lr_scale"]
 
 _LOW_PRECISION = (torch.float16, torch.bfloat16)
 
@@ -215,3 +215,20 @@ class PolyChainPath(_CurvePath):
         m = self.n_bends + 1
         self.vertices = [i / m for i in range(m + 1)]
 
+
+def bend_lr_scale(kind: str, bends: int) -> float:
+    """``1 / max_t sum_i c_i(t)^2`` over the bends' coefficients of a curve of `kind` with
+    `bends` bends (t on a grid of 1000 (bends + 1) + 1 points, the chain's vertices included).
+
+    A step of ``-eta * c_i(t) * g`` on every bend i (the gradient of a loss at theta(t)) moves
+    theta(t) by ``-eta * sum_i c_i(t)^2 * g``: the points of the curve learn at only a fraction
+    of the bends' learning rate, a quarter at t = 0.5 for one Bezier bend (2 t (1 - t) = 1/2).
+    Fitting at the endpoints' own learning rate therefore trains the middle of the curve 4x
+    slower than the endpoints were trained, and the fit stalls far above their loss
+    (docs/benchmarks/quality.md). Multiplying the bends' learning rate by this factor makes the
+    step of theta(t) at its most-moved point equal to `CurveConfig.lr`: 4 for one Bezier bend,
+    about 3.6 for two, 1 for a polygonal chain (a vertex is a bend itself)."""
+    n = int(bends)
+    steps = 1000 * (n + 1)
+    peak = max(sum(c * c for c in curve_coefficients(kind, i / steps, n)[1:-1]) for i in range(steps + 1))
+    return 1.0 / peak

@@ -47,10 +47,10 @@ from tqdm.auto import tqdm
 from .. import distributed as dist_
 from ..checkpoints import check_same_architecture
 from .._io import is_int as _is_int, is_number
+from ..data import epoch_batches
 from ..errors import BadOptionError, CheckpointError
 from .base import Path, StateDict, check_same_layout, meta_field, register_path, state_dict_sha256
 from .curves import is_interpolated
-from .fit import epoch_batches
 
 __all__ = ["NebConfig", "NebPath", "Band", "fit_neb", "improved_tangent_weights", "insertion_scores",
            "NEB_CHECKPOINT_FORMAT"]
@@ -468,7 +468,7 @@ def fit_neb(model: Any, a: Mapping[str, torch.Tensor], b: Mapping[str, torch.Ten
 
     `model`: an `nn.Module` of the endpoints' architecture (only its structure is used; its
     training flags are restored at the end) or anything `models.as_factory` takes. `loader`
-    yields ``(input, target)`` batches; its order is drawn here (`paths.fit.epoch_batches`,
+    yields ``(input, target)`` batches; its order is drawn here (`data.epoch_batches`,
     seeded by ``config.seed``). `bn_loader` (default `loader`): data on which every pivot's
     BatchNorm statistics are re-estimated at the end. `callback(cycle, step, losses)` after
     every step (losses of every point on that step's batch, ends included).
