@@ -24,6 +24,7 @@ import torch
 
 from ..errors import ArchitectureMismatchError, BadOptionError
 from .base import Path, StateDict, check_same_layout, meta_field, register_path
+from .linear import lerp_tensor
 
 __all__ = ["BezierPath", "PolyChainPath", "CURVE_KINDS", "bezier_coefficients", "polychain_coefficients",
            "curve_coefficients", "straight_bends", "is_interpolated", "bend_lr_scale"]
@@ -83,14 +84,8 @@ def straight_bends(a: Mapping[str, torch.Tensor], b: Mapping[str, torch.Tensor],
     out = []
     for i in range(1, n + 1):
         w = i / (n + 1)
-        out.append({k: _lerp(va, b[k], w) for k, va in a.items() if is_interpolated(va)})
+        out.append({k: lerp_tensor(va, b[k], w) for k, va in a.items() if is_interpolated(va)})
     return out
-
-
-def _lerp(va: torch.Tensor, vb: torch.Tensor, w: float) -> torch.Tensor:
-    if va.dtype in _LOW_PRECISION:
-        return torch.lerp(va.float(), vb.float(), w).to(va.dtype)
-    return torch.lerp(va, vb, w)
 
 
 def _combine(controls: Sequence[Mapping[str, torch.Tensor]], coeffs: Sequence[float], key: str) -> torch.Tensor:

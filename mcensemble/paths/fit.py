@@ -51,6 +51,7 @@ from ..errors import BadOptionError
 from ..precision import Precision, resolve_precision
 from .base import check_same_layout
 from .curves import CURVE_KINDS, BezierPath, PolyChainPath, bend_lr_scale, curve_coefficients, is_interpolated
+from .linear import lerp_tensor
 from .fit_run import (FIT_CHECKPOINT_FORMAT, FitInterrupted, _check_checkpoint_args, _FitRun, lr_factor,
                       read_fit_checkpoint)
 
@@ -177,7 +178,7 @@ class CurveFitter:
         master = torch.float32 if self.precision.enabled else None  # half endpoints: float32 masters
         self.A = [_master(a[k], device, master) for k in self.floating]
         self.B = [_master(b[k], device, master) for k in self.floating]
-        self.bends = [[_lerp_tensor(pa, pb, (i + 1) / (n + 1)) for pa, pb in zip(self.A, self.B)]
+        self.bends = [[lerp_tensor(pa, pb, (i + 1) / (n + 1)) for pa, pb in zip(self.A, self.B)]
                       for i in range(n)]
         if not self.precision.enabled and any(p.dtype in (torch.float16, torch.bfloat16) for p in self.A):
             log.warning("fitting a curve between half-precision endpoints: the bends are trained in the "
@@ -312,7 +313,7 @@ class CurveFitter:
                     sd[k] = sd[canon]
             for k, v in self.a.items():
                 if is_interpolated(v) and k not in sd:
-                    sd[k] = _lerp_tensor(v, self.b[k], (i + 1) / (self.n + 1))
+                    sd[k] = lerp_tensor(v, self.b[k], (i + 1) / (self.n + 1))
             out.append(sd)
         return out
 
@@ -334,10 +335,6 @@ def _master(v: torch.Tensor, device, master: torch.dtype | None) -> torch.Tensor
     if master is not None and v.dtype in (torch.float16, torch.bfloat16):
         v = v.to(master)
     return v
-
-
-def _lerp_tensor(a: torch.Tensor, b: torch.Tensor, w: float) -> torch.Tensor:
-    return torch.lerp(a, b, w) if a.is_floating_point() else a + w * (b - a)
 
 
 def fit_curve(model: Any, a: Mapping[str, torch.Tensor], b: Mapping[str, torch.Tensor], loader, *,

@@ -7,7 +7,7 @@ import torch
 
 from .base import Path, StateDict, check_same_layout, register_path
 
-__all__ = ["LinearPath", "interpolate"]
+__all__ = ["LinearPath", "interpolate", "lerp_tensor"]
 
 
 def interpolate(a: Mapping[str, torch.Tensor], b: Mapping[str, torch.Tensor], t: float) -> StateDict:
@@ -18,17 +18,21 @@ def interpolate(a: Mapping[str, torch.Tensor], b: Mapping[str, torch.Tensor], t:
         return {k: v.clone() for k, v in a.items()}
     if t == 1.0:
         return {k: v.clone() for k, v in b.items()}
-    out: StateDict = {}
-    for k, va in a.items():
-        vb = b[k]
-        if va.is_floating_point() or va.is_complex():
-            if va.dtype in (torch.float16, torch.bfloat16):
-                out[k] = ((1.0 - t) * va.float() + t * vb.float()).to(va.dtype)
-            else:
-                out[k] = (1.0 - t) * va + t * vb
-        else:
-            out[k] = (va if t < 0.5 else vb).clone()
-    return out
+    return {k: lerp_tensor(va, b[k], t) for k, va in a.items()}
+
+
+def lerp_tensor(a: torch.Tensor, b: torch.Tensor, w: float) -> torch.Tensor:
+    """The one interpolation of two tensors every path uses: `(1 - w) a + w b` (`torch.lerp`)
+    for floating tensors, computed in float32 for float16 / bfloat16 and cast back; other
+    tensors (integer counters such as BatchNorm's `num_batches_tracked`, bools) are a copy of
+    a's for w < 0.5, else of b's (never a float). A fresh tensor in every case."""
+    if a.is_complex():
+        return (1.0 - w) * a + w * b
+    if not a.is_floating_point():
+        return (a if w < 0.5 else b).clone()
+    if a.dtype in (torch.float16, torch.bfloat16):
+        return torch.lerp(a.float(), b.float(), w).to(a.dtype)
+    return torch.lerp(a, b, w)
 
 
 @register_path("linear")

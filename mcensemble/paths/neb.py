@@ -51,6 +51,7 @@ from ..data import epoch_batches
 from ..errors import BadOptionError, CheckpointError
 from .base import Path, StateDict, check_same_layout, meta_field, register_path, state_dict_sha256
 from .curves import is_interpolated
+from .linear import lerp_tensor
 
 __all__ = ["NebConfig", "NebPath", "Band", "fit_neb", "improved_tangent_weights", "insertion_scores",
            "NEB_CHECKPOINT_FORMAT"]
@@ -187,7 +188,7 @@ class NebPath(Path):
             return {k: (src[k].clone() if is_interpolated(x) else x.clone()) for k, x in a.items()}
         out: StateDict = {}
         for k, x in a.items():
-            out[k] = _lerp(pts[j][k], pts[j + 1][k], s) if is_interpolated(x) else x.clone()
+            out[k] = lerp_tensor(pts[j][k], pts[j + 1][k], s) if is_interpolated(x) else x.clone()
         return out
 
     def _file_fields(self) -> dict[str, Any]:
@@ -205,12 +206,6 @@ class NebPath(Path):
 
     def __repr__(self) -> str:
         return f"NebPath(pivots={self.n_pivots}, tensors={len(self.groups['endpoint.0'])})"
-
-
-def _lerp(x: torch.Tensor, y: torch.Tensor, s: float) -> torch.Tensor:
-    if x.dtype in (torch.float16, torch.bfloat16):
-        return torch.lerp(x.float(), y.float(), s).to(x.dtype)
-    return torch.lerp(x, y, s)
 
 
 # ---------------------------------------------------------------------------------------------
@@ -445,7 +440,7 @@ class Band:
                 alias[k] = canon[id(p)]
         out = []
         for t, piv in zip(self.ts()[1:-1], self.pivots):
-            sd = {k: (_lerp(v, self.b[k], t) if is_interpolated(v) else v.clone()) for k, v in self.a.items()}
+            sd = {k: (lerp_tensor(v, self.b[k], t) if is_interpolated(v) else v.clone()) for k, v in self.a.items()}
             for k, p in zip(self.names, piv):
                 sd[k] = p.detach().to(self.a[k].device).clone()
             for k, c in alias.items():
