@@ -23,7 +23,7 @@ if TYPE_CHECKING:
 
 __all__ = ["atomic_path", "sha256_file", "independent_tensors", "tensor_sha256", "tensor_hashes",
            "safetensors_layout", "verify_tensor_hashes", "verify_file", "HASHES_KEY", "meta_field",
-           "is_int", "is_number"]
+           "is_int", "is_number", "to_json"]
 
 log = logging.getLogger(__name__)
 
@@ -317,3 +317,33 @@ def meta_field(meta: Mapping[str, Any], key: str, expect: str, *, where: str = "
         raise CheckpointError(f"{where}: metadata field {key!r} is {v}, it must be {span} (for the "
                               "tensors in the file); the file is damaged")
     return v
+
+
+def to_json(x: Any) -> Any:
+    """`x` as plain JSON values, the one converter of every file and report mcensemble
+    writes: mappings (str keys), lists / tuples / sets, tensors and numpy scalars as numbers
+    or lists, `argparse.Namespace` as a dict, objects with `to_dict()` through it, paths as
+    strings; non-finite floats (a NaN metric) become null, so the output is standard JSON
+    (`json.dumps(to_json(x), allow_nan=False)` never fails); anything else is `str(x)`."""
+    import argparse
+    import numbers
+
+    if isinstance(x, argparse.Namespace):
+        x = vars(x)
+    elif hasattr(x, "to_dict") and callable(x.to_dict):
+        x = x.to_dict()
+    if isinstance(x, Mapping):
+        return {str(k): to_json(v) for k, v in x.items()}
+    if isinstance(x, (list, tuple, set, frozenset)):
+        return [to_json(v) for v in x]
+    if x is None or isinstance(x, (bool, str)):
+        return x
+    if isinstance(x, os.PathLike):
+        return os.fspath(x)
+    if hasattr(x, "tolist") and not isinstance(x, numbers.Number):   # tensors, numpy arrays / scalars
+        return to_json(x.tolist())
+    if isinstance(x, numbers.Integral):
+        return int(x)
+    if isinstance(x, numbers.Real):
+        return float(x) if math.isfinite(x) else None
+    return str(x)

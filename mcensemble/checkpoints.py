@@ -14,7 +14,6 @@ from __future__ import annotations
 import argparse
 import json
 import logging
-import math
 import os
 import pickle
 import pickletools
@@ -27,7 +26,7 @@ from typing import Any, Callable, Iterable, Mapping
 import torch
 import torch.nn as nn
 
-from ._io import atomic_path, independent_tensors, sha256_file
+from ._io import atomic_path, independent_tensors, sha256_file, to_json
 from .errors import (ArchitectureMismatchError, CheckpointError, MCEnsembleError,
                      NonFiniteError, UnsafeCheckpointError)
 from .models import ModelLike, ModelSpec, as_factory
@@ -198,28 +197,6 @@ def check_finite(state_dict: Mapping[str, Any], *, source: str) -> None:
 
 
 # --------------------------------------------------------------------------- helpers
-def _jsonable(x: Any) -> Any:
-    """Best-effort conversion to JSON types (tensors -> numbers/lists, Namespace -> dict)."""
-    if isinstance(x, argparse.Namespace):
-        x = vars(x)
-    if isinstance(x, Mapping):
-        return {str(k): _jsonable(v) for k, v in x.items()}
-    if isinstance(x, (list, tuple, set)):
-        return [_jsonable(v) for v in x]
-    if isinstance(x, torch.Tensor):
-        return _jsonable(x.item() if x.numel() == 1 else x.tolist())
-    if isinstance(x, float) and not math.isfinite(x):
-        return str(x)
-    if x is None or isinstance(x, (bool, int, float, str)):
-        return x
-    if hasattr(x, "item"):  # numpy scalars
-        try:
-            return _jsonable(x.item())
-        except (TypeError, ValueError):
-            pass
-    return str(x)
-
-
 def _is_state_dict(x: Any) -> bool:
     return (isinstance(x, Mapping) and len(x) > 0 and all(isinstance(k, str) for k in x)
             and all(isinstance(v, torch.Tensor) for v in x.values()))
@@ -647,7 +624,7 @@ def load_checkpoint(src: str | os.PathLike, *, model: ModelLike | None = None,
         and meta["weights"] == "ema" else ""
     check_finite(state, source=f"{weights}{hint}")
     _complete_model_meta(state, meta)
-    return Checkpoint(state_dict=state, metadata=_jsonable(meta), path=weights, model=model)
+    return Checkpoint(state_dict=state, metadata=to_json(meta), path=weights, model=model)
 
 
 def _independent_tensors(state_dict: Mapping[str, Any]) -> StateDict:
@@ -666,7 +643,7 @@ def save_checkpoint(state_dict: Mapping[str, torch.Tensor], dest: str | os.PathL
     `origin`. Returns the destination path."""
     from safetensors.torch import save_file
     tensors = _independent_tensors(state_dict)
-    meta = dict(_jsonable(dict(metadata or {})))
+    meta = dict(to_json(dict(metadata or {})))
     origin = meta.pop("origin", None) or {k: meta[k] for k in _ORIGIN_KEYS if k in meta}
     for k in _ORIGIN_KEYS:
         meta.pop(k, None)

@@ -217,11 +217,11 @@ def _no_demo_under_torchrun() -> None:
 
 
 def _write_json(obj: Any, dest: str) -> None:
-    from ._io import atomic_path
+    from ._io import atomic_path, to_json
     if not _is_main():
         return
     with atomic_path(dest) as tmp:
-        tmp.write_text(json.dumps(obj, indent=2, default=_json_default))
+        tmp.write_text(json.dumps(to_json(obj), indent=2, allow_nan=False))
 
 
 def _write_report(rep: dict[str, Any], dest: str | None) -> None:
@@ -229,14 +229,6 @@ def _write_report(rep: dict[str, Any], dest: str | None) -> None:
     if dest:
         _write_json(rep, dest)
         click.echo(f"report: {dest}")
-
-
-def _json_default(o: Any) -> Any:
-    if hasattr(o, "to_dict"):
-        return o.to_dict()
-    if isinstance(o, FsPath):
-        return str(o)
-    raise TypeError(f"not JSON serialisable: {type(o).__name__}")
 
 
 def _echo_table(rows: list[tuple], header: tuple) -> None:

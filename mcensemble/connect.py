@@ -31,7 +31,7 @@ from typing import Any, Sequence
 import torch
 
 from . import distributed as dist_
-from ._io import atomic_path
+from ._io import atomic_path, to_json
 from .errors import BadOptionError, CheckpointError
 
 __all__ = ["ConnectOptions", "connect_checkpoints", "minimum_spanning_tree", "checkpoint_files",
@@ -174,7 +174,7 @@ class _Job:
         f.parent.mkdir(parents=True, exist_ok=True)
         rec = {**rec, "sha256": [self.sha[i], self.sha[j]], "settings": self.settings(kind)}
         with atomic_path(f) as tmp:
-            tmp.write_text(json.dumps(rec, indent=1))
+            tmp.write_text(json.dumps(to_json(rec), indent=1, allow_nan=False))
 
 
 def _pair(job: _Job, i: int, j: int) -> dict[str, Any]:
@@ -395,4 +395,4 @@ def _write_outputs(job: _Job, report: dict[str, Any]) -> None:
     except OSError as e:
         raise CheckpointError(f"cannot write the pictures into {job.out}: {e}") from e
     with atomic_path(job.out / "connect.json") as tmp:
-        tmp.write_text(json.dumps(report, indent=2))
+        tmp.write_text(json.dumps(to_json(report), indent=2, allow_nan=False))
