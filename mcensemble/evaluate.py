@@ -9,7 +9,7 @@ from __future__ import annotations
 import logging
 import sys
 from dataclasses import dataclass, field
-from typing import Any, Iterable, Mapping
+from typing import Any, Iterable, Mapping, Sequence
 
 import torch
 import torch.nn as nn
@@ -20,7 +20,7 @@ from .bn import has_batchnorm, labelled_batch, update_bn
 from .errors import ArchitectureMismatchError, BadOptionError, DataSpecError
 from .models import ModelLike, as_factory
 
-__all__ = ["Metrics", "ScanResult", "expected_calibration_error", "evaluate", "evaluate_state", "scan"]
+__all__ = ["Metrics", "ScanResult", "expected_calibration_error", "evaluate", "evaluate_state", "scan", "barrier"]
 
 log = logging.getLogger(__name__)
 
@@ -232,7 +232,9 @@ class ScanResult:
                    label=d.get("label"), extra={k: v for k, v in d.items() if k not in known})
 
 
-def _barrier(ts: list[float], losses: list[float]) -> tuple[float, float]:
+def barrier(ts: Sequence[float], losses: Sequence[float]) -> tuple[float, float]:
+    """(the loss barrier of one path, its t): the largest `loss(t) - ((1 - t) L(A) + t L(B))`
+    over the scanned points, `ts` increasing from 0 to 1 (so it is >= 0: the ends give 0)."""
     la, lb = losses[0], losses[-1]
     gaps = [l - ((1 - t) * la + t * lb) for t, l in zip(ts, losses)]
     i = max(range(len(gaps)), key=lambda j: gaps[j])
@@ -277,8 +279,8 @@ def scan(path: Any, model: ModelLike, loader: Iterable[Any], *, points: int = 11
     finally:
         bar.close()
     rows = dist_.gather_sharded(rows, len(ts))
-    barrier, barrier_t = _barrier(ts, [r["loss"] for r in rows])
-    val_barrier = _barrier(ts, [r["val_loss"] for r in rows])[0] if val_loader is not None else None
-    return ScanResult(points=rows, endpoints={"A": dict(rows[0]), "B": dict(rows[-1])}, barrier=barrier,
+    height, barrier_t = barrier(ts, [r["loss"] for r in rows])
+    val_barrier = barrier(ts, [r["val_loss"] for r in rows])[0] if val_loader is not None else None
+    return ScanResult(points=rows, endpoints={"A": dict(rows[0]), "B": dict(rows[-1])}, barrier=height,
                       bn_reestimated=reestimate, val_barrier=val_barrier, barrier_t=barrier_t,
                       has_batchnorm=bn, kind=getattr(path, "kind", None))

@@ -14,6 +14,7 @@ from typing import Any, Sequence
 import torch
 
 from .errors import BadOptionError, CheckpointError, MCEnsembleError
+from .evaluate import barrier
 from .paths.fit import CurveConfig
 
 __all__ = ["ModelOptions", "DataOptions", "BuildOptions", "BuildResult", "PATH_BUILDERS", "OTHER_METHODS",
@@ -782,17 +783,16 @@ def _train_loss(c) -> float:
 
 
 def _barrier(cands) -> float:
-    """Largest training loss above the chord between each path's ends (0 when none is above)."""
-    start: dict[int, float] = {}
-    end: dict[int, float] = {}
+    """The largest of the joined paths' barriers (`evaluate.barrier` of each path's scanned
+    points; 0 when no path has both ends scanned)."""
+    by_path: dict[int, dict[float, float]] = {}
     for c in cands:  # joined paths share their ends: path p starts where path p - 1 ends
-        if c.t == 0.0:
-            start[c.path] = c.train.loss
-        elif c.t == 1.0:
-            end[c.path] = c.train.loss
-            start.setdefault(c.path + 1, c.train.loss)
-    return max([0.0] + [c.train.loss - ((1 - c.t) * start[c.path] + c.t * end[c.path])
-                        for c in cands if c.path in start and c.path in end])
+        by_path.setdefault(c.path, {})[c.t] = c.train.loss
+        if c.t == 1.0:
+            by_path.setdefault(c.path + 1, {}).setdefault(0.0, c.train.loss)
+    heights = [barrier(sorted(pts), [pts[t] for t in sorted(pts)])[0]
+               for pts in by_path.values() if 0.0 in pts and 1.0 in pts]
+    return max([0.0, *heights])
 
 
 def _labels(loader) -> torch.Tensor:
