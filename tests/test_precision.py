@@ -290,7 +290,34 @@ def test_cli_refuses_bad_precision_options(mce_cli, tmp_path, option, value):
     assert res.exit_code == 2 and option in res.output and "Traceback" not in res.output
 
 
-# ------------------------------------------------------------------ CUDA (skipped without a GPU)
+
+def test_use_precision_sets_what_none_means(pair):
+    from mcensemble.precision import current_precision, use_precision
+    ds, a, b = pair
+    small = TensorDataset(*(t[:32] for t in ds.tensors))
+    with one_thread(), use_precision("bf16"):
+        assert current_precision() == "bf16"
+        path = fit_curve(make_cnn(), a, b, DataLoader(small, batch_size=16), config=CurveConfig(epochs=1),
+                         progress=False)
+        explicit = resolve_precision("fp32")
+    assert current_precision() == "fp32"
+    assert path.metadata["fit"]["precision"] == "bf16" and not explicit.enabled
+    with pytest.raises(BadOptionError, match="--precision"):
+        with use_precision("fp64"):
+            pass
+
+
+def test_lazy_ensemble_converts_like_a_module(pair, tmp_path):
+    file = save_ensemble(tmp_path / "e.safetensors", _members(pair, k=2), dtype="bf16")
+    x = pair[0].tensors[0][:8]
+    with one_thread(), torch.no_grad():
+        lazy = mcensemble.load(file, model=make_cnn, lazy=True, dtype="file")
+        assert all(p.dtype == torch.bfloat16 for p in lazy.parameters())
+        out16 = lazy(x.bfloat16())
+        assert lazy.float() is lazy and all(p.dtype == torch.float32 for p in lazy.parameters())
+        out32 = lazy(x)  # the bf16 members are cast up as they are loaded
+    assert out16.dtype == out32.dtype == torch.float32
+    assert torch.allclose(out16.exp(), out32.exp(), atol=0.05)
 
 needs_cuda = pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU")
 
