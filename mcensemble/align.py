@@ -41,6 +41,7 @@ import torch.nn as nn
 from torch.nn.modules.batchnorm import _BatchNorm
 from tqdm import tqdm
 
+from ._modes import modes_kept
 from .bn import batch_input, has_batchnorm, update_bn
 from .errors import BadOptionError, DataSpecError
 from .models import ModelLike, as_factory
@@ -322,20 +323,17 @@ def _channel_stats(net: nn.Module, points: list[_Point], loader: Iterable[Any], 
         else:
             handles.append(mod.register_forward_hook(
                 lambda m, args, out, n=p.module, cl=isinstance(mod, nn.Linear): record(n, out, cl)))
-    modes = [(m, m.training) for m in net.modules()]
-    net.eval()
     seen = 0
     try:
-        for i, batch in enumerate(loader):
-            if max_batches is not None and i >= max_batches:
-                break
-            net(batch_input(batch).to(device))
-            seen += 1
+        with modes_kept(net, False):
+            for i, batch in enumerate(loader):
+                if max_batches is not None and i >= max_batches:
+                    break
+                net(batch_input(batch).to(device))
+                seen += 1
     finally:
         for h in handles:
             h.remove()
-        for m, mode in modes:
-            m.training = mode
     if not seen:
         raise DataSpecError("REPAIR: the data loader yielded no batches to measure channel "
                             "statistics on; give a non-empty training data set", option="--data")

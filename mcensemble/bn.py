@@ -28,6 +28,7 @@ import torch.nn as nn
 from torch.nn.modules.batchnorm import _BatchNorm
 from tqdm import tqdm
 
+from ._modes import modes_kept
 from .errors import BadOptionError, DataSpecError
 
 __all__ = ["has_batchnorm", "update_bn", "batch_input", "split_batch", "labelled_batch"]
@@ -229,38 +230,36 @@ def update_bn(model: nn.Module, loader: Iterable[Any], *, device: str | torch.de
     from .precision import resolve_precision
     prec = resolve_precision(precision, device)
 
-    modes = [(m, m.training) for m in model.modules()]
     half = [(bn, bn.running_mean.dtype) for bn in bns if prec.enabled and bn.running_mean is not None
             and bn.running_mean.dtype in (torch.float16, torch.bfloat16)]
     momenta = [(bn, bn.momentum) for bn in bns]
     saved = [(bn, {k: v.clone() for k, v in bn.named_buffers(recurse=False) if v is not None}) for bn in bns]
-    ok = False
-    try:
-        for bn, _ in half:
-            bn.float()  # float32 master copy of the accumulated statistics
-        model.eval()
-        for bn in bns:
-            bn.reset_running_stats()
-            bn.momentum = None
-            bn.train()
-        shard = _batch_shard(distributed)
-        seen = _forward_batches(model, loader, device=device, max_batches=max_batches, shard=shard,
-                                progress=progress, prec=prec if prec.enabled or prec.channels_last else None)
-        if shard is not None:
-            seen = _combine_across_processes(bns, seen)
-        if seen == 0:
-            raise DataSpecError("cannot re-estimate BatchNorm statistics: the data loader yielded no "
-                                "batches; give a non-empty training data set", option="--data")
-        log.debug("re-estimated BatchNorm statistics of %d layers on %d batches", len(bns), seen)
-        ok = True
-    finally:
-        for bn, dtype in half:
-            bn.to(dtype)
-        if not ok:
-            for bn, bufs in saved:
-                for k, v in bufs.items():
-                    getattr(bn, k).copy_(v)
-        for bn, mom in momenta:
-            bn.momentum = mom
-        for m, mode in modes:
-            m.training = mode
+    with modes_kept(model):  # every module's own flag back after
+        ok = False
+        try:
+            for bn, _ in half:
+                bn.float()  # float32 master copy of the accumulated statistics
+            model.eval()
+            for bn in bns:
+                bn.reset_running_stats()
+                bn.momentum = None
+                bn.train()
+            shard = _batch_shard(distributed)
+            seen = _forward_batches(model, loader, device=device, max_batches=max_batches, shard=shard,
+                                    progress=progress, prec=prec if prec.enabled or prec.channels_last else None)
+            if shard is not None:
+                seen = _combine_across_processes(bns, seen)
+            if seen == 0:
+                raise DataSpecError("cannot re-estimate BatchNorm statistics: the data loader yielded no "
+                                    "batches; give a non-empty training data set", option="--data")
+            log.debug("re-estimated BatchNorm statistics of %d layers on %d batches", len(bns), seen)
+            ok = True
+        finally:
+            for bn, dtype in half:
+                bn.to(dtype)
+            if not ok:
+                for bn, bufs in saved:
+                    for k, v in bufs.items():
+                        getattr(bn, k).copy_(v)
+            for bn, mom in momenta:
+                bn.momentum = mom

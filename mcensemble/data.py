@@ -33,6 +33,7 @@ import torch.nn.functional as F
 from torch.utils.data import (BatchSampler, DataLoader, Dataset, IterableDataset, RandomSampler, SequentialSampler,
                               TensorDataset)
 
+from ._modes import modes_kept
 from . import distributed as dist_
 from .bn import split_batch
 from .errors import BadOptionError, DataSpecError
@@ -400,19 +401,14 @@ def check_input_fits(model: nn.Module, loader: DataLoader, *, spec: Any) -> None
     xs = x[:8] if isinstance(x, torch.Tensor) else x
     if isinstance(xs, torch.Tensor):
         xs = xs.to(device)
-    modes = [(m, m.training) for m in model.modules()]
-    model.eval()
     try:
-        with torch.no_grad():
+        with modes_kept(model, False), torch.no_grad():
             out = model(xs)
     except Exception as e:  # noqa: BLE001 - any failure of the user's model on this input
         raise DataSpecError(
             f"data {name!r} gives inputs of shape {_shape(x)} that the model ({_model_name(model)}) cannot take: "
             f"{type(e).__name__}: {e}. Pass --in-chans / --num-classes or a data spec with size=/chans= "
             f"(e.g. digits,size=16,chans=3).", option="--data") from e
-    finally:
-        for m, mode in modes:
-            m.training = mode
     if not isinstance(out, torch.Tensor) or out.ndim != 2:
         raise DataSpecError(f"the model ({_model_name(model)}) gives {_shape(out)} on data {name!r}; "
                             f"mcensemble needs class scores of shape (batch, classes).", option="--data")
@@ -433,17 +429,12 @@ _CANDIDATE_SIZES = (8, 16, 32, 28, 64, 96, 128, 160, 224)
 
 
 def _runs(model: nn.Module, x: torch.Tensor) -> bool:
-    modes = [(m, m.training) for m in model.modules()]
-    model.eval()
     try:
-        with torch.no_grad():
+        with modes_kept(model, False), torch.no_grad():
             model(x)
         return True
     except Exception:  # noqa: BLE001 - probing shapes
         return False
-    finally:
-        for m, mode in modes:
-            m.training = mode
 
 
 def example_input(model: nn.Module, *, data: Any = None, batch_size: int = 2) -> torch.Tensor:

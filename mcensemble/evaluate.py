@@ -16,6 +16,7 @@ import torch.nn as nn
 import torch.nn.functional as F
 from tqdm import tqdm
 
+from ._modes import modes_kept
 from .bn import has_batchnorm, labelled_batch, update_bn
 from .errors import ArchitectureMismatchError, BadOptionError, DataSpecError
 from .models import ModelLike, as_factory
@@ -100,8 +101,6 @@ def evaluate(model: nn.Module, loader: Iterable[Any], *, device: str | torch.dev
     from .precision import resolve_precision
     prec = resolve_precision(precision, device)
     model.to(device)
-    modes = [(m, m.training) for m in model.modules()]
-    model.eval()
     total_nll = 0.0
     n_correct = 0
     n = 0
@@ -110,31 +109,30 @@ def evaluate(model: nn.Module, loader: Iterable[Any], *, device: str | torch.dev
     bar = tqdm(loader, desc="evaluate", unit="batch", leave=False, file=sys.stderr,
                disable=None if progress is None else not progress)
     try:
-        for batch in bar:
-            x, y = labelled_batch(batch, what="evaluation")
-            x, y = x.to(device), y.to(device).long()
-            with prec.autocast():
-                out = model(prec.input(x))
-            logp = F.log_softmax(_logits(out).float(), dim=1)
-            if y.ndim != 1 or y.shape[0] != logp.shape[0]:
-                raise DataSpecError(f"labels of shape {tuple(y.shape)} do not match outputs of shape "
-                                    f"{tuple(logp.shape)}; expected one integer class per example",
-                                    option="--data")
-            if y.numel() and (int(y.min()) < 0 or int(y.max()) >= logp.shape[1]):
-                raise DataSpecError(f"labels range over [{int(y.min())}, {int(y.max())}] but the model "
-                                    f"outputs {logp.shape[1]} classes; check --num-classes and the data",
-                                    option="--data")
-            total_nll += float(F.nll_loss(logp, y, reduction="sum").double())
-            conf, pred = logp.max(dim=1)
-            correct = pred.eq(y)
-            n_correct += int(correct.sum())
-            n += y.shape[0]
-            confs.append(conf.exp().cpu())
-            corrects.append(correct.cpu())
+        with modes_kept(model, False):
+            for batch in bar:
+                x, y = labelled_batch(batch, what="evaluation")
+                x, y = x.to(device), y.to(device).long()
+                with prec.autocast():
+                    out = model(prec.input(x))
+                logp = F.log_softmax(_logits(out).float(), dim=1)
+                if y.ndim != 1 or y.shape[0] != logp.shape[0]:
+                    raise DataSpecError(f"labels of shape {tuple(y.shape)} do not match outputs of shape "
+                                        f"{tuple(logp.shape)}; expected one integer class per example",
+                                        option="--data")
+                if y.numel() and (int(y.min()) < 0 or int(y.max()) >= logp.shape[1]):
+                    raise DataSpecError(f"labels range over [{int(y.min())}, {int(y.max())}] but the model "
+                                        f"outputs {logp.shape[1]} classes; check --num-classes and the data",
+                                        option="--data")
+                total_nll += float(F.nll_loss(logp, y, reduction="sum").double())
+                conf, pred = logp.max(dim=1)
+                correct = pred.eq(y)
+                n_correct += int(correct.sum())
+                n += y.shape[0]
+                confs.append(conf.exp().cpu())
+                corrects.append(correct.cpu())
     finally:
         bar.close()
-        for m, mode in modes:
-            m.training = mode
     if n == 0:
         raise DataSpecError("cannot evaluate: the data loader yielded no examples", option="--data")
     nll = total_nll / n

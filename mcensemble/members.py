@@ -22,6 +22,7 @@ import torch.nn as nn
 import torch.nn.functional as F
 from tqdm.auto import tqdm
 
+from ._modes import modes_kept
 from .bn import has_batchnorm, labelled_batch, update_bn
 from .errors import BadOptionError, DataSpecError
 from .evaluate import Metrics, _load_state_strict, evaluate, expected_calibration_error
@@ -94,19 +95,14 @@ def predict_log_probs(model: nn.Module, loader: Iterable, *, device: str | torch
     at the current precision (`mcensemble.precision.use_precision`), log-probabilities float32."""
     from .precision import resolve_precision
     prec = resolve_precision(None, device)
-    modes = [(m, m.training) for m in model.modules()]
-    model.eval()
     outs, labels = [], []
-    try:
+    with modes_kept(model, False):  # every module's own flag back after, as evaluate() does
         for batch in loader:
             x, y = labelled_batch(batch, what="evaluation")
             with prec.autocast():
                 out = model(prec.input(x.to(device)))
             outs.append(F.log_softmax(out.float(), dim=-1).cpu())
             labels.append(torch.as_tensor(y).cpu())
-    finally:
-        for m, mode in modes:  # every module's own flag, as evaluate() does
-            m.training = mode
     if not outs:
         raise DataSpecError("cannot predict: the data loader yielded no batches; give a non-empty "
                             "data set", option="--data")

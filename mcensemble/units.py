@@ -31,6 +31,7 @@ import torch.nn as nn
 import torch.nn.functional as F
 from torch.fx.passes.shape_prop import ShapeProp, TensorMetadata
 
+from ._modes import modes_kept
 from .errors import BadOptionError, MCEnsembleError
 
 __all__ = [
@@ -307,9 +308,7 @@ class _Tracer(fx.Tracer):
 
 
 def _trace(model: nn.Module, inputs: tuple) -> fx.GraphModule:
-    flags = {m: m.training for m in model.modules()}
-    model.eval()
-    try:
+    with modes_kept(model, False):
         try:
             gm = fx.GraphModule(model, _Tracer().trace(model))
         except Exception as e:
@@ -323,9 +322,6 @@ def _trace(model: nn.Module, inputs: tuple) -> fx.GraphModule:
             shapes = [tuple(x.shape) if torch.is_tensor(x) else type(x).__name__ for x in inputs]
             raise UnitGraphError(f"example input {shapes} does not run through "
                                  f"{type(model).__name__}: {e}") from e
-    finally:
-        for m, flag in flags.items():
-            m.training = flag
     return gm
 
 

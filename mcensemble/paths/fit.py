@@ -44,6 +44,7 @@ import torch.nn as nn
 import torch.nn.functional as F
 from torch.func import functional_call
 
+from .._modes import modes_kept
 from .. import distributed as dist_
 from ..checkpoints import check_same_architecture
 from ..data import epoch_batches, epoch_seed
@@ -129,15 +130,6 @@ def _steps_per_epoch(loader) -> int:
         raise BadOptionError("the training data loader yields no batches; check --data and --batch-size",
                              option="--data")
     return n
-
-
-class _ModeRestorer:
-    def __init__(self, model: nn.Module):
-        self.flags = [(m, m.training) for m in model.modules()]
-
-    def restore(self) -> None:
-        for m, flag in self.flags:
-            m.training = flag
 
 
 class CurveFitter:
@@ -390,17 +382,14 @@ def fit_curve(model: Any, a: Mapping[str, torch.Tensor], b: Mapping[str, torch.T
     spe = _steps_per_epoch(loader)
     total = config.epochs * spe
 
-    restorer = _ModeRestorer(model)
-    model.to(device).train()
-    fitter = CurveFitter(model, a, b, kind=config.kind, bends=config.bends, momentum=config.momentum,
-                         weight_decay=config.weight_decay, max_grad_norm=config.max_grad_norm,
-                         device=device, loss_fn=loss_fn, precision=precision)
-    run = _FitRun(fitter, config, loader, device=device, total=total, steps_per_epoch=spe,
-                  checkpoint=checkpoint, every=checkpoint_every, a=a, b=b)
-    try:
+    with modes_kept(model, True):
+        model.to(device)
+        fitter = CurveFitter(model, a, b, kind=config.kind, bends=config.bends, momentum=config.momentum,
+                             weight_decay=config.weight_decay, max_grad_norm=config.max_grad_norm,
+                             device=device, loss_fn=loss_fn, precision=precision)
+        run = _FitRun(fitter, config, loader, device=device, total=total, steps_per_epoch=spe,
+                      checkpoint=checkpoint, every=checkpoint_every, a=a, b=b)
         run.run(resume=resume, progress=progress, callback=callback)
-    finally:
-        restorer.restore()
 
     cls = BezierPath if config.kind == "bezier" else PolyChainPath
     fit_meta = {"epochs": config.epochs, "steps": total, "lr": config.lr, "bend_lr": run.bend_lr,

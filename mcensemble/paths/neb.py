@@ -44,6 +44,7 @@ import torch.nn.functional as F
 from torch.func import functional_call
 from tqdm.auto import tqdm
 
+from .._modes import modes_kept
 from .. import distributed as dist_
 from ..checkpoints import check_same_architecture
 from .._io import is_int as _is_int, is_number
@@ -485,18 +486,14 @@ def fit_neb(model: Any, a: Mapping[str, torch.Tensor], b: Mapping[str, torch.Ten
         model = as_factory(model)()
     check_same_architecture(model.state_dict(), a, names=("the model", "A"))
     device = torch.device(device)
-    modes = [(m, m.training) for m in model.modules()]
-    model.to(device).train()
-    band = Band(model, a, b, momentum=config.momentum, weight_decay=config.weight_decay, device=device,
-                loss_fn=loss_fn)
-    run = _NebRun(band, config, loader, device=device, checkpoint=checkpoint, every=checkpoint_every)
-    try:
+    with modes_kept(model, True):
+        model.to(device)
+        band = Band(model, a, b, momentum=config.momentum, weight_decay=config.weight_decay, device=device,
+                    loss_fn=loss_fn)
+        run = _NebRun(band, config, loader, device=device, checkpoint=checkpoint, every=checkpoint_every)
         history = run.run(resume=resume, progress=progress, callback=callback)
         pivots = band.state_dicts()
         _reestimate_bn(model, pivots, bn_loader if bn_loader is not None else loader, device)
-    finally:
-        for m, flag in modes:
-            m.training = flag
     meta = {"neb": {**config.to_dict(), "steps": config.total_steps, "cycles_run": history}}
     if dist_.world_size() > 1:
         meta["neb"]["world_size"] = dist_.world_size()
