@@ -151,8 +151,10 @@ def _few(keys: list[str], n: int = 5) -> str:
 
 
 def check_same_architecture(a: Mapping[str, Any], b: Mapping[str, Any], *,
-                            names: tuple[str, str] = ("A", "B")) -> None:
-    """Raise `ArchitectureMismatchError` unless `a` and `b` have the same keys and shapes.
+                            names: tuple[str, str] = ("A", "B"), dtypes: bool = False) -> None:
+    """Raise `ArchitectureMismatchError` unless `a` and `b` have the same keys and shapes
+    (and, with `dtypes=True`, dtypes). The one architecture check: state dicts, checkpoints,
+    path ends and a model's own state all go through it.
 
     The message names the first tensor (in `a`'s order) that differs, with both shapes,
     and lists the keys missing from `b` and unexpected in `b`.
@@ -162,6 +164,12 @@ def check_same_architecture(a: Mapping[str, Any], b: Mapping[str, Any], *,
     unexpected = [k for k in b if k not in a]
     differing = [k for k in a if k in b and _shape(a[k]) != _shape(b[k])]
     if not (missing or unexpected or differing):
+        if dtypes:
+            for k, ta in a.items():
+                if getattr(ta, "dtype", None) != getattr(b[k], "dtype", None):
+                    raise ArchitectureMismatchError(
+                        f"{na} and {nb} differ at tensor {k!r}: dtype {ta.dtype} in {na}, {b[k].dtype} in "
+                        f"{nb} (shape {_shape(ta)}); convert both to one dtype first")
         return
     parts = []
     if differing:

@@ -18,6 +18,7 @@ from tqdm import tqdm
 
 from ._modes import modes_kept
 from .bn import has_batchnorm, labelled_batch, update_bn
+from .checkpoints import check_same_architecture
 from .errors import ArchitectureMismatchError, BadOptionError, DataSpecError
 from .models import ModelLike, as_factory
 
@@ -141,23 +142,7 @@ def evaluate(model: nn.Module, loader: Iterable[Any], *, device: str | torch.dev
 
 
 def _load_state_strict(model: nn.Module, state_dict: Mapping[str, torch.Tensor]) -> None:
-    own = model.state_dict()
-    missing = [k for k in own if k not in state_dict]
-    unexpected = [k for k in state_dict if k not in own]
-    for k, v in own.items():
-        if k in state_dict and tuple(state_dict[k].shape) != tuple(v.shape):
-            raise ArchitectureMismatchError(
-                f"tensor {k!r} has shape {tuple(state_dict[k].shape)} in the state but "
-                f"{tuple(v.shape)} in the model; the model does not match the weights "
-                "(check --arch / --model and --num-classes)")
-    if missing or unexpected:
-        parts = []
-        if missing:
-            parts.append(f"missing from the state: {', '.join(missing[:5])}" + (" ..." if len(missing) > 5 else ""))
-        if unexpected:
-            parts.append(f"not in the model: {', '.join(unexpected[:5])}" + (" ..." if len(unexpected) > 5 else ""))
-        raise ArchitectureMismatchError("the state does not fit the model (" + "; ".join(parts)
-                                        + "); check --arch / --model")
+    check_same_architecture(model.state_dict(), state_dict, names=("the model", "the state"))
     try:
         model.load_state_dict(state_dict, strict=True)
     except RuntimeError as e:

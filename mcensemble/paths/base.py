@@ -30,6 +30,7 @@ from typing import Any, Callable, ClassVar, Mapping, TypeVar
 import torch
 
 from .._io import HASHES_KEY, atomic_path, independent_tensors, meta_field, tensor_hashes
+from ..checkpoints import check_same_architecture
 from ..errors import ArchitectureMismatchError, BadOptionError, CheckpointError
 
 __all__ = [
@@ -63,34 +64,9 @@ def state_dict_sha256(state_dict: Mapping[str, torch.Tensor]) -> str:
 def check_same_layout(a: Mapping[str, torch.Tensor], b: Mapping[str, torch.Tensor], *,
                       names: tuple[str, str] = ("A", "B")) -> None:
     """Raise `ArchitectureMismatchError` unless `a` and `b` have the same keys, shapes and
-    dtypes; the message names the first differing tensor and both shapes (or dtypes), or
-    the keys only one side has."""
-    na, nb = names
-    only_a = [k for k in a if k not in b]
-    only_b = [k for k in b if k not in a]
-    for k in a:
-        if k in b:
-            ta, tb = a[k], b[k]
-            if tuple(ta.shape) != tuple(tb.shape):
-                raise ArchitectureMismatchError(
-                    f"{na} and {nb} differ at tensor {k!r}: shape {tuple(ta.shape)} in {na}, "
-                    f"{tuple(tb.shape)} in {nb}; both must come from the same architecture "
-                    "(check --arch / --model and --num-classes)")
-            if ta.dtype != tb.dtype:
-                raise ArchitectureMismatchError(
-                    f"{na} and {nb} differ at tensor {k!r}: dtype {ta.dtype} in {na}, {tb.dtype} in "
-                    f"{nb} (shape {tuple(ta.shape)}); convert both to one dtype first")
-    if only_a or only_b:
-        def few(keys: list[str]) -> str:
-            return ", ".join(repr(k) for k in keys[:5]) + (f" (+{len(keys) - 5} more)" if len(keys) > 5 else "")
-        parts = []
-        if only_a:
-            parts.append(f"only in {na}: {few(only_a)}")
-        if only_b:
-            parts.append(f"only in {nb}: {few(only_b)}")
-        raise ArchitectureMismatchError(
-            f"{na} and {nb} do not have the same tensors ({'; '.join(parts)}); both must come from "
-            "the same architecture")
+    dtypes (`checkpoints.check_same_architecture(..., dtypes=True)`): the message names the
+    first differing tensor and both shapes (or dtypes), or the keys only one side has."""
+    check_same_architecture(a, b, names=names, dtypes=True)
 
 
 def _check_t(t: Any) -> float:
