@@ -715,7 +715,7 @@ def _open_ensemble(file: str | os.PathLike) -> tuple[dict[str, Any], list[str]]:
 def _check_document(doc: dict[str, Any], keys: list[str], where: str) -> None:
     """Type-check the fields of an ensemble file's JSON document that loading uses (the
     member count bounded by the tensors in the file); `CheckpointError` naming the field."""
-    from .paths.base import meta_field
+    from ._io import meta_field
     members = meta_field(doc, "members", "list", where=where)
     if not members:
         raise CheckpointError(f"{where}: the ensemble metadata lists no members")
