@@ -35,7 +35,8 @@ from typing import Any, Callable, Iterable, Mapping, Sequence
 import torch
 import torch.nn as nn
 
-from ._io import HASHES_KEY, atomic_path, independent_tensors, sha256_file, tensor_hashes, verify_tensor_hashes
+from ._io import (HASHES_KEY, atomic_path, independent_tensors, sha256_file, tensor_hashes, to_json,
+                  verify_tensor_hashes)
 from .errors import (
     ArchitectureMismatchError, BadOptionError, CheckpointError, MCEnsembleError,
     ModelSpecError, NonFiniteError,
@@ -556,24 +557,6 @@ def _as_sources(sources: Iterable) -> list[dict]:
     return out
 
 
-def _json_safe(obj: Any) -> Any:
-    """Non-finite floats (a NaN metric) -> None, so the header stays standard JSON;
-    numpy / torch scalars -> Python numbers."""
-    if isinstance(obj, Mapping):
-        return {k: _json_safe(v) for k, v in obj.items()}
-    if isinstance(obj, (list, tuple)):
-        return [_json_safe(v) for v in obj]
-    if isinstance(obj, bool) or obj is None or isinstance(obj, (str, int)):
-        return obj
-    if isinstance(obj, torch.Tensor) and obj.numel() == 1:
-        obj = obj.item()
-    if isinstance(obj, numbers.Integral):
-        return int(obj)
-    if isinstance(obj, numbers.Real):
-        return float(obj) if math.isfinite(obj) else None
-    return obj
-
-
 def _check_member_states(member_states: list[StateDict]) -> None:
     """Same tensor names, shapes and dtypes in every member, all finite."""
     if not member_states:
@@ -652,7 +635,7 @@ def save_ensemble(dest: str | os.PathLike, member_states: Sequence[StateDict], *
                                  "or fp32")
     doc[HASHES_KEY] = tensor_hashes(tensors)  # checked by load(verify=True) and inspect --verify
     try:
-        text = json.dumps(_json_safe(doc), allow_nan=False)
+        text = json.dumps(to_json(doc), allow_nan=False)
     except (TypeError, ValueError) as e:
         raise BadOptionError(f"ensemble metadata is not JSON-serialisable: {e}", option="extra") from e
     dest = Path(dest)
