@@ -41,6 +41,7 @@ from .errors import (
     ArchitectureMismatchError, BadOptionError, CheckpointError, MCEnsembleError,
     ModelSpecError, NonFiniteError,
 )
+from .members import check_weights, mean_log_prob
 from .models import ModelLike, ModelSpec, as_factory, create_model
 
 __all__ = [
@@ -77,15 +78,10 @@ def combine_mean_prob(member_logits: torch.Tensor, weights: Sequence[float] | No
         raise BadOptionError(
             f"member outputs must be (batch, classes, ...) logits; got member_logits of shape "
             f"{tuple(member_logits.shape)} (K first)")
-    k = member_logits.shape[0]
     if member_logits.dtype in (torch.float16, torch.bfloat16):
         member_logits = member_logits.float()  # combine half-precision members in float32
     logp = torch.log_softmax(member_logits, dim=2)
-    if weights is None or _equal(weights):
-        return torch.logsumexp(logp, dim=0) - math.log(k)
-    from .members import check_weights
-    w = torch.tensor(check_weights(weights, k), dtype=logp.dtype, device=logp.device)
-    return torch.logsumexp(logp + w.log().view(k, *([1] * (logp.dim() - 1))), dim=0)
+    return mean_log_prob(logp, None if weights is None or _equal(weights) else weights)
 
 
 def _equal(weights: Sequence[float]) -> bool:
@@ -280,7 +276,6 @@ class EnsembleModel(nn.Module):
 
     @weights.setter
     def weights(self, value: Sequence[float]) -> None:
-        from .members import check_weights
         self._weights = check_weights(value, len(self))
         members = self.metadata.get("members")
         if isinstance(members, list) and len(members) == len(self):  # keep the metadata in step
@@ -530,7 +525,6 @@ def _weights_in(members: Any, k: int) -> list[float] | None:
 
 def _with_weights(info: list[dict], weights: Sequence[float] | None) -> list[dict]:
     """Members' info with `"weight"` set from `weights` (or their own), checked and normalised."""
-    from .members import check_weights
     if weights is None:
         weights = _weights_in(info, len(info))
         if weights is None:
@@ -906,7 +900,6 @@ class LazyEnsembleModel(nn.Module):
                  metadata: Mapping[str, Any] | None = None, device: str | torch.device | None = None,
                  weights: Sequence[float] | None = None):
         super().__init__()
-        from .members import check_weights
         self.model = as_factory(model)()
         if device is not None:
             self.model.to(device)

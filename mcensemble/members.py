@@ -27,7 +27,7 @@ from .bn import has_batchnorm, labelled_batch, update_bn
 from .errors import BadOptionError, DataSpecError
 from .evaluate import Metrics, _load_state_strict, evaluate, expected_calibration_error
 
-__all__ = ["Candidate", "global_to_local", "uniform_points", "evaluate_candidates", "select_greedy_nll",
+__all__ = ["Candidate", "mean_log_prob", "global_to_local", "uniform_points", "evaluate_candidates", "select_greedy_nll",
            "Selection", "select_members", "paired_bootstrap", "check_weights", "GUARANTEE",
            "BOOTSTRAP_RESAMPLES", "BOOTSTRAP_CONFIDENCE", "MAX_PICKS",
            "candidate_state", "predict_log_probs", "ensemble_metrics"]
@@ -131,16 +131,23 @@ def check_weights(weights: Sequence[float] | torch.Tensor, k: int, *, option: st
     return [v / total for v in w]
 
 
+def mean_log_prob(log_probs: torch.Tensor, weights: Sequence[float] | None = None) -> torch.Tensor:
+    """(K, ...) members' log-probabilities -> (...) log of their (weighted) mean probability:
+    `logsumexp_k log_probs_k - log K`, or `logsumexp_k (log_probs_k + log w_k)` with `weights`
+    (K values, checked and normalised by `check_weights`). The one combiner: ensemble
+    metrics here and `EnsembleModel.forward` (through `ensemble.combine_mean_prob`) use it."""
+    k = log_probs.shape[0]
+    if weights is None:
+        return torch.logsumexp(log_probs, dim=0) - math.log(k)
+    w = torch.tensor(check_weights(weights, k), dtype=log_probs.dtype, device=log_probs.device)
+    return torch.logsumexp(log_probs + w.log().view(k, *([1] * (log_probs.dim() - 1))), dim=0)
+
+
 def ensemble_metrics(log_probs: Sequence[torch.Tensor], labels: torch.Tensor,
                      weights: Sequence[float] | None = None) -> Metrics:
     """Metrics of the (weighted) mean-probability ensemble of members' log-probabilities;
     `weights` (normalised here) default to equal."""
-    stacked = torch.stack(list(log_probs))
-    if weights is None:
-        lp = torch.logsumexp(stacked, dim=0) - math.log(len(log_probs))
-    else:
-        w = torch.tensor(check_weights(weights, len(log_probs)), dtype=stacked.dtype)
-        lp = torch.logsumexp(stacked + w.log().view(-1, *([1] * (stacked.dim() - 1))), dim=0)
+    lp = mean_log_prob(torch.stack(list(log_probs)), weights)
     nll = F.nll_loss(lp, labels).item()
     acc = (lp.argmax(-1) == labels).float().mean().item()
     return Metrics(loss=nll, acc=acc, nll=nll, ece=expected_calibration_error(lp.exp(), labels),
