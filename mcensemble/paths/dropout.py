@@ -620,15 +620,20 @@ class DropoutPath(Path):
     switch, `step`, `t0`, `t1`), `stability`. Stored as endpoints plus per-vertex row
     deltas."""
 
+    #: how a vertex is stored against the one before it, and read back (a subclass may
+    #: store more compactly: the short path adds per-column multipliers)
+    _encode_delta = staticmethod(_encode)
+    _decode_delta = staticmethod(_decode)
+
     def __init__(self, vertices: list[Mapping[str, torch.Tensor]], *, certificate=None,
                  metadata: Mapping[str, Any] | None = None, copy: bool = True):
         if len(vertices) < 2:
-            raise ValueError("a dropout path needs at least two vertices")
+            raise ValueError(f"a {self.kind} path needs at least two vertices")
         check_same_layout(vertices[0], vertices[-1])
         groups: dict[str, Mapping[str, torch.Tensor]] = {"endpoint.0": vertices[0],
                                                          "endpoint.1": vertices[-1]}
         for i in range(1, len(vertices) - 1):
-            groups[f"delta.{i}"] = _encode(vertices[i - 1], vertices[i])
+            groups[f"delta.{i}"] = self._encode_delta(vertices[i - 1], vertices[i])
         self._init(groups, len(vertices), certificate, metadata, copy)
 
     def _init(self, groups, n, certificate, metadata, copy) -> None:
@@ -645,7 +650,7 @@ class DropoutPath(Path):
             a, b = self.endpoints
             states = [a]
             for i in range(1, self.n_vertices - 1):
-                states.append(_decode(states[-1], self.groups.get(f"delta.{i}", {})))
+                states.append(self._decode_delta(states[-1], self.groups.get(f"delta.{i}", {})))
             states.append(b)
             self._states = states
         return self._states

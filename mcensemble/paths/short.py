@@ -646,25 +646,8 @@ class ShortPath(DropoutPath):
     and `max_slope`, the largest |dL/ds| between neighbouring points, s the segment's own
     parameter). Stored as endpoints plus row / column-scaling deltas."""
 
-    def __init__(self, vertices: list[Mapping[str, torch.Tensor]], *, certificate=None,
-                 metadata: Mapping[str, Any] | None = None, copy: bool = True):
-        if len(vertices) < 2:
-            raise ValueError("a short path needs at least two vertices")
-        check_same_layout(vertices[0], vertices[-1])
-        groups: dict[str, Mapping[str, torch.Tensor]] = {"endpoint.0": vertices[0], "endpoint.1": vertices[-1]}
-        for i in range(1, len(vertices) - 1):
-            groups[f"delta.{i}"] = _encode_short(vertices[i - 1], vertices[i])
-        self._init(groups, len(vertices), certificate, metadata, copy)
-
-    def vertex_states(self) -> list[StateDict]:
-        if self._states is None:
-            a, b = self.endpoints
-            states = [a]
-            for i in range(1, self.n_vertices - 1):
-                states.append(_decode_short(states[-1], self.groups.get(f"delta.{i}", {})))
-            states.append(b)
-            self._states = states
-        return self._states
+    _encode_delta = staticmethod(_encode_short)
+    _decode_delta = staticmethod(_decode_short)
 
     @classmethod
     def _from_file(cls, groups: dict[str, StateDict], meta: dict[str, Any]) -> "ShortPath":
