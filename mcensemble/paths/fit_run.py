@@ -275,15 +275,38 @@ class _FitRun:
         self.step = int(meta["step"])
 
 
-def _ck_tensor(tensors, name: str, like: torch.Tensor | None, file) -> torch.Tensor:
+def _ck_tensor(tensors, name: str, like: torch.Tensor | None, file, *, what: str = "fit checkpoint") -> torch.Tensor:
+    """`tensors[name]` of a training checkpoint (`what`: "fit checkpoint", "AutoNEB checkpoint"),
+    checked to have `like`'s shape and dtype; `CheckpointError` naming the file otherwise."""
     if name not in tensors:
-        raise CheckpointError(f"the fit checkpoint {file} has no tensor {name!r}: it was written for another "
+        raise CheckpointError(f"the {what} {file} has no tensor {name!r}: it was written for another "
                               "model; choose another --checkpoint-dir")
     v = tensors[name]
     if like is not None and (v.shape != like.shape or v.dtype != like.dtype):
-        raise CheckpointError(f"the fit checkpoint {file} has {name!r} of shape {tuple(v.shape)} ({v.dtype}), "
+        raise CheckpointError(f"the {what} {file} has {name!r} of shape {tuple(v.shape)} ({v.dtype}), "
                               f"the model {tuple(like.shape)} ({like.dtype}); choose another --checkpoint-dir")
     return v
+
+
+def open_training_checkpoint(file: str | os.PathLike, *, fmt: str, what: str, kind: str
+                             ) -> tuple[dict[str, torch.Tensor], dict[str, Any], str]:
+    """(tensors, metadata, where) of a training checkpoint whose metadata says `format` `fmt`
+    and `format_version` <= 1 (`what`: "fit checkpoint" ..., `kind`: "a curve-fit checkpoint"
+    ..., for messages). `CheckpointError` naming the file when it cannot be read or is another
+    file; the caller checks its own fields with `meta_field(meta, ..., where=where)`."""
+    try:
+        with safe_open(str(file), framework="pt", device="cpu") as f:
+            meta = json.loads((f.metadata() or {}).get("mcensemble", "null") or "null")
+            tensors = {k: f.get_tensor(k) for k in f.keys()}
+    except Exception as e:  # noqa: BLE001  (OSError, JSON errors, safetensors' SafetensorError)
+        raise CheckpointError(f"cannot read the {what} {file}: {e}") from e
+    if not isinstance(meta, dict) or meta.get("format") != fmt:
+        raise CheckpointError(f"{file} is not {kind} (no {fmt} metadata); choose another --checkpoint-dir")
+    where = f"the {what} {file}"
+    if meta_field(meta, "format_version", "int", where=where) > 1:
+        raise CheckpointError(f"{file} is a newer {what} (format_version {meta['format_version']}); "
+                              "upgrade mcensemble")
+    return tensors, meta, where
 
 
 def _check_resume(run: _FitRun, meta: Mapping[str, Any]) -> None:
@@ -315,19 +338,8 @@ def _check_resume(run: _FitRun, meta: Mapping[str, Any]) -> None:
 def read_fit_checkpoint(file: str | os.PathLike) -> tuple[dict[str, torch.Tensor], dict[str, Any]]:
     """(tensors, metadata) of a fit checkpoint written by `fit_curve(checkpoint=...)`.
     `CheckpointError` naming the file when it is not one (or is damaged)."""
-    try:
-        with safe_open(str(file), framework="pt", device="cpu") as f:
-            meta = json.loads((f.metadata() or {}).get("mcensemble", "null") or "null")
-            tensors = {k: f.get_tensor(k) for k in f.keys()}
-    except Exception as e:  # noqa: BLE001  (OSError, JSON errors, safetensors' SafetensorError)
-        raise CheckpointError(f"cannot read the fit checkpoint {file}: {e}") from e
-    if not isinstance(meta, dict) or meta.get("format") != FIT_CHECKPOINT_FORMAT:
-        raise CheckpointError(f"{file} is not a curve-fit checkpoint (no {FIT_CHECKPOINT_FORMAT} metadata); "
-                              "choose another --checkpoint-dir")
-    where = f"the fit checkpoint {file}"
-    if meta_field(meta, "format_version", "int", where=where) > 1:
-        raise CheckpointError(f"{file} is a newer fit checkpoint (format_version {meta['format_version']}); "
-                              "upgrade mcensemble")
+    tensors, meta, where = open_training_checkpoint(file, fmt=FIT_CHECKPOINT_FORMAT, what="fit checkpoint",
+                                                    kind="a curve-fit checkpoint")
     total = meta_field(meta, "total_steps", "int", where=where, lo=0)
     meta_field(meta, "step", "int", where=where, lo=0, hi=total)
     for key in ("epoch", "batch"):

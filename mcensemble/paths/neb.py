@@ -52,6 +52,7 @@ from ..data import epoch_batches
 from ..errors import BadOptionError, CheckpointError
 from .base import Path, StateDict, check_same_layout, meta_field, register_path, state_dict_sha256
 from .curves import is_interpolated
+from .fit_run import _ck_tensor, open_training_checkpoint
 from .linear import lerp_tensor
 
 __all__ = ["NebConfig", "NebPath", "Band", "fit_neb", "improved_tangent_weights", "insertion_scores",
@@ -60,6 +61,7 @@ __all__ = ["NebConfig", "NebPath", "Band", "fit_neb", "improved_tangent_weights"
 log = logging.getLogger(__name__)
 
 NEB_CHECKPOINT_FORMAT = "mcensemble-neb-checkpoint"
+_NEB_CK = "AutoNEB checkpoint"
 
 
 def _is_pos(x: Any) -> bool:
@@ -653,11 +655,11 @@ class _NebRun:
         n = len(meta["weights"]) - 1
         pivots, momenta = [], []
         for i in range(n):
-            pivots.append([_ck_tensor(tensors, f"pivot.{i}.{k}", p, ck).to(self.device).clone()
+            pivots.append([_ck_tensor(tensors, f"pivot.{i}.{k}", p, ck, what=_NEB_CK).to(self.device).clone()
                            for k, p in zip(band.names, band.A)])
-            momenta.append([_ck_tensor(tensors, f"momentum.{i}.{k}", p, ck).to(self.device).clone()
+            momenta.append([_ck_tensor(tensors, f"momentum.{i}.{k}", p, ck, what=_NEB_CK).to(self.device).clone()
                             for k, p in zip(band.names, band.A)])
-        state = _ck_tensor(tensors, f"rng.torch.{r}", None, ck)
+        state = _ck_tensor(tensors, f"rng.torch.{r}", None, ck, what=_NEB_CK)
         try:
             torch.set_rng_state(state)
             if self.device.type == "cuda" and f"rng.cuda.{r}" in tensors:
@@ -689,33 +691,11 @@ class _NebRun:
             raise CheckpointError(f"the AutoNEB checkpoint {ck} is damaged (cycle or pivots out of range)")
 
 
-def _ck_tensor(tensors, name: str, like: torch.Tensor | None, file) -> torch.Tensor:
-    if name not in tensors:
-        raise CheckpointError(f"the AutoNEB checkpoint {file} has no tensor {name!r}: it was written for another "
-                              "model; choose another --checkpoint-dir")
-    v = tensors[name]
-    if like is not None and (v.shape != like.shape or v.dtype != like.dtype):
-        raise CheckpointError(f"the AutoNEB checkpoint {file} has {name!r} of shape {tuple(v.shape)} ({v.dtype}), "
-                              f"the model {tuple(like.shape)} ({like.dtype}); choose another --checkpoint-dir")
-    return v
-
-
 def read_neb_checkpoint(file: str | os.PathLike) -> tuple[dict[str, torch.Tensor], dict[str, Any]]:
     """(tensors, metadata) of an AutoNEB checkpoint; `CheckpointError` naming the file when it
     is not one or its metadata is damaged."""
-    from safetensors import safe_open
-    try:
-        with safe_open(str(file), framework="pt", device="cpu") as f:
-            meta = json.loads((f.metadata() or {}).get("mcensemble", "null") or "null")
-            tensors = {k: f.get_tensor(k) for k in f.keys()}
-    except Exception as e:  # noqa: BLE001  (OSError, JSON errors, safetensors' own error)
-        raise CheckpointError(f"cannot read the AutoNEB checkpoint {file}: {e}") from e
-    where = f"the AutoNEB checkpoint {file}"
-    if not isinstance(meta, dict) or meta.get("format") != NEB_CHECKPOINT_FORMAT:
-        raise CheckpointError(f"{file} is not an AutoNEB checkpoint (no {NEB_CHECKPOINT_FORMAT} metadata); "
-                              "choose another --checkpoint-dir")
-    if meta_field(meta, "format_version", "int", where=where) > 1:
-        raise CheckpointError(f"{file} is a newer AutoNEB checkpoint; upgrade mcensemble")
+    tensors, meta, where = open_training_checkpoint(file, fmt=NEB_CHECKPOINT_FORMAT, what="AutoNEB checkpoint",
+                                                    kind="an AutoNEB checkpoint")
     for key in ("cycle", "step", "done"):
         meta_field(meta, key, "int", where=where, lo=0)
     meta_field(meta, "steps_per_epoch", "int", where=where, lo=1)
