@@ -694,12 +694,22 @@ TRAIN_ONLY_WARNING = ("no --val-data: the members were not chosen on held-out da
                       "--val-data SPEC (and --test-data SPEC) for an honest comparison")
 
 
+
+def _packed_row(sc, net, a, b, train, *, graph=None, data) -> dict[str, Any]:
+    """The packed pair's report row: scored by `sc`, or skipped with the reason it does not apply."""
+    from .baselines import packed_state, skipped_row  # the report's machinery, not CLI start-up's
+    packed, why = packed_state(net, a, b, train, graph=graph, device=data.device, progress=data.progress)
+    if packed is None:
+        return skipped_row("packed pair", "packed", 1, why)
+    sc.add("packed", packed)
+    return sc.row("packed pair", "packed", ["packed"])
+
 def _build_baselines(net, grid, paths, ends, soup_sd, report, opts: BuildOptions, data: DataOptions, *, graph,
                      loaders) -> list[dict[str, Any]]:
     """Rows: each checkpoint (cost 1), their equal-weight ensemble (cost = their number),
     the soup (cost 1), the packed pair (cost 1, two checkpoints of a layered network) and
     the built ensemble (cost K), on the report's splits."""
-    from .baselines import Scorer, packed_state, skipped_row
+    from .baselines import Scorer, skipped_row
     from .members import candidate_state
     train, val, test = loaders
     sc = Scorer(net, _report_splits(train, val, test), device=data.device)
@@ -716,13 +726,7 @@ def _build_baselines(net, grid, paths, ends, soup_sd, report, opts: BuildOptions
     elif len(ends) != 2:
         rows.append(skipped_row("packed pair", "packed", 1, f"packs two checkpoints; {len(ends)} were given"))
     else:
-        packed, why = packed_state(net, ends[0], ends[1], train, graph=graph, device=data.device,
-                                   progress=data.progress)
-        if packed is None:
-            rows.append(skipped_row("packed pair", "packed", 1, why))
-        else:
-            sc.add("packed", packed)
-            rows.append(sc.row("packed pair", "packed", ["packed"]))
+        rows.append(_packed_row(sc, net, ends[0], ends[1], train, graph=graph, data=data))
     e = report["ensemble"]
     k = len(report["members"])
     rows.append({"name": f"built ensemble ({k} member{'s' if k != 1 else ''})", "kind": "ensemble",
@@ -915,7 +919,7 @@ def _eval_baselines(ens, file, per, loader, train, test, model, data: DataOption
     """`eval`'s rows: the recorded checkpoints (as saved) and their ensemble, the soup, the
     packed pair and the file's ensemble, on the evaluation data ("eval") and `--test-data`."""
     import copy
-    from .baselines import Scorer, packed_state, skipped_row, soup_state, weighted_average
+    from .baselines import Scorer, skipped_row, soup_state, weighted_average
     from .bn import has_batchnorm
     splits = {"eval": loader, **({"test": test} if test is not None else {})}
     net = ens.members[0]
@@ -951,13 +955,7 @@ def _eval_baselines(ens, file, per, loader, train, test, model, data: DataOption
     elif train is None:
         rows.append(skipped_row("packed pair", "packed", 1, need_train))
     else:
-        packed, reason = packed_state(copy.deepcopy(net), srcs[0][1], srcs[1][1], train, device=data.device,
-                                      progress=data.progress)
-        if packed is None:
-            rows.append(skipped_row("packed pair", "packed", 1, reason))
-        else:
-            sc.add("packed", packed)
-            rows.append(sc.row("packed pair", "packed", ["packed"]))
+        rows.append(_packed_row(sc, copy.deepcopy(net), srcs[0][1], srcs[1][1], train, data=data))
     k = len(ens)
     rows.append(sc.row(f"ensemble ({k} member{'s' if k != 1 else ''})", "ensemble",
                        [("member", i) for i in range(k)], weights=ens.weights))
