@@ -37,7 +37,7 @@ from .evaluate import evaluate
 from .units import UnitGraph, UnitGroup, build_unit_graph
 
 __all__ = ["StabilityResult", "dropout_stability", "dropout_state", "dropout_network",
-           "reestimate_bn", "default_kept", "graph_for", "check_kept", "changed_bn_modules"]
+           "reestimate_bn", "default_kept", "graph_for", "check_kept", "changed_bn_modules", "swap_trial"]
 
 log = logging.getLogger(__name__)
 
@@ -290,19 +290,8 @@ def _search(work: nn.Module, state: Mapping[str, torch.Tensor], graph: UnitGraph
         best = objective(g.depth)
         s = scores[g.name]
         for _ in range(steps):
-            k_units = torch.tensor(kept[g.name])
-            mask = torch.ones(g.size, dtype=torch.bool)
-            mask[k_units] = False
-            d_units = mask.nonzero().reshape(-1)
-            # rank-based sampling: weak kept units and strong dropped units first
-            ki = k_units[torch.argsort(s[k_units])]
-            di = d_units[torch.argsort(s[d_units], descending=True)]
-            wk = 1.0 / torch.arange(1, len(ki) + 1, dtype=torch.float64)
-            wd = 1.0 / torch.arange(1, len(di) + 1, dtype=torch.float64)
-            i = int(ki[torch.multinomial(wk, 1, generator=gen)])
-            o = int(di[torch.multinomial(wd, 1, generator=gen)])
             old = kept[g.name]
-            kept[g.name] = sorted([u for u in old if u != i] + [o])
+            kept[g.name] = swap_trial(g.size, old, s, gen)
             val = objective(g.depth)
             if val < best - 1e-7:
                 best = val
@@ -376,3 +365,21 @@ def check_kept(graph: UnitGraph, kept: Mapping[str, Any]) -> dict[str, list[int]
                                  f"distinct kept units in 0..{g.size - 1}", option="kept")
         out[g.name] = units
     return out
+
+
+def swap_trial(size: int, kept: list[int], score: torch.Tensor, gen: torch.Generator) -> list[int]:
+    """One local-search trial on a kept half of `size` units: a kept unit traded for a dropped
+    one, drawn by rank (weak kept units and strong dropped units first, weight 1 / rank).
+    Returns the new kept units, sorted. The one swap move of the kept-half searches (here and
+    the short path's joint search)."""
+    k_units = torch.tensor(kept)
+    mask = torch.ones(size, dtype=torch.bool)
+    mask[k_units] = False
+    d_units = mask.nonzero().reshape(-1)
+    ki = k_units[torch.argsort(score[k_units])]
+    di = d_units[torch.argsort(score[d_units], descending=True)]
+    wk = 1.0 / torch.arange(1, len(ki) + 1, dtype=torch.float64)
+    wd = 1.0 / torch.arange(1, len(di) + 1, dtype=torch.float64)
+    i = int(ki[torch.multinomial(wk, 1, generator=gen)])
+    o = int(di[torch.multinomial(wd, 1, generator=gen)])
+    return sorted([u for u in kept if u != i] + [o])

@@ -46,6 +46,7 @@ import torch.nn as nn
 from tqdm import tqdm
 
 from ..errors import BadOptionError, MCEnsembleError
+from ..stability import swap_trial
 from ..units import AxisRef, UnitGraph, UnitGroup
 from .base import StateDict, check_same_layout, meta_field, register_path
 from .dropout import (DropoutPath, _bytes, _changed_units, _decode, _encode, _same, mix_states)
@@ -339,17 +340,7 @@ def _swap(g: UnitGroup, s: list[int], key: torch.Tensor, b_score: torch.Tensor,
           gen: torch.Generator) -> tuple[list[int], list[int]]:
     """One trial: a kept unit of A (weak first) traded for a unit of the complement
     (strong for A first), by rank-weighted draws; B's half re-derived."""
-    ks = torch.tensor(s)
-    mask = torch.ones(g.size, dtype=torch.bool)
-    mask[ks] = False
-    ds = mask.nonzero().reshape(-1)
-    ki = ks[torch.argsort(key[ks])]
-    di = ds[torch.argsort(key[ds], descending=True)]
-    wk = 1.0 / torch.arange(1, len(ki) + 1, dtype=torch.float64)
-    wd = 1.0 / torch.arange(1, len(di) + 1, dtype=torch.float64)
-    i = int(ki[torch.multinomial(wk, 1, generator=gen)])
-    o = int(di[torch.multinomial(wd, 1, generator=gen)])
-    new_s = sorted([u for u in s if u != i] + [o])
+    new_s = swap_trial(g.size, s, key, gen)
     rest = sorted(set(range(g.size)) - set(new_s), key=lambda u: -float(b_score[u]))[:g.size // 2]
     return new_s, sorted(rest)
 
