@@ -13,6 +13,7 @@ import os
 import re
 import socket
 import tempfile
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import TYPE_CHECKING, Any, Callable, Iterator, Mapping
 
@@ -22,7 +23,7 @@ if TYPE_CHECKING:
     import torch
 
 __all__ = ["atomic_path", "sha256_file", "independent_tensors", "tensor_sha256", "tensor_hashes",
-           "safetensors_layout", "verify_tensor_hashes", "verify_file", "HASHES_KEY", "meta_field",
+           "FileHeader", "read_header", "safetensors_layout", "verify_tensor_hashes", "verify_file", "HASHES_KEY", "meta_field",
            "is_int", "is_number", "to_json"]
 
 log = logging.getLogger(__name__)
@@ -150,21 +151,89 @@ def tensor_hashes(tensors: Mapping[str, "torch.Tensor"]) -> dict[str, str]:
     return {name: tensor_sha256(t) for name, t in tensors.items()}
 
 
-def safetensors_layout(path: str | os.PathLike) -> tuple[dict[str, Any], int]:
-    """(header, data start) of a safetensors file: the header's JSON (tensor name ->
-    {dtype, shape, data_offsets}, plus `__metadata__`) and the offset of the first data
-    byte. `CheckpointError` when the file is too short or the header is not JSON."""
-    from .errors import CheckpointError
-    path = Path(path)
+# ----------------------------------------------------------------------------- file headers
+#: bytes per element of the safetensors dtypes (a dtype not listed here is not size-checked)
+_ST_ITEMSIZE = {"BOOL": 1, "U8": 1, "I8": 1, "F8_E5M2": 1, "F8_E4M3": 1, "F8_E8M0": 1, "I16": 2,
+                "U16": 2, "F16": 2, "BF16": 2, "I32": 4, "U32": 4, "F32": 4, "I64": 8, "U64": 8,
+                "F64": 8, "C64": 8}
+
+
+@dataclass(frozen=True)
+class FileHeader:
+    """What `read_header` found at the start of a file.
+
+    `format`: "safetensors", "torch-zip" (a `torch.save` zip), "pickle" (a legacy
+    `torch.save` or plain pickle), "empty" or "unknown", sniffed from the leading bytes (the
+    name does not count). For safetensors, `tensors` is the header's
+    {name: {"dtype", "shape", "data_offsets"}} (checked: offsets contiguous, inside the file,
+    sized for dtype x shape), `metadata` its `__metadata__` {str: str} and `data_start` the
+    offset of the first data byte; for the other formats they are empty / 0 (nothing past
+    the first bytes is read: a pickle is never opened here)."""
+
+    path: Path
+    format: str
+    tensors: Mapping[str, Mapping[str, Any]] = field(default_factory=dict)
+    metadata: Mapping[str, str] = field(default_factory=dict)
+    data_start: int = 0
+
+    def document(self, key: str = "mcensemble") -> Any:
+        """The JSON value stored under `key` in the safetensors metadata (mcensemble writes
+        its file description under "mcensemble"); None when there is no such key.
+        `CheckpointError` naming the file when the value is not valid JSON."""
+        raw = self.metadata.get(key)
+        if raw is None:
+            return None
+        try:
+            return json.loads(raw)
+        except ValueError as e:
+            raise CheckpointError(f"{self.path}: its {key!r} metadata is not valid JSON; the file is "
+                                  "damaged") from e
+
+    def raw(self) -> dict[str, Any]:
+        """The safetensors header as the file holds it: the tensors plus `__metadata__`."""
+        out: dict[str, Any] = {k: dict(v) for k, v in self.tensors.items()}
+        if self.metadata:
+            out["__metadata__"] = dict(self.metadata)
+        return out
+
+
+def _sniff(head: bytes) -> str:
+    if not head:
+        return "empty"
+    if len(head) >= 9 and head[8:9] == b"{":
+        return "safetensors"
+    if head.startswith(b"PK\x03\x04"):
+        return "torch-zip"
+    if head[:1] == b"\x80":
+        return "pickle"
+    return "unknown"
+
+
+def read_header(file: str | os.PathLike) -> FileHeader:
+    """Sniff a file's format from its leading bytes and, for safetensors, read and check its
+    header (without reading any tensor): the one place mcensemble opens a file to learn what
+    it is and what its metadata says (ensemble, path, checkpoint and training-checkpoint
+    readers, `inspect`). `CheckpointError` naming the file when it is missing, a folder,
+    unreadable, or a safetensors file whose header is cut short, not JSON, or does not
+    describe the tensors that follow it."""
+    path = Path(file)
     try:
         size = path.stat().st_size
+        if path.is_dir():
+            raise CheckpointError(f"{path} is a folder, not a file")
         with open(path, "rb") as f:
-            head = f.read(8)
-            n = int.from_bytes(head, "little") if len(head) == 8 else -1
-            if n < 2 or n > _MAX_HEADER or n + 8 > size:
-                raise CheckpointError(f"{path}: not a complete safetensors file (its header length "
-                                      f"{n} does not fit its size {size}); the file is truncated or corrupt")
+            head = f.read(9)
+            fmt = _sniff(head)
+            if fmt != "safetensors":
+                return FileHeader(path, fmt)
+            n = int.from_bytes(head[:8], "little")
+            if n > _MAX_HEADER or n + 8 > size:
+                raise CheckpointError(f"{path}: truncated safetensors file (its header length {n} does "
+                                      f"not fit its size {size}); the file is cut short or corrupt")
+            f.seek(8)
             raw = f.read(n)
+    except FileNotFoundError as e:
+        raise CheckpointError(f"{path}: no such file") from e
     except OSError as e:
         raise CheckpointError(f"{path}: cannot read the file ({e.strerror or e})") from e
     try:
@@ -173,7 +242,53 @@ def safetensors_layout(path: str | os.PathLike) -> tuple[dict[str, Any], int]:
         raise CheckpointError(f"{path}: the safetensors header is not valid JSON; the file is corrupt") from e
     if not isinstance(header, dict):
         raise CheckpointError(f"{path}: the safetensors header is not a JSON object; the file is corrupt")
-    return header, 8 + n
+    meta = header.pop("__metadata__", None) or {}
+    if not isinstance(meta, dict) or not all(isinstance(v, str) for v in meta.values()):
+        raise CheckpointError(f"{path}: the safetensors metadata is not a {{string: string}} object; "
+                              "the file is corrupt")
+    _check_tensor_entries(path, header, size - 8 - n)
+    return FileHeader(path, "safetensors", header, meta, 8 + n)
+
+
+def _check_tensor_entries(path: Path, header: Mapping[str, Any], data_size: int) -> None:
+    """The checks safetensors makes when it opens a file, with the file named: every entry
+    has a dtype, a shape of sizes >= 0 and data_offsets [begin, end] sized for them; the
+    entries tile the data section exactly."""
+    spans = []
+    for name, e in header.items():
+        offsets = e.get("data_offsets") if isinstance(e, dict) else None
+        shape = e.get("shape") if isinstance(e, dict) else None
+        if not (isinstance(e, dict) and isinstance(e.get("dtype"), str)
+                and isinstance(shape, list) and all(is_int(s) and s >= 0 for s in shape)
+                and isinstance(offsets, list) and len(offsets) == 2
+                and all(is_int(o) for o in offsets) and 0 <= offsets[0] <= offsets[1]):
+            raise CheckpointError(f"{path}: tensor {name!r} has no valid dtype, shape and data_offsets in "
+                                  "the safetensors header; the file is corrupt")
+        itemsize = _ST_ITEMSIZE.get(e["dtype"])
+        if itemsize is not None and math.prod(shape) * itemsize != offsets[1] - offsets[0]:
+            raise CheckpointError(f"{path}: tensor {name!r} ({e['dtype']} {shape}) does not fit its "
+                                  f"{offsets[1] - offsets[0]} bytes; the file is corrupt")
+        spans.append((offsets[0], offsets[1], name))
+    end = 0
+    for begin, stop, name in sorted(spans):
+        if begin != end:
+            raise CheckpointError(f"{path}: tensor {name!r} starts at byte {begin} of the data, not where "
+                                  f"the previous one ends ({end}); the file is corrupt")
+        end = stop
+    if end != data_size:
+        raise CheckpointError(f"{path}: the tensors take {end} bytes but the file holds {data_size} after "
+                              "its header; the file is truncated or corrupt")
+
+
+def safetensors_layout(path: str | os.PathLike) -> tuple[dict[str, Any], int]:
+    """(header, data start) of a safetensors file (`read_header`, as the file's JSON: tensor
+    name -> {dtype, shape, data_offsets}, plus `__metadata__`). `CheckpointError` for a file
+    that is not safetensors, or a damaged one."""
+    h = read_header(path)
+    if h.format != "safetensors":
+        raise CheckpointError(f"{h.path}: not a safetensors file (it looks like {h.format}); the file is "
+                              "corrupt or of another kind")
+    return h.raw(), h.data_start
 
 
 def _file_range_sha256(f, start: int, stop: int, chunk: int = 1 << 20) -> str:
@@ -195,7 +310,6 @@ def verify_tensor_hashes(path: str | os.PathLike, recorded: Mapping[str, Any] | 
     checked, or None when nothing is recorded (a file written before mcensemble recorded
     hashes). `CheckpointError` naming the first tensor whose bytes differ (and how many
     do), a tensor with no recorded hash, or a recorded tensor missing from the file."""
-    from .errors import CheckpointError
     if recorded is None:
         return None
     path = Path(path)
@@ -236,14 +350,7 @@ def verify_file(path: str | os.PathLike) -> tuple[str, int | None]:
     path file's tensors against the SHA-256 recorded in its header (`verify_tensor_hashes`);
     tensors checked is None when the file records no hashes. `CheckpointError` for another
     kind of file (only ensemble and path files record hashes) or a tensor that differs."""
-    from .errors import CheckpointError
-    header, _ = safetensors_layout(path)
-    meta = header.get("__metadata__")
-    raw = meta.get("mcensemble") if isinstance(meta, dict) else None
-    try:
-        doc = json.loads(raw) if isinstance(raw, str) else None
-    except ValueError as e:
-        raise CheckpointError(f"{path}: its 'mcensemble' metadata is not valid JSON; the file is damaged") from e
+    doc = read_header(path).document("mcensemble")
     fmt = doc.get("format") if isinstance(doc, dict) else None
     if fmt not in ("mcensemble-ensemble", "mcensemble-path"):
         raise CheckpointError(f"{path}: --verify checks mcensemble ensemble and path files, which record a "

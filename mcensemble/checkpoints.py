@@ -26,7 +26,7 @@ from typing import Any, Callable, Iterable, Mapping
 import torch
 import torch.nn as nn
 
-from ._io import atomic_path, independent_tensors, sha256_file, to_json
+from ._io import atomic_path, independent_tensors, read_header, sha256_file, to_json
 from .errors import (ArchitectureMismatchError, CheckpointError, MCEnsembleError,
                      NonFiniteError, UnsafeCheckpointError)
 from .models import ModelLike, ModelSpec, as_factory
@@ -430,22 +430,8 @@ def _read_pickle(path: Path, ctx: _Ctx) -> tuple[StateDict, dict[str, Any]]:
 
 
 # --------------------------------------------------------------------------- safetensors
-def _looks_like_safetensors(path: Path) -> bool | None:
-    """True / False, or None when the file claims to be safetensors but is cut short."""
-    size = path.stat().st_size
-    with open(path, "rb") as f:
-        head = f.read(9)
-    if len(head) < 9 or head[8:9] != b"{":
-        return False
-    n = int.from_bytes(head[:8], "little")
-    return None if n + 8 > size else True
-
-
-def _read_safetensors(path: Path, ctx: _Ctx) -> tuple[StateDict, dict[str, Any]]:
-    from safetensors import safe_open
+def _read_safetensors(path: Path, ctx: _Ctx, header: dict[str, str]) -> tuple[StateDict, dict[str, Any]]:
     from safetensors.torch import load_file
-    with safe_open(str(path), framework="pt") as f:
-        header = dict(f.metadata() or {})
     state = load_file(str(path), device="cpu")
     meta: dict[str, Any] = {"format": "safetensors"}
     ours = header.pop(META_KEY, None)
@@ -476,16 +462,12 @@ def _read_safetensors(path: Path, ctx: _Ctx) -> tuple[StateDict, dict[str, Any]]
 def _read_file(path: Path, ctx: _Ctx) -> tuple[StateDict, dict[str, Any]]:
     """Dispatch one file on its leading bytes; wrap low-level read errors."""
     try:
-        if path.stat().st_size == 0:
+        head = read_header(path)
+        if head.format == "empty":
             raise CheckpointError(f"{path}: not a checkpoint, the file is empty")
-        kind = _looks_like_safetensors(path)
-        if kind is None:
-            raise CheckpointError(f"{path}: truncated safetensors file (header runs past the end)")
-        if kind:
-            return _read_safetensors(path, ctx)
-        with open(path, "rb") as f:
-            head = f.read(4)
-        if not (head.startswith(b"PK\x03\x04") or head[:1] == b"\x80"):
+        if head.format == "safetensors":
+            return _read_safetensors(path, ctx, dict(head.metadata))
+        if head.format not in ("torch-zip", "pickle"):
             raise CheckpointError(
                 f"{path}: not a checkpoint (neither safetensors, a torch.save zip, nor a pickle)")
         return _read_pickle(path, ctx)

@@ -35,8 +35,8 @@ from typing import Any, Callable, Iterable, Mapping, Sequence
 import torch
 import torch.nn as nn
 
-from ._io import (HASHES_KEY, atomic_path, independent_tensors, sha256_file, tensor_hashes, to_json,
-                  verify_tensor_hashes)
+from ._io import (HASHES_KEY, atomic_path, independent_tensors, read_header, sha256_file, tensor_hashes,
+                  to_json, verify_tensor_hashes)
 from .errors import (
     ArchitectureMismatchError, BadOptionError, CheckpointError, MCEnsembleError,
     ModelSpecError, NonFiniteError,
@@ -647,30 +647,25 @@ def read_ensemble_metadata(file: str | os.PathLike) -> dict[str, Any]:
 
 
 def _open_ensemble(file: str | os.PathLike) -> tuple[dict[str, Any], list[str]]:
-    from safetensors import safe_open
-
     path = Path(file)
     if not path.exists():
         raise CheckpointError(f"ensemble file {str(path)!r} not found")
     if not path.is_file():
         raise CheckpointError(f"{str(path)!r} is not a file; an ensemble is one .safetensors file")
     try:
-        with safe_open(str(path), framework="pt", device="cpu") as f:
-            meta = f.metadata() or {}
-            keys = list(f.keys())
-    except Exception as e:  # SafetensorError, OSError, ...
+        header = read_header(path)
+        if header.format != "safetensors":
+            raise CheckpointError(f"it is {header.format}")
+    except CheckpointError as e:
         raise CheckpointError(
             f"{str(path)!r} is not a readable safetensors file ({e}); an ensemble file is "
             f"written by `mcensemble build` or mcensemble.ensemble.save_ensemble") from e
-    raw = meta.get(METADATA_KEY)
-    if raw is None:
+    keys = list(header.tensors)
+    doc = header.document(METADATA_KEY)
+    if doc is None:
         raise CheckpointError(
             f"{str(path)!r} is not an mcensemble ensemble file: its safetensors header has no "
             f"{METADATA_KEY!r} metadata (a plain checkpoint? load it with load_checkpoint)")
-    try:
-        doc = json.loads(raw)
-    except ValueError as e:
-        raise CheckpointError(f"{str(path)!r}: the {METADATA_KEY!r} metadata is not valid JSON ({e})") from e
     if not isinstance(doc, dict) or doc.get("format") != FORMAT:
         fmt = doc.get("format") if isinstance(doc, dict) else None
         hint = (" (it is a path file: sample members from it with `mcensemble build`)"
@@ -727,18 +722,13 @@ def _check_spec_fits(factory: Callable[[], nn.Module], path: Path, member0: list
     names and shapes with member 0's tensors in the file, so that a spec whose sizes do not
     match the file (a damaged or crafted header) is refused before the real model is
     allocated. A model that cannot be built on the meta device is not checked here."""
-    from safetensors import safe_open
-
     from .checkpoints import meta_shapes
     shapes = meta_shapes(factory)
     if shapes is None:
         return
     want = {n: tuple(s) for n, s in shapes.items()}
-    try:
-        with safe_open(str(path), framework="pt", device="cpu") as f:
-            have = {name: tuple(f.get_slice(key).get_shape()) for key, name in member0}
-    except Exception as e:  # noqa: BLE001
-        raise CheckpointError(f"{str(path)!r}: cannot read member 0's tensor shapes ({e})") from e
+    tensors = read_header(path).tensors
+    have = {name: tuple(tensors[key]["shape"]) for key, name in member0}
     if want != have:
         differing = [n for n in want if n in have and want[n] != have[n]]
         detail = (f"tensor {differing[0]!r} has shape {have[differing[0]]} in the file, {want[differing[0]]} in "
@@ -870,12 +860,11 @@ def _load_dtype(dtype: str | torch.dtype | None, path: Path, member0: list[tuple
     if not (isinstance(dtype, str) and dtype.lower() == "file"):
         from .precision import parse_dtype
         return parse_dtype(dtype, option="dtype")
-    from safetensors import safe_open
-    with safe_open(str(path), framework="pt", device="cpu") as f:
-        for key, _ in member0:
-            found = _SAFETENSORS_DTYPES.get(f.get_slice(key).get_dtype())
-            if found is not None:
-                return found
+    tensors = read_header(path).tensors
+    for key, _ in member0:
+        found = _SAFETENSORS_DTYPES.get(tensors[key]["dtype"])
+        if found is not None:
+            return found
     return None
 
 

@@ -255,14 +255,12 @@ def train_default_endpoints(out_dir: str | os.PathLike, *, arch: str = "mce_digi
 
 def _mcensemble_header(file: str | os.PathLike) -> dict[str, Any] | None:
     """The `mcensemble` JSON of a safetensors header, or None (not safetensors, no such key)."""
-    import json
+    from ._io import read_header
     try:
-        from safetensors import safe_open
-        with safe_open(str(file), framework="pt") as f:
-            raw = (f.metadata() or {}).get("mcensemble")
-        return json.loads(raw) if raw else None
-    except Exception:  # not safetensors / unreadable: the checkpoint reader gives the real error
+        doc = read_header(file).document("mcensemble")
+    except MCEnsembleError:  # not safetensors / unreadable: the checkpoint reader gives the real error
         return None
+    return doc if isinstance(doc, dict) else None
 
 
 def _describe_own_file(file: str | os.PathLike, doc: dict[str, Any]) -> dict[str, Any]:

@@ -29,7 +29,7 @@ from typing import Any, Callable, ClassVar, Mapping, TypeVar
 
 import torch
 
-from .._io import HASHES_KEY, atomic_path, independent_tensors, meta_field, tensor_hashes
+from .._io import HASHES_KEY, atomic_path, independent_tensors, meta_field, read_header, tensor_hashes
 from ..checkpoints import check_same_architecture
 from ..errors import ArchitectureMismatchError, BadOptionError, CheckpointError
 
@@ -236,42 +236,49 @@ def _split_groups(tensors: dict[str, torch.Tensor], groups: list[str], file: str
     return out
 
 
+def _path_document(file: str) -> dict[str, Any]:
+    """The JSON document of a path file (its header only, `read_header`): format and
+    version checked; `CheckpointError` naming the file otherwise."""
+    if not os.path.lexists(file):
+        raise CheckpointError(f"path file {file} does not exist")
+    try:
+        header = read_header(file)
+    except CheckpointError as e:
+        raise CheckpointError(f"{file} is not a readable safetensors path file ({e}); it is corrupt, "
+                              "truncated, or in another format") from e
+    if header.format != "safetensors":
+        raise CheckpointError(f"{file} is not a readable safetensors path file (it is {header.format}); "
+                              "path files are written by `mcensemble build --path-out` or Path.save()")
+    meta = header.document(METADATA_KEY)
+    if meta is None:
+        raise CheckpointError(
+            f"{file} is not an mcensemble path file: it is a safetensors file without "
+            f"'{METADATA_KEY}' metadata (a plain checkpoint?). Path files are written by "
+            "`mcensemble build --path-out` or Path.save()")
+    if not isinstance(meta, dict) or meta.get("format") != PATH_FORMAT:
+        fmt = meta.get("format") if isinstance(meta, dict) else None
+        what = "an mcensemble ensemble file (load it with mcensemble.load)" \
+            if fmt == "mcensemble-ensemble" else f"a {fmt!r} file" if isinstance(fmt, str) and fmt \
+            else "an mcensemble file of unknown format"
+        raise CheckpointError(f"{file} is not an mcensemble path file (format {PATH_FORMAT!r}); "
+                              f"it is {what}")
+    version = meta_field(meta, "format_version", "int", where=file)
+    if version > PATH_FORMAT_VERSION:
+        raise CheckpointError(
+            f"{file} is a path file of format version {version}, newer than this mcensemble "
+            f"supports ({PATH_FORMAT_VERSION}); upgrade mcensemble (pip install -U mcensemble)")
+    return meta
+
+
 def _read_path_file(file: str) -> tuple[dict[str, Any], dict[str, torch.Tensor]]:
     """(JSON document, tensors) of a path file; the document's format and version checked."""
-    from safetensors import safe_open
+    from safetensors.torch import load_file
+    meta = _path_document(file)
     try:
-        with safe_open(file, framework="pt", device="cpu") as f:
-            raw = (f.metadata() or {}).get(METADATA_KEY)
-            if raw is None:
-                raise CheckpointError(
-                    f"{file} is not an mcensemble path file: it is a safetensors file without "
-                    f"'{METADATA_KEY}' metadata (a plain checkpoint?). Path files are written by "
-                    "`mcensemble build --path-out` or Path.save()")
-            try:
-                meta = json.loads(raw)
-            except ValueError as e:
-                raise CheckpointError(f"{file}: its '{METADATA_KEY}' metadata is not valid JSON; "
-                                      "the file is damaged") from e
-            if not isinstance(meta, dict) or meta.get("format") != PATH_FORMAT:
-                fmt = meta.get("format") if isinstance(meta, dict) else None
-                what = "an mcensemble ensemble file (load it with mcensemble.load)" \
-                    if fmt == "mcensemble-ensemble" else f"a {fmt!r} file" if isinstance(fmt, str) and fmt \
-                    else "an mcensemble file of unknown format"
-                raise CheckpointError(f"{file} is not an mcensemble path file (format {PATH_FORMAT!r}); "
-                                      f"it is {what}")
-            version = meta_field(meta, "format_version", "int", where=file)
-            if version > PATH_FORMAT_VERSION:
-                raise CheckpointError(
-                    f"{file} is a path file of format version {version}, newer than this mcensemble "
-                    f"supports ({PATH_FORMAT_VERSION}); upgrade mcensemble (pip install -U mcensemble)")
-            tensors = {k: f.get_tensor(k) for k in f.keys()}
-    except CheckpointError:
-        raise
-    except FileNotFoundError as e:
-        raise CheckpointError(f"path file {file} does not exist") from e
+        tensors = load_file(file, device="cpu")
     except OSError as e:
         raise CheckpointError(f"cannot read path file {file}: {e}") from e
-    except Exception as e:  # safetensors raises its own error type on a bad header
+    except Exception as e:  # safetensors raises its own error type on a bad file
         raise CheckpointError(f"{file} is not a readable safetensors path file ({e}); it is corrupt, "
                               "truncated, or in another format") from e
     return meta, tensors
@@ -308,7 +315,7 @@ def verify_path_file(file: str | os.PathLike) -> int | None:
     before mcensemble recorded them); `CheckpointError` naming the first tensor that differs."""
     from .._io import verify_tensor_hashes
     file = os.fspath(file)
-    meta, _ = _read_path_file(file)
+    meta = _path_document(file)
     return verify_tensor_hashes(file, meta_field(meta, "tensor_sha256", "dict", where=file,
                                                  default=None, nullable=True))
 

@@ -18,12 +18,11 @@ from dataclasses import asdict
 from typing import TYPE_CHECKING, Any, Iterator, Mapping
 
 import torch
-from safetensors import safe_open
-from safetensors.torch import save_file
+from safetensors.torch import load_file, save_file
 from tqdm.auto import tqdm
 
 from .. import distributed as dist_
-from .._io import atomic_path, is_int as _is_int, meta_field
+from .._io import atomic_path, is_int as _is_int, meta_field, read_header
 from ..data import epoch_batches
 from ..errors import BadOptionError, CheckpointError, MCEnsembleError
 from .base import state_dict_sha256
@@ -295,13 +294,16 @@ def open_training_checkpoint(file: str | os.PathLike, *, fmt: str, what: str, ki
     ..., for messages). `CheckpointError` naming the file when it cannot be read or is another
     file; the caller checks its own fields with `meta_field(meta, ..., where=where)`."""
     try:
-        with safe_open(str(file), framework="pt", device="cpu") as f:
-            meta = json.loads((f.metadata() or {}).get("mcensemble", "null") or "null")
-            tensors = {k: f.get_tensor(k) for k in f.keys()}
-    except Exception as e:  # noqa: BLE001  (OSError, JSON errors, safetensors' SafetensorError)
+        header = read_header(file)
+        meta = header.document("mcensemble") if header.format == "safetensors" else None
+    except CheckpointError as e:
         raise CheckpointError(f"cannot read the {what} {file}: {e}") from e
     if not isinstance(meta, dict) or meta.get("format") != fmt:
         raise CheckpointError(f"{file} is not {kind} (no {fmt} metadata); choose another --checkpoint-dir")
+    try:
+        tensors = load_file(str(file), device="cpu")
+    except Exception as e:  # noqa: BLE001  (OSError, safetensors' SafetensorError)
+        raise CheckpointError(f"cannot read the {what} {file}: {e}") from e
     where = f"the {what} {file}"
     if meta_field(meta, "format_version", "int", where=where) > 1:
         raise CheckpointError(f"{file} is a newer {what} (format_version {meta['format_version']}); "

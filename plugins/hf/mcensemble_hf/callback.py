@@ -18,6 +18,7 @@ except ImportError as e:  # pragma: no cover - depends on the environment
     raise ImportError("mcensemble_hf needs Hugging Face transformers, which is not installed: "
                       "pip install transformers accelerate") from e
 
+from mcensemble._io import atomic_path, read_header
 from mcensemble.errors import BadOptionError
 from mcensemble.hooks import SnapshotCollector, example_batch, fge_collector, network_in, save_snapshots
 from mcensemble.hooks import channel_dropout as _channel_dropout
@@ -305,13 +306,8 @@ class MCEnsembleTrainerCallback(TrainerCallback):
         doc = {"version": _FORMAT_VERSION, "mode": self.mode, "global_step": int(global_step),
                "count": len(snaps), "keys": keys, **state}
         file = Path(file)
-        tmp = file.with_name(f".{file.name}.tmp{os.getpid()}")
-        try:
+        with atomic_path(file) as tmp:
             save_file(tensors, str(tmp), metadata={_META_KEY: json.dumps(doc), "format": "pt"})
-            os.replace(tmp, file)
-        finally:
-            if tmp.exists():
-                tmp.unlink()
         return file
 
     def _resume_file(self, args, state) -> Path | None:
@@ -340,9 +336,9 @@ class MCEnsembleTrainerCallback(TrainerCallback):
             col.load_state_dict({"step_count": state.global_step})
             return
         try:
+            doc = read_header(path).document(_META_KEY)
+            keys, n = doc["keys"], int(doc["count"])
             with safe_open(str(path), framework="pt", device="cpu") as f:
-                doc = json.loads((f.metadata() or {})[_META_KEY])
-                keys, n = doc["keys"], int(doc["count"])
                 snaps = [{k: f.get_tensor(f"snapshot.{i}.{k}") for k in keys} for i in range(n)]
         except BadOptionError:
             raise
