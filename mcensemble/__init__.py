@@ -27,7 +27,7 @@ _EXPORTS = {
 _SUBMODULES = frozenset({
     "align", "baselines", "bn", "checkpoints", "connect", "data", "distributed", "ensemble", "errors",
     "hooks", "members", "models", "pack", "paths", "pipeline", "plane", "plot", "precision", "runs",
-    "stability", "train", "units", "zoo",
+    "snapshots", "stability", "train", "units", "zoo",
 })
 
 __all__ = ["__version__", *_EXPORTS]

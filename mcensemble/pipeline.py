@@ -43,7 +43,7 @@ def unit_graph_of(net: torch.nn.Module, opts: ModelOptions):
     if opts.unit_graph is None:
         return None
     from .units import build_unit_graph
-    return build_unit_graph(net, groups=os.fspath(opts.unit_graph))
+    return build_unit_graph(net, graph=os.fspath(opts.unit_graph))
 
 
 @dataclass

@@ -78,7 +78,7 @@ def graph_for(model: nn.Module, loader: Iterable[Any] | None = None, graph=None)
     """The unit graph of `model`: `graph` when given (validated), else traced on the first
     two inputs of `loader` (or a probed example input)."""
     if graph is not None:
-        return build_unit_graph(model, groups=graph)
+        return build_unit_graph(model, graph=graph)
     x = None
     if loader is not None:
         for batch in loader:

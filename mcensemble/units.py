@@ -13,7 +13,7 @@ The graph is derived by tracing the model with `torch.fx` (honouring timm's not-
 lists) and propagating shapes of an example input (`ShapeProp`). Every traced op is placed
 by a dispatch table (module type / function / method -> handler); an op that touches a
 hidden tensor and has no handler raises `UnitGraphError`, and the user can then pass the
-groups by hand (`UnitGraph.to_dict()` / `from_dict()` JSON, `groups=`).
+groups by hand (`UnitGraph.to_dict()` / `from_dict()` JSON, `graph=`).
 """
 from __future__ import annotations
 
@@ -31,6 +31,7 @@ import torch.nn as nn
 import torch.nn.functional as F
 from torch.fx.passes.shape_prop import ShapeProp, TensorMetadata
 
+from ._compat import UNSET, renamed_keyword
 from ._modes import modes_kept
 from .errors import BadOptionError, MCEnsembleError
 
@@ -253,25 +254,27 @@ def permute_state_dict(state_dict: Mapping[str, torch.Tensor], graph: UnitGraph,
 
 
 # ----------------------------------------------------------------------------- building
-def build_unit_graph(model: nn.Module, example_input=None, *, groups=None) -> UnitGraph:
+def build_unit_graph(model: nn.Module, example_input=None, *, graph=None, groups=UNSET) -> UnitGraph:
     """The unit graph of `model`.
 
-    `groups` given (a `UnitGraph`, its `to_dict()` form, a list of `UnitGroup`, or a path
+    `graph` given (a `UnitGraph`, its `to_dict()` form, a list of `UnitGroup`, or a path
     to a JSON file): validated against `model.state_dict()` and returned; nothing is
     traced. Otherwise the model is traced with torch.fx and `example_input` (a tensor or a
     tuple of tensors, e.g. one batch of shape [1, C, H, W]) is run through it in eval mode
     under `no_grad` to learn shapes; every module's `training` flag is restored afterwards.
+    `groups=`: the old name of `graph=` (deprecated; it warns).
     """
+    graph = renamed_keyword(graph, groups, new="graph", old="groups", where="build_unit_graph")
     if not isinstance(model, nn.Module):
         raise BadOptionError(f"model must be an nn.Module, got {type(model).__name__}",
                              option="model")
-    if groups is not None:
-        graph = _as_graph(groups)
+    if graph is not None:
+        graph = _as_graph(graph)
         graph.validate(model.state_dict())
         return graph
     if example_input is None:
         raise BadOptionError("build_unit_graph needs example_input (one input batch) to "
-                             "trace the model, or groups= by hand", option="example_input")
+                             "trace the model, or graph= by hand", option="example_input")
     inputs = example_input if isinstance(example_input, (tuple, list)) else (example_input,)
     gm = _trace(model, tuple(inputs))
     return _Builder(gm, model.state_dict()).run()
@@ -286,9 +289,9 @@ def _as_graph(groups) -> UnitGraph:
         return UnitGraph.from_dict(groups)
     if isinstance(groups, (list, tuple)) and all(isinstance(g, UnitGroup) for g in groups):
         return UnitGraph(list(groups))
-    raise BadOptionError("groups must be a UnitGraph, its to_dict() form, a list of "
+    raise BadOptionError("graph must be a UnitGraph, its to_dict() form, a list of "
                          f"UnitGroup or a JSON file, got {type(groups).__name__}",
-                         option="groups")
+                         option="graph")
 
 
 class _Tracer(fx.Tracer):
@@ -314,7 +317,7 @@ def _trace(model: nn.Module, inputs: tuple) -> fx.GraphModule:
         except Exception as e:
             raise UnitGraphError(
                 f"cannot trace {type(model).__name__} with torch.fx ({type(e).__name__}: {e}); "
-                f"pass the unit groups by hand (groups=, see UnitGraph.from_dict)") from e
+                f"pass the unit groups by hand (graph=, see UnitGraph.from_dict)") from e
         try:
             with torch.no_grad():
                 ShapeProp(gm).propagate(*inputs)
@@ -417,7 +420,7 @@ class _Builder:
         op = _op_name(self.gm, n) if n is not None else "?"
         where = f" (node {n.name!r}, module {_module_of(n)!r})" if n is not None else ""
         return UnitGraphError(f"cannot place op {op}{where} on the unit graph: {what}; "
-                              f"pass the unit groups by hand (groups=, see UnitGraph.from_dict)")
+                              f"pass the unit groups by hand (graph=, see UnitGraph.from_dict)")
 
     def shape(self, arg) -> tuple | None:
         meta = arg.meta.get("tensor_meta") if isinstance(arg, fx.Node) else None

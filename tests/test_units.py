@@ -173,9 +173,11 @@ def test_dict_round_trip_and_groups_by_hand(tmp_path):
     data = json.loads(json.dumps(graph.to_dict()))
     assert UnitGraph.from_dict(data) == graph
     graph.save(tmp_path / "units.json")
-    assert build_unit_graph(model, groups=tmp_path / "units.json") == graph
-    assert build_unit_graph(model, groups=data) == graph
+    assert build_unit_graph(model, graph=tmp_path / "units.json") == graph
+    assert build_unit_graph(model, graph=data) == graph
     assert "depth" in graph.describe() and "axis 1, block 16" in graph.describe(verbose=True)
+    with pytest.warns(DeprecationWarning, match=r"build_unit_graph\(groups=...\) is deprecated.*graph="):
+        assert build_unit_graph(model, groups=data) == graph     # the old keyword still works
 
 
 @pytest.mark.parametrize("bad, match", [
@@ -189,7 +191,7 @@ def test_dict_round_trip_and_groups_by_hand(tmp_path):
 ])
 def test_bad_hand_written_groups(bad, match):
     with pytest.raises(UnitGraphError, match=match):
-        build_unit_graph(mlp(), groups=bad)
+        build_unit_graph(mlp(), graph=bad)
 
 
 class Untraceable(nn.Module):
@@ -223,9 +225,9 @@ class Nested(nn.Module):
 
 
 @pytest.mark.parametrize("model, match", [
-    (Untraceable(), r"cannot trace Untraceable.*groups="),
+    (Untraceable(), r"cannot trace Untraceable.*graph="),
     (Nested(), r"cannot place op cumsum \(node 'cumsum', module 'inner'\)"),
-    (Unplaceable(), r"cannot place op cumsum \(node 'cumsum', module '<root>'\).*groups="),
+    (Unplaceable(), r"cannot place op cumsum \(node 'cumsum', module '<root>'\).*graph="),
 ])
 def test_errors_name_the_op_and_point_to_groups(model, match):
     with pytest.raises(UnitGraphError, match=match) as info:

@@ -17,7 +17,7 @@ import torch.nn as nn
 import mcensemble
 from mcensemble.ensemble import read_ensemble_metadata
 from mcensemble.errors import BadOptionError
-from mcensemble.hooks import SnapshotCollector, fge_lr
+from mcensemble.snapshots import SnapshotCollector, fge_lr
 
 README = Path(__file__).resolve().parents[1] / "README.md"
 
@@ -199,7 +199,7 @@ def test_schedule_without_optimizer_and_save_without_snapshots(tmp_path):
 def test_fge_train_from_a_trained_model(tmp_path):
     from mcensemble.data import create_loader
     from mcensemble.evaluate import evaluate
-    from mcensemble.hooks import fge_train
+    from mcensemble.snapshots import fge_train
     from mcensemble.models import ModelSpec, create_model
     from mcensemble.train import TrainConfig, train_model
     spec = ModelSpec(arch="mce_digits_mlp", kwargs={"width": 32})
@@ -218,3 +218,87 @@ def test_fge_train_from_a_trained_model(tmp_path):
     with pytest.raises(BadOptionError, match="at least 2 steps per cycle") as info:
         fge_train(net, [(torch.zeros(1, 1, 8, 8), torch.zeros(1, dtype=torch.long))], cycles=1, epochs=1)
     assert info.value.option == "--epochs"
+
+
+# ----------------------------------------------------------------------------- module home, precision
+def test_hooks_still_exports_the_snapshot_names():
+    import mcensemble.hooks as hooks
+    import mcensemble.snapshots as snapshots
+    for name in snapshots.__all__:
+        assert getattr(hooks, name) is getattr(snapshots, name), name
+    assert mcensemble.hooks.SnapshotCollector is SnapshotCollector
+
+
+def _record_linear_dtypes(net):
+    seen = []
+    handles = [m.register_forward_hook(lambda m, i, o: seen.append(o.dtype))
+               for m in net.modules() if isinstance(m, nn.Linear)]
+    return seen, handles
+
+
+@pytest.mark.parametrize("precision", ["bf16", "fp16"])
+def test_bn_reestimation_before_saving_runs_at_the_precision(tmp_path, precision):
+    net, opt = model_and_opt()
+    col = SnapshotCollector(net, opt, cycle_steps=2, lr_max=0.1, lr_min=0.01)
+    train_steps(net, opt, col, 4)
+    g = torch.Generator().manual_seed(1)
+    data = [(torch.randn(64, 4, generator=g), torch.zeros(64, dtype=torch.long)) for _ in range(2)]
+    ref = col.member_states(bn_loader=data)
+    seen, handles = _record_linear_dtypes(net)
+    low = col.member_states(bn_loader=data, precision=precision)
+    for h in handles:
+        h.remove()
+    want = {"bf16": torch.bfloat16, "fp16": torch.float16}[precision]
+    assert seen and set(seen) == {want}                         # the forward passes ran in low precision
+    for r, s in zip(ref, low):                                  # statistics kept float32, close to fp32's
+        assert s["1.running_mean"].dtype == torch.float32
+        assert torch.allclose(s["1.running_mean"], r["1.running_mean"], rtol=0.05, atol=0.02)
+        assert torch.allclose(s["1.running_var"], r["1.running_var"], rtol=0.05, atol=0.02)
+    assert all(torch.equal(s["0.weight"], r["0.weight"]) for r, s in zip(ref, low))
+    f = col.save(tmp_path / "e.safetensors", bn_loader=data, precision=precision)
+    assert len(mcensemble.load(f, model=model_and_opt()[0])) == len(col)
+
+
+def test_bad_precision_names_the_option():
+    net, opt = model_and_opt()
+    col = SnapshotCollector(net)
+    col.snapshot()
+    with pytest.raises(BadOptionError, match="precision") as info:
+        col.member_states(bn_loader=[(torch.randn(4, 4), torch.zeros(4))], precision="fp8")
+    assert "precision" in info.value.option
+
+
+def test_fge_train_bf16_trains_in_bf16_and_stays_close_to_fp32():
+    from mcensemble.snapshots import fge_train
+    g = torch.Generator().manual_seed(0)
+    x = torch.randn(256, 4, generator=g)
+    y = (x[:, 0] > 0).long() + (x[:, 1] > 0).long()
+    loader = [(x[i:i + 32], y[i:i + 32]) for i in range(0, 256, 32)]
+    cols = {}
+    for precision in ("fp32", "bf16"):
+        net, _ = model_and_opt()
+        seen, handles = _record_linear_dtypes(net)
+        cols[precision] = fge_train(net, loader, cycles=2, epochs=2, lr_max=0.05, precision=precision)
+        for h in handles:
+            h.remove()
+        assert set(seen) == {torch.float32 if precision == "fp32" else torch.bfloat16}
+        assert all(v.dtype == torch.float32 for v in net.state_dict().values() if v.is_floating_point())
+    a, b = cols["fp32"], cols["bf16"]
+    assert len(a) == len(b) == 2 and a.skipped_steps == b.skipped_steps == 0
+    for sa, sb in zip(a.snapshots, b.snapshots):
+        w_a, w_b = sa["3.weight"], sb["3.weight"]
+        assert (w_a - w_b).norm() <= 0.05 * w_a.norm()      # bf16 rounding, not another run
+
+
+def test_fp16_steps_whose_gradients_overflow_are_skipped_and_counted():
+    from mcensemble.precision import resolve_precision
+    from mcensemble.snapshots import _train_step
+    net, opt = model_and_opt()
+    prec = resolve_precision("fp16")
+    scaler = prec.grad_scaler()
+    before = {k: v.clone() for k, v in net.state_dict().items() if "running" not in k}
+    bad = torch.full((8, 4), float("inf"))
+    assert _train_step(net, opt, bad, torch.zeros(8, dtype=torch.long), prec, scaler) is False
+    assert all(torch.equal(before[k], net.state_dict()[k]) for k in before if "num_batches" not in k)
+    good = torch.randn(8, 4)
+    assert _train_step(net, opt, good, torch.zeros(8, dtype=torch.long), prec, scaler) is True
