@@ -1,6 +1,7 @@
 """`MCEnsembleCallback`: mcensemble's training-loop hooks as one Lightning callback."""
 from __future__ import annotations
 
+import ast
 import logging
 import math
 import os
@@ -10,9 +11,12 @@ from typing import Any, Iterable, Mapping
 import torch
 import torch.nn as nn
 
+from mcensemble._compat import UNSET, renamed_keyword
 from mcensemble.errors import BadOptionError
-from mcensemble.hooks import SnapshotCollector, example_batch, fge_collector, network_in, save_snapshots
 from mcensemble.hooks import channel_dropout as _channel_dropout
+from mcensemble.hooks import example_batch
+from mcensemble.precision import resolve_precision
+from mcensemble.snapshots import SnapshotCollector, fge_collector, network_in, save_snapshots
 
 try:  # the unified package first; the standalone one if that is what is installed
     import lightning.pytorch as pl
@@ -37,7 +41,7 @@ class MCEnsembleCallback(pl.Callback):
         out: the ensemble file written at the end of training (`mcensemble.load` reads it);
             default `<trainer.default_root_dir>/mcensemble.safetensors`.
         snapshots: "fge" (fast geometric ensembling: cyclical lr, a snapshot at each cycle's
-            low point; see `mcensemble.hooks.SnapshotCollector`), "epoch" (a snapshot at the
+            low point; see `mcensemble.snapshots.SnapshotCollector`), "epoch" (a snapshot at the
             end of every epoch from `start_epoch` on) or None (no snapshots, no file).
         cycle_epochs / cycle_steps: FGE cycle length, in epochs or optimizer steps.
         lr_max / lr_min: FGE learning rates at the top and the low point of a cycle (set on
@@ -46,7 +50,9 @@ class MCEnsembleCallback(pl.Callback):
         max_snapshots: keep only the most recent ones.
         channel_dropout: drop whole hidden units with this probability while training
             (`mcensemble.hooks.channel_dropout`, traced on one training batch or
-            `example_input`; `groups=` a unit graph to restrict it); removed when training ends.
+            `example_input`; `graph=` a unit graph to restrict it); removed when training ends.
+        graph: a unit graph (anything `mcensemble.units.build_unit_graph(graph=...)` takes)
+            instead of tracing. `groups=` is its old name (deprecated; it warns).
         module: attribute name of the network inside the LightningModule (e.g. "model");
             None: the LightningModule itself. Snapshots are that network's state dicts.
         model_spec: a `mcensemble.ModelSpec` (or its dict) stored in the file so that it
@@ -54,19 +60,28 @@ class MCEnsembleCallback(pl.Callback):
         bn_loader: "train" (the trainer's training loader), any iterable of batches, or
             None: where BatchNorm statistics of each member are re-estimated before saving
             (`bn_max_batches` caps the batches).
+        precision: "fp32" (default), "bf16" or "fp16": the forward passes of that BatchNorm
+            re-estimation run under autocast in this dtype (`mcensemble.precision`; the
+            statistics are accumulated in float32). Training itself runs at the Trainer's
+            own `precision=`.
 
     The collector's state (step count, snapshots) is saved in Lightning checkpoints
     (`state_dict` / `load_state_dict`), so `trainer.fit(..., ckpt_path=...)` resumes
-    collecting where it stopped. Only global rank 0 writes the file.
+    collecting where it stopped. Lightning files a callback's state under a key made of its
+    `out` and `snapshots`; a resumed run whose callback has another `out` still picks up the
+    snapshots (with a warning saying where they now go), and one with another `snapshots`
+    mode is refused (`BadOptionError`), never silently started afresh. Only global rank 0
+    writes the file.
     """
 
     def __init__(self, out: str | os.PathLike | None = None, *, snapshots: str | None = "epoch",
                  cycle_epochs: int | None = None, cycle_steps: int | None = None,
                  lr_max: float | None = None, lr_min: float | None = None, start_epoch: int = 0,
-                 max_snapshots: int | None = None, channel_dropout: float = 0.0, groups: Any = None,
+                 max_snapshots: int | None = None, channel_dropout: float = 0.0, graph: Any = None,
                  example_input: torch.Tensor | None = None, module: str | None = None,
                  model_spec: Any = None, bn_loader: str | Iterable | None = "train",
-                 bn_max_batches: int | None = None):
+                 bn_max_batches: int | None = None, precision: str | None = None, groups: Any = UNSET):
+        graph = renamed_keyword(graph, groups, new="graph", old="groups", where="MCEnsembleCallback")
         if snapshots not in _MODES:
             raise BadOptionError(f"snapshots must be 'fge', 'epoch' or None, got {snapshots!r}",
                                  option="snapshots")
@@ -90,10 +105,15 @@ class MCEnsembleCallback(pl.Callback):
         if isinstance(bn_loader, str) and bn_loader != "train":
             raise BadOptionError(f"bn_loader must be 'train', an iterable or None, got {bn_loader!r}",
                                  option="bn_loader")
+        try:
+            self.precision = None if precision is None else resolve_precision(precision).name
+        except BadOptionError as e:
+            raise BadOptionError(f"precision must be 'fp32', 'bf16' or 'fp16', got {precision!r}",
+                                 option="precision") from e
         self.out = None if out is None else Path(out)
         self.mode, self.cycle_epochs, self.cycle_steps = snapshots, cycle_epochs, cycle_steps
         self.lr_max, self.lr_min, self.start_epoch = lr_max, lr_min, start_epoch
-        self.max_snapshots, self.p, self.groups = max_snapshots, float(channel_dropout), groups
+        self.max_snapshots, self.p, self.graph = max_snapshots, float(channel_dropout), graph
         self.example_input, self.module, self.model_spec = example_input, module, model_spec
         self.bn_loader, self.bn_max_batches = bn_loader, bn_max_batches
         self.collector: SnapshotCollector | None = None
@@ -138,9 +158,9 @@ class MCEnsembleCallback(pl.Callback):
         net = self.network(pl_module)
         if self.p > 0 and self._dropout is None:
             x = self.example_input
-            if x is None and self.groups is None:
+            if x is None and self.graph is None:
                 x = example_batch(trainer.train_dataloader, pl_module.device)
-            self._dropout = _channel_dropout(net, self.p, groups=self.groups, example_input=x)
+            self._dropout = _channel_dropout(net, self.p, graph=self.graph, example_input=x)
         if self.mode is not None:
             self.collector = self._make_collector(trainer, net)
             if self._pending is not None:
@@ -171,7 +191,7 @@ class MCEnsembleCallback(pl.Callback):
         bn = trainer.train_dataloader if isinstance(self.bn_loader, str) else self.bn_loader
         self.ensemble_path = save_snapshots(
             col, out, who="MCEnsembleCallback", model_spec=self.model_spec, bn_loader=bn,
-            bn_max_batches=self.bn_max_batches,
+            bn_max_batches=self.bn_max_batches, precision=self.precision,
             extra={"lightning": {"epochs": trainer.current_epoch, "global_step": trainer.global_step,
                                  "channel_dropout": self.p}})
 
@@ -188,9 +208,41 @@ class MCEnsembleCallback(pl.Callback):
 
     # -- checkpointing ----------------------------------------------------------------------
     def state_dict(self) -> dict[str, Any]:
+        where = {"out": str(self.out), "snapshots": self.mode}
         if self.collector is not None:
-            return {"collector": self.collector.state_dict()}
-        return {"collector": self._pending} if self._pending is not None else {}
+            return {"collector": self.collector.state_dict(), **where}
+        return {"collector": self._pending, **where} if self._pending is not None else {}
+
+    def on_load_checkpoint(self, trainer, pl_module, checkpoint: Mapping[str, Any]) -> None:
+        """Find this callback's state when Lightning will not: it files a callback's state
+        under a key made of `out` and `snapshots`, so after either changed between runs the
+        collected snapshots would be dropped without a word. Another `out`: the state is
+        taken (a warning names both files); another `snapshots` mode, or several candidate
+        states: `BadOptionError`."""
+        states = checkpoint.get("callbacks") or {}
+        if self.mode is None or self.state_key in states:
+            return
+        taken = {cb.state_key for cb in trainer.callbacks}
+        prefix = f"{type(self).__qualname__}{{"
+        others = {k: v for k, v in states.items() if isinstance(k, str) and k.startswith(prefix)
+                  and k not in taken and isinstance(v, Mapping) and v.get("collector") is not None}
+        if not others:
+            return
+        if len(others) > 1:
+            raise BadOptionError(f"the checkpoint holds the snapshots of {len(others)} MCEnsembleCallbacks "
+                                 f"({', '.join(sorted(others))}) and none has this one's out={str(self.out)!r}, "
+                                 f"snapshots={self.mode!r}: give the callback the out= it had", option="out")
+        key, state = next(iter(others.items()))
+        saved = {**_key_fields(key, len(prefix) - 1), **{k: state[k] for k in ("out", "snapshots") if k in state}}
+        if saved.get("snapshots") != self.mode:
+            raise BadOptionError(
+                f"the checkpoint holds snapshots={saved.get('snapshots')!r} snapshots (MCEnsembleCallback("
+                f"out={saved.get('out')!r})), this callback has snapshots={self.mode!r}: resume with the "
+                "snapshots= the run had, or start a new run (no ckpt_path) to collect afresh", option="snapshots")
+        logger.warning("MCEnsembleCallback: resuming the %d snapshot(s) collected with out=%s; the ensemble is "
+                       "now written to out=%s", len(state["collector"].get("snapshots") or []),
+                       saved.get("out"), self.out)
+        self.load_state_dict(state)
 
     def load_state_dict(self, state_dict: Mapping[str, Any]) -> None:
         state = state_dict.get("collector")
@@ -200,3 +252,13 @@ class MCEnsembleCallback(pl.Callback):
             self.collector.load_state_dict(state)
         else:
             self._pending = dict(state)
+
+
+def _key_fields(key: str, start: int) -> dict[str, Any]:
+    """The keyword arguments a Lightning state key (`Name{'out': ..., 'snapshots': ...}`) was
+    made of, or {} when it cannot be read (a literal only: nothing is evaluated)."""
+    try:
+        fields = ast.literal_eval(key[start:])
+    except (ValueError, SyntaxError):
+        return {}
+    return fields if isinstance(fields, dict) else {}

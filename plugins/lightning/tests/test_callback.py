@@ -87,7 +87,7 @@ def test_fge_cycles_set_the_lr_and_snapshot_at_low_points(tmp_path):
                    enable_progress_bar=False, logger=False, enable_model_summary=False,
                    enable_checkpointing=False, default_root_dir=tmp_path)
     t.fit(lit, loader())
-    from mcensemble.hooks import fge_lr
+    from mcensemble.snapshots import fge_lr
     assert lrs == pytest.approx([fge_lr(i, 4, 0.05, 0.005) for i in range(2 * BATCHES)])
     assert [i["step"] for i in cb.collector.info] == [1, 5, 9]
     assert [i["epoch"] for i in cb.collector.info] == [0, 1, 1]
@@ -129,6 +129,59 @@ def test_resume_from_a_lightning_checkpoint_goes_on_collecting(tmp_path):
     assert len(mcensemble.load(tmp_path / "ens.safetensors")) == 4
 
 
+def _resume_run(tmp_path, out, max_epochs, snapshots="epoch", ckpt_path=None):
+    from lightning.pytorch.callbacks import ModelCheckpoint
+    kw = dict(cycle_steps=4, lr_max=0.05, lr_min=0.005) if snapshots == "fge" else {}
+    cb = MCEnsembleCallback(out, snapshots=snapshots, module="model", model_spec=SPEC, bn_loader=None, **kw)
+    t = pl.Trainer(max_epochs=max_epochs, accelerator="cpu", devices=1, enable_progress_bar=False,
+                   logger=False, enable_model_summary=False, default_root_dir=tmp_path,
+                   callbacks=[cb, ModelCheckpoint(dirpath=tmp_path / "ck", save_last=True)])
+    t.fit(LitDigits(), loader(), ckpt_path=ckpt_path)
+    return cb
+
+
+def test_resume_with_another_out_keeps_the_collected_snapshots(tmp_path, caplog):
+    first = _resume_run(tmp_path, tmp_path / "a.safetensors", 1)
+    assert len(first.collector) == 1
+    with caplog.at_level("WARNING"):
+        second = _resume_run(tmp_path, tmp_path / "b.safetensors", 2, ckpt_path=tmp_path / "ck" / "last.ckpt")
+    assert [i["epoch"] for i in second.collector.info] == [0, 1]       # not dropped: epoch 0 is still there
+    assert all(torch.equal(v, second.collector.snapshots[0][k]) for k, v in first.collector.snapshots[0].items())
+    assert "a.safetensors" in caplog.text and "b.safetensors" in caplog.text
+    assert len(mcensemble.load(tmp_path / "b.safetensors")) == 2
+
+
+def test_resume_with_another_snapshots_mode_is_refused(tmp_path):
+    _resume_run(tmp_path, tmp_path / "a.safetensors", 1)
+    with pytest.raises(BadOptionError, match="snapshots='epoch' snapshots.*this callback has snapshots='fge'") as e:
+        _resume_run(tmp_path, tmp_path / "a.safetensors", 2, snapshots="fge",
+                    ckpt_path=tmp_path / "ck" / "last.ckpt")
+    assert e.value.option == "snapshots"
+
+
+def test_bn_reestimation_runs_at_the_callback_precision(tmp_path):
+    lit = LitDigits()
+    seen = []
+    lit.model.head.register_forward_hook(lambda m, i, o: seen.append(o.dtype))
+    cb = MCEnsembleCallback(tmp_path / "ens.safetensors", snapshots="epoch", module="model", model_spec=SPEC,
+                            precision="bf16", bn_max_batches=2)
+    trainer(tmp_path, cb, max_epochs=1, enable_checkpointing=False).fit(lit, loader())
+    assert seen[:BATCHES] == [torch.float32] * BATCHES      # training: the Trainer's own precision
+    assert seen[BATCHES:] == [torch.bfloat16] * 2           # BN re-estimation of the one snapshot: bf16
+    doc = read_ensemble_metadata(cb.ensemble_path)
+    assert doc["members"][0]["bn"] == "re-estimated"
+    assert all(v.dtype == torch.float32 for v in mcensemble.load(cb.ensemble_path).member_state_dict(0).values()
+               if v.is_floating_point())
+
+
+def test_groups_is_the_deprecated_name_of_graph():
+    from mcensemble.units import build_unit_graph
+    graph = build_unit_graph(create_model(SPEC), torch.zeros(1, 1, 8, 8))
+    with pytest.warns(DeprecationWarning, match="graph="):
+        cb = MCEnsembleCallback(groups=graph, channel_dropout=0.1)
+    assert cb.graph is graph
+
+
 def test_no_snapshot_no_file(tmp_path, caplog):
     cb = MCEnsembleCallback(tmp_path / "ens.safetensors", snapshots="epoch", start_epoch=5,
                             module="model", bn_loader=None)
@@ -144,6 +197,7 @@ def test_no_snapshot_no_file(tmp_path, caplog):
     (dict(channel_dropout=1.0), "channel_dropout"),
     (dict(start_epoch=-1), "start_epoch"),
     (dict(bn_loader="val"), "bn_loader"),
+    (dict(precision="fp8"), "precision"),
 ])
 def test_bad_arguments_name_the_option(kwargs, option):
     with pytest.raises(BadOptionError) as info:
