@@ -18,10 +18,13 @@ except ImportError as e:  # pragma: no cover - depends on the environment
     raise ImportError("mcensemble_hf needs Hugging Face transformers, which is not installed: "
                       "pip install transformers accelerate") from e
 
+from mcensemble._compat import UNSET, renamed_keyword
 from mcensemble._io import atomic_path, read_header
 from mcensemble.errors import BadOptionError
-from mcensemble.hooks import SnapshotCollector, example_batch, fge_collector, network_in, save_snapshots
 from mcensemble.hooks import channel_dropout as _channel_dropout
+from mcensemble.hooks import example_batch
+from mcensemble.precision import resolve_precision
+from mcensemble.snapshots import SnapshotCollector, fge_collector, network_in, save_snapshots
 
 __all__ = ["MCEnsembleTrainerCallback", "SNAPSHOTS_FILE"]
 
@@ -48,7 +51,7 @@ class MCEnsembleTrainerCallback(TrainerCallback):
             default `<args.output_dir>/mcensemble.safetensors`.
         snapshots: "epoch" (a snapshot at the end of every epoch from `start_epoch` on),
             "fge" (fast geometric ensembling: a cyclical lr and a snapshot at each cycle's low
-            point; see `mcensemble.hooks.SnapshotCollector`) or None (no snapshots, no file:
+            point; see `mcensemble.snapshots.SnapshotCollector`) or None (no snapshots, no file:
             channel dropout only).
         cycle_epochs / cycle_steps: FGE cycle length, in epochs or optimizer steps (exactly
             one with "fge").
@@ -62,9 +65,9 @@ class MCEnsembleTrainerCallback(TrainerCallback):
             (`mcensemble.hooks.channel_dropout`), attached at `on_train_begin` and removed
             at `on_train_end` (or `remove_dropout()`); the unit graph is traced with torch.fx
             on `example_input` or on two samples of the first training batch, or given as
-            `groups=`.
-        groups: a unit graph (anything `mcensemble.units.build_unit_graph(groups=...)` takes)
-            instead of tracing.
+            `graph=`.
+        graph: a unit graph (anything `mcensemble.units.build_unit_graph(graph=...)` takes)
+            instead of tracing. `groups=` is its old name (deprecated; it warns).
         example_input: the input tensor to trace the network with.
         module: dotted attribute name of the network inside the Trainer's model (e.g. "net"
             when the model is a wrapper that computes the loss); None: the model itself.
@@ -72,10 +75,16 @@ class MCEnsembleTrainerCallback(TrainerCallback):
             and each ensemble member is it (it must return logits).
         model_spec: a `mcensemble.ModelSpec` (or its dict) stored in the file so that it
             loads without `model=`.
-        bn_dataloader: "train" (the Trainer's training dataloader), any iterable of batches
+        bn_loader: "train" (the Trainer's training dataloader), any iterable of batches
             (tensors, (inputs, labels) tuples or dicts with a "pixel_values" / "input" /
             "image" entry), or None: where each member's BatchNorm statistics are
             re-estimated before the file is written (`bn_max_batches` caps the batches).
+            `bn_dataloader=` is its old name (deprecated; it warns): `bn_loader` is the name
+            the Lightning callback and the library use.
+        precision: "fp32" (default), "bf16" or "fp16": the forward passes of that BatchNorm
+            re-estimation run under autocast in this dtype (`mcensemble.precision`; the
+            statistics are accumulated in float32). Training itself runs at the Trainer's
+            own `bf16=` / `fp16=`.
         resume_from: where to read the collected snapshots back when the Trainer resumes
             (`trainer.train(resume_from_checkpoint=...)`): None (default) takes
             `<args.output_dir>/checkpoint-<global_step>`, where the Trainer writes its
@@ -99,10 +108,15 @@ class MCEnsembleTrainerCallback(TrainerCallback):
                  cycle_epochs: int | None = None, cycle_steps: int | None = None,
                  lr_max: float | None = None, lr_min: float | None = None, start_epoch: int = 0,
                  max_snapshots: int | None = None, channel_dropout: float = 0.0,
-                 groups: Any = None, example_input: torch.Tensor | None = None,
+                 graph: Any = None, example_input: torch.Tensor | None = None,
                  module: str | None = None, model_spec: Any = None,
-                 bn_dataloader: str | Iterable | None = "train", bn_max_batches: int | None = None,
-                 resume_from: str | os.PathLike | bool | None = None):
+                 bn_loader: str | Iterable | None = "train", bn_max_batches: int | None = None,
+                 resume_from: str | os.PathLike | bool | None = None, precision: str | None = None,
+                 groups: Any = UNSET, bn_dataloader: Any = UNSET):
+        where = "MCEnsembleTrainerCallback"
+        graph = renamed_keyword(graph, groups, new="graph", old="groups", where=where)
+        bn_loader = renamed_keyword(bn_loader, bn_dataloader, new="bn_loader", old="bn_dataloader", where=where,
+                                    default="train")
         if snapshots not in _MODES:
             raise BadOptionError(f"snapshots must be 'epoch', 'fge' or None, got {snapshots!r}",
                                  option="snapshots")
@@ -143,13 +157,18 @@ class MCEnsembleTrainerCallback(TrainerCallback):
         if module is not None and (not isinstance(module, str) or not module):
             raise BadOptionError(f"module must be an attribute name such as 'net', got {module!r}",
                                  option="module")
-        if isinstance(bn_dataloader, str) and bn_dataloader != "train":
-            raise BadOptionError(f"bn_dataloader must be 'train', an iterable of batches or None, "
-                                 f"got {bn_dataloader!r}", option="bn_dataloader")
-        if bn_dataloader is not None and not isinstance(bn_dataloader, str) \
-                and not hasattr(bn_dataloader, "__iter__"):
-            raise BadOptionError(f"bn_dataloader must be 'train', an iterable of batches or None, "
-                                 f"got a {type(bn_dataloader).__name__}", option="bn_dataloader")
+        if isinstance(bn_loader, str) and bn_loader != "train":
+            raise BadOptionError(f"bn_loader must be 'train', an iterable of batches or None, "
+                                 f"got {bn_loader!r}", option="bn_loader")
+        if bn_loader is not None and not isinstance(bn_loader, str) \
+                and not hasattr(bn_loader, "__iter__"):
+            raise BadOptionError(f"bn_loader must be 'train', an iterable of batches or None, "
+                                 f"got a {type(bn_loader).__name__}", option="bn_loader")
+        try:
+            self.precision = None if precision is None else resolve_precision(precision).name
+        except BadOptionError as e:
+            raise BadOptionError(f"precision must be 'fp32', 'bf16' or 'fp16', got {precision!r}",
+                                 option="precision") from e
         if bn_max_batches is not None and (not _is_int(bn_max_batches) or bn_max_batches < 1):
             raise BadOptionError(f"bn_max_batches must be an integer >= 1 or None, got "
                                  f"{bn_max_batches!r}", option="bn_max_batches")
@@ -162,9 +181,9 @@ class MCEnsembleTrainerCallback(TrainerCallback):
         self.lr_max = None if lr_max is None else float(lr_max)
         self.lr_min = None if lr_min is None else float(lr_min)
         self.start_epoch, self.max_snapshots = start_epoch, max_snapshots
-        self.p, self.groups, self.example_input = float(channel_dropout), groups, example_input
+        self.p, self.graph, self.example_input = float(channel_dropout), graph, example_input
         self.module, self.model_spec = module, model_spec
-        self.bn_dataloader, self.bn_max_batches = bn_dataloader, bn_max_batches
+        self.bn_loader, self.bn_max_batches = bn_loader, bn_max_batches
         self.resume_from = resume_from
         self.collector: SnapshotCollector | None = None
         self.ensemble_path: Path | None = None
@@ -221,10 +240,10 @@ class MCEnsembleTrainerCallback(TrainerCallback):
         self._remove_dropout()
         if self.p > 0:
             x = self.example_input
-            if x is None and self.groups is None:
+            if x is None and self.graph is None:
                 device = next((t.device for t in net.parameters()), torch.device("cpu"))
                 x = example_batch(train_dataloader, device)
-            self._dropout = _channel_dropout(net, self.p, groups=self.groups, example_input=x)
+            self._dropout = _channel_dropout(net, self.p, graph=self.graph, example_input=x)
 
     def on_step_begin(self, args, state, control, optimizer=None, **kwargs):
         # Set the step's lr again: whatever ran since on_step_end (an evaluation stepping a
@@ -272,10 +291,10 @@ class MCEnsembleTrainerCallback(TrainerCallback):
         if col is None or not state.is_world_process_zero:
             return
         out = self.out or Path(args.output_dir) / "mcensemble.safetensors"
-        bn = train_dataloader if isinstance(self.bn_dataloader, str) else self.bn_dataloader
+        bn = train_dataloader if isinstance(self.bn_loader, str) else self.bn_loader
         self.ensemble_path = save_snapshots(
             col, out, who="MCEnsembleTrainerCallback", model_spec=self.model_spec, bn_loader=bn,
-            bn_max_batches=self.bn_max_batches,
+            bn_max_batches=self.bn_max_batches, precision=self.precision,
             extra={"transformers": {"epoch": state.epoch, "global_step": state.global_step, "channel_dropout": self.p}})
 
     def remove_dropout(self) -> None:

@@ -17,7 +17,7 @@ import mcensemble  # noqa: E402
 from mcensemble.data import digits_tensors  # noqa: E402
 from mcensemble.ensemble import read_ensemble_metadata  # noqa: E402
 from mcensemble.errors import BadOptionError  # noqa: E402
-from mcensemble.hooks import fge_lr  # noqa: E402
+from mcensemble.snapshots import fge_lr  # noqa: E402
 from mcensemble.models import ModelSpec, create_model  # noqa: E402
 from mcensemble_hf import SNAPSHOTS_FILE, MCEnsembleTrainerCallback  # noqa: E402
 from transformers import Trainer, TrainerCallback, TrainingArguments  # noqa: E402
@@ -123,7 +123,7 @@ def test_epoch_snapshots_with_channel_dropout(tmp_path):
 
 def test_fge_sets_the_lr_over_the_trainers_scheduler(tmp_path):
     cb = MCEnsembleTrainerCallback(snapshots="fge", cycle_steps=4, lr_max=0.05, lr_min=0.005,
-                                   module="net", bn_dataloader=None)
+                                   module="net", bn_loader=None)
     spy = Spy()
     trainer = make_trainer(tmp_path, cb, save="no", spy=spy)   # default linear lr schedule
     trainer.train()
@@ -137,7 +137,7 @@ def test_fge_sets_the_lr_over_the_trainers_scheduler(tmp_path):
 
 def test_cycle_epochs_and_start_epoch_count_optimizer_steps(tmp_path):
     cb = MCEnsembleTrainerCallback(snapshots="fge", cycle_epochs=1, lr_max=0.05, lr_min=0.01,
-                                   start_epoch=1, module="net", bn_dataloader=None)
+                                   start_epoch=1, module="net", bn_loader=None)
     spy = Spy()
     make_trainer(tmp_path, cb, save="no", spy=spy, lr_scheduler_type="constant").train()
     col = cb.collector
@@ -178,7 +178,7 @@ def test_resume_from_a_checkpoint_goes_on_collecting(tmp_path, mode):
 
 def test_resume_from_a_moved_checkpoint_needs_resume_from(tmp_path):
     def cb(**kw):
-        return MCEnsembleTrainerCallback(snapshots="epoch", module="net", bn_dataloader=None, **kw)
+        return MCEnsembleTrainerCallback(snapshots="epoch", module="net", bn_loader=None, **kw)
 
     make_trainer(tmp_path / "a", cb(), epochs=1).train()
     moved = tmp_path / "elsewhere" / "ck"
@@ -203,9 +203,9 @@ def test_resume_from_a_moved_checkpoint_needs_resume_from(tmp_path):
 
 
 def test_resume_reads_the_output_dir_checkpoint(tmp_path):
-    cb = MCEnsembleTrainerCallback(snapshots="epoch", module="net", bn_dataloader=None)
+    cb = MCEnsembleTrainerCallback(snapshots="epoch", module="net", bn_loader=None)
     make_trainer(tmp_path, cb, epochs=1).train()
-    cb2 = MCEnsembleTrainerCallback(snapshots="epoch", module="net", bn_dataloader=None)
+    cb2 = MCEnsembleTrainerCallback(snapshots="epoch", module="net", bn_loader=None)
     make_trainer(tmp_path, cb2, epochs=2).train(resume_from_checkpoint=True)   # the latest
     assert cb2.resumed_from == tmp_path / f"checkpoint-{STEPS}" / SNAPSHOTS_FILE
     assert [i["epoch"] for i in cb2.collector.info] == [0, 1]
@@ -213,7 +213,7 @@ def test_resume_reads_the_output_dir_checkpoint(tmp_path):
 
 def test_no_snapshot_no_file(tmp_path, caplog):
     cb = MCEnsembleTrainerCallback(tmp_path / "ens.safetensors", snapshots="epoch", start_epoch=5,
-                                   module="net", bn_dataloader=None)
+                                   module="net", bn_loader=None)
     make_trainer(tmp_path, cb, epochs=1, save="no").train()
     assert cb.ensemble_path is None and not (tmp_path / "ens.safetensors").exists()
     assert "no snapshot was taken" in caplog.text
@@ -232,8 +232,10 @@ def test_no_snapshot_no_file(tmp_path, caplog):
     (dict(max_snapshots=0), "max_snapshots"),
     (dict(channel_dropout=1.0), "channel_dropout"),
     (dict(channel_dropout="x"), "channel_dropout"),
-    (dict(bn_dataloader="val"), "bn_dataloader"),
-    (dict(bn_dataloader=3), "bn_dataloader"),
+    (dict(bn_loader="val"), "bn_loader"),
+    (dict(bn_loader=3), "bn_loader"),
+    (dict(bn_loader=None, bn_dataloader=None), "bn_loader"),      # the new name and its old one
+    (dict(precision="fp8"), "precision"),
     (dict(example_input=[1, 2]), "example_input"),
     (dict(resume_from=True), "resume_from"),
     (dict(module=""), "module"),
@@ -242,6 +244,30 @@ def test_bad_arguments_name_the_option(kwargs, option):
     with pytest.raises(BadOptionError) as e:
         MCEnsembleTrainerCallback(**kwargs)
     assert e.value.option == option
+
+
+def test_bn_dataloader_and_groups_are_deprecated_names(tmp_path):
+    from mcensemble.units import build_unit_graph
+    data = [torch.zeros(2, 1, 8, 8)]
+    with pytest.warns(DeprecationWarning, match=r"bn_dataloader=.*deprecated.*bn_loader="):
+        cb = MCEnsembleTrainerCallback(bn_dataloader=data)
+    assert cb.bn_loader is data
+    graph = build_unit_graph(create_model(SPEC), torch.zeros(1, 1, 8, 8))
+    with pytest.warns(DeprecationWarning, match=r"groups=.*deprecated.*graph="):
+        cb = MCEnsembleTrainerCallback(groups=graph, channel_dropout=0.1)
+    assert cb.graph is graph
+
+
+def test_bn_reestimation_runs_at_the_callback_precision(tmp_path):
+    model = Classifier()
+    seen = []
+    model.net.head.register_forward_hook(lambda m, i, o: seen.append(o.dtype))
+    cb = MCEnsembleTrainerCallback(tmp_path / "ens.safetensors", snapshots="epoch", module="net",
+                                   precision="bf16", bn_max_batches=2)
+    make_trainer(tmp_path, cb, epochs=1, save="no", model=model).train()
+    assert seen[:STEPS] == [torch.float32] * STEPS         # training: the Trainer's own precision
+    assert seen[STEPS:] == [torch.bfloat16] * 2            # BN re-estimation of the one snapshot: bf16
+    assert read_ensemble_metadata(cb.ensemble_path)["members"][0]["bn"] == "re-estimated"
 
 
 def test_unknown_module_attribute(tmp_path):
