@@ -239,7 +239,7 @@ def _edge(job: _Job, i: int, j: int, index: int) -> dict[str, Any]:
     rel = f"paths/edge-{i}-{j}.safetensors"
     rec = {"i": i, "j": j, "kind": path.kind, "saddle": res.points[k]["loss"], "saddle_t": res.points[k]["t"],
            "path_barrier": res.barrier, "points": [{"t": p["t"], "loss": p["loss"], "acc": p["acc"]} for p in res.points],
-           "path_file": rel, "vertices": path.vertices, "build_seconds": built, "seconds": time.perf_counter() - t0}
+           "path_file": rel, "vertices": path.vertex_t, "build_seconds": built, "seconds": time.perf_counter() - t0}
     if dist_.is_main():
         (job.out / "paths").mkdir(parents=True, exist_ok=True)
         path.save(job.out / rel, model_spec=job.cks[i].model_spec,

@@ -20,7 +20,7 @@ import torch.nn.functional as F
 from .bn import labelled_batch
 from .errors import BadOptionError, DataSpecError
 from .evaluate import expected_calibration_error
-from .paths.dropout import mix_states, prepare
+from .paths.dropout import _prepare, mix_states
 
 __all__ = ["pack_pair", "pack_report"]
 
@@ -48,9 +48,9 @@ def pack_pair(model: nn.Module, a: Mapping[str, torch.Tensor], b: Mapping[str, t
     if method != "dropout":
         raise BadOptionError(f"pack --method must be dropout or short, got {method!r}", option="--method")
     search_steps = 48 if search_steps is None else search_steps
-    _, con, side_a, side_b = prepare(model, a, b, loader, graph=graph, stability_a=stability_a,
-                                     stability_b=stability_b, device=device, progress=progress,
-                                     search_steps=search_steps)
+    _, con, side_a, side_b = _prepare(model, a, b, loader, graph=graph, stability_a=stability_a,
+                                      stability_b=stability_b, device=device, progress=progress,
+                                      search_steps=search_steps)
     tr, pa = con.forward(side_a)
     pb = [side_b.slots(j, j % 2) for j in range(len(con.chain))]  # where B's chain ends
     con.cross(tr, side_a, side_b, pa, pb)

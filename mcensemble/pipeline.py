@@ -279,8 +279,8 @@ def _describe_own_file(file: str | os.PathLike, doc: dict[str, Any]) -> dict[str
         from .paths import load_path
         path = load_path(file)
         info["kind"] = path.kind
-        if path.vertices is not None:
-            info["vertices"] = len(path.vertices)
+        if path.vertex_t is not None:
+            info["vertices"] = len(path.vertex_t)
         if path.certificate:
             info["certificate"] = {k: path.certificate.get(k) for k in ("max_loss", "eps", "loss_a", "loss_b")}
     hashes = doc.get("tensor_sha256")

@@ -87,7 +87,7 @@ def test_bezier_one_bend_midpoint_and_buffers():
     a, b = random_state(small_cnn, 1), random_state(small_cnn, 2)
     (p,) = random_bends(a, 1)
     path = BezierPath(a, b, [p])
-    assert path.kind == "bezier" and path.vertices is None
+    assert path.kind == "bezier" and path.vertex_t is None
     assert path.coefficients(0.5) == [0.25, 0.5, 0.25]
     mid = path.state_at(0.5)
     for k, v in a.items():
@@ -114,7 +114,7 @@ def test_polychain_vertices_and_segments():
     bends = random_bends(a, 3)
     path = PolyChainPath(a, b, bends)
     assert path.kind == "polychain"
-    assert path.vertices == [0.0, 0.25, 0.5, 0.75, 1.0]
+    assert path.vertex_t == [0.0, 0.25, 0.5, 0.75, 1.0]
     for i, t in enumerate([0.25, 0.5, 0.75]):
         s = path.state_at(t)
         assert all(torch.equal(s[k], bends[i][k]) for k in bends[i])  # bit for bit at a vertex
@@ -162,7 +162,7 @@ def test_save_load_round_trip(tmp_path):
         path.save(f, extra={"note": "x"})
         back = load_path(f)
         assert type(back) is cls and back.kind == path.kind and back.n_bends == n
-        assert back.vertices == path.vertices
+        assert back.vertex_t == path.vertex_t
         assert back.metadata["bends"] == n and back.metadata["note"] == "x"
         for i in range(n):
             assert all(torch.equal(back.bends[i][k], path.bends[i][k]) for k in path.bends[i])

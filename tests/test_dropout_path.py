@@ -73,7 +73,7 @@ def test_mlp_path_certificate(mlp_pair):
     model, a, b = mlp_pair
     ld = small_eval_loader()
     path = build_dropout_path(model, a, b, ld)
-    assert path.kind == "dropout" and path.vertices[0] == 0.0 and path.vertices[-1] == 1.0
+    assert path.kind == "dropout" and path.vertex_t[0] == 0.0 and path.vertex_t[-1] == 1.0
     kinds = [s["kind"] for s in path.certificate["segments"]]
     assert kinds.count("switch") == 2  # one per hidden depth
     check_certificate(path, model, a, b, ld)
@@ -131,17 +131,17 @@ def test_save_load_exact_and_small(mlp_pair, tmp_path):
     f = tmp_path / "p.safetensors"
     path.save(f)
     back = load_path(f)
-    assert isinstance(back, DropoutPath) and back.vertices == path.vertices
+    assert isinstance(back, DropoutPath) and back.vertex_t == path.vertex_t
     assert back.certificate == path.certificate
-    for t in path.vertices + [0.123, 0.5, 0.77]:
+    for t in path.vertex_t + [0.123, 0.5, 0.77]:
         x, y = path.state_at(t), back.state_at(t)
         assert all(torch.equal(x[k], y[k]) for k in x)
     model_bytes = sum(v.numel() * v.element_size() for v in a.values())
     assert os.path.getsize(f) < 0.5 * path.n_vertices * model_bytes
     # fresh tensors
-    s = back.state_at(path.vertices[3])
+    s = back.state_at(path.vertex_t[3])
     s["head.bias"] += 1
-    assert not torch.equal(back.state_at(path.vertices[3])["head.bias"], s["head.bias"])
+    assert not torch.equal(back.state_at(path.vertex_t[3])["head.bias"], s["head.bias"])
 
 
 def test_segment_verifier(mlp_pair):

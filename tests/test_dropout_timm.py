@@ -43,7 +43,7 @@ def test_dense_loss_never_exceeds_the_certificate_on_a_timm_efficientnet():
     assert all(torch.equal(path.state_at(0.0)[k], a[k]) for k in a)
     assert all(torch.equal(path.state_at(1.0)[k], b[k]) for k in b)
     worst = 0.0
-    for t0, t1 in zip(path.vertices[:-1], path.vertices[1:]):
+    for t0, t1 in zip(path.vertex_t[:-1], path.vertex_t[1:]):
         for i in range(4):
             model.load_state_dict(path.state_at(t0 + (t1 - t0) * i / 3))
             worst = max(worst, evaluate(model, loader).loss)

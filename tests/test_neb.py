@@ -145,20 +145,20 @@ def test_fit_neb_is_lower_than_the_line_and_round_trips(mce_mlp_pair, tmp_path):
     assert isinstance(path, NebPath) and path.kind == "neb"
     hist = path.metadata["neb"]["cycles_run"]
     assert hist[0]["pivots"] == 1 and hist[1]["pivots"] == path.n_pivots >= 1
-    assert path.vertices[0] == 0.0 and path.vertices[-1] == 1.0
-    assert all(x < y for x, y in zip(path.vertices, path.vertices[1:]))
+    assert path.vertex_t[0] == 0.0 and path.vertex_t[-1] == 1.0
+    assert all(x < y for x, y in zip(path.vertex_t, path.vertex_t[1:]))
     ev = create_loader(DATA, batch_size=256)
     neb, line = (scan(p, make(), ev, points=21) for p in (path, LinearPath(a, b)))
     assert neb.barrier < 0.5 * line.barrier, (neb.barrier, line.barrier)
     for k, v in a.items():  # ends untouched, pivots are the vertices' states
         assert torch.equal(path.state_at(0.0)[k], v)
     piv = path.control_points[1]
-    mid = path.state_at(path.vertices[1])
+    mid = path.state_at(path.vertex_t[1])
     assert all(torch.equal(mid[k], piv[k]) for k in piv)
     path.save(tmp_path / "neb.safetensors")
     back = load_path(tmp_path / "neb.safetensors", verify=True)
-    assert isinstance(back, NebPath) and back.vertices == pytest.approx(path.vertices)
-    for t in (0.3, path.vertices[1], 0.77):
+    assert isinstance(back, NebPath) and back.vertex_t == pytest.approx(path.vertex_t)
+    for t in (0.3, path.vertex_t[1], 0.77):
         s1, s2 = path.state_at(t), back.state_at(t)
         assert all(torch.equal(s1[k], s2[k]) for k in s1)
 
@@ -204,7 +204,7 @@ def test_resume_is_bit_identical(tmp_path):
         fit_neb(net, a, b, loader, config=dataclasses.replace(cfg, seed=4), progress=False,
                 checkpoint=ck, resume=True)
     got = fit_neb(net, a, b, loader, config=cfg, progress=False, checkpoint=ck, resume=True)
-    assert got.vertices == ref.vertices
+    assert got.vertex_t == ref.vertex_t
     for p, q in zip(got.control_points, ref.control_points):
         assert all(torch.equal(p[k], q[k]) for k in q)
     assert read_neb_checkpoint(ck)[1]["finished"]
@@ -233,7 +233,7 @@ def _worker(rank: int, world: int, port: int, out: str) -> None:
         net, a, b = _mlp_states(width=16)
         loader = create_loader(DATA, batch_size=64, shuffle=True, seed=0)
         path = fit_neb(net, a, b, loader, config=TINY, progress=False)
-        torch.save({"pivots": path.control_points[1:-1], "vertices": path.vertices}, os.path.join(out, f"{rank}.pt"))
+        torch.save({"pivots": path.control_points[1:-1], "vertices": path.vertex_t}, os.path.join(out, f"{rank}.pt"))
 
 
 def test_two_processes_average_gradients_like_one(tmp_path):
@@ -241,7 +241,7 @@ def test_two_processes_average_gradients_like_one(tmp_path):
     ranks = [torch.load(tmp_path / f"{r}.pt", weights_only=True) for r in range(2)]
     net, a, b = _mlp_states(width=16)
     one = fit_neb(net, a, b, create_loader(DATA, batch_size=64, shuffle=True, seed=0), config=TINY, progress=False)
-    assert ranks[0]["vertices"] == ranks[1]["vertices"] == pytest.approx(one.vertices)
+    assert ranks[0]["vertices"] == ranks[1]["vertices"] == pytest.approx(one.vertex_t)
     for p0, p1, q in zip(ranks[0]["pivots"], ranks[1]["pivots"], one.control_points[1:-1]):
         for k in q:
             assert torch.equal(p0[k], p1[k])  # identical on every rank

@@ -10,7 +10,7 @@ from safetensors.torch import save_file
 
 from mcensemble.errors import ArchitectureMismatchError, BadOptionError, CheckpointError
 from mcensemble.models import ModelSpec
-from mcensemble.paths import LinearPath, Path, load_path, register_path
+from mcensemble.paths import LinearPath, ModePath, Path, load_path, register_path
 from mcensemble.paths import base as base_mod
 
 
@@ -40,7 +40,7 @@ def test_endpoints_exact(ab):
     # results are fresh tensors: changing them does not move the path
     s0["4.weight"].add_(1.0)
     assert torch.equal(path.state_at(0.0)["4.weight"], a["4.weight"])
-    assert path.kind == "linear" and path.vertices == [0.0, 1.0] and path.certificate is None
+    assert path.kind == "linear" and path.vertex_t == [0.0, 1.0] and path.certificate is None
 
 
 def test_path_copies_its_inputs(ab):
@@ -103,7 +103,7 @@ def test_save_load_round_trip(ab, tmp_path):
     assert sorted(p.name for p in f.parent.iterdir()) == ["line.safetensors"]  # no temp files left
     loaded = load_path(f)
     assert isinstance(loaded, LinearPath) and loaded.kind == "linear"
-    assert loaded.vertices == [0.0, 1.0]
+    assert loaded.vertex_t == [0.0, 1.0]
     la, lb = loaded.endpoints
     for k in a:
         assert torch.equal(la[k], a[k]) and la[k].dtype == a[k].dtype
@@ -205,11 +205,11 @@ def test_register_custom_kind(tmp_path, ab):
     """A new kind with an extra tensor group and its own JSON field round-trips via load_path."""
 
     @register_path("test-midpoint")
-    class MidpointPath(Path):
+    class MidpointPath(ModePath):
         def __init__(self, a, b, mid, *, scale=1.0, metadata=None, copy=True):
             super().__init__({"endpoint.0": a, "endpoint.1": b, "bend.0": mid}, metadata=metadata, copy=copy)
             self.scale = scale
-            self.vertices = [0.0, 0.5, 1.0]
+            self.vertex_t = [0.0, 0.5, 1.0]
 
         def _state_at(self, t):
             a, b = self.endpoints
@@ -236,7 +236,7 @@ def test_register_custom_kind(tmp_path, ab):
         p.save(tmp_path / "m.safetensors")
         q = load_path(tmp_path / "m.safetensors")
         assert type(q) is MidpointPath and q.kind == "test-midpoint" and q.scale == 3.0
-        assert q.vertices == [0.0, 0.5, 1.0] and q.metadata["vertices"] == [0.0, 0.5, 1.0]
+        assert q.vertex_t == [0.0, 0.5, 1.0] and q.metadata["vertices"] == [0.0, 0.5, 1.0]
         assert q.certificate == {"max_loss": 1.0, "eps": 0.1}
         assert all(torch.equal(v, torch.zeros_like(v)) for v in q.state_at(0.5).values())
         assert torch.equal(q.state_at(1.0)["4.weight"], b["4.weight"])
@@ -244,3 +244,20 @@ def test_register_custom_kind(tmp_path, ab):
             register_path("linear")(MidpointPath)
     finally:
         base_mod._REGISTRY.pop("test-midpoint", None)
+
+
+def test_path_is_the_old_name_of_modepath_and_vertices_of_vertex_t(ab):
+    import pathlib
+    import mcensemble.paths.base as base
+    assert Path is ModePath is base.Path and Path is not pathlib.Path
+    a, b = ab
+    p = LinearPath(a, b)
+    with pytest.warns(DeprecationWarning, match=r"path\.vertices is deprecated; use path\.vertex_t"):
+        assert p.vertices == p.vertex_t == [0.0, 1.0]
+    with pytest.warns(DeprecationWarning, match="set path.vertex_t"):
+        p.vertices = [0.0, 0.5, 1.0]
+    assert p.vertex_t == [0.0, 0.5, 1.0]
+    with pytest.warns(DeprecationWarning, match="name the class attribute vertex_t"):
+        class OldStyle(Path):          # a subclass written for the old names
+            vertices = [0.0, 1.0]
+    assert OldStyle.vertex_t == [0.0, 1.0] and "vertices" not in OldStyle.__dict__

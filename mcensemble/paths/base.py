@@ -1,4 +1,4 @@
-"""The `Path` base class, the path-kind registry and the path file format.
+"""The `ModePath` base class, the path-kind registry and the path file format.
 
 A path maps t in [0, 1] to a full state dict. Its tensors live in named *groups*
 (`"endpoint.0"`, `"endpoint.1"`, `"bend.0"`, ...), each a state dict. A path file is one
@@ -11,7 +11,9 @@ metadata key `mcensemble` holding JSON::
      "certificate": {...} or null, "tensor_sha256": {tensor: sha256},
      ...kind-specific fields, ...extra}
 
-A new kind subclasses `Path`, decorates itself with `@register_path("kind")`, implements
+(`ModePath` was called `Path`, which shadowed `pathlib.Path`; `Path` stays an alias of it.)
+
+A new kind subclasses `ModePath`, decorates itself with `@register_path("kind")`, implements
 `_state_at(t)` (t already validated) and the classmethod `_from_file(groups, meta)`, and
 may override `_file_fields()` to add JSON fields. Files are read without unpickling.
 `_from_file` reads its own fields with `meta_field` (type and range checked, sizes bounded
@@ -25,6 +27,7 @@ import json
 import logging
 import math
 import os
+import warnings
 from typing import Any, Callable, ClassVar, Mapping, TypeVar
 
 import torch
@@ -34,7 +37,7 @@ from ..checkpoints import check_same_architecture
 from ..errors import ArchitectureMismatchError, BadOptionError, CheckpointError
 
 __all__ = [
-    "Path", "register_path", "load_path", "known_kinds", "check_same_layout", "state_dict_sha256",
+    "ModePath", "Path", "register_path", "load_path", "known_kinds", "check_same_layout", "state_dict_sha256",
     "meta_field", "verify_path_file", "PATH_FORMAT", "PATH_FORMAT_VERSION", "METADATA_KEY",
 ]
 
@@ -46,9 +49,9 @@ METADATA_KEY = "mcensemble"
 _RESERVED = ("format", "format_version", "kind", "groups", "tensor_sha256")
 
 StateDict = dict[str, torch.Tensor]
-P = TypeVar("P", bound="type[Path]")
+P = TypeVar("P", bound="type[ModePath]")
 
-_REGISTRY: dict[str, type["Path"]] = {}
+_REGISTRY: dict[str, type["ModePath"]] = {}
 
 
 def state_dict_sha256(state_dict: Mapping[str, torch.Tensor]) -> str:
@@ -80,23 +83,47 @@ def _check_t(t: Any) -> float:
     return tf
 
 
-class Path:
+class ModePath:
     """A map t in [0, 1] -> state dict, stored as named groups of tensors.
 
     Attributes: `kind` (registered name), `groups` (name -> state dict, in order),
-    `vertices` (t values where a piecewise-linear path bends, ends included; None for
-    smooth curves), `certificate` (a loss bound for dropout-stable paths, else None),
-    `metadata` (the JSON document of a loaded file; for a new path, entries to store).
+    `vertex_t` (the t values where a piecewise-linear path bends, ends included; None for
+    smooth curves; the file field "vertices"), `certificate` (a loss bound for
+    dropout-stable paths, else None), `metadata` (the JSON document of a loaded file; for a
+    new path, entries to store). `vertices` is the deprecated name of `vertex_t` (it
+    warns): it said neither t values nor states (`DropoutPath.vertex_states()` gives those).
     """
 
     kind: ClassVar[str] = ""
-    vertices: list[float] | None = None
+    vertex_t: list[float] | None = None
     certificate: dict[str, Any] | None = None
+
+    def __init_subclass__(cls, **kwargs: Any) -> None:
+        super().__init_subclass__(**kwargs)
+        # a subclass written for the old name (`vertices = [...]` in its body) still works
+        if "vertices" in cls.__dict__ and not isinstance(cls.__dict__["vertices"], property):
+            warnings.warn(f"{cls.__qualname__}.vertices is deprecated; name the class attribute vertex_t "
+                          "(the t values of the vertices)", DeprecationWarning, stacklevel=2)
+            cls.vertex_t = cls.__dict__["vertices"]
+            del cls.vertices
+
+    @property
+    def vertices(self) -> list[float] | None:
+        """Deprecated name of `vertex_t` (the t values of the vertices)."""
+        warnings.warn("path.vertices is deprecated; use path.vertex_t (the t values of the vertices; "
+                      "DropoutPath.vertex_states() gives their state dicts)", DeprecationWarning, stacklevel=2)
+        return self.vertex_t
+
+    @vertices.setter
+    def vertices(self, value: list[float] | None) -> None:
+        warnings.warn("path.vertices is deprecated; set path.vertex_t (the t values of the vertices)",
+                      DeprecationWarning, stacklevel=2)
+        self.vertex_t = value
 
     def __init__(self, groups: Mapping[str, Mapping[str, torch.Tensor]], *,
                  metadata: Mapping[str, Any] | None = None, copy: bool = True):
         if "endpoint.0" not in groups or "endpoint.1" not in groups:
-            raise ValueError("a Path needs groups 'endpoint.0' and 'endpoint.1'")
+            raise ValueError("a path needs groups 'endpoint.0' and 'endpoint.1'")
         for g in groups:
             if not g or g.endswith(".") or g.startswith("."):
                 raise ValueError(f"bad group name {g!r}")
@@ -135,7 +162,7 @@ class Path:
         return {}
 
     @classmethod
-    def _from_file(cls, groups: dict[str, StateDict], meta: dict[str, Any]) -> "Path":
+    def _from_file(cls, groups: dict[str, StateDict], meta: dict[str, Any]) -> "ModePath":
         """Rebuild a path from a file's tensor groups and JSON document (override)."""
         raise NotImplementedError(f"{cls.__name__} does not implement _from_file")
 
@@ -162,7 +189,7 @@ class Path:
             "format": PATH_FORMAT, "format_version": PATH_FORMAT_VERSION, "kind": self.kind,
             "model": spec,
             "groups": list(self.groups),
-            "vertices": None if self.vertices is None else [float(v) for v in self.vertices],
+            "vertices": None if self.vertex_t is None else [float(v) for v in self.vertex_t],
             "certificate": self.certificate,
         })
         doc.setdefault("endpoints_sha256", [state_dict_sha256(sd) for sd in self.endpoints])
@@ -190,11 +217,15 @@ class Path:
         return f"{type(self).__name__}(kind={self.kind!r}, groups={list(self.groups)}, tensors={n})"
 
 
+#: the old name of `ModePath` (it shadowed `pathlib.Path`), kept so that code using it still works
+Path = ModePath
+
+
 def register_path(kind: str) -> Callable[[P], P]:
-    """Class decorator: register a `Path` subclass under `kind` (sets `cls.kind`)."""
+    """Class decorator: register a `ModePath` subclass under `kind` (sets `cls.kind`)."""
     def deco(cls: P) -> P:
-        if not (isinstance(cls, type) and issubclass(cls, Path)):
-            raise TypeError("register_path decorates Path subclasses")
+        if not (isinstance(cls, type) and issubclass(cls, ModePath)):
+            raise TypeError("register_path decorates ModePath subclasses")
         old = _REGISTRY.get(kind)
         if old is not None and old.__qualname__ != cls.__qualname__:
             raise ValueError(f"path kind {kind!r} is already registered by {old.__qualname__}")
@@ -248,13 +279,13 @@ def _path_document(file: str) -> dict[str, Any]:
                               "truncated, or in another format") from e
     if header.format != "safetensors":
         raise CheckpointError(f"{file} is not a readable safetensors path file (it is {header.format}); "
-                              "path files are written by `mcensemble build --path-out` or Path.save()")
+                              "path files are written by `mcensemble build --path-out` or ModePath.save()")
     meta = header.document(METADATA_KEY)
     if meta is None:
         raise CheckpointError(
             f"{file} is not an mcensemble path file: it is a safetensors file without "
             f"'{METADATA_KEY}' metadata (a plain checkpoint?). Path files are written by "
-            "`mcensemble build --path-out` or Path.save()")
+            "`mcensemble build --path-out` or ModePath.save()")
     if not isinstance(meta, dict) or meta.get("format") != PATH_FORMAT:
         fmt = meta.get("format") if isinstance(meta, dict) else None
         what = "an mcensemble ensemble file (load it with mcensemble.load)" \
@@ -298,7 +329,7 @@ def _check_common_fields(meta: dict[str, Any], file: str) -> None:
             meta_field(cert, key, "number", where=f"{file} (certificate)", default=None, nullable=True)
 
 
-def _path_class(kind: str, file: str) -> type[Path]:
+def _path_class(kind: str, file: str) -> type[ModePath]:
     cls = _REGISTRY.get(kind)
     if cls is None:
         _import_builtin_kinds()
@@ -320,8 +351,8 @@ def verify_path_file(file: str | os.PathLike) -> int | None:
                                                  default=None, nullable=True))
 
 
-def load_path(file: str | os.PathLike, *, verify: bool = False) -> Path:
-    """Read a path file written by `Path.save` (safetensors; nothing is unpickled).
+def load_path(file: str | os.PathLike, *, verify: bool = False) -> ModePath:
+    """Read a path file written by `ModePath.save` (safetensors; nothing is unpickled).
 
     `verify`: first check every tensor's bytes against the SHA-256 recorded in the file
     (`CheckpointError` naming the tensor that differs; a file without hashes is loaded with

@@ -23,7 +23,7 @@ from typing import Any, Mapping, Sequence
 import torch
 
 from ..errors import ArchitectureMismatchError, BadOptionError
-from .base import Path, StateDict, check_same_layout, meta_field, register_path
+from .base import ModePath, StateDict, check_same_layout, meta_field, register_path
 from .linear import lerp_tensor
 
 __all__ = ["BezierPath", "PolyChainPath", "CURVE_KINDS", "bezier_coefficients", "polychain_coefficients",
@@ -104,7 +104,7 @@ def _combine(controls: Sequence[Mapping[str, torch.Tensor]], coeffs: Sequence[fl
     return acc.to(ref.dtype) if low else acc
 
 
-class _CurvePath(Path):
+class _CurvePath(ModePath):
     """Common code of the curve kinds: control points A, bends, B (see the module doc)."""
 
     def __init__(self, a: Mapping[str, torch.Tensor], b: Mapping[str, torch.Tensor],
@@ -191,24 +191,24 @@ class BezierPath(_CurvePath):
 
     ``theta(t) = sum_i C(n+1, i) t^i (1-t)^(n+1-i) P_i`` with ``P_0 = a``, ``P_{n+1} = b``.
     `bends`: a list of n >= 1 state dicts with a value for every floating tensor of `a`.
-    t = 0 / t = 1 give `a` / `b` bit for bit. `vertices` is None (a smooth curve).
+    t = 0 / t = 1 give `a` / `b` bit for bit. `vertex_t` is None (a smooth curve).
     """
 
-    vertices = None
+    vertex_t = None
 
 
 @register_path("polychain")
 class PolyChainPath(_CurvePath):
     """Polygonal chain from `a` through the `bends` to `b`, vertices equally spaced in t.
 
-    `vertices` = ``[0, 1/(n+1), ..., 1]``; at a vertex the state is that control point bit
+    `vertex_t` = ``[0, 1/(n+1), ..., 1]``; at a vertex the state is that control point bit
     for bit (floating tensors; non-floating ones are A's, B's at t = 1).
     """
 
     def __init__(self, a, b, bends, *, metadata=None, copy=True):
         super().__init__(a, b, bends, metadata=metadata, copy=copy)
         m = self.n_bends + 1
-        self.vertices = [i / m for i in range(m + 1)]
+        self.vertex_t = [i / m for i in range(m + 1)]
 
 
 def bend_lr_scale(kind: str, bends: int) -> float:

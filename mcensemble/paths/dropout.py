@@ -52,10 +52,10 @@ from tqdm import tqdm
 
 from ..errors import MCEnsembleError
 from ..units import AxisRef, UnitGraph, UnitGroup
-from .base import Path, StateDict, check_same_layout, meta_field, register_path
+from .base import ModePath, StateDict, check_same_layout, meta_field, register_path
 
-__all__ = ["DropoutPath", "DropoutPathError", "build_dropout_path", "layered_chain", "prepare",
-           "mix_states", "verify_segments"]
+__all__ = ["DropoutPath", "DropoutPathError", "build_dropout_path", "layered_chain", "mix_states",
+           "verify_segments"]
 
 log = logging.getLogger(__name__)
 _ROW_ROLES = ("producer", "bn", "depthwise")
@@ -463,12 +463,14 @@ def _vertex_losses(work: nn.Module, vertices: list[StateDict], loader, device, p
     return out
 
 
-def prepare(model: nn.Module, a: Mapping[str, torch.Tensor], b: Mapping[str, torch.Tensor],
-            loader: Iterable[Any], *, graph=None, stability_a=None, stability_b=None,
-            device="cpu", progress: bool | None = None, search_steps: int = 48):
+def _prepare(model: nn.Module, a: Mapping[str, torch.Tensor], b: Mapping[str, torch.Tensor],
+             loader: Iterable[Any], *, graph=None, stability_a=None, stability_b=None,
+             device="cpu", progress: bool | None = None, search_steps: int = 48):
     """Shared set-up of `build_dropout_path` and `mcensemble.pack.pack_pair`: checks the
     layout and the graph, measures stability where not given. Returns
-    `(work model, construction, side A, side B)`."""
+    `(work model, construction, side A, side B)`. Private (it was `prepare`): the
+    construction and the sides are this module's internal types, so only mcensemble's own
+    modules call it; the public entry points are `build_dropout_path` and `pack_pair`."""
     import copy
     from ..stability import check_kept, dropout_stability, graph_for
 
@@ -507,9 +509,9 @@ def build_dropout_path(model: nn.Module, a: Mapping[str, torch.Tensor], b: Mappi
     stability and choosing the kept halves). `model`: an nn.Module of the architecture
     (not changed; a copy does the work). Unsupported graphs -> `DropoutPathError`."""
     t0 = time.perf_counter()
-    work, con, side_a, side_b = prepare(model, a, b, loader, graph=graph, stability_a=stability_a,
-                                        stability_b=stability_b, device=device,
-                                        progress=progress, search_steps=search_steps)
+    work, con, side_a, side_b = _prepare(model, a, b, loader, graph=graph, stability_a=stability_a,
+                                         stability_b=stability_b, device=device,
+                                         progress=progress, search_steps=search_steps)
     tr, pa = con.forward(side_a)
     trb, pb = con.forward(side_b)
     q = con.cross(tr, side_a, side_b, pa, pb)
@@ -612,7 +614,7 @@ def _delta_rows(delta: Mapping[str, torch.Tensor], name: str, ref: torch.Tensor)
 
 
 @register_path("dropout")
-class DropoutPath(Path):
+class DropoutPath(ModePath):
     """A piecewise-linear path through `vertices` (state dicts; the first is A, the last
     B), equally spaced in t. `certificate`: `max_loss` (largest vertex loss: a bound on
     the loss everywhere on the path, on the data it was computed on), `eps`, `loss_a`,
@@ -637,9 +639,9 @@ class DropoutPath(Path):
         self._init(groups, len(vertices), certificate, metadata, copy)
 
     def _init(self, groups, n, certificate, metadata, copy) -> None:
-        Path.__init__(self, groups, metadata=metadata, copy=copy)
+        ModePath.__init__(self, groups, metadata=metadata, copy=copy)
         self.n_vertices = n
-        self.vertices = [i / (n - 1) for i in range(n)]
+        self.vertex_t = [i / (n - 1) for i in range(n)]
         if certificate is not None:
             self.certificate = dict(certificate)
         self._states: list[StateDict] | None = None

@@ -5,7 +5,7 @@ from typing import Any, Mapping
 
 import torch
 
-from .base import Path, StateDict, check_same_layout, register_path
+from .base import ModePath, StateDict, check_same_layout, register_path
 
 __all__ = ["LinearPath", "interpolate", "lerp_tensor"]
 
@@ -36,7 +36,7 @@ def lerp_tensor(a: torch.Tensor, b: torch.Tensor, w: float) -> torch.Tensor:
 
 
 @register_path("linear")
-class LinearPath(Path):
+class LinearPath(ModePath):
     """The straight line from state dict `a` (t = 0) to `b` (t = 1).
 
     `a` and `b` must have the same keys, shapes and dtypes (else
@@ -44,13 +44,13 @@ class LinearPath(Path):
     copied, so later in-place changes to a model do not move the path.
     """
 
-    vertices = [0.0, 1.0]
+    vertex_t = [0.0, 1.0]
 
     def __init__(self, a: Mapping[str, torch.Tensor], b: Mapping[str, torch.Tensor], *,
                  metadata: Mapping[str, Any] | None = None, copy: bool = True):
         check_same_layout(a, b)
         super().__init__({"endpoint.0": a, "endpoint.1": b}, metadata=metadata, copy=copy)
-        self.vertices = [0.0, 1.0]
+        self.vertex_t = [0.0, 1.0]
 
     def _state_at(self, t: float) -> StateDict:
         a, b = self.endpoints

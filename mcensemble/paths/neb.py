@@ -50,7 +50,7 @@ from ..checkpoints import check_same_architecture
 from .._io import is_int as _is_int, is_number
 from ..data import epoch_batches
 from ..errors import BadOptionError, CheckpointError
-from .base import Path, StateDict, check_same_layout, meta_field, register_path, state_dict_sha256
+from .base import ModePath, StateDict, check_same_layout, meta_field, register_path, state_dict_sha256
 from .curves import is_interpolated
 from .fit_run import _ck_tensor, open_training_checkpoint
 from .linear import lerp_tensor
@@ -134,7 +134,7 @@ class NebConfig:
 
 
 @register_path("neb")
-class NebPath(Path):
+class NebPath(ModePath):
     """Piecewise linear path from `a` through the `pivots` to `b`; pivot i sits at
     ``t = w_0 + ... + w_i`` (`weights`: n+1 positive segment weights summing to 1).
 
@@ -165,7 +165,7 @@ class NebPath(Path):
         for x in w[:-1]:
             acc += x
             cum.append(acc)
-        self.vertices = cum + [1.0]
+        self.vertex_t = cum + [1.0]
 
     @property
     def n_pivots(self) -> int:
@@ -182,7 +182,7 @@ class NebPath(Path):
             return {k: v.clone() for k, v in a.items()}
         if t == 1.0:
             return {k: v.clone() for k, v in b.items()}
-        v = self.vertices
+        v = self.vertex_t
         j = max(i for i in range(len(v) - 1) if v[i] <= t)
         s = (t - v[j]) / (v[j + 1] - v[j])
         pts = self.control_points
