@@ -25,7 +25,8 @@ import torch.nn as nn
 
 from .errors import BadOptionError
 
-__all__ = ["SnapshotCollector", "fge_lr", "fge_train", "network_in", "fge_collector", "save_snapshots"]
+__all__ = ["SnapshotCollector", "fge_lr", "fge_train", "network_in", "fge_collector", "save_snapshots",
+           "check_bn_options"]
 
 logger = logging.getLogger(__name__)
 
@@ -364,6 +365,30 @@ def fge_collector(net: nn.Module, optimizer, *, steps_per_epoch: Callable[[], in
                              "FGE needs at least 2 (use cycle_steps=)", option="cycle_epochs")
     return SnapshotCollector(net, optimizer, cycle_steps=cycle, lr_max=lr_max, lr_min=lr_min,
                              start=start_epoch * per_epoch, max_snapshots=max_snapshots)
+
+
+def check_bn_options(bn_loader: Any, bn_max_batches: Any, precision: Any) -> str | None:
+    """The trainer plugins' BatchNorm-before-saving options, checked the same way in every
+    plugin: `bn_loader` "train" (the trainer's training loader), an iterable of batches or
+    None; `bn_max_batches` an integer >= 1 or None; `precision` None or "fp32" / "bf16" /
+    "fp16" (returned as its canonical name). `BadOptionError` naming the keyword otherwise."""
+    if (isinstance(bn_loader, str) and bn_loader != "train") or not (
+            bn_loader is None or isinstance(bn_loader, str) or hasattr(bn_loader, "__iter__")):
+        got = repr(bn_loader) if isinstance(bn_loader, str) else f"a {type(bn_loader).__name__}"
+        raise BadOptionError(f"bn_loader must be 'train', an iterable of batches or None, got {got}",
+                             option="bn_loader")
+    if bn_max_batches is not None and (isinstance(bn_max_batches, bool) or not isinstance(
+            bn_max_batches, numbers.Integral) or bn_max_batches < 1):
+        raise BadOptionError(f"bn_max_batches must be an integer >= 1 or None, got {bn_max_batches!r}",
+                             option="bn_max_batches")
+    if precision is None:
+        return None
+    from .precision import resolve_precision
+    try:
+        return resolve_precision(precision).name
+    except BadOptionError as e:
+        raise BadOptionError(f"precision must be 'fp32', 'bf16' or 'fp16', got {precision!r}",
+                             option="precision") from e
 
 
 def save_snapshots(col: SnapshotCollector, out, *, who: str, model_spec=None, bn_loader=None,

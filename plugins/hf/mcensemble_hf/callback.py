@@ -23,8 +23,8 @@ from mcensemble._io import atomic_path, read_header
 from mcensemble.errors import BadOptionError
 from mcensemble.hooks import channel_dropout as _channel_dropout
 from mcensemble.hooks import example_batch
-from mcensemble.precision import resolve_precision
-from mcensemble.snapshots import SnapshotCollector, fge_collector, network_in, save_snapshots
+from mcensemble.snapshots import (SnapshotCollector, check_bn_options, fge_collector, network_in,
+                                  save_snapshots)
 
 __all__ = ["MCEnsembleTrainerCallback", "SNAPSHOTS_FILE"]
 
@@ -157,21 +157,7 @@ class MCEnsembleTrainerCallback(TrainerCallback):
         if module is not None and (not isinstance(module, str) or not module):
             raise BadOptionError(f"module must be an attribute name such as 'net', got {module!r}",
                                  option="module")
-        if isinstance(bn_loader, str) and bn_loader != "train":
-            raise BadOptionError(f"bn_loader must be 'train', an iterable of batches or None, "
-                                 f"got {bn_loader!r}", option="bn_loader")
-        if bn_loader is not None and not isinstance(bn_loader, str) \
-                and not hasattr(bn_loader, "__iter__"):
-            raise BadOptionError(f"bn_loader must be 'train', an iterable of batches or None, "
-                                 f"got a {type(bn_loader).__name__}", option="bn_loader")
-        try:
-            self.precision = None if precision is None else resolve_precision(precision).name
-        except BadOptionError as e:
-            raise BadOptionError(f"precision must be 'fp32', 'bf16' or 'fp16', got {precision!r}",
-                                 option="precision") from e
-        if bn_max_batches is not None and (not _is_int(bn_max_batches) or bn_max_batches < 1):
-            raise BadOptionError(f"bn_max_batches must be an integer >= 1 or None, got "
-                                 f"{bn_max_batches!r}", option="bn_max_batches")
+        self.precision = check_bn_options(bn_loader, bn_max_batches, precision)
         if resume_from is True or not (resume_from is None or resume_from is False
                                        or isinstance(resume_from, (str, os.PathLike))):
             raise BadOptionError(f"resume_from must be a checkpoint folder, None (find it) or "

@@ -15,8 +15,8 @@ from mcensemble._compat import UNSET, renamed_keyword
 from mcensemble.errors import BadOptionError
 from mcensemble.hooks import channel_dropout as _channel_dropout
 from mcensemble.hooks import example_batch
-from mcensemble.precision import resolve_precision
-from mcensemble.snapshots import SnapshotCollector, fge_collector, network_in, save_snapshots
+from mcensemble.snapshots import (SnapshotCollector, check_bn_options, fge_collector, network_in,
+                                  save_snapshots)
 
 try:  # the unified package first; the standalone one if that is what is installed
     import lightning.pytorch as pl
@@ -102,14 +102,7 @@ class MCEnsembleCallback(pl.Callback):
         if not 0.0 <= p < 1.0:
             raise BadOptionError(f"channel_dropout must be in [0, 1), got {channel_dropout!r}",
                                  option="channel_dropout")
-        if isinstance(bn_loader, str) and bn_loader != "train":
-            raise BadOptionError(f"bn_loader must be 'train', an iterable or None, got {bn_loader!r}",
-                                 option="bn_loader")
-        try:
-            self.precision = None if precision is None else resolve_precision(precision).name
-        except BadOptionError as e:
-            raise BadOptionError(f"precision must be 'fp32', 'bf16' or 'fp16', got {precision!r}",
-                                 option="precision") from e
+        self.precision = check_bn_options(bn_loader, bn_max_batches, precision)
         self.out = None if out is None else Path(out)
         self.mode, self.cycle_epochs, self.cycle_steps = snapshots, cycle_epochs, cycle_steps
         self.lr_max, self.lr_min, self.start_epoch = lr_max, lr_min, start_epoch

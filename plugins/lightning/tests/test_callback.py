@@ -198,6 +198,7 @@ def test_no_snapshot_no_file(tmp_path, caplog):
     (dict(start_epoch=-1), "start_epoch"),
     (dict(bn_loader="val"), "bn_loader"),
     (dict(precision="fp8"), "precision"),
+    (dict(bn_max_batches=0), "bn_max_batches"),
 ])
 def test_bad_arguments_name_the_option(kwargs, option):
     with pytest.raises(BadOptionError) as info:
