@@ -12,25 +12,29 @@ at every block and downsample layer that reads it; the identity path is not a re
 = a target reached from there: the network's logits, or another group's reads. J_j = the
 Jacobian of z -> M_j at the clean z (forward-mode autodiff). Norms are per example, over
 all reads together. A condition that must hold "for every x" becomes the minimum (maximum
-for c) over the batch.
+for c) over the batch. The paper injects noise into layer i's pre-activation x^i; here it
+goes where the units are read (after the activation), the place channel dropout acts, so
+that the two noise kinds are compared at one place.
 
-- Layer cushion mu_g (Def. 4): min over examples and over the group's producer layers A
+- Layer cushion mu_g: min over examples and over the group's producer layers A
   (Linear / convolution, bias left out) of ||A u|| / (||A||_F ||u||), u = the layer's input.
   ||A||_F is the exact Frobenius norm of the layer as an operator on its input (the sum of
   the layer with its weights squared, run on an input of ones: padding counted). In (0, 1].
-- Interlayer cushion mu_{g->} (Def. 5, minimal cushion): min over examples and over the
-  reached targets j of ||J_j z|| / (||J_j||_F ||z||); ||J_j||_F^2 = E ||J_j v||^2 over
-  v ~ N(0, I) (Hutchinson, `probes` draws per example). Targets not reached are skipped.
-- Activation contraction c_g (Def. 6): max over examples and over the nonlinearities the
+- Interlayer cushion mu_{g->} (the paper's minimal interlayer cushion, without its
+  1/sqrt(h) term): min over examples and over the reached targets j of
+  ||J_j z|| / (||J_j||_F ||z||); ||J_j||_F^2 = E ||J_j v||^2 over v ~ N(0, I) (Hutchinson,
+  `probes` draws per example). Targets not reached are skipped.
+- Activation contraction c_g: max over examples and over the nonlinearities the
   group's units pass through (ReLU, GELU, SiLU, ... found in the torch.fx trace) of
   ||x|| / ||phi(x)||, x = the nonlinearity's input (pre-activation). None where the group
   meets no nonlinearity, or the model cannot be traced (a hand-given unit graph).
-- Interlayer smoothness rho_delta (Def. 7), per noise kind: r_j = M_j(z + eta) - M_j(z) -
+- Interlayer smoothness rho_delta, per noise kind: r_j = M_j(z + eta) - M_j(z) -
   J_j eta, the part of the noise's effect that the linearisation misses (for bias-free ReLU
   nets this is the paper's M(z + eta) - J(z + eta)); per example rho = min over targets of
   ||eta|| ||M_j(z)|| / (||z|| ||r_j||); rho_delta = the largest rho that holds for a
   1 - delta share of the examples (their delta-quantile). Infinite (null in JSON) when
-  the noise met no nonlinearity (r = 0: a piecewise-linear net within one linear piece).
+  the noise met no nonlinearity (r = 0: a piecewise-linear net within one linear piece;
+  ||r_j|| under 100 float eps of ||M_j|| counts as rounding, i.e. 0).
 
 Noise kinds (`NOISE_KINDS`), added to every read of the group (eta from the clean reads):
 "gaussian": eta = scale * ||z|| * v / ||v||, v ~ N(0, I), per read and example (relative
@@ -239,12 +243,13 @@ class _Run:
     delta: float
 
     def targets(self, group: str, out, reads: Mapping[str, list]) -> dict[str, list]:
-        """Everything downstream of a group can be: the logits and every other group's reads."""
+        """What a group's noise can reach: the logits and every other group's reads."""
         return {**{j: v for j, v in reads.items() if j != group}, _OUT: [out]}
 
 
 def _randn(like: torch.Tensor, gen: torch.Generator) -> torch.Tensor:
-    return torch.randn(like.shape, generator=gen, dtype=torch.float64).to(like.device, like.dtype)
+    """N(0, 1) shaped like `like`, drawn on the generator's device in float32."""
+    return torch.randn(like.shape, generator=gen, device=gen.device, dtype=torch.float32).to(like.device, like.dtype)
 
 
 def _per_example(v: torch.Tensor, like: torch.Tensor) -> torch.Tensor:
@@ -261,7 +266,7 @@ def _eta(kind: str, run: _Run, group: UnitGroup, gen: torch.Generator) -> list[t
             k = run.scale * _norm([t]) / _norm([v]).clamp_min(1e-300)
             out.append(v * _per_example(k, t))
         return out
-    m = torch.bernoulli(torch.full((z[0].shape[0], group.size), 1.0 - _P, dtype=torch.float64), generator=gen)
+    m = torch.bernoulli(torch.full((z[0].shape[0], group.size), 1.0 - _P, device=gen.device), generator=gen)
     m = m / (1.0 - _P) - 1.0
     out = []
     for t, axis in zip(z, run.axes[group.name]):
@@ -287,7 +292,8 @@ def _interlayer_cushion(run: _Run, group: str, gen: torch.Generator) -> float | 
     zn = _norm(z)
     worst = torch.full_like(zn, math.inf)
     for j, s in f2.items():
-        num = _norm(jz.get(j, [])) if _norm(jz.get(j, [])) is not None else torch.zeros_like(zn)
+        num = _norm(jz.get(j, []))
+        num = torch.zeros_like(zn) if num is None else num
         worst = torch.minimum(worst, _ratio(num, torch.sqrt(s / run.probes) * zn))
     val = float(worst.min())
     return val if math.isfinite(val) else None
@@ -367,9 +373,19 @@ def _layer_cushions(run: _Run, graph: UnitGraph) -> dict[str, float | None]:
     return out
 
 
+def _act_module(gm: fx.GraphModule, node: fx.Node) -> nn.Module | None:
+    """The activation module a call_module node runs: the module itself, or the `act` of a
+    norm-act layer (timm's BatchNormAct2d, which BatchNorm's tracing keeps whole)."""
+    if node.op != "call_module":
+        return None
+    m = gm.get_submodule(node.target)
+    inner = m if isinstance(m, _ACT_MODULES) else getattr(m, "act", None)
+    return inner if isinstance(inner, _ACT_MODULES) else None
+
+
 def _is_activation(gm: fx.GraphModule, node: fx.Node) -> bool:
     if node.op == "call_module":
-        return isinstance(gm.get_submodule(node.target), _ACT_MODULES)
+        return _act_module(gm, node) is not None
     if node.op == "call_method":
         return node.target in _ACT_METHODS
     if node.op == "call_function":
@@ -407,9 +423,10 @@ def _activation_sites(model: nn.Module, graph: UnitGraph, x: torch.Tensor):
     return gm, sites
 
 
-def _contractions(run: _Run, graph: UnitGraph) -> dict[str, float | None]:
-    """Per group: max over examples and its nonlinearities of ||x|| / ||phi(x)||."""
-    found = _activation_sites(run.work, graph, run.x)
+def _contractions(model: nn.Module, graph: UnitGraph, x: torch.Tensor) -> dict[str, float | None]:
+    """Per group: max over examples and its nonlinearities of ||x|| / ||phi(x)||. Run it
+    before any hook is on `model` (a traced hook would end in the trace)."""
+    found = _activation_sites(model, graph, x)
     if found is None:
         return {}
     gm, sites = found
@@ -420,17 +437,30 @@ def _contractions(run: _Run, graph: UnitGraph) -> dict[str, float | None]:
             spec = sites.get(n)
             if spec is None:
                 return super().run_node(n)
-            pre = self.env[n.args[0]]
-            pre_n = [_norm([pre.narrow(d, o, k)]) for _, d, o, k in spec]  # before an in-place op
-            out = super().run_node(n)
-            for (name, d, o, k), pn in zip(spec, pre_n):
-                c = _ratio(pn, _norm([out.narrow(d, o, k)]))[pn > 0]
+            seen: dict[str, Any] = {}
+
+            def pre(t):  # norms taken before an in-place activation overwrites its input
+                seen["pre"] = [_norm([t.narrow(d, o, k)]) for _, d, o, k in spec]
+            act = _act_module(gm, n)
+            if act is None:
+                pre(self.env[n.args[0]])
+                out = seen["post"] = super().run_node(n)
+            else:
+                hs = [act.register_forward_pre_hook(lambda _m, a: pre(a[0])),
+                      act.register_forward_hook(lambda _m, _a, o: seen.__setitem__("post", o))]
+                try:
+                    out = super().run_node(n)
+                finally:
+                    for h in hs:
+                        h.remove()
+            for (name, d, o, k), pn in zip(spec, seen["pre"]):
+                c = _ratio(pn, _norm([seen["post"].narrow(d, o, k)]))[pn > 0]
                 if c.numel():
                     worst[name] = max(worst.get(name, -math.inf), float(c.max()))
             return out
 
     with torch.no_grad():
-        _Recorder(gm).run(run.x)
+        _Recorder(gm).run(x)
     return {g.name: worst.get(g.name) for g in graph.groups}
 
 
@@ -480,6 +510,7 @@ def noise_stability(model: nn.Module, loader: Iterable[Any], *, graph=None, scal
     graph.validate(work.state_dict())
     x, y = _labelled(loader, int(examples))
     x, y = x.to(device), y.to(device)
+    contr = _contractions(work, graph, x)
     tap = _Tap(work, graph)
     bar = tqdm(total=len(graph.groups), desc="noise stability", leave=False, file=sys.stderr,
                disable=None if progress is None else not progress)
@@ -487,10 +518,10 @@ def noise_stability(model: nn.Module, loader: Iterable[Any], *, graph=None, scal
         out, _ = tap.run(work, x)
         run = _Run(work, tap, x, y, out, tap.reads, tap.axes, float(scale), int(probes), float(delta))
         base = float(F.cross_entropy(out.double(), y))
-        layer, contr = _layer_cushions(run, graph), _contractions(run, graph)
+        layer = _layer_cushions(run, graph)
         rows = []
         for i, g in enumerate(graph.groups):
-            gen = torch.Generator().manual_seed(int(seed) * 1_000_003 + i)
+            gen = torch.Generator(device=x.device).manual_seed(int(seed) * 1_000_003 + i)
             rows.append(_group_row(run, g, gen, base, layer.get(g.name), contr.get(g.name)))
             bar.update()
     finally:

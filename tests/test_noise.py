@@ -13,7 +13,7 @@ import torch.nn.functional as F
 
 from mcensemble import zoo  # noqa: F401  (registers mce_* with timm)
 from mcensemble.errors import BadOptionError
-from mcensemble.noise import NOISE_KINDS, _op_fro, noise_stability
+from mcensemble.noise import NOISE_KINDS, _contractions, _op_fro, noise_stability
 from mcensemble.units import UnitGraphError
 
 from helpers import clone_state, randomize, small_eval_loader, timm_factory
@@ -63,8 +63,8 @@ def test_layer_cushion_and_contraction_are_the_definitions(mlp_result):
         u2 = torch.relu(h1)
         h2 = net[2](u2)
     for lin, u, group in ((net[0], x, 0), (net[2], u2, 1)):
-        au = u @ lin.weight.T
-        want = (au.norm(dim=1) / (lin.weight.norm() * u.norm(dim=1))).min()
+        w = lin.weight.detach()
+        want = ((u @ w.T).norm(dim=1) / (w.norm() * u.norm(dim=1))).min()
         assert mlp_result.groups[group].layer_cushion == pytest.approx(float(want), rel=1e-5)
     for h, group in ((h1, 0), (h2, 1)):
         want = (h.norm(dim=1) / torch.relu(h).norm(dim=1)).max()
@@ -76,7 +76,7 @@ def test_interlayer_cushion_matches_the_exact_jacobian():
     net, x = mlp(), data_x()
     with torch.no_grad():
         z = torch.relu(net[2](torch.relu(net[0](x))))
-    w = net[4].weight
+    w = net[4].weight.detach()
     want = float(((z @ w.T).norm(dim=1) / (w.norm() * z.norm(dim=1))).min())
     got = noise_stability(net, batches(), examples=48, probes=128).groups[1].interlayer_cushion
     assert got == pytest.approx(want, rel=0.2)  # Hutchinson's ||J||_F: sd ~ sqrt(2 / probes)
@@ -115,9 +115,22 @@ def test_deterministic_for_a_seed_and_leaves_the_model_alone():
     assert all(torch.equal(before[k], v) for k, v in net.state_dict().items())
 
 
+def test_channel_dropout_training_makes_dropout_noise_cheaper():
+    # the property the short path needs: a net trained with channel dropout loses less when
+    # half its units are dropped than the same net trained without
+    from helpers import train_small
+    incr = {}
+    for p in (0.0, 0.3):
+        net = train_small("mce_digits_mlp", 10, 0, channel_p=p, width=32)
+        res = noise_stability(net, small_eval_loader(), examples=128, probes=1)
+        incr[p] = [g.noise["dropout"]["loss_increase"] for g in res.groups]
+    assert all(b < a / 2 for a, b in zip(incr[0.0], incr[0.3])), incr
+
+
 def test_bn_cnn_every_group_measured():
     net = randomize(timm_factory("mce_digits_cnn", widths=(4, 8))(), seed=2)
-    res = noise_stability(net, small_eval_loader(), examples=32, probes=2)
+    loader = [(torch.randn(32, 1, 8, 8, generator=torch.Generator().manual_seed(0)), torch.arange(32) % 10)]
+    res = noise_stability(net, loader, examples=32, probes=2)
     assert len(res.groups) == 2
     for g in res.groups:
         assert 0 < g.layer_cushion <= 1 and 0 < g.interlayer_cushion <= 1 and g.activation_contraction >= 1
@@ -134,6 +147,21 @@ def test_timm_resnet_stream_and_block_groups_reach_the_output():
         assert 0 < g.layer_cushion <= 1 and 0 < g.interlayer_cushion <= 1, g.name
         assert g.activation_contraction >= 1, g.name
         assert all(g.noise[k]["output_change"] > 0 for k in NOISE_KINDS), g.name
+
+
+def test_contraction_sees_activations_inside_norm_act_layers():
+    # timm's EfficientNet: BatchNormAct2d (BN + SiLU in one traced module), squeeze-excite,
+    # linear bottlenecks (conv_pwl: no activation, so no contraction)
+    from mcensemble.units import build_unit_graph
+    net = randomize(timm_factory("test_efficientnet")(), seed=0)
+    x = torch.randn(4, 1, 16, 16, generator=torch.Generator().manual_seed(0))
+    graph = build_unit_graph(net, x[:2])
+    c = _contractions(net, graph, x)
+    assert c["conv_stem"] is not None and c["conv_stem"] >= 1  # SiLU inside bn1 (BatchNormAct2d)
+    se = [g.name for g in graph.groups if g.name.endswith("se.conv_reduce")]
+    assert se and all(c[n] is not None for n in se)
+    pwl = [g.name for g in graph.groups if g.name.endswith("conv_pwl")]
+    assert pwl and all(c[n] is None for n in pwl)
 
 
 def test_what_the_unit_graph_refuses_is_refused():
