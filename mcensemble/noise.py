@@ -521,8 +521,7 @@ def noise_stability(model: nn.Module, loader: Iterable[Any], *, graph=None, scal
         layer = _layer_cushions(run, graph)
         rows = []
         for i, g in enumerate(graph.groups):
-            gen = torch.Generator(device=x.device).manual_seed(int(seed) * 1_000_003 + i)
-            rows.append(_group_row(run, g, gen, base, layer.get(g.name), contr.get(g.name)))
+            rows.append(_group_row(run, g, int(seed) * 1_000_003 + 8 * i, base, layer.get(g.name), contr.get(g.name)))
             bar.update()
     finally:
         bar.close()
@@ -530,13 +529,17 @@ def noise_stability(model: nn.Module, loader: Iterable[Any], *, graph=None, scal
     return NoiseStability(float(scale), _P, float(delta), int(probes), int(x.shape[0]), base, rows, graph)
 
 
-def _group_row(run: _Run, g: UnitGroup, gen: torch.Generator, base: float, layer, contr) -> GroupNoise:
+def _group_row(run: _Run, g: UnitGroup, seed: int, base: float, layer, contr) -> GroupNoise:
+    """The group's row; the probes and each noise kind draw from generators of their own
+    (seeds `seed`, `seed + 1`, ...), so no draw depends on how many came before."""
+    def gen(k: int) -> torch.Generator:
+        return torch.Generator(device=run.x.device).manual_seed(seed + k)
     if not run.reads.get(g.name):
         log.warning("noise stability: no consumer of group %r ran on the batch; nothing measured", g.name)
         none = {"relative_noise": None, "output_change": None, "smoothness": None, "loss_increase": None}
         return GroupNoise(g.name, g.depth, g.size, layer, None, contr, {k: dict(none) for k in NOISE_KINDS})
-    mu = _interlayer_cushion(run, g.name, gen)
-    noise = {k: _noise_effect(run, g.name, _eta(k, run, g, gen), base) for k in NOISE_KINDS}
+    mu = _interlayer_cushion(run, g.name, gen(0))
+    noise = {k: _noise_effect(run, g.name, _eta(k, run, g, gen(1 + i)), base) for i, k in enumerate(NOISE_KINDS)}
     return GroupNoise(g.name, g.depth, g.size, layer, mu, contr, noise)
 
 

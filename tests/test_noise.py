@@ -102,6 +102,8 @@ def test_zero_scale_is_no_perturbation_and_dropout_beats_tiny_noise():
         assert 0 < t.noise["gaussian"]["output_change"] < b.noise["gaussian"]["output_change"]
         assert t.noise["dropout"]["output_change"] > 10 * t.noise["gaussian"]["output_change"]
         assert z.noise["dropout"] == t.noise["dropout"]  # the scale is the Gaussian's only
+    more_probes = noise_stability(net, batches(), examples=48, probes=3, scale=0.01)
+    assert [g.noise for g in more_probes.groups] == [g.noise for g in tiny.groups]  # own draws per purpose
 
 
 def test_deterministic_for_a_seed_and_leaves_the_model_alone():
