@@ -26,7 +26,7 @@ _EXPORTS = {
 #: the function (`from mcensemble.evaluate import scan` still reaches the module).
 _SUBMODULES = frozenset({
     "align", "baselines", "bn", "checkpoints", "connect", "data", "distributed", "ensemble", "errors",
-    "hooks", "members", "models", "pack", "paths", "pipeline", "plane", "plot", "precision", "runs",
+    "hooks", "members", "models", "noise", "pack", "paths", "pipeline", "plane", "plot", "precision", "runs",
     "snapshots", "stability", "train", "units", "zoo",
 })
 

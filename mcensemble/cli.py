@@ -622,17 +622,60 @@ def align(a: str, b: str, out: str, seed: int, report: str | None, data: str | N
 @click.option("--search-steps", type=click.IntRange(min=0), default=48, show_default=True,
               help="Swap trials per unit group when choosing the kept halves (0: importance ranking only).")
 @click.option("--report", metavar="FILE.json", help="Write eps and the per-depth losses as JSON.")
-def stability(checkpoint: str, search_steps: int, report: str | None, **kw: Any) -> None:
+@click.option("--noise", is_flag=True,
+              help="Measure noise stability instead (Arora et al. 2018), per unit group: layer and interlayer "
+                   "cushion, activation contraction, and interlayer smoothness and output change under Gaussian "
+                   "and under channel-dropout noise.")
+@click.option("--noise-scale", type=float, default=0.1, show_default=True,
+              help="With --noise: size of the Gaussian noise relative to the norm of the group's activations.")
+@click.option("--noise-examples", type=int, default=256, show_default=True,
+              help="With --noise: how many training examples (the first ones) are measured.")
+def stability(checkpoint: str, search_steps: int, report: str | None, noise: bool, noise_scale: float,
+              noise_examples: int, **kw: Any) -> None:
     """Dropout stability of a checkpoint (Kuditipudi et al. 2019): for each depth k, the loss
     increase when only a chosen half of every hidden unit group at depth >= k is kept
-    (outgoing weights doubled, BatchNorm statistics re-estimated); eps is the largest."""
+    (outgoing weights doubled, BatchNorm statistics re-estimated); eps is the largest.
+    With --noise: the noise-stability quantities per unit group instead."""
     from .pipeline import stability_of_file
+    _noise_flags_need_noise(noise)
     data = _data_opts(kw, default_data="digits")
+    if noise:
+        from .noise import noise_stability_of_file
+        rep = noise_stability_of_file(checkpoint, model=_model_opts(kw), data=data, scale=noise_scale,
+                                      examples=noise_examples)
+        _echo_noise(rep)
+        _write_report(rep, report)
+        return
     rep = stability_of_file(checkpoint, model=_model_opts(kw), data=data, search_steps=search_steps)
     rows = [(d["depth"], _fmt(d["loss"]), _fmt(d["increase"])) for d in rep["depths"]]
     _echo_table(rows, ("depth >=", "loss", "increase"))
     click.echo(f"base loss {rep['base_loss']:.4f}   eps {rep['eps']:.4f}")
     _write_report(rep, report)
+
+
+def _noise_flags_need_noise(noise: bool) -> None:
+    ctx = click.get_current_context()
+    for name in ("noise_scale", "noise_examples"):
+        if not noise and ctx.get_parameter_source(name) is not click.core.ParameterSource.DEFAULT:
+            flag = "--" + name.replace("_", "-")
+            raise click.BadParameter("applies only with --noise", ctx=ctx, param_hint=f"'{flag}'")
+
+
+def _echo_noise(rep: dict[str, Any]) -> None:
+    """`stability --noise`: one row per unit group, then the network's figures."""
+    def f(x: Any) -> str:
+        return "-" if x is None else _fmt(float(x))
+    rows = [(g["group"], g["depth"], g["units"], f(g["layer_cushion"]), f(g["interlayer_cushion"]),
+             f(g["activation_contraction"]), f(g["noise"]["gaussian"]["output_change"]),
+             f(g["noise"]["gaussian"]["smoothness"]), f(g["noise"]["dropout"]["output_change"]),
+             f(g["noise"]["dropout"]["smoothness"])) for g in rep["groups"]]
+    _echo_table(rows, ("group", "depth", "units", "layer cushion", "interlayer cushion", "contraction",
+                       "gauss change", "gauss smooth", "dropout change", "dropout smooth"))
+    n = rep["network"]
+    click.echo(f"network: layer cushion {f(n['layer_cushion'])}, interlayer cushion {f(n['interlayer_cushion'])}, "
+               f"contraction {f(n['activation_contraction'])}, smoothness {f(n['gaussian_smoothness'])} (gaussian) "
+               f"{f(n['dropout_smoothness'])} (dropout); noise scale {rep['scale']}, dropout p {rep['p']}, "
+               f"{rep['examples']} examples, base loss {rep['base_loss']:.4f}")
 
 
 @main.command()
