@@ -14,6 +14,7 @@ from typing import Any, Callable
 import click
 
 from .errors import BadOptionError, MCEnsembleError
+from .options import BuildOptions, CurveConfig, DataOptions, ModelOptions
 
 __all__ = ["main"]
 
@@ -92,7 +93,8 @@ data_options = _stack(
     click.option("--data", metavar="SPEC", default=None,
                  help="Training data: 'digits[,size=N,chans=C,train=N,noise=F]', an image folder, or module:function."),
     click.option("--val-data", metavar="SPEC", default=None, help="Held-out data (same forms as --data)."),
-    click.option("--batch-size", type=click.IntRange(min=1), default=128, show_default=True, help="Batch size."),
+    click.option("--batch-size", type=click.IntRange(min=1), default=DataOptions.batch_size, show_default=True,
+                 help="Batch size."),
 )
 
 test_data_option = click.option(
@@ -100,9 +102,9 @@ test_data_option = click.option(
     help="Data used for nothing else: every report row also gets its NLL, accuracy and ECE on it.")
 
 run_options = _stack(
-    click.option("--device", default="cpu", show_default=True, callback=lambda ctx, p, v: _check_device(v),
+    click.option("--device", default=DataOptions.device, show_default=True, callback=lambda ctx, p, v: _check_device(v),
                  help="torch device, e.g. cpu, cuda, cuda:1."),
-    click.option("--seed", type=int, default=0, show_default=True, help="Random seed."),
+    click.option("--seed", type=int, default=DataOptions.seed, show_default=True, help="Random seed."),
     click.option("--threads", type=click.IntRange(min=1), default=None,
                  help="CPU threads for torch (default: torch's choice; 1 is fastest for tiny models)."),
     click.option("--precision", type=click.Choice(["fp32", "bf16", "fp16"]), default="fp32", show_default=True,
@@ -160,12 +162,14 @@ def path_options(default_method: str) -> Callable:
                      help="Path between consecutive checkpoints: linear, bezier, polychain, dropout (layered "
                           "networks), short (Theorem 2: five segments, residual / squeeze-excite nets too) or "
                           "neb (AutoNEB: a band of pivots trained with its default schedule)."),
-        click.option("--bends", type=int, default=1, show_default=True, help="Bends of a bezier / polychain curve."),
-        click.option("--epochs", type=int, default=20, show_default=True, help="Curve-fitting epochs."),
-        click.option("--lr", type=float, default=0.04, show_default=True,
+        click.option("--bends", type=int, default=CurveConfig.bends, show_default=True,
+                     help="Bends of a bezier / polychain curve."),
+        click.option("--epochs", type=int, default=CurveConfig.epochs, show_default=True, help="Curve-fitting epochs."),
+        click.option("--lr", type=float, default=CurveConfig.lr, show_default=True,
                      help="Curve-fitting learning rate of the curve's points: the bends step at lr / max_t sum c_i(t)^2 "
                           "(4 x lr for one Bezier bend). Constant for half the steps, then linear decay to 1%."),
-        click.option("--weight-decay", type=float, default=5e-4, show_default=True, help="Weight decay on theta(t)."),
+        click.option("--weight-decay", type=float, default=CurveConfig.weight_decay, show_default=True,
+                     help="Weight decay on theta(t)."),
         click.option("--align/--no-align", default=None,
                      help="Permute each checkpoint's hidden units to match the previous one first (weight matching). "
                           "Default: on for bezier / polychain curves (the bends start from the aligned midpoints), "
@@ -177,13 +181,11 @@ _PATH_KEYS = ("method", "bends", "epochs", "lr", "weight_decay", "align")
 
 
 def _model_opts(kw: dict):
-    from .pipeline import ModelOptions
     return ModelOptions(arch=kw.pop("arch"), model=kw.pop("model_entry"), num_classes=kw.pop("num_classes"),
                         in_chans=kw.pop("in_chans"), ema=kw.pop("ema"), unit_graph=kw.pop("unit_graph"))
 
 
 def _data_opts(kw: dict, *, default_data: str | None = None):
-    from .pipeline import DataOptions
     threads = kw.pop("threads", None)
     if threads:
         import torch
@@ -308,9 +310,7 @@ def scan(checkpoints: tuple[str, ...], path_file: str | None, points: int, plane
     With no checkpoints, runs the embedded default: trains two small CNNs on the built-in
     digits (seconds) and scans between them, writing into a fresh folder.
     """
-    from .pipeline import BuildOptions, fresh_run_dir, scan_checkpoints, scan_path_file, train_default_endpoints
-    if points < 2:
-        raise click.BadParameter(f"must be at least 2, got {points}", param_hint="--points")
+    from .pipeline import fresh_run_dir, scan_checkpoints, scan_path_file, train_default_endpoints
     if path_file and checkpoints:
         raise click.UsageError("give either checkpoints A B or --path FILE, not both")
     if len(checkpoints) not in (0, 2):
@@ -402,17 +402,19 @@ def _apply_recipe(ctx: click.Context, kw: dict[str, Any], recipe: str | None) ->
 @run_options
 @path_options("bezier")
 @test_data_option
-@click.option("--members", type=int, default=4, show_default=True,
+@click.option("--members", type=int, default=BuildOptions.members, show_default=True,
               help="Most distinct members chosen on --val-data (exactly this many with --exact-members or uniform).")
 @click.option("--exact-members", is_flag=True,
               help="Exactly --members distinct members, equal weights (no bootstrap gate, no guarantee).")
-@click.option("--packed/--no-packed", default=True, show_default=True,
+@click.option("--packed/--no-packed", default=BuildOptions.packed, show_default=True,
               help="Score the packed pair (a dropout-stability search on both checkpoints) among the baselines.")
-@click.option("--selection", type=click.Choice(["auto", "greedy", "uniform"]), default="auto", show_default=True,
+@click.option("--selection", type=click.Choice(["auto", "greedy", "uniform"]), default=BuildOptions.selection,
+              show_default=True,
               help="How members are chosen: greedy on validation NLL (auto, with --val-data) or uniform in t.")
-@click.option("--candidates", type=int, default=11, show_default=True,
+@click.option("--candidates", type=int, default=BuildOptions.candidates, show_default=True,
               help="Points per path scanned for the report and the greedy choice.")
-@click.option("--strategy", type=click.Choice(["auto", "loop", "vmap"]), default="auto", show_default=True,
+@click.option("--strategy", type=click.Choice(["auto", "loop", "vmap"]), default=BuildOptions.strategy,
+              show_default=True,
               help="Ensemble inference: measured (auto), member loop, or stack_module_state + vmap.")
 @click.option("--out", metavar="ENS.safetensors", help="Write the ensemble here.")
 @click.option("--save-dtype", type=click.Choice(["fp32", "bf16", "fp16"]), default=None,
@@ -445,7 +447,7 @@ def build(ctx: click.Context, **kw: Any) -> None:
     the built-in digits, fits a Bezier curve between them, and writes the ensemble, report
     and plot into a fresh folder under mcensemble-runs/.
     """
-    from .pipeline import BuildOptions, build_ensemble, fresh_run_dir, train_default_endpoints
+    from .pipeline import build_ensemble, fresh_run_dir, train_default_endpoints
     from .recipes import DEFAULT_RECIPE
     recipe = kw.pop("recipe")
     if not kw["checkpoints"] and not kw["from_run"] and recipe is None:
@@ -687,7 +689,6 @@ def connect(inputs: tuple[str, ...], points: int, path_points: int, out_dir: str
     minimum spanning tree of the barriers, and a path (--method) along each tree edge with
     its saddle loss (Draxler et al. 2018). Finished pairs and edges in --out-dir are reused."""
     from .connect import ConnectOptions, connect_checkpoints
-    from .pipeline import BuildOptions
     align = bool(kw.pop("align"))
     build = BuildOptions(align=False, **{k: kw.pop(k) for k in _PATH_KEYS if k != "align"})
     opts = ConnectOptions(points=points, path_points=path_points, align=align, members=members,

@@ -30,9 +30,22 @@ from typing import Any, Sequence
 
 import torch
 
+from tqdm.auto import tqdm
+
 from . import distributed as dist_
-from ._io import atomic_path, to_json
+from ._io import atomic_path, sha256_file, to_json
+from .align import align_states
+from .bn import has_batchnorm, labelled_batch
+from .data import check_input_fits, create_loader, example_input
+from .ensemble import save_ensemble
 from .errors import BadOptionError, CheckpointError
+from .evaluate import evaluate_state, scan
+from .members import candidate_state, ensemble_metrics, evaluate_candidates, select_members
+from .options import BuildOptions, DataOptions, ModelOptions, check_count
+from .paths import load_path
+from .paths.linear import interpolate
+from .pipeline import PATH_BUILDERS, TRAINED_METHODS, check_method, load_endpoints, unit_graph_of
+from .plot import plot_barrier_matrix, plot_tree
 
 __all__ = ["ConnectOptions", "connect_checkpoints", "minimum_spanning_tree", "checkpoint_files",
            "CHECKPOINT_SUFFIXES", "CONNECT_FORMAT"]
@@ -61,12 +74,8 @@ class ConnectOptions:
 
     def __post_init__(self) -> None:
         for name in ("points", "path_points", "candidates"):
-            v = getattr(self, name)
-            if isinstance(v, bool) or not isinstance(v, int) or v < 2:
-                raise BadOptionError(f"--{name.replace('_', '-')} must be an integer >= 2, got {v!r}",
-                                     option=f"--{name.replace('_', '-')}")
-        if isinstance(self.members, bool) or not isinstance(self.members, int) or self.members < 1:
-            raise BadOptionError(f"--members must be an integer >= 1, got {self.members!r}", option="--members")
+            check_count(getattr(self, name), f"--{name.replace('_', '-')}", minimum=2)
+        check_count(self.members, "--members", minimum=1)
 
 
 def checkpoint_files(inputs: Sequence[str | os.PathLike]) -> list[FsPath]:
@@ -122,7 +131,6 @@ class _Job:
     """What every step needs: the checkpoints, the model, the loaders, the settings."""
 
     def __init__(self, files, cks, net, train, out_dir: FsPath, opts, build, data, graph):
-        from ._io import sha256_file
         self.files, self.cks, self.net, self.train = files, cks, net, train
         self.out, self.opts, self.build, self.data, self.graph = out_dir, opts, build, data, graph
         self.sha = [ck.metadata.get("sha256") or sha256_file(f) for f, ck in zip(files, cks)]
@@ -144,8 +152,6 @@ class _Job:
     def states(self, i: int, j: int) -> tuple[dict, dict]:
         a, b = self.cks[i].state_dict, self.cks[j].state_dict
         if self.opts.align:
-            from .align import align_states
-            from .data import example_input
             if self._example is None:
                 self._example = example_input(self.net, data=self.train)
             b = align_states(self.net, a, b, graph=self.graph, example_input=self._example, seed=self.data.seed,
@@ -179,9 +185,6 @@ class _Job:
 
 def _pair(job: _Job, i: int, j: int) -> dict[str, Any]:
     """Scan the straight line i -> j in this process alone (no collectives)."""
-    from .bn import has_batchnorm
-    from .evaluate import evaluate_state
-    from .paths.linear import interpolate
     t0 = time.perf_counter()
     a, b = job.states(i, j)
     bn = job.train if has_batchnorm(job.net) else None
@@ -202,7 +205,6 @@ def _pair(job: _Job, i: int, j: int) -> dict[str, Any]:
 
 
 def _pairs(job: _Job, progress) -> list[dict[str, Any]]:
-    from tqdm.auto import tqdm
     n = len(job.files)
     all_pairs = [(i, j) for i in range(n) for j in range(i + 1, n)]
     found = dist_.broadcast_object({p: job.reusable("pair", *p) for p in all_pairs})  # rank 0 decides
@@ -220,14 +222,10 @@ def _pairs(job: _Job, progress) -> list[dict[str, Any]]:
 
 def _edge(job: _Job, i: int, j: int, index: int) -> dict[str, Any]:
     """Build and scan the path along tree edge i - j (all processes together)."""
-    from .bn import has_batchnorm
-    from .evaluate import scan
-    from .pipeline import PATH_BUILDERS, TRAINED_METHODS
     t0 = time.perf_counter()
     a, b = job.states(i, j)
     fit_loader = None
     if job.build.method in TRAINED_METHODS:
-        from .data import create_loader
         fit_loader = create_loader(job.data.data, split="train", batch_size=job.data.batch_size, shuffle=True,
                                    seed=job.data.seed, model=job.net)
     path = PATH_BUILDERS[job.build.method](job.net, a, b, opts=job.build, data=job.data, fit_loader=fit_loader,
@@ -261,15 +259,12 @@ def connect_checkpoints(inputs: Sequence[str | os.PathLike], *, out_dir: str | o
     `out_dir` (rank 0) and returns the report. `ensemble`: also write an ensemble file
     there, its members chosen across all the tree's paths on `data.val_data` (required)
     by `members.select_members` (report key `ensemble`)."""
-    from .pipeline import PATH_BUILDERS, BuildOptions, DataOptions, ModelOptions, load_endpoints, unit_graph_of
     model = model or ModelOptions()
     data = data or DataOptions()
     build = build or BuildOptions(method="neb")
     if not isinstance(opts, ConnectOptions):
         raise BadOptionError(f"opts must be a ConnectOptions, got {type(opts).__name__}", option="opts")
-    if build.method not in PATH_BUILDERS:
-        raise BadOptionError(f"unknown method {build.method!r}; choose one of {', '.join(PATH_BUILDERS)}",
-                             option="--method")
+    check_method(build.method, others=())
     out = FsPath(out_dir)
     if out.exists() and not out.is_dir():
         raise BadOptionError(f"--out-dir {out} is a file; give a folder", option="--out-dir")
@@ -297,7 +292,6 @@ def connect_checkpoints(inputs: Sequence[str | os.PathLike], *, out_dir: str | o
         if found is None:
             rec, path = _edge(job, i, j, index)
         else:
-            from .paths import load_path
             rec, path = found, (load_path(out / found["path_file"]) if ensemble is not None else None)
         paths.append(path)
         tree.append({**{k: v for k, v in rec.items() if k not in ("sha256", "settings")},
@@ -316,10 +310,6 @@ def _tree_ensemble(job: _Job, tree: list[dict[str, Any]], paths: list, dest) -> 
     checkpoint once), evaluated on the training data (BN re-estimated) and the validation
     data, chosen by `members.select_members` (the checkpoints are its endpoints), written
     to `dest` (rank 0)."""
-    from .data import check_input_fits, create_loader
-    from .ensemble import save_ensemble
-    from .bn import labelled_batch
-    from .members import candidate_state, ensemble_metrics, evaluate_candidates, select_members
     data, g, n_paths = job.data, job.opts.candidates, len(paths)
     val = create_loader(data.val_data, split="val", batch_size=data.batch_size, shuffle=False, seed=data.seed,
                         model=job.net)
@@ -357,7 +347,6 @@ def _tree_ensemble(job: _Job, tree: list[dict[str, Any]], paths: list, dest) -> 
 
 
 def _train_loader(net, data):
-    from .data import check_input_fits, create_loader
     if not data.data:
         raise BadOptionError("training data is needed: pass --data SPEC (e.g. --data digits)", option="--data")
     train = create_loader(data.data, split="train", batch_size=data.batch_size, shuffle=False, seed=data.seed,
@@ -384,7 +373,6 @@ def _report(job: _Job, pairs, matrix, tree, *, timings) -> dict[str, Any]:
 
 
 def _write_outputs(job: _Job, report: dict[str, Any]) -> None:
-    from .plot import plot_barrier_matrix, plot_tree
     labels = [FsPath(f).name for f in job.files]
     try:
         plot_barrier_matrix(report["matrix"], job.out / "barriers.png", labels=labels,

@@ -183,7 +183,7 @@ def test_three_checkpoints_make_two_joined_paths(mce_mlp_pair, tmp_path):
 
 
 @pytest.mark.parametrize("opts, val, match", [
-    (dict(members=0), None, "--members must be at least 1"),
+    (dict(members=0), None, "--members must be an integer >= 1"),
     (dict(method="nope"), None, "unknown method 'nope'; choose one of linear, bezier, polychain"),
     (dict(method="bezier", bends=0), None, "--bends"),
     (dict(method="bezier", epochs=0), None, "--epochs"),

@@ -17,7 +17,9 @@ Fitting lives in `mcensemble.paths.fit` (`fit_curve`, `CurveConfig`).
 """
 from __future__ import annotations
 
+import dataclasses
 import math
+import os
 from typing import Any, Mapping, Sequence
 
 import torch
@@ -166,6 +168,21 @@ class _CurvePath(Path):
         for k, va in a.items():
             out[k] = _combine(controls, coeffs, k) if is_interpolated(va) else va.clone()
         return out
+
+    # -- building -----------------------------------------------------------------
+    trained = True
+
+    @classmethod
+    def from_options(cls, net, a, b, *, opts, data, fit_loader, bn_loader, index: int = 0,
+                     graph=None) -> "_CurvePath":
+        """`build --method bezier / polychain`: `fit_curve` with `opts.curve` (seeded by
+        `data.seed`) on the shuffled `fit_loader`; `opts.checkpoint_dir` keeps
+        `curve-<index>.safetensors`."""
+        from .fit import fit_curve  # fit imports this module
+        cfg = dataclasses.replace(opts.curve, seed=data.seed)
+        ck = None if opts.checkpoint_dir is None else os.path.join(opts.checkpoint_dir, f"curve-{index}.safetensors")
+        return fit_curve(net, a, b, fit_loader, config=cfg, device=data.device, progress=data.progress,
+                         checkpoint=ck, checkpoint_every=opts.checkpoint_every, resume=opts.resume)
 
     # -- files --------------------------------------------------------------------
     def _file_fields(self) -> dict[str, Any]:

@@ -664,6 +664,12 @@ class DropoutPath(Path):
         i = min(int(pos), self.n_vertices - 2)
         return mix_states(vs[i], vs[i + 1], pos - i)
 
+    @classmethod
+    def from_options(cls, net, a, b, *, opts, data, fit_loader, bn_loader, index: int = 0,
+                     graph=None) -> "DropoutPath":
+        """`build --method dropout`: `build_dropout_path` with BN statistics from `bn_loader`."""
+        return build_dropout_path(net, a, b, bn_loader, graph=graph, device=data.device, progress=data.progress)
+
     def _file_fields(self) -> dict[str, Any]:
         return {"n_vertices": self.n_vertices}
 

@@ -194,6 +194,20 @@ class NebPath(Path):
             out[k] = lerp_tensor(pts[j][k], pts[j + 1][k], s) if is_interpolated(x) else x.clone()
         return out
 
+    trained = True
+
+    @classmethod
+    def from_options(cls, net, a, b, *, opts, data, fit_loader, bn_loader, index: int = 0,
+                     graph=None) -> "NebPath":
+        """`build --method neb`: `fit_neb` with `opts.neb` (None: `NebConfig` with
+        `opts.weight_decay` and `data.seed`) on the shuffled `fit_loader`, pivots' BN on
+        `bn_loader`; `opts.checkpoint_dir` keeps `neb-<index>.safetensors`."""
+        cfg = opts.neb if opts.neb is not None else NebConfig(weight_decay=opts.weight_decay, seed=data.seed)
+        ck = None if opts.checkpoint_dir is None else os.path.join(opts.checkpoint_dir, f"neb-{index}.safetensors")
+        return fit_neb(net, a, b, fit_loader, config=cfg, bn_loader=bn_loader, device=data.device,
+                       progress=data.progress, checkpoint=ck, checkpoint_every=opts.checkpoint_every,
+                       resume=opts.resume)
+
     def _file_fields(self) -> dict[str, Any]:
         return {"pivots": self.n_pivots, "weights": list(self.weights)}
 

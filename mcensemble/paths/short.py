@@ -641,6 +641,13 @@ class ShortPath(DropoutPath):
     _decode_delta = staticmethod(_decode_short)
 
     @classmethod
+    def from_options(cls, net, a, b, *, opts, data, fit_loader, bn_loader, index: int = 0,
+                     graph=None) -> "ShortPath":
+        """`build --method short`: `build_short_path` on `bn_loader`, its searches seeded by `data.seed`."""
+        return build_short_path(net, a, b, bn_loader, graph=graph, device=data.device, progress=data.progress,
+                                seed=data.seed)
+
+    @classmethod
     def _from_file(cls, groups: dict[str, StateDict], meta: dict[str, Any]) -> "ShortPath":
         # every vertex between the ends has a delta group, so the groups bound n_vertices
         n = meta_field(meta, "n_vertices", "int", where="short path", lo=2, hi=len(groups))
