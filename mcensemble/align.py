@@ -192,7 +192,7 @@ def weight_matching(graph: UnitGraph, a_state: Mapping[str, torch.Tensor],
     """
     if isinstance(max_iter, bool) or not isinstance(max_iter, int) or max_iter < 1:
         raise BadOptionError(f"max_iter must be a positive integer, got {max_iter!r}",
-                             option="--max-iter")
+                             option="max_iter")
     graph.validate(a_state)
     graph.validate(b_state)
     perms = {g.name: torch.arange(g.size) for g in graph.groups}
@@ -337,7 +337,7 @@ def _channel_stats(net: nn.Module, points: list[_Point], loader: Iterable[Any], 
             h.remove()
     if not seen:
         raise DataSpecError("REPAIR: the data loader yielded no batches to measure channel "
-                            "statistics on; give a non-empty training data set", option="--data")
+                            "statistics on; give a non-empty training data set", option="data")
     out = {}
     for name, (s, ss, n) in acc.items():
         mean = s / n

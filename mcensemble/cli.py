@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import json
 import logging
+import re
 import sys
 from pathlib import Path as FsPath
 from typing import Any, Callable
@@ -19,12 +20,43 @@ from .options import BuildOptions, CurveConfig, DataOptions, ModelOptions
 __all__ = ["main"]
 
 
+#: the one table from a library parameter (what `BadOptionError.option` and the `name`s in
+#: library messages say) to the command-line flag that sets it
+PARAM_FLAGS: dict[str, str] = {
+    "arch": "--arch", "model": "--model", "num_classes": "--num-classes", "in_chans": "--in-chans",
+    "ema": "--ema", "graph": "--unit-graph", "unit_graph": "--unit-graph",
+    "data": "--data", "val_data": "--val-data", "test_data": "--test-data", "batch_size": "--batch-size",
+    "workers": "--workers", "seed": "--seed", "device": "--device", "precision": "--precision",
+    "method": "--method", "kind": "--method", "bends": "--bends", "epochs": "--epochs", "lr": "--lr", "weight_decay": "--weight-decay",
+    "align": "--align", "repair": "--repair", "points": "--points", "path_points": "--path-points",
+    "plane": "--plane", "plane_grid": "--plane-grid", "path": "--path",
+    "members": "--members", "candidates": "--candidates", "selection": "--selection", "dtype": "--save-dtype",
+    "path_out": "--path-out", "out_dir": "--out-dir", "checkpoint": "--checkpoint-dir",
+    "checkpoint_every": "--checkpoint-every", "resume": "--resume", "from_run": "--from-run", "top_k": "--top-k",
+    "metric_mode": "--metric-mode", "recipe": "--recipe", "verify": "--verify", "search_steps": "--search-steps",
+    "trust_remote_code": "--trust-remote-code",
+}
+
+
+def _flag_words(message: str, option: str | None) -> str:
+    """A library message in the CLI's words: each `name` of `PARAM_FLAGS` becomes its flag,
+    and so does the error's own `option` opening the message ("members must be ..." ->
+    "--members must be ...")."""
+    message = re.sub(r"`(\w+)`", lambda m: PARAM_FLAGS.get(m.group(1), m.group(0)), message)
+    if option in PARAM_FLAGS and re.match(rf"{re.escape(option)} must\b", message):
+        message = PARAM_FLAGS[option] + message[len(option):]
+    return message
+
+
 def _click_error(e: MCEnsembleError, ctx: click.Context) -> click.ClickException:
+    option = getattr(e, "option", None)
+    message = _flag_words(str(e), option)
     if isinstance(e, BadOptionError):
-        if e.option and e.option.startswith("--") and e.option not in str(e):
-            return click.BadParameter(str(e), ctx=ctx, param_hint=e.option)
-        return click.UsageError(str(e), ctx=ctx)
-    exc = click.ClickException(str(e))
+        flag = PARAM_FLAGS.get(option or "", option)
+        if flag and flag.startswith("--") and flag not in message:
+            return click.BadParameter(message, ctx=ctx, param_hint=flag)
+        return click.UsageError(message, ctx=ctx)
+    exc = click.ClickException(message)
     exc.exit_code = getattr(e, "exit_code", 1)  # an interrupted fit: 130 (SIGINT) / 143 (SIGTERM)
     return exc
 

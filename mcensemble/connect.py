@@ -74,8 +74,8 @@ class ConnectOptions:
 
     def __post_init__(self) -> None:
         for name in ("points", "path_points", "candidates"):
-            check_count(getattr(self, name), f"--{name.replace('_', '-')}", minimum=2)
-        check_count(self.members, "--members", minimum=1)
+            check_count(getattr(self, name), name, minimum=2)
+        check_count(self.members, "members", minimum=1)
 
 
 def checkpoint_files(inputs: Sequence[str | os.PathLike]) -> list[FsPath]:
@@ -267,10 +267,10 @@ def connect_checkpoints(inputs: Sequence[str | os.PathLike], *, out_dir: str | o
     check_method(build.method, others=())
     out = FsPath(out_dir)
     if out.exists() and not out.is_dir():
-        raise BadOptionError(f"--out-dir {out} is a file; give a folder", option="--out-dir")
+        raise BadOptionError(f"`out_dir` {out} is a file; give a folder", option="out_dir")
     if ensemble is not None and not data.val_data:
-        raise BadOptionError("an ensemble from the tree chooses its members on held-out data: pass --val-data SPEC",
-                             option="--val-data")
+        raise BadOptionError("an ensemble from the tree chooses its members on held-out data: pass `val_data` SPEC",
+                             option="val_data")
     files = checkpoint_files(inputs)
     t0 = time.perf_counter()
     cks = load_endpoints(files, model)
@@ -327,7 +327,7 @@ def _tree_ensemble(job: _Job, tree: list[dict[str, Any]], paths: list, dest) -> 
             points.append((p, t, (p + t) / n_paths))
     cands = evaluate_candidates(paths, job.net, points, train_loader=job.train, val_loader=val,
                                 device=data.device, progress=data.progress)
-    labels = torch.cat([labelled_batch(b, what="choosing members on --val-data")[1] for b in val])
+    labels = torch.cat([labelled_batch(b, what="choosing members on `val_data`")[1] for b in val])
     sel = select_members(cands, labels, max_members=job.opts.members, endpoints=sorted(ckpt_of), seed=data.seed)
     chosen = [cands[i] for i in sel.indices]
     states = [candidate_state(paths[c.path], c) for c in chosen]
@@ -348,7 +348,7 @@ def _tree_ensemble(job: _Job, tree: list[dict[str, Any]], paths: list, dest) -> 
 
 def _train_loader(net, data):
     if not data.data:
-        raise BadOptionError("training data is needed: pass --data SPEC (e.g. --data digits)", option="--data")
+        raise BadOptionError("training data is needed: pass `data` SPEC (e.g. `data` digits)", option="data")
     train = create_loader(data.data, split="train", batch_size=data.batch_size, shuffle=False, seed=data.seed,
                           model=net)
     check_input_fits(net, train, spec=data.data)

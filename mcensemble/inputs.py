@@ -53,7 +53,7 @@ def data_loaders(model: torch.nn.Module, d: DataOptions):
     """(training loader, validation loader or None), unshuffled, checked against the model
     and against each other's classes."""
     if not d.data:
-        raise BadOptionError("training data is needed: pass --data SPEC (e.g. --data digits)", option="--data")
+        raise BadOptionError("training data is needed: pass `data` SPEC (e.g. `data` digits)", option="data")
     train = create_loader(d.data, split="train", batch_size=d.batch_size, shuffle=False, seed=d.seed, model=model)
     check_input_fits(model, train, spec=d.data)
     val = None

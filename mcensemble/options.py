@@ -71,22 +71,22 @@ def validate_curve_config(config: CurveConfig) -> None:
     it when made."""
     if config.kind not in CURVE_KINDS:
         raise BadOptionError(f"unknown curve kind {config.kind!r}; choose one of {', '.join(CURVE_KINDS)}",
-                             option="--method")
+                             option="method")
     if not _is_int(config.bends) or config.bends < 1:
-        raise BadOptionError(f"--bends must be an integer >= 1, got {config.bends!r}", option="--bends")
+        raise BadOptionError(f"`bends` must be an integer >= 1, got {config.bends!r}", option="bends")
     if not _is_int(config.epochs) or config.epochs < 1:
-        raise BadOptionError(f"--epochs must be an integer >= 1, got {config.epochs!r}", option="--epochs")
+        raise BadOptionError(f"`epochs` must be an integer >= 1, got {config.epochs!r}", option="epochs")
     if not _is_number(config.lr) or not config.lr > 0 or config.lr == float("inf"):
-        raise BadOptionError(f"--lr must be a positive number, got {config.lr!r}", option="--lr")
+        raise BadOptionError(f"`lr` must be a positive number, got {config.lr!r}", option="lr")
     if not _is_number(config.momentum) or not 0 <= config.momentum < 1:
-        raise BadOptionError(f"--momentum must be in [0, 1), got {config.momentum!r}", option="--momentum")
+        raise BadOptionError(f"`momentum` must be in [0, 1), got {config.momentum!r}", option="momentum")
     if not _is_number(config.weight_decay) or not config.weight_decay >= 0:
-        raise BadOptionError(f"--weight-decay must be >= 0, got {config.weight_decay!r}", option="--weight-decay")
+        raise BadOptionError(f"`weight_decay` must be >= 0, got {config.weight_decay!r}", option="weight_decay")
     if config.max_grad_norm is not None and (not _is_number(config.max_grad_norm) or not config.max_grad_norm > 0):
-        raise BadOptionError(f"--max-grad-norm must be a positive number or None, got {config.max_grad_norm!r}",
-                             option="--max-grad-norm")
+        raise BadOptionError(f"`max_grad_norm` must be a positive number or None, got {config.max_grad_norm!r}",
+                             option="max_grad_norm")
     if not _is_int(config.seed):
-        raise BadOptionError(f"--seed must be an integer, got {config.seed!r}", option="--seed")
+        raise BadOptionError(f"`seed` must be an integer, got {config.seed!r}", option="seed")
 
 
 @dataclass
@@ -152,11 +152,11 @@ class BuildOptions:
     curve: CurveConfig | None = field(init=False, repr=False, compare=False, default=None)
 
     def __post_init__(self) -> None:
-        check_count(self.members, "--members", minimum=1)
+        check_count(self.members, "members", minimum=1)
         if self.selection not in SELECTIONS:
-            raise BadOptionError(f"--selection must be auto, greedy or uniform, got {self.selection!r}",
-                                 option="--selection")
-        check_count(self.candidates, "--candidates", minimum=2)
+            raise BadOptionError(f"`selection` must be auto, greedy or uniform, got {self.selection!r}",
+                                 option="selection")
+        check_count(self.candidates, "candidates", minimum=2)
         if self.method in CURVE_KINDS:
             object.__setattr__(self, "curve", CurveConfig(kind=self.method, bends=self.bends, epochs=self.epochs,
                                                           lr=self.lr, weight_decay=self.weight_decay))

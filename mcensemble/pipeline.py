@@ -78,7 +78,7 @@ def check_method(method: str, *, others: Sequence[str] = OTHER_METHODS) -> None:
         close = difflib.get_close_matches(method, known, n=1)
         hint = f" Did you mean {close[0]!r}?" if close else ""
         raise BadOptionError(f"unknown method {method!r}; choose one of {', '.join(known)}.{hint}",
-                             option="--method")
+                             option="method")
 
 
 def scan_checkpoints(files: Sequence[str | os.PathLike], *, model: ModelOptions, data: DataOptions,
@@ -88,16 +88,16 @@ def scan_checkpoints(files: Sequence[str | os.PathLike], *, model: ModelOptions,
     otherwise; aligned first with `opts.align`). Returns the JSON-ready report. `plane`: also
     draw the plane through A, B and the bend (curve methods) as a PNG there."""
     opts = opts or BuildOptions(method="linear")
-    check_count(points, "--points", minimum=2)
+    check_count(points, "points", minimum=2)
     if len(files) != 2:
         raise BadOptionError("scan takes exactly two checkpoints", option="CHECKPOINTS")
     check_method(opts.method)
     if opts.repair and opts.method != "linear":
-        raise BadOptionError("--repair rescales points of the straight line: use it with --method linear",
-                             option="--repair")
+        raise BadOptionError("`repair` rescales points of the straight line: use it with `method` linear",
+                             option="repair")
     if plane is not None and opts.method not in ("bezier", "polychain"):
-        raise BadOptionError(f"a {opts.method} path has no bend: --plane needs --method bezier or polychain "
-                             "(or --path FILE of such a path)", option="--plane")
+        raise BadOptionError(f"a {opts.method} path has no bend: `plane` needs `method` bezier or polychain "
+                             "(or `path` FILE of such a path)", option="plane")
     a, b = load_endpoints(files, model)
     net = a.build_model().to(data.device)
     train, val = data_loaders(net, data)
@@ -116,8 +116,8 @@ def scan_checkpoints(files: Sequence[str | os.PathLike], *, model: ModelOptions,
 def _scan_report(path, net, train, val, data: DataOptions, points: int, *, plane=None,
                  plane_grid: int = 11) -> dict[str, Any]:
     if plane is not None and "bend.0" not in getattr(path, "groups", {}):
-        raise BadOptionError(f"a {path.kind} path has no bend: --plane needs --method bezier or polychain "
-                             "(or --path FILE of such a path)", option="--plane")
+        raise BadOptionError(f"a {path.kind} path has no bend: `plane` needs `method` bezier or polychain "
+                             "(or `path` FILE of such a path)", option="plane")
     result = scan(path, net, train, points=points, val_loader=val, bn_loader=train, device=data.device,
                   progress=data.progress)
     report = result.to_dict()
@@ -144,8 +144,8 @@ def scan_path_file(file: str | os.PathLike, *, model: ModelOptions, data: DataOp
     if spec is None:
         spec = path.model_spec
         if spec is None or spec.entry:
-            raise BadOptionError(f"{file} does not name a timm architecture; pass --arch NAME or --model "
-                                 "module:function", option="--model")
+            raise BadOptionError(f"{file} does not name a timm architecture; pass `arch` NAME or `model` "
+                                 "module:function", option="model")
         net = create_model(spec, trust_entry=False)
     else:
         net = as_factory(spec)()
@@ -221,14 +221,14 @@ def _check_build_request(files: Sequence, opts: BuildOptions, data: DataOptions,
     """Validate a build before any file is read; returns whether members are chosen greedily."""
     check_method(opts.method)
     if path_out is not None and len(files) != 2:
-        raise BadOptionError("--path-out needs exactly two checkpoints (one path)", option="--path-out")
+        raise BadOptionError("`path_out` needs exactly two checkpoints (one path)", option="path_out")
     greedy = opts.selection == "greedy" or (opts.selection == "auto" and bool(data.val_data))
     if greedy and not data.val_data:
-        raise BadOptionError("--selection greedy needs --val-data", option="--selection")
+        raise BadOptionError("`selection` greedy needs `val_data`", option="selection")
     n_grid = max(len(files) - 1, 1) * (opts.candidates - 1) + 1
     if greedy and opts.members > n_grid:
-        raise BadOptionError(f"--members {opts.members} is more than the {n_grid} candidate points; "
-                             "raise --candidates or lower --members", option="--members")
+        raise BadOptionError(f"`members` {opts.members} is more than the {n_grid} candidate points; "
+                             "raise `candidates` or lower `members`", option="members")
     return greedy
 
 
@@ -266,7 +266,7 @@ def _choose_members(paths: list, ends: list, net, train, val, opts: BuildOptions
 
 
 def _labels(loader) -> torch.Tensor:
-    return torch.cat([labelled_batch(b, what="choosing members on --val-data")[1] for b in loader])
+    return torch.cat([labelled_batch(b, what="choosing members on `val_data`")[1] for b in loader])
 
 
 def build_ensemble(files: Sequence[str | os.PathLike], *, model: ModelOptions, data: DataOptions,
@@ -402,7 +402,7 @@ def build_fge(files: Sequence[str | os.PathLike], *, model: ModelOptions, data: 
     with a cyclical learning rate for `opts.epochs` epochs split into `opts.members` cycles,
     one snapshot at each cycle's low point (`lr / 100`), BN re-estimated for each member."""
     if len(files) != 1:
-        raise BadOptionError(f"--method fge starts from one checkpoint, got {len(files)}", option="--method")
+        raise BadOptionError(f"`method` fge starts from one checkpoint, got {len(files)}", option="method")
     t0 = time.perf_counter()
     ck = load_checkpoint(files[0], model=model_arg(model), ema=model.ema)
     net = ck.build_model().to(data.device)
@@ -460,7 +460,7 @@ def pack_files(a_file: str | os.PathLike, b_file: str | os.PathLike, out: str | 
     "dropout" (layered networks) or "short" (D_S(A) and D_T(B), every group dropped at once:
     residual and squeeze-excite networks too)."""
     if method not in ("dropout", "short"):
-        raise BadOptionError(f"pack --method must be dropout or short, got {method!r}", option="--method")
+        raise BadOptionError(f"pack `method` must be dropout or short, got {method!r}", option="method")
     a, b = load_endpoints([a_file, b_file], model)
     net = a.build_model().to(data.device)
     train, val = data_loaders(net, data)

@@ -388,3 +388,14 @@ def test_python_m_mcensemble_help():
     for cmd in ("inspect", "scan", "build", "eval"):
         assert cmd in p.stdout
     assert "--debug" in p.stdout
+
+
+def test_library_parameters_are_named_by_their_flags():
+    """Library errors name Python parameters; the CLI shows its flags through one table."""
+    from mcensemble.cli import PARAM_FLAGS, _flag_words, main
+    flags = {o for cmd in main.commands.values() for p in cmd.params for o in [*p.opts, *p.secondary_opts]}
+    assert set(PARAM_FLAGS.values()) <= flags
+    assert _flag_words("members must be an integer >= 1, got 0", "members") == "--members must be an integer >= 1, got 0"
+    assert _flag_words("`members` 4 is more than 3; raise `candidates`", "members") == "--members 4 is more than 3; " \
+                                                                                         "raise --candidates"
+    assert _flag_words("insert must be >= 1 (`halves` too)", "insert") == "insert must be >= 1 (`halves` too)"

@@ -20,9 +20,9 @@ def test_importing_options_does_not_import_torch():
 
 
 @pytest.mark.parametrize("kw, option", [
-    (dict(members=0), "--members"), (dict(members=1.5), "--members"), (dict(candidates=1), "--candidates"),
-    (dict(selection="best"), "--selection"), (dict(method="bezier", bends=0), "--bends"),
-    (dict(method="polychain", lr=-1.0), "--lr"),
+    (dict(members=0), "members"), (dict(members=1.5), "members"), (dict(candidates=1), "candidates"),
+    (dict(selection="best"), "selection"), (dict(method="bezier", bends=0), "bends"),
+    (dict(method="polychain", lr=-1.0), "lr"),
 ])
 def test_build_options_are_checked_when_made(kw, option):
     with pytest.raises(BadOptionError) as e:

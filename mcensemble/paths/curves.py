@@ -76,7 +76,7 @@ def curve_coefficients(kind: str, t: float, n: int) -> list[float]:
         fn = CURVE_KINDS[kind]
     except KeyError:
         raise BadOptionError(f"unknown curve kind {kind!r}; choose one of {', '.join(CURVE_KINDS)}",
-                             option="--method") from None
+                             option="method") from None
     return fn(t, n)
 
 
@@ -118,7 +118,7 @@ class _CurvePath(Path):
         bends = list(bends)
         if len(bends) < 1:
             raise BadOptionError(f"a {self.kind} path needs at least one bend, got {len(bends)}",
-                                 option="--bends")
+                                 option="bends")
         floating = [k for k, v in a.items() if is_interpolated(v)]
         groups: dict[str, Mapping[str, torch.Tensor]] = {"endpoint.0": a, "endpoint.1": b}
         for i, bend in enumerate(bends):

@@ -71,8 +71,8 @@ def _steps_per_epoch(loader) -> int:
     except TypeError:
         n = sum(1 for _ in loader)
     if n < 1:
-        raise BadOptionError("the training data loader yields no batches; check --data and --batch-size",
-                             option="--data")
+        raise BadOptionError("the training data loader yields no batches; check `data` and `batch_size`",
+                             option="data")
     return n
 
 
