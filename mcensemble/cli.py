@@ -15,7 +15,7 @@ from typing import Any, Callable
 import click
 
 from .errors import BadOptionError, MCEnsembleError
-from .options import BuildOptions, CurveConfig, DataOptions, ModelOptions
+from .options import BuildOptions, ConnectOptions, CurveConfig, DataOptions, ModelOptions
 
 __all__ = ["main"]
 
@@ -704,23 +704,24 @@ def pack(a: str, b: str, out: str, method: str, report: str | None, **kw: Any) -
 @data_options
 @run_options
 @path_options("neb")
-@click.option("--points", type=int, default=11, show_default=True,
+@click.option("--points", type=int, default=ConnectOptions.points, show_default=True,
               help="Points per pair on the straight line (the barrier matrix).")
-@click.option("--path-points", type=int, default=21, show_default=True,
+@click.option("--path-points", type=int, default=ConnectOptions.path_points, show_default=True,
               help="Points along each tree edge's path (its saddle).")
 @click.option("--out-dir", required=True, metavar="DIR",
               help="Where connect.json, barriers.png, tree.png and the finished pairs and paths go (rerun to resume).")
 @click.option("--out", metavar="ENS.safetensors",
               help="Also write an ensemble whose members are chosen across all the tree's paths on --val-data.")
-@click.option("--members", type=int, default=4, show_default=True, help="Most distinct members of --out.")
-@click.option("--candidates", type=int, default=11, show_default=True,
+@click.option("--members", type=int, default=ConnectOptions.members, show_default=True,
+              help="Most distinct members of --out.")
+@click.option("--candidates", type=int, default=ConnectOptions.candidates, show_default=True,
               help="Points per tree path evaluated for --out's choice (ends included).")
 def connect(inputs: tuple[str, ...], points: int, path_points: int, out_dir: str, out: str | None, members: int,
             candidates: int, **kw: Any) -> None:
     """Connect many checkpoints (files, or folders of them): the barrier of every pair, the
     minimum spanning tree of the barriers, and a path (--method) along each tree edge with
     its saddle loss (Draxler et al. 2018). Finished pairs and edges in --out-dir are reused."""
-    from .connect import ConnectOptions, connect_checkpoints
+    from .connect import connect_checkpoints
     align = bool(kw.pop("align"))
     build = BuildOptions(align=False, **{k: kw.pop(k) for k in _PATH_KEYS if k != "align"})
     opts = ConnectOptions(points=points, path_points=path_points, align=align, members=members,

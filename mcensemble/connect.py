@@ -24,7 +24,6 @@ import json
 import logging
 import os
 import time
-from dataclasses import dataclass
 from pathlib import Path as FsPath
 from typing import Any, Sequence
 
@@ -41,7 +40,7 @@ from .ensemble import save_ensemble
 from .errors import BadOptionError, CheckpointError
 from .evaluate import evaluate_state, scan
 from .members import candidate_state, ensemble_metrics, evaluate_candidates, select_members
-from .options import BuildOptions, DataOptions, ModelOptions, check_count
+from .options import BuildOptions, ConnectOptions, DataOptions, ModelOptions
 from .paths import load_path
 from .paths.linear import interpolate
 from .pipeline import PATH_BUILDERS, TRAINED_METHODS, check_method, load_endpoints, unit_graph_of
@@ -55,27 +54,6 @@ log = logging.getLogger(__name__)
 CONNECT_FORMAT = "mcensemble-connect"
 #: file names taken from a folder of checkpoints
 CHECKPOINT_SUFFIXES = (".safetensors", ".pt", ".pth", ".pth.tar", ".ckpt", ".bin")
-
-
-@dataclass(frozen=True)
-class ConnectOptions:
-    """points: t per pair on the straight line (>= 2); path_points: t along each tree path
-    (>= 2); align: permute each pair's second checkpoint to match the first before its scan
-    and its path; members, candidates: the ensemble from the tree (`connect_checkpoints(
-    ensemble=...)`): at most `members` distinct members chosen on the validation data among
-    `candidates` points per tree path (ends included). How the tree's paths are made comes
-    from a `pipeline.BuildOptions`."""
-
-    points: int = 11
-    path_points: int = 21
-    align: bool = False
-    members: int = 4
-    candidates: int = 11
-
-    def __post_init__(self) -> None:
-        for name in ("points", "path_points", "candidates"):
-            check_count(getattr(self, name), name, minimum=2)
-        check_count(self.members, "members", minimum=1)
 
 
 def checkpoint_files(inputs: Sequence[str | os.PathLike]) -> list[FsPath]:

@@ -14,7 +14,7 @@ from ._io import is_int as _is_int
 from .errors import BadOptionError
 
 __all__ = ["CURVE_KINDS", "CurveConfig", "validate_curve_config", "check_count", "ModelOptions", "DataOptions",
-           "BuildOptions", "SELECTIONS"]
+           "BuildOptions", "ConnectOptions", "SELECTIONS"]
 
 #: the curve kinds `CurveConfig.kind` takes (`paths.curves` holds their coefficients)
 CURVE_KINDS = ("bezier", "polychain")
@@ -160,3 +160,24 @@ class BuildOptions:
         if self.method in CURVE_KINDS:
             object.__setattr__(self, "curve", CurveConfig(kind=self.method, bends=self.bends, epochs=self.epochs,
                                                           lr=self.lr, weight_decay=self.weight_decay))
+
+
+@dataclass(frozen=True)
+class ConnectOptions:
+    """points: t per pair on the straight line (>= 2); path_points: t along each tree path
+    (>= 2); align: permute each pair's second checkpoint to match the first before its scan
+    and its path; members, candidates: the ensemble from the tree (`connect_checkpoints(
+    ensemble=...)`): at most `members` distinct members chosen on the validation data among
+    `candidates` points per tree path (ends included). How the tree's paths are made comes
+    from a `BuildOptions`."""
+
+    points: int = 11
+    path_points: int = 21
+    align: bool = False
+    members: int = 4
+    candidates: int = 11
+
+    def __post_init__(self) -> None:
+        for name in ("points", "path_points", "candidates"):
+            check_count(getattr(self, name), name, minimum=2)
+        check_count(self.members, "members", minimum=1)
