@@ -353,7 +353,7 @@ def verify_file(path: str | os.PathLike) -> tuple[str, int | None]:
     doc = read_header(path).document("mcensemble")
     fmt = doc.get("format") if isinstance(doc, dict) else None
     if fmt not in ("mcensemble-ensemble", "mcensemble-path"):
-        raise CheckpointError(f"{path}: --verify checks mcensemble ensemble and path files, which record a "
+        raise CheckpointError(f"{path}: `verify` checks mcensemble ensemble and path files, which record a "
                               f"SHA-256 per tensor; this file is {'a ' + repr(fmt) if fmt else 'not one'} "
                               "(compare a checkpoint's sha256, shown by inspect, with a known one instead)")
     return fmt, verify_tensor_hashes(path, doc.get(HASHES_KEY))

@@ -45,10 +45,11 @@ from ._modes import modes_kept
 from .bn import batch_input, has_batchnorm, update_bn
 from .errors import BadOptionError, DataSpecError
 from .models import ModelLike, as_factory
+from .paths.linear import interpolate
 from .units import UnitGraph, UnitGraphError, UnitGroup, build_unit_graph, permute_state_dict
 
 __all__ = ["AlignResult", "weight_matching", "align_states", "matching_objective", "Repair",
-           "repair"]
+           "repair", "RepairedPath"]
 
 log = logging.getLogger(__name__)
 
@@ -191,7 +192,7 @@ def weight_matching(graph: UnitGraph, a_state: Mapping[str, torch.Tensor],
     """
     if isinstance(max_iter, bool) or not isinstance(max_iter, int) or max_iter < 1:
         raise BadOptionError(f"max_iter must be a positive integer, got {max_iter!r}",
-                             option="--max-iter")
+                             option="max_iter")
     graph.validate(a_state)
     graph.validate(b_state)
     perms = {g.name: torch.arange(g.size) for g in graph.groups}
@@ -336,7 +337,7 @@ def _channel_stats(net: nn.Module, points: list[_Point], loader: Iterable[Any], 
             h.remove()
     if not seen:
         raise DataSpecError("REPAIR: the data loader yielded no batches to measure channel "
-                            "statistics on; give a non-empty training data set", option="--data")
+                            "statistics on; give a non-empty training data set", option="data")
     out = {}
     for name, (s, ss, n) in acc.items():
         mean = s / n
@@ -444,7 +445,22 @@ def repair(model: ModelLike, a_state: Mapping[str, torch.Tensor], b_state: Mappi
            device: str | torch.device = "cpu", max_batches: int | None = None) -> StateDict:
     """The REPAIRed state at `t` of the straight line from A to B (one-off; build a
     `Repair` once to repair many points of the same pair)."""
-    from .paths.linear import interpolate
-
     r = Repair(model, a_state, b_state, loader, graph=graph, device=device, max_batches=max_batches)
     return r(interpolate(a_state, b_state, t), t)
+
+
+class RepairedPath:
+    """A straight line whose interior points get REPAIR (Jordan et al. 2022): each hidden
+    channel's statistics rescaled to the interpolation of the endpoints' (see `Repair`).
+    `path`: a `paths.LinearPath`; `net`, `loader`, `device`: as for `Repair`."""
+
+    kind = "linear"
+
+    def __init__(self, path, net, loader, *, device="cpu"):
+        self.path, self.endpoints, self.groups = path, path.endpoints, path.groups
+        self.certificate = None
+        self._repair = Repair(net, *path.endpoints, loader, device=device)
+
+    def state_at(self, t: float) -> dict:
+        state = self.path.state_at(t)
+        return state if t in (0.0, 1.0) else self._repair(state, t)

@@ -47,13 +47,13 @@ def has_batchnorm(model: nn.Module) -> bool:
 def batch_input(batch: Any) -> torch.Tensor:
     """The model input of one loader batch: the tensor itself, the first element of a
     tuple / list, or the `"image"` / `"input"` (/ `"x"`, `"pixel_values"`, `"inputs"`,
-    `"images"`) entry of a dict; anything else -> `DataSpecError(option="--data")`."""
+    `"images"`) entry of a dict; anything else -> `DataSpecError(option="data")`."""
     if isinstance(batch, torch.Tensor):
         return batch
     if isinstance(batch, (list, tuple)):
         if not batch:
             raise DataSpecError("a data batch is an empty tuple/list; expected (inputs, labels)",
-                                option="--data")
+                                option="data")
         return batch[0]
     if isinstance(batch, dict):
         for key in _INPUT_KEYS:
@@ -62,10 +62,10 @@ def batch_input(batch: Any) -> torch.Tensor:
         raise DataSpecError(
             f"a data batch is a dict with keys {sorted(map(str, batch))}, none of which is an input "
             f"key ({', '.join(repr(k) for k in _INPUT_KEYS)}); return (inputs, labels) tuples or "
-            "name the input 'image' or 'input'", option="--data")
+            "name the input 'image' or 'input'", option="data")
     raise DataSpecError(
         f"a data batch is a {type(batch).__name__}; expected a tensor, an (inputs, labels) tuple "
-        "or a dict with an 'image' / 'input' entry", option="--data")
+        "or a dict with an 'image' / 'input' entry", option="data")
 
 
 def split_batch(batch: Any) -> tuple[torch.Tensor, Any]:
@@ -82,11 +82,11 @@ def split_batch(batch: Any) -> tuple[torch.Tensor, Any]:
 
 def labelled_batch(batch: Any, *, what: str = "this") -> tuple[torch.Tensor, torch.Tensor]:
     """`split_batch` for code that needs labels: (inputs, labels as a tensor); a batch
-    without labels -> `DataSpecError(option="--data")` saying that `what` needs them."""
+    without labels -> `DataSpecError(option="data")` saying that `what` needs them."""
     x, y = split_batch(batch)
     if y is None:
         raise DataSpecError(f"a data batch has no labels; {what} needs (inputs, labels) batches "
-                            "or dicts with a 'label' / 'target' entry", option="--data")
+                            "or dicts with a 'label' / 'target' entry", option="data")
     return x, torch.as_tensor(y)
 
 
@@ -251,7 +251,7 @@ def update_bn(model: nn.Module, loader: Iterable[Any], *, device: str | torch.de
                 seen = _combine_across_processes(bns, seen)
             if seen == 0:
                 raise DataSpecError("cannot re-estimate BatchNorm statistics: the data loader yielded no "
-                                    "batches; give a non-empty training data set", option="--data")
+                                    "batches; give a non-empty training data set", option="data")
             log.debug("re-estimated BatchNorm statistics of %d layers on %d batches", len(bns), seen)
             ok = True
         finally:

@@ -85,8 +85,8 @@ class Checkpoint:
             spec = self.model_spec
             if spec is None:
                 raise CheckpointError(
-                    f"{name}: the file does not say which model it holds; pass --arch NAME "
-                    "(a timm architecture) or --model module:function (model= in Python)")
+                    f"{name}: the file does not say which model it holds; pass `arch` NAME "
+                    "(a timm architecture) or `model` module:function (model= in Python)")
             factory = as_factory(spec)
             shapes = meta_shapes(factory)
             if shapes is not None:
@@ -183,7 +183,7 @@ def check_same_architecture(a: Mapping[str, Any], b: Mapping[str, Any], *,
         parts.append(f"unexpected in {nb}: {_few(unexpected)}")
     raise ArchitectureMismatchError(
         f"{na} and {nb} do not share an architecture: " + "; ".join(parts)
-        + ". Check --arch / --model and --num-classes / --in-chans, or that both files "
+        + ". Check `arch` / `model` and `num_classes` / `in_chans`, or that both files "
         "come from the same model.")
 
 
@@ -322,8 +322,8 @@ def _reader(fmt: str) -> Callable[[_Reader], _Reader]:
 def _no_ema(ctx: _Ctx, what: str) -> None:
     if ctx.ema:
         raise CheckpointError(
-            f"{ctx.path}: EMA weights were asked for (--ema / ema=True) but this {what} has "
-            "none; drop --ema to use its weights")
+            f"{ctx.path}: EMA weights were asked for (`ema` / ema=True) but this {what} has "
+            "none; drop `ema` to use its weights")
 
 
 @_reader("timm-train")

@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import json
 import logging
+import re
 import sys
 from pathlib import Path as FsPath
 from typing import Any, Callable
@@ -14,16 +15,48 @@ from typing import Any, Callable
 import click
 
 from .errors import BadOptionError, MCEnsembleError
+from .options import BuildOptions, ConnectOptions, CurveConfig, DataOptions, ModelOptions
 
 __all__ = ["main"]
 
 
+#: the one table from a library parameter (what `BadOptionError.option` and the `name`s in
+#: library messages say) to the command-line flag that sets it
+PARAM_FLAGS: dict[str, str] = {
+    "arch": "--arch", "model": "--model", "num_classes": "--num-classes", "in_chans": "--in-chans",
+    "ema": "--ema", "graph": "--unit-graph", "unit_graph": "--unit-graph",
+    "data": "--data", "val_data": "--val-data", "test_data": "--test-data", "batch_size": "--batch-size",
+    "workers": "--workers", "seed": "--seed", "device": "--device", "precision": "--precision",
+    "method": "--method", "kind": "--method", "bends": "--bends", "epochs": "--epochs", "lr": "--lr", "weight_decay": "--weight-decay",
+    "align": "--align", "repair": "--repair", "points": "--points", "path_points": "--path-points",
+    "plane": "--plane", "plane_grid": "--plane-grid", "path": "--path",
+    "members": "--members", "candidates": "--candidates", "selection": "--selection", "dtype": "--save-dtype",
+    "path_out": "--path-out", "out_dir": "--out-dir", "checkpoint": "--checkpoint-dir",
+    "checkpoint_every": "--checkpoint-every", "resume": "--resume", "from_run": "--from-run", "top_k": "--top-k",
+    "metric_mode": "--metric-mode", "recipe": "--recipe", "verify": "--verify", "search_steps": "--search-steps",
+    "trust_remote_code": "--trust-remote-code", "scale": "--noise-scale", "examples": "--noise-examples",
+}
+
+
+def _flag_words(message: str, option: str | None) -> str:
+    """A library message in the CLI's words: each `name` of `PARAM_FLAGS` becomes its flag,
+    and so does the error's own `option` opening the message ("members must be ..." ->
+    "--members must be ...")."""
+    message = re.sub(r"`(\w+)`", lambda m: PARAM_FLAGS.get(m.group(1), m.group(0)), message)
+    if option in PARAM_FLAGS and re.match(rf"{re.escape(option)} must\b", message):
+        message = PARAM_FLAGS[option] + message[len(option):]
+    return message
+
+
 def _click_error(e: MCEnsembleError, ctx: click.Context) -> click.ClickException:
+    option = getattr(e, "option", None)
+    message = _flag_words(str(e), option)
     if isinstance(e, BadOptionError):
-        if e.option and e.option.startswith("--") and e.option not in str(e):
-            return click.BadParameter(str(e), ctx=ctx, param_hint=e.option)
-        return click.UsageError(str(e), ctx=ctx)
-    exc = click.ClickException(str(e))
+        flag = PARAM_FLAGS.get(option or "", option)
+        if flag and flag.startswith("--") and flag not in message:
+            return click.BadParameter(message, ctx=ctx, param_hint=flag)
+        return click.UsageError(message, ctx=ctx)
+    exc = click.ClickException(message)
     exc.exit_code = getattr(e, "exit_code", 1)  # an interrupted fit: 130 (SIGINT) / 143 (SIGTERM)
     return exc
 
@@ -92,7 +125,8 @@ data_options = _stack(
     click.option("--data", metavar="SPEC", default=None,
                  help="Training data: 'digits[,size=N,chans=C,train=N,noise=F]', an image folder, or module:function."),
     click.option("--val-data", metavar="SPEC", default=None, help="Held-out data (same forms as --data)."),
-    click.option("--batch-size", type=click.IntRange(min=1), default=128, show_default=True, help="Batch size."),
+    click.option("--batch-size", type=click.IntRange(min=1), default=DataOptions.batch_size, show_default=True,
+                 help="Batch size."),
 )
 
 test_data_option = click.option(
@@ -100,9 +134,9 @@ test_data_option = click.option(
     help="Data used for nothing else: every report row also gets its NLL, accuracy and ECE on it.")
 
 run_options = _stack(
-    click.option("--device", default="cpu", show_default=True, callback=lambda ctx, p, v: _check_device(v),
+    click.option("--device", default=DataOptions.device, show_default=True, callback=lambda ctx, p, v: _check_device(v),
                  help="torch device, e.g. cpu, cuda, cuda:1."),
-    click.option("--seed", type=int, default=0, show_default=True, help="Random seed."),
+    click.option("--seed", type=int, default=DataOptions.seed, show_default=True, help="Random seed."),
     click.option("--threads", type=click.IntRange(min=1), default=None,
                  help="CPU threads for torch (default: torch's choice; 1 is fastest for tiny models)."),
     click.option("--precision", type=click.Choice(["fp32", "bf16", "fp16"]), default="fp32", show_default=True,
@@ -160,12 +194,14 @@ def path_options(default_method: str) -> Callable:
                      help="Path between consecutive checkpoints: linear, bezier, polychain, dropout (layered "
                           "networks), short (Theorem 2: five segments, residual / squeeze-excite nets too) or "
                           "neb (AutoNEB: a band of pivots trained with its default schedule)."),
-        click.option("--bends", type=int, default=1, show_default=True, help="Bends of a bezier / polychain curve."),
-        click.option("--epochs", type=int, default=20, show_default=True, help="Curve-fitting epochs."),
-        click.option("--lr", type=float, default=0.04, show_default=True,
+        click.option("--bends", type=int, default=CurveConfig.bends, show_default=True,
+                     help="Bends of a bezier / polychain curve."),
+        click.option("--epochs", type=int, default=CurveConfig.epochs, show_default=True, help="Curve-fitting epochs."),
+        click.option("--lr", type=float, default=CurveConfig.lr, show_default=True,
                      help="Curve-fitting learning rate of the curve's points: the bends step at lr / max_t sum c_i(t)^2 "
                           "(4 x lr for one Bezier bend). Constant for half the steps, then linear decay to 1%."),
-        click.option("--weight-decay", type=float, default=5e-4, show_default=True, help="Weight decay on theta(t)."),
+        click.option("--weight-decay", type=float, default=CurveConfig.weight_decay, show_default=True,
+                     help="Weight decay on theta(t)."),
         click.option("--align/--no-align", default=None,
                      help="Permute each checkpoint's hidden units to match the previous one first (weight matching). "
                           "Default: on for bezier / polychain curves (the bends start from the aligned midpoints), "
@@ -177,13 +213,11 @@ _PATH_KEYS = ("method", "bends", "epochs", "lr", "weight_decay", "align")
 
 
 def _model_opts(kw: dict):
-    from .pipeline import ModelOptions
     return ModelOptions(arch=kw.pop("arch"), model=kw.pop("model_entry"), num_classes=kw.pop("num_classes"),
                         in_chans=kw.pop("in_chans"), ema=kw.pop("ema"), unit_graph=kw.pop("unit_graph"))
 
 
 def _data_opts(kw: dict, *, default_data: str | None = None):
-    from .pipeline import DataOptions
     threads = kw.pop("threads", None)
     if threads:
         import torch
@@ -308,9 +342,7 @@ def scan(checkpoints: tuple[str, ...], path_file: str | None, points: int, plane
     With no checkpoints, runs the embedded default: trains two small CNNs on the built-in
     digits (seconds) and scans between them, writing into a fresh folder.
     """
-    from .pipeline import BuildOptions, fresh_run_dir, scan_checkpoints, scan_path_file, train_default_endpoints
-    if points < 2:
-        raise click.BadParameter(f"must be at least 2, got {points}", param_hint="--points")
+    from .pipeline import fresh_run_dir, scan_checkpoints, scan_path_file, train_default_endpoints
     if path_file and checkpoints:
         raise click.UsageError("give either checkpoints A B or --path FILE, not both")
     if len(checkpoints) not in (0, 2):
@@ -402,17 +434,19 @@ def _apply_recipe(ctx: click.Context, kw: dict[str, Any], recipe: str | None) ->
 @run_options
 @path_options("bezier")
 @test_data_option
-@click.option("--members", type=int, default=4, show_default=True,
+@click.option("--members", type=int, default=BuildOptions.members, show_default=True,
               help="Most distinct members chosen on --val-data (exactly this many with --exact-members or uniform).")
 @click.option("--exact-members", is_flag=True,
               help="Exactly --members distinct members, equal weights (no bootstrap gate, no guarantee).")
-@click.option("--packed/--no-packed", default=True, show_default=True,
+@click.option("--packed/--no-packed", default=BuildOptions.packed, show_default=True,
               help="Score the packed pair (a dropout-stability search on both checkpoints) among the baselines.")
-@click.option("--selection", type=click.Choice(["auto", "greedy", "uniform"]), default="auto", show_default=True,
+@click.option("--selection", type=click.Choice(["auto", "greedy", "uniform"]), default=BuildOptions.selection,
+              show_default=True,
               help="How members are chosen: greedy on validation NLL (auto, with --val-data) or uniform in t.")
-@click.option("--candidates", type=int, default=11, show_default=True,
+@click.option("--candidates", type=int, default=BuildOptions.candidates, show_default=True,
               help="Points per path scanned for the report and the greedy choice.")
-@click.option("--strategy", type=click.Choice(["auto", "loop", "vmap"]), default="auto", show_default=True,
+@click.option("--strategy", type=click.Choice(["auto", "loop", "vmap"]), default=BuildOptions.strategy,
+              show_default=True,
               help="Ensemble inference: measured (auto), member loop, or stack_module_state + vmap.")
 @click.option("--out", metavar="ENS.safetensors", help="Write the ensemble here.")
 @click.option("--save-dtype", type=click.Choice(["fp32", "bf16", "fp16"]), default=None,
@@ -445,7 +479,7 @@ def build(ctx: click.Context, **kw: Any) -> None:
     the built-in digits, fits a Bezier curve between them, and writes the ensemble, report
     and plot into a fresh folder under mcensemble-runs/.
     """
-    from .pipeline import BuildOptions, build_ensemble, fresh_run_dir, train_default_endpoints
+    from .pipeline import build_ensemble, fresh_run_dir, train_default_endpoints
     from .recipes import DEFAULT_RECIPE
     recipe = kw.pop("recipe")
     if not kw["checkpoints"] and not kw["from_run"] and recipe is None:
@@ -713,24 +747,24 @@ def pack(a: str, b: str, out: str, method: str, report: str | None, **kw: Any) -
 @data_options
 @run_options
 @path_options("neb")
-@click.option("--points", type=int, default=11, show_default=True,
+@click.option("--points", type=int, default=ConnectOptions.points, show_default=True,
               help="Points per pair on the straight line (the barrier matrix).")
-@click.option("--path-points", type=int, default=21, show_default=True,
+@click.option("--path-points", type=int, default=ConnectOptions.path_points, show_default=True,
               help="Points along each tree edge's path (its saddle).")
 @click.option("--out-dir", required=True, metavar="DIR",
               help="Where connect.json, barriers.png, tree.png and the finished pairs and paths go (rerun to resume).")
 @click.option("--out", metavar="ENS.safetensors",
               help="Also write an ensemble whose members are chosen across all the tree's paths on --val-data.")
-@click.option("--members", type=int, default=4, show_default=True, help="Most distinct members of --out.")
-@click.option("--candidates", type=int, default=11, show_default=True,
+@click.option("--members", type=int, default=ConnectOptions.members, show_default=True,
+              help="Most distinct members of --out.")
+@click.option("--candidates", type=int, default=ConnectOptions.candidates, show_default=True,
               help="Points per tree path evaluated for --out's choice (ends included).")
 def connect(inputs: tuple[str, ...], points: int, path_points: int, out_dir: str, out: str | None, members: int,
             candidates: int, **kw: Any) -> None:
     """Connect many checkpoints (files, or folders of them): the barrier of every pair, the
     minimum spanning tree of the barriers, and a path (--method) along each tree edge with
     its saddle loss (Draxler et al. 2018). Finished pairs and edges in --out-dir are reused."""
-    from .connect import ConnectOptions, connect_checkpoints
-    from .pipeline import BuildOptions
+    from .connect import connect_checkpoints
     align = bool(kw.pop("align"))
     build = BuildOptions(align=False, **{k: kw.pop(k) for k in _PATH_KEYS if k != "align"})
     opts = ConnectOptions(points=points, path_points=path_points, align=align, members=members,

@@ -24,15 +24,27 @@ import json
 import logging
 import os
 import time
-from dataclasses import dataclass
 from pathlib import Path as FsPath
 from typing import Any, Sequence
 
 import torch
 
+from tqdm.auto import tqdm
+
 from . import distributed as dist_
-from ._io import atomic_path, to_json
+from ._io import atomic_path, sha256_file, to_json
+from .align import align_states
+from .bn import has_batchnorm, labelled_batch
+from .data import check_input_fits, create_loader, example_input
+from .ensemble import save_ensemble
 from .errors import BadOptionError, CheckpointError
+from .evaluate import evaluate_state, scan
+from .members import candidate_state, ensemble_metrics, evaluate_candidates, select_members
+from .options import BuildOptions, ConnectOptions, DataOptions, ModelOptions
+from .paths import load_path
+from .paths.linear import interpolate
+from .pipeline import PATH_BUILDERS, TRAINED_METHODS, check_method, load_endpoints, unit_graph_of
+from .plot import plot_barrier_matrix, plot_tree
 
 __all__ = ["ConnectOptions", "connect_checkpoints", "minimum_spanning_tree", "checkpoint_files",
            "CHECKPOINT_SUFFIXES", "CONNECT_FORMAT"]
@@ -42,31 +54,6 @@ log = logging.getLogger(__name__)
 CONNECT_FORMAT = "mcensemble-connect"
 #: file names taken from a folder of checkpoints
 CHECKPOINT_SUFFIXES = (".safetensors", ".pt", ".pth", ".pth.tar", ".ckpt", ".bin")
-
-
-@dataclass(frozen=True)
-class ConnectOptions:
-    """points: t per pair on the straight line (>= 2); path_points: t along each tree path
-    (>= 2); align: permute each pair's second checkpoint to match the first before its scan
-    and its path; members, candidates: the ensemble from the tree (`connect_checkpoints(
-    ensemble=...)`): at most `members` distinct members chosen on the validation data among
-    `candidates` points per tree path (ends included). How the tree's paths are made comes
-    from a `pipeline.BuildOptions`."""
-
-    points: int = 11
-    path_points: int = 21
-    align: bool = False
-    members: int = 4
-    candidates: int = 11
-
-    def __post_init__(self) -> None:
-        for name in ("points", "path_points", "candidates"):
-            v = getattr(self, name)
-            if isinstance(v, bool) or not isinstance(v, int) or v < 2:
-                raise BadOptionError(f"--{name.replace('_', '-')} must be an integer >= 2, got {v!r}",
-                                     option=f"--{name.replace('_', '-')}")
-        if isinstance(self.members, bool) or not isinstance(self.members, int) or self.members < 1:
-            raise BadOptionError(f"--members must be an integer >= 1, got {self.members!r}", option="--members")
 
 
 def checkpoint_files(inputs: Sequence[str | os.PathLike]) -> list[FsPath]:
@@ -122,7 +109,6 @@ class _Job:
     """What every step needs: the checkpoints, the model, the loaders, the settings."""
 
     def __init__(self, files, cks, net, train, out_dir: FsPath, opts, build, data, graph):
-        from ._io import sha256_file
         self.files, self.cks, self.net, self.train = files, cks, net, train
         self.out, self.opts, self.build, self.data, self.graph = out_dir, opts, build, data, graph
         self.sha = [ck.metadata.get("sha256") or sha256_file(f) for f, ck in zip(files, cks)]
@@ -144,8 +130,6 @@ class _Job:
     def states(self, i: int, j: int) -> tuple[dict, dict]:
         a, b = self.cks[i].state_dict, self.cks[j].state_dict
         if self.opts.align:
-            from .align import align_states
-            from .data import example_input
             if self._example is None:
                 self._example = example_input(self.net, data=self.train)
             b = align_states(self.net, a, b, graph=self.graph, example_input=self._example, seed=self.data.seed,
@@ -179,9 +163,6 @@ class _Job:
 
 def _pair(job: _Job, i: int, j: int) -> dict[str, Any]:
     """Scan the straight line i -> j in this process alone (no collectives)."""
-    from .bn import has_batchnorm
-    from .evaluate import evaluate_state
-    from .paths.linear import interpolate
     t0 = time.perf_counter()
     a, b = job.states(i, j)
     bn = job.train if has_batchnorm(job.net) else None
@@ -202,7 +183,6 @@ def _pair(job: _Job, i: int, j: int) -> dict[str, Any]:
 
 
 def _pairs(job: _Job, progress) -> list[dict[str, Any]]:
-    from tqdm.auto import tqdm
     n = len(job.files)
     all_pairs = [(i, j) for i in range(n) for j in range(i + 1, n)]
     found = dist_.broadcast_object({p: job.reusable("pair", *p) for p in all_pairs})  # rank 0 decides
@@ -220,14 +200,10 @@ def _pairs(job: _Job, progress) -> list[dict[str, Any]]:
 
 def _edge(job: _Job, i: int, j: int, index: int) -> dict[str, Any]:
     """Build and scan the path along tree edge i - j (all processes together)."""
-    from .bn import has_batchnorm
-    from .evaluate import scan
-    from .pipeline import PATH_BUILDERS, TRAINED_METHODS
     t0 = time.perf_counter()
     a, b = job.states(i, j)
     fit_loader = None
     if job.build.method in TRAINED_METHODS:
-        from .data import create_loader
         fit_loader = create_loader(job.data.data, split="train", batch_size=job.data.batch_size, shuffle=True,
                                    seed=job.data.seed, model=job.net)
     path = PATH_BUILDERS[job.build.method](job.net, a, b, opts=job.build, data=job.data, fit_loader=fit_loader,
@@ -261,21 +237,18 @@ def connect_checkpoints(inputs: Sequence[str | os.PathLike], *, out_dir: str | o
     `out_dir` (rank 0) and returns the report. `ensemble`: also write an ensemble file
     there, its members chosen across all the tree's paths on `data.val_data` (required)
     by `members.select_members` (report key `ensemble`)."""
-    from .pipeline import PATH_BUILDERS, BuildOptions, DataOptions, ModelOptions, load_endpoints, unit_graph_of
     model = model or ModelOptions()
     data = data or DataOptions()
     build = build or BuildOptions(method="neb")
     if not isinstance(opts, ConnectOptions):
         raise BadOptionError(f"opts must be a ConnectOptions, got {type(opts).__name__}", option="opts")
-    if build.method not in PATH_BUILDERS:
-        raise BadOptionError(f"unknown method {build.method!r}; choose one of {', '.join(PATH_BUILDERS)}",
-                             option="--method")
+    check_method(build.method, others=())
     out = FsPath(out_dir)
     if out.exists() and not out.is_dir():
-        raise BadOptionError(f"--out-dir {out} is a file; give a folder", option="--out-dir")
+        raise BadOptionError(f"`out_dir` {out} is a file; give a folder", option="out_dir")
     if ensemble is not None and not data.val_data:
-        raise BadOptionError("an ensemble from the tree chooses its members on held-out data: pass --val-data SPEC",
-                             option="--val-data")
+        raise BadOptionError("an ensemble from the tree chooses its members on held-out data: pass `val_data` SPEC",
+                             option="val_data")
     files = checkpoint_files(inputs)
     t0 = time.perf_counter()
     cks = load_endpoints(files, model)
@@ -297,7 +270,6 @@ def connect_checkpoints(inputs: Sequence[str | os.PathLike], *, out_dir: str | o
         if found is None:
             rec, path = _edge(job, i, j, index)
         else:
-            from .paths import load_path
             rec, path = found, (load_path(out / found["path_file"]) if ensemble is not None else None)
         paths.append(path)
         tree.append({**{k: v for k, v in rec.items() if k not in ("sha256", "settings")},
@@ -316,10 +288,6 @@ def _tree_ensemble(job: _Job, tree: list[dict[str, Any]], paths: list, dest) -> 
     checkpoint once), evaluated on the training data (BN re-estimated) and the validation
     data, chosen by `members.select_members` (the checkpoints are its endpoints), written
     to `dest` (rank 0)."""
-    from .data import check_input_fits, create_loader
-    from .ensemble import save_ensemble
-    from .bn import labelled_batch
-    from .members import candidate_state, ensemble_metrics, evaluate_candidates, select_members
     data, g, n_paths = job.data, job.opts.candidates, len(paths)
     val = create_loader(data.val_data, split="val", batch_size=data.batch_size, shuffle=False, seed=data.seed,
                         model=job.net)
@@ -337,7 +305,7 @@ def _tree_ensemble(job: _Job, tree: list[dict[str, Any]], paths: list, dest) -> 
             points.append((p, t, (p + t) / n_paths))
     cands = evaluate_candidates(paths, job.net, points, train_loader=job.train, val_loader=val,
                                 device=data.device, progress=data.progress)
-    labels = torch.cat([labelled_batch(b, what="choosing members on --val-data")[1] for b in val])
+    labels = torch.cat([labelled_batch(b, what="choosing members on `val_data`")[1] for b in val])
     sel = select_members(cands, labels, max_members=job.opts.members, endpoints=sorted(ckpt_of), seed=data.seed)
     chosen = [cands[i] for i in sel.indices]
     states = [candidate_state(paths[c.path], c) for c in chosen]
@@ -357,9 +325,8 @@ def _tree_ensemble(job: _Job, tree: list[dict[str, Any]], paths: list, dest) -> 
 
 
 def _train_loader(net, data):
-    from .data import check_input_fits, create_loader
     if not data.data:
-        raise BadOptionError("training data is needed: pass --data SPEC (e.g. --data digits)", option="--data")
+        raise BadOptionError("training data is needed: pass `data` SPEC (e.g. `data` digits)", option="data")
     train = create_loader(data.data, split="train", batch_size=data.batch_size, shuffle=False, seed=data.seed,
                           model=net)
     check_input_fits(net, train, spec=data.data)
@@ -384,7 +351,6 @@ def _report(job: _Job, pairs, matrix, tree, *, timings) -> dict[str, Any]:
 
 
 def _write_outputs(job: _Job, report: dict[str, Any]) -> None:
-    from .plot import plot_barrier_matrix, plot_tree
     labels = [FsPath(f).name for f in job.files]
     try:
         plot_barrier_matrix(report["matrix"], job.out / "barriers.png", labels=labels,

@@ -54,7 +54,7 @@ def loader_settings(*, workers: int = 0, pin_memory: bool = False) -> Iterator[N
     """Inside the block, `create_loader` gives loaders `workers` worker processes and pins
     memory when `pin_memory` (and CUDA is available). `BadOptionError` for workers < 0."""
     if isinstance(workers, bool) or not isinstance(workers, int) or workers < 0:
-        raise BadOptionError(f"--workers must be an integer >= 0, got {workers!r}", option="--workers")
+        raise BadOptionError(f"`workers` must be an integer >= 0, got {workers!r}", option="workers")
     token = _LOADER_SETTINGS.set((workers, bool(pin_memory) and torch.cuda.is_available()))
     try:
         yield
@@ -125,12 +125,12 @@ def _parse_digits(spec: str) -> _DigitsOptions:
         key, value = key.strip(), value.strip()
         if not eq or not key:
             raise DataSpecError(f"data {spec!r}: {part!r} is not key=value. Valid keys for digits: "
-                                f"{', '.join(_DIGITS_KEYS)} (e.g. digits,size=16,chans=3).", option="--data")
+                                f"{', '.join(_DIGITS_KEYS)} (e.g. digits,size=16,chans=3).", option="data")
         if key not in _DIGITS_KEYS:
             raise DataSpecError(f"data {spec!r}: unknown key {key!r}. Valid keys for digits: "
-                                f"{', '.join(_DIGITS_KEYS)}.", option="--data")
+                                f"{', '.join(_DIGITS_KEYS)}.", option="data")
         if key in opts:
-            raise DataSpecError(f"data {spec!r}: key {key!r} is given twice.", option="--data")
+            raise DataSpecError(f"data {spec!r}: key {key!r} is given twice.", option="data")
         try:
             if key == "noise":
                 v: Any = float(value)
@@ -145,7 +145,7 @@ def _parse_digits(spec: str) -> _DigitsOptions:
         except ValueError:
             ok, want = False, ("a fraction between 0 and 1" if key == "noise" else "an integer")
         if not ok:
-            raise DataSpecError(f"data {spec!r}: {key}={value!r} must be {want}.", option="--data")
+            raise DataSpecError(f"data {spec!r}: {key}={value!r} must be {want}.", option="data")
         opts[key] = v
     return _DigitsOptions(**opts)
 
@@ -199,11 +199,11 @@ def _folder_dataset(spec: str, model: nn.Module | None) -> Dataset:
     try:
         subdirs = sorted(e.name for e in os.scandir(root) if e.is_dir())
     except OSError as e:
-        raise DataSpecError(f"data {spec!r}: cannot read folder: {e}", option="--data") from e
+        raise DataSpecError(f"data {spec!r}: cannot read folder: {e}", option="data") from e
     if subdirs and all(s.lower() in _SPLIT_FOLDER_NAMES for s in subdirs):
         raise DataSpecError(
             f"data {spec!r} holds split folders ({', '.join(subdirs)}), which would be read as classes: "
-            f"pass one of them, e.g. {os.path.join(root, subdirs[0])!r}.", option="--data")
+            f"pass one of them, e.g. {os.path.join(root, subdirs[0])!r}.", option="data")
 
     _check_has_images(spec, root, subdirs)
     img_mode = "RGB"
@@ -225,10 +225,10 @@ def _folder_dataset(spec: str, model: nn.Module | None) -> Dataset:
                                       transform=transform)
     except Exception as e:  # noqa: BLE001 - timm raises several kinds; all mean "not readable"
         raise DataSpecError(f"data {spec!r}: timm cannot read this folder as a data set "
-                            f"(ImageFolder layout: <folder>/<class>/<image>): {e}", option="--data") from e
+                            f"(ImageFolder layout: <folder>/<class>/<image>): {e}", option="data") from e
     if len(ds) == 0:
         raise DataSpecError(f"data {spec!r}: no images found (expected <folder>/<class>/<image>).",
-                            option="--data")
+                            option="data")
     return ds
 
 
@@ -242,7 +242,7 @@ def _check_has_images(spec: str, root: str, subdirs: list[str]) -> None:
     where = (f"its class folders ({', '.join(subdirs[:5])}{' ...' if len(subdirs) > 5 else ''}) hold"
              if subdirs else "it has no class folders and holds")
     raise DataSpecError(f"data {spec!r}: the folder has no images: {where} no {' / '.join(exts)} files. "
-                        "Give a folder laid out as <folder>/<class>/<image>.", option="--data")
+                        "Give a folder laid out as <folder>/<class>/<image>.", option="data")
 
 
 def folder_classes(data: Any) -> list[str] | None:
@@ -266,11 +266,11 @@ def check_same_classes(train: Any, val: Any, *, train_spec: Any, val_spec: Any) 
 
     def few(names: list[str]) -> str:
         return ", ".join(repr(n) for n in names[:5]) + (f" (+{len(names) - 5} more)" if len(names) > 5 else "")
-    parts = ([f"only in --data: {few(only_a)}"] if only_a else []) + \
-        ([f"only in --val-data: {few(only_b)}"] if only_b else [])
-    raise DataSpecError(f"--data {str(train_spec)!r} and --val-data {str(val_spec)!r} do not have the "
+    parts = ([f"only in `data`: {few(only_a)}"] if only_a else []) + \
+        ([f"only in `val_data`: {few(only_b)}"] if only_b else [])
+    raise DataSpecError(f"`data` {str(train_spec)!r} and `val_data` {str(val_spec)!r} do not have the "
                         f"same classes ({'; '.join(parts)}); labels are class indices in name order, so both "
-                        "folders need the same class subfolders.", option="--val-data")
+                        "folders need the same class subfolders.", option="val_data")
 
 
 # --------------------------------------------------------------------------------------
@@ -292,33 +292,33 @@ def _kind(spec: Any) -> str:
         spec = os.fspath(spec)
     if not isinstance(spec, str) or not spec.strip():
         raise DataSpecError(f"data spec must be a non-empty string; got {spec!r}. Accepted forms: {FORMS}.",
-                            option="--data")
+                            option="data")
     s = spec.strip()
     if s == "digits" or s.startswith("digits,"):
         return "digits"
     if os.path.isdir(s):
         return "folder"
     if os.path.exists(s):
-        raise DataSpecError(f"data {spec!r} is a file, not a folder. Accepted forms: {FORMS}.", option="--data")
+        raise DataSpecError(f"data {spec!r} is a file, not a folder. Accepted forms: {FORMS}.", option="data")
     if _ENTRY_RE.match(s):
         return "entry"
     raise DataSpecError(f"data {spec!r}: no such folder, and not a known data spec. Accepted forms: {FORMS}.",
-                        option="--data")
+                        option="data")
 
 
 def _entry_data(spec: str) -> Dataset | DataLoader:
     from .models import _import_callable
 
-    fn = _import_callable(spec, error=DataSpecError, option="--data", what="data")
+    fn = _import_callable(spec, error=DataSpecError, option="data", what="data")
     try:
         out = fn()
     except Exception as e:
         raise DataSpecError(f"data {spec!r}: the function raised {type(e).__name__}: {e}. It must take no "
-                            f"arguments and return a Dataset or DataLoader.", option="--data") from e
+                            f"arguments and return a Dataset or DataLoader.", option="data") from e
     if isinstance(out, (DataLoader, Dataset)):
         return out
     raise DataSpecError(f"data {spec!r} returned {type(out).__name__}; it must return a torch Dataset or "
-                        f"DataLoader (e.g. TensorDataset(x, y)).", option="--data")
+                        f"DataLoader (e.g. TensorDataset(x, y)).", option="data")
 
 
 def create_dataset(spec: Any, *, split: str = "train", model: nn.Module | None = None) -> Dataset | DataLoader:
@@ -345,7 +345,7 @@ def create_loader(spec: Any, *, split: str = "train", batch_size: int = 128, shu
     size and order). `model` (optional) picks a folder's eval transforms.
     """
     if isinstance(batch_size, bool) or not isinstance(batch_size, int) or batch_size < 1:
-        raise BadOptionError(f"--batch-size must be a positive integer; got {batch_size!r}", option="--batch-size")
+        raise BadOptionError(f"`batch_size` must be a positive integer; got {batch_size!r}", option="batch_size")
     data = create_dataset(spec, split=split, model=model)
     if isinstance(data, DataLoader):
         logger.debug("data %s gave a DataLoader; using it as is (batch size, shuffling, split ignored)", spec)
@@ -386,13 +386,13 @@ def check_input_fits(model: nn.Module, loader: DataLoader, *, spec: Any) -> None
         batch = next(iter(loader))
     except StopIteration:
         raise DataSpecError(f"data {name!r} gives no batches (is it empty, or smaller than one batch with "
-                            f"drop_last?).", option="--data") from None
+                            f"drop_last?).", option="data") from None
     except Exception as e:  # noqa: BLE001 - reading user data can fail in many ways
         raise DataSpecError(f"data {name!r}: reading the first batch failed: {type(e).__name__}: {e}",
-                            option="--data") from e
+                            option="data") from e
     if not isinstance(batch, (list, tuple)) or len(batch) < 2:
         raise DataSpecError(f"data {name!r} must give (inputs, labels) batches; got {_shape(batch)}.",
-                            option="--data")
+                            option="data")
     x, y = batch[0], batch[1]
     try:
         device = next(model.parameters()).device
@@ -407,19 +407,19 @@ def check_input_fits(model: nn.Module, loader: DataLoader, *, spec: Any) -> None
     except Exception as e:  # noqa: BLE001 - any failure of the user's model on this input
         raise DataSpecError(
             f"data {name!r} gives inputs of shape {_shape(x)} that the model ({_model_name(model)}) cannot take: "
-            f"{type(e).__name__}: {e}. Pass --in-chans / --num-classes or a data spec with size=/chans= "
-            f"(e.g. digits,size=16,chans=3).", option="--data") from e
+            f"{type(e).__name__}: {e}. Pass `in_chans` / `num_classes` or a data spec with size=/chans= "
+            f"(e.g. digits,size=16,chans=3).", option="data") from e
     if not isinstance(out, torch.Tensor) or out.ndim != 2:
         raise DataSpecError(f"the model ({_model_name(model)}) gives {_shape(out)} on data {name!r}; "
-                            f"mcensemble needs class scores of shape (batch, classes).", option="--data")
+                            f"mcensemble needs class scores of shape (batch, classes).", option="data")
     n_out = out.shape[1]
     if isinstance(y, torch.Tensor) and not y.is_floating_point() and y.numel():
         lo, hi = int(y.min()), int(y.max())
         if lo < 0 or hi >= n_out:
             raise DataSpecError(
                 f"data {name!r} has labels from {lo} to {hi} (in the first batch) but the model "
-                f"({_model_name(model)}) has {n_out} outputs: pass --num-classes {max(hi + 1, n_out)} "
-                f"or data whose labels are 0..{n_out - 1}.", option="--data")
+                f"({_model_name(model)}) has {n_out} outputs: pass `num_classes` {max(hi + 1, n_out)} "
+                f"or data whose labels are 0..{n_out - 1}.", option="data")
 
 
 # --------------------------------------------------------------------------------------
@@ -457,11 +457,11 @@ def example_input(model: nn.Module, *, data: Any = None, batch_size: int = 2) ->
         batch = next(iter(loader), None)
         if batch is None:
             raise DataSpecError(f"data {what} gives no batches; give a non-empty data set",
-                                option="--data")
+                                option="data")
         x = batch_input(batch)
         if isinstance(x, torch.Tensor):
             return x[:batch_size].to(device)
-        raise DataSpecError(f"data {what} does not give tensor inputs", option="--data")
+        raise DataSpecError(f"data {what} does not give tensor inputs", option="data")
     g = torch.Generator().manual_seed(0)
     cfg = getattr(model, "pretrained_cfg", None) or {}
     chans = _model_in_chans(model)
@@ -480,8 +480,8 @@ def example_input(model: nn.Module, *, data: Any = None, batch_size: int = 2) ->
         x = torch.rand(batch_size, *shape, generator=g).to(device)
         if _runs(model, x):
             return x
-    raise DataSpecError(f"cannot guess an input shape for {_model_name(model)}: pass data (--data SPEC) that "
-                        f"the model takes.", option="--data")
+    raise DataSpecError(f"cannot guess an input shape for {_model_name(model)}: pass data (`data` SPEC) that "
+                        f"the model takes.", option="data")
 
 
 # ----------------------------------------------------------------------------- the data order of a fit

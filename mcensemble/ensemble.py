@@ -625,7 +625,7 @@ def save_ensemble(dest: str | os.PathLike, member_states: Sequence[StateDict], *
         bad = next((n for n, t in tensors.items() if t.is_floating_point() and not bool(torch.isfinite(t).all())),
                    None)
         if bad is not None:
-            raise NonFiniteError(f"tensor {bad!r} overflows float16 (|x| > 65504); save with --save-dtype bf16 "
+            raise NonFiniteError(f"tensor {bad!r} overflows float16 (|x| > 65504); save with `dtype` bf16 "
                                  "or fp32")
     doc[HASHES_KEY] = tensor_hashes(tensors)  # checked by load(verify=True) and inspect --verify
     try:
@@ -775,7 +775,7 @@ def _factory_from_spec(doc: dict[str, Any], path: Path, trust_remote_code: bool
         raise ModelSpecError(
             f"{str(path)!r} names code {spec.entry!r} to build its model; it was not imported. "
             f"Pass model= (CLI --model) to build the model yourself, or trust_remote_code=True "
-            f"if you trust the file.", option="--model")
+            f"if you trust the file.", option="model")
     else:
         logger.warning("importing %s named by %s (trust_remote_code=True)", spec.entry, path)
 
@@ -787,7 +787,7 @@ def _factory_from_spec(doc: dict[str, Any], path: Path, trust_remote_code: bool
         except Exception as e:
             raise ModelSpecError(
                 f"cannot build the model {spec.describe()} named by {str(path)!r}: "
-                f"{type(e).__name__}: {e}", option="--model") from e
+                f"{type(e).__name__}: {e}", option="model") from e
 
     return factory
 

@@ -33,7 +33,7 @@ class ArchitectureMismatchError(MCEnsembleError, ValueError):
 
 
 class BadOptionError(MCEnsembleError, ValueError):
-    """An option value is invalid. `option` names it (e.g. '--members') when known."""
+    """An option value is invalid. `option` names the Python parameter (e.g. 'members') when known; the CLI maps it to its flag."""
 
     def __init__(self, message: str, *, option: str | None = None):
         super().__init__(message)

@@ -21,6 +21,7 @@ from .bn import has_batchnorm, labelled_batch, update_bn
 from .checkpoints import check_same_architecture
 from .errors import ArchitectureMismatchError, BadOptionError, DataSpecError
 from .models import ModelLike, as_factory
+from .options import check_count
 
 __all__ = ["Metrics", "ScanResult", "expected_calibration_error", "evaluate", "evaluate_state", "scan", "barrier"]
 
@@ -84,7 +85,7 @@ def _logits(out: Any) -> torch.Tensor:
     if not isinstance(out, torch.Tensor) or out.ndim != 2:
         shape = tuple(out.shape) if isinstance(out, torch.Tensor) else type(out).__name__
         raise BadOptionError(f"the model returned {shape}; a classifier returning logits of shape "
-                             "(batch, classes) is expected", option="--model")
+                             "(batch, classes) is expected", option="model")
     return out
 
 
@@ -120,11 +121,11 @@ def evaluate(model: nn.Module, loader: Iterable[Any], *, device: str | torch.dev
                 if y.ndim != 1 or y.shape[0] != logp.shape[0]:
                     raise DataSpecError(f"labels of shape {tuple(y.shape)} do not match outputs of shape "
                                         f"{tuple(logp.shape)}; expected one integer class per example",
-                                        option="--data")
+                                        option="data")
                 if y.numel() and (int(y.min()) < 0 or int(y.max()) >= logp.shape[1]):
                     raise DataSpecError(f"labels range over [{int(y.min())}, {int(y.max())}] but the model "
-                                        f"outputs {logp.shape[1]} classes; check --num-classes and the data",
-                                        option="--data")
+                                        f"outputs {logp.shape[1]} classes; check `num_classes` and the data",
+                                        option="data")
                 total_nll += float(F.nll_loss(logp, y, reduction="sum").double())
                 conf, pred = logp.max(dim=1)
                 correct = pred.eq(y)
@@ -135,7 +136,7 @@ def evaluate(model: nn.Module, loader: Iterable[Any], *, device: str | torch.dev
     finally:
         bar.close()
     if n == 0:
-        raise DataSpecError("cannot evaluate: the data loader yielded no examples", option="--data")
+        raise DataSpecError("cannot evaluate: the data loader yielded no examples", option="data")
     nll = total_nll / n
     ece = _ece(torch.cat(confs), torch.cat(corrects), 15)
     return Metrics(loss=nll, acc=n_correct / n, nll=nll, ece=ece, n=n)
@@ -236,9 +237,7 @@ def scan(path: Any, model: ModelLike, loader: Iterable[Any], *, points: int = 11
     `bn_loader` the states' own statistics are used and the result says
     `bn_reestimated=False` (a warning is logged). `precision`: as in `evaluate`.
     """
-    if isinstance(points, bool) or not isinstance(points, int) or points < 2:
-        raise BadOptionError(f"--points must be an integer of at least 2 (the two endpoints), got {points!r}",
-                             option="--points")
+    check_count(points, "points", minimum=2)  # the two endpoints
     net = as_factory(model)()
     bn = has_batchnorm(net)
     reestimate = bn and bn_loader is not None

@@ -26,6 +26,7 @@ from ._modes import modes_kept
 from .bn import has_batchnorm, labelled_batch, update_bn
 from .errors import BadOptionError, DataSpecError
 from .evaluate import Metrics, _load_state_strict, evaluate, expected_calibration_error
+from .options import check_count
 
 __all__ = ["Candidate", "mean_log_prob", "global_to_local", "uniform_points", "evaluate_candidates", "select_greedy_nll",
            "Selection", "select_members", "paired_bootstrap", "check_weights", "GUARANTEE",
@@ -67,8 +68,7 @@ def global_to_local(u: float, n_paths: int) -> tuple[int, float]:
 
 def uniform_points(k: int, n_paths: int = 1) -> list[tuple[int, float, float]]:
     """k points uniform in the global u, ends included; a single member sits at u = 0.5."""
-    if k < 1:
-        raise BadOptionError(f"--members must be at least 1, got {k}", option="--members")
+    check_count(k, "members", minimum=1)
     us = [0.5] if k == 1 else [i / (k - 1) for i in range(k)]
     return [(*global_to_local(u, n_paths), u) for u in us]
 
@@ -105,7 +105,7 @@ def predict_log_probs(model: nn.Module, loader: Iterable, *, device: str | torch
             labels.append(torch.as_tensor(y).cpu())
     if not outs:
         raise DataSpecError("cannot predict: the data loader yielded no batches; give a non-empty "
-                            "data set", option="--data")
+                            "data set", option="data")
     return torch.cat(outs), torch.cat(labels)
 
 
@@ -190,11 +190,10 @@ def select_greedy_nll(cands: Sequence[Candidate], k: int, labels: torch.Tensor) 
     Starts from the best single candidate and adds, one at a time, the candidate whose
     addition gives the lowest ensemble NLL (ties: the earlier one). Endpoints are candidates
     like any other point."""
-    if k < 1:
-        raise BadOptionError(f"--members must be at least 1, got {k}", option="--members")
+    check_count(k, "members", minimum=1)
     if k > len(cands):
-        raise BadOptionError(f"--members {k} is more than the {len(cands)} candidate points; "
-                             "raise --candidates or lower --members", option="--members")
+        raise BadOptionError(f"`members` {k} is more than the {len(cands)} candidate points; "
+                             "raise `candidates` or lower `members`", option="members")
     if any(c.val_log_probs is None for c in cands):
         raise ValueError("greedy selection needs validation log-probabilities for every candidate")
     chosen: list[int] = []
@@ -261,7 +260,7 @@ def paired_bootstrap(loss_ref: torch.Tensor, loss_new: torch.Tensor, *, resample
     d = (loss_ref.double() - loss_new.double()).flatten()
     n = d.numel()
     if n == 0 or resamples < 1:
-        raise BadOptionError("the paired bootstrap needs examples and at least one resample", option="--val-data")
+        raise BadOptionError("the paired bootstrap needs examples and at least one resample", option="val_data")
     gen = torch.Generator().manual_seed(int(seed))
     means = []
     for start in range(0, resamples, 64):  # chunks keep memory at 64 x N
@@ -278,7 +277,7 @@ def paired_bootstrap(loss_ref: torch.Tensor, loss_new: torch.Tensor, *, resample
 def _true_class_probs(cands: Sequence[Candidate], labels: torch.Tensor) -> torch.Tensor:
     """(M, N) float64: each candidate's probability of the true class."""
     if not cands:
-        raise BadOptionError("member selection needs at least one candidate point", option="--candidates")
+        raise BadOptionError("member selection needs at least one candidate point", option="candidates")
     if any(c.val_log_probs is None for c in cands):
         raise ValueError("greedy selection needs validation log-probabilities for every candidate")
     y = labels.long().view(-1, 1)
@@ -339,8 +338,7 @@ def select_members(cands: Sequence[Candidate], labels: torch.Tensor, *, max_memb
     the endpoints' ensemble when that was allowed. `exact`: exactly `max_members` distinct
     members, equal weights (`select_greedy_nll`), no gate.
     """
-    if max_members < 1:
-        raise BadOptionError(f"--members must be at least 1, got {max_members}", option="--members")
+    check_count(max_members, "members", minimum=1)
     q = _true_class_probs(cands, labels)
     m = q.shape[0]
     singles = -q.clamp_min(1e-300).log().mean(dim=1)

@@ -73,7 +73,7 @@ class ModelSpec:
 # timm registry
 
 
-def check_timm_arch(name: str, *, option: str | None = "--arch") -> str:
+def check_timm_arch(name: str, *, option: str | None = "arch") -> str:
     """Return `name` if timm's registry knows it (pretrained tags like 'resnet18.a1_in1k'
     are accepted; mcensemble's own `mce_*` models are registered first), else raise
     `ModelSpecError` listing close names."""
@@ -170,7 +170,7 @@ def _import_callable(entry: str, *, error: type[BadOptionError], option: str | N
 def import_entry(entry: str) -> Callable:
     """Import the callable a "module:function" string names (the current directory is
     importable, as with `python -m`). Every failure raises `ModelSpecError` with the cause."""
-    return _import_callable(entry, error=ModelSpecError, option="--model", what="model")
+    return _import_callable(entry, error=ModelSpecError, option="model", what="model")
 
 
 def _call_entry(entry: str, kwargs: Mapping[str, Any]) -> nn.Module:
@@ -180,10 +180,10 @@ def _call_entry(entry: str, kwargs: Mapping[str, Any]) -> nn.Module:
     except Exception as e:
         raise ModelSpecError(f"model entry point {entry!r} raised {type(e).__name__}: {e}. It must take no "
                              f"arguments{' besides ' + ', '.join(kwargs) if kwargs else ''} and return an "
-                             f"nn.Module.", option="--model") from e
+                             f"nn.Module.", option="model") from e
     if not isinstance(model, nn.Module):
         raise ModelSpecError(f"model entry point {entry!r} returned {type(model).__name__}, not an nn.Module: "
-                             f"it must build and return the model (e.g. `return MyNet()`).", option="--model")
+                             f"it must build and return the model (e.g. `return MyNet()`).", option="model")
     return model
 
 
@@ -216,18 +216,18 @@ def create_model(spec: ModelSpec, *, trust_entry: bool = True) -> nn.Module:
             model = timm.create_model(spec.arch, pretrained=False, **kwargs)
         except (TypeError, ValueError, AssertionError, RuntimeError, KeyError) as e:
             raise ModelSpecError(f"cannot build timm model {spec.describe()}: {type(e).__name__}: {e}. "
-                                 f"Check --num-classes / --in-chans and the checkpoint's model_args.",
-                                 option="--arch") from e
+                                 f"Check `num_classes` / `in_chans` and the checkpoint's model_args.",
+                                 option="arch") from e
     elif spec.entry:
         if not trust_entry:
             raise ModelSpecError(
                 f"this file says the model is built by {spec.entry!r}, but mcensemble does not import code "
                 f"named by a file. Pass the model yourself: model= in Python (an nn.Module or a function "
-                f"returning one) or --model {spec.entry} on the command line.", option="--model")
+                f"returning one) or `model` {spec.entry} on the command line.", option="model")
         model = _call_entry(spec.entry, spec.kwargs)
     else:
-        raise ModelSpecError("no model given: pass --arch NAME (a timm architecture) or --model module:function "
-                             "(model= in Python).", option="--arch")
+        raise ModelSpecError("no model given: pass `arch` NAME (a timm architecture) or `model` module:function "
+                             "(model= in Python).", option="arch")
     return model.eval()
 
 
@@ -277,12 +277,12 @@ def resolve_model_spec(*, arch: str | None = None, model: str | None = None, num
     names a model. Nothing is imported here (the entry is only checked for form).
     """
     if arch and model:
-        raise BadOptionError(f"give either --arch (a timm name) or --model (module:function), not both "
-                             f"(got --arch {arch} and --model {model})", option="--model")
+        raise BadOptionError(f"give either `arch` (a timm name) or `model` (module:function), not both "
+                             f"(got `arch` {arch} and `model` {model})", option="model")
     if num_classes is not None:
-        num_classes = _positive_int(num_classes, "--num-classes", "the option")
+        num_classes = _positive_int(num_classes, "num_classes", "the option")
     if in_chans is not None:
-        in_chans = _positive_int(in_chans, "--in-chans", "the option")
+        in_chans = _positive_int(in_chans, "in_chans", "the option")
     meta = dict(metadata or {})
 
     if model:
@@ -291,9 +291,9 @@ def resolve_model_spec(*, arch: str | None = None, model: str | None = None, num
             if isinstance(model, str) and ":" not in model:
                 import timm
                 if timm.is_model(model):
-                    hint = f" {model!r} is a timm architecture: pass --arch {model}."
-            raise ModelSpecError(f"--model takes 'module:function' (e.g. my_models:net); got {model!r}.{hint}",
-                                 option="--model")
+                    hint = f" {model!r} is a timm architecture: pass `arch` {model}."
+            raise ModelSpecError(f"`model` takes 'module:function' (e.g. my_models:net); got {model!r}.{hint}",
+                                 option="model")
         if num_classes is not None or in_chans is not None:
             logger.info("--num-classes / --in-chans are not passed to %s (a model function takes no arguments)",
                         model)
@@ -301,18 +301,18 @@ def resolve_model_spec(*, arch: str | None = None, model: str | None = None, num
 
     meta_arch = meta.get("arch") or None
     if arch:
-        check_timm_arch(arch, option="--arch")
+        check_timm_arch(arch, option="arch")
         chosen = arch
     elif meta_arch:
         if not isinstance(meta_arch, str):
             raise ModelSpecError(f"the checkpoint's metadata names arch {meta_arch!r}, not a timm name: "
-                                 f"pass --arch NAME or --model module:function", option="--arch")
+                                 f"pass `arch` NAME or `model` module:function", option="arch")
         try:
-            check_timm_arch(meta_arch, option="--arch")
+            check_timm_arch(meta_arch, option="arch")
         except ModelSpecError as e:
             raise ModelSpecError(f"the checkpoint's metadata says arch {meta_arch!r}, but: {e} "
-                                 f"Pass --arch NAME or --model module:function to override.",
-                                 option="--arch") from e
+                                 f"Pass `arch` NAME or `model` module:function to override.",
+                                 option="arch") from e
         chosen = meta_arch
     else:
         return None
@@ -327,9 +327,9 @@ def resolve_model_spec(*, arch: str | None = None, model: str | None = None, num
                        dict(model_args), meta_arch, chosen)
     else:
         kwargs.update({k: v for k, v in model_args.items() if k not in _UNSAFE_TIMM_KWARGS})
-    for key, option in (("num_classes", "--num-classes"), ("in_chans", "--in-chans")):
+    for key in ("num_classes", "in_chans"):
         if meta.get(key) is not None:
-            kwargs[key] = _positive_int(meta[key], option, "the checkpoint's metadata")
+            kwargs[key] = _positive_int(meta[key], key, "the checkpoint's metadata")
     if num_classes is not None:
         kwargs["num_classes"] = num_classes
     if in_chans is not None:

@@ -63,7 +63,10 @@ import torch.nn.functional as F
 from tqdm import tqdm
 
 from .bn import labelled_batch
+from .checkpoints import load_checkpoint
 from .errors import BadOptionError, DataSpecError, MCEnsembleError
+from .inputs import data_loaders, model_arg, unit_graph_of
+from .options import DataOptions
 from .units import UnitGraph, UnitGroup
 
 __all__ = ["NOISE_KINDS", "GroupNoise", "NoiseStability", "noise_stability", "noise_stability_of_file"]
@@ -474,14 +477,14 @@ def _labelled(loader: Iterable[Any], n: int) -> tuple[torch.Tensor, torch.Tensor
         if got >= n:
             break
     if not xs:
-        raise DataSpecError("noise stability: the data loader yielded no batches", option="--data")
+        raise DataSpecError("noise stability: the data loader yielded no batches", option="data")
     return torch.cat(xs)[:n], torch.cat(ys)[:n]
 
 
 def _check_options(scale: float, examples: int, probes: int, delta: float) -> None:
     """BadOptionError naming the option (the CLI flag; keyword in Python) of a bad setting."""
-    checks = (("--noise-scale", "scale", scale, lambda v: math.isfinite(v) and v >= 0, "a number >= 0"),
-              ("--noise-examples", "examples", examples, lambda v: v == int(v) and v >= 2, "an integer >= 2"),
+    checks = (("scale", "scale", scale, lambda v: math.isfinite(v) and v >= 0, "a number >= 0"),
+              ("examples", "examples", examples, lambda v: v == int(v) and v >= 2, "an integer >= 2"),
               ("probes", "probes", probes, lambda v: v == int(v) and v >= 1, "an integer >= 1"),
               ("delta", "delta", delta, lambda v: 0 <= v < 1, "in [0, 1)"))
     for flag, kw, value, ok, want in checks:
@@ -546,14 +549,12 @@ def _group_row(run: _Run, g: UnitGroup, seed: int, base: float, layer, contr) ->
 def noise_stability_of_file(file: str | os.PathLike, *, model, data, scale: float = 0.1, examples: int = 256,
                             probes: int = 8, delta: float = 0.1) -> dict[str, Any]:
     """`mcensemble stability --noise`: `noise_stability` of one checkpoint file on the
-    training data of `data` (a `pipeline.DataOptions`; `model` a `pipeline.ModelOptions`);
+    training data of `data` (an `options.DataOptions`; `model` an `options.ModelOptions`);
     the JSON-ready report."""
-    from .checkpoints import load_checkpoint
-    from .pipeline import DataOptions, _loaders, _model_arg, unit_graph_of
     _check_options(scale, examples, probes, delta)
-    ck = load_checkpoint(file, model=_model_arg(model), ema=model.ema)
+    ck = load_checkpoint(file, model=model_arg(model), ema=model.ema)
     net = ck.build_model().to(data.device)
-    train, _ = _loaders(net, DataOptions(data=data.data, batch_size=data.batch_size, seed=data.seed,
+    train, _ = data_loaders(net, DataOptions(data=data.data, batch_size=data.batch_size, seed=data.seed,
                                          device=data.device))
     res = noise_stability(net, train, graph=unit_graph_of(net, model), scale=scale, examples=examples,
                           probes=probes, delta=delta, seed=data.seed, device=data.device, progress=data.progress)

@@ -46,7 +46,7 @@ def pack_pair(model: nn.Module, a: Mapping[str, torch.Tensor], b: Mapping[str, t
                             random_baseline=False)
         return mix_states(con.vertices[2], con.vertices[3], 0.5)
     if method != "dropout":
-        raise BadOptionError(f"pack --method must be dropout or short, got {method!r}", option="--method")
+        raise BadOptionError(f"pack `method` must be dropout or short, got {method!r}", option="method")
     search_steps = 48 if search_steps is None else search_steps
     _, con, side_a, side_b = _prepare(model, a, b, loader, graph=graph, stability_a=stability_a,
                                       stability_b=stability_b, device=device, progress=progress,
@@ -95,6 +95,6 @@ def pack_report(model: nn.Module, packed: Mapping[str, torch.Tensor], a: Mapping
         ys.append(y.long().cpu())
     if not ys:
         raise DataSpecError("pack_report: the data loader yielded no batches; give a non-empty "
-                            "data set", option="--data")
+                            "data set", option="data")
     y = torch.cat(ys)
     return {k: _metrics(torch.cat(v), y) for k, v in outs.items()}

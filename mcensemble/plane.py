@@ -61,12 +61,12 @@ def plane_basis(a: Mapping[str, torch.Tensor], b: Mapping[str, torch.Tensor], be
     o, vb, vp = _flat(a, names), _flat(b, names), _flat(bend, names)
     u = vb - o
     if u.norm() == 0:
-        raise BadOptionError("A and B are the same point: there is no plane through them", option="--plane")
+        raise BadOptionError("A and B are the same point: there is no plane through them", option="plane")
     e1 = u / u.norm()
     w = (vp - o) - ((vp - o) @ e1) * e1
     if w.norm() <= 1e-5 * u.norm():  # float32 weights: anything closer is rounding
         raise BadOptionError("the bend lies on the straight line A-B (an untrained curve?): no plane to draw",
-                             option="--plane")
+                             option="plane")
     return o, e1, w / w.norm()
 
 
@@ -96,14 +96,14 @@ def scan_plane(path: Any, model: ModelLike, loader: Iterable, *, bn_loader: Iter
     at `path_points` evenly spaced t. `model` (a ModelLike) is instantiated once via
     `as_factory`: an `nn.Module` is copied, the caller's model is never changed."""
     if resolution < 2:
-        raise BadOptionError(f"the plane grid needs at least 2 points a side, got {resolution}", option="--plane-grid")
+        raise BadOptionError(f"the plane grid needs at least 2 points a side, got {resolution}", option="plane_grid")
     if path_points < 2:
         raise BadOptionError(f"path_points must be at least 2 (the path's ends), got {path_points}",
                              option="path_points")
     groups = getattr(path, "groups", {})
     if "bend.0" not in groups:
-        raise BadOptionError(f"a {path.kind} path has no bend: --plane needs a bezier or polychain path "
-                             "(build one with `mcensemble build --method bezier --path-out FILE`)", option="--plane")
+        raise BadOptionError(f"a {path.kind} path has no bend: `plane` needs a bezier or polychain path "
+                             "(build one with `mcensemble build --method bezier --path-out FILE`)", option="plane")
     a, b = path.endpoints
     bend = {**a, **groups["bend.0"]}
     net = as_factory(model)()

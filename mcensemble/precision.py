@@ -13,7 +13,7 @@ re-estimation, alignment, the dropout path, ensemble inference):
 
 `torch.autocast` runs bf16 and fp16 on CPU (torch >= 2.4) and on CUDA, so every path is
 tested on CPU. A device without autocast support for a dtype is refused with
-`BadOptionError(option="--precision")` before any work.
+`BadOptionError(option="precision")` before any work.
 """
 from __future__ import annotations
 
@@ -87,27 +87,27 @@ def resolve_precision(precision: "str | Precision | None", device: Any = "cpu") 
     """The `Precision` for a name ("fp32", "bf16", "fp16"; None -> `current_precision()`,
     fp32 unless inside `use_precision`) on `device`.
 
-    `BadOptionError(option="--precision")` for an unknown name, or when the device has no
+    `BadOptionError(option="precision")` for an unknown name, or when the device has no
     autocast for that dtype (the message says which precision to use instead)."""
     if isinstance(precision, Precision):
         return precision
     channels_last = _CHANNELS_LAST.get()
     name = _DEFAULT.get() if precision is None else _DTYPE_ALIASES.get(str(precision).lower(), str(precision).lower())
     if name not in PRECISIONS:
-        raise BadOptionError(f"--precision must be one of {', '.join(PRECISIONS)}, got {precision!r}",
-                             option="--precision")
+        raise BadOptionError(f"`precision` must be one of {', '.join(PRECISIONS)}, got {precision!r}",
+                             option="precision")
     dtype_name = _device_type(device)
     prec = Precision(name, dtype_name, channels_last)
     if prec.enabled:
         if not torch.amp.autocast_mode.is_autocast_available(dtype_name):
-            raise BadOptionError(f"--precision {name}: this torch has no autocast on {dtype_name!r} devices; "
-                                 "use --precision fp32", option="--precision")
+            raise BadOptionError(f"`precision` {name}: this torch has no autocast on {dtype_name!r} devices; "
+                                 "use `precision` fp32", option="precision")
         try:
             with prec.autocast():
                 pass
         except (RuntimeError, AssertionError) as e:  # torch warns+disables or raises for unsupported dtypes
-            raise BadOptionError(f"--precision {name} is not supported on {dtype_name!r} by this torch ({e}); "
-                                 "use --precision fp32 or bf16", option="--precision") from e
+            raise BadOptionError(f"`precision` {name} is not supported on {dtype_name!r} by this torch ({e}); "
+                                 "use `precision` fp32 or bf16", option="precision") from e
     return prec
 
 
@@ -138,7 +138,7 @@ def autocast(precision: "str | Precision | None", device: Any = "cpu") -> Iterat
         yield prec
 
 
-def parse_dtype(dtype: "str | torch.dtype | None", *, option: str = "--save-dtype") -> torch.dtype | None:
+def parse_dtype(dtype: "str | torch.dtype | None", *, option: str = "dtype") -> torch.dtype | None:
     """A floating dtype from "fp32" / "bf16" / "fp16" (or "float32", "bfloat16", "float16",
     "half", or a torch.dtype among those); None stays None."""
     if dtype is None or isinstance(dtype, torch.dtype):

@@ -193,10 +193,10 @@ def _as_dirs(dirs: str | os.PathLike | Iterable[str | os.PathLike]) -> list[Path
     try:
         out = [Path(d) for d in dirs]
     except TypeError as e:
-        raise BadOptionError(f"run folders must be paths, got {dirs!r}", option="--from-run") from e
+        raise BadOptionError(f"run folders must be paths, got {dirs!r}", option="from_run") from e
     if not out:
         raise BadOptionError("no run folder given; pass at least one timm output folder",
-                             option="--from-run")
+                             option="from_run")
     return out
 
 
@@ -214,10 +214,10 @@ def checkpoints_from_runs(dirs: str | os.PathLike | Iterable[str | os.PathLike],
     """
     if metric_mode not in ("max", "min"):
         raise BadOptionError(f"metric_mode must be 'max' or 'min', got {metric_mode!r}",
-                             option="--metric-mode")
+                             option="metric_mode")
     if top_k is not None and (isinstance(top_k, bool) or not isinstance(top_k, numbers.Integral)
                               or top_k < 1):
-        raise BadOptionError(f"top_k must be an integer >= 1, got {top_k!r}", option="--top-k")
+        raise BadOptionError(f"top_k must be an integer >= 1, got {top_k!r}", option="top_k")
     folders = _as_dirs(dirs)
     k = top_k if top_k is not None or len(folders) == 1 else 1
     chosen: list[Path] = []

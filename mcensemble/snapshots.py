@@ -303,7 +303,7 @@ def fge_train(model: nn.Module, loader: Iterable, *, cycles: int = 4, epochs: in
     if cycle < 2:
         raise BadOptionError(f"{epochs} epoch(s) of {len(loader)} batch(es) make cycles of "  # type: ignore[arg-type]
                              f"{cycle} step(s) for {cycles} cycles; FGE needs at least 2 steps "
-                             "per cycle: give more epochs or fewer members", option="--epochs")
+                             "per cycle: give more epochs or fewer members", option="epochs")
     prec = resolve_precision(precision, device)
     torch.set_flush_denormal(True)
     torch.manual_seed(seed)

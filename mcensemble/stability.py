@@ -71,7 +71,7 @@ class StabilityResult:
                        {str(k): [int(u) for u in v] for k, v in d["kept"].items()})
         except (KeyError, TypeError, ValueError, AttributeError) as e:
             raise BadOptionError(f"not a stability report (needs eps, base_loss, depths, "
-                                 f"kept): {e}", option="--stability") from e
+                                 f"kept): {e}", option="stability") from e
 
 
 def graph_for(model: nn.Module, loader: Iterable[Any] | None = None, graph=None) -> UnitGraph:
@@ -208,7 +208,7 @@ def _subset(loader: Iterable[Any], n: int) -> tuple[torch.Tensor, torch.Tensor]:
         if got >= n:
             break
     if not xs:
-        raise DataSpecError("stability: the data loader yielded no batches", option="--data")
+        raise DataSpecError("stability: the data loader yielded no batches", option="data")
     return torch.cat(xs)[:n], torch.cat(ys)[:n]
 
 

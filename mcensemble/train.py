@@ -39,7 +39,7 @@ def train_model(model: nn.Module, loader: DataLoader, *, config: TrainConfig = T
     `.remove()` (e.g. `mcensemble.hooks.channel_dropout`), removed at the end.
     """
     if config.epochs < 1:
-        raise BadOptionError(f"epochs must be >= 1, got {config.epochs}", option="--epochs")
+        raise BadOptionError(f"epochs must be >= 1, got {config.epochs}", option="epochs")
     torch.set_flush_denormal(True)
     torch.manual_seed(config.seed)
     model.to(device).train()

@@ -249,7 +249,7 @@ def test_no_arch_anywhere_says_what_to_pass(tmp_path):
     torch.save(mlp().state_dict(), f)
     ck = load_checkpoint(f)
     assert ck.metadata["arch"] is None and ck.model_spec is None
-    with pytest.raises(CheckpointError, match=r"--arch NAME.*--model module:function"):
+    with pytest.raises(CheckpointError, match=r"`arch` NAME.*`model` module:function"):
         ck.build_model()
 
 

@@ -166,7 +166,7 @@ def test_scan_with_user_model(mce_cli, mce_user_models, tmp_path):
 
 def test_scan_points_must_be_at_least_2(mce_cli, mce_mlp_pair, tmp_path):
     out = _clean_failure(mce_cli("scan", *mce_mlp_pair, "--points", "1", "--report", tmp_path / "r.json"), 2)
-    assert "--points" in out and "at least 2" in out
+    assert "--points" in out and ">= 2" in out
     assert not (tmp_path / "r.json").exists()
 
 
@@ -266,13 +266,13 @@ def test_build_outputs_load(built, method, mce_mlp_pair):
 
 
 @pytest.mark.parametrize("args, option, message", [
-    (["--members", "0"], "--members", "at least 1"),
+    (["--members", "0"], "--members", ">= 1"),
     (["--method", "nope"], "--method", "linear, bezier, polychain"),
     (["--method", "bezeir"], "--method", "Did you mean 'bezier'"),
     (["--bends", "0", "--method", "bezier"], "--bends", ">= 1"),
     (["--bends", "0", "--method", "polychain"], "--bends", ">= 1"),
     (["--epochs", "0", "--method", "bezier"], "--epochs", ">= 1"),
-    (["--candidates", "1"], "--candidates", "at least 2"),
+    (["--candidates", "1"], "--candidates", ">= 2"),
     (["--members", "5", "--candidates", "3", "--val-data", "digits"], "--members", "more than the 3 candidate"),
     (["--selection", "greedy"], "--selection", "needs --val-data"),
     (["--data", "digits,size=16"], "digits,size=16", "cannot take"),
@@ -388,3 +388,14 @@ def test_python_m_mcensemble_help():
     for cmd in ("inspect", "scan", "build", "eval"):
         assert cmd in p.stdout
     assert "--debug" in p.stdout
+
+
+def test_library_parameters_are_named_by_their_flags():
+    """Library errors name Python parameters; the CLI shows its flags through one table."""
+    from mcensemble.cli import PARAM_FLAGS, _flag_words, main
+    flags = {o for cmd in main.commands.values() for p in cmd.params for o in [*p.opts, *p.secondary_opts]}
+    assert set(PARAM_FLAGS.values()) <= flags
+    assert _flag_words("members must be an integer >= 1, got 0", "members") == "--members must be an integer >= 1, got 0"
+    assert _flag_words("`members` 4 is more than 3; raise `candidates`", "members") == "--members 4 is more than 3; " \
+                                                                                         "raise --candidates"
+    assert _flag_words("insert must be >= 1 (`halves` too)", "insert") == "insert must be >= 1 (`halves` too)"

@@ -160,13 +160,3 @@ def test_align_accepts_a_unit_graph_by_hand(mce_cli, mce_mlp_pair, tmp_path):
     nb, nal = load_checkpoint(b).build_model(), load_checkpoint(tmp_path / "b2.safetensors").build_model()
     x = torch.rand(8, 1, 8, 8)
     torch.testing.assert_close(nal(x), nb(x), atol=1e-5, rtol=1e-5)
-
-
-@pytest.mark.parametrize("command", ["build", "scan"])
-def test_cli_curve_defaults_are_the_libraries(command):
-    # the CLI states its defaults for --help without importing torch; they must stay CurveConfig's
-    from mcensemble.cli import main
-    from mcensemble.paths.fit import CurveConfig
-    params = {p.name: p.default for p in main.commands[command].params}
-    for name in ("bends", "epochs", "lr", "weight_decay"):
-        assert params[name] == getattr(CurveConfig, name), name

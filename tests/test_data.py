@@ -113,12 +113,12 @@ def test_digits_noise():
 def test_digits_bad_options(spec, expect):
     with pytest.raises(DataSpecError, match=expect) as ei:
         create_loader(spec)
-    assert ei.value.option == "--data"
+    assert ei.value.option == "data"
 
 
 @pytest.mark.parametrize("kw, expect", [
     ({"split": "test"}, r"split must be one of train, val"),
-    ({"batch_size": 0}, r"--batch-size must be a positive integer"),
+    ({"batch_size": 0}, r"`batch_size` must be a positive integer"),
 ])
 def test_bad_loader_options(kw, expect):
     with pytest.raises(BadOptionError, match=expect):
@@ -236,7 +236,7 @@ def test_module_function_errors(data_module, fn, expect):
 def test_module_function_missing_module():
     with pytest.raises(DataSpecError, match=r"cannot find module 'mce_no_such_data'.*PYTHONPATH") as ei:
         create_loader("mce_no_such_data:train")
-    assert ei.value.option == "--data"
+    assert ei.value.option == "data"
 
 
 # ---------------------------------------------------------------- check_input_fits
@@ -258,18 +258,18 @@ def test_check_input_fits_ok_and_restores_modes():
 @pytest.mark.parametrize("model, spec, expect", [
     (mlp, "digits,size=16",
      r"data 'digits,size=16' gives inputs of shape \(128, 1, 16, 16\) that the model \(Sequential\) cannot take: "
-     r"RuntimeError: .*Pass --in-chans / --num-classes or a data spec with size=/chans="),
+     r"RuntimeError: .*Pass `in_chans` / `num_classes` or a data spec with size=/chans="),
     (lambda: create_model(ModelSpec(arch="test_resnet", kwargs={"in_chans": 1, "num_classes": 10})),
      "digits,size=16,chans=3", r"shape \(128, 3, 16, 16\) that the model \(timm:test_resnet\) cannot take"),
     (lambda: mlp(classes=5), "digits",
-     r"labels from 0 to 9 .* model \(Sequential\) has 5 outputs: pass --num-classes 10"),
+     r"labels from 0 to 9 .* model \(Sequential\) has 5 outputs: pass `num_classes` 10"),
 ])
 def test_check_input_fits_errors(model, spec, expect):
     m = model()
     modes = [mod.training for mod in m.modules()]
     with pytest.raises(DataSpecError, match=expect) as ei:
         check_input_fits(m, create_loader(spec), spec=spec)
-    assert ei.value.option == "--data"
+    assert ei.value.option == "data"
     assert [mod.training for mod in m.modules()] == modes  # restored after a failure too
 
 

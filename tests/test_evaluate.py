@@ -218,6 +218,6 @@ def test_scan_bn_reestimated_at_every_point(digits):
 @pytest.mark.parametrize("points", [1, 0, -3, 2.5, True])
 def test_scan_bad_points(points, digits):
     path = LinearPath(mlp(0).state_dict(), mlp(1).state_dict())
-    with pytest.raises(BadOptionError, match="--points") as e:
+    with pytest.raises(BadOptionError, match="points must be an integer >= 2") as e:
         scan(path, mlp(0), digits[1], points=points)
-    assert e.value.option == "--points"
+    assert e.value.option == "points"

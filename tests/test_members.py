@@ -77,9 +77,9 @@ def test_uniform_points_over_joined_paths():
 
 @pytest.mark.parametrize("k", [0, -3])
 def test_uniform_points_refuses_no_members(k):
-    with pytest.raises(BadOptionError, match="--members must be at least 1") as info:
+    with pytest.raises(BadOptionError, match="members must be an integer >= 1") as info:
         uniform_points(k)
-    assert info.value.option == "--members"
+    assert info.value.option == "members"
 
 
 # ----------------------------------------------------------------------------- greedy selection
@@ -147,10 +147,10 @@ def test_greedy_ties_go_to_the_earlier_candidate():
 def test_greedy_more_members_than_candidates():
     labels = torch.zeros(2, dtype=torch.long)
     cands = [_cand(i, _log_probs([0.5, 0.5])) for i in range(3)]
-    with pytest.raises(BadOptionError, match=r"--members 4 is more than the 3 candidate points.*--candidates") as info:
+    with pytest.raises(BadOptionError, match=r"`members` 4 is more than the 3 candidate points.*`candidates`") as info:
         select_greedy_nll(cands, 4, labels)
-    assert info.value.option == "--members"
-    with pytest.raises(BadOptionError, match="at least 1"):
+    assert info.value.option == "members"
+    with pytest.raises(BadOptionError, match=">= 1"):
         select_greedy_nll(cands, 0, labels)
 
 

@@ -68,7 +68,7 @@ def test_check_timm_arch_accepts_registry_names():
 def test_check_timm_arch_unknown(name, expect):
     with pytest.raises(ModelSpecError, match=expect) as ei:
         check_timm_arch(name)
-    assert ei.value.option == "--arch"
+    assert ei.value.option == "arch"
 
 
 def test_create_model_timm_eval_and_kwargs():
@@ -89,7 +89,7 @@ def test_create_model_bad_timm_kwargs():
 
 
 @pytest.mark.parametrize("spec, expect", [
-    (ModelSpec(), r"no model given: pass --arch"),
+    (ModelSpec(), r"no model given: pass `arch`"),
     (ModelSpec(arch="test_resnet", entry="a:b"), r"both"),
     (ModelSpec(arch="resnet1"), r"Unknown timm architecture"),
 ])
@@ -136,7 +136,7 @@ def test_import_entry_from_current_directory(tmp_path, monkeypatch):
 def test_import_entry_malformed_or_missing(entry, expect):
     with pytest.raises(ModelSpecError, match=expect) as ei:
         import_entry(entry)
-    assert ei.value.option == "--model"
+    assert ei.value.option == "model"
 
 
 @pytest.mark.parametrize("attr, expect, cause", [
@@ -174,7 +174,7 @@ def test_create_model_entry_failures(make_module, fn, expect):
 
 def test_untrusted_entry_is_not_imported(make_module):
     mod = make_module(GOOD)
-    with pytest.raises(ModelSpecError, match=r"does not import code named by a file.*--model"):
+    with pytest.raises(ModelSpecError, match=r"does not import code named by a file.*`model`"):
         create_model(ModelSpec(entry=f"{mod}:net"), trust_entry=False)
     assert mod not in sys.modules
 
@@ -233,12 +233,12 @@ def test_resolve_model_spec_does_not_import():
 
 
 @pytest.mark.parametrize("kw, exc, expect", [
-    ({"arch": "test_resnet", "model": "m:f"}, BadOptionError, r"either --arch .* or --model"),
+    ({"arch": "test_resnet", "model": "m:f"}, BadOptionError, r"either `arch` .* or `model`"),
     ({"arch": "resnet1"}, ModelSpecError, r"Unknown timm architecture 'resnet1'"),
-    ({"metadata": {"arch": "resnet1"}}, ModelSpecError, r"metadata says arch 'resnet1'.*Pass --arch"),
-    ({"model": "resnet18"}, ModelSpecError, r"--model takes 'module:function'.*pass --arch resnet18"),
-    ({"arch": "test_resnet", "num_classes": 0}, BadOptionError, r"--num-classes must be a positive integer"),
-    ({"arch": "test_resnet", "in_chans": "x"}, BadOptionError, r"--in-chans must be a positive integer"),
+    ({"metadata": {"arch": "resnet1"}}, ModelSpecError, r"metadata says arch 'resnet1'.*Pass `arch`"),
+    ({"model": "resnet18"}, ModelSpecError, r"`model` takes 'module:function'.*pass `arch` resnet18"),
+    ({"arch": "test_resnet", "num_classes": 0}, BadOptionError, r"num_classes must be a positive integer"),
+    ({"arch": "test_resnet", "in_chans": "x"}, BadOptionError, r"in_chans must be a positive integer"),
     ({"metadata": {"arch": "test_resnet", "num_classes": -1}}, BadOptionError, r"checkpoint's metadata gives -1"),
 ])
 def test_resolve_model_spec_errors(kw, exc, expect):

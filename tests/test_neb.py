@@ -198,7 +198,7 @@ def test_resume_is_bit_identical(tmp_path):
         fit_neb(net, a, b, loader, config=cfg, progress=False, checkpoint=ck, checkpoint_every=2, callback=stop_at_7)
     meta = read_neb_checkpoint(ck)[1]
     assert (meta["cycle"], meta["step"], meta["finished"]) == (1, 1, False)
-    with pytest.raises(BadOptionError, match="--resume"):
+    with pytest.raises(BadOptionError, match="`resume`"):
         fit_neb(net, a, b, loader, config=cfg, progress=False, checkpoint=ck)
     with pytest.raises(CheckpointError, match="seed"):
         fit_neb(net, a, b, loader, config=dataclasses.replace(cfg, seed=4), progress=False,

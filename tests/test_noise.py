@@ -175,8 +175,8 @@ def test_what_the_unit_graph_refuses_is_refused():
         noise_stability(net.eval(), [(torch.randn(4, 1, 8, 8), torch.zeros(4, dtype=torch.long))])
 
 
-@pytest.mark.parametrize("kw, option", [({"scale": -0.1}, "--noise-scale"), ({"scale": float("nan")}, "--noise-scale"),
-                                        ({"examples": 1}, "--noise-examples"), ({"probes": 0}, "probes"),
+@pytest.mark.parametrize("kw, option", [({"scale": -0.1}, "scale"), ({"scale": float("nan")}, "scale"),
+                                        ({"examples": 1}, "examples"), ({"probes": 0}, "probes"),
                                         ({"delta": 1.0}, "delta")])
 def test_bad_options_name_the_option(kw, option):
     with pytest.raises(BadOptionError, match="must be") as e:

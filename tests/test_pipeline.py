@@ -75,7 +75,7 @@ def test_scan_bn_model_reestimates_statistics(mce_cnn_pair):
 def test_scan_needs_points_and_matching_architectures(mce_mlp_pair, tmp_path):
     from mcensemble.checkpoints import save_checkpoint
     from mcensemble.models import ModelSpec
-    with pytest.raises(BadOptionError, match="--points"):
+    with pytest.raises(BadOptionError, match="points must be an integer >= 2"):
         scan_checkpoints(mce_mlp_pair, model=ModelOptions(), data=DataOptions(), points=1)
     narrow = tmp_path / "narrow.safetensors"
     md = {"arch": "mce_digits_mlp", "num_classes": 10, "in_chans": 1, "model_args": {"width": 16}}
@@ -177,19 +177,19 @@ def test_three_checkpoints_make_two_joined_paths(mce_mlp_pair, tmp_path):
         assert torch.equal(ens.member_state_dict(4)[k], sa[k])  # u = 1 is A again
     assert rep["path"]["barrier"] == pytest.approx(rep["line"]["barrier"])  # linear: the path is the line
     assert rep["path"]["barrier"] > 0
-    with pytest.raises(BadOptionError, match="--path-out needs exactly two checkpoints"):
+    with pytest.raises(BadOptionError, match="`path_out` needs exactly two checkpoints"):
         build_ensemble([a, b, a], model=ModelOptions(), data=DataOptions(), opts=BuildOptions(method="linear"),
                        path_out=tmp_path / "p.safetensors")
 
 
 @pytest.mark.parametrize("opts, val, match", [
-    (dict(members=0), None, "--members must be at least 1"),
+    (dict(members=0), None, "members must be an integer >= 1"),
     (dict(method="nope"), None, "unknown method 'nope'; choose one of linear, bezier, polychain"),
-    (dict(method="bezier", bends=0), None, "--bends"),
-    (dict(method="bezier", epochs=0), None, "--epochs"),
-    (dict(candidates=1), None, "--candidates"),
-    (dict(selection="greedy"), None, "--selection greedy needs --val-data"),
-    (dict(method="linear", members=4, candidates=3), "digits", r"--members 4 is more than the 3 candidate points"),
+    (dict(method="bezier", bends=0), None, "`bends`"),
+    (dict(method="bezier", epochs=0), None, "`epochs`"),
+    (dict(candidates=1), None, "candidates must be an integer >= 2"),
+    (dict(selection="greedy"), None, "`selection` greedy needs `val_data`"),
+    (dict(method="linear", members=4, candidates=3), "digits", r"`members` 4 is more than the 3 candidate points"),
 ])
 def test_options_are_checked_before_any_work(tmp_path, opts, val, match):
     """Bad options are refused before the checkpoints are even opened (these do not exist)."""

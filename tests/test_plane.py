@@ -63,7 +63,7 @@ def test_scan_plane_grid_and_paths(setup, tmp_path):
 
 def test_plane_needs_a_bend(setup):
     a, b, _, loader = setup
-    with pytest.raises(BadOptionError, match="no bend: --plane needs a bezier or polychain path"):
+    with pytest.raises(BadOptionError, match="no bend: `plane` needs a bezier or polychain path"):
         scan_plane(LinearPath(a, b), _mlp(0), loader)
     straight = {k: 0.5 * (a[k] + b[k]) for k in a}
     with pytest.raises(BadOptionError, match="lies on the straight line"):

@@ -34,7 +34,7 @@ def test_unknown_key_names_it_and_the_nearest_valid_key(tmp_path):
     f = _recipe(tmp_path, "method: linear\nmembres: 3\n")
     with pytest.raises(BadOptionError, match=r"unknown key 'membres'.*did you mean 'members'\?") as info:
         load_recipe(f, valid=VALID)
-    assert info.value.option == "--recipe"
+    assert info.value.option == "recipe"
     assert str(f) in str(info.value)
     assert "val-data" in str(info.value)  # the valid keys are listed, as typed on the command line
 
@@ -69,7 +69,7 @@ def test_a_recipe_that_is_not_a_mapping_is_refused(tmp_path, text, kind):
     f = _recipe(tmp_path, text)
     with pytest.raises(BadOptionError, match=rf"must be a mapping of option: value, got {kind}") as info:
         load_recipe(f, valid=VALID)
-    assert info.value.option == "--recipe"
+    assert info.value.option == "recipe"
 
 
 def test_empty_recipe_is_no_options(tmp_path):

@@ -57,7 +57,7 @@ def test_interrupted_twice_and_resumed_equals_uninterrupted(ends, reference, tmp
     with pytest.raises(FitInterrupted) as e:  # mid-epoch, after a periodic save
         fit_curve(make(), *ends, loader(), config=CFG, progress=False, callback=interrupt_at(6),
                   checkpoint=ck, checkpoint_every=4)
-    assert e.value.exit_code == 130 and e.value.step == 7 and "--resume" in str(e.value)
+    assert e.value.exit_code == 130 and e.value.step == 7 and "`resume`" in str(e.value)
     meta = read_fit_checkpoint(ck)[1]
     assert (meta["step"], meta["epoch"], meta["batch"], meta["finished"]) == (7, 1, 2, False)
     with pytest.raises(FitInterrupted):  # at an epoch's end
@@ -77,12 +77,12 @@ def test_resume_refuses_another_fit(ends, tmp_path):
     ck = tmp_path / "fit.safetensors"
     with pytest.raises(FitInterrupted):
         fit_curve(make(), a, b, loader(), config=CFG, progress=False, callback=interrupt_at(2), checkpoint=ck)
-    with pytest.raises(BadOptionError, match="--resume") as e:  # an existing fit is not overwritten
+    with pytest.raises(BadOptionError, match="`resume`") as e:  # an existing fit is not overwritten
         fit_curve(make(), a, b, loader(), config=CFG, progress=False, checkpoint=ck)
-    assert e.value.option == "--resume"
+    assert e.value.option == "resume"
     cases = [
-        (dict(config=CurveConfig(**{**CFG.__dict__, "lr": 0.1})), r"--lr 0\.04.*--lr 0\.1"),
-        (dict(config=CurveConfig(**{**CFG.__dict__, "kind": "polychain"})), "--method 'bezier'"),
+        (dict(config=CurveConfig(**{**CFG.__dict__, "lr": 0.1})), r"`lr` 0\.04.*`lr` 0\.1"),
+        (dict(config=CurveConfig(**{**CFG.__dict__, "kind": "polychain"})), "`kind` 'bezier'"),
         (dict(b={k: v + 1 for k, v in b.items()}), r"other endpoints: B \(t = 1\)"),
         (dict(loader=loader(batch_size=32)), "batches per epoch"),
     ]
@@ -91,7 +91,7 @@ def test_resume_refuses_another_fit(ends, tmp_path):
         with pytest.raises(CheckpointError, match=pattern):
             fit_curve(make(), a, kw["b"], kw["loader"], config=kw["config"], progress=False, checkpoint=ck,
                       resume=True)
-    with pytest.raises(BadOptionError, match="--checkpoint-dir"):
+    with pytest.raises(BadOptionError, match="`checkpoint`"):
         fit_curve(make(), a, b, loader(), config=CFG, resume=True)
     (tmp_path / "junk.safetensors").write_bytes(b"not a checkpoint")
     with pytest.raises(CheckpointError, match="junk"):

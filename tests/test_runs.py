@@ -147,8 +147,8 @@ def test_folder_without_checkpoints_names_it_and_points_to_run_folders(tmp_path,
 
 
 @pytest.mark.parametrize("kwargs, option", [
-    (dict(top_k=0), "--top-k"), (dict(top_k=1.5), "--top-k"), (dict(top_k=True), "--top-k"),
-    (dict(metric_mode="best"), "--metric-mode"),
+    (dict(top_k=0), "top_k"), (dict(top_k=1.5), "top_k"), (dict(top_k=True), "top_k"),
+    (dict(metric_mode="best"), "metric_mode"),
 ])
 def test_bad_options(run_a, kwargs, option):
     with pytest.raises(BadOptionError) as info:
@@ -159,7 +159,7 @@ def test_bad_options(run_a, kwargs, option):
 def test_no_folder_given():
     with pytest.raises(BadOptionError, match="no run folder given") as info:
         checkpoints_from_runs([])
-    assert info.value.option == "--from-run"
+    assert info.value.option == "from_run"
 
 
 def test_unsafe_and_corrupt_checkpoints_are_refused_by_name(tmp_path):

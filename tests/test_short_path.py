@@ -185,7 +185,7 @@ def test_dropout_path_on_a_residual_network_names_the_short_path():
     from mcensemble.paths.dropout import DropoutPathError, build_dropout_path
     model = timm.create_model("test_resnet", num_classes=10, in_chans=1).eval()
     state = model.state_dict()
-    with pytest.raises(DropoutPathError, match="--method short"):
+    with pytest.raises(DropoutPathError, match="`method` short"):
         build_dropout_path(model, state, state, create_loader(DATA, batch_size=64))
 
 

@@ -217,7 +217,7 @@ def test_fge_train_from_a_trained_model(tmp_path):
     assert col.cycle_steps == len(loader) // 2 and len(col) == 2
     with pytest.raises(BadOptionError, match="at least 2 steps per cycle") as info:
         fge_train(net, [(torch.zeros(1, 1, 8, 8), torch.zeros(1, dtype=torch.long))], cycles=1, epochs=1)
-    assert info.value.option == "--epochs"
+    assert info.value.option == "epochs"
 
 
 # ----------------------------------------------------------------------------- module home, precision

@@ -95,6 +95,9 @@ class ModePath:
     """
 
     kind: ClassVar[str] = ""
+    #: whether `from_options` trains the path on shuffled batches (`pipeline.connect` then
+    #: hands it a shuffled fit loader)
+    trained: ClassVar[bool] = False
     vertex_t: list[float] | None = None
     certificate: dict[str, Any] | None = None
 
@@ -119,6 +122,11 @@ class ModePath:
         warnings.warn("path.vertices is deprecated; set path.vertex_t (the t values of the vertices)",
                       DeprecationWarning, stacklevel=2)
         self.vertex_t = value
+
+    #: a kind that `build --method KIND` makes defines the classmethod
+    #: ``from_options(net, a, b, *, opts, data, fit_loader, bn_loader, index=0, graph=None)``
+    #: (`opts`: `options.BuildOptions`, `data`: `options.DataOptions`, `index`: which
+    #: consecutive pair, `graph`: a hand-given unit graph or None) -> the path from a to b
 
     def __init__(self, groups: Mapping[str, Mapping[str, torch.Tensor]], *,
                  metadata: Mapping[str, Any] | None = None, copy: bool = True):

@@ -17,7 +17,9 @@ Fitting lives in `mcensemble.paths.fit` (`fit_curve`, `CurveConfig`).
 """
 from __future__ import annotations
 
+import dataclasses
 import math
+import os
 from typing import Any, Mapping, Sequence
 
 import torch
@@ -74,7 +76,7 @@ def curve_coefficients(kind: str, t: float, n: int) -> list[float]:
         fn = CURVE_KINDS[kind]
     except KeyError:
         raise BadOptionError(f"unknown curve kind {kind!r}; choose one of {', '.join(CURVE_KINDS)}",
-                             option="--method") from None
+                             option="method") from None
     return fn(t, n)
 
 
@@ -116,7 +118,7 @@ class _CurvePath(ModePath):
         bends = list(bends)
         if len(bends) < 1:
             raise BadOptionError(f"a {self.kind} path needs at least one bend, got {len(bends)}",
-                                 option="--bends")
+                                 option="bends")
         floating = [k for k, v in a.items() if is_interpolated(v)]
         groups: dict[str, Mapping[str, torch.Tensor]] = {"endpoint.0": a, "endpoint.1": b}
         for i, bend in enumerate(bends):
@@ -166,6 +168,21 @@ class _CurvePath(ModePath):
         for k, va in a.items():
             out[k] = _combine(controls, coeffs, k) if is_interpolated(va) else va.clone()
         return out
+
+    # -- building -----------------------------------------------------------------
+    trained = True
+
+    @classmethod
+    def from_options(cls, net, a, b, *, opts, data, fit_loader, bn_loader, index: int = 0,
+                     graph=None) -> "_CurvePath":
+        """`build --method bezier / polychain`: `fit_curve` with `opts.curve` (seeded by
+        `data.seed`) on the shuffled `fit_loader`; `opts.checkpoint_dir` keeps
+        `curve-<index>.safetensors`."""
+        from .fit import fit_curve  # fit imports this module
+        cfg = dataclasses.replace(opts.curve, seed=data.seed)
+        ck = None if opts.checkpoint_dir is None else os.path.join(opts.checkpoint_dir, f"curve-{index}.safetensors")
+        return fit_curve(net, a, b, fit_loader, config=cfg, device=data.device, progress=data.progress,
+                         checkpoint=ck, checkpoint_every=opts.checkpoint_every, resume=opts.resume)
 
     # -- files --------------------------------------------------------------------
     def _file_fields(self) -> dict[str, Any]:

@@ -82,7 +82,7 @@ def layered_chain(graph: UnitGraph, state: Mapping[str, torch.Tensor]) -> list[U
                 f"unit group(s) {names} at depth {depth}: the dropout-stable path supports "
                 "layered networks only (one unit group per depth, each read by the next layer); "
                 "residual streams, squeeze-excite gates, branches and concatenations make cycles "
-                "that Theorem 1's construction cannot handle: use --method short (the short path, "
+                "that Theorem 1's construction cannot handle: use `method` short (the short path, "
                 "Theorem 2) for such networks")
         chain.append(at[0])
     rows = [{r.tensor for r in g.refs(*_ROW_ROLES)} for g in chain]
@@ -93,7 +93,7 @@ def layered_chain(graph: UnitGraph, state: Mapping[str, torch.Tensor]) -> list[U
             if r.tensor not in reader:
                 raise DropoutPathError(
                     f"unit group {g.name!r} is read by {r.module!r}, not only by {what}: a "
-                    "skip connection or branch; only layered networks are supported (use --method "
+                    "skip connection or branch; only layered networks are supported (use `method` "
                     "short, the short path, for such networks)")
         if not g.refs("producer") or not g.refs("consumer"):
             raise DropoutPathError(f"unit group {g.name!r} has no producing or no consuming "
@@ -476,9 +476,9 @@ def _prepare(model: nn.Module, a: Mapping[str, torch.Tensor], b: Mapping[str, to
 
     if loader is None:
         from ..errors import BadOptionError
-        raise BadOptionError("the dropout-stable path needs training data (--data): it measures "
+        raise BadOptionError("the dropout-stable path needs training data (`data`): it measures "
                              "stability, re-estimates BatchNorm and certifies vertices on it",
-                             option="--data")
+                             option="data")
     check_same_layout(a, b)
     a = {k: v.detach().cpu() for k, v in a.items()}
     b = {k: v.detach().cpu() for k, v in b.items()}
@@ -665,6 +665,12 @@ class DropoutPath(ModePath):
             return {k: v.clone() for k, v in vs[i].items()}
         i = min(int(pos), self.n_vertices - 2)
         return mix_states(vs[i], vs[i + 1], pos - i)
+
+    @classmethod
+    def from_options(cls, net, a, b, *, opts, data, fit_loader, bn_loader, index: int = 0,
+                     graph=None) -> "DropoutPath":
+        """`build --method dropout`: `build_dropout_path` with BN statistics from `bn_loader`."""
+        return build_dropout_path(net, a, b, bn_loader, graph=graph, device=data.device, progress=data.progress)
 
     def _file_fields(self) -> dict[str, Any]:
         return {"n_vertices": self.n_vertices}

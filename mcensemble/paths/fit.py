@@ -36,7 +36,6 @@ from __future__ import annotations
 
 import logging
 import os
-from dataclasses import dataclass
 from typing import Any, Callable, Mapping
 
 import torch
@@ -49,9 +48,10 @@ from .. import distributed as dist_
 from ..checkpoints import check_same_architecture
 from ..data import epoch_batches, epoch_seed
 from ..errors import BadOptionError
+from ..options import CurveConfig, validate_curve_config
 from ..precision import Precision, resolve_precision
 from .base import check_same_layout
-from .curves import CURVE_KINDS, BezierPath, PolyChainPath, bend_lr_scale, curve_coefficients, is_interpolated
+from .curves import BezierPath, PolyChainPath, bend_lr_scale, curve_coefficients, is_interpolated
 from .linear import lerp_tensor
 from .fit_run import (FIT_CHECKPOINT_FORMAT, FitInterrupted, _check_checkpoint_args, _FitRun, lr_factor,
                       read_fit_checkpoint)
@@ -65,70 +65,14 @@ log = logging.getLogger(__name__)
 StateDict = dict[str, torch.Tensor]
 
 
-@dataclass
-class CurveConfig:
-    """How to fit a curve.
-
-    kind: "bezier" or "polychain"; bends: number of bends n >= 1; epochs: passes over the
-    loader (one step per batch); lr: the SGD learning rate *of the curve's points*: the bends'
-    own learning rate is ``lr * bend_lr_scale(kind, bends)`` (4 x lr for one Bezier bend,
-    see `bend_lr_scale`), so that where the curve moves most with its bends (t = 0.5 for one
-    bend) a step moves theta(t) as far as a step at `lr` moves a trained model. Held for the
-    first half of the steps, then decayed linearly to 1% of it at the last step; momentum: SGD momentum;
-    weight_decay: coefficient of ``weight_decay / 2 * ||theta(t)||^2`` (parameters at the
-    sampled point, not the bends); seed: seeds the draws of t and the torch RNG used inside
-    (dropout, shuffling), without disturbing the caller's RNG state; max_grad_norm: clip the
-    total gradient norm over all bends (None: no clipping).
-    """
-
-    kind: str = "bezier"
-    bends: int = 1
-    epochs: int = 20
-    lr: float = 0.04
-    momentum: float = 0.9
-    weight_decay: float = 5e-4
-    seed: int = 0
-    max_grad_norm: float | None = None
-
-
-def _is_int(x: Any) -> bool:
-    return isinstance(x, int) and not isinstance(x, bool)
-
-
-def _is_number(x: Any) -> bool:
-    return isinstance(x, (int, float)) and not isinstance(x, bool)
-
-
-def validate_curve_config(config: CurveConfig) -> None:
-    """Raise `BadOptionError` (naming the CLI option) for an invalid config."""
-    if config.kind not in CURVE_KINDS:
-        raise BadOptionError(f"unknown curve kind {config.kind!r}; choose one of {', '.join(CURVE_KINDS)}",
-                             option="--method")
-    if not _is_int(config.bends) or config.bends < 1:
-        raise BadOptionError(f"--bends must be an integer >= 1, got {config.bends!r}", option="--bends")
-    if not _is_int(config.epochs) or config.epochs < 1:
-        raise BadOptionError(f"--epochs must be an integer >= 1, got {config.epochs!r}", option="--epochs")
-    if not _is_number(config.lr) or not config.lr > 0 or config.lr == float("inf"):
-        raise BadOptionError(f"--lr must be a positive number, got {config.lr!r}", option="--lr")
-    if not _is_number(config.momentum) or not 0 <= config.momentum < 1:
-        raise BadOptionError(f"--momentum must be in [0, 1), got {config.momentum!r}", option="--momentum")
-    if not _is_number(config.weight_decay) or not config.weight_decay >= 0:
-        raise BadOptionError(f"--weight-decay must be >= 0, got {config.weight_decay!r}", option="--weight-decay")
-    if config.max_grad_norm is not None and (not _is_number(config.max_grad_norm) or not config.max_grad_norm > 0):
-        raise BadOptionError(f"--max-grad-norm must be a positive number or None, got {config.max_grad_norm!r}",
-                             option="--max-grad-norm")
-    if not _is_int(config.seed):
-        raise BadOptionError(f"--seed must be an integer, got {config.seed!r}", option="--seed")
-
-
 def _steps_per_epoch(loader) -> int:
     try:
         n = len(loader)
     except TypeError:
         n = sum(1 for _ in loader)
     if n < 1:
-        raise BadOptionError("the training data loader yields no batches; check --data and --batch-size",
-                             option="--data")
+        raise BadOptionError("the training data loader yields no batches; check `data` and `batch_size`",
+                             option="data")
     return n
 
 
@@ -370,7 +314,6 @@ def fit_curve(model: Any, a: Mapping[str, torch.Tensor], b: Mapping[str, torch.T
     when `a`, `b` and the model disagree (first differing tensor), `CheckpointError` when a
     checkpoint to resume does not match this fit (naming what differs).
     """
-    validate_curve_config(config)
     check_same_layout(a, b)
     _check_checkpoint_args(checkpoint, checkpoint_every, resume)
     torch.set_flush_denormal(True)  # on CPU, denormals made fitting steps many times slower

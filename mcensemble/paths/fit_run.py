@@ -54,13 +54,13 @@ def _rank_seed(seed: int, rank: int) -> int:
 
 def _check_checkpoint_args(checkpoint, every, resume) -> None:
     if every is not None and (not _is_int(every) or every < 1):
-        raise BadOptionError(f"--checkpoint-every must be an integer >= 1, got {every!r}",
-                             option="--checkpoint-every")
+        raise BadOptionError(f"`checkpoint_every` must be an integer >= 1, got {every!r}",
+                             option="checkpoint_every")
     if resume and checkpoint is None:
-        raise BadOptionError("--resume needs --checkpoint-dir (where the fit was saved)", option="--resume")
+        raise BadOptionError("`resume` needs `checkpoint` (where the fit was saved)", option="resume")
     if checkpoint is not None and os.path.isdir(checkpoint):
         raise BadOptionError(f"the fit checkpoint {checkpoint} is a folder; give a file name",
-                             option="--checkpoint-dir")
+                             option="checkpoint")
 
 
 class FitInterrupted(MCEnsembleError):
@@ -157,8 +157,8 @@ class _FitRun:
             meta = read_fit_checkpoint(self.checkpoint)[1]
             raise BadOptionError(
                 f"{self.checkpoint} already holds a curve fit (step {meta.get('step')} of "
-                f"{meta.get('total_steps')}); pass --resume to continue it, or choose another --checkpoint-dir",
-                option="--resume")
+                f"{meta.get('total_steps')}); pass `resume` to continue it, or choose another `checkpoint`",
+                option="resume")
         self._restore()
         log.info("resuming the fit from %s at step %d of %d", self.checkpoint, self.step, self.total)
 
@@ -172,7 +172,7 @@ class _FitRun:
                     x, y = batch
                     if y is None:
                         raise BadOptionError("curve fitting needs (input, target) batches; the loader gives "
-                                             "inputs only", option="--data")
+                                             "inputs only", option="data")
                     x, y = x.to(self.device, non_blocking=True), y.to(self.device, non_blocking=True)
                 t = float(torch.rand((), generator=self.gen, dtype=torch.float64))
                 sync = None
@@ -208,7 +208,7 @@ class _FitRun:
         name = signal.Signals(signum).name
         raise FitInterrupted(
             f"{name}: curve fitting stopped after step {self.step} of {self.total}; its state is saved in "
-            f"{self.checkpoint}. Run the same command with --resume to continue.",
+            f"{self.checkpoint}. Run the same command with `resume` to continue.",
             signum=signum, checkpoint=self.checkpoint, step=self.step)
 
     def _rng_states(self) -> dict[str, torch.Tensor]:
@@ -256,7 +256,7 @@ class _FitRun:
         for k, v in rng.items():
             if v.dtype != torch.uint8 or v.dim() != 1:
                 raise CheckpointError(f"the fit checkpoint {ck} has a damaged random state {f'rng.{k}.{r}'!r} "
-                                      f"({v.dtype}, shape {tuple(v.shape)}); choose another --checkpoint-dir")
+                                      f"({v.dtype}, shape {tuple(v.shape)}); choose another `checkpoint`")
         saved_gen, saved_torch = self.gen.get_state(), torch.get_rng_state()
         try:
             self.gen.set_state(rng["t"])
@@ -265,7 +265,7 @@ class _FitRun:
             self.gen.set_state(saved_gen)
             torch.set_rng_state(saved_torch)
             raise CheckpointError(f"the fit checkpoint {ck} has a damaged random state ({e}); "
-                                  "choose another --checkpoint-dir") from e
+                                  "choose another `checkpoint`") from e
         with torch.no_grad():
             for v, saved in pairs:
                 v.copy_(saved)
@@ -279,11 +279,11 @@ def _ck_tensor(tensors, name: str, like: torch.Tensor | None, file, *, what: str
     checked to have `like`'s shape and dtype; `CheckpointError` naming the file otherwise."""
     if name not in tensors:
         raise CheckpointError(f"the {what} {file} has no tensor {name!r}: it was written for another "
-                              "model; choose another --checkpoint-dir")
+                              "model; choose another `checkpoint`")
     v = tensors[name]
     if like is not None and (v.shape != like.shape or v.dtype != like.dtype):
         raise CheckpointError(f"the {what} {file} has {name!r} of shape {tuple(v.shape)} ({v.dtype}), "
-                              f"the model {tuple(like.shape)} ({like.dtype}); choose another --checkpoint-dir")
+                              f"the model {tuple(like.shape)} ({like.dtype}); choose another `checkpoint`")
     return v
 
 
@@ -299,7 +299,7 @@ def open_training_checkpoint(file: str | os.PathLike, *, fmt: str, what: str, ki
     except CheckpointError as e:
         raise CheckpointError(f"cannot read the {what} {file}: {e}") from e
     if not isinstance(meta, dict) or meta.get("format") != fmt:
-        raise CheckpointError(f"{file} is not {kind} (no {fmt} metadata); choose another --checkpoint-dir")
+        raise CheckpointError(f"{file} is not {kind} (no {fmt} metadata); choose another `checkpoint`")
     try:
         tensors = load_file(str(file), device="cpu")
     except Exception as e:  # noqa: BLE001  (OSError, safetensors' SafetensorError)
@@ -314,7 +314,7 @@ def open_training_checkpoint(file: str | os.PathLike, *, fmt: str, what: str, ki
 def _check_resume(run: _FitRun, meta: Mapping[str, Any]) -> None:
     """CheckpointError naming the first thing in which the checkpoint differs from this fit."""
     file = run.checkpoint
-    hint = "resume with the same checkpoints and options, or choose another --checkpoint-dir"
+    hint = "resume with the same checkpoints and options, or choose another `checkpoint`"
     saved = list(meta.get("endpoints_sha256") or [])
     for name, h_saved, h_now in zip(("A (t = 0)", "B (t = 1)"), saved, run.hashes()):
         if h_saved != h_now:
@@ -323,18 +323,17 @@ def _check_resume(run: _FitRun, meta: Mapping[str, Any]) -> None:
     cfg_saved, cfg_now = meta.get("config") or {}, asdict(run.config)
     for k in _CONFIG_FIELDS:
         if cfg_saved.get(k) != cfg_now[k]:
-            opt = {"kind": "method", "weight_decay": "weight-decay", "max_grad_norm": "max-grad-norm"}.get(k, k)
-            raise CheckpointError(f"the fit checkpoint {file} was written with --{opt} {cfg_saved.get(k)!r}, "
-                                  f"this run has --{opt} {cfg_now[k]!r}; {hint}")
+            raise CheckpointError(f"the fit checkpoint {file} was written with `{k}` {cfg_saved.get(k)!r}, "
+                                  f"this run has `{k}` {cfg_now[k]!r}; {hint}")
     if meta.get("steps_per_epoch") != run.spe:
         raise CheckpointError(f"the fit checkpoint {file} was written with {meta.get('steps_per_epoch')} batches "
-                              f"per epoch, this run has {run.spe} (other --data or --batch-size); {hint}")
+                              f"per epoch, this run has {run.spe} (other `data` or `batch_size`); {hint}")
     if meta.get("world_size", 1) != dist_.world_size():
         raise CheckpointError(f"the fit checkpoint {file} was written by {meta.get('world_size', 1)} processes, "
                               f"this run has {dist_.world_size()}; resume with as many processes")
     if meta["total_steps"] != run.total:
         raise CheckpointError(f"the fit checkpoint {file} was written for a fit of {meta['total_steps']} steps, "
-                              f"this run has {run.total} (other --epochs, --data or --batch-size); {hint}")
+                              f"this run has {run.total} (other `epochs`, `data` or `batch_size`); {hint}")
 
 
 def read_fit_checkpoint(file: str | os.PathLike) -> tuple[dict[str, torch.Tensor], dict[str, Any]]:

@@ -57,5 +57,11 @@ class LinearPath(ModePath):
         return interpolate(a, b, t)
 
     @classmethod
+    def from_options(cls, net, a, b, *, opts, data, fit_loader, bn_loader, index: int = 0,
+                     graph=None) -> "LinearPath":
+        """`build --method linear`: the straight line (nothing to fit)."""
+        return cls(a, b)
+
+    @classmethod
     def _from_file(cls, groups: dict[str, StateDict], meta: dict[str, Any]) -> "LinearPath":
         return cls(groups["endpoint.0"], groups["endpoint.1"], metadata=meta, copy=False)

@@ -194,6 +194,20 @@ class NebPath(ModePath):
             out[k] = lerp_tensor(pts[j][k], pts[j + 1][k], s) if is_interpolated(x) else x.clone()
         return out
 
+    trained = True
+
+    @classmethod
+    def from_options(cls, net, a, b, *, opts, data, fit_loader, bn_loader, index: int = 0,
+                     graph=None) -> "NebPath":
+        """`build --method neb`: `fit_neb` with `opts.neb` (None: `NebConfig` with
+        `opts.weight_decay` and `data.seed`) on the shuffled `fit_loader`, pivots' BN on
+        `bn_loader`; `opts.checkpoint_dir` keeps `neb-<index>.safetensors`."""
+        cfg = opts.neb if opts.neb is not None else NebConfig(weight_decay=opts.weight_decay, seed=data.seed)
+        ck = None if opts.checkpoint_dir is None else os.path.join(opts.checkpoint_dir, f"neb-{index}.safetensors")
+        return fit_neb(net, a, b, fit_loader, config=cfg, bn_loader=bn_loader, device=data.device,
+                       progress=data.progress, checkpoint=ck, checkpoint_every=opts.checkpoint_every,
+                       resume=opts.resume)
+
     def _file_fields(self) -> dict[str, Any]:
         return {"pivots": self.n_pivots, "weights": list(self.weights)}
 
@@ -536,8 +550,8 @@ class _NebRun:
         except TypeError:
             self.spe = sum(1 for _ in loader)
         if self.spe < 1:
-            raise BadOptionError("the training data loader yields no batches; check --data and --batch-size",
-                                 option="--data")
+            raise BadOptionError("the training data loader yields no batches; check `data` and `batch_size`",
+                                 option="data")
 
     def run(self, *, resume: bool, progress, callback) -> list[dict[str, Any]]:
         cfg = self.config
@@ -578,7 +592,7 @@ class _NebRun:
         x, y = batch
         if y is None:
             raise BadOptionError("AutoNEB needs (input, target) batches; the loader gives inputs only",
-                                 option="--data")
+                                 option="data")
         return x.to(self.device, non_blocking=True), y.to(self.device, non_blocking=True)
 
     def _batches(self) -> Iterator:
@@ -647,8 +661,8 @@ class _NebRun:
                 log.warning("no AutoNEB checkpoint at %s: starting from the beginning", ck)
             return
         if not resume:
-            raise BadOptionError(f"{ck} already holds an AutoNEB run; pass --resume to continue it, or choose "
-                                 "another --checkpoint-dir", option="--resume")
+            raise BadOptionError(f"{ck} already holds an AutoNEB run; pass `resume` to continue it, or choose "
+                                 "another `checkpoint`", option="resume")
         tensors, meta = read_neb_checkpoint(ck)
         self._check(meta)
         band, r = self.band, dist_.rank()
@@ -666,14 +680,14 @@ class _NebRun:
                 torch.cuda.set_rng_state(tensors[f"rng.cuda.{r}"], self.device)
         except (RuntimeError, ValueError, TypeError) as e:
             raise CheckpointError(f"the AutoNEB checkpoint {ck} has a damaged random state ({e}); choose "
-                                  "another --checkpoint-dir") from e
+                                  "another `checkpoint`") from e
         band.pivots, band.momenta, band.weights = pivots, momenta, [float(w) for w in meta["weights"]]
         self.cycle, self.step, self.done = meta["cycle"], meta["step"], meta["done"]
         self.inserted, self.history = bool(meta["inserted"]), list(meta.get("history") or [])
         log.info("resuming AutoNEB from %s at cycle %d, step %d", ck, self.cycle, self.step)
 
     def _check(self, meta: Mapping[str, Any]) -> None:
-        ck, hint = self.checkpoint, "resume with the same checkpoints and options, or choose another --checkpoint-dir"
+        ck, hint = self.checkpoint, "resume with the same checkpoints and options, or choose another `checkpoint`"
         if list(meta["endpoints_sha256"]) != self._hashes():
             raise CheckpointError(f"the AutoNEB checkpoint {ck} was written for other endpoints; {hint}")
         saved, now = meta["config"], self.config.to_dict()
@@ -686,7 +700,7 @@ class _NebRun:
                                   f"run has {dist_.world_size()}; resume with as many processes")
         if meta["steps_per_epoch"] != self.spe:
             raise CheckpointError(f"the AutoNEB checkpoint {ck} was written with {meta['steps_per_epoch']} batches "
-                                  f"per epoch, this run has {self.spe} (other --data or --batch-size); {hint}")
+                                  f"per epoch, this run has {self.spe} (other `data` or `batch_size`); {hint}")
         if meta["cycle"] > len(self.config.cycles) or len(meta["weights"]) - 1 > self.config.max_pivots:
             raise CheckpointError(f"the AutoNEB checkpoint {ck} is damaged (cycle or pivots out of range)")
 

@@ -104,7 +104,7 @@ def short_groups(graph: UnitGraph, state: Mapping[str, torch.Tensor]) -> None:
             raise ShortPathError(
                 f"tensor {name!r} belongs to no unit group's rows and is not the classifier: the "
                 "short path cannot tell whose half it serves (pass the unit groups by hand with "
-                "--unit-graph if the traced graph missed it)")
+                "`graph` if the traced graph missed it)")
 
 
 # ----------------------------------------------------------------------------- halves
@@ -191,8 +191,8 @@ def prepare_short(model: nn.Module, a: Mapping[str, torch.Tensor], b: Mapping[st
     """Checks, the joint choice of halves and the six vertices (no certificate yet).
     `halves`: (A's kept units, B's kept units) per group to skip the search."""
     if loader is None:
-        raise BadOptionError("the short path needs training data (--data): it chooses the halves, "
-                             "re-estimates BatchNorm and measures segments on it", option="--data")
+        raise BadOptionError("the short path needs training data (`data`): it chooses the halves, "
+                             "re-estimates BatchNorm and measures segments on it", option="data")
     check_norms(model)
     check_same_layout(a, b)
     a = {k: v.detach().cpu() for k, v in a.items()}
@@ -639,6 +639,13 @@ class ShortPath(DropoutPath):
 
     _encode_delta = staticmethod(_encode_short)
     _decode_delta = staticmethod(_decode_short)
+
+    @classmethod
+    def from_options(cls, net, a, b, *, opts, data, fit_loader, bn_loader, index: int = 0,
+                     graph=None) -> "ShortPath":
+        """`build --method short`: `build_short_path` on `bn_loader`, its searches seeded by `data.seed`."""
+        return build_short_path(net, a, b, bn_loader, graph=graph, device=data.device, progress=data.progress,
+                                seed=data.seed)
 
     @classmethod
     def _from_file(cls, groups: dict[str, StateDict], meta: dict[str, Any]) -> "ShortPath":

@@ -32,7 +32,7 @@ def _unknown(key: str, valid: Sequence[str], where: str) -> BadOptionError:
     close = difflib.get_close_matches(key, list(valid), n=1)
     hint = f"; did you mean {close[0].replace('_', '-')!r}?" if close else ""
     return BadOptionError(f"unknown key {key.replace('_', '-')!r} in {where}{hint} "
-                          f"(valid keys: {', '.join(sorted(v.replace('_', '-') for v in valid))})", option="--recipe")
+                          f"(valid keys: {', '.join(sorted(v.replace('_', '-') for v in valid))})", option="recipe")
 
 
 def load_recipe(file: str | os.PathLike, *, valid: Sequence[str]) -> dict[str, Any]:
@@ -41,23 +41,23 @@ def load_recipe(file: str | os.PathLike, *, valid: Sequence[str]) -> dict[str, A
     try:
         text = Path(file).read_text()
     except OSError as e:
-        raise BadOptionError(f"cannot read recipe {file}: {e.strerror or e}", option="--recipe") from e
+        raise BadOptionError(f"cannot read recipe {file}: {e.strerror or e}", option="recipe") from e
     try:
         doc = yaml.safe_load(text)
     except yaml.YAMLError as e:
-        raise BadOptionError(f"recipe {file} is not valid YAML: {e}", option="--recipe") from e
+        raise BadOptionError(f"recipe {file} is not valid YAML: {e}", option="recipe") from e
     if doc is None:
         doc = {}
     if not isinstance(doc, dict):
         raise BadOptionError(f"recipe {file} must be a mapping of option: value, got {type(doc).__name__}",
-                             option="--recipe")
+                             option="recipe")
     out: dict[str, Any] = {}
     extra: dict[str, Any] = {}
     for raw, value in doc.items():
         key = _norm(raw)
         if key in SECTIONS:
             if not isinstance(value, dict):
-                raise BadOptionError(f"recipe {file}: '{key}' must be a mapping", option="--recipe")
+                raise BadOptionError(f"recipe {file}: '{key}' must be a mapping", option="recipe")
             sect = {_norm(k): v for k, v in value.items()}
             for k in sect:
                 if k not in SECTIONS[key]:

@@ -1,0 +1,291 @@
+"""The JSON reports of the jobs (`build`, `eval`, FGE): their rows, summaries and baselines.
+
+Everything here turns what a job computed into the report's dictionaries; the scoring of
+baseline rows is `baselines.Scorer`'s.
+"""
+from __future__ import annotations
+
+import copy
+import logging
+from pathlib import Path as _FsPath
+from typing import Any
+
+from ._io import sha256_file
+from .baselines import SOUP_NOTE, Scorer, packed_state, skipped_row, soup_state, weighted_average
+from .bn import has_batchnorm
+from .checkpoints import load_checkpoint
+from .distributed import world_size
+from .evaluate import barrier, evaluate
+from .inputs import overlap_warning
+from .members import candidate_state
+from .options import BuildOptions, DataOptions
+
+__all__ = ["TRAIN_ONLY_WARNING", "describe_source", "data_report", "report_splits", "choice_report",
+           "choice_summary", "build_report", "scan_summary", "cand_metrics", "endpoint_cands", "ens_metrics",
+           "soup_note", "packed_row", "build_baselines", "source_states", "eval_baselines", "fge_baselines"]
+
+_log = logging.getLogger(__name__)
+
+
+TRAIN_ONLY_WARNING = ("no --val-data: the members were not chosen on held-out data, and every number in the "
+                      "report is on the training data, which also fitted the checkpoints and the path; pass "
+                      "--val-data SPEC (and --test-data SPEC) for an honest comparison")
+
+
+def describe_source(ck) -> dict[str, Any]:
+    md = ck.metadata
+    return {k: md.get(k) for k in ("format", "arch", "weights", "sha256") if md.get(k) is not None}
+
+
+def data_report(data: DataOptions) -> dict[str, Any]:
+    d = {"train": data.data, "val": data.val_data}
+    if data.test_data:
+        d["test"] = data.test_data
+    return d
+
+
+def report_splits(train, val, test) -> dict[str, Any]:
+    """The splits every baseline row is scored on: "val" (else "train") and "test"."""
+    splits = {"val": val} if val is not None else {"train": train}
+    if test is not None:
+        splits["test"] = test
+    return splits
+
+
+def choice_report(sel, grid, opts: BuildOptions) -> dict[str, Any]:
+    """The member choice for the report: the rule that won, the members and weights, the
+    selection NLL of each cheaper choice and of the result, the bootstrap tests, the guarantee."""
+    def where(i: int) -> dict[str, Any]:
+        return {"t": grid[i].u, "path": grid[i].path, "path_t": grid[i].t}
+
+    b = sel.baselines
+    nll: dict[str, Any] = {"best_single": b["best_single"]["nll"], "best_single_t": grid[b["best_single"]["index"]].u,
+                           "endpoints": [{**where(e["index"]), "nll": e["nll"]} for e in b["endpoints"]],
+                           "chosen": sel.nll}
+    if "endpoints_ensemble" in b:
+        nll["endpoints_ensemble"] = b["endpoints_ensemble"]["nll"]
+    greedy = dict(sel.greedy)
+    if greedy:
+        greedy["members"] = [{**where(i), "count": c} for i, c in zip(greedy.pop("indices"), greedy.pop("counts"))]
+    return {"rule": sel.rule, "data": "val", "max_members": opts.members, "exact": opts.exact_members,
+            "n_members": len(sel.indices), "weights": sel.weights, "counts": sel.counts,
+            "members": [{**where(i), "count": c, "weight": w} for i, c, w in zip(sel.indices, sel.counts, sel.weights)],
+            "selection_nll": nll, "greedy": greedy, "bootstrap": sel.tests, "guarantee": sel.guarantee}
+
+
+def choice_summary(choice: dict[str, Any]) -> dict[str, Any]:
+    """What the ensemble file records of the choice (the report has the rest)."""
+    keys = ("rule", "data", "max_members", "exact", "n_members", "decision", "guarantee")
+    out = {k: choice.get(k) for k in keys}
+    if "selection_nll" in choice:
+        out["selection_nll"] = {k: v for k, v in choice["selection_nll"].items() if k != "endpoints"}
+    return out
+
+
+def build_report(files, cks, paths, grid, members, weights, line, opts: BuildOptions, data: DataOptions, *,
+                  greedy: bool, batchnorm: bool, ensemble: dict[str, Any]) -> dict[str, Any]:
+    """The JSON report of `build`: endpoints, members, the ensemble, both scans. BatchNorm
+    statistics are re-estimated at every point of a BN model."""
+    bn = batchnorm
+    report: dict[str, Any] = {
+        "method": opts.method, "selection": "greedy-val-nll" if greedy else "uniform",
+        "checkpoints": [{"file": str(f), **describe_source(ck)} for f, ck in zip(files, cks)],
+        "data": data_report(data), "seed": data.seed,
+        "batchnorm": bn, "bn_reestimated": bn,
+        "endpoints": {name: cand_metrics(c) for name, c in endpoint_cands(grid, len(paths))},
+        "members": [{**c.info(paths[0].kind), "weight": w} for c, w in zip(members, weights)],
+        "ensemble": ensemble,
+        "path": scan_summary(grid), "line": scan_summary(line), "world_size": world_size(),
+        "split": "val" if data.val_data else "train", "warnings": [],
+    }
+    if not data.val_data:
+        _log.warning(TRAIN_ONLY_WARNING)
+        report["warnings"].append(TRAIN_ONLY_WARNING)
+    if overlap_warning(data):
+        report["warnings"].append(overlap_warning(data))
+    if opts.method in ("bezier", "polychain"):
+        report["curve"] = {"kind": opts.method, "bends": opts.bends, "epochs": opts.epochs, "lr": opts.lr,
+                           "weight_decay": opts.weight_decay}
+        fits = [p.metadata.get("fit") or {} for p in paths]
+        if any("precision" in f for f in fits):  # --precision bf16 / fp16; fp16: GradScaler's skipped steps
+            report["curve"]["precision"] = fits[0]["precision"]
+        if any("skipped_steps" in f for f in fits):
+            report["curve"]["skipped_steps"] = [f.get("skipped_steps", 0) for f in fits]
+    if opts.method == "neb":  # each band's schedule and what every cycle inserted
+        report["neb"] = [p.metadata.get("neb") for p in paths]
+    if getattr(paths[0], "certificate", None):
+        report["certificates"] = [p.certificate for p in paths]
+    return report
+
+
+def scan_summary(cands) -> dict[str, Any]:
+    return {"points": [cand_metrics(c) for c in cands], "worst": cand_metrics(max(cands, key=_train_loss)),
+            "barrier": _barrier(cands)}
+
+
+def _train_loss(c) -> float:
+    return c.train.loss
+
+
+def _barrier(cands) -> float:
+    """The largest of the joined paths' barriers (`evaluate.barrier` of each path's scanned
+    points; 0 when no path has both ends scanned)."""
+    by_path: dict[int, dict[float, float]] = {}
+    for c in cands:  # joined paths share their ends: path p starts where path p - 1 ends
+        by_path.setdefault(c.path, {})[c.t] = c.train.loss
+        if c.t == 1.0:
+            by_path.setdefault(c.path + 1, {}).setdefault(0.0, c.train.loss)
+    heights = [barrier(sorted(pts), [pts[t] for t in sorted(pts)])[0]
+               for pts in by_path.values() if 0.0 in pts and 1.0 in pts]
+    return max([0.0, *heights])
+
+
+def cand_metrics(c) -> dict[str, Any]:
+    d: dict[str, Any] = {"t": c.u, "path": c.path, "path_t": c.t}
+    if c.train is not None:
+        d.update(loss=c.train.loss, acc=c.train.acc, nll=c.train.nll, ece=c.train.ece)
+    if c.val is not None:
+        d.update(val_loss=c.val.loss, val_acc=c.val.acc, val_nll=c.val.nll, val_ece=c.val.ece)
+    return d
+
+
+def endpoint_cands(grid, n_paths: int):
+    """(name, candidate) for every checkpoint: the grid points at u = p / n_paths."""
+    names = [chr(ord("A") + i) if n_paths < 26 else f"ckpt{i}" for i in range(n_paths + 1)]
+    ends = [c for c in grid if c.t in (0.0, 1.0)]
+    return list(zip(names, sorted(ends, key=lambda c: c.u)))
+
+
+def ens_metrics(ens, train, val, device, test=None) -> dict[str, Any]:
+    out = {"train": evaluate(ens, train, device=device, progress=False).to_dict()}
+    if val is not None:
+        out["val"] = evaluate(ens, val, device=device, progress=False).to_dict()
+    if test is not None:
+        out["test"] = evaluate(ens, test, device=device, progress=False).to_dict()
+    out["strategy"] = ens.strategy
+    return out
+
+
+def soup_note(report) -> str:
+    return SOUP_NOTE if report.get("batchnorm") else SOUP_NOTE.split(",")[0] + " (no BatchNorm)"
+
+
+def packed_row(sc, net, a, b, train, *, graph=None, data) -> dict[str, Any]:
+    """The packed pair's report row: scored by `sc`, or skipped with the reason it does not apply."""
+    packed, why = packed_state(net, a, b, train, graph=graph, device=data.device, progress=data.progress)
+    if packed is None:
+        return skipped_row("packed pair", "packed", 1, why)
+    sc.add("packed", packed)
+    return sc.row("packed pair", "packed", ["packed"])
+
+
+def build_baselines(net, grid, paths, ends, soup_sd, report, opts: BuildOptions, data: DataOptions, *, graph,
+                     loaders) -> list[dict[str, Any]]:
+    """Rows: each checkpoint (cost 1), their equal-weight ensemble (cost = their number),
+    the soup (cost 1), the packed pair (cost 1, two checkpoints of a layered network) and
+    the built ensemble (cost K), on the report's splits."""
+    train, val, test = loaders
+    sc = Scorer(net, report_splits(train, val, test), device=data.device)
+    ends_c = endpoint_cands(grid, len(paths))
+    for name, c in ends_c:
+        sc.add(name, candidate_state(paths[c.path], c), known={"val": c.val_log_probs})
+    rows = [sc.row(f"endpoint {name}", "endpoint", [name], t=c.u) for name, c in ends_c]
+    names = [n for n, _ in ends_c]
+    rows.append(sc.row(f"{'+'.join(names)} ensemble", "endpoints-ensemble", names))
+    sc.add("soup", soup_sd)
+    rows.append(sc.row("soup", "soup", ["soup"], note=soup_note(report)))
+    if not opts.packed:
+        rows.append(skipped_row("packed pair", "packed", 1, "not computed (packed=False / --no-packed)"))
+    elif len(ends) != 2:
+        rows.append(skipped_row("packed pair", "packed", 1, f"packs two checkpoints; {len(ends)} were given"))
+    else:
+        rows.append(packed_row(sc, net, ends[0], ends[1], train, graph=graph, data=data))
+    e = report["ensemble"]
+    k = len(report["members"])
+    rows.append({"name": f"built ensemble ({k} member{'s' if k != 1 else ''})", "kind": "ensemble",
+                 "cost": sum(1 for m in report["members"] if m["weight"] > 0),
+                 **{s: e[s] for s in sc.splits if s in e}})
+    return rows
+
+
+def source_states(ens, file, model) -> tuple[list[tuple[str, dict]], list[tuple[str, str]]]:
+    """(name, state dict) of each recorded source checkpoint still there and unchanged (a
+    relative name is also looked for next to the ensemble file), and why others were not used."""
+    found, why = [], []
+    for i, src in enumerate(ens.metadata.get("sources") or []):
+        name = chr(ord("A") + i) if i < 26 else f"ckpt{i}"
+        f = src.get("file") if isinstance(src, dict) else None
+        cands = [] if not f else [_FsPath(f), _FsPath(file).parent / f]
+        path = next((p for p in cands if p.exists()), None)
+        if path is None:
+            why.append((name, f"source {f!r} is not there"))
+            continue
+        try:
+            ck = load_checkpoint(path, model=model if model is not None else ens.model_spec)
+            sha = ck.metadata.get("sha256") or sha256_file(ck.path)
+        except Exception as e:  # noqa: BLE001 - a baseline that cannot be read is skipped, with the reason
+            why.append((name, f"{path} could not be read ({type(e).__name__}: {str(e).splitlines()[0][:200]})"))
+            continue
+        if src.get("sha256") and sha != src["sha256"]:
+            why.append((name, f"{path} changed since the build (sha256 differs)"))
+            continue
+        found.append((name, ck.state_dict))
+    return found, why
+
+
+def eval_baselines(ens, file, per, loader, train, test, model, data: DataOptions) -> list[dict[str, Any]]:
+    """`eval`'s rows: the recorded checkpoints (as saved) and their ensemble, the soup, the
+    packed pair and the file's ensemble, on the evaluation data ("eval") and `--test-data`."""
+    splits = {"eval": loader, **({"test": test} if test is not None else {})}
+    net = ens.members[0]
+    sc = Scorer(net, splits, device=data.device)
+    for i, member in enumerate(ens.members):
+        sc.add(("member", i), model=member, known={"eval": per[i]})
+    srcs, why = source_states(ens, file, model)
+    rows: list[dict[str, Any]] = []
+    names: list[str] = []
+    for name, st in srcs:
+        try:
+            sc.add(name, st)
+        except Exception as e:  # noqa: BLE001 - e.g. a source of another architecture
+            why.append((name, f"does not load into the ensemble's model ({str(e).splitlines()[0][:200]})"))
+            continue
+        rows.append(sc.row(f"endpoint {name}", "endpoint", [name]))
+        names.append(name)
+    if len(names) >= 2:
+        rows.append(sc.row(f"{'+'.join(names)} ensemble", "endpoints-ensemble", names))
+    rows += [skipped_row(f"endpoint {name}", "endpoint", 1, reason) for name, reason in why]
+    bn = has_batchnorm(net)
+    need_train = "needs training data: pass --data TRAIN --val-data EVAL"
+    if train is None and bn:
+        rows.append(skipped_row("soup", "soup", 1, need_train + " (BatchNorm is re-estimated on it)"))
+    else:
+        states = ens.member_states()
+        soup = soup_state(copy.deepcopy(net), states, ens.weights, train, device=data.device) if bn else \
+            weighted_average(states, ens.weights)
+        sc.add("soup", soup)
+        rows.append(sc.row("soup", "soup", ["soup"]))
+    if len(srcs) != 2:
+        rows.append(skipped_row("packed pair", "packed", 1, f"packs two recorded checkpoints; {len(srcs)} found"))
+    elif train is None:
+        rows.append(skipped_row("packed pair", "packed", 1, need_train))
+    else:
+        rows.append(packed_row(sc, copy.deepcopy(net), srcs[0][1], srcs[1][1], train, data=data))
+    k = len(ens)
+    rows.append(sc.row(f"ensemble ({k} member{'s' if k != 1 else ''})", "ensemble",
+                       [("member", i) for i in range(k)], weights=ens.weights))
+    return rows
+
+
+def fge_baselines(net, ck, soup_sd, report, loaders, data: DataOptions) -> list[dict[str, Any]]:
+    """FGE's rows: the start checkpoint (cost 1), the snapshots' soup (cost 1), the packed
+    pair (does not apply: one checkpoint) and the FGE ensemble (cost K)."""
+    sc = Scorer(net, report_splits(*loaders), device=data.device)
+    sc.add("start", ck.state_dict)
+    sc.add("soup", soup_sd)
+    e, k = report["ensemble"], len(report["members"])
+    return [sc.row("start checkpoint", "endpoint", ["start"]),
+            sc.row("soup", "soup", ["soup"], note=soup_note(report)),
+            skipped_row("packed pair", "packed", 1, "FGE starts from one checkpoint: there is no pair to pack"),
+            {"name": f"FGE ensemble ({k} snapshots)", "kind": "ensemble", "cost": k,
+             **{s: e[s] for s in sc.splits if s in e}}]
