@@ -24,6 +24,7 @@ import torch
 import torch.nn as nn
 
 from .errors import BadOptionError
+from .options import check_count
 
 __all__ = ["SnapshotCollector", "fge_lr", "fge_train", "network_in", "fge_collector", "save_snapshots",
            "check_bn_options"]
@@ -41,13 +42,6 @@ def fge_lr(pos: int, cycle_steps: int, lr_max: float, lr_min: float) -> float:
     if t <= 0.5:
         return (1.0 - 2.0 * t) * lr_max + 2.0 * t * lr_min
     return (2.0 - 2.0 * t) * lr_min + (2.0 * t - 1.0) * lr_max
-
-
-def _check_positive_int(value: Any, name: str, *, minimum: int) -> int:
-    if isinstance(value, bool) or not isinstance(value, numbers.Integral) or value < minimum:
-        raise BadOptionError(f"{name} must be an integer >= {minimum}, got {name}={value!r}",
-                             option=name)
-    return int(value)
 
 
 def _check_lr(value: Any, name: str) -> float:
@@ -114,11 +108,11 @@ class SnapshotCollector:
             raise BadOptionError(f"SnapshotCollector needs an nn.Module, got {type(model).__name__}",
                                  option="model")
         self.model, self.optimizer, self.device = model, optimizer, torch.device(device)
-        self.start = _check_positive_int(start, "start", minimum=0)
+        self.start = check_count(start, "start", minimum=0)
         self.max_snapshots = (None if max_snapshots is None
-                              else _check_positive_int(max_snapshots, "max_snapshots", minimum=1))
+                              else check_count(max_snapshots, "max_snapshots", minimum=1))
         self.cycle_steps = None if cycle_steps is None else \
-            _check_positive_int(cycle_steps, "cycle_steps", minimum=2)
+            check_count(cycle_steps, "cycle_steps", minimum=2)
         if self.cycle_steps is None:
             if lr_max is not None or lr_min is not None:
                 raise BadOptionError("lr_max / lr_min set a cyclical schedule, which needs "
@@ -297,8 +291,8 @@ def fge_train(model: nn.Module, loader: Iterable, *, cycles: int = 4, epochs: in
     from tqdm.auto import tqdm
     from .bn import labelled_batch
     from .precision import resolve_precision
-    cycles = _check_positive_int(cycles, "cycles", minimum=1)
-    epochs = _check_positive_int(epochs, "epochs", minimum=1)
+    cycles = check_count(cycles, "cycles", minimum=1)
+    epochs = check_count(epochs, "epochs", minimum=1)
     cycle = epochs * len(loader) // cycles  # type: ignore[arg-type]
     if cycle < 2:
         raise BadOptionError(f"{epochs} epoch(s) of {len(loader)} batch(es) make cycles of "  # type: ignore[arg-type]
