@@ -130,7 +130,7 @@ class _Matcher:
         self.a = {n: _work(a_state[n]) for n in self.names}
         bcur = permute_state_dict(b_state, graph, perms) if any(
             not torch.equal(p, torch.arange(p.numel())) for p in perms.values()) else dict(b_state)
-        self.b = {n: _work(bcur[n]) for n in self.names}
+        self.b = {n: _work(bcur[n]) for n in self.names}  # B's own tensors unless half precision
         self.bcur, self.perms = bcur, perms
         self.dots = {n: _dot(self.a[n], self.b[n]) for n in self.names}
         # |A_t| |B_t| does not change under permutations: the scale of a step's tolerance
@@ -162,7 +162,6 @@ class _Matcher:
         sigma = torch.as_tensor(cols, dtype=torch.long)
         if torch.equal(sigma, torch.arange(g.size)):
             return 0.0
-        one = UnitGraph([g])
         names = list(dict.fromkeys(r.tensor for r in g.members if r.tensor in self.a))
         weights = UnitGraph([UnitGroup(g.name, g.size, [r for r in g.members if r.tensor in self.a])])
         new = permute_state_dict({n: self.b[n] for n in names}, weights, {g.name: sigma})
@@ -171,10 +170,17 @@ class _Matcher:
         scale = sum(self.norms[n] for n in names)
         if not gain > tol * max(scale, 1e-300):
             return 0.0
-        self.b.update(new)
         self.dots.update(dots)
-        self.bcur.update(permute_state_dict({r.tensor: self.bcur[r.tensor] for r in g.members},
-                                            one, {g.name: sigma}))
+        # the group's tensors that `new` already holds permuted (B's own dtype: the same
+        # tensors) are not permuted a second time: one copy of the group, not two
+        shared = {n for n in names if new[n].dtype == self.bcur[n].dtype}
+        rest = {r.tensor: self.bcur[r.tensor] for r in g.members if r.tensor not in shared}
+        self.b.update(new)
+        self.bcur.update({n: new[n] for n in shared})
+        del new
+        if rest:
+            others = UnitGroup(g.name, g.size, [r for r in g.members if r.tensor not in shared])
+            self.bcur.update(permute_state_dict(rest, UnitGraph([others]), {g.name: sigma}))
         self.perms[g.name] = self.perms[g.name][sigma]
         return gain
 
@@ -242,7 +248,8 @@ def align_states(model: ModelLike, a_state: Mapping[str, torch.Tensor],
     from .paths.base import check_same_layout
 
     check_same_layout(a_state, b_state)
-    net = as_factory(model)().eval()
+    factory = as_factory(model)
+    net = factory().eval()
     if graph is None or verify:
         if example_input is None:
             example_input = make_input(net)
@@ -250,8 +257,11 @@ def align_states(model: ModelLike, a_state: Mapping[str, torch.Tensor],
                          else (example_input,))
     if graph is None:
         graph = build_unit_graph(net, tuple(x[:1] for x in example_input))
+    del net  # not held while matching (memory: one model less); a fresh instance checks the result
     res = weight_matching(graph, a_state, b_state, max_iter=max_iter, seed=seed, progress=progress)
     if verify:
+        with torch.random.fork_rng(devices=[]):  # building it must not move the caller's RNG
+            net = factory().eval()
         with torch.no_grad():
             ref, got = (_output(net, s, example_input) for s in (b_state, res.state))
         err = float((ref - got).abs().max()) if ref.numel() else 0.0
