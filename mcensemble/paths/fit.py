@@ -228,18 +228,19 @@ class CurveFitter:
 
     def _streamed_step(self, x, y, coeffs, lr: float) -> torch.Tensor:
         """The step without clipping, loss scaling or other processes: each tensor's
-        dL/dtheta is turned into its bends' update as soon as backward has computed it
-        (a post-accumulate-grad hook) and freed, so the gradients of the whole model never
-        exist at once (peak: the bends, momenta and theta(t), not a fourth copy). The
-        arithmetic is the same as `_gradient` followed by the update, element for element."""
+        dL/dtheta is turned into its bends' update as soon as backward has computed it (a
+        tensor hook, which hands autograd back an expanded one-element zero to keep) and
+        freed, so the gradients of the whole model never exist at once (peak: the bends,
+        momenta and theta(t), not a fourth copy). The arithmetic is the same as `_gradient`
+        followed by the update, element for element."""
         with torch.no_grad():
             _combine_into(self.theta, self.A, self.B, self.bends, coeffs)
         theta = [p.detach() for p in self.theta]
         pending = dict.fromkeys(range(len(self.train_idx)))
-        for k, j in enumerate(self.train_idx):
-            p = theta[j].requires_grad_(True)
-            p.register_post_accumulate_grad_hook(
-                lambda p, k=k: self._apply_grad(k, p, p.grad, coeffs, lr, pending))
+        theta_train = [theta[j] for j in self.train_idx]
+        for k, p in enumerate(theta_train):
+            p.requires_grad_(True)
+            p.register_hook(lambda g, k=k, p=p: self._apply_grad(k, p, g, coeffs, lr, pending))
         state = dict(zip(self.floating, theta))
         state.update(self.scratch)
         with self.precision.autocast():
@@ -247,20 +248,20 @@ class CurveFitter:
         if self.precision.enabled and isinstance(out, torch.Tensor) and out.is_floating_point():
             out = out.float()  # the loss in float32
         loss = self.loss_fn(out, y)
-        loss.backward()
+        torch.autograd.grad(loss, theta_train, allow_unused=True)
         for k in list(pending):  # tensors the loss does not depend on: a zero gradient
             p = theta[self.train_idx[k]]
             self._apply_grad(k, p, torch.zeros_like(p), coeffs, lr, pending)
         return loss.detach()
 
     @torch.no_grad()
-    def _apply_grad(self, k: int, p: torch.Tensor, g: torch.Tensor, coeffs, lr: float, pending: dict) -> None:
+    def _apply_grad(self, k: int, p: torch.Tensor, g: torch.Tensor, coeffs, lr: float,
+                    pending: dict) -> torch.Tensor:
         """SGD-with-momentum update of every bend's k-th trainable tensor from dL/dtheta `g`
-        (weight decay added here); frees `p.grad`."""
+        (weight decay added here); returns what autograd keeps in place of `g`."""
         pending.pop(k, None)
-        p.grad = None
         if self.weight_decay:
-            g.add_(p, alpha=self.weight_decay)
+            g = torch.add(g, p, alpha=self.weight_decay)  # not in place: autograd owns g
         for i in range(self.n):
             c = coeffs[i + 1]
             buf = self.momenta[i][k]
@@ -271,6 +272,8 @@ class CurveFitter:
             if c:
                 buf.add_(g, alpha=c)
             self.train_bends[i][k].add_(buf, alpha=-lr)
+        # what autograd keeps as this input's gradient: one element, expanded (not a copy of g)
+        return torch.zeros((), dtype=g.dtype, device=g.device).expand_as(g)
 
     def _gradient(self, x, y, coeffs) -> tuple[torch.Tensor, list[torch.Tensor]]:
         """(data loss, dL/dtheta + weight_decay * theta) at the point with these coefficients."""
