@@ -6,16 +6,20 @@ Side by side in one run (issue 11):
   16, fp32 and bf16 (autocast) at 128x128 batch 4 (bf16 is emulated, slow, on CPUs without
   native bf16), 224x224 batch 8 with --with-224; warm-up, then the kinds interleaved (the
   order rotating every round), median of the rounds;
-- peak memory (RSS high-water mark over the set-up baseline, each in a fresh subprocess)
-  of plain steps, curve steps (fp32, bf16), aligning a pair, writing a K=4 ensemble file and
-  lazy K=4 inference, against one model's weights;
+- peak memory (RSS high-water mark above what the caller holds, each in a fresh subprocess,
+  glibc's allocator reuse disabled) of plain steps, building a CurveFitter + curve steps (with
+  and without --max-grad-norm), fit_curve, aligning a pair, writing a K=4 ensemble file
+  (fp32, bf16, EnsembleModel.save) and lazy K=4 inference, against one model's weights;
+  with `--before DIR`, the same rows with the mcensemble package in DIR side by side;
 - `align_states` (weight matching) time for a resnet50 pair;
 - K=4 ensemble inference (`EnsembleModel`, loop strategy) against 4 single-model passes,
   fp32 and bf16, interleaved;
 - the ensemble file's size with fp32 and bf16 members (`save_ensemble(dtype=)`).
 
 Run:  python tests/benchmarks/bench_scale.py [--out FILE.md] [--threads 2] [--with-224] [--repeats N]
-      (`--with-224 --steps-only`: only the curve-step rows at 224x224 batch 8)
+      (`--with-224 --steps-only`: only the curve-step rows at 224x224 batch 8;
+       `--memory-only [--before DIR]`: only the memory table, DIR from
+       `git archive <commit> mcensemble | tar -x -C DIR`)
 (or `python tests/benchmarks/run_all.py --only scale`). Not collected by pytest.
 """
 from __future__ import annotations
