@@ -24,7 +24,7 @@ if TYPE_CHECKING:
 
 __all__ = ["atomic_path", "sha256_file", "independent_tensors", "tensor_sha256", "tensor_hashes",
            "FileHeader", "read_header", "safetensors_layout", "verify_tensor_hashes", "verify_file", "HASHES_KEY", "meta_field",
-           "is_int", "is_number", "to_json"]
+           "is_int", "is_number", "to_json", "write_safetensors_streamed", "can_stream_safetensors"]
 
 log = logging.getLogger(__name__)
 
@@ -139,16 +139,86 @@ def independent_tensors(tensors: Mapping[str, "torch.Tensor"]) -> dict[str, "tor
 
 
 # ----------------------------------------------------------------------------- tensor hashes
+def _tensor_bytes(t: "torch.Tensor") -> memoryview:
+    """The bytes of a CPU contiguous tensor as safetensors stores them (C order,
+    little-endian), without copying them."""
+    import torch
+    return memoryview(t.reshape(-1).view(torch.uint8).numpy())
+
+
 def tensor_sha256(t: "torch.Tensor") -> str:
     """Hex SHA-256 of a tensor's bytes as safetensors stores them (C order, little-endian)."""
-    import torch
-    t = t.detach().cpu().contiguous()
-    return hashlib.sha256(t.reshape(-1).view(torch.uint8).numpy().tobytes()).hexdigest()
+    return hashlib.sha256(_tensor_bytes(t.detach().cpu().contiguous())).hexdigest()
 
 
 def tensor_hashes(tensors: Mapping[str, "torch.Tensor"]) -> dict[str, str]:
     """{name: tensor_sha256} of the tensors about to be written (the `tensor_sha256` record)."""
     return {name: tensor_sha256(t) for name, t in tensors.items()}
+
+
+# safetensors' dtype names, in the order of its `Dtype` enum: its writer puts larger dtypes
+# first (descending in this order, then by name), which keeps every tensor's data aligned
+_ST_DTYPES = ("bool", "uint8", "int8", "int16", "uint16", "float16", "bfloat16", "int32", "uint32",
+              "float32", "float64", "int64", "uint64")
+_ST_NAMES = {"bool": "BOOL", "uint8": "U8", "int8": "I8", "int16": "I16", "uint16": "U16", "float16": "F16",
+             "bfloat16": "BF16", "int32": "I32", "uint32": "U32", "float32": "F32", "float64": "F64",
+             "int64": "I64", "uint64": "U64"}
+
+
+def can_stream_safetensors(dtypes: "Iterator[torch.dtype]") -> bool:
+    """Whether `write_safetensors_streamed` knows every one of these dtypes."""
+    return all(str(d).removeprefix("torch.") in _ST_NAMES for d in dtypes)
+
+
+def write_safetensors_streamed(dest: str | os.PathLike,
+                               entries: "Mapping[str, tuple[tuple[int, ...], torch.dtype]]",
+                               tensor: "Callable[[str], torch.Tensor]",
+                               metadata: Callable[[dict[str, str]], dict[str, str]]) -> dict[str, str]:
+    """Write a safetensors file one tensor at a time: the same layout as safetensors'
+    `save_file` (tensors ordered by dtype, larger first, then by name; the header padded with
+    spaces to a multiple of 8), but only one tensor needs to exist at once.
+
+    `entries`: name -> (shape, dtype) of every tensor; `tensor(name)` is called once per
+    name, in file order, and must return a tensor of that shape and dtype (on any device; it
+    is dropped once written). `metadata(hashes)` returns the header's `__metadata__`
+    strings given {name: hex SHA-256 of its bytes}; it is called with placeholder hashes
+    before the data is written and with the real ones after, and must give text of the same
+    length both times (fixed-length hex strings in JSON do). Returns the hashes."""
+    order = sorted(entries, key=lambda n: (-_ST_DTYPES.index(str(entries[n][1]).removeprefix("torch.")), n))
+    spans, start = {}, 0
+    for n in order:
+        shape, dtype = entries[n]
+        size = math.prod(shape) * dtype.itemsize
+        spans[n], start = (start, start + size), start + size
+
+    def header(hashes: dict[str, str]) -> bytes:
+        doc: dict[str, Any] = {"__metadata__": metadata(hashes)}
+        for n in order:
+            doc[n] = {"dtype": _ST_NAMES[str(entries[n][1]).removeprefix("torch.")],
+                      "shape": list(entries[n][0]), "data_offsets": list(spans[n])}
+        raw = json.dumps(doc, separators=(",", ":"), ensure_ascii=False).encode()
+        raw += b" " * (-len(raw) % 8)
+        return len(raw).to_bytes(8, "little") + raw
+
+    first = header(dict.fromkeys(order, "0" * 64))
+    hashes: dict[str, str] = {}
+    with open(dest, "wb") as f:
+        f.write(first)
+        for n in order:
+            t = tensor(n).detach().to("cpu").contiguous()
+            if tuple(t.shape) != tuple(entries[n][0]) or t.dtype != entries[n][1]:
+                raise ValueError(f"tensor {n!r} is {tuple(t.shape)} {t.dtype}, announced as "
+                                 f"{tuple(entries[n][0])} {entries[n][1]}")
+            data = _tensor_bytes(t)
+            hashes[n] = hashlib.sha256(data).hexdigest()
+            f.write(data)
+            del t, data
+        final = header(hashes)
+        if len(final) != len(first):
+            raise ValueError("the metadata changed length between the placeholder and the real hashes")
+        f.seek(0)
+        f.write(final)
+    return hashes
 
 
 # ----------------------------------------------------------------------------- file headers

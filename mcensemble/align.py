@@ -131,7 +131,7 @@ class _Matcher:
         self.a = {n: _work(a_state[n]) for n in self.names}
         bcur = permute_state_dict(b_state, graph, perms) if any(
             not torch.equal(p, torch.arange(p.numel())) for p in perms.values()) else dict(b_state)
-        self.b = {n: _work(bcur[n]) for n in self.names}
+        self.b = {n: _work(bcur[n]) for n in self.names}  # B's own tensors unless half precision
         self.bcur, self.perms = bcur, perms
         self.dots = {n: _dot(self.a[n], self.b[n]) for n in self.names}
         # |A_t| |B_t| does not change under permutations: the scale of a step's tolerance
@@ -163,7 +163,6 @@ class _Matcher:
         sigma = torch.as_tensor(cols, dtype=torch.long)
         if torch.equal(sigma, torch.arange(g.size)):
             return 0.0
-        one = UnitGraph([g])
         names = list(dict.fromkeys(r.tensor for r in g.members if r.tensor in self.a))
         weights = UnitGraph([UnitGroup(g.name, g.size, [r for r in g.members if r.tensor in self.a])])
         new = permute_state_dict({n: self.b[n] for n in names}, weights, {g.name: sigma})
@@ -172,10 +171,17 @@ class _Matcher:
         scale = sum(self.norms[n] for n in names)
         if not gain > tol * max(scale, 1e-300):
             return 0.0
-        self.b.update(new)
         self.dots.update(dots)
-        self.bcur.update(permute_state_dict({r.tensor: self.bcur[r.tensor] for r in g.members},
-                                            one, {g.name: sigma}))
+        # the group's tensors that `new` already holds permuted (B's own dtype: the same
+        # tensors) are not permuted a second time: one copy of the group, not two
+        shared = {n for n in names if new[n].dtype == self.bcur[n].dtype}
+        rest = {r.tensor: self.bcur[r.tensor] for r in g.members if r.tensor not in shared}
+        self.b.update(new)
+        self.bcur.update({n: new[n] for n in shared})
+        del new
+        if rest:
+            others = UnitGroup(g.name, g.size, [r for r in g.members if r.tensor not in shared])
+            self.bcur.update(permute_state_dict(rest, UnitGraph([others]), {g.name: sigma}))
         self.perms[g.name] = self.perms[g.name][sigma]
         return gain
 
@@ -231,19 +237,29 @@ def _output(model: nn.Module, state: Mapping[str, torch.Tensor], x) -> torch.Ten
 def align_states(model: ModelLike, a_state: Mapping[str, torch.Tensor],
                  b_state: Mapping[str, torch.Tensor], *, graph: UnitGraph | None = None,
                  example_input: Any = None, max_iter: int = 100, seed: int = 0,
-                 verify: bool = True, progress: bool | None = None) -> AlignResult:
+                 verify: bool = True, progress: bool | None = None,
+                 precision: str | None = None) -> AlignResult:
     """Permute B's hidden units to match A's (weight matching, see `weight_matching`).
 
     `model`: a ModelLike of the architecture (never changed). `graph`: its unit graph
     (default: traced with `build_unit_graph` on `example_input`, which defaults to
     `data.example_input(model)`). `verify`: check on the example input that the permuted
     B computes the same outputs as B (else `UnitGraphError`: the unit graph is wrong for
-    this model; pass one by hand)."""
+    this model; pass one by hand). `precision` (None: `current_precision()`, the CLI's
+    --precision): the check's two forward passes run under autocast in that dtype, and then
+    agree to a relative 3e-2 instead of 1e-4 (the permutation changes the order of the
+    half-precision roundings; a wrong unit graph changes the outputs by far more). Weight
+    matching itself runs no forward pass: it is the same at every precision.
+
+    Memory: the model is built for tracing and again for the check, never held while
+    matching; besides the caller's A and B, matching holds the permuted B (one model) and one
+    permuted copy of the group being changed."""
     from .data import example_input as make_input
     from .paths.base import check_same_layout
 
     check_same_layout(a_state, b_state)
-    net = as_factory(model)().eval()
+    factory = as_factory(model)
+    net = factory().eval()
     if graph is None or verify:
         if example_input is None:
             example_input = make_input(net)
@@ -251,12 +267,18 @@ def align_states(model: ModelLike, a_state: Mapping[str, torch.Tensor],
                          else (example_input,))
     if graph is None:
         graph = build_unit_graph(net, tuple(x[:1] for x in example_input))
+    del net  # not held while matching (memory: one model less); a fresh instance checks the result
     res = weight_matching(graph, a_state, b_state, max_iter=max_iter, seed=seed, progress=progress)
     if verify:
-        with torch.no_grad():
-            ref, got = (_output(net, s, example_input) for s in (b_state, res.state))
+        from .precision import resolve_precision
+        with torch.random.fork_rng(devices=[]):  # building it must not move the caller's RNG
+            net = factory().eval()
+        device = next(iter(b_state.values())).device if b_state else "cpu"
+        prec = resolve_precision(precision, device)
+        with torch.no_grad(), prec.autocast():
+            ref, got = (_output(net, s, tuple(prec.input(x) for x in example_input)) for s in (b_state, res.state))
         err = float((ref - got).abs().max()) if ref.numel() else 0.0
-        if not err <= 1e-4 * max(1.0, float(ref.abs().max())):
+        if not err <= (3e-2 if prec.enabled else 1e-4) * max(1.0, float(ref.abs().max())):
             raise UnitGraphError(
                 f"the permuted B computes other outputs than B (max difference {err:.3g}): the "
                 "unit graph misses a tensor axis of this model; pass the groups by hand "
@@ -304,9 +326,13 @@ def _submodule(net: nn.Module, name: str) -> nn.Module | None:
 
 @torch.no_grad()
 def _channel_stats(net: nn.Module, points: list[_Point], loader: Iterable[Any], device,
-                   max_batches: int | None) -> dict[str, tuple[torch.Tensor, torch.Tensor]]:
+                   max_batches: int | None, precision: str | None = None
+                   ) -> dict[str, tuple[torch.Tensor, torch.Tensor]]:
     """Per-channel mean and variance (over batch and spatial axes, float64) of each point's
-    input (bn) or output (producer), in eval mode, over the loader."""
+    input (bn) or output (producer), in eval mode, over the loader; the forward passes under
+    autocast at `precision` (None: `current_precision()`), the sums accumulated in float64."""
+    from .precision import resolve_precision
+    prec = resolve_precision(precision, device)
     acc: dict[str, list] = {}
 
     def record(name: str, y: torch.Tensor, chan_last: bool) -> None:
@@ -330,7 +356,8 @@ def _channel_stats(net: nn.Module, points: list[_Point], loader: Iterable[Any], 
             for i, batch in enumerate(loader):
                 if max_batches is not None and i >= max_batches:
                     break
-                net(batch_input(batch).to(device))
+                with prec.autocast():
+                    net(prec.input(batch_input(batch).to(device)))
                 seen += 1
     finally:
         for h in handles:
@@ -359,14 +386,21 @@ class Repair:
     `self(state, t)`) returns a new state dict for the network at `t`, with BatchNorm
     statistics re-estimated on the same loader. Cost per call: one pass when every group
     has BatchNorm; one more pass per depth holding BN-less groups, plus a final BN pass.
-    `points` lists what is corrected (module, kind "bn" / "producer", depth)."""
+    `points` lists what is corrected (module, kind "bn" / "producer", depth). `precision`
+    ("fp32", "bf16", "fp16"; None: `current_precision()`, the CLI's --precision): the
+    forward passes that measure statistics run under autocast; the statistics are summed in
+    float64 (channel statistics) and float32 (BatchNorm re-estimation)."""
 
     def __init__(self, model: ModelLike, a_state: Mapping[str, torch.Tensor],
                  b_state: Mapping[str, torch.Tensor], loader: Iterable[Any], *,
                  graph: UnitGraph | None = None, example_input: Any = None,
-                 device: str | torch.device = "cpu", max_batches: int | None = None):
+                 device: str | torch.device = "cpu", max_batches: int | None = None,
+                 precision: str | None = None):
         from .data import example_input as make_input
         from .evaluate import _load_state_strict
+        from .precision import resolve_precision
+
+        self.precision = resolve_precision(precision, device).name  # checked before any work
 
         self.net = as_factory(model)().to(device).eval()
         if graph is None:
@@ -385,8 +419,9 @@ class Repair:
         self._load(self.net, state)
         if has_batchnorm(self.net):  # as the endpoints of a scan: statistics re-estimated
             update_bn(self.net, self.loader, device=self.device, max_batches=self.max_batches,
-                      progress=False)
-        raw = _channel_stats(self.net, self.points, self.loader, self.device, self.max_batches)
+                      progress=False, precision=self.precision)
+        raw = _channel_stats(self.net, self.points, self.loader, self.device, self.max_batches,
+                             self.precision)
         out = {}
         for p in self.points:
             mean, var = raw[p.module]
@@ -416,16 +451,16 @@ class Repair:
         has_bn = has_batchnorm(self.net)
         if has_bn:
             update_bn(self.net, self.loader, device=self.device, max_batches=self.max_batches,
-                      progress=False)
+                      progress=False, precision=self.precision)
         producers = [p for p in self.points if p.kind == "producer"]
         for depth in sorted({p.depth for p in producers}):
             at = [p for p in producers if p.depth == depth]
-            now = _channel_stats(self.net, at, self.loader, self.device, self.max_batches)
+            now = _channel_stats(self.net, at, self.loader, self.device, self.max_batches, self.precision)
             for p in at:
                 self._rescale(p, now[p.module], t)
         if producers and has_bn:
             update_bn(self.net, self.loader, device=self.device, max_batches=self.max_batches,
-                      progress=False)
+                      progress=False, precision=self.precision)
         return {k: v.detach().clone() for k, v in self.net.state_dict().items()}
 
     def _rescale(self, p: _Point, now, t: float) -> None:

@@ -631,13 +631,19 @@ def eval_cmd(ensemble: str, model_entry: str | None, trust_remote_code: bool, re
 @click.option("--data", metavar="SPEC", default=None,
               help="Data whose inputs the model takes (same forms as build's --data): one batch traces the "
                    "model and checks the result. Default: an input shape guessed from the model.")
-def align(a: str, b: str, out: str, seed: int, report: str | None, data: str | None, **kw: Any) -> None:
+@click.option("--precision", type=click.Choice(["fp32", "bf16", "fp16"]), default="fp32", show_default=True,
+              help="The check's forward passes under autocast in this dtype (weight matching itself uses "
+                   "the weights only: the same result at every precision).")
+def align(a: str, b: str, out: str, seed: int, report: str | None, data: str | None, precision: str,
+          **kw: Any) -> None:
     """Permute B's hidden units to match A's (weight matching on the unit graph).
 
     The written B computes exactly the same function as B; paths from A to it are shorter
     and usually lower."""
     from .pipeline import align_files
-    rep = align_files(a, b, out, model=_model_opts(kw), seed=seed, data=data)
+    from .precision import use_precision
+    with use_precision(precision):
+        rep = align_files(a, b, out, model=_model_opts(kw), seed=seed, data=data)
     click.echo(f"aligned {b} to {a}: {rep['groups']} unit groups, {rep['moved']:.0%} of units moved, "
                f"{rep['iterations']} sweeps, objective {rep['objective_before']:.4g} -> {rep['objective_after']:.4g}")
     click.echo(f"wrote {out}")

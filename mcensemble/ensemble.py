@@ -35,8 +35,8 @@ from typing import Any, Callable, Iterable, Mapping, Sequence
 import torch
 import torch.nn as nn
 
-from ._io import (HASHES_KEY, atomic_path, independent_tensors, read_header, sha256_file, tensor_hashes,
-                  to_json, verify_tensor_hashes)
+from ._io import (HASHES_KEY, atomic_path, can_stream_safetensors, independent_tensors, read_header, sha256_file,
+                  tensor_hashes, to_json, verify_tensor_hashes, write_safetensors_streamed)
 from .errors import (
     ArchitectureMismatchError, BadOptionError, CheckpointError, MCEnsembleError,
     ModelSpecError, NonFiniteError,
@@ -269,6 +269,10 @@ class EnsembleModel(nn.Module):
     def member_states(self) -> list[dict[str, torch.Tensor]]:
         return [self.member_state_dict(i) for i in range(len(self))]
 
+    def _member_views(self) -> list[dict[str, torch.Tensor]]:
+        """The members' state dicts without copies (views of the stacked tensors): for writing."""
+        return [{n: t.detach() for n, t in m.state_dict().items()} for m in self.members]
+
     @property
     def weights(self) -> list[float]:
         """The members' weights in `forward` (normalised to sum 1; equal by default)."""
@@ -295,7 +299,7 @@ class EnsembleModel(nn.Module):
         srcs = list(sources) or list(md.get("sources") or [])
         ex = {k: v for k, v in md.items() if k not in _RESERVED}
         ex.update(extra or {})
-        return save_ensemble(file, self.member_states(), model_spec=spec, members=members,
+        return save_ensemble(file, self._member_views(), model_spec=spec, members=members,
                              sources=srcs, extra=ex or None,
                              weights=None if _equal(self._weights) else self._weights, dtype=dtype)
 
@@ -600,13 +604,11 @@ def save_ensemble(dest: str | os.PathLike, member_states: Sequence[StateDict], *
     `--save-dtype`; bf16 / fp16 files are half the size; None: as they are). `load` casts
     them back to the model's dtype unless asked otherwise.
     """
-    from safetensors.torch import save_file
-
-    from .precision import cast_floating, parse_dtype
+    from .precision import parse_dtype
     save_dtype = parse_dtype(dtype)
 
     if isinstance(member_states, EnsembleModel):
-        member_states = member_states.member_states()
+        member_states = member_states._member_views()
     member_states = list(member_states)
     _check_member_states(member_states)
     k = len(member_states)
@@ -619,24 +621,50 @@ def save_ensemble(dest: str | os.PathLike, member_states: Sequence[StateDict], *
         if key in _RESERVED:
             raise BadOptionError(f"extra= may not set the reserved key {key!r}", option="extra")
         doc[key] = value
-    tensors = independent_tensors({f"member.{i}.{n}": t for i, st in enumerate(member_states)
-                                   for n, t in cast_floating(dict(st), save_dtype).items()})
-    if save_dtype == torch.float16:
-        bad = next((n for n, t in tensors.items() if t.is_floating_point() and not bool(torch.isfinite(t).all())),
-                   None)
-        if bad is not None:
-            raise NonFiniteError(f"tensor {bad!r} overflows float16 (|x| > 65504); save with `dtype` bf16 "
-                                 "or fp32")
-    doc[HASHES_KEY] = tensor_hashes(tensors)  # checked by load(verify=True) and inspect --verify
     try:
-        text = json.dumps(to_json(doc), allow_nan=False)
+        doc = to_json(doc)
+        json.dumps(doc, allow_nan=False)
     except (TypeError, ValueError) as e:
         raise BadOptionError(f"ensemble metadata is not JSON-serialisable: {e}", option="extra") from e
     dest = Path(dest)
     with atomic_path(dest) as tmp:
-        save_file(tensors, str(tmp), metadata={METADATA_KEY: text, "format": "pt"})
+        _write_members(tmp, member_states, save_dtype, doc)
     logger.debug("wrote ensemble of %d member(s) to %s", k, dest)
     return dest
+
+
+def _write_members(tmp: Path, member_states: list[StateDict], save_dtype: torch.dtype | None,
+                   doc: dict[str, Any]) -> None:
+    """Write the members' tensors (`member.<i>.<name>`, floating ones cast to `save_dtype`)
+    and `doc` with their SHA-256 (`tensor_sha256`, checked by load(verify=True) and inspect
+    --verify) as one safetensors file. Tensor by tensor: at most one cast tensor exists at a
+    time, so writing holds no copy of the members (the file's bytes are what `save_file` of
+    all the tensors would write)."""
+    def stored(t: torch.Tensor) -> torch.dtype:
+        return save_dtype if save_dtype is not None and t.is_floating_point() else t.dtype
+
+    names = {f"member.{i}.{n}": (i, n) for i, st in enumerate(member_states) for n in st}
+    entries = {key: (tuple(member_states[i][n].shape), stored(member_states[i][n])) for key, (i, n) in names.items()}
+
+    def tensor(key: str) -> torch.Tensor:
+        i, n = names[key]
+        t = member_states[i][n].detach()
+        out = t.to(save_dtype) if t.dtype != entries[key][1] else t
+        if save_dtype == torch.float16 and out.is_floating_point() and not bool(torch.isfinite(out).all()):
+            raise NonFiniteError(f"tensor {key!r} overflows float16 (|x| > 65504); save with `dtype` bf16 "
+                                 "or fp32")
+        return out
+
+    def metadata(hashes: dict[str, str]) -> dict[str, str]:
+        ordered = {key: hashes[key] for key in names}  # member by member, as the tensors were given
+        return {METADATA_KEY: json.dumps({**doc, HASHES_KEY: ordered}, allow_nan=False), "format": "pt"}
+
+    if can_stream_safetensors(d for _, d in entries.values()):
+        write_safetensors_streamed(tmp, entries, tensor, metadata)
+        return
+    from safetensors.torch import save_file  # a dtype the streamed writer does not know: all at once
+    tensors = independent_tensors({key: tensor(key) for key in names})
+    save_file(tensors, str(tmp), metadata=metadata(tensor_hashes(tensors)))
 
 
 def read_ensemble_metadata(file: str | os.PathLike) -> dict[str, Any]:

@@ -207,6 +207,12 @@ def test_cli_align_traces_a_sequential_1d_cnn_with_the_data(command, mce_cli, tm
             res = mce_cli("align", *files, *common, "--out", tmp_path / "b2.safetensors")
             assert res.exit_code == 0, res.output
             assert json.loads((tmp_path / "r.json").read_text())["groups"] >= 2
+            # --precision bf16: the check runs under autocast; the matching is the same
+            res = mce_cli("align", *files, *common, "--out", tmp_path / "b3.safetensors", "--precision", "bf16")
+            assert res.exit_code == 0, res.output
+            from safetensors.torch import load_file
+            b2, b3 = load_file(str(tmp_path / "b2.safetensors")), load_file(str(tmp_path / "b3.safetensors"))
+            assert b2.keys() == b3.keys() and all(torch.equal(b2[k], b3[k]) for k in b2)
             return
         common += ["--method", "linear", "--align"]
         if command == "build":
@@ -238,3 +244,42 @@ def test_repair_empty_loader_and_bad_t():
     rep = Repair(mk(), a, b, _data(), example_input=torch.zeros(2, 4))
     with pytest.raises(BadOptionError, match="number"):
         rep(a, "half")
+
+
+# ----------------------------------------------------------------------------- precision
+def test_align_in_bf16_finds_the_fp32_matching_and_still_checks():
+    """Weight matching uses the weights only: bf16 gives the same permutations; the check of
+    the function runs under bf16 autocast (looser tolerance) and still catches a wrong graph."""
+    torch.manual_seed(0)
+    model = randomize(DigitsCNN(), 0)
+    a, b = model.state_dict(), randomize(DigitsCNN(), 1).state_dict()
+    x = torch.rand(4, 1, 8, 8)
+    ref = align_states(DigitsCNN, a, b, example_input=x)
+    got = align_states(DigitsCNN, a, b, example_input=x, precision="bf16")
+    assert ref.perms.keys() == got.perms.keys()
+    assert all(torch.equal(ref.perms[k], got.perms[k]) for k in ref.perms)
+    assert all(torch.equal(ref.state[k], got.state[k]) for k in ref.state)
+    graph = build_unit_graph(DigitsMLP(), x[:1])
+    broken = UnitGraph([UnitGroup(g.name, g.size, [r for r in g.members if r.role != "consumer"],
+                                  g.depth) for g in graph.groups], graph.classifier)
+    mlp_a, mlp_b = randomize(DigitsMLP(), 0).state_dict(), randomize(DigitsMLP(), 1).state_dict()
+    with pytest.raises(UnitGraphError, match="other outputs"):
+        align_states(DigitsMLP, mlp_a, mlp_b, graph=broken, example_input=x, precision="bf16")
+
+
+def test_repair_in_bf16_is_close_to_fp32(pair, loaders):
+    """REPAIR's statistics measured under bf16 autocast (summed in float64 / float32): the
+    repaired network's loss within 2% of the fp32 REPAIR's, its corrected tensors within 3%."""
+    name, factory, a, b = pair
+    train, _ = loaders
+    mid = interpolate(a, b, 0.5)
+    out = {p: Repair(factory(), a, b, train, max_batches=2, precision=p)(mid, 0.5) for p in ("fp32", "bf16")}
+    changed = [k for k, v in out["fp32"].items() if v.is_floating_point() and not torch.equal(v, mid[k])]
+    assert changed
+    assert any(not torch.equal(out["bf16"][k], out["fp32"][k]) for k in changed)  # bf16 did run
+    for k in changed:
+        diff = float((out["bf16"][k] - out["fp32"][k]).norm())
+        assert diff <= 0.03 * float(out["fp32"][k].norm()) + 1e-6, k
+    net = factory()
+    l32, l16 = (evaluate_state(net, out[p], train).loss for p in ("fp32", "bf16"))
+    assert l16 == pytest.approx(l32, rel=0.02)

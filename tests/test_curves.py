@@ -407,3 +407,40 @@ def test_default_fit_is_flat_on_a_small_bn_cnn_pair():
 def test_bend_lr_scale(kind, n, scale):
     from mcensemble.paths.fit import bend_lr_scale
     assert bend_lr_scale(kind, n) == pytest.approx(scale, rel=1e-6)
+
+
+class _WithSpare(nn.Module):
+    """A CNN with a parameter the loss does not use and a frozen one."""
+
+    def __init__(self):
+        super().__init__()
+        self.net = small_cnn()
+        self.spare = nn.Parameter(torch.randn(3))
+        self.frozen = nn.Parameter(torch.randn(2), requires_grad=False)
+
+    def forward(self, x):
+        return self.net(x)
+
+
+@pytest.mark.parametrize("momentum", [0.9, 0.0])
+def test_streamed_step_equals_the_materialised_one(momentum):
+    """Without clipping each tensor's gradient is applied during backward and freed (bounded
+    memory); with a clipping bound it never reaches, the gradients are all materialised first
+    and updated with foreach ops: the bends must come out bit for bit the same."""
+    torch.manual_seed(0)
+    a, b = _WithSpare().state_dict(), _WithSpare().state_dict()
+    x, y = torch.rand(16, 1, 8, 8), torch.randint(0, 10, (16,))
+    out = []
+    for clip in (None, 1e30):
+        torch.manual_seed(5)
+        fitter = CurveFitter(_WithSpare().train(), a, b, bends=2, momentum=momentum, weight_decay=1e-3,
+                             max_grad_norm=clip)
+        for t in (0.3, 0.8, 0.55):
+            fitter.step(x, y, t, 0.1)
+        out.append(fitter.bend_state_dicts())
+    for p, q in zip(*out):
+        assert p.keys() == q.keys()
+        for k in p:
+            assert torch.equal(p[k], q[k]), k
+    moved = out[0][0]["spare"] - torch.lerp(a["spare"], b["spare"], 1 / 3)
+    assert moved.abs().max() > 0  # weight decay moves the unused parameter's bend too

@@ -576,3 +576,36 @@ def test_combine_mean_prob_with_weights():
     torch.testing.assert_close(combine_mean_prob(logits.double(), [5, 3, 2]), want)
     # equal weights take the unweighted path exactly
     assert torch.equal(combine_mean_prob(logits, [2, 2, 2]), combine_mean_prob(logits))
+
+
+@pytest.mark.parametrize("dtype", [None, "bf16", "fp16"])
+def test_streamed_file_is_what_save_file_writes(tmp_path, dtype):
+    """save_ensemble writes tensor by tensor; the file has the same tensor bytes in the same
+    order, the same header and a right tensor_sha256 record as safetensors' save_file of all
+    the tensors at once would."""
+    from mcensemble._io import safetensors_layout, tensor_hashes, verify_file
+    states = member_states(make_cnn, 11)  # 11 members: member.10.* sorts between member.1.* and member.2.*
+    f = save_ensemble(tmp_path / "e.safetensors", states, dtype=dtype)
+    header, start = safetensors_layout(f)
+    tensors = load_file(str(f))
+    save_file(tensors, str(tmp_path / "ref.safetensors"), metadata=header["__metadata__"])
+    ref_header, ref_start = safetensors_layout(tmp_path / "ref.safetensors")
+    assert header == ref_header and start == ref_start and start % 8 == 0
+    assert f.read_bytes()[start:] == (tmp_path / "ref.safetensors").read_bytes()[ref_start:]
+    doc = json.loads(header["__metadata__"]["mcensemble"])
+    assert doc["tensor_sha256"] == tensor_hashes(tensors)
+    assert list(doc["tensor_sha256"]) == [f"member.{i}.{n}" for i, st in enumerate(states) for n in st]
+    assert verify_file(f) == ("mcensemble-ensemble", len(tensors))
+    want = torch.float32 if dtype is None else {"bf16": torch.bfloat16, "fp16": torch.float16}[dtype]
+    assert tensors["member.3.0.weight"].dtype == want
+    torch.testing.assert_close(tensors["member.3.0.weight"].float(), states[3]["0.weight"], rtol=1e-2, atol=1e-2)
+
+
+def test_ensemble_model_save_copies_no_member(tmp_path, monkeypatch):
+    ens = EnsembleModel(make_mlp, member_states(make_mlp, 3))
+    monkeypatch.setattr(EnsembleModel, "member_state_dict", lambda self, i: pytest.fail("cloned a member"))
+    f = ens.save(tmp_path / "e.safetensors")
+    got = load(f, model=make_mlp)
+    for i in range(3):
+        for n, t in ens.members[i].state_dict().items():
+            assert torch.equal(got.members[i].state_dict()[n], t)

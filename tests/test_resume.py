@@ -165,3 +165,38 @@ def test_cli_signals_save_and_resume_gives_the_same_ensemble(tmp_path, monkeypat
     assert res.exit_code == 1 and "--epochs 3" in res.output and "--epochs 4" in res.output
     res = mce_cli(*args, "--resume")
     assert res.exit_code == 2 and "--checkpoint-dir" in res.output
+
+
+def _fp16_fit(ends, **kw):
+    return fit_curve(make(), *ends, loader(), config=CurveConfig(epochs=2, bends=1, seed=3), progress=False,
+                     precision="fp16", **kw)
+
+
+def test_fp16_resume_restores_the_grad_scaler(ends, tmp_path, monkeypatch):
+    # a scaler that doubles its scale after every finite step and halves it on an overflow: its
+    # state changes all along, so a resume that started a fresh scaler would skip other steps
+    # and end elsewhere (checked: it does, without the restore)
+    from mcensemble.precision import Precision
+    monkeypatch.setattr(Precision, "grad_scaler",
+                        lambda self: torch.amp.GradScaler("cpu", init_scale=2.0 ** 16, growth_interval=1))
+    ref = _fp16_fit(ends)
+    assert ref.metadata["fit"]["skipped_steps"] > 0
+    ck = tmp_path / "fit.safetensors"
+    with pytest.raises(FitInterrupted):
+        _fp16_fit(ends, callback=interrupt_at(5), checkpoint=ck)
+    meta = read_fit_checkpoint(ck)[1]
+    assert meta["precision"] == "fp16" and set(meta["grad_scaler"]) >= {"scale", "_growth_tracker"}
+    got = _fp16_fit(ends, checkpoint=ck, resume=True)
+    assert same_bends(got, ref)
+    for key in ("skipped_steps", "loss_scale"):
+        assert got.metadata["fit"][key] == ref.metadata["fit"][key]
+
+
+def test_resume_refuses_another_precision(ends, tmp_path):
+    ck = tmp_path / "fit.safetensors"
+    cfg = CurveConfig(epochs=1, bends=1, seed=3)
+    with pytest.raises(FitInterrupted):
+        fit_curve(make(), *ends, loader(), config=cfg, progress=False, precision="bf16",
+                  callback=interrupt_at(1), checkpoint=ck)
+    with pytest.raises(CheckpointError, match=r"`precision` bf16, this run has `precision` fp32"):
+        fit_curve(make(), *ends, loader(), config=cfg, progress=False, checkpoint=ck, resume=True)

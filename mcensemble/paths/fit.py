@@ -138,6 +138,8 @@ class CurveFitter:
         t), so every process applies the same update. `x` None: an empty share of the batch
         (contributes nothing; loss NaN)."""
         coeffs = curve_coefficients(self.kind, t, self.n)
+        if sync is None and x is not None and self.scaler is None and self.max_grad_norm is None:
+            return self._streamed_step(x, y, coeffs, lr)
         loss, grads = self._gradient(x, y, coeffs)
         if grads is None:  # fp16: the scaled gradients overflowed; the scaler backed off
             self.skipped_steps += 1
@@ -167,6 +169,55 @@ class CurveFitter:
                     torch._foreach_add_(buf, grads, alpha=c)
                 torch._foreach_add_(self.train_bends[i], buf, alpha=-lr)
         return loss
+
+    def _streamed_step(self, x, y, coeffs, lr: float) -> torch.Tensor:
+        """The step without clipping, loss scaling or other processes: each tensor's
+        dL/dtheta is turned into its bends' update as soon as backward has computed it (a
+        tensor hook, which hands autograd back an expanded one-element zero to keep) and
+        freed, so the gradients of the whole model never exist at once (peak: the bends,
+        momenta and theta(t), not a fourth copy). The arithmetic is the same as `_gradient`
+        followed by the update, element for element."""
+        with torch.no_grad():
+            _combine_into(self.theta, self.A, self.B, self.bends, coeffs)
+        theta = [p.detach() for p in self.theta]
+        pending = dict.fromkeys(range(len(self.train_idx)))
+        theta_train = [theta[j] for j in self.train_idx]
+        for k, p in enumerate(theta_train):
+            p.requires_grad_(True)
+            p.register_hook(lambda g, k=k, p=p: self._apply_grad(k, p, g, coeffs, lr, pending))
+        state = dict(zip(self.floating, theta))
+        state.update(self.scratch)
+        with self.precision.autocast():
+            out = functional_call(self.model, state, (self.precision.input(x),), tie_weights=self.tied)
+        if self.precision.enabled and isinstance(out, torch.Tensor) and out.is_floating_point():
+            out = out.float()  # the loss in float32
+        loss = self.loss_fn(out, y)
+        torch.autograd.grad(loss, theta_train, allow_unused=True)
+        for k in list(pending):  # tensors the loss does not depend on: a zero gradient
+            p = theta[self.train_idx[k]]
+            self._apply_grad(k, p, torch.zeros_like(p), coeffs, lr, pending)
+        return loss.detach()
+
+    @torch.no_grad()
+    def _apply_grad(self, k: int, p: torch.Tensor, g: torch.Tensor, coeffs, lr: float,
+                    pending: dict) -> torch.Tensor:
+        """SGD-with-momentum update of every bend's k-th trainable tensor from dL/dtheta `g`
+        (weight decay added here); returns what autograd keeps in place of `g`."""
+        pending.pop(k, None)
+        if self.weight_decay:
+            g = torch.add(g, p, alpha=self.weight_decay)  # not in place: autograd owns g
+        for i in range(self.n):
+            c = coeffs[i + 1]
+            buf = self.momenta[i][k]
+            if self.momentum:
+                buf.mul_(self.momentum)
+            else:
+                buf.zero_()
+            if c:
+                buf.add_(g, alpha=c)
+            self.train_bends[i][k].add_(buf, alpha=-lr)
+        # what autograd keeps as this input's gradient: one element, expanded (not a copy of g)
+        return torch.zeros((), dtype=g.dtype, device=g.device).expand_as(g)
 
     def _gradient(self, x, y, coeffs) -> tuple[torch.Tensor, list[torch.Tensor]]:
         """(data loss, dL/dtheta + weight_decay * theta) at the point with these coefficients."""
@@ -235,6 +286,10 @@ class CurveFitter:
                 torch._foreach_zero_(buf)
             torch._foreach_add_(buf, bend_grads[i], alpha=scale)
             torch._foreach_add_(self.train_bends[i], buf, alpha=-lr)
+
+    def release(self) -> None:
+        """Free theta(t), the momenta and the scratch tensors once the fit is over (the bends stay)."""
+        self.theta, self.momenta, self.scratch = [], [], {}
 
     def bend_state_dicts(self) -> list[StateDict]:
         """The bends as state dicts on a's devices, with a value for every floating tensor of a
@@ -335,6 +390,8 @@ def fit_curve(model: Any, a: Mapping[str, torch.Tensor], b: Mapping[str, torch.T
         run.run(resume=resume, progress=progress, callback=callback)
 
     cls = BezierPath if config.kind == "bezier" else PolyChainPath
+    bends = fitter.bend_state_dicts()
+    fitter.release()  # theta(t) and the momenta go before the path copies A and B
     fit_meta = {"epochs": config.epochs, "steps": total, "lr": config.lr, "bend_lr": run.bend_lr,
                 "momentum": config.momentum,
                 "weight_decay": config.weight_decay, "seed": config.seed, "max_grad_norm": config.max_grad_norm}
@@ -345,7 +402,19 @@ def fit_curve(model: Any, a: Mapping[str, torch.Tensor], b: Mapping[str, torch.T
     if fitter.scaler is not None:
         fit_meta["skipped_steps"] = fitter.skipped_steps
         fit_meta["loss_scale"] = float(fitter.scaler.get_scale())
-    return cls(a, b, fitter.bend_state_dicts(), metadata={"fit": fit_meta})
+    # the bends are this fit's own tensors (shared only between tied names): not copied again
+    ends = [{k: v.detach().clone() for k, v in s.items()} for s in (a, b)]
+    return cls(*ends, [_untied(sd) for sd in bends], metadata={"fit": fit_meta}, copy=False)
+
+
+def _untied(sd: StateDict) -> StateDict:
+    """`sd` with a tensor that appears under several names cloned for every name after the first."""
+    seen: set[int] = set()
+    out = {}
+    for k, v in sd.items():
+        out[k] = v.clone() if id(v) in seen else v
+        seen.add(id(v))
+    return out
 
 
 def _combine_into(out, A, B, bends, coeffs) -> None:

@@ -10,6 +10,7 @@ from __future__ import annotations
 import contextlib
 import json
 import logging
+import math
 import os
 import signal
 import sys
@@ -22,7 +23,7 @@ from safetensors.torch import load_file, save_file
 from tqdm.auto import tqdm
 
 from .. import distributed as dist_
-from .._io import atomic_path, is_int as _is_int, meta_field, read_header
+from .._io import atomic_path, independent_tensors, is_int as _is_int, meta_field, read_header
 from ..data import epoch_batches
 from ..errors import BadOptionError, CheckpointError, MCEnsembleError
 from .base import state_dict_sha256
@@ -230,16 +231,20 @@ class _FitRun:
         f = self.fitter
         tensors = {k: v.contiguous() for k, v in rng.items()}
         for i, bend in enumerate(f.bends):
-            tensors.update({f"bend.{i}.{k}": v.detach().cpu().clone() for k, v in zip(f.floating, bend)})
+            tensors.update({f"bend.{i}.{k}": v for k, v in zip(f.floating, bend)})
         train_names = [f.floating[j] for j in f.train_idx]
         for i, buf in enumerate(f.momenta):
-            tensors.update({f"momentum.{i}.{k}": v.detach().cpu().clone() for k, v in zip(train_names, buf)})
+            tensors.update({f"momentum.{i}.{k}": v for k, v in zip(train_names, buf)})
         meta = {"format": FIT_CHECKPOINT_FORMAT, "format_version": 1, "step": self.step,
                 "epoch": self.step // self.spe, "batch": self.step % self.spe, "total_steps": self.total,
                 "steps_per_epoch": self.spe, "world_size": dist_.world_size(), "finished": self.step >= self.total,
-                "config": asdict(self.config), "endpoints_sha256": self.hashes()}
+                "config": asdict(self.config), "endpoints_sha256": self.hashes(),
+                "precision": f.precision.name, "skipped_steps": f.skipped_steps}
+        if f.scaler is not None:  # fp16: the loss scale and its growth tracker, for a bit-identical resume
+            meta["grad_scaler"] = f.scaler.state_dict()
         with atomic_path(self.checkpoint) as tmp:
-            save_file(tensors, str(tmp), metadata={"mcensemble": json.dumps(meta)})
+            # the fit's own tensors, copied only where they share storage or sit on a GPU
+            save_file(independent_tensors(tensors), str(tmp), metadata={"mcensemble": json.dumps(meta)})
 
     def _restore(self) -> None:
         """Everything is read and checked first; only then is anything of the fit changed
@@ -252,6 +257,10 @@ class _FitRun:
                  for i, bend in enumerate(f.bends) for k, v in zip(f.floating, bend)]
         pairs += [(v, _ck_tensor(tensors, f"momentum.{i}.{k}", v, ck))
                   for i, buf in enumerate(f.momenta) for k, v in zip(train_names, buf)]
+        scaler = meta.get("grad_scaler") or {}
+        if f.scaler is not None and scaler and set(scaler) != set(f.scaler.state_dict()):
+            raise CheckpointError(f"the fit checkpoint {ck} has a damaged 'grad_scaler' record (fields "
+                                  f"{sorted(scaler)}); choose another `checkpoint`")
         rng = {k: _ck_tensor(tensors, f"rng.{k}.{r}", None, ck) for k in ("t", "torch")}
         for k, v in rng.items():
             if v.dtype != torch.uint8 or v.dim() != 1:
@@ -269,6 +278,9 @@ class _FitRun:
         with torch.no_grad():
             for v, saved in pairs:
                 v.copy_(saved)
+        f.skipped_steps = int(meta.get("skipped_steps") or 0)
+        if f.scaler is not None and meta.get("grad_scaler"):
+            f.scaler.load_state_dict(meta["grad_scaler"])
         if self.cuda and f"rng.cuda.{r}" in tensors:
             torch.cuda.set_rng_state(tensors[f"rng.cuda.{r}"], self.device)
         self.step = int(meta["step"])
@@ -325,6 +337,11 @@ def _check_resume(run: _FitRun, meta: Mapping[str, Any]) -> None:
         if cfg_saved.get(k) != cfg_now[k]:
             raise CheckpointError(f"the fit checkpoint {file} was written with `{k}` {cfg_saved.get(k)!r}, "
                                   f"this run has `{k}` {cfg_now[k]!r}; {hint}")
+    saved_prec, prec = meta.get("precision"), run.fitter.precision.name
+    if saved_prec is not None and saved_prec != prec:
+        raise CheckpointError(f"the fit checkpoint {file} was written with `precision` {saved_prec}, this run "
+                              f"has `precision` {prec}; resume with `precision` {saved_prec}, or choose another "
+                              "`checkpoint`")
     if meta.get("steps_per_epoch") != run.spe:
         raise CheckpointError(f"the fit checkpoint {file} was written with {meta.get('steps_per_epoch')} batches "
                               f"per epoch, this run has {run.spe} (other `data` or `batch_size`); {hint}")
@@ -349,6 +366,13 @@ def read_fit_checkpoint(file: str | os.PathLike) -> tuple[dict[str, torch.Tensor
     meta_field(meta, "world_size", "int", where=where, lo=1, default=1)
     meta_field(meta, "finished", "bool", where=where, default=False)
     meta_field(meta, "config", "dict", where=where)
+    meta_field(meta, "precision", "str", where=where, default=None)
+    meta_field(meta, "skipped_steps", "int", where=where, lo=0, default=0)
+    scaler = meta_field(meta, "grad_scaler", "dict", where=where, default={})
+    if not all(isinstance(k, str) and isinstance(v, (int, float)) and not isinstance(v, bool)
+               and math.isfinite(v) for k, v in scaler.items()):
+        raise CheckpointError(f"{where}: metadata field 'grad_scaler' must map names to finite numbers; "
+                              "the file is damaged")
     if len(meta_field(meta, "endpoints_sha256", "str-list", where=where)) != 2:
         raise CheckpointError(f"{where}: metadata field 'endpoints_sha256' must hold two hashes (A and B); "
                               "the file is damaged")

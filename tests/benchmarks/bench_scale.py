@@ -6,16 +6,20 @@ Side by side in one run (issue 11):
   16, fp32 and bf16 (autocast) at 128x128 batch 4 (bf16 is emulated, slow, on CPUs without
   native bf16), 224x224 batch 8 with --with-224; warm-up, then the kinds interleaved (the
   order rotating every round), median of the rounds;
-- peak memory (RSS high-water mark over the set-up baseline, each in a fresh subprocess)
-  of plain steps, curve steps (fp32, bf16), aligning a pair, writing a K=4 ensemble file and
-  lazy K=4 inference, against one model's weights;
+- peak memory (RSS high-water mark above what the caller holds, each in a fresh subprocess,
+  glibc's allocator reuse disabled) of plain steps, building a CurveFitter + curve steps (with
+  and without --max-grad-norm), fit_curve, aligning a pair, writing a K=4 ensemble file
+  (fp32, bf16, EnsembleModel.save) and lazy K=4 inference, against one model's weights;
+  with `--before DIR`, the same rows with the mcensemble package in DIR side by side;
 - `align_states` (weight matching) time for a resnet50 pair;
 - K=4 ensemble inference (`EnsembleModel`, loop strategy) against 4 single-model passes,
   fp32 and bf16, interleaved;
 - the ensemble file's size with fp32 and bf16 members (`save_ensemble(dtype=)`).
 
 Run:  python tests/benchmarks/bench_scale.py [--out FILE.md] [--threads 2] [--with-224] [--repeats N]
-      (`--with-224 --steps-only`: only the curve-step rows at 224x224 batch 8)
+      (`--with-224 --steps-only`: only the curve-step rows at 224x224 batch 8;
+       `--memory-only [--before DIR]`: only the memory table, DIR from
+       `git archive <commit> mcensemble | tar -x -C DIR`)
 (or `python tests/benchmarks/run_all.py --only scale`). Not collected by pytest.
 """
 from __future__ import annotations
@@ -154,40 +158,52 @@ def file_sizes(folder: Path) -> dict[str, int]:
 
 # ------------------------------------------------------------------------------------ memory
 
-def memory_worker(mode: str, size: int, n: int) -> None:
-    """Fresh process: set up, reset the RSS high-water mark, run `mode`; print JSON KiB."""
-    torch.set_flush_denormal(True)
-    x, y = batch(size, n)
-    folder = Path(tempfile.mkdtemp())
-    if mode.startswith("plain") or mode.startswith("curve"):
-        kind, prec = mode.split()
+def _tiny_loader(x, y):
+    from torch.utils.data import DataLoader, TensorDataset
+    return DataLoader(TensorDataset(torch.cat([x, x]), torch.cat([y, y])), batch_size=len(x))
+
+
+def _memory_fn(mode: str, x, y, folder: Path, info: dict):
+    """(what the caller holds, the measured operation) for a worker mode."""
+    kind, _, prec = mode.partition(" ")
+    if kind in ("plain", "curve", "curve-clip"):
         model = make_model().train()
         if kind == "plain":
-            fn = plain_stepper(model, x, y, prec)
-        else:
-            a, b = states(2)
-            fn = curve_stepper(model, a, b, x, y, prec)
-            del a, b  # the fitter keeps A and B (no copies on CPU), the bend, its momentum, theta(t)
-        steps = 1
-    elif mode == "align":
+            return model, lambda: [step() for step in [plain_stepper(model, x, y, prec)] * 2]
+        a, b = states(2)
+        clip = 1e30 if kind == "curve-clip" else None  # a bound never reached: the materialised path
+
+        def fn():
+            from mcensemble.paths.fit import CurveFitter
+            fitter = CurveFitter(model, a, b, precision=prec, max_grad_norm=clip)
+            for t in (0.3, 0.6):
+                fitter.step(x, y, t, 0.01)
+        return (model, a, b), fn
+    if kind == "fit":
+        from mcensemble.paths.fit import CurveConfig, fit_curve
+        model, (a, b) = make_model(), states(2)
+        return (model, a, b), lambda: info.setdefault("path", fit_curve(
+            model, a, b, _tiny_loader(x, y), config=CurveConfig(epochs=1), progress=False,
+            checkpoint=folder / "fit.safetensors", checkpoint_every=1))
+    if kind == "align":
         from mcensemble.align import align_states
         a, b = states(2)
-        info = {}
 
         def fn():
             t0 = time.perf_counter()
             res = align_states(make_model, a, b, example_input=torch.randn(2, 3, 64, 64), progress=False)
             info.update(seconds=time.perf_counter() - t0, iterations=res.iterations,
                         objective_before=res.objective_before, objective_after=res.objective_after)
-        steps = 1
-    elif mode == "write":
+        return (a, b), fn
+    if kind == "write":
         from mcensemble.ensemble import save_ensemble
         sts = states(K)
-
-        def fn():
-            save_ensemble(folder / "e.safetensors", sts, dtype="bf16")
-        steps = 1
-    elif mode == "lazy":
+        return sts, lambda: save_ensemble(folder / "e.safetensors", sts, dtype=prec)
+    if kind == "ens-save":
+        from mcensemble.ensemble import EnsembleModel
+        ens = EnsembleModel(make_model, states(K), strategy="loop")
+        return ens, lambda: ens.save(folder / "e.safetensors")
+    if kind == "lazy":
         import mcensemble
         from mcensemble.ensemble import save_ensemble
         save_ensemble(folder / "e.safetensors", states(K))
@@ -196,20 +212,35 @@ def memory_worker(mode: str, size: int, n: int) -> None:
         def fn():
             with torch.no_grad():
                 ens(x)
-        steps = 1
-    else:
-        raise SystemExit(f"unknown mode {mode}")
+        return ens, fn
+    raise SystemExit(f"unknown mode {mode}")
+
+
+def memory_worker(mode: str, size: int, n: int) -> None:
+    """Fresh process: set up what the caller holds, reset the RSS high-water mark, run the
+    operation; print JSON {base, peak} in KiB (and the alignment's figures)."""
     import gc
+    torch.set_flush_denormal(True)
+    x, y = batch(size, n)
+    info: dict = {}
+    held, fn = _memory_fn(mode, x, y, Path(tempfile.mkdtemp()), info)  # noqa: F841  (held: kept alive)
     gc.collect()
     reset_peak_rss()
     base = peak_rss_kib()
-    for _ in range(steps):
-        fn()
-    print(json.dumps({"base": base, "peak": peak_rss_kib(), **(info if mode == "align" else {})}))
+    fn()
+    info.pop("path", None)
+    print(json.dumps({"base": base, "peak": peak_rss_kib(), **info}))
 
 
-def measure_memory(mode: str, size: int, n: int, threads: int) -> tuple[float, dict]:
-    env = dict(os.environ, OMP_NUM_THREADS=str(threads))
+def measure_memory(mode: str, size: int, n: int, threads: int, src: str | None = None) -> tuple[float, dict]:
+    """Extra peak RSS (bytes) of `mode` in a fresh process. glibc is told to serve every
+    allocation above 64 KiB with its own mapping (MALLOC_MMAP_THRESHOLD_), so that freed
+    tensors leave the resident set at once and the high-water mark counts live tensors, not
+    the allocator's reuse of memory freed during set-up. `src`: run the worker against the
+    mcensemble package in that folder (a checkout of an earlier version: the "before" column)."""
+    env = dict(os.environ, OMP_NUM_THREADS=str(threads), MALLOC_MMAP_THRESHOLD_="65536")
+    if src:
+        env["PYTHONPATH"] = os.pathsep.join([src, env.get("PYTHONPATH", "")]).rstrip(os.pathsep)
     r = subprocess.run([sys.executable, __file__, "--memory-worker", mode, "--size", str(size), "--batch", str(n),
                         "--threads", str(threads)], capture_output=True, text=True, env=env, check=True)
     d = json.loads(r.stdout.strip().splitlines()[-1])
@@ -227,15 +258,38 @@ STEP_GROUPS = [
 ]
 STEP_GROUPS_224 = [("224x224, batch 8", 224, 8, ("fp32",), 2)]
 INFERENCE_GROUPS = [("128x128, batch 8", 128, 8, ("fp32",), 2), ("128x128, batch 2", 128, 2, ("fp32", "bf16"), 2)]
-MEMORY_MODES = [  # (worker mode, size, batch, label)
-    ("plain fp32", 128, 16, "1 plain SGD step, fp32, 128x128 batch 16"),
-    ("curve fp32", 128, 16, "1 curve step, fp32, 128x128 batch 16"),
-    ("curve bf16", 128, 4, "1 curve step, bf16 autocast, 128x128 batch 4"),
-    ("plain bf16", 128, 4, "1 plain SGD step, bf16 autocast, 128x128 batch 4"),
-    ("align", 128, 16, "align_states on a pair (the two models' states held by the caller)"),
-    ("write", 128, 16, f"save_ensemble of K={K} as bf16 (the K fp32 states held by the caller)"),
-    ("lazy", 128, 16, f"lazy K={K} inference, one 128x128 batch of 16"),
+MEMORY_MODES = [  # (worker mode, size, batch, label); 32x32 batch 2: activations are negligible
+    ("plain fp32", 32, 2, "2 plain SGD steps (torch.optim.SGD, momentum; its grads and momenta)"),
+    ("curve fp32", 32, 2, "CurveFitter (1 bend) built + 2 curve steps (bend, momentum, theta(t), gradients)"),
+    ("curve-clip fp32", 32, 2, "the same with --max-grad-norm (every gradient held until the norm is known)"),
+    ("fit", 32, 2, "fit_curve: 2 steps, a checkpoint after each, the path returned (copies of A and B)"),
+    ("align", 32, 2, "align_states on a pair (weight matching + the check of the function)"),
+    ("write fp32", 32, 2, f"save_ensemble of K={K} fp32 states"),
+    ("write bf16", 32, 2, f"save_ensemble of K={K} fp32 states as bf16 (--save-dtype bf16)"),
+    ("ens-save", 32, 2, f"EnsembleModel.save, K={K}"),
+    ("lazy", 32, 2, f"lazy K={K} inference, one batch"),
+    ("plain fp32", 128, 16, "2 plain SGD steps, 128x128 batch 16 (with activations)"),
+    ("curve fp32", 128, 16, "CurveFitter built + 2 curve steps, 128x128 batch 16 (with activations)"),
 ]
+
+
+def _memory_table(threads: int, before: str | None) -> tuple[list[str], dict]:
+    cols = "| what (the caller holds the models / states it is given) | before | after |" if before else \
+        "| what (the caller holds the models / states it is given) | extra peak RSS | x one model |"
+    lines = [cols, "|---|---|---|"]
+    mb, align_info = model_bytes(), {}
+    for mode, size, n, label in MEMORY_MODES:
+        cells = []
+        for src in ([before] if before else []) + [None]:
+            extra, d = measure_memory(mode, size, n, threads, src)
+            if mode == "align" and src is None:
+                align_info = d
+            print(f"memory {mode} {size}/{n} {'before' if src else 'after'}: {extra / 2**20:.0f} MiB",
+                  file=sys.stderr, flush=True)
+            cells.append(f"{extra / 2**20:.0f} MiB = **{extra / mb:.1f}x**" if before else
+                         f"{extra / 2**20:.0f} MiB | **{extra / mb:.1f}x**")
+        lines.append(f"| {label} | {' | '.join(cells)} |")
+    return lines, align_info
 
 
 def _step_table(groups, repeats_override) -> list[str]:
@@ -259,6 +313,9 @@ def main(argv=None) -> int:
     ap.add_argument("--repeats", type=int, default=None, help="rounds per timing group (default: the group's)")
     ap.add_argument("--with-224", action="store_true", help="also time 224x224 batch 8 (fp32; several minutes)")
     ap.add_argument("--steps-only", action="store_true", help="only the curve-step table")
+    ap.add_argument("--memory-only", action="store_true", help="only the peak-memory table")
+    ap.add_argument("--before", metavar="DIR", help="also measure memory with the mcensemble package in DIR "
+                    "(e.g. `git archive <commit> mcensemble | tar -x -C DIR`), side by side")
     ap.add_argument("--size", type=int, default=128, help=argparse.SUPPRESS)
     ap.add_argument("--batch", type=int, default=16, help=argparse.SUPPRESS)
     ap.add_argument("--memory-worker", metavar="MODE", help=argparse.SUPPRESS)
@@ -277,23 +334,22 @@ def main(argv=None) -> int:
              "order rotates every round). This CPU has no native bf16 (no AVX-512 BF16 / AMX), so bf16 "
              "autocast is emulated and slower than fp32 here; its rows show that the path works and what "
              "the curve step adds, not a speed-up.", ""]
-    lines += ["## Curve step against a plain step (Bezier, 1 bend; SGD momentum 0.9 both)", ""]
-    groups = [] if args.steps_only and args.with_224 else STEP_GROUPS
-    lines += _step_table(groups + (STEP_GROUPS_224 if args.with_224 else []), args.repeats)
+    if not args.memory_only:
+        lines += ["## Curve step against a plain step (Bezier, 1 bend; SGD momentum 0.9 both)", ""]
+        groups = [] if args.steps_only and args.with_224 else STEP_GROUPS
+        lines += _step_table(groups + (STEP_GROUPS_224 if args.with_224 else []), args.repeats)
     if args.steps_only:
         return _finish(lines, t_start, args.out)
 
     lines += ["", "## Peak memory against one model", "",
-              "Resident-set high-water mark over the set-up baseline (models built, states and batch in memory), "
-              f"each in a fresh subprocess. One model = its fp32 weights and buffers, {mb / 2**20:.1f} MiB.", "",
-              "| what | extra peak RSS | x one model |", "|---|---|---|"]
-    align_info = {}
-    for mode, size, n, label in MEMORY_MODES:
-        extra, d = measure_memory(mode, size, n, args.threads)
-        if mode == "align":
-            align_info = d
-        print(f"memory {mode}: {extra / 2**20:.0f} MiB", file=sys.stderr, flush=True)
-        lines.append(f"| {label} | {extra / 2**20:.0f} MiB | {extra / mb:.1f}x |")
+              "Resident-set high-water mark above what the caller holds (the model, the endpoint or member "
+              "states, the batch), each in a fresh subprocess with glibc serving allocations over 64 KiB by "
+              f"their own mappings (`MALLOC_MMAP_THRESHOLD_=65536`). One model = its fp32 weights and buffers, "
+              f"{mb / 2**20:.1f} MiB." + (f" Before: the package in `{args.before}`." if args.before else ""), ""]
+    mem_lines, align_info = _memory_table(args.threads, args.before)
+    lines += mem_lines
+    if args.memory_only:
+        return _finish(lines, t_start, args.out)
 
     lines += ["", "## Alignment", "",
               f"`align_states` (weight matching; unit graph traced on a 64x64 input; the check that the aligned B "
