@@ -364,6 +364,7 @@ class BuildOptions:
     resume: bool = False  # continue the fits saved in checkpoint_dir
     neb: Any = None  # a paths.neb.NebConfig for --method neb (None: its defaults, --weight-decay, --seed)
     save_dtype: str | None = None  # the ensemble file's member dtype ("fp32", "bf16", "fp16"; None: as trained)
+    search_steps: int | None = None  # dropout / short: swap trials per group choosing the halves (None: 48 / 4)
 
 
 def _linear_builder(net, a, b, *, opts: BuildOptions, data: DataOptions, fit_loader, bn_loader, index: int = 0,
@@ -385,14 +386,15 @@ def _curve_builder(net, a, b, *, opts: BuildOptions, data: DataOptions, fit_load
 def _dropout_builder(net, a, b, *, opts: BuildOptions, data: DataOptions, fit_loader, bn_loader, index: int = 0,
                      graph=None):
     from .paths.dropout import build_dropout_path
-    return build_dropout_path(net, a, b, bn_loader, graph=graph, device=data.device, progress=data.progress)
+    return build_dropout_path(net, a, b, bn_loader, graph=graph, device=data.device, progress=data.progress,
+                              search_steps=48 if opts.search_steps is None else opts.search_steps)
 
 
 def _short_builder(net, a, b, *, opts: BuildOptions, data: DataOptions, fit_loader, bn_loader, index: int = 0,
                    graph=None):
     from .paths.short import build_short_path
     return build_short_path(net, a, b, bn_loader, graph=graph, device=data.device, progress=data.progress,
-                            seed=data.seed)
+                            seed=data.seed, search_steps=4 if opts.search_steps is None else opts.search_steps)
 
 
 def _neb_builder(net, a, b, *, opts: BuildOptions, data: DataOptions, fit_loader, bn_loader, index: int = 0,
@@ -1070,12 +1072,14 @@ def stability_of_file(file: str | os.PathLike, *, model: ModelOptions, data: Dat
 
 
 def pack_files(a_file: str | os.PathLike, b_file: str | os.PathLike, out: str | os.PathLike, *,
-               model: ModelOptions, data: DataOptions, method: str = "dropout") -> dict[str, Any]:
+               model: ModelOptions, data: DataOptions, method: str = "dropout",
+               search_steps: int | None = None) -> dict[str, Any]:
     """`mcensemble pack`: the packed pair (one model of A's architecture whose logits are the
     mean of D_1(A)'s and D_1(B)'s), written as a plain checkpoint; quality against A, B and
     their 2-member ensemble on the validation data (else the training data). `method`:
     "dropout" (layered networks) or "short" (D_S(A) and D_T(B), every group dropped at once:
-    residual and squeeze-excite networks too)."""
+    residual and squeeze-excite networks too). `search_steps`: swap trials per group choosing
+    the halves (None: 48 dropout, 4 short)."""
     from .checkpoints import save_checkpoint
     from .pack import pack_pair, pack_report
     if method not in ("dropout", "short"):
@@ -1084,7 +1088,7 @@ def pack_files(a_file: str | os.PathLike, b_file: str | os.PathLike, out: str | 
     net = a.build_model().to(data.device)
     train, val = _loaders(net, data)
     packed = pack_pair(net, a.state_dict, b.state_dict, train, graph=unit_graph_of(net, model), device=data.device,
-                       progress=data.progress, method=method)
+                       progress=data.progress, method=method, search_steps=search_steps)
     md = {k: a.metadata.get(k) for k in ("arch", "num_classes", "in_chans", "model_args") if a.metadata.get(k) is not None}
     md["kind"] = "packed-pair"
     md["method"] = method
