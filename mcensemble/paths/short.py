@@ -340,9 +340,10 @@ def choose_halves(ctx: _Ctx, a: StateDict, b: StateDict, *, steps: int, examples
 
 class _Partial:
     """Forward passes of the work model (traced with torch.fx) that redo only what a unit
-    group's consumer tensors reach: the first pass for a group keeps the values that flow
-    from the untouched part into the touched one (the frontier), later passes for the same
-    group start from them. `None` from `make` when the model does not trace."""
+    group's consumer tensors reach. `frontier` runs the loaded state over the part of the
+    network g does not reach (from an earlier group's frontier when that covers it) and
+    keeps the values flowing out of it; `__call__` then runs only the part g reaches.
+    `make` gives None when the model does not trace (the search then runs full passes)."""
 
     def __init__(self, gm, x: torch.Tensor):
         import torch.fx as fx
@@ -359,7 +360,7 @@ class _Partial:
 
         self.interp, self.x = _Keep(gm), x
         self.nodes = list(gm.graph.nodes)
-        self.plans: dict[str, list | None] = {}
+        self.plans: dict[str, tuple[set, set] | None] = {}
 
     @classmethod
     def make(cls, work: nn.Module, x: torch.Tensor) -> "_Partial | None":
@@ -369,33 +370,47 @@ class _Partial:
         except MCEnsembleError:  # a hand-given unit graph for a model fx cannot trace: full passes
             return None
 
-    def untouched(self, g: UnitGroup) -> list | None:
-        """Nodes outside what g's consumer tensors reach (None: a tensor not found in the
-        trace, so every pass is a full one)."""
+    def plan(self, g: UnitGroup) -> tuple[set, set] | None:
+        """(U, F): the nodes g's consumer tensors do not reach, and those of them read by a
+        node they reach. None when a tensor is not found in the trace."""
         if g.name not in self.plans:
             names = {r.tensor for r in g.refs("consumer")}
             hit, found = set(), set()
             for n in self.nodes:
-                if n.op in ("call_module", "get_attr"):
-                    own = {t for t in names if t == n.target or t.startswith(f"{n.target}.")}
-                    found |= own
-                    if own:
-                        hit.add(n)
-                        continue
-                if any(a in hit for a in n.all_input_nodes):
+                own = {t for t in names if t == n.target or t.startswith(f"{n.target}.")} \
+                    if n.op in ("call_module", "get_attr") else set()
+                found |= own
+                if own or any(a in hit for a in n.all_input_nodes):
                     hit.add(n)
-            self.plans[g.name] = None if found != names else [n for n in self.nodes if n not in hit]
+            u = {n for n in self.nodes if n not in hit}
+            self.plans[g.name] = None if found != names else (u, {n for n in u if any(v in hit for v in n.users)})
         return self.plans[g.name]
 
-    def __call__(self, env: dict | None = None, keep=()) -> Any:
-        """The loaded model's output on x; `env`: values of the nodes g does not reach (the
-        frontier's, None for the others: not run); the values of the nodes `keep` that feed
-        a node outside `keep` are returned too: (output, env for the next pass)."""
-        keep = set(keep)
-        self.interp.keep, self.interp.kept = {n for n in keep if any(u not in keep for u in n.users)}, {}
-        out = self.interp.run(self.x, initial_env=dict(env or {}))
-        kept = self.interp.kept
-        return out, {**dict.fromkeys(keep), **kept}
+    def frontier(self, g: UnitGroup, prev: tuple[str, dict] | None) -> dict:
+        """g's frontier values under the loaded state. `prev` = (group h, h's frontier
+        values), computed under a state that differs from the loaded one only in tensors
+        h reads: used when it covers g's frontier (F_g inside F_h or outside U_h)."""
+        u, f = self.plan(g)
+        env = {n: None for n in self.nodes if n not in u}
+        if prev is not None and self.plans.get(prev[0]):
+            uh, fh = self.plans[prev[0]]
+            if all(n in fh or n not in uh for n in f):
+                env.update({n: None for n in uh if n not in fh})
+                env.update({n: v for n, v in prev[1].items() if n in u})
+        self.interp.keep, self.interp.kept = f, {}
+        self.interp.run(self.x, initial_env=dict(env))
+        return {n: self.interp.kept[n] if n in self.interp.kept else env[n] for n in f}
+
+    def __call__(self, g: UnitGroup | None = None, front: dict | None = None) -> Any:
+        """The loaded state's output on x: a full pass, or only the part g reaches, from g's
+        frontier values `front` (the part g does not reach unchanged since)."""
+        env = {}
+        if g is not None:
+            u, _ = self.plan(g)
+            env = {n: None for n in u}
+            env.update(front)
+        self.interp.keep, self.interp.kept = (), {}
+        return self.interp.run(self.x, initial_env=env)
 
 
 class _JointSearch:
@@ -424,37 +439,54 @@ class _JointSearch:
         return max(la, lb) + 1e-3 * (la + lb)
 
     def _forward(self, side: int, g: UnitGroup | None) -> Any:
-        """The loaded state's output; with `g`, only what g's consumer tensors reach is
-        recomputed once that side's frontier for g is known (the rest of the state is the
-        accepted one's, so those values do not change while g is searched)."""
-        front = None if self.partial is None or g is None else self.partial.untouched(g)
-        if front is None:
-            return self.ctx.work(self.x) if self.partial is None else self.partial()[0]
-        name, env = self.frontiers.get(side, (None, None))
-        if name == g.name:
-            return self.partial(env)[0]
-        out, env = self.partial(keep=front)
-        self.frontiers[side] = (g.name, env)
-        return out
+        """The loaded state's output; with `g` (a trial of group g, the state otherwise the
+        accepted one), only the part of the network g's consumer tensors reach is run, from
+        the frontier values `_frontier` computed for this side and g."""
+        if self.partial is None:
+            return self.ctx.work(self.x)
+        if g is None or self.partial.plan(g) is None:
+            return self.partial()
+        return self.partial(g, self.frontiers[side][1])
+
+    def _frontier(self, side: int, g: UnitGroup) -> None:
+        """Make sure `frontiers[side]` holds g's frontier values under the accepted state
+        (computed from the previous group's when they cover it: a short pass)."""
+        if self.partial is None or self.partial.plan(g) is None or self.frontiers.get(side, (None,))[0] == g.name:
+            return
+        self._load(self.dropped[side])
+        prev = self.frontiers.get(side)
+        with torch.no_grad():
+            self._bn_train(True)
+            try:
+                self.frontiers[side] = (g.name, self.partial.frontier(g, prev))
+            finally:
+                self._bn_train(False)
+
+    def _bn_train(self, on: bool) -> None:
+        for m in self.bn_mods:
+            m.train(on)
+
+    def _load(self, sd: StateDict) -> None:
+        """Copy into the work model only the tensors that are not the very ones loaded last
+        (BatchNorm statistics of modules on batch statistics get dirty: always copied)."""
+        with torch.no_grad():
+            for k, v in sd.items():
+                if self.loaded.get(k) is not v:
+                    self.dst[k].copy_(v)
+        self.loaded = {k: v for k, v in sd.items() if k not in self.bn_keys}
 
     @torch.no_grad()
     def _loss(self, sd: StateDict, side: int = 0, g: UnitGroup | None = None) -> float:
-        """Proxy loss of `sd`, copying into the work model only the tensors that are not
-        the very ones loaded last (BatchNorm statistics on batch statistics get dirty)."""
-        for k, v in sd.items():
-            if self.loaded.get(k) is not v:
-                self.dst[k].copy_(v)
-        self.loaded = {k: v for k, v in sd.items() if k not in self.bn_keys}
+        """Proxy loss of `sd` (for a trial of group g: only the part of the network g reaches)."""
+        self._load(sd)
         self.ctx.forwards += 1
+        self._bn_train(True)
         try:
-            for m in self.bn_mods:
-                m.train()
             out = self._forward(side, g)
             return float(torch.nn.functional.cross_entropy(out[0] if isinstance(out, (tuple, list)) else out,
                                                           self.y))
         finally:
-            for m in self.bn_mods:
-                m.eval()
+            self._bn_train(False)
 
     def start(self, s: Mapping[str, list[int]], t: Mapping[str, list[int]]) -> float:
         """Make (s, t) the accepted halves (every tensor recomputed); their objective."""
@@ -491,13 +523,14 @@ class _JointSearch:
                 return False
             sds[side] = dropout_state(self.states[side], self.ctx.graph, cand[side], self.ctx.min_depth,
                                       base=self.dropped[side], only=names)
+            self._frontier(side, g)
             got[side] = self._loss(sds[side], side, g)
             self.trial_forwards += 1
         val = self.value(got[0], got[1])
         if val >= self.best - 1e-7:
             return False
         self.kept, self.dropped, self.losses, self.best = tuple(cand), sds, [got[0], got[1]], val
-        for side in (0, 1):  # frontiers kept for another group saw the old halves of g
+        for side in (0, 1):  # frontiers kept for another group may have seen g's old halves
             if self.frontiers.get(side, (g.name,))[0] != g.name:
                 del self.frontiers[side]
         return True
