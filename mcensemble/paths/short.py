@@ -297,7 +297,7 @@ def choose_halves(ctx: _Ctx, a: StateDict, b: StateDict, *, steps: int, examples
     from ..stability import _importance, _subset, changed_bn_modules
     if steps < 0 or examples < 1:
         raise BadOptionError("search_steps must be >= 0 and search_examples >= 1", option="search_steps")
-    graph, work = ctx.graph, ctx.work
+    graph, work, t0 = ctx.graph, ctx.work, time.perf_counter()
     x, y = _subset(ctx.loader, examples)
     x, y = x.to(ctx.device), y.to(ctx.device)
     sa, sb = _importance(work, a, graph, x), _importance(work, b, graph, x)
@@ -335,7 +335,8 @@ def choose_halves(ctx: _Ctx, a: StateDict, b: StateDict, *, steps: int, examples
     return Halves(s, t, {"steps": steps, "examples": int(x.shape[0]), "start": first,
                          "start_objectives": scored, "objective_start": start,
                          "objective_end": search.best, "accepted": accepted,
-                         "trial_forwards": search.trial_forwards, "skipped_forwards": search.skipped})
+                         "trial_forwards": search.trial_forwards, "skipped_forwards": search.skipped,
+                         "partial_forwards": search.partial is not None, "seconds": time.perf_counter() - t0})
 
 
 class _Partial:
