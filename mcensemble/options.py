@@ -149,10 +149,13 @@ class BuildOptions:
     resume: bool = False  # continue the fits saved in checkpoint_dir
     neb: Any = None  # a paths.neb.NebConfig for --method neb (None: its defaults, --weight-decay, --seed)
     save_dtype: str | None = None  # the ensemble file's member dtype ("fp32", "bf16", "fp16"; None: as trained)
+    search_steps: int | None = None  # dropout / short: swap trials per group choosing the halves (None: 48 / 4)
     curve: CurveConfig | None = field(init=False, repr=False, compare=False, default=None)
 
     def __post_init__(self) -> None:
         check_count(self.members, "members", minimum=1)
+        if self.search_steps is not None:
+            check_count(self.search_steps, "search_steps", minimum=0)
         if self.selection not in SELECTIONS:
             raise BadOptionError(f"`selection` must be auto, greedy or uniform, got {self.selection!r}",
                                  option="selection")

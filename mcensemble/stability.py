@@ -100,27 +100,40 @@ def default_kept(group: UnitGroup, scores: torch.Tensor | None = None) -> list[i
 
 
 def dropout_state(state: Mapping[str, torch.Tensor], graph: UnitGraph,
-                  kept: Mapping[str, Any], depth: int) -> StateDict:
+                  kept: Mapping[str, Any], depth: int, *, base: Mapping[str, torch.Tensor] | None = None,
+                  only: Iterable[str] | None = None) -> StateDict:
     """D_depth without BatchNorm re-estimation: for every group at depth >= `depth`, the
     dropped units' consumer columns are set to +0 and the kept ones' doubled. Tensors not
-    touched are shared with `state`."""
-    out = dict(state)
-    owned: set[str] = set()
+    touched are shared with `state`. Incremental form: with `base` (an earlier result for
+    the same `state`, `graph` and `depth`) and `only` (tensor names), only those tensors are
+    recomputed from `state`; every other one is shared with `base` (bit for bit what a full
+    call gives when the groups reading the other tensors kept the same units)."""
+    out = dict(state if base is None else base)
+    refs: dict[str, list] = {}
     for g in graph.groups:
-        if g.depth < depth:
-            continue
+        if g.depth >= depth:
+            for r in g.refs("consumer"):
+                refs.setdefault(r.tensor, []).append((g, r))
+    names = refs if only is None else [n for n in only if n in refs]
+    for name in names:
+        out[name] = _scaled(state[name], refs[name], kept)
+    return out
+
+
+def _scaled(t: torch.Tensor, refs: list, kept: Mapping[str, Any]) -> torch.Tensor:
+    """`t` with, for each (group, consumer ref), the kept units' indices along the ref's
+    axis doubled and the dropped ones set to +0 (one pass: a multiplier per axis)."""
+    scale = None
+    for g, r in refs:
         keep = torch.as_tensor(list(kept[g.name]), dtype=torch.long)
         drop = torch.ones(g.size, dtype=torch.bool)
         drop[keep] = False
-        drop = drop.nonzero().reshape(-1)
-        for r in g.refs("consumer"):
-            if r.tensor not in owned:
-                out[r.tensor] = out[r.tensor].clone()
-                owned.add(r.tensor)
-            v = out[r.tensor].movedim(r.axis, 0)
-            v[r.indices(keep)] *= 2
-            v[r.indices(drop)] = 0
-    return out
+        m = torch.ones(t.shape[r.axis], dtype=t.dtype)
+        m[r.indices(keep)] = 2
+        m[r.indices(drop.nonzero().reshape(-1))] = 0
+        m = m.reshape([-1 if d == r.axis else 1 for d in range(t.dim())])
+        scale = m if scale is None else scale * m
+    return torch.where(scale == 0, torch.zeros((), dtype=t.dtype), t * scale)
 
 
 def _bn_modules(model: nn.Module, graph: UnitGraph, min_depth: int) -> list[str]:

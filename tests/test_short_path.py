@@ -289,13 +289,15 @@ def test_cli_pack_and_scan_short(effnet_files, mce_cli, tmp_path):
     from mcensemble import load_checkpoint
     a, b = effnet_files
     out = tmp_path / "packed.safetensors"
-    res = mce_cli("pack", a, b, "--method", "short", "--data", DATA, "--out", out)
+    res = mce_cli("pack", a, b, "--method", "short", "--search-steps", "1", "--data", DATA, "--out", out)
     assert res.exit_code == 0, res.output
     ck = load_checkpoint(out)
     assert ck.metadata["method"] == "short"
     timm.create_model("test_efficientnet", num_classes=10, in_chans=1).load_state_dict(ck.state_dict)
     res = mce_cli("pack", a, b, "--method", "sideways", "--data", DATA, "--out", out)
     assert res.exit_code != 0 and "sideways" in res.output
+    res = mce_cli("pack", a, b, "--method", "short", "--search-steps", "-1", "--data", DATA, "--out", out)
+    assert res.exit_code != 0 and "--search-steps" in res.output
     # scan prints every segment's kind; the measured ones are never called proven
     res = mce_cli("scan", a, b, "--method", "short", "--data", DATA, "--points", "3", "--report", tmp_path / "r.json")
     assert res.exit_code == 0, res.output
@@ -305,3 +307,16 @@ def test_cli_pack_and_scan_short(effnet_files, mce_cli, tmp_path):
     rep = json.loads((tmp_path / "r.json").read_text())
     assert rep["method"] == "short"
     assert [s["proven"] for s in rep["certificate"]["segments"]] == [False, True, True, True, False]
+
+
+@pytest.mark.parametrize("steps", [0, 2])
+def test_cli_build_short_takes_the_search_steps(effnet_files, mce_cli, tmp_path, steps):
+    a, b = effnet_files
+    p = tmp_path / "p.safetensors"
+    res = mce_cli("build", a, b, "--method", "short", "--search-steps", str(steps), "--data", DATA, "--no-packed",
+                  "--members", "2", "--candidates", "3", "--path-out", p)
+    assert res.exit_code == 0, res.output
+    search = load_path(p).metadata["search"]
+    assert search["steps"] == steps
+    if steps:  # every trial evaluated at least the side that binds the objective
+        assert search["trial_forwards"] + search["skipped_forwards"] == steps * 13 * 2

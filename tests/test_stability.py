@@ -62,6 +62,33 @@ def test_depth_losses_are_dropout_networks(mlp):
     model.load_state_dict(sd)
 
 
+def _bits(sd):
+    return {k: v.view(torch.uint8) if v.is_floating_point() else v for k, v in sd.items()}
+
+
+def test_dropout_state_incremental_form_equals_a_full_call(cnn):
+    """`base=` / `only=` (the short path's search) recompute one group's reader tensors and
+    give what a full call gives, bit for bit, -0.0 entries set to +0 included."""
+    model, sd = cnn
+    sd = {k: v.clone() for k, v in sd.items()}
+    g = graph_for(model, small_eval_loader())
+    last = [(r, r.indices([grp.size - 1])) for grp in g.groups for r in grp.refs("consumer")]
+    for r, idx in last:  # the last unit (dropped below) read with -0.0 weights
+        sd[r.tensor].movedim(r.axis, 0)[idx] = -0.0
+    kept = {grp.name: list(range(grp.size // 2)) for grp in g.groups}
+    base = dropout_state(sd, g, kept, 1)
+    for r, idx in last:
+        col = base[r.tensor].movedim(r.axis, 0)[idx]
+        assert not bool(torch.signbit(col).any()) and not bool(col.any())  # +0.0, not -0.0
+    for grp in g.groups:
+        new = dict(kept)
+        new[grp.name] = list(range(grp.size - grp.size // 2, grp.size))
+        full = dropout_state(sd, g, new, 1)
+        inc = dropout_state(sd, g, new, 1, base=base, only={r.tensor for r in grp.refs("consumer")})
+        assert set(inc) == set(full) and all(torch.equal(_bits(inc)[k], _bits(full)[k]) for k in full)
+        assert not all(torch.equal(_bits(base)[k], _bits(full)[k]) for k in full)  # the group did change
+
+
 def test_search_lowers_dropout_loss(mlp):
     model, sd = mlp
     ld = small_eval_loader()

@@ -670,7 +670,8 @@ class DropoutPath(ModePath):
     def from_options(cls, net, a, b, *, opts, data, fit_loader, bn_loader, index: int = 0,
                      graph=None) -> "DropoutPath":
         """`build --method dropout`: `build_dropout_path` with BN statistics from `bn_loader`."""
-        return build_dropout_path(net, a, b, bn_loader, graph=graph, device=data.device, progress=data.progress)
+        return build_dropout_path(net, a, b, bn_loader, graph=graph, device=data.device, progress=data.progress,
+                                  search_steps=48 if opts.search_steps is None else opts.search_steps)
 
     def _file_fields(self) -> dict[str, Any]:
         return {"n_vertices": self.n_vertices}

@@ -207,8 +207,9 @@ def prepare_short(model: nn.Module, a: Mapping[str, torch.Tensor], b: Mapping[st
         hv = _check_halves(graph, *halves)
     else:
         hv = choose_halves(ctx, a, b, steps=search_steps, examples=search_examples, seed=seed)
-    ctx.bn = sorted(set(changed_bn_modules(work, a, graph, hv.s, loader, device=device)) |
-                    set(changed_bn_modules(work, b, graph, hv.t, loader, device=device)))
+    probe = _probe(loader)  # which BatchNorm inputs change: a few examples tell
+    ctx.bn = sorted(set(changed_bn_modules(work, a, graph, hv.s, probe, device=device)) |
+                    set(changed_bn_modules(work, b, graph, hv.t, probe, device=device)))
     da, db = ctx.dropped(a, hv.s), ctx.dropped(b, hv.t)
     vertices = _vertices(graph, a, b, da, db, hv)
     con = ShortConstruction(work, graph, hv, vertices, list(ctx.bn))
@@ -218,6 +219,13 @@ def prepare_short(model: nn.Module, a: Mapping[str, torch.Tensor], b: Mapping[st
         con.eps.update(_random_eps(ctx, a, b, seed, con.eps))
     con.passes, con.search_forwards = ctx.passes, ctx.forwards
     return con
+
+
+def _probe(loader: Iterable[Any], n: int = 16) -> torch.Tensor | None:
+    from ..bn import batch_input
+    for batch in loader:
+        return batch_input(batch)[:n]
+    return None
 
 
 def _random_eps(ctx: _Ctx, a: StateDict, b: StateDict, seed: int, got: Mapping[str, float]) -> dict[str, float]:
@@ -283,11 +291,13 @@ def choose_halves(ctx: _Ctx, a: StateDict, b: StateDict, *, steps: int, examples
                   seed: int) -> Halves:
     """Minimise max(L(D_S(A)), L(D_T(B))): units ranked by A's importance minus B's (each
     normalised per group), then `steps` swap trials per group, kept when the objective on
-    `examples` training examples goes down (BatchNorm layers on batch statistics there)."""
-    from ..stability import _importance, _proxy_loss, _subset, changed_bn_modules, dropout_state
+    `examples` training examples goes down (BatchNorm layers on batch statistics there).
+    A trial evaluates the side that binds the objective first and skips the other when the
+    objective cannot go down whatever its loss (`_JointSearch`): same choices, fewer forwards."""
+    from ..stability import _importance, _subset, changed_bn_modules
     if steps < 0 or examples < 1:
         raise BadOptionError("search_steps must be >= 0 and search_examples >= 1", option="search_steps")
-    graph, work = ctx.graph, ctx.work
+    graph, work, t0 = ctx.graph, ctx.work, time.perf_counter()
     x, y = _subset(ctx.loader, examples)
     x, y = x.to(ctx.device), y.to(ctx.device)
     sa, sb = _importance(work, a, graph, x), _importance(work, b, graph, x)
@@ -298,42 +308,233 @@ def choose_halves(ctx: _Ctx, a: StateDict, b: StateDict, *, steps: int, examples
         s[g.name], t[g.name] = _split(g, key[g.name], sb[g.name])
     if steps == 0:
         return Halves(s, t, {"steps": 0, "start": "importance"})
-    bn = changed_bn_modules(work, a, graph, s, x, device=ctx.device)
-
-    def objective(s, t) -> float:
-        ctx.forwards += 2
-        la = _proxy_loss(work, dropout_state(a, graph, s, ctx.min_depth), x, y, bn)
-        lb = _proxy_loss(work, dropout_state(b, graph, t, ctx.min_depth), x, y, bn)
-        return max(la, lb) + 1e-3 * (la + lb)
-
+    search = _JointSearch(ctx, (a, b), x, y, changed_bn_modules(work, a, graph, s, x[:16], device=ctx.device))
     # start from the better of the importance ranking and two random halves (the first of
     # them the one `eps_random` reports)
     starts = {"importance": (s, t), "random": random_halves(graph, seed + 1),
               "random-2": random_halves(graph, seed + 2)}
-    scored = {k: objective(*v) for k, v in starts.items()}
-    first = min(scored, key=scored.get)
-    s, t = ({k: list(v) for k, v in h.items()} for h in starts[first])
+    scored, first, kept = {}, None, None
+    for k, v in starts.items():
+        scored[k] = search.start(*v)
+        if first is None or scored[k] < scored[first]:
+            first, kept = k, search.snapshot()
+    search.restore(kept)
     gen = torch.Generator().manual_seed(seed)
-    best = start = scored[first]
+    start = search.best
     accepted = 0
     bar = tqdm(total=steps * len(graph.groups), desc="short path: halves", leave=False, file=sys.stderr,
                disable=None if ctx.progress is None else not ctx.progress)
     try:
         for g in graph.groups:
             for _ in range(steps):
-                old = (s[g.name], t[g.name])
-                s[g.name], t[g.name] = _swap(g, s[g.name], key[g.name], sb[g.name], gen)
-                val = objective(s, t)
-                if val < best - 1e-7:
-                    best, accepted = val, accepted + 1
-                else:
-                    s[g.name], t[g.name] = old
+                accepted += search.trial(g, *_swap(g, search.kept[0][g.name], key[g.name], sb[g.name], gen))
                 bar.update()
     finally:
         bar.close()
+    s, t = search.kept
     return Halves(s, t, {"steps": steps, "examples": int(x.shape[0]), "start": first,
                          "start_objectives": scored, "objective_start": start,
-                         "objective_end": best, "accepted": accepted})
+                         "objective_end": search.best, "accepted": accepted,
+                         "trial_forwards": search.trial_forwards, "skipped_forwards": search.skipped,
+                         "partial_forwards": search.partial is not None, "seconds": time.perf_counter() - t0})
+
+
+class _Partial:
+    """Forward passes of the work model (traced with torch.fx) that redo only what a unit
+    group's consumer tensors reach. `frontier` runs the loaded state over the part of the
+    network g does not reach (from an earlier group's frontier when that covers it) and
+    keeps the values flowing out of it; `__call__` then runs only the part g reaches.
+    `make` gives None when the model does not trace (the search then runs full passes)."""
+
+    def __init__(self, gm, x: torch.Tensor):
+        import torch.fx as fx
+
+        class _Keep(fx.Interpreter):
+            keep: Any = ()
+            kept: dict = {}
+
+            def run_node(self, n):
+                v = super().run_node(n)
+                if n in self.keep:
+                    self.kept[n] = v
+                return v
+
+        self.interp, self.x = _Keep(gm), x
+        self.nodes = list(gm.graph.nodes)
+        self.plans: dict[str, tuple[set, set] | None] = {}
+
+    @classmethod
+    def make(cls, work: nn.Module, x: torch.Tensor) -> "_Partial | None":
+        from ..units import _trace
+        try:
+            return cls(_trace(work, (x[:2],)), x)
+        except MCEnsembleError:  # a hand-given unit graph for a model fx cannot trace: full passes
+            return None
+
+    def plan(self, g: UnitGroup) -> tuple[set, set] | None:
+        """(U, F): the nodes g's consumer tensors do not reach, and those of them read by a
+        node they reach. None when a tensor is not found in the trace."""
+        if g.name not in self.plans:
+            names = {r.tensor for r in g.refs("consumer")}
+            hit, found = set(), set()
+            for n in self.nodes:
+                own = {t for t in names if t == n.target or t.startswith(f"{n.target}.")} \
+                    if n.op in ("call_module", "get_attr") else set()
+                found |= own
+                if own or any(a in hit for a in n.all_input_nodes):
+                    hit.add(n)
+            u = {n for n in self.nodes if n not in hit}
+            self.plans[g.name] = None if found != names else (u, {n for n in u if any(v in hit for v in n.users)})
+        return self.plans[g.name]
+
+    def frontier(self, g: UnitGroup, prev: tuple[str, dict] | None) -> dict:
+        """g's frontier values under the loaded state. `prev` = (group h, h's frontier
+        values), computed under a state that differs from the loaded one only in tensors
+        h reads: used when it covers g's frontier (F_g inside F_h or outside U_h)."""
+        u, f = self.plan(g)
+        env = {n: None for n in self.nodes if n not in u}
+        if prev is not None and self.plans.get(prev[0]):
+            uh, fh = self.plans[prev[0]]
+            if all(n in fh or n not in uh for n in f):
+                env.update({n: None for n in uh if n not in fh})
+                env.update({n: v for n, v in prev[1].items() if n in u})
+        self.interp.keep, self.interp.kept = f, {}
+        self.interp.run(self.x, initial_env=dict(env))
+        return {n: self.interp.kept[n] if n in self.interp.kept else env[n] for n in f}
+
+    def __call__(self, g: UnitGroup | None = None, front: dict | None = None) -> Any:
+        """The loaded state's output on x: a full pass, or only the part g reaches, from g's
+        frontier values `front` (the part g does not reach unchanged since)."""
+        env = {}
+        if g is not None:
+            u, _ = self.plan(g)
+            env = {n: None for n in u}
+            env.update(front)
+        self.interp.keep, self.interp.kept = (), {}
+        return self.interp.run(self.x, initial_env=env)
+
+
+class _JointSearch:
+    """The joint search's objective max(l_A, l_B) + 1e-3 (l_A + l_B), l = the proxy loss of
+    D_S(A) / D_T(B) on (x, y) with the BatchNorm modules `bn` on batch statistics. Keeps
+    the accepted halves, their dropped states and losses; a trial recomputes only the
+    tensors the swapped group reads and loads only the tensors that changed."""
+
+    def __init__(self, ctx: _Ctx, states: tuple[StateDict, StateDict], x, y, bn: list[str]):
+        self.ctx, self.states, self.x, self.y, self.bn = ctx, states, x, y, bn
+        mods = dict(ctx.work.named_modules())
+        self.bn_mods = [mods[n] for n in bn]
+        self.bn_keys = {f"{n}.{k}" for n in bn for k in ("running_mean", "running_var", "num_batches_tracked")}
+        self.dst = ctx.work.state_dict(keep_vars=True)
+        self.loaded: dict[str, torch.Tensor] = {}
+        self.kept: tuple[dict, dict] = ({}, {})
+        self.dropped: list[StateDict] = [{}, {}]
+        self.losses = [math.inf, math.inf]
+        self.best = math.inf
+        self.trial_forwards = self.skipped = 0
+        self.partial = _Partial.make(ctx.work, x)
+        self.frontiers: dict[int, tuple[str, dict]] = {}  # side -> (group, frontier values)
+
+    @staticmethod
+    def value(la: float, lb: float) -> float:
+        return max(la, lb) + 1e-3 * (la + lb)
+
+    def _forward(self, side: int, g: UnitGroup | None) -> Any:
+        """The loaded state's output; with `g` (a trial of group g, the state otherwise the
+        accepted one), only the part of the network g's consumer tensors reach is run, from
+        the frontier values `_frontier` computed for this side and g."""
+        if self.partial is None:
+            return self.ctx.work(self.x)
+        if g is None or self.partial.plan(g) is None:
+            return self.partial()
+        return self.partial(g, self.frontiers[side][1])
+
+    def _frontier(self, side: int, g: UnitGroup) -> None:
+        """Make sure `frontiers[side]` holds g's frontier values under the accepted state
+        (computed from the previous group's when they cover it: a short pass)."""
+        if self.partial is None or self.partial.plan(g) is None or self.frontiers.get(side, (None,))[0] == g.name:
+            return
+        self._load(self.dropped[side])
+        prev = self.frontiers.get(side)
+        with torch.no_grad():
+            self._bn_train(True)
+            try:
+                self.frontiers[side] = (g.name, self.partial.frontier(g, prev))
+            finally:
+                self._bn_train(False)
+
+    def _bn_train(self, on: bool) -> None:
+        for m in self.bn_mods:
+            m.train(on)
+
+    def _load(self, sd: StateDict) -> None:
+        """Copy into the work model only the tensors that are not the very ones loaded last
+        (BatchNorm statistics of modules on batch statistics get dirty: always copied)."""
+        with torch.no_grad():
+            for k, v in sd.items():
+                if self.loaded.get(k) is not v:
+                    self.dst[k].copy_(v)
+        self.loaded = {k: v for k, v in sd.items() if k not in self.bn_keys}
+
+    @torch.no_grad()
+    def _loss(self, sd: StateDict, side: int = 0, g: UnitGroup | None = None) -> float:
+        """Proxy loss of `sd` (for a trial of group g: only the part of the network g reaches)."""
+        self._load(sd)
+        self.ctx.forwards += 1
+        self._bn_train(True)
+        try:
+            out = self._forward(side, g)
+            return float(torch.nn.functional.cross_entropy(out[0] if isinstance(out, (tuple, list)) else out,
+                                                          self.y))
+        finally:
+            self._bn_train(False)
+
+    def start(self, s: Mapping[str, list[int]], t: Mapping[str, list[int]]) -> float:
+        """Make (s, t) the accepted halves (every tensor recomputed); their objective."""
+        from ..stability import dropout_state
+        self.kept = ({k: list(v) for k, v in s.items()}, {k: list(v) for k, v in t.items()})
+        self.dropped = [dropout_state(st, self.ctx.graph, kp, self.ctx.min_depth)
+                        for st, kp in zip(self.states, self.kept)]
+        self.frontiers.clear()
+        self.losses = [self._loss(sd) for sd in self.dropped]
+        self.best = self.value(*self.losses)
+        return self.best
+
+    def snapshot(self) -> tuple:
+        return self.kept, list(self.dropped), list(self.losses), self.best
+
+    def restore(self, snap: tuple) -> None:
+        self.kept, self.dropped, self.losses, self.best = snap[0], list(snap[1]), list(snap[2]), snap[3]
+        self.frontiers.clear()
+
+    def trial(self, g: UnitGroup, new_s: list[int], new_t: list[int]) -> bool:
+        """Try A's half `new_s` and B's `new_t` of group `g`; keep them (True) when the
+        objective goes down by more than 1e-7. The side with the larger loss goes first;
+        the other is skipped when the objective, with its loss at its least (0: a cross
+        entropy), cannot go below the best."""
+        from ..stability import dropout_state
+        names = {r.tensor for r in g.refs("consumer")}
+        cand = [dict(k) for k in self.kept]
+        cand[0][g.name], cand[1][g.name] = new_s, new_t
+        sds: list[StateDict | None] = [None, None]
+        got: dict[int, float] = {}
+        for side in sorted((0, 1), key=lambda i: -self.losses[i]):
+            if got and self.value(*(got.get(i, 0.0) for i in (0, 1))) >= self.best - 1e-7:
+                self.skipped += 1
+                return False
+            sds[side] = dropout_state(self.states[side], self.ctx.graph, cand[side], self.ctx.min_depth,
+                                      base=self.dropped[side], only=names)
+            self._frontier(side, g)
+            got[side] = self._loss(sds[side], side, g)
+            self.trial_forwards += 1
+        val = self.value(got[0], got[1])
+        if val >= self.best - 1e-7:
+            return False
+        self.kept, self.dropped, self.losses, self.best = tuple(cand), sds, [got[0], got[1]], val
+        for side in (0, 1):  # frontiers kept for another group may have seen g's old halves
+            if self.frontiers.get(side, (g.name,))[0] != g.name:
+                del self.frontiers[side]
+        return True
 
 
 def _swap(g: UnitGroup, s: list[int], key: torch.Tensor, b_score: torch.Tensor,
@@ -464,6 +665,13 @@ def verify_short_segments(work: nn.Module, vertices: list[StateDict], graph: Uni
     `RuntimeError` naming the segment when a check fails."""
     edges = _edges(graph)
     out = []
+    vertex_logits: dict[int, torch.Tensor] = {}
+
+    def logits(j: int) -> torch.Tensor:  # each vertex's logits once (segments share ends)
+        if j not in vertex_logits:
+            vertex_logits[j] = _logits(work, vertices[j], x)
+        return vertex_logits[j]
+
     for i, kind in enumerate(SEGMENT_KINDS):
         if kind == "measured":
             out.append({})
@@ -475,7 +683,7 @@ def verify_short_segments(work: nn.Module, vertices: list[StateDict], graph: Uni
         if x is None:
             out.append({})
             continue
-        z0, z1 = _logits(work, va, x), _logits(work, vb, x)
+        z0, z1 = logits(i), logits(i + 1)
         want = z0 if kind == "exact" else (z0 + z1) / 2
         dev = _rel_err(_logits(work, mix_states(va, vb, 0.5), x), want)
         if kind == "exact":
@@ -645,7 +853,7 @@ class ShortPath(DropoutPath):
                      graph=None) -> "ShortPath":
         """`build --method short`: `build_short_path` on `bn_loader`, its searches seeded by `data.seed`."""
         return build_short_path(net, a, b, bn_loader, graph=graph, device=data.device, progress=data.progress,
-                                seed=data.seed)
+                                seed=data.seed, search_steps=4 if opts.search_steps is None else opts.search_steps)
 
     @classmethod
     def _from_file(cls, groups: dict[str, StateDict], meta: dict[str, Any]) -> "ShortPath":
