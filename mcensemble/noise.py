@@ -62,11 +62,11 @@ import torch.nn as nn
 import torch.nn.functional as F
 from tqdm import tqdm
 
-from .bn import labelled_batch
 from .checkpoints import load_checkpoint
-from .errors import BadOptionError, DataSpecError, MCEnsembleError
+from .errors import BadOptionError, MCEnsembleError
 from .inputs import data_loaders, model_arg, unit_graph_of
 from .options import DataOptions
+from .stability import _subset
 from .units import UnitGraph, UnitGroup
 
 __all__ = ["NOISE_KINDS", "GroupNoise", "NoiseStability", "noise_stability", "noise_stability_of_file"]
@@ -467,20 +467,6 @@ def _contractions(model: nn.Module, graph: UnitGraph, x: torch.Tensor) -> dict[s
     return {g.name: worst.get(g.name) for g in graph.groups}
 
 
-def _labelled(loader: Iterable[Any], n: int) -> tuple[torch.Tensor, torch.Tensor]:
-    xs, ys, got = [], [], 0
-    for batch in loader:
-        x, y = labelled_batch(batch, what="noise stability")
-        xs.append(x)
-        ys.append(y.long())
-        got += x.shape[0]
-        if got >= n:
-            break
-    if not xs:
-        raise DataSpecError("noise stability: the data loader yielded no batches", option="data")
-    return torch.cat(xs)[:n], torch.cat(ys)[:n]
-
-
 def _check_options(scale: float, examples: int, probes: int, delta: float) -> None:
     """BadOptionError naming the option (the CLI flag; keyword in Python) of a bad setting."""
     checks = (("scale", "scale", scale, lambda v: math.isfinite(v) and v >= 0, "a number >= 0"),
@@ -511,7 +497,7 @@ def noise_stability(model: nn.Module, loader: Iterable[Any], *, graph=None, scal
     work = copy.deepcopy(model).to(device).eval()
     graph = graph_for(work, loader, graph)
     graph.validate(work.state_dict())
-    x, y = _labelled(loader, int(examples))
+    x, y = _subset(loader, int(examples), what="noise stability")
     x, y = x.to(device), y.to(device)
     contr = _contractions(work, graph, x)
     tap = _Tap(work, graph)

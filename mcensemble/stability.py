@@ -211,17 +211,19 @@ def dropout_network(model: nn.Module, state: Mapping[str, torch.Tensor], graph: 
     return sd, stats
 
 
-def _subset(loader: Iterable[Any], n: int) -> tuple[torch.Tensor, torch.Tensor]:
+def _subset(loader: Iterable[Any], n: int, *, what: str = "dropout stability") -> tuple[torch.Tensor, torch.Tensor]:
+    """The first `n` labelled examples of `loader` as one (inputs, int64 targets) pair;
+    `DataSpecError` when the loader yields nothing (`what` names the job in messages)."""
     xs, ys, got = [], [], 0
     for batch in loader:
-        x, y = labelled_batch(batch, what="dropout stability")
+        x, y = labelled_batch(batch, what=what)
         xs.append(x)
         ys.append(y.long())
         got += x.shape[0]
         if got >= n:
             break
     if not xs:
-        raise DataSpecError("stability: the data loader yielded no batches", option="data")
+        raise DataSpecError(f"{what}: the data loader yielded no batches", option="data")
     return torch.cat(xs)[:n], torch.cat(ys)[:n]
 
 

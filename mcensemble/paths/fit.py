@@ -185,13 +185,7 @@ class CurveFitter:
         for k, p in enumerate(theta_train):
             p.requires_grad_(True)
             p.register_hook(lambda g, k=k, p=p: self._apply_grad(k, p, g, coeffs, lr, pending))
-        state = dict(zip(self.floating, theta))
-        state.update(self.scratch)
-        with self.precision.autocast():
-            out = functional_call(self.model, state, (self.precision.input(x),), tie_weights=self.tied)
-        if self.precision.enabled and isinstance(out, torch.Tensor) and out.is_floating_point():
-            out = out.float()  # the loss in float32
-        loss = self.loss_fn(out, y)
+        loss = self._loss(theta, x, y)
         torch.autograd.grad(loss, theta_train, allow_unused=True)
         for k in list(pending):  # tensors the loss does not depend on: a zero gradient
             p = theta[self.train_idx[k]]
@@ -219,6 +213,17 @@ class CurveFitter:
         # what autograd keeps as this input's gradient: one element, expanded (not a copy of g)
         return torch.zeros((), dtype=g.dtype, device=g.device).expand_as(g)
 
+    def _loss(self, theta: list[torch.Tensor], x, y) -> torch.Tensor:
+        """The data loss (float32) of the model with floating tensors `theta` on batch (x, y),
+        its forward pass under the fit's autocast."""
+        state = dict(zip(self.floating, theta))
+        state.update(self.scratch)
+        with self.precision.autocast():
+            out = functional_call(self.model, state, (self.precision.input(x),), tie_weights=self.tied)
+        if self.precision.enabled and isinstance(out, torch.Tensor) and out.is_floating_point():
+            out = out.float()  # the loss in float32
+        return self.loss_fn(out, y)
+
     def _gradient(self, x, y, coeffs) -> tuple[torch.Tensor, list[torch.Tensor]]:
         """(data loss, dL/dtheta + weight_decay * theta) at the point with these coefficients."""
         with torch.no_grad():
@@ -230,13 +235,7 @@ class CurveFitter:
             return torch.tensor(float("nan")), [torch.zeros_like(p) for p in theta_train]
         for p in theta_train:
             p.requires_grad_(True)
-        state = dict(zip(self.floating, theta))
-        state.update(self.scratch)
-        with self.precision.autocast():
-            out = functional_call(self.model, state, (self.precision.input(x),), tie_weights=self.tied)
-        if self.precision.enabled and isinstance(out, torch.Tensor) and out.is_floating_point():
-            out = out.float()  # the loss in float32
-        loss = self.loss_fn(out, y)
+        loss = self._loss(theta, x, y)
         if self.scaler is not None:
             grads = self._unscaled_grads(loss, theta_train)
             if grads is None:
