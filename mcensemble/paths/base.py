@@ -112,9 +112,8 @@ class ModePath:
 
     @property
     def vertices(self) -> list[float] | None:
-        """Deprecated name of `vertex_t` (the t values of the vertices)."""
-        warnings.warn("path.vertices is deprecated; use path.vertex_t (the t values of the vertices; "
-                      "DropoutPath.vertex_states() gives their state dicts)", DeprecationWarning, stacklevel=2)
+        """The t values of the vertices: the same list as `vertex_t` (the name the public
+        surface in docs/design.md reads, so it does not warn; setting it does)."""
         return self.vertex_t
 
     @vertices.setter
