@@ -582,8 +582,9 @@ def build_dropout_path(model: nn.Module, a: Mapping[str, torch.Tensor], b: Mappi
     q = con.cross(tr, side_a, side_b, pa, pb)
     side_b._dk.clear()
     con.relocate(tr, q, pb, end)
-    groups, losses = rec.assemble(side_a.state, side_b.state)
     kinds = tr.kinds + rec_b_kinds
+    del tr, end  # the last states: freed before the endpoints are copied into the path
+    groups, losses = rec.assemble(side_a.state, side_b.state)
     n = len(losses)
     ts = [i / (n - 1) for i in range(n)]
     segments = [dict(k, t0=ts[i], t1=ts[i + 1]) for i, k in enumerate(kinds)]

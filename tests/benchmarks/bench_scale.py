@@ -374,7 +374,7 @@ def main(argv=None) -> int:
              "order rotates every round). This CPU has no native bf16 (no AVX-512 BF16 / AMX), so bf16 "
              "autocast is emulated and slower than fp32 here; its rows show that the path works and what "
              "the curve step adds, not a speed-up.", ""]
-    if not args.memory_only:
+    if not (args.memory_only or args.dropout_memory):
         lines += ["## Curve step against a plain step (Bezier, 1 bend; SGD momentum 0.9 both)", ""]
         groups = [] if args.steps_only and args.with_224 else STEP_GROUPS
         lines += _step_table(groups + (STEP_GROUPS_224 if args.with_224 else []), args.repeats)
