@@ -114,7 +114,7 @@ def test_dense_check_catches_a_wrong_construction(mlp_pair, monkeypatch):
     monkeypatch.setattr(dp._Construction, "relocate", jump)
     with pytest.raises(RuntimeError, match="jump"):  # the builder's own segment check
         build_dropout_path(model, a, b, ld)
-    monkeypatch.setattr(dp, "verify_segments", lambda *args: None)
+    monkeypatch.setattr(dp, "_check_segment", lambda *args: None)
     path = build_dropout_path(model, a, b, ld)
     i = [s["step"] for s in path.certificate["segments"]].index("jump")
     n = path.n_vertices - 1
@@ -142,6 +142,49 @@ def test_save_load_exact_and_small(mlp_pair, tmp_path):
     s = back.state_at(path.vertex_t[3])
     s["head.bias"] += 1
     assert not torch.equal(back.state_at(path.vertex_t[3])["head.bias"], s["head.bias"])
+
+
+@pytest.mark.parametrize("pair", ["deep_pair", "cnn_pair"])
+def test_streamed_path_is_the_constructed_one(pair, request, monkeypatch):
+    """The builder keeps no list of vertices (each is checked, evaluated and delta-encoded as
+    it is made, a track holding the last two): every vertex the construction emits is, bit
+    for bit, the path's vertex, in any order of access, and the certificate's vertex losses
+    are those vertices' losses; the inputs are not aliased."""
+    model, a, b = request.getfixturevalue(pair)
+    ld = small_eval_loader()
+    tracks: dict[int, list] = {}
+    emit = dp._Track.emit
+
+    def spy(self, kind, note):
+        seen = tracks.setdefault(id(self), [{k: v.clone() for k, v in self.vertices[-1].items()}])
+        n = self.emitted
+        emit(self, kind, note)
+        assert len(self.vertices) <= 2
+        if self.emitted > n:
+            seen.append({k: v.clone() for k, v in self.vertices[-1].items()})
+    monkeypatch.setattr(dp._Track, "emit", spy)
+    path = build_dropout_path(model, a, b, ld, search_steps=0)
+    ta, tb = tracks.values()
+    want = ta + tb[-2::-1]
+    assert path.n_vertices == len(want) and torch.equal(want[0]["head.weight"], a["head.weight"])
+
+    def same(x, y):
+        return x.keys() == y.keys() and all(torch.equal(x[k], y[k]) and x[k].dtype == y[k].dtype
+                                            for k in x)
+    n = path.n_vertices - 1
+    order = list(range(n, -1, -1)) + list(range(n + 1)) + [3, 1, n - 1, 0, 2]
+    for i in order:  # backwards (a restart from A each time), forwards, jumps
+        assert same(path.state_at(i / n), want[i]), i
+    for i in (n - 1, 0, n // 2):
+        got = path.state_at((i + 0.25) / n)
+        assert same(got, dp.mix_states(want[i], want[i + 1], 0.25)), i
+    assert same(path.vertex_states()[n // 2], want[n // 2])
+    losses = path.certificate["vertex_losses"]
+    for i in (0, 1, n // 2, n - 1, n):
+        assert losses[i] == loss_at(model, want[i], ld)
+    for sd in path.groups.values():  # the path owns its tensors
+        for t in sd.values():
+            assert all(t.data_ptr() != x.data_ptr() for x in (*a.values(), *b.values()) if x.numel())
 
 
 def test_segment_verifier(mlp_pair):

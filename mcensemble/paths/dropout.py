@@ -44,6 +44,7 @@ from __future__ import annotations
 import logging
 import sys
 import time
+from collections import deque
 from typing import Any, Iterable, Mapping
 
 import torch
@@ -133,13 +134,17 @@ def _row_ref(g: UnitGroup, tensor: str) -> AxisRef:
 
 # ----------------------------------------------------------------------------- editing
 class _Track:
-    """The current state and the vertices emitted so far (unchanged tensors shared)."""
+    """The current state and the last two vertices emitted (unchanged tensors shared). Each
+    new vertex goes to `sink(prev, cur, kind)` when one is given (the path builder encodes
+    it there), so a track holds a bounded number of states however long the path is."""
 
-    def __init__(self, start: Mapping[str, torch.Tensor]):
+    def __init__(self, start: Mapping[str, torch.Tensor], sink=None):
         self.state: StateDict = dict(start)
-        self.vertices: list[StateDict] = [dict(start)]
+        self.vertices: deque[StateDict] = deque([dict(start)], maxlen=2)
         self.kinds: list[dict[str, Any]] = []
+        self.emitted = 0
         self._owned: set[str] = set()
+        self._sink = sink
 
     def w(self, name: str) -> torch.Tensor:
         """Tensor `name` of the current state, writable (copied on first write)."""
@@ -157,6 +162,9 @@ class _Track:
         if changed:
             self.vertices.append(dict(self.state))
             self.kinds.append({"kind": kind, "step": note})
+            self.emitted += 1
+            if self._sink is not None:
+                self._sink(prev, self.vertices[-1], self.kinds[-1])
 
 
 def _same(a: torch.Tensor, b: torch.Tensor) -> bool:
@@ -246,7 +254,7 @@ class _Construction:
                 sd, _ = dropout_network(self.work, side.state, self.graph, side.stab.kept,
                                         self.chain[k - 1].depth, bn_loader=self.bn_loader,
                                         device=self.device)
-            side._dk[k] = sd
+            side._dk = {k: sd}  # one D_k per side: the construction asks for k = d .. 1 in turn
         return side._dk[k]
 
     def write_chain(self, tr: _Track, side: _Side, k: int, lo: int,
@@ -261,11 +269,11 @@ class _Construction:
             if j > 0:
                 _remap_cols(tr, src, self.chain[j - 1], g, units, slots, place[j - 1])
 
-    def forward(self, side: _Side) -> tuple[_Track, list[dict[int, int]]]:
-        """Steps 1-2 from `side`'s endpoint to D_1(side); returns the track and where the
-        final chain sits (depth index -> unit -> slot)."""
+    def forward(self, side: _Side, sink=None) -> tuple[_Track, list[dict[int, int]]]:
+        """Steps 1-2 from `side`'s endpoint to D_1(side); returns the track (its vertices
+        going to `sink`, `_Track`) and where the final chain sits (depth index -> unit -> slot)."""
         d = len(self.chain)
-        tr = _Track(side.state)
+        tr = _Track(side.state, sink)
         top = self.chain[-1]
         place = [side.slots(j, 0) for j in range(d)]
         _set_classifier(tr, self.dk(side, d), self.graph, top, place[-1])
@@ -453,14 +461,65 @@ def verify_segments(vertices: list[StateDict], kinds: list[dict[str, Any]], grap
             raise RuntimeError(f"internal error: segment {i} ({k['kind']}: {k['step']}) {why}")
 
 
-def _vertex_losses(work: nn.Module, vertices: list[StateDict], loader, device, progress) -> list[float]:
-    from ..evaluate import evaluate
-    out = []
-    for sd in tqdm(vertices, desc="dropout path vertices", leave=False, file=sys.stderr,
-                   disable=None if progress is None else not progress):
-        work.load_state_dict(sd)
-        out.append(evaluate(work, loader, device=device).loss)
-    return out
+class _Recorder:
+    """The path as the construction makes it, one vertex at a time: each segment checked
+    (`_check_segment`), each vertex's loss taken and its delta against the vertex before it
+    on the path kept (`_encode`), so no list of full states is ever held. A's track runs
+    forward along the path; B's track runs backward (B, D_d(B), ..., E_B), so there a vertex's
+    delta is taken against the one after it on its track, and its loss one step late (E_B
+    itself is A's track's last vertex)."""
+
+    def __init__(self, work: nn.Module, con: "_Construction", loader, ends: Iterable[StateDict],
+                 progress: bool | None):
+        self.work, self.con, self.loader = work, con, loader
+        self._inputs = {id(t) for sd in ends for t in sd.values()}
+        self._bar = tqdm(desc="dropout path vertices", leave=False, file=sys.stderr,
+                         disable=None if progress is None else not progress)
+        self.deltas: list[list[StateDict]] = [[], []]  # per track, in track order
+        self.losses: list[list[float]] = [[], []]
+
+    def loss(self, sd: Mapping[str, torch.Tensor]) -> float:
+        from ..evaluate import evaluate
+        self.work.load_state_dict(sd)
+        self._bar.update(1)
+        return evaluate(self.work, self.loader, device=self.con.device).loss
+
+    def _check(self, va: StateDict, vb: StateDict, kind: Mapping[str, Any], where: str) -> None:
+        why = _check_segment(va, vb, kind["kind"], self.con.graph, self.con.chain)
+        if why:
+            raise RuntimeError(f"internal error: {where} ({kind['kind']}: {kind['step']}) {why}")
+
+    def _delta(self, prev: StateDict, cur: StateDict) -> StateDict:
+        """`_encode`, whole tensors that are the caller's own inputs copied (the path owns its data)."""
+        d = DropoutPath._encode_delta(prev, cur)
+        return {k: (t.clone() if id(t) in self._inputs else t) for k, t in d.items()}
+
+    def a_sink(self, prev: StateDict, cur: StateDict, kind: Mapping[str, Any]) -> None:
+        self._check(prev, cur, kind, f"segment {len(self.losses[0]) - 1}")
+        self.losses[0].append(self.loss(cur))
+        self.deltas[0].append(self._delta(prev, cur))
+
+    def b_sink(self, prev: StateDict, cur: StateDict, kind: Mapping[str, Any]) -> None:
+        k = len(self.deltas[1]) + (1 if self.losses[1] else 0)
+        self._check(cur, prev, kind, f"segment {k} counted from B's end")
+        if self.losses[1]:  # prev is not B itself
+            self.losses[1].append(self.loss(prev))
+            self.deltas[1].append(self._delta(cur, prev))
+        else:
+            self.losses[1].append(float("nan"))  # B's own loss: taken last
+
+    def assemble(self, a: StateDict, b: StateDict) -> tuple[dict[str, StateDict], list[float]]:
+        """The path's groups (endpoints copied) and its vertex losses, in path order."""
+        da, db = self.deltas
+        la, lb = self.losses
+        if not lb:  # B's track never moved: A's track ends at B itself
+            da, la = da[:-1], la[:-1]
+        mid = da + db[::-1]
+        groups = {"endpoint.0": {k: v.clone() for k, v in a.items()},
+                  "endpoint.1": {k: v.clone() for k, v in b.items()}}
+        groups.update({f"delta.{i}": d for i, d in enumerate(mid, start=1)})
+        self._bar.close()
+        return groups, la + lb[:0:-1] + [self.loss(b)]
 
 
 def _prepare(model: nn.Module, a: Mapping[str, torch.Tensor], b: Mapping[str, torch.Tensor],
@@ -512,15 +571,21 @@ def build_dropout_path(model: nn.Module, a: Mapping[str, torch.Tensor], b: Mappi
     work, con, side_a, side_b = _prepare(model, a, b, loader, graph=graph, stability_a=stability_a,
                                          stability_b=stability_b, device=device,
                                          progress=progress, search_steps=search_steps)
-    tr, pa = con.forward(side_a)
-    trb, pb = con.forward(side_b)
+    rec = _Recorder(work, con, loader, (side_a.state, side_b.state), progress)
+    rec.losses[0].append(rec.loss(side_a.state))
+    tr, pa = con.forward(side_a, rec.a_sink)
+    side_a._dk.clear()
+    trb, pb = con.forward(side_b, rec.b_sink)
+    end = trb.vertices[-1]
+    rec_b_kinds = trb.kinds[::-1]
+    del trb
     q = con.cross(tr, side_a, side_b, pa, pb)
-    con.relocate(tr, q, pb, trb.vertices[-1])
-    vertices = tr.vertices + trb.vertices[-2::-1]
-    kinds = tr.kinds + trb.kinds[::-1]
-    verify_segments(vertices, kinds, con.graph, con.chain)
-    losses = _vertex_losses(work, vertices, loader, con.device, progress)
-    n = len(vertices)
+    side_b._dk.clear()
+    con.relocate(tr, q, pb, end)
+    kinds = tr.kinds + rec_b_kinds
+    del tr, end  # the last states: freed before the endpoints are copied into the path
+    groups, losses = rec.assemble(side_a.state, side_b.state)
+    n = len(losses)
     ts = [i / (n - 1) for i in range(n)]
     segments = [dict(k, t0=ts[i], t1=ts[i + 1]) for i, k in enumerate(kinds)]
     stab = (side_a.stab, side_b.stab)
@@ -532,7 +597,7 @@ def build_dropout_path(model: nn.Module, a: Mapping[str, torch.Tensor], b: Mappi
             "unit_groups": [g.name for g in con.chain]}
     log.info("dropout path: %d segments, max vertex loss %.4f (A %.4f, B %.4f, eps %.4f)",
              n - 1, cert["max_loss"], losses[0], losses[-1], eps)
-    return DropoutPath(vertices, certificate=cert, metadata=meta)
+    return DropoutPath._from_groups(groups, n, certificate=cert, metadata=meta)
 
 
 def mix_states(va: Mapping[str, torch.Tensor], vb: Mapping[str, torch.Tensor], s: float) -> StateDict:
@@ -638,6 +703,14 @@ class DropoutPath(ModePath):
             groups[f"delta.{i}"] = self._encode_delta(vertices[i - 1], vertices[i])
         self._init(groups, len(vertices), certificate, metadata, copy)
 
+    @classmethod
+    def _from_groups(cls, groups: dict[str, StateDict], n: int, *, certificate=None,
+                     metadata: Mapping[str, Any] | None = None) -> "DropoutPath":
+        """The path from its groups as built (endpoints and deltas, owned: not copied)."""
+        self = cls.__new__(cls)
+        self._init(groups, n, certificate, metadata, False)
+        return self
+
     def _init(self, groups, n, certificate, metadata, copy) -> None:
         ModePath.__init__(self, groups, metadata=metadata, copy=copy)
         self.n_vertices = n
@@ -645,26 +718,57 @@ class DropoutPath(ModePath):
         if certificate is not None:
             self.certificate = dict(certificate)
         self._states: list[StateDict] | None = None
+        self._cursor: dict[int, StateDict] = {}
 
     def vertex_states(self) -> list[StateDict]:
-        """Every vertex's state dict (shared tensors between vertices; do not modify)."""
+        """Every vertex's state dict (shared tensors between vertices; do not modify). Holds
+        them all (kept for later calls); `state_at` does not need this: it decodes from the
+        nearest vertex it last decoded."""
         if self._states is None:
-            a, b = self.endpoints
-            states = [a]
-            for i in range(1, self.n_vertices - 1):
-                states.append(self._decode_delta(states[-1], self.groups.get(f"delta.{i}", {})))
-            states.append(b)
-            self._states = states
+            self._states = list(self._decoded())
         return self._states
 
+    def _decoded(self, stop: int | None = None, start: tuple[int, StateDict] | None = None):
+        """(Vertex i's state, in order from `start` (index, state; default A) up to `stop`
+        (default the last), each decoded from the one before; only the one yielded is held."""
+        a, b = self.endpoints
+        last = self.n_vertices - 1 if stop is None else stop
+        i, st = start or (0, a)
+        yield st
+        while i < last:
+            i += 1
+            st = b if i == self.n_vertices - 1 else self._decode_delta(st, self.groups.get(f"delta.{i}", {}))
+            yield st
+
+    def _validate(self) -> None:
+        """Decode every delta once (`ValueError` / `KeyError` on a damaged one), holding two vertices at most."""
+        for _ in self._decoded():
+            pass
+
+    def _vertex(self, i: int) -> StateDict:
+        """Vertex i (do not modify), decoded forward from the nearest of the last two vertices
+        decoded at or before it (or A): a sweep in t decodes each delta once and holds two
+        vertices, not the path."""
+        if self._states is not None:
+            return self._states[i]
+        if i in self._cursor:
+            return self._cursor[i]
+        j = max((k for k in self._cursor if k < i), default=None)
+        start = None if j is None else (j, self._cursor[j])
+        window: list[StateDict] = []
+        for st in self._decoded(i, start):
+            window = [*window[-1:], st]
+        self._cursor = dict(zip(range(i + 1 - len(window), i + 1), window))  # vertices i-1 and i
+        return window[-1]
+
     def _state_at(self, t: float) -> StateDict:
-        vs = self.vertex_states()
         pos = t * (self.n_vertices - 1)
         i = round(pos)
         if abs(pos - i) < 1e-9:
-            return {k: v.clone() for k, v in vs[i].items()}
+            return {k: v.clone() for k, v in self._vertex(i).items()}
         i = min(int(pos), self.n_vertices - 2)
-        return mix_states(vs[i], vs[i + 1], pos - i)
+        va = self._vertex(i)
+        return mix_states(va, self._vertex(i + 1), pos - i)
 
     @classmethod
     def from_options(cls, net, a, b, *, opts, data, fit_loader, bn_loader, index: int = 0,
@@ -688,5 +792,5 @@ class DropoutPath(ModePath):
         check_same_layout(groups["endpoint.0"], groups["endpoint.1"])
         self = cls.__new__(cls)
         self._init(groups, n, meta.get("certificate"), meta, False)
-        self.vertex_states()  # validates every delta now
+        self._validate()  # every delta, now
         return self

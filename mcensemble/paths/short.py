@@ -870,7 +870,7 @@ class ShortPath(DropoutPath):
         check_same_layout(groups["endpoint.0"], groups["endpoint.1"])
         self = cls.__new__(cls)
         self._init(groups, n, cert, meta, False)
-        self.vertex_states()  # validates every delta now
+        self._validate()  # every delta, now
         return self
 
 

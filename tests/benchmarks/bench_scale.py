@@ -9,7 +9,8 @@ Side by side in one run (issue 11):
 - peak memory (RSS high-water mark above what the caller holds, each in a fresh subprocess,
   glibc's allocator reuse disabled) of plain steps, building a CurveFitter + curve steps (with
   and without --max-grad-norm), fit_curve, aligning a pair, writing a K=4 ensemble file
-  (fp32, bf16, EnsembleModel.save) and lazy K=4 inference, against one model's weights;
+  (fp32, bf16, EnsembleModel.save) and lazy K=4 inference, against one model's weights; and
+  building a dropout-stable path on a deep MLP (`DROPOUT_NET`), against that MLP's weights;
   with `--before DIR`, the same rows with the mcensemble package in DIR side by side;
 - `align_states` (weight matching) time for a resnet50 pair;
 - K=4 ensemble inference (`EnsembleModel`, loop strategy) against 4 single-model passes,
@@ -19,7 +20,8 @@ Side by side in one run (issue 11):
 Run:  python tests/benchmarks/bench_scale.py [--out FILE.md] [--threads 2] [--with-224] [--repeats N]
       (`--with-224 --steps-only`: only the curve-step rows at 224x224 batch 8;
        `--memory-only [--before DIR]`: only the memory table, DIR from
-       `git archive <commit> mcensemble | tar -x -C DIR`)
+       `git archive <commit> mcensemble | tar -x -C DIR`;
+       `--dropout-memory [--before DIR]`: only the dropout path's row)
 (or `python tests/benchmarks/run_all.py --only scale`). Not collected by pytest.
 """
 from __future__ import annotations
@@ -42,6 +44,7 @@ from bench_curve_step import peak_rss_kib, reset_peak_rss  # noqa: E402
 
 ARCH = os.environ.get("MCE_SCALE_ARCH", "resnet50")  # another timm name only to smoke-test this script
 K = 4
+DROPOUT_NET = {"width": 1024, "depth": 10}  # the dropout path's memory row (a layered network)
 
 
 def make_model():
@@ -158,6 +161,21 @@ def file_sizes(folder: Path) -> dict[str, int]:
 
 # ------------------------------------------------------------------------------------ memory
 
+def dropout_setup():
+    """A deep layered network for the dropout path (whose vertex count grows with depth):
+    `DROPOUT_NET` hidden layers on 8x8 inputs, two random endpoints, 64 random examples."""
+    from torch.utils.data import DataLoader, TensorDataset
+    from mcensemble.zoo import DigitsMLP
+    sts = []
+    for seed in (0, 1):
+        torch.manual_seed(seed)
+        model = DigitsMLP(**DROPOUT_NET)
+        sts.append({k: v.detach().clone() for k, v in model.state_dict().items()})
+    g = torch.Generator().manual_seed(0)
+    x, y = torch.randn(64, 1, 8, 8, generator=g), torch.randint(0, 10, (64,), generator=g)
+    return model, sts, DataLoader(TensorDataset(x, y), batch_size=32)
+
+
 def _tiny_loader(x, y):
     from torch.utils.data import DataLoader, TensorDataset
     return DataLoader(TensorDataset(torch.cat([x, x]), torch.cat([y, y])), batch_size=len(x))
@@ -195,6 +213,11 @@ def _memory_fn(mode: str, x, y, folder: Path, info: dict):
             info.update(seconds=time.perf_counter() - t0, iterations=res.iterations,
                         objective_before=res.objective_before, objective_after=res.objective_after)
         return (a, b), fn
+    if kind == "dropout":
+        from mcensemble.paths.dropout import build_dropout_path
+        model, (a, b), loader = dropout_setup()
+        return (model, a, b, loader), lambda: info.setdefault("path", build_dropout_path(
+            model, a, b, loader, search_steps=0, progress=False))
     if kind == "write":
         from mcensemble.ensemble import save_ensemble
         sts = states(K)
@@ -292,6 +315,22 @@ def _memory_table(threads: int, before: str | None) -> tuple[list[str], dict]:
     return lines, align_info
 
 
+def _dropout_memory_lines(threads: int, before: str | None) -> list[str]:
+    """The dropout path's row, against its own (layered) network's size."""
+    from mcensemble.zoo import DigitsMLP
+    mb = sum(v.numel() * v.element_size() for v in DigitsMLP(**DROPOUT_NET).state_dict().values())
+    cells = []
+    for src in ([before] if before else []) + [None]:
+        extra, _ = measure_memory("dropout", 8, 2, threads, src)
+        print(f"memory dropout {'before' if src else 'after'}: {extra / 2**20:.0f} MiB", file=sys.stderr, flush=True)
+        cells.append(f"{extra / 2**20:.0f} MiB = **{extra / mb:.1f}x**")
+    net = f"DigitsMLP, {DROPOUT_NET['depth']} hidden layers of {DROPOUT_NET['width']}"
+    return ["", f"The dropout path needs a layered network: one model = {net} ({mb / 2**20:.1f} MiB).", "",
+            "| what (the caller holds the model, A, B and the data) | " +
+            ("before | after |" if before else "extra peak RSS |"), "|---|---|" + ("---|" if before else ""),
+            f"| build_dropout_path ({net}; search_steps 0), the path returned | {' | '.join(cells)} |"]
+
+
 def _step_table(groups, repeats_override) -> list[str]:
     lines = ["| input, batch | precision | plain step | curve step | curve / plain |", "|---|---|---|---|---|"]
     for label, size, n, precs, rounds in groups:
@@ -314,6 +353,7 @@ def main(argv=None) -> int:
     ap.add_argument("--with-224", action="store_true", help="also time 224x224 batch 8 (fp32; several minutes)")
     ap.add_argument("--steps-only", action="store_true", help="only the curve-step table")
     ap.add_argument("--memory-only", action="store_true", help="only the peak-memory table")
+    ap.add_argument("--dropout-memory", action="store_true", help="only the dropout path's memory row")
     ap.add_argument("--before", metavar="DIR", help="also measure memory with the mcensemble package in DIR "
                     "(e.g. `git archive <commit> mcensemble | tar -x -C DIR`), side by side")
     ap.add_argument("--size", type=int, default=128, help=argparse.SUPPRESS)
@@ -334,7 +374,7 @@ def main(argv=None) -> int:
              "order rotates every round). This CPU has no native bf16 (no AVX-512 BF16 / AMX), so bf16 "
              "autocast is emulated and slower than fp32 here; its rows show that the path works and what "
              "the curve step adds, not a speed-up.", ""]
-    if not args.memory_only:
+    if not (args.memory_only or args.dropout_memory):
         lines += ["## Curve step against a plain step (Bezier, 1 bend; SGD momentum 0.9 both)", ""]
         groups = [] if args.steps_only and args.with_224 else STEP_GROUPS
         lines += _step_table(groups + (STEP_GROUPS_224 if args.with_224 else []), args.repeats)
@@ -346,9 +386,9 @@ def main(argv=None) -> int:
               "states, the batch), each in a fresh subprocess with glibc serving allocations over 64 KiB by "
               f"their own mappings (`MALLOC_MMAP_THRESHOLD_=65536`). One model = its fp32 weights and buffers, "
               f"{mb / 2**20:.1f} MiB." + (f" Before: the package in `{args.before}`." if args.before else ""), ""]
-    mem_lines, align_info = _memory_table(args.threads, args.before)
-    lines += mem_lines
-    if args.memory_only:
+    mem_lines, align_info = ([], {}) if args.dropout_memory else _memory_table(args.threads, args.before)
+    lines += mem_lines + _dropout_memory_lines(args.threads, args.before)
+    if args.memory_only or args.dropout_memory:
         return _finish(lines, t_start, args.out)
 
     lines += ["", "## Alignment", "",
