@@ -434,7 +434,8 @@ def test_streamed_step_equals_the_materialised_one(momentum):
     for clip in (None, 1e30):
         torch.manual_seed(5)
         fitter = CurveFitter(_WithSpare().train(), a, b, bends=2, momentum=momentum, weight_decay=1e-3,
-                             max_grad_norm=clip)
+                             max_grad_norm=clip, stream=True)
+        assert fitter.stream                # forced: this model is below STREAM_MIN_BYTES
         for t in (0.3, 0.8, 0.55):
             fitter.step(x, y, t, 0.1)
         out.append(fitter.bend_state_dicts())
@@ -444,3 +445,12 @@ def test_streamed_step_equals_the_materialised_one(momentum):
             assert torch.equal(p[k], q[k]), k
     moved = out[0][0]["spare"] - torch.lerp(a["spare"], b["spare"], 1 / 3)
     assert moved.abs().max() > 0  # weight decay moves the unused parameter's bend too
+
+
+def test_the_streamed_step_is_chosen_by_model_size(monkeypatch):
+    import mcensemble.paths.fit as fit_mod
+    a, b = _WithSpare().state_dict(), _WithSpare().state_dict()
+    assert not CurveFitter(_WithSpare().train(), a, b).stream          # tiny: the hooks cost more than they save
+    monkeypatch.setattr(fit_mod, "STREAM_MIN_BYTES", 1)
+    assert CurveFitter(_WithSpare().train(), a, b).stream              # over the bound: streamed
+    assert not CurveFitter(_WithSpare().train(), a, b, stream=False).stream

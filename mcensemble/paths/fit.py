@@ -56,7 +56,7 @@ from .linear import lerp_tensor
 from .fit_run import (FIT_CHECKPOINT_FORMAT, FitInterrupted, _check_checkpoint_args, _FitRun, lr_factor,
                       read_fit_checkpoint)
 
-__all__ = ["CurveConfig", "CurveFitter", "FitInterrupted", "fit_curve", "lr_factor", "bend_lr_scale",
+__all__ = ["CurveConfig", "CurveFitter", "STREAM_MIN_BYTES", "FitInterrupted", "fit_curve", "lr_factor", "bend_lr_scale",
            "validate_curve_config",
            "epoch_batches", "epoch_seed", "read_fit_checkpoint", "FIT_CHECKPOINT_FORMAT"]
 
@@ -76,10 +76,20 @@ def _steps_per_epoch(loader) -> int:
     return n
 
 
+#: models with at least this many bytes of trained tensors take the streamed step
+#: (`CurveFitter(stream=None)`): measured, the per-tensor hooks made the step of a 0.1 MiB MLP
+#: 1.36x a plain step against 1.12x materialised, while on resnet-size models the two run
+#: at parity and streaming saves one model's worth of gradients
+STREAM_MIN_BYTES = 16 << 20
+
+
 class CurveFitter:
     """The state of a curve fit and its step. `fit_curve` drives it; benchmarks time `step`.
 
     Holds A and B (read only), the bends and their momentum buffers on `device`.
+    `stream`: apply each tensor's update during backward (no full set of gradients at once);
+    None: for models with `STREAM_MIN_BYTES` or more of trained tensors. The bends come out
+    the same either way.
     `model` must already be in the mode to fit in (train) and on `device`.
     """
 
@@ -87,7 +97,7 @@ class CurveFitter:
                  kind: str = "bezier", bends: int = 1, momentum: float = 0.9, weight_decay: float = 5e-4,
                  max_grad_norm: float | None = None, device: str | torch.device = "cpu",
                  loss_fn: Callable[[torch.Tensor, torch.Tensor], torch.Tensor] | None = None,
-                 precision: str | Precision | None = None):
+                 precision: str | Precision | None = None, stream: bool | None = None):
         device = torch.device(device)
         # forward passes under autocast; bends, momenta and theta(t) stay float32 (master copies)
         self.precision = resolve_precision(precision, device)
@@ -127,6 +137,11 @@ class CurveFitter:
         # than allocating it afresh. BatchNorm's running-stat updates land here and are
         # overwritten by the next step.
         self.theta = [torch.empty_like(p) for p in self.A]
+        # stream the update through backward (no full set of gradients; bounded memory) for
+        # models of STREAM_MIN_BYTES or more; below that the per-tensor hooks cost more time
+        # than the gradients' memory is worth. Both give the same bends, bit for bit.
+        trained_bytes = sum(self.A[j].numel() * self.A[j].element_size() for j in self.train_idx)
+        self.stream = trained_bytes >= STREAM_MIN_BYTES if stream is None else bool(stream)
 
     def step(self, x: torch.Tensor | None, y: torch.Tensor | None, t: float, lr: float, *,
              sync: torch.Tensor | None = None) -> torch.Tensor:
@@ -138,7 +153,7 @@ class CurveFitter:
         t), so every process applies the same update. `x` None: an empty share of the batch
         (contributes nothing; loss NaN)."""
         coeffs = curve_coefficients(self.kind, t, self.n)
-        if sync is None and x is not None and self.scaler is None and self.max_grad_norm is None:
+        if self.stream and sync is None and x is not None and self.scaler is None and self.max_grad_norm is None:
             return self._streamed_step(x, y, coeffs, lr)
         loss, grads = self._gradient(x, y, coeffs)
         if grads is None:  # fp16: the scaled gradients overflowed; the scaler backed off
