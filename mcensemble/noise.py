@@ -479,7 +479,7 @@ def _check_options(scale: float, examples: int, probes: int, delta: float) -> No
         except (TypeError, ValueError, OverflowError):
             good = False
         if not good:
-            raise BadOptionError(f"noise stability: {kw}= must be {want}, got {value!r}", option=flag)
+            raise BadOptionError(f"noise stability: `{kw}` must be {want}, got {value!r}", option=flag)
 
 
 def noise_stability(model: nn.Module, loader: Iterable[Any], *, graph=None, scale: float = 0.1,
