@@ -13,6 +13,7 @@ from pathlib import Path as FsPath
 from typing import Any, Callable
 
 import click
+import torch
 
 from .errors import BadOptionError, MCEnsembleError
 from .options import BuildOptions, ConnectOptions, CurveConfig, DataOptions, ModelOptions
@@ -95,6 +96,9 @@ def main(ctx: click.Context, debug: bool, verbose: int) -> None:
     level = logging.WARNING if verbose == 0 else logging.INFO if verbose == 1 else logging.DEBUG
     logging.basicConfig(level=level, format="%(levelname)s %(name)s: %(message)s", stream=sys.stderr)
     logging.getLogger("mcensemble").setLevel(logging.INFO if verbose == 0 else level)
+    # the command line is the whole process: denormals flushed for every command (on CPU they made
+    # curve-fitting steps many times slower); the library scopes this to its own training calls
+    torch.set_flush_denormal(True)
 
 
 # ---------------------------------------------------------------------------------------------
@@ -450,7 +454,7 @@ def _apply_recipe(ctx: click.Context, kw: dict[str, Any], recipe: str | None) ->
               help="Points per path scanned for the report and the greedy choice.")
 @click.option("--strategy", type=click.Choice(["auto", "loop", "vmap"]), default=BuildOptions.strategy,
               show_default=True,
-              help="Ensemble inference: measured (auto), member loop, or stack_module_state + vmap.")
+              help="Ensemble inference: member loop, stack_module_state + vmap, or auto (time both on the first batch).")
 @click.option("--out", metavar="ENS.safetensors", help="Write the ensemble here.")
 @click.option("--save-dtype", type=click.Choice(["fp32", "bf16", "fp16"]), default=None,
               help="Store the ensemble's members in this dtype (bf16 / fp16: half the file; loaded back into the "

@@ -6,12 +6,15 @@ tensors (one `(K, ...)` tensor per parameter / buffer name); each member is an o
 ensemble holds exactly K copies of the weights, and both inference strategies read the same
 memory:
 
-- "loop": call each member module in turn (plain PyTorch, any model);
+- "loop" (default): call each member module in turn (plain PyTorch, any model);
 - "vmap": `torch.func.vmap` over `torch.func.functional_call` of a weightless (meta-device)
   copy of the architecture, fed the stacked tensors (what `torch.func.stack_module_state`
   builds, without a second copy);
-- "auto" (default): on the first batch of each (device, dtype, input shape) in eval mode,
+- "auto" (opt-in): on the first batch of each (device, dtype, input shape) in eval mode,
   time both (a few runs each, under `no_grad`) and keep the faster one (`ens.strategy`).
+
+The default is "loop": "auto" picked the loop in 8 of 9 benchmark cases, and its choice
+depended on the machine's load at the first batch. Pass `strategy="vmap"` or "auto" to try.
 
 `forward(x)` returns log of the mean of the members' softmax probabilities, so `argmax`,
 `softmax` and `cross_entropy` work on it as on one classifier's logits.
@@ -167,7 +170,7 @@ class EnsembleModel(nn.Module):
         metadata: the ensemble file's JSON document (or any dict); `ens.metadata`.
         weights: K member weights (finite, >= 0, sum > 0; normalised); default: the
             members' `"weight"` in `metadata["members"]` when every member has one, else equal.
-        strategy: "auto", "loop", "vmap" or a callable `fn(ens, x) -> (K, B, C)`.
+        strategy: "loop" (default), "vmap", "auto" or a callable `fn(ens, x) -> (K, B, C)`.
         device: where the weights live (default: where the model's weights are).
 
     Members are in eval mode after construction. `ens.members` is an `nn.ModuleList`;
@@ -179,7 +182,7 @@ class EnsembleModel(nn.Module):
 
     def __init__(self, model: ModelLike, member_states: Sequence[StateDict], *,
                  metadata: Mapping[str, Any] | None = None,
-                 strategy: str | StrategyFn = "auto",
+                 strategy: str | StrategyFn = "loop",
                  device: str | torch.device | None = None,
                  weights: Sequence[float] | None = None):
         super().__init__()
@@ -242,7 +245,7 @@ class EnsembleModel(nn.Module):
             weights = _weights_in(self.metadata.get("members"), k)
         if weights is not None:
             self.weights = weights
-        self._strategy: str | StrategyFn = "auto"
+        self._strategy: str | StrategyFn = "loop"
         self.strategy = strategy
         # auto: key -> {"loop": seconds, "vmap": seconds | None, "winner": name}
         self.auto_timings: dict[tuple, dict[str, Any]] = {}
@@ -821,7 +824,7 @@ def _factory_from_spec(doc: dict[str, Any], path: Path, trust_remote_code: bool
 
 
 def load(file: str | os.PathLike, *, model: ModelLike | None = None,
-         trust_remote_code: bool = False, strategy: str | StrategyFn = "auto",
+         trust_remote_code: bool = False, strategy: str | StrategyFn = "loop",
          device: str | torch.device | None = None, verify: bool = False,
          dtype: str | torch.dtype | None = None, lazy: bool = False) -> "EnsembleModel | LazyEnsembleModel":
     """Load an ensemble file as an `EnsembleModel` (eval mode).

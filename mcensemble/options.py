@@ -141,7 +141,7 @@ class BuildOptions:
     epochs: int = CurveConfig.epochs
     lr: float = CurveConfig.lr
     weight_decay: float = CurveConfig.weight_decay
-    strategy: str = "auto"
+    strategy: str = "loop"  # the ensemble's forward: loop (default), vmap or auto (time both)
     align: bool | None = None  # None: align before fitting a curve (bezier / polychain), not otherwise
     repair: bool = False
     checkpoint_dir: str | None = None  # curve fits save their state here (curve-<i>.safetensors)

@@ -23,6 +23,7 @@ from typing import Any, Callable, Iterable, Mapping
 import torch
 import torch.nn as nn
 
+from ._modes import keeps_process_state
 from .errors import BadOptionError
 from .options import check_count
 
@@ -272,6 +273,7 @@ def _train_step(model: nn.Module, opt: torch.optim.Optimizer, x: torch.Tensor, y
     return scaler.get_scale() >= scale   # the scaler backs off only after an overflow
 
 
+@keeps_process_state
 def fge_train(model: nn.Module, loader: Iterable, *, cycles: int = 4, epochs: int = 8,
               lr_max: float = 0.05, lr_min: float | None = None, momentum: float = 0.9,
               weight_decay: float = 5e-4, device: str | torch.device = "cpu", seed: int = 0,

@@ -13,6 +13,7 @@ import torch.nn.functional as F
 from torch.utils.data import DataLoader
 from tqdm.auto import tqdm
 
+from ._modes import keeps_process_state
 from .bn import labelled_batch, split_batch  # split_batch re-exported (public name)
 from .errors import BadOptionError
 
@@ -30,6 +31,7 @@ class TrainConfig:
     seed: int = 0
 
 
+@keeps_process_state
 def train_model(model: nn.Module, loader: DataLoader, *, config: TrainConfig = TrainConfig(),
                 device: str | torch.device = "cpu", progress: bool | None = None,
                 hook: Callable[[nn.Module], object] | None = None) -> nn.Module:

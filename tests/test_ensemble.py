@@ -113,8 +113,12 @@ def test_loop_and_vmap_agree(arch):
         ens.members[0][1].weight.grad is not None
 
 
+def test_the_default_strategy_is_the_loop():
+    assert EnsembleModel(make_cnn, member_states(make_cnn, 2)).strategy == "loop"
+
+
 def test_auto_measures_and_caches():
-    ens = EnsembleModel(make_cnn, member_states(make_cnn, 2))
+    ens = EnsembleModel(make_cnn, member_states(make_cnn, 2), strategy="auto")
     assert ens.strategy == "auto"
     x = torch.randn(4, 1, 8, 8)
     with torch.no_grad():

@@ -43,7 +43,7 @@ import torch.nn as nn
 import torch.nn.functional as F
 from torch.func import functional_call
 
-from .._modes import modes_kept
+from .._modes import keeps_process_state, modes_kept
 from .. import distributed as dist_
 from ..checkpoints import check_same_architecture
 from ..data import epoch_batches, epoch_seed
@@ -342,6 +342,7 @@ def _master(v: torch.Tensor, device, master: torch.dtype | None) -> torch.Tensor
     return v
 
 
+@keeps_process_state
 def fit_curve(model: Any, a: Mapping[str, torch.Tensor], b: Mapping[str, torch.Tensor], loader, *,
               config: CurveConfig = CurveConfig(), device: str | torch.device = "cpu",
               progress: bool | None = None,

@@ -44,7 +44,7 @@ import torch.nn.functional as F
 from torch.func import functional_call
 from tqdm.auto import tqdm
 
-from .._modes import modes_kept
+from .._modes import keeps_process_state, modes_kept
 from .. import distributed as dist_
 from ..checkpoints import check_same_architecture
 from .._io import is_int as _is_int, is_number
@@ -470,6 +470,7 @@ class Band:
 # the run
 
 
+@keeps_process_state
 def fit_neb(model: Any, a: Mapping[str, torch.Tensor], b: Mapping[str, torch.Tensor], loader, *,
             config: NebConfig = NebConfig(), bn_loader=None, device: str | torch.device = "cpu",
             progress: bool | None = None, callback: Callable[[int, int, list[float]], Any] | None = None,
