@@ -468,18 +468,18 @@ def _contractions(model: nn.Module, graph: UnitGraph, x: torch.Tensor) -> dict[s
 
 
 def _check_options(scale: float, examples: int, probes: int, delta: float) -> None:
-    """BadOptionError naming the option (the CLI flag; keyword in Python) of a bad setting."""
-    checks = (("scale", "scale", scale, lambda v: math.isfinite(v) and v >= 0, "a number >= 0"),
-              ("examples", "examples", examples, lambda v: v == int(v) and v >= 2, "an integer >= 2"),
-              ("probes", "probes", probes, lambda v: v == int(v) and v >= 1, "an integer >= 1"),
-              ("delta", "delta", delta, lambda v: 0 <= v < 1, "in [0, 1)"))
-    for flag, kw, value, ok, want in checks:
+    """BadOptionError naming the keyword of a bad setting (the CLI shows its flag)."""
+    checks = (("scale", scale, lambda v: math.isfinite(v) and v >= 0, "a number >= 0"),
+              ("examples", examples, lambda v: v == int(v) and v >= 2, "an integer >= 2"),
+              ("probes", probes, lambda v: v == int(v) and v >= 1, "an integer >= 1"),
+              ("delta", delta, lambda v: 0 <= v < 1, "in [0, 1)"))
+    for kw, value, ok, want in checks:
         try:
             good = not isinstance(value, bool) and bool(ok(float(value)))
         except (TypeError, ValueError, OverflowError):
             good = False
         if not good:
-            raise BadOptionError(f"noise stability: `{kw}` must be {want}, got {value!r}", option=flag)
+            raise BadOptionError(f"noise stability: `{kw}` must be {want}, got {value!r}", option=kw)
 
 
 def noise_stability(model: nn.Module, loader: Iterable[Any], *, graph=None, scale: float = 0.1,
