@@ -589,6 +589,15 @@ def _echo_baselines(rep: dict[str, Any]) -> None:
         _echo_table(rows, header)
     for line in skipped:
         click.echo(line)
+    for r in rows_in:
+        vs = r.get("vs_reference")
+        if vs:
+            parts = [f"{s} {vs[s]['gain']:+.4f} (95% interval {vs[s]['ci95'][0]:+.4f} to {vs[s]['ci95'][1]:+.4f}, "
+                     f"{vs[s]['examples']} examples)" for s in (split, "test") if s in vs]
+            click.echo(f"{r['name']} against the reference, {vs['reference']}: NLL gain " + "; ".join(parts)
+                       + " (positive: lower NLL than the reference)")
+            if vs.get("built_by"):
+                click.echo(f"built by: {vs['built_by']}")
 
 
 # ---------------------------------------------------------------------------------------------
@@ -801,5 +810,6 @@ def connect(inputs: tuple[str, ...], points: int, path_points: int, out_dir: str
         e = rep["ensemble"]
         click.echo(f"ensemble: {len(e['members'])} member(s) ({e['rule']}), val NLL {e['val']['nll']:.4f} "
                    f"(best single point {e['best_single_val_nll']:.4f}): {e['file']}")
+        click.echo(f"selection: {e['decision']}")
     for name in ("connect.json", "barriers.png", "tree.png"):
         click.echo(f"{name}: {FsPath(out_dir) / name}")

@@ -252,7 +252,7 @@ def _choose_members(paths: list, ends: list, net, train, val, opts: BuildOptions
         sel = select_members(grid, _labels(val), max_members=opts.members, exact=opts.exact_members,
                              endpoints=[i for i, c in enumerate(grid) if c.t in (0.0, 1.0)], seed=data.seed)
         members, weights = [grid[i] for i in sel.indices], sel.weights
-        choice = choice_report(sel, grid, opts)
+        choice = choice_report(sel, grid, max_members=opts.members, exact=opts.exact_members)
     else:
         members = scan_points(paths, uniform_points(opts.members, n_paths))
         weights = [1.0 / len(members)] * len(members)
@@ -303,7 +303,7 @@ def build_ensemble(files: Sequence[str | os.PathLike], *, model: ModelOptions, d
         report["aligned"] = aligned
     soup_sd = _soup(net, states, weights, train, data)
     report["baselines"] = build_baselines(net, grid, paths, ends, soup_sd, report, opts, data,
-                                           graph=unit_graph_of(net, model), loaders=(train, val, test))
+                                           graph=unit_graph_of(net, model), loaders=(train, val, test), ensemble=ens)
     timings["baselines_s"] = time.perf_counter() - t3
     spec, kind = cks[0].model_spec, paths[0].kind
     sources = [{"file": str(f), "sha256": ck.metadata.get("sha256") or sha256_file(ck.path)}
