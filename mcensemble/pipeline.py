@@ -30,7 +30,7 @@ from .errors import BadOptionError, MCEnsembleError
 from .evaluate import evaluate, scan
 from .hooks import fge_train
 from .inputs import data_loaders, load_endpoints, loader_for_test_data, model_arg, unit_graph_of
-from .members import (candidate_state, ensemble_metrics, evaluate_candidates, predict_log_probs, select_members,
+from .members import (Candidate, candidate_state, ensemble_metrics, evaluate_candidates, predict_log_probs, select_members,
                       uniform_points)
 from .models import ModelSpec, as_factory, create_model, import_entry
 from .options import BuildOptions, CurveConfig, DataOptions, ModelOptions, check_count
@@ -414,8 +414,11 @@ def build_fge(files: Sequence[str | os.PathLike], *, model: ModelOptions, data: 
     col = fge_train(net, loader, cycles=opts.members, epochs=opts.epochs, lr_max=opts.lr,
                     weight_decay=opts.weight_decay, device=data.device, seed=data.seed, progress=data.progress)
     states = col.member_states(bn_loader=train)
-    ens = EnsembleModel(net, states, strategy=opts.strategy, device=data.device)
     members = [{"t": None, "kind": "snapshot", **{k: v for k, v in info.items() if k != "t"}} for info in col.info]
+    weights, choice = None, None
+    if val is not None:  # the checkpoint is the reference: snapshots ship only when confirmed
+        states, members, weights, choice = _choose_snapshots(net, ck.state_dict, states, members, val, opts, data)
+    ens = EnsembleModel(net, states, strategy=opts.strategy, device=data.device, weights=weights)
     sources = [{"file": str(files[0]), "sha256": ck.metadata.get("sha256")}]
     report: dict[str, Any] = {
         "method": "fge", "selection": "all-snapshots", "checkpoints": [{"file": str(files[0]), **describe_source(ck)}],
@@ -425,18 +428,39 @@ def build_fge(files: Sequence[str | os.PathLike], *, model: ModelOptions, data: 
         "fge": {"cycles": opts.members, "epochs": opts.epochs, "lr_max": opts.lr, "lr_min": opts.lr / 100},
         "split": "val" if val is not None else "train", "warnings": [] if val is not None else [TRAIN_ONLY_WARNING],
     }
+    if choice is not None:
+        report["selection"], report["choice"] = "confirmed-val-nll", choice
     if val is None:
         _log.warning(TRAIN_ONLY_WARNING)
     soup_sd = _soup(net, states, None, train, data)
     report["baselines"] = fge_baselines(net, ck, soup_sd, report, (train, val, test), data)
     if out is not None and is_main():  # several processes: only rank 0 writes
-        save_ensemble(out, states, model_spec=ck.model_spec, members=members, sources=sources,
-                      dtype=opts.save_dtype,
-                      extra={"method": "fge", "selection": "all-snapshots", "bn_reestimated": report["bn_reestimated"]})
+        extra = {"method": "fge", "selection": report["selection"], "bn_reestimated": report["bn_reestimated"]}
+        if choice is not None:
+            extra["choice"] = choice_summary(choice)
+        save_ensemble(out, states, model_spec=ck.model_spec, members=members, sources=sources, weights=weights,
+                      dtype=opts.save_dtype, extra=extra)
     if soup is not None:
         report["soup"] = _write_soup(soup, soup_sd, net, train, val, ck, data)
     report["timings"] = {"total_s": time.perf_counter() - t0}
     return BuildResult(paths=[], members=members, member_states=states, report=report, model_spec=ck.model_spec)
+
+
+def _choose_snapshots(net, start: dict, states: list, members: list, val, opts: BuildOptions, data: DataOptions):
+    """FGE with selection data: the start checkpoint (the reference) and the snapshots are
+    candidates of `members.select_members` (candidate u = 0 the checkpoint, u = i snapshot i);
+    snapshots ship only when confirmed on examples that did not pick them.
+    Returns (states, member records, weights, the choice for the report)."""
+    cands = []
+    for i, st in enumerate([start, *states]):
+        net.load_state_dict(st, strict=True)
+        lp, labels = predict_log_probs(net, val, device=data.device)
+        cands.append(Candidate(path=0, t=float(i), u=float(i), val_log_probs=lp))
+    sel = select_members(cands, labels, max_members=opts.members, endpoints=[0], seed=data.seed)
+    records = [{"t": None, "kind": "checkpoint"}, *members]
+    choice = choice_report(sel, cands, max_members=opts.members)
+    choice["decision"] = decision_sentence(choice)
+    return ([[start, *states][i] for i in sel.indices], [records[i] for i in sel.indices], sel.weights, choice)
 
 
 def stability_of_file(file: str | os.PathLike, *, model: ModelOptions, data: DataOptions,

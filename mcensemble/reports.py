@@ -336,5 +336,5 @@ def fge_baselines(net, ck, soup_sd, report, loaders, data: DataOptions) -> list[
     return [sc.row("start checkpoint", "endpoint", ["start"]),
             sc.row("soup", "soup", ["soup"], note=soup_note(report)),
             skipped_row("packed pair", "packed", 1, "FGE starts from one checkpoint: there is no pair to pack"),
-            {"name": f"FGE ensemble ({k} snapshots)", "kind": "ensemble", "cost": k,
+            {"name": f"FGE ensemble ({k} member{'s' if k != 1 else ''})", "kind": "ensemble", "cost": k,
              **{s: e[s] for s in sc.splits if s in e}}]

@@ -420,7 +420,16 @@ def test_fge_report_has_its_baselines(mce_mlp_pair, tmp_path):
                          data=DataOptions(data="digits,train=256", val_data="digits", test_data="digits"),
                          opts=BuildOptions(method="fge", members=2, epochs=2, lr=0.05))
     rows = {r["name"]: r for r in res.report["baselines"]}
-    assert list(rows) == ["start checkpoint", "soup", "packed pair", "FGE ensemble (2 snapshots)"]
+    k = len(res.report["members"])
+    name = f"FGE ensemble ({k} member{'s' if k != 1 else ''})"
+    assert list(rows) == ["start checkpoint", "soup", "packed pair", name]
     assert "no pair to pack" in rows["packed pair"]["skipped"]
-    assert rows["FGE ensemble (2 snapshots)"]["val"] == res.report["ensemble"]["val"]
+    assert rows[name]["val"] == res.report["ensemble"]["val"]
+    # the start checkpoint is the reference: snapshots replace it only when confirmed
+    choice = res.report["choice"]
+    assert choice["reference"]["name"] == "the checkpoint" and choice["rule"] in ("reference", "confirmed")
+    assert choice["decision"].startswith(f"rule {choice['rule']}")
+    if choice["rule"] == "reference":
+        assert [m["kind"] for m in res.report["members"]] == ["checkpoint"]
+        assert res.report["ensemble"]["val"]["nll"] == pytest.approx(res.report["start"]["val"]["nll"], rel=1e-5)
     assert rows["start checkpoint"]["test"]["nll"] == pytest.approx(res.report["start"]["test"]["nll"], rel=1e-5)
