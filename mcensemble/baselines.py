@@ -162,9 +162,15 @@ def _cost_line(choice: Mapping[str, Any]) -> str:
     vs = choice.get("vs_checkpoints")
     if not vs:
         return ""
-    where = "out of half" if vs["scored_on"] == "out of half" else "on the selection examples"
+    where = "out of part" if vs["scored_on"] == "out of part" else "on the selection examples"
     return (f"; against {vs['name']} it {'gains' if vs['gain'] > 0 else 'loses'} {abs(vs['gain']):.4f} NLL "
             f"{where} (gain {_interval(vs)}), the price of the smaller `members` asked for")
+
+
+def _picked(conf: Mapping[str, Any]) -> str:
+    k, n = conf.get("parts", 2), conf.get("examples")
+    return (f"the alternative was picked without each of {k} parts of the {n} selection examples and scored on "
+            f"that part (cross-fitting)")
 
 
 def decision_sentence(choice: Mapping[str, Any]) -> str:
@@ -182,16 +188,15 @@ def decision_sentence(choice: Mapping[str, Any]) -> str:
                 "picked and scored on the same examples, not confirmed")
     conf = choice.get("confirmation") or {}
     test = conf.get("test")
-    n = conf.get("examples")
     if rule == "confirmed":
         return (f"rule confirmed: shipped the greedy ensemble ({choice['n_members']} members, weights "
-                f"{_fmt_weights(choice['weights'])}) instead of the reference, {ref['name']}: picked on each half "
-                f"of the {n} selection examples and confirmed on the other, NLL gain {_interval(test)}, "
+                f"{_fmt_weights(choice['weights'])}) instead of the reference, {ref['name']}: {_picked(conf)}, "
+                f"out-of-part NLL gain {_interval(test)}, "
                 f"{test['relative_gain']:.1%} of the reference's, positive in {test['p_positive']:.1%} of "
                 f"{test['resamples']} paired bootstrap resamples ({test['confidence']:.0%} needed)"
                 + _cost_line(choice))
     why = conf.get("reason") or "no alternative beat it"
-    tested = f" (out-of-half NLL gain {_interval(test)})" if test else ""
+    tested = f" (out-of-part NLL gain {_interval(test)})" if test else ""
     return (f"rule reference: kept the reference, {ref['name']} (selection NLL {ref['selection_nll']:.4f}): "
-            f"alternatives were picked on each half of the {n} selection examples and scored on the other; "
+            f"{_picked(conf)}; "
             f"{why}{tested}" + _cost_line(choice))

@@ -220,22 +220,27 @@ BOOTSTRAP_CONFIDENCE = 0.95
 MAX_PICKS = 50
 
 GUARANTEE = ("The shipped ensemble is the reference ({reference}) unless an alternative beat it on "
-             "selection examples that did not pick it: the selection examples are split into two halves "
-             "(seeded), the alternative is picked on each half and scored on the other, and it ships only when "
-             "both out-of-half NLL gains are positive and the pooled out-of-half gain is positive in at least "
-             "{confidence:.0%} of {resamples} paired bootstrap resamples. It never has fewer members than the "
-             "reference unless `members` asks for fewer.")
-#: each half of the selection examples needs this many for a departure to be confirmed
-MIN_HALF = 10
+             "selection examples that did not pick it: the selection examples are split into K seeded parts "
+             "(2 below 300 examples, one per 100 examples up to 10), the alternative is picked without each "
+             "part and scored on it, and it ships only when it departed every time, its gain was positive on "
+             "at least 70% of the parts (on both halves when K = 2), and the pooled out-of-part NLL gain is "
+             "positive in at least {confidence:.0%} of {resamples} paired bootstrap resamples. It never has "
+             "fewer members than the reference unless `members` asks for fewer.")
+#: cross-fitting: one part per this many selection examples, at least 2 and at most MAX_PARTS parts;
+#: each part needs MIN_PART examples; the share of parts on which the gain must be positive
+PART_EXAMPLES = 100
+MAX_PARTS = 10
+MIN_PART = 10
+POSITIVE_SHARE = 0.7
 
 
 @dataclass
 class Selection:
     """What `select_members` chose: distinct candidate `indices` (ascending), their pick
     `counts` and normalised `weights`, the `rule` ("reference": the reference kept;
-    "confirmed": a departure confirmed out of half; "exact"), its selection `nll`, and the
+    "confirmed": a departure confirmed out of part; "exact"), its selection `nll`, and the
     numbers behind the decision for the report: the `reference` (name, indices, cost, NLL),
-    the `confirmation` (the halves, what each picked, the out-of-half test), `vs_checkpoints`
+    the `confirmation` (the parts, what was picked without each, the out-of-part test), `vs_checkpoints`
     (when `max_members` is below the checkpoints' count: the shipped choice against their
     ensemble), `baselines` and the full-data `greedy` trajectory."""
 
@@ -384,46 +389,52 @@ def _reference(q: torch.Tensor, ends: list[int], max_members: int) -> tuple[torc
                     "nll": float(_losses(q, counts).mean())}
 
 
-def _halves(n: int, seed: int) -> tuple[torch.Tensor, torch.Tensor]:
+def _folds(n: int, k: int, seed: int) -> list[torch.Tensor]:
+    """`k` disjoint parts of range(n), sizes within one, from one seeded permutation."""
     perm = torch.randperm(n, generator=torch.Generator().manual_seed(int(seed) + 7919))
-    return perm[: n // 2].sort().values, perm[n // 2:].sort().values
+    return [part.sort().values for part in perm.tensor_split(k)]
 
 
 def _cross_fit(q: torch.Tensor, ref: torch.Tensor, *, confidence: float, resamples: int, seed: int,
                **pick) -> tuple[dict[str, Any], torch.Tensor]:
-    """Pick on each half of the selection examples, score on the other. Returns (the
-    confirmation record, per-example out-of-half losses of what each half picked)."""
+    """Cross-fitting: the N selection examples in K = clamp(N // PART_EXAMPLES, 2, MAX_PARTS)
+    seeded parts; for each part, the alternative picked on the other parts (`_pick`) is
+    scored on it. Accepted when every part's pick departed from the reference, the gain was
+    positive on at least ceil(POSITIVE_SHARE * K) parts, and `paired_bootstrap` finds the pooled
+    out-of-part gain positive. Returns (the confirmation record, per-example out-of-part losses)."""
     n = q.shape[1]
+    folds = min(max(n // PART_EXAMPLES, 2), MAX_PARTS)
     ref_loss = _losses(q, ref)
     oof = ref_loss.clone()
-    rec: dict[str, Any] = {"examples": n, "picked_on": "each half of the selection examples",
-                           "confirmed_on": "the other half", "folds": [], "accepted": False}
-    if n < 2 * MIN_HALF:
-        rec["reason"] = (f"{n} selection examples are too few to confirm a departure (each half needs "
-                         f"{MIN_HALF}); pass more `val_data`")
+    rec: dict[str, Any] = {"examples": n, "parts": folds,
+                           "picked_on": f"{folds - 1} of {folds} parts of the selection examples",
+                           "confirmed_on": "the remaining part", "folds": [], "accepted": False}
+    if n < folds * MIN_PART:
+        rec["reason"] = (f"{n} selection examples are too few to confirm a departure (each of the {folds} parts "
+                         f"needs {MIN_PART}); pass more `val_data`")
         return rec, oof
-    h = _halves(n, seed)
-    for k, (pick_on, score_on) in enumerate(((h[0], h[1]), (h[1], h[0]))):
+    parts = _folds(n, folds, seed)
+    for k, score_on in enumerate(parts):
+        pick_on = torch.cat([p for j, p in enumerate(parts) if j != k]).sort().values
         alt, _ = _pick(q[:, pick_on], ref, **pick)
         oof[score_on] = _losses(q[:, score_on], alt)
         gain = float((ref_loss[score_on] - oof[score_on]).double().mean())
         rec["folds"].append({"picked_on": int(pick_on.numel()), "scored_on": int(score_on.numel()),
                              "departed": not _same_mixture(alt, ref), "alternative": _describe(alt),
                              "gain": gain})
-    departed = all(f["departed"] for f in rec["folds"])
-    if not departed:
-        rec["reason"] = ("on at least one half the greedy search found nothing with a lower NLL than the "
-                         "reference, so there is no alternative to confirm")
+    if not all(f["departed"] for f in rec["folds"]):
+        rec["reason"] = ("picked without one of the parts, the greedy search found nothing with a lower NLL "
+                         "than the reference, so there is no alternative to confirm")
         return rec, oof
     test = paired_bootstrap(ref_loss, oof, resamples=resamples, confidence=confidence, seed=seed)
     ref_nll = float(ref_loss.double().mean())
     rec["test"] = {**test, "relative_gain": test["gain"] / ref_nll if ref_nll > 0 else 0.0,
                    "nll_reference": ref_nll, "nll_alternative": float(oof.double().mean())}
-    positive = all(f["gain"] > 0 for f in rec["folds"])
+    positive = sum(f["gain"] > 0 for f in rec["folds"]) >= math.ceil(POSITIVE_SHARE * folds)
     rec["accepted"] = bool(positive and test["accepted"])
     if not rec["accepted"]:
-        rec["reason"] = ("the out-of-half gain was not positive on both halves" if not positive else
-                         f"the out-of-half gain was positive in only {test['p_positive']:.1%} of "
+        rec["reason"] = ("the out-of-part gain was not positive on enough parts" if not positive else
+                         f"the out-of-part gain was positive in only {test['p_positive']:.1%} of "
                          f"{test['resamples']} bootstrap resamples ({test['confidence']:.0%} needed)")
     return rec, oof
 
@@ -442,12 +453,13 @@ def select_members(cands: Sequence[Candidate], labels: torch.Tensor, *, max_memb
        (Caruana et al. 2004; at most `max_members` distinct members, at most `max_picks`
        picks), when it has no fewer distinct members than the reference (cheaper only when
        `max_members` asks for it) and a lower NLL than the reference on the same examples.
-    3. Confirmation by cross-fitting: the selection examples are split into two seeded
-       halves; the alternative is picked on each and scored on the other. The alternative
-       picked on all the examples ships only when both halves departed from the reference,
-       both out-of-half gains are positive, and the pooled out-of-half gain is positive in at
-       least `confidence` of `resamples` paired bootstrap resamples (`seed`). Otherwise the
-       reference ships.
+    3. Confirmation by cross-fitting (`_cross_fit`): the selection examples are split into K
+       seeded parts (2 below 300 examples, one per 100 up to 10); the alternative is picked
+       without each part and scored on it. The alternative picked on all the examples ships
+       only when every part's pick departed from the reference, the gain was positive on at
+       least 70% of the parts (both, for K = 2), and the pooled out-of-part gain is positive
+       in at least `confidence` of `resamples` paired bootstrap resamples (`seed`).
+       Otherwise the reference ships.
     `exact`: exactly `max_members` distinct members, equal weights (`select_greedy_nll`), no
     confirmation.
     """
@@ -485,7 +497,7 @@ def select_members(cands: Sequence[Candidate], labels: torch.Tensor, *, max_memb
     if len(ends) >= 2 and len(ends) > max_members:  # a cheaper model was asked for: what it costs
         ens_loss = _losses(q, _counts_of(m, ends))
         shipped_loss = oof if departs else _losses(q, ref)
-        vs = {"name": f"the {len(ends)} checkpoints' ensemble", "scored_on": "out of half" if departs else "selection",
+        vs = {"name": f"the {len(ends)} checkpoints' ensemble", "scored_on": "out of part" if departs else "selection",
               **paired_bootstrap(ens_loss, shipped_loss, resamples=resamples, confidence=confidence, seed=seed)}
     return _selection(shipped, rule, float(_losses(q, shipped).mean()), base, greedy, guarantee,
                       reference=reference, confirmation=confirmation, vs_checkpoints=vs)

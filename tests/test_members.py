@@ -342,7 +342,8 @@ def test_a_real_gain_is_confirmed_with_its_interval():
     assert sel.rule == "confirmed" and len(sel.indices) > 2
     test = sel.confirmation["test"]
     assert test["accepted"] and test["ci95"][0] > 0 and test["relative_gain"] > 0.02
-    assert [f["picked_on"] for f in sel.confirmation["folds"]] == [1000, 1000]
+    # 2,000 examples: 10 parts of 200; each pick is made on the other 1,800
+    assert sel.confirmation["parts"] == 10 and [f["picked_on"] for f in sel.confirmation["folds"]] == [1800] * 10
     assert sel.nll < sel.reference["nll"]
     # the report's decision line names the reference, the examples and the interval
     from mcensemble.baselines import decision_sentence
@@ -350,7 +351,7 @@ def test_a_real_gain_is_confirmed_with_its_interval():
     choice = choice_report(sel, cands, max_members=5)
     line = decision_sentence(choice)
     assert "rule confirmed" in line and "the 2 checkpoints' ensemble" in line
-    assert "each half of the 2000 selection examples" in line and "95% interval" in line
+    assert "without each of 10 parts of the 2000 selection examples" in line and "95% interval" in line
 
 
 def test_one_member_only_on_request_and_its_cost_is_reported():
@@ -368,7 +369,7 @@ def test_one_member_only_on_request_and_its_cost_is_reported():
 
 
 def test_too_few_selection_examples_keep_the_reference():
-    cands, labels = _diverse_candidates(15, 5, 2)
+    cands, labels = _diverse_candidates(19, 5, 2)
     sel = select_members(cands, labels, max_members=4, endpoints=[0, 4])
     assert sel.rule == "reference" and "too few" in sel.confirmation["reason"]
     with pytest.raises(BadOptionError, match="`endpoints`"):
@@ -507,3 +508,21 @@ def test_predict_log_probs_restores_each_mode_and_refuses_no_data():
     assert net.training and not net[5].training and net[1].training
     with pytest.raises(DataSpecError, match="no batches"):
         predict_log_probs(net, [])
+
+
+@pytest.mark.parametrize("n, parts", [(40, 2), (299, 2), (300, 3), (950, 9), (5000, 10)])
+def test_cross_fitting_scores_each_part_with_a_pick_that_never_saw_it(n, parts):
+    from mcensemble import members as M
+    cands, labels = _diverse_candidates(n, 4, 3)
+    q = M._true_class_probs(cands, labels)
+    ref = M._counts_of(4, [0, 3])
+    pick = {"max_members": 3, "min_members": 2, "max_picks": 50}
+    rec, oof = M._cross_fit(q, ref, confidence=0.95, resamples=200, seed=5, **pick)
+    assert rec["parts"] == parts and sum(f["scored_on"] for f in rec["folds"]) == n
+    scored = M._folds(n, parts, 5)
+    assert sorted(torch.cat(scored).tolist()) == list(range(n))  # disjoint parts covering every example
+    for part, fold in zip(scored, rec["folds"]):
+        rest = torch.tensor(sorted(set(range(n)) - set(part.tolist())))
+        alt, _ = M._pick(q[:, rest], ref, **pick)  # picked without the part ...
+        assert fold["alternative"]["indices"] == torch.nonzero(alt).flatten().tolist()
+        assert torch.allclose(oof[part], M._losses(q[:, part], alt))  # ... and scored on it

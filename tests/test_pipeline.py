@@ -271,7 +271,8 @@ def test_build_never_departs_from_the_checkpoints_unconfirmed(mce_mlp_pair, tmp_
     assert "did not pick it" in choice["guarantee"] and choice["decision"].startswith(f"rule {choice['rule']}")
     ref = choice["reference"]
     assert ref["name"] == "the 2 checkpoints' ensemble" and [m["t"] for m in ref["members"]] == [0.0, 1.0]
-    assert choice["confirmation"]["examples"] == 360 and len(choice["confirmation"]["folds"]) == 2
+    conf = choice["confirmation"]  # 360 examples: 3 parts of 120
+    assert conf["examples"] == 360 and conf["parts"] == 3 and len(conf["folds"]) == 3
     # on the selection data the shipped choice is never above the reference
     chosen = rep["ensemble"]["val"]["nll"]
     assert chosen == pytest.approx(choice["selection_nll"]["chosen"], rel=1e-4)

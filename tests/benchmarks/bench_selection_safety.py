@@ -8,7 +8,8 @@ and test examples, at selection sizes 250 and 2,000 (where the pool allows), mem
 chosen on the selection examples (at most 4, `build`'s default) by two rules, side by side:
 
 - new: `members.select_members` (the reference is the checkpoints' ensemble; a departure
-  ships only when confirmed out of half on the selection examples, by a paired bootstrap);
+  ships only when confirmed by cross-fitting on the selection examples: picked without each
+  part, scored on it, pooled paired bootstrap; docs/selection.md);
 - old: the rule before issue 18 (the best single candidate whenever its selection NLL is
   below the checkpoints' ensemble's, then greedy steps behind an in-sample paired bootstrap),
   rebuilt here from the library's private helpers.
@@ -83,6 +84,23 @@ MNIST_MODELS = {
 }
 DIGITS_MODELS = {"bn_cnn": (_timm("mce_digits_cnn"), 30), "mlp": (_timm("mce_digits_mlp"), 40)}
 TASKS = {"mnist": (mnist_task, MNIST_MODELS), "digits": (digits_task, DIGITS_MODELS)}
+
+
+def cached_pool_log_probs(key: str, *args, **kw) -> tuple[list[torch.Tensor], torch.Tensor, dict]:
+    """`pool_log_probs`, cached as `<MCE_BENCH_CACHE or ~/.cache/mcensemble-bench>/safety-<key>.pt`
+    (tensors and numbers only, read back with `weights_only=True`); `--fresh` recomputes."""
+    from _mnist import cache_file
+    path = cache_file().parent / f"safety-{key}.pt"
+    if path.exists() and not FRESH:
+        d = torch.load(path, weights_only=True)
+        return list(d["lps"]), d["labels"], d["info"]
+    lps, labels, info = pool_log_probs(*args, **kw)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    torch.save({"lps": torch.stack(lps), "labels": labels, "info": info}, path)
+    return lps, labels, info
+
+
+FRESH = False
 
 
 def pool_log_probs(make, train_ds, pool_ds, epochs: int, seed: int = 0) -> tuple[list[torch.Tensor], torch.Tensor, dict]:
@@ -178,7 +196,10 @@ def main() -> int:
     ap.add_argument("--splits", type=int, default=20)
     ap.add_argument("--threads", type=int, default=1)
     ap.add_argument("--only", nargs="*", default=None, help="task:model, e.g. mnist:bn_cnn")
+    ap.add_argument("--fresh", action="store_true", help="Retrain the pairs instead of reading the cached scans.")
     args = ap.parse_args()
+    global FRESH
+    FRESH = args.fresh
     torch.set_num_threads(args.threads)
     torch.set_flush_denormal(True)
     results = []
@@ -189,7 +210,7 @@ def main() -> int:
         train_ds, pool_ds, sizes = make_task()
         for name in todo:
             make, epochs = models[name]
-            lps, labels, info = pool_log_probs(make, train_ds, pool_ds, epochs)
+            lps, labels, info = cached_pool_log_probs(f"{task}-{name}", make, train_ds, pool_ds, epochs)
             res = run_pair(lps, labels, sizes, args.splits)
             results.append((task, name, epochs, info, res))
             for size, rows in res.items():
