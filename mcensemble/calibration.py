@@ -26,7 +26,8 @@ from .errors import BadOptionError, DataSpecError
 from .evaluate import expected_calibration_error
 
 __all__ = ["fit_temperature", "apply_temperature", "brier_score", "calibration_metrics", "check_temperature",
-           "calibration_summary", "calibrate_ensemble", "MIN_TEMPERATURE", "MAX_TEMPERATURE"]
+           "calibration_summary", "calibrate_ensemble", "calibrate_build", "file_record", "MIN_TEMPERATURE",
+           "MAX_TEMPERATURE", "NO_SELECTION_DATA"]
 
 #: the fitted temperature is kept within these bounds (beyond them the data say "always
 #: certain" or "never certain", not a temperature)
@@ -118,3 +119,30 @@ def calibrate_ensemble(ens, fit_loader: Iterable, *, fit_split: str = "val",
     summary = calibration_summary(fit, fit_split, scored)
     ens.temperature = summary["temperature"]
     return summary
+
+
+#: why a build without selection data stores no temperature
+NO_SELECTION_DATA = ("no --val-data: the temperature is fitted on held-out selection data only; the ensemble is "
+                     "stored uncalibrated (T = 1)")
+
+
+def calibrate_build(ens, val: Iterable | None, test: Iterable | None, *, enabled: bool,
+                    device: str | torch.device = "cpu") -> dict[str, Any] | None:
+    """A build's calibration (`build`, and `--no-calibrate` off): with `enabled` and
+    selection data `val`, `calibrate_ensemble` on it (the test split scored too) and set
+    `ens.temperature`; without `val`, `{"skipped": why}`; not `enabled`: None."""
+    if not enabled:
+        return None
+    if val is None:
+        return {"skipped": NO_SELECTION_DATA}
+    return calibrate_ensemble(ens, val, fit_split="val", others={"test": test}, device=device)
+
+
+def file_record(summary: Mapping[str, Any] | None) -> dict[str, Any] | None:
+    """What the ensemble file stores of a calibration summary: the temperature, the split
+    and size it was fitted on, and the NLL there before and after (None: nothing fitted)."""
+    if not summary or "temperature" not in summary:
+        return None
+    fit = summary[summary["fit"]]
+    return {"temperature": summary["temperature"], "method": "temperature", "fit": summary["fit"],
+            "n_fit": summary["n_fit"], "nll_before": fit["before"]["nll"], "nll_after": fit["after"]["nll"]}

@@ -35,7 +35,7 @@ PARAM_FLAGS: dict[str, str] = {
     "path_out": "--path-out", "out_dir": "--out-dir", "checkpoint": "--checkpoint-dir",
     "checkpoint_every": "--checkpoint-every", "resume": "--resume", "from_run": "--from-run", "top_k": "--top-k",
     "metric_mode": "--metric-mode", "recipe": "--recipe", "verify": "--verify", "search_steps": "--search-steps",
-    "trust_remote_code": "--trust-remote-code", "scale": "--noise-scale", "examples": "--noise-examples",
+    "trust_remote_code": "--trust-remote-code", "calibrate": "--calibrate", "out": "--out", "scale": "--noise-scale", "examples": "--noise-examples",
 }
 
 
@@ -456,6 +456,9 @@ def _apply_recipe(ctx: click.Context, kw: dict[str, Any], recipe: str | None) ->
               show_default=True,
               help="Ensemble inference: member loop, stack_module_state + vmap, or auto (time both on the first batch).")
 @click.option("--out", metavar="ENS.safetensors", help="Write the ensemble here.")
+@click.option("--calibrate/--no-calibrate", default=BuildOptions.calibrate, show_default=True,
+              help="Fit a temperature on --val-data (after the members are averaged) and store it in the ensemble; "
+                   "the report shows NLL, ECE and Brier before and after, for every row.")
 @click.option("--save-dtype", type=click.Choice(["fp32", "bf16", "fp16"]), default=None,
               help="Store the ensemble's members in this dtype (bf16 / fp16: half the file; loaded back into the "
                    "model's dtype). Default: as trained.")
@@ -503,7 +506,7 @@ def build(ctx: click.Context, **kw: Any) -> None:
     if kw["resume"] and not kw["checkpoint_dir"]:
         raise click.UsageError("--resume needs --checkpoint-dir DIR (where the fit was saved)")
     opts = BuildOptions(**{k: kw.pop(k) for k in ("members", "exact_members", "packed", "selection", "candidates",
-                                                  "strategy", "save_dtype", *_PATH_KEYS,
+                                                  "strategy", "save_dtype", "calibrate", *_PATH_KEYS,
                                                   "checkpoint_dir", "checkpoint_every", "resume")})
     model, data = _model_opts(kw), _data_opts(kw, default_data="digits")
     if not checkpoints:
@@ -555,6 +558,7 @@ def _echo_build_table(rep: dict[str, Any]) -> None:
         _echo_table(rows, ("", "train loss", "train acc"))
         click.echo("")
     _echo_baselines(rep)
+    _echo_calibration(rep)
     if rep["method"] == "fge":
         return
     click.echo("members at t = " + ", ".join(f"{m['u']:.2f}" + (f" (w {m['weight']:.2f})" if "weight" in m else "")
@@ -591,6 +595,28 @@ def _echo_baselines(rep: dict[str, Any]) -> None:
         click.echo(line)
 
 
+def _echo_calibration(rep: dict[str, Any]) -> None:
+    """The temperature of each row that has one, and NLL, ECE and Brier before -> after on
+    the test split (else on the split the temperature was fitted on, which flatters it)."""
+    cal = rep.get("calibration") or {}
+    if "skipped" in cal:
+        click.echo(f"calibration: skipped ({cal['skipped']})")
+    rows_in = [r for r in rep.get("baselines") or [] if "calibration" in r]
+    if not rows_in:
+        return
+    first = rows_in[0]["calibration"]
+    split = "test" if "test" in first else first["fit"]
+    click.echo("")
+    click.echo(f"calibration: a temperature per row fitted on {first['fit']}, metrics on {split}"
+               + ("" if split == "test" else " (the same data: pass --test-data for an honest comparison)"))
+
+    def pair(m: dict[str, Any], key: str) -> str:
+        return f"{m['before'][key]:.4f} -> {m['after'][key]:.4f}"
+    rows = [(r["name"], f"{r['calibration']['temperature']:.3f}", pair(r["calibration"][split], "nll"),
+             pair(r["calibration"][split], "ece"), pair(r["calibration"][split], "brier")) for r in rows_in]
+    _echo_table(rows, ("", "T", f"{split} nll", f"{split} ece", f"{split} brier"))
+
+
 # ---------------------------------------------------------------------------------------------
 # eval
 
@@ -604,8 +630,13 @@ def _echo_baselines(rep: dict[str, Any]) -> None:
 @data_options
 @test_data_option
 @run_options
+@click.option("--calibrate", is_flag=True,
+              help="Fit a temperature per row on the evaluation data; show NLL, ECE and Brier before and after "
+                   "(on --test-data when given).")
+@click.option("--out", metavar="ENS.safetensors", help="With --calibrate: write the ensemble with its fitted temperature.")
 @click.option("--report", metavar="FILE.json", help="Write the evaluation as JSON.")
-def eval_cmd(ensemble: str, model_entry: str | None, trust_remote_code: bool, report: str | None, **kw: Any) -> None:
+def eval_cmd(ensemble: str, model_entry: str | None, trust_remote_code: bool, calibrate: bool, out: str | None,
+             report: str | None, **kw: Any) -> None:
     """Evaluate an ensemble file and each of its members: accuracy, NLL, ECE; and beside it
     the checkpoints it was built from (when the files are still there), their ensemble, the
     soup and the packed pair. With --val-data, --data is the training data those two need."""
@@ -613,14 +644,19 @@ def eval_cmd(ensemble: str, model_entry: str | None, trust_remote_code: bool, re
     data = _data_opts(kw)
     if not data.data:
         raise click.UsageError("pass --data SPEC (e.g. --data digits) to evaluate on", ctx=click.get_current_context())
-    rep = evaluate_ensemble_file(ensemble, model=model_entry, trust_remote_code=trust_remote_code, data=data)
+    rep = evaluate_ensemble_file(ensemble, model=model_entry, trust_remote_code=trust_remote_code, data=data,
+                                 calibrate=calibrate, out=out)
     rows = [(f"member {i} (t={m.get('t') if m.get('t') is not None else '?'}, w {m['weight']:.2f})", _fmt(m["nll"]),
              _fmt(m["acc"]), _fmt(m["ece"])) for i, m in enumerate(rep["members"])]
     e = rep["ensemble"]
-    rows.append((f"ensemble ({len(rep['members'])})", _fmt(e["nll"]), _fmt(e["acc"]), _fmt(e["ece"])))
+    t = f", T {rep['temperature']:.3f}" if rep["temperature"] != 1.0 else ""
+    rows.append((f"ensemble ({len(rep['members'])}{t})", _fmt(e["nll"]), _fmt(e["acc"]), _fmt(e["ece"])))
     _echo_table(rows, ("", "nll", "acc", "ece"))
     click.echo("")
     _echo_baselines({**rep, "split": "eval"})
+    _echo_calibration(rep)
+    if rep.get("out"):
+        click.echo(f"calibrated ensemble (T {rep['calibration']['temperature']:.3f}): {rep['out']}")
     _write_report(rep, report)
 
 
