@@ -35,7 +35,8 @@ PARAM_FLAGS: dict[str, str] = {
     "path_out": "--path-out", "out_dir": "--out-dir", "checkpoint": "--checkpoint-dir",
     "checkpoint_every": "--checkpoint-every", "resume": "--resume", "from_run": "--from-run", "top_k": "--top-k",
     "metric_mode": "--metric-mode", "recipe": "--recipe", "verify": "--verify", "search_steps": "--search-steps",
-    "trust_remote_code": "--trust-remote-code", "calibrate": "--calibrate", "out": "--out", "scale": "--noise-scale", "examples": "--noise-examples",
+    "trust_remote_code": "--trust-remote-code", "calibrate": "--calibrate", "out": "--out",
+    "flag_above": "--flag-above", "flag_on": "--flag-on", "format": "--format", "inputs": "INPUT", "scale": "--noise-scale", "examples": "--noise-examples",
 }
 
 
@@ -136,6 +137,14 @@ data_options = _stack(
 test_data_option = click.option(
     "--test-data", metavar="SPEC", default=None,
     help="Data used for nothing else: every report row also gets its NLL, accuracy and ECE on it.")
+
+ensemble_model_options = _stack(
+    click.option("--model", "model_entry", metavar="MODULE:FUNCTION",
+                 help="Zero-argument function returning the members' nn.Module (needed when the file names one)."),
+    click.option("--trust-remote-code", is_flag=True,
+                 help="Import the module:function recorded in the file (only for files you trust)."),
+)
+
 
 run_options = _stack(
     click.option("--device", default=DataOptions.device, show_default=True, callback=lambda ctx, p, v: _check_device(v),
@@ -623,10 +632,7 @@ def _echo_calibration(rep: dict[str, Any]) -> None:
 
 @main.command(name="eval")
 @click.argument("ensemble", type=click.Path(path_type=str))
-@click.option("--model", "model_entry", metavar="MODULE:FUNCTION",
-              help="Zero-argument function returning the members' nn.Module (needed when the file names one).")
-@click.option("--trust-remote-code", is_flag=True,
-              help="Import the module:function recorded in the file (only for files you trust).")
+@ensemble_model_options
 @data_options
 @test_data_option
 @run_options
@@ -649,8 +655,11 @@ def eval_cmd(ensemble: str, model_entry: str | None, trust_remote_code: bool, ca
     rows = [(f"member {i} (t={m.get('t') if m.get('t') is not None else '?'}, w {m['weight']:.2f})", _fmt(m["nll"]),
              _fmt(m["acc"]), _fmt(m["ece"])) for i, m in enumerate(rep["members"])]
     e = rep["ensemble"]
-    t = f", T {rep['temperature']:.3f}" if rep["temperature"] != 1.0 else ""
-    rows.append((f"ensemble ({len(rep['members'])}{t})", _fmt(e["nll"]), _fmt(e["acc"]), _fmt(e["ece"])))
+    rows.append((f"ensemble ({len(rep['members'])})", _fmt(e["nll"]), _fmt(e["acc"]), _fmt(e["ece"])))
+    if "ensemble_calibrated" in rep:
+        c = rep["ensemble_calibrated"]
+        rows.append((f"ensemble, T {rep['temperature']:.3f} (the file's)", _fmt(c["nll"]), _fmt(c["acc"]),
+                     _fmt(c["ece"])))
     _echo_table(rows, ("", "nll", "acc", "ece"))
     click.echo("")
     _echo_baselines({**rep, "split": "eval"})
@@ -658,6 +667,41 @@ def eval_cmd(ensemble: str, model_entry: str | None, trust_remote_code: bool, ca
     if rep.get("out"):
         click.echo(f"calibrated ensemble (T {rep['calibration']['temperature']:.3f}): {rep['out']}")
     _write_report(rep, report)
+
+
+# ---------------------------------------------------------------------------------------------
+# predict, export
+
+@main.command()
+@click.argument("ensemble", type=click.Path(path_type=str))
+@click.argument("inputs", metavar="INPUT", type=click.Path(path_type=str))
+@click.option("--out", required=True, metavar="FILE.csv|FILE.parquet", help="Where the table goes (Parquet needs pyarrow).")
+@ensemble_model_options
+@click.option("--top-k", type=click.IntRange(min=1), default=5, show_default=True, help="Classes per row, best first.")
+@click.option("--batch-size", type=click.IntRange(min=1), default=64, show_default=True, help="Batch size.")
+@click.option("--split", type=click.Choice(["train", "val"]), default="val", show_default=True,
+              help="Which split of a data spec INPUT (digits); folders and tensor files have one.")
+@click.option("--flag-above", type=float, default=None, metavar="X",
+              help="Add a `flagged` column: true where --flag-on is above X.")
+@click.option("--flag-on", type=click.Choice(["entropy", "expected_entropy", "mutual_information", "disagreement"]),
+              default="mutual_information", show_default=True, help="The uncertainty --flag-above compares.")
+@click.option("--device", default="cpu", show_default=True, callback=lambda ctx, p, v: _check_device(v),
+              help="torch device, e.g. cpu, cuda, cuda:1.")
+@click.option("--precision", type=click.Choice(["fp32", "bf16", "fp16"]), default="fp32", show_default=True,
+              help="Forward passes under autocast in this dtype (probabilities in float32).")
+@click.option("--workers", type=click.IntRange(min=0), default=0, show_default=True, help="Data-loader worker processes.")
+@click.option("--threads", type=click.IntRange(min=1), default=None, help="CPU threads for torch.")
+def predict(ensemble: str, inputs: str, out: str, model_entry: str | None, trust_remote_code: bool, threads: int | None,
+            **kw: Any) -> None:
+    """Predict with an ensemble on INPUT (a folder of images, a data spec, or a .safetensors /
+    .pt tensor file): one row per input with the top classes, their probabilities and the
+    uncertainty (entropy, expected entropy, mutual information, member disagreement)."""
+    from .predict import predict_file
+    if threads:
+        torch.set_num_threads(threads)
+    rep = predict_file(ensemble, inputs, out, model=model_entry, trust_remote_code=trust_remote_code, **kw)
+    flagged = f", {rep['flagged']} flagged ({rep['flag']['on']} > {rep['flag']['above']:g})" if "flagged" in rep else ""
+    click.echo(f"{rep['rows']} predictions{flagged}: {rep['out']}")
 
 
 # ---------------------------------------------------------------------------------------------

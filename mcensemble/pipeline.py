@@ -354,8 +354,8 @@ def evaluate_ensemble_file(file: str | os.PathLike, *, model: Any = None, trust_
     (`report["baselines"]`): the checkpoints the file records as sources (when the files are
     still there and unchanged) and their ensemble, the soup and the packed pair (both need
     training data: `data.data` when `data.val_data` is given; a soup without BatchNorm does
-    not), each on the evaluation data and on `data.test_data`. The file's temperature applies
-    to `report["ensemble"]`; the baseline rows are uncalibrated. `calibrate`: every row also
+    not), each on the evaluation data and on `data.test_data`. These are all uncalibrated (T =
+    1); a file's own temperature gives `report["ensemble_calibrated"]`. `calibrate`: every row also
     gets a temperature fitted on the evaluation data (`report["calibration"]`: the file's
     ensemble's, NLL / ECE / Brier before and after); `out`: write the ensemble with that
     temperature there (needs `calibrate`)."""
@@ -379,10 +379,12 @@ def evaluate_ensemble_file(file: str | os.PathLike, *, model: Any = None, trust_
     info = info if isinstance(info, list) and len(info) == len(per) else [{} for _ in per]
     members = [{**ensemble_metrics([lp], labels).to_dict(), "t": m.get("t") if isinstance(m, dict) else None,
                 "weight": w} for m, lp, w in zip(info, per, ens.weights)]
-    mix = apply_temperature(mean_log_prob(torch.stack(per), ens.weights), ens.temperature)
     rep = {"file": str(file), "data": spec, "split": split, "members": members,
-           "ensemble": ensemble_metrics([mix], labels).to_dict(), "temperature": ens.temperature,
+           "ensemble": ensemble_metrics(per, labels, ens.weights).to_dict(), "temperature": ens.temperature,
            "strategy": ens.strategy, "test_data": data.test_data}
+    if ens.temperature != 1.0:  # the file's ensemble as it predicts: its temperature applied
+        mix = apply_temperature(mean_log_prob(torch.stack(per), ens.weights), ens.temperature)
+        rep["ensemble_calibrated"] = ensemble_metrics([mix], labels).to_dict()
     train = None
     if data.val_data and data.data:
         train = create_loader(data.data, split="train", batch_size=data.batch_size, model=net)
