@@ -36,7 +36,7 @@ PARAM_FLAGS: dict[str, str] = {
     "checkpoint_every": "--checkpoint-every", "resume": "--resume", "from_run": "--from-run", "top_k": "--top-k",
     "metric_mode": "--metric-mode", "recipe": "--recipe", "verify": "--verify", "search_steps": "--search-steps",
     "trust_remote_code": "--trust-remote-code", "calibrate": "--calibrate", "out": "--out",
-    "flag_above": "--flag-above", "flag_on": "--flag-on", "format": "--format", "inputs": "INPUT", "scale": "--noise-scale", "examples": "--noise-examples",
+    "flag_above": "--flag-above", "flag_on": "--flag-on", "format": "--format", "inputs": "INPUT", "input_shape": "--input-shape", "scale": "--noise-scale", "examples": "--noise-examples",
 }
 
 
@@ -702,6 +702,45 @@ def predict(ensemble: str, inputs: str, out: str, model_entry: str | None, trust
     rep = predict_file(ensemble, inputs, out, model=model_entry, trust_remote_code=trust_remote_code, **kw)
     flagged = f", {rep['flagged']} flagged ({rep['flag']['on']} > {rep['flag']['above']:g})" if "flagged" in rep else ""
     click.echo(f"{rep['rows']} predictions{flagged}: {rep['out']}")
+
+
+def _input_shape(ctx: click.Context, param: click.Parameter, value: str | None) -> tuple[int, ...] | None:
+    if value is None:
+        return None
+    try:
+        shape = tuple(int(v) for v in value.replace("x", ",").split(","))
+    except ValueError:
+        shape = ()
+    if not shape or any(s < 1 for s in shape):
+        raise click.BadParameter(f"{value!r} is not a shape: give positive integers, e.g. 3,224,224")
+    return shape
+
+
+@main.command()
+@click.argument("ensemble", type=click.Path(path_type=str))
+@click.option("--format", "format_", type=click.Choice(["onnx", "exported-program", "torchscript"]), required=True,
+              help="onnx (onnxruntime; pip install mcensemble[export]), exported-program (torch.export.load) or "
+                   "torchscript (torch.jit.load).")
+@click.option("--out", required=True, metavar="FILE", help="Where the artifact goes (e.g. ens.onnx, ens.pt2, ens.pt).")
+@ensemble_model_options
+@click.option("--input-shape", callback=_input_shape, metavar="C,H,W",
+              help="One input's shape without the batch axis (default: from --data, else guessed from the model).")
+@click.option("--data", metavar="SPEC", default=None, help="Data whose inputs the model takes (its first batch's shape).")
+@click.option("--verify/--no-verify", default=True, show_default=True,
+              help="Run the artifact with its own runtime and compare it with the ensemble (1e-4 relative).")
+def export(ensemble: str, format_: str, out: str, model_entry: str | None, trust_remote_code: bool,
+           input_shape: tuple[int, ...] | None, data: str | None, verify: bool) -> None:
+    """Export an ensemble as ONE self-contained file computing its calibrated, weighted
+    probabilities, (batch, classes), for any batch size: ONNX, a torch.export program or
+    TorchScript."""
+    from .export import export_file
+    rep = export_file(ensemble, out, format=format_, model=model_entry, trust_remote_code=trust_remote_code,
+                      input_shape=input_shape, data=data, verify=verify)
+    shape = "x".join(str(s) for s in rep["input_shape"])
+    checked = (f", checked against the ensemble (max relative difference {rep['verified_max_rel_diff']:.2g})"
+               if "verified_max_rel_diff" in rep else "")
+    click.echo(f"{rep['format']}: {rep['members']} member(s), T {rep['temperature']:.3f}, input {shape} -> "
+               f"{rep['classes']} probabilities{checked}: {rep['file']}")
 
 
 # ---------------------------------------------------------------------------------------------
