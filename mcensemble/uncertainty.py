@@ -22,6 +22,9 @@ from typing import NamedTuple, Sequence
 
 import torch
 
+from .errors import BadOptionError
+from .members import check_weights, mean_log_prob
+
 __all__ = ["Prediction", "entropy", "predict_from_logits"]
 
 
@@ -46,19 +49,17 @@ def predict_from_logits(member_logits: torch.Tensor, weights: Sequence[float] | 
     """(K, B, C) member logits -> `Prediction` (see the module docstring). `weights`: K
     member weights (checked and normalised; None: equal); `temperature`: > 0, applied to the
     log of the weighted mean probability. Half-precision logits are combined in float32."""
-    from .ensemble import combine_mean_prob
-    from .members import check_weights
-
     if member_logits.dim() != 3:
-        from .errors import BadOptionError
         raise BadOptionError(f"member outputs must be (K, batch, classes) logits; got shape "
                              f"{tuple(member_logits.shape)}", option="model")
+    if member_logits.dtype in (torch.float16, torch.bfloat16):
+        member_logits = member_logits.float()
     k = member_logits.shape[0]
     w = torch.tensor(check_weights(weights if weights is not None else [1.0] * k, k),
-                     dtype=torch.float32 if member_logits.dtype in (torch.float16, torch.bfloat16)
-                     else member_logits.dtype, device=member_logits.device)
-    mean_lp = combine_mean_prob(member_logits, w.tolist())                   # (B, C)
-    logp = torch.log_softmax(member_logits.to(mean_lp.dtype), dim=2)        # (K, B, C)
+                     dtype=member_logits.dtype, device=member_logits.device)
+    logp = torch.log_softmax(member_logits, dim=2)                           # (K, B, C)
+    wl = w.tolist()
+    mean_lp = mean_log_prob(logp, None if len(set(wl)) == 1 else wl)        # (B, C), as EnsembleModel's
     member_h = entropy(logp)                                                 # (K, B)
     expected = (w.view(k, 1) * member_h).sum(0)
     mi = (entropy(mean_lp) - expected).clamp_min(0.0)
