@@ -136,3 +136,58 @@ def test_bad_temperatures_are_refused(tmp_path):
     with pytest.raises(BadOptionError, match="calibration must be a dict with a 'temperature'"):
         save_ensemble(tmp_path / "e.safetensors", states(1), calibration={"t": 2})
     assert not (tmp_path / "e.safetensors").exists()
+
+
+# --------------------------------------------------------------------------- build and eval
+
+def build_cli(mce_cli, pair, tmp_path, *extra):
+    out, report = tmp_path / "ens.safetensors", tmp_path / "build.json"
+    res = mce_cli("build", *pair, "--method", "linear", "--candidates", "3", "--members", "2", "--no-packed",
+                  "--data", "digits", "--out", out, "--report", report, *extra)
+    assert res.exit_code == 0, res.output
+    return out, json.loads(report.read_text()), res.output
+
+
+def test_build_calibrates_on_the_selection_data_and_reports_every_row(mce_cli, mce_mlp_pair, tmp_path):
+    from mcensemble.data import digits_tensors
+    from mcensemble.evaluate import evaluate
+    out, rep, output = build_cli(mce_cli, mce_mlp_pair, tmp_path, "--val-data", "digits", "--test-data", "digits")
+    cal = rep["calibration"]
+    assert cal["fit"] == "val" and cal["n_fit"] == 360 and set(cal) >= {"val", "test"}
+    stored = read_ensemble_metadata(out)["calibration"]
+    assert stored["temperature"] == cal["temperature"] and stored["fit"] == "val"
+    assert stored["nll_after"] <= stored["nll_before"]
+    rows = [r for r in rep["baselines"] if "skipped" not in r]
+    assert all(r["calibration"]["fit"] == "val" and "test" in r["calibration"] for r in rows)
+    assert rows[-1]["calibration"] == cal                          # the built ensemble's row
+    assert "calibration: a temperature per row fitted on val, metrics on test" in output
+    assert "test brier" in output
+    # the file predicts what the report says it does after calibration
+    ens = load_ensemble(out)
+    assert ens.temperature == cal["temperature"]
+    x, y = digits_tensors("val")
+    m = evaluate(ens, [(x, y)])
+    assert m.nll == pytest.approx(cal["test"]["after"]["nll"], rel=1e-4)
+    assert m.ece == pytest.approx(cal["test"]["after"]["ece"], rel=1e-4, abs=1e-6)
+    # eval --calibrate refits on its own data and writes a calibrated copy
+    res = mce_cli("eval", out, "--data", "digits", "--test-data", "digits", "--calibrate", "--out",
+                  tmp_path / "again.safetensors", "--report", tmp_path / "eval.json")
+    assert res.exit_code == 0, res.output
+    ev = json.loads((tmp_path / "eval.json").read_text())
+    assert ev["temperature"] == cal["temperature"] and "ensemble_calibrated" in ev
+    assert ev["ensemble_calibrated"]["nll"] == pytest.approx(m.nll, rel=1e-4)
+    assert ev["calibration"]["fit"] == "eval" and ev["calibration"]["temperature"] == pytest.approx(
+        cal["temperature"], rel=1e-3)  # the same data (digits val) as the build's selection data
+    assert load_ensemble(tmp_path / "again.safetensors").temperature == ev["calibration"]["temperature"]
+    assert "(the file's)" in res.output and "calibrated ensemble (T" in res.output
+
+
+def test_no_calibrate_and_no_selection_data(mce_cli, mce_mlp_pair, tmp_path):
+    out, rep, _ = build_cli(mce_cli, mce_mlp_pair, tmp_path, "--val-data", "digits", "--no-calibrate")
+    assert rep["calibration"] is None and "calibration" not in read_ensemble_metadata(out)
+    assert not any("calibration" in r for r in rep["baselines"])
+    out, rep, output = build_cli(mce_cli, mce_mlp_pair, tmp_path / "train-only")
+    assert "no --val-data" in rep["calibration"]["skipped"] and "calibration: skipped" in output
+    assert load_ensemble(out).temperature == 1.0
+    res = mce_cli("eval", out, "--data", "digits", "--out", tmp_path / "x.safetensors")
+    assert res.exit_code == 2 and "--out" in res.output and "--calibrate" in res.output
