@@ -189,10 +189,10 @@ def main(argv=None) -> int:
                          (f" | {best} {others[best]:.2f}x |" if best else " | - |"))
             print(lines[-1], file=sys.stderr, flush=True)
     lines.append("")
+    compiled = "" if args.no_compile else ("; the first K of each model took (compiling included) "
+                                           + ", ".join(f"{k} {v:.0f}s" for k, v in compile_s.items()))
     lines.append(f"(ratios: median of {args.rounds} interleaved rounds; the ensemble columns include the "
-                 f"combination; the first K of each model includes compiling: "
-                 + ", ".join(f"{k} {v:.0f}s" for k, v in compile_s.items())
-                 + f"; total {time.perf_counter() - t_start:.0f}s)")
+                 f"combination{compiled}; total {time.perf_counter() - t_start:.0f}s)")
     table = "\n".join(lines) + "\n"
     print(table)
     if args.out:
