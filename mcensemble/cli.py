@@ -36,7 +36,7 @@ PARAM_FLAGS: dict[str, str] = {
     "checkpoint_every": "--checkpoint-every", "resume": "--resume", "from_run": "--from-run", "top_k": "--top-k",
     "metric_mode": "--metric-mode", "recipe": "--recipe", "verify": "--verify", "search_steps": "--search-steps",
     "trust_remote_code": "--trust-remote-code", "calibrate": "--calibrate", "out": "--out",
-    "flag_above": "--flag-above", "flag_on": "--flag-on", "format": "--format", "inputs": "INPUT", "input_shape": "--input-shape", "scale": "--noise-scale", "examples": "--noise-examples",
+    "flag_above": "--flag-above", "flag_on": "--flag-on", "format": "--format", "input_shape": "--input-shape", "scale": "--noise-scale", "examples": "--noise-examples",
 }
 
 
