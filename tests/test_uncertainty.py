@@ -122,3 +122,6 @@ def test_lazy_ensemble_predicts_as_the_full_one(tmp_path):
     a, b = full.predict(x), lazy.predict(x)
     for name in Prediction._fields:
         assert_close_rel(getattr(b, name), getattr(a, name), rtol=1e-6, msg=name)
+    with torch.no_grad():
+        assert_close_rel(lazy(x), full(x), rtol=1e-6)
+        assert_close_rel(full(x).exp(), a.probs, rtol=1e-6)
