@@ -109,7 +109,7 @@ def test_missing_onnx_names_the_extra(tmp_path, monkeypatch):
         export_ensemble(ens, tmp_path / "e.onnx", format="onx")
 
 
-def test_cli_export(mce_cli, tmp_path):
+def test_cli_export(mce_cli, tmp_path, monkeypatch):
     from mcensemble.models import create_model
     spec = ModelSpec(arch="mce_digits_cnn", kwargs={"num_classes": 10, "in_chans": 1, "widths": [4, 8]})
     states = [randomize(create_model(spec), seed=i).state_dict() for i in range(2)]
@@ -122,6 +122,10 @@ def test_cli_export(mce_cli, tmp_path):
     res = mce_cli("export", f, "--format", "onnx", "--out", tmp_path / "e.onnx", "--input-shape", "1,2,2")
     assert res.exit_code == 2 and "cannot take the example input of shape (1, 2, 2)" in res.output
     assert "--input-shape" in res.output and not (tmp_path / "e.onnx").exists()
+    with monkeypatch.context() as m:
+        m.setitem(sys.modules, "onnx", None)
+        res = mce_cli("export", f, "--format", "onnx", "--out", tmp_path / "e.onnx")
+        assert res.exit_code == 2 and "pip install mcensemble[export]" in res.output and "Traceback" not in res.output
     no_spec = save_ensemble(tmp_path / "nospec.safetensors", states)
     res = mce_cli("export", no_spec, "--format", "onnx", "--out", tmp_path / "e.onnx")
     assert res.exit_code == 1 and "does not say how to build the model" in res.output
