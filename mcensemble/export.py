@@ -252,10 +252,10 @@ def export_file(ensemble: str | os.PathLike, out: str | os.PathLike, *, format: 
             raise BadOptionError(f"input_shape must be positive integers (C,H,W), got {input_shape!r}",
                                  option="input_shape")
         example = torch.rand(2, *shape, generator=torch.Generator().manual_seed(0))
-    from .ensemble import load
+    from . import load_ensemble
     if isinstance(model, str):
         from .models import ModelSpec, import_entry
         import_entry(model)
         model = ModelSpec(entry=model)
-    ens = load(ensemble, model=model, trust_remote_code=trust_remote_code, device="cpu")
+    ens = load_ensemble(ensemble, model=model, trust_remote_code=trust_remote_code, device="cpu")
     return export_ensemble(ens, out, format=format, example=example, data=data, verify=verify)

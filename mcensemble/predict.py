@@ -248,12 +248,12 @@ def predict_file(ensemble: str | os.PathLike, inputs: str | os.PathLike, out: st
     if flag_above is not None and (isinstance(flag_above, bool) or not isinstance(flag_above, (int, float))
                                    or flag_above != flag_above):
         raise BadOptionError(f"flag_above must be a number, got {flag_above!r}", option="flag_above")
-    from .ensemble import load
+    from . import load_ensemble
     if isinstance(model, str):
         from .models import ModelSpec, import_entry
         import_entry(model)  # fail early, naming the spec
         model = ModelSpec(entry=model)
-    ens = load(ensemble, model=model, trust_remote_code=trust_remote_code, device=device)
+    ens = load_ensemble(ensemble, model=model, trust_remote_code=trust_remote_code, device=device)
     net = ens.members[0]
     batches, names, kind = _batches(inputs, net, batch_size=batch_size, workers=workers, split=split,
                                     pin_memory=str(device).startswith("cuda"))
