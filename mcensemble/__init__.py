@@ -25,9 +25,9 @@ _EXPORTS = {
 #: (`mcensemble.hooks.channel_dropout(...)`), imported on first use. `mcensemble.evaluate` is
 #: the function (`from mcensemble.evaluate import scan` still reaches the module).
 _SUBMODULES = frozenset({
-    "align", "baselines", "bn", "checkpoints", "connect", "data", "distributed", "ensemble", "errors",
-    "hooks", "members", "models", "noise", "pack", "paths", "pipeline", "plane", "plot", "precision", "runs",
-    "snapshots", "stability", "train", "units", "zoo",
+    "align", "baselines", "bn", "calibration", "checkpoints", "connect", "data", "distributed", "ensemble", "errors",
+    "export", "hooks", "members", "models", "noise", "pack", "paths", "pipeline", "plane", "plot", "precision",
+    "predict", "runs", "snapshots", "stability", "train", "uncertainty", "units", "zoo",
 })
 
 __all__ = ["__version__", *_EXPORTS]

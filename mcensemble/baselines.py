@@ -36,12 +36,16 @@ class Scorer:
     """Log-probabilities of models on named splits, and the metrics of (weighted) mixtures.
 
     `net`: the architecture (copied once as scratch space; state dicts are loaded into the
-    copy). `splits`: name -> loader of labelled batches."""
+    copy). `splits`: name -> loader of labelled batches. `calibrate`: a split name: every
+    row then also gets `"calibration"` (`calibration.calibration_summary`: a temperature
+    fitted on that split, NLL / ECE / Brier before and after on every split)."""
 
-    def __init__(self, net: nn.Module, splits: Mapping[str, Iterable[Any]], *, device: str | torch.device = "cpu"):
+    def __init__(self, net: nn.Module, splits: Mapping[str, Iterable[Any]], *, device: str | torch.device = "cpu",
+                 calibrate: str | None = None):
         self.net = copy.deepcopy(net)
         self.splits = dict(splits)
         self.device = device
+        self.calibrate = calibrate if calibrate in self.splits else None
         self.log_probs: dict[Any, dict[str, torch.Tensor]] = {}
         self.labels: dict[str, torch.Tensor] = {}
 
@@ -78,6 +82,13 @@ class Scorer:
         for s in self.splits:
             row[s] = ensemble_metrics([self.log_probs[k][s] for k in keys], self.label(s),
                                       weights if weights is not None else None).to_dict()
+        if self.calibrate is not None:
+            from .calibration import calibration_summary
+            from .members import mean_log_prob
+            mix = {s: (mean_log_prob(torch.stack([self.log_probs[k][s] for k in keys]), weights), self.label(s))
+                   for s in self.splits}
+            fit = mix.pop(self.calibrate)
+            row["calibration"] = calibration_summary(fit, self.calibrate, mix)
         return row
 
 

@@ -8,7 +8,7 @@ from __future__ import annotations
 
 __all__ = [
     "MCEnsembleError", "CheckpointError", "UnsafeCheckpointError", "NonFiniteError",
-    "ArchitectureMismatchError", "BadOptionError", "ModelSpecError", "DataSpecError",
+    "ArchitectureMismatchError", "BadOptionError", "ModelSpecError", "DataSpecError", "ExportError",
 ]
 
 
@@ -46,3 +46,7 @@ class ModelSpecError(BadOptionError):
 
 class DataSpecError(BadOptionError):
     """A data spec (digits, folder, module:function) cannot be resolved or does not fit the model."""
+
+
+class ExportError(MCEnsembleError):
+    """An ensemble cannot be exported, or the exported file does not compute the ensemble."""

@@ -150,6 +150,7 @@ class BuildOptions:
     neb: Any = None  # a paths.neb.NebConfig for --method neb (None: its defaults, --weight-decay, --seed)
     save_dtype: str | None = None  # the ensemble file's member dtype ("fp32", "bf16", "fp16"; None: as trained)
     search_steps: int | None = None  # dropout / short: swap trials per group choosing the halves (None: 48 / 4)
+    calibrate: bool = True  # fit a temperature on the selection data (val) and store it in the ensemble file
     curve: CurveConfig | None = field(init=False, repr=False, compare=False, default=None)
 
     def __post_init__(self) -> None:

@@ -20,6 +20,7 @@ from ._io import sha256_file
 from .align import RepairedPath, align_states
 from .baselines import decision_sentence, soup_state
 from .bn import has_batchnorm, labelled_batch
+from .calibration import apply_temperature, calibrate_build, file_record
 from .checkpoints import load_checkpoint, save_checkpoint
 from .data import check_input_fits, create_loader, example_input
 from .demo import fresh_run_dir, train_default_endpoints
@@ -30,8 +31,8 @@ from .errors import BadOptionError, MCEnsembleError
 from .evaluate import evaluate, scan
 from .hooks import fge_train
 from .inputs import data_loaders, load_endpoints, loader_for_test_data, model_arg, unit_graph_of
-from .members import (Candidate, candidate_state, ensemble_metrics, evaluate_candidates, predict_log_probs, select_members,
-                      uniform_points)
+from .members import (Candidate, candidate_state, ensemble_metrics, evaluate_candidates, mean_log_prob,
+                      predict_log_probs, select_members, uniform_points)
 from .models import ModelSpec, as_factory, create_model, import_entry
 from .options import BuildOptions, CurveConfig, DataOptions, ModelOptions, check_count
 from .pack import pack_pair, pack_report
@@ -299,6 +300,7 @@ def build_ensemble(files: Sequence[str | os.PathLike], *, model: ModelOptions, d
     report = build_report(files, cks, paths, grid, members, weights, line, opts, data, greedy=greedy,
                            batchnorm=has_batchnorm(net), ensemble=ens_metrics(ens, train, val, data.device, test))
     report["choice"] = choice
+    report["calibration"] = calibrate_build(ens, val, test, enabled=opts.calibrate, device=data.device)
     if aligned:
         report["aligned"] = aligned
     soup_sd = _soup(net, states, weights, train, data)
@@ -310,7 +312,8 @@ def build_ensemble(files: Sequence[str | os.PathLike], *, model: ModelOptions, d
                for f, ck in zip(files, cks)]
     if out is not None and is_main():  # several processes: only rank 0 writes
         save_ensemble(out, states, model_spec=spec, members=[c.info(kind) for c in members], sources=sources,
-                      weights=weights, dtype=opts.save_dtype, extra={"method": opts.method, "selection": report["selection"],
+                      weights=weights, dtype=opts.save_dtype, calibration=file_record(report["calibration"]),
+                      extra={"method": opts.method, "selection": report["selection"],
                                               "choice": choice_summary(choice),
                                               "bn_reestimated": report["bn_reestimated"], "n_paths": len(paths)})
     if path_out is not None and is_main():
@@ -344,13 +347,21 @@ def _write_soup(dest, soup_sd, net, train, val, ck, data: DataOptions) -> dict[s
 
 
 def evaluate_ensemble_file(file: str | os.PathLike, *, model: Any = None, trust_remote_code: bool = False,
-                           data: DataOptions) -> dict[str, Any]:
+                           data: DataOptions, calibrate: bool = False,
+                           out: str | os.PathLike | None = None) -> dict[str, Any]:
     """Each member's and the (weighted) ensemble's accuracy, NLL and ECE on the evaluation
     data (`data.val_data`, else `data.data`; digits: its val split), and the baselines
     (`report["baselines"]`): the checkpoints the file records as sources (when the files are
     still there and unchanged) and their ensemble, the soup and the packed pair (both need
     training data: `data.data` when `data.val_data` is given; a soup without BatchNorm does
-    not), each on the evaluation data and on `data.test_data`."""
+    not), each on the evaluation data and on `data.test_data`. These are all uncalibrated (T =
+    1); a file's own temperature gives `report["ensemble_calibrated"]`. `calibrate`: every row also
+    gets a temperature fitted on the evaluation data (`report["calibration"]`: the file's
+    ensemble's, NLL / ECE / Brier before and after); `out`: write the ensemble with that
+    temperature there (needs `calibrate`)."""
+    if out is not None and not calibrate:
+        raise BadOptionError("`out` writes the ensemble with the temperature `calibrate` fits: pass both",
+                             option="out")
     if isinstance(model, str):
         import_entry(model)  # fail early, naming the spec
         model = ModelSpec(entry=model)
@@ -369,12 +380,23 @@ def evaluate_ensemble_file(file: str | os.PathLike, *, model: Any = None, trust_
     members = [{**ensemble_metrics([lp], labels).to_dict(), "t": m.get("t") if isinstance(m, dict) else None,
                 "weight": w} for m, lp, w in zip(info, per, ens.weights)]
     rep = {"file": str(file), "data": spec, "split": split, "members": members,
-           "ensemble": ensemble_metrics(per, labels, ens.weights).to_dict(), "strategy": ens.strategy,
-           "test_data": data.test_data}
+           "ensemble": ensemble_metrics(per, labels, ens.weights).to_dict(), "temperature": ens.temperature,
+           "strategy": ens.strategy, "test_data": data.test_data}
+    if ens.temperature != 1.0:  # the file's ensemble as it predicts: its temperature applied
+        mix = apply_temperature(mean_log_prob(torch.stack(per), ens.weights), ens.temperature)
+        rep["ensemble_calibrated"] = ensemble_metrics([mix], labels).to_dict()
     train = None
     if data.val_data and data.data:
         train = create_loader(data.data, split="train", batch_size=data.batch_size, model=net)
-    rep["baselines"] = eval_baselines(ens, file, per, loader, train, loader_for_test_data(net, data), model, data)
+    rep["baselines"] = eval_baselines(ens, file, per, loader, train, loader_for_test_data(net, data), model, data,
+                                      calibrate=calibrate)
+    if calibrate:
+        rep["calibration"] = rep["baselines"][-1]["calibration"]
+        if out is not None and is_main():
+            ens.temperature = rep["calibration"]["temperature"]
+            ens.metadata["calibration"] = {**file_record(rep["calibration"]), "data": str(spec)}
+            ens.save(out)
+            rep["out"] = str(out)
     return rep
 
 
@@ -427,6 +449,7 @@ def build_fge(files: Sequence[str | os.PathLike], *, model: ModelOptions, data: 
         "ensemble": ens_metrics(ens, train, val, data.device, test),
         "fge": {"cycles": opts.members, "epochs": opts.epochs, "lr_max": opts.lr, "lr_min": opts.lr / 100},
         "split": "val" if val is not None else "train", "warnings": [] if val is not None else [TRAIN_ONLY_WARNING],
+        "calibration": calibrate_build(ens, val, test, enabled=opts.calibrate, device=data.device),
     }
     if choice is not None:
         report["selection"], report["choice"] = "confirmed-val-nll", choice
@@ -439,7 +462,7 @@ def build_fge(files: Sequence[str | os.PathLike], *, model: ModelOptions, data: 
         if choice is not None:
             extra["choice"] = choice_summary(choice)
         save_ensemble(out, states, model_spec=ck.model_spec, members=members, sources=sources, weights=weights,
-                      dtype=opts.save_dtype, extra=extra)
+                      dtype=opts.save_dtype, calibration=file_record(report["calibration"]), extra=extra)
     if soup is not None:
         report["soup"] = _write_soup(soup, soup_sd, net, train, val, ck, data)
     report["timings"] = {"total_s": time.perf_counter() - t0}

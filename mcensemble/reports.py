@@ -22,7 +22,8 @@ from .options import BuildOptions, DataOptions
 
 __all__ = ["TRAIN_ONLY_WARNING", "describe_source", "data_report", "report_splits", "choice_report",
            "choice_summary", "build_report", "scan_summary", "cand_metrics", "endpoint_cands", "ens_metrics",
-           "soup_note", "packed_row", "build_baselines", "source_states", "eval_baselines", "fge_baselines"]
+           "soup_note", "packed_row", "build_baselines", "source_states", "eval_baselines", "fge_baselines",
+           "calibrated_on", "calibration_of"]
 
 _log = logging.getLogger(__name__)
 
@@ -207,7 +208,7 @@ def build_baselines(net, grid, paths, ends, soup_sd, report, opts: BuildOptions,
     `EnsembleModel`), its row carries `vs_reference`: its NLL gain over the reference
     (`report["choice"]["reference"]`, else the checkpoints' ensemble) per split, with an interval."""
     train, val, test = loaders
-    sc = Scorer(net, report_splits(train, val, test), device=data.device)
+    sc = Scorer(net, report_splits(train, val, test), device=data.device, calibrate=calibrated_on(report))
     ends_c = endpoint_cands(grid, len(paths))
     for name, c in ends_c:
         sc.add(name, candidate_state(paths[c.path], c), known={"val": c.val_log_probs})
@@ -225,16 +226,32 @@ def build_baselines(net, grid, paths, ends, soup_sd, report, opts: BuildOptions,
     e = report["ensemble"]
     k = len(report["members"])
     row = {"name": f"built ensemble ({k} member{'s' if k != 1 else ''})", "kind": "ensemble",
-           "cost": sum(1 for m in report["members"] if m["weight"] > 0), **{s: e[s] for s in sc.splits if s in e}}
+           "cost": sum(1 for m in report["members"] if m["weight"] > 0), **{s: e[s] for s in sc.splits if s in e},
+           **calibration_of(report)}
     if ensemble is not None:
         ref = (report.get("choice") or {}).get("reference")
         at = {round(m["t"], 9) for m in ref["members"]} if ref else None
         ref_keys = [n for n, c in ends_c if at is None or round(c.u, 9) in at]
-        sc.add("built", model=ensemble)
+        temperature, ensemble.temperature = ensemble.temperature, 1.0  # compared as chosen: uncalibrated
+        try:
+            sc.add("built", model=ensemble)
+        finally:
+            ensemble.temperature = temperature
         row["vs_reference"] = vs_reference(sc, ref["name"] if ref else f"the {len(names)} checkpoints' ensemble",
                                            ref_keys, ["built"])
     rows.append(row)
     return rows
+
+
+def calibrated_on(report) -> str | None:
+    """The split a build's temperature was fitted on (the baselines are calibrated on it too)."""
+    cal = report.get("calibration") or {}
+    return cal.get("fit") if "temperature" in cal else None
+
+
+def calibration_of(report) -> dict[str, Any]:
+    """`{"calibration": ...}` for the built ensemble's row when the build fitted a temperature."""
+    return {"calibration": report["calibration"]} if calibrated_on(report) else {}
 
 
 def source_states(ens, file, model) -> tuple[list[tuple[str, dict]], list[tuple[str, str]]]:
@@ -262,12 +279,14 @@ def source_states(ens, file, model) -> tuple[list[tuple[str, dict]], list[tuple[
     return found, why
 
 
-def eval_baselines(ens, file, per, loader, train, test, model, data: DataOptions) -> list[dict[str, Any]]:
+def eval_baselines(ens, file, per, loader, train, test, model, data: DataOptions, *,
+                   calibrate: bool = False) -> list[dict[str, Any]]:
     """`eval`'s rows: the recorded checkpoints (as saved) and their ensemble, the soup, the
-    packed pair and the file's ensemble, on the evaluation data ("eval") and `--test-data`."""
+    packed pair and the file's ensemble, on the evaluation data ("eval") and `--test-data`;
+    `calibrate`: each row also gets a temperature fitted on the evaluation data."""
     splits = {"eval": loader, **({"test": test} if test is not None else {})}
     net = ens.members[0]
-    sc = Scorer(net, splits, device=data.device)
+    sc = Scorer(net, splits, device=data.device, calibrate="eval" if calibrate else None)
     for i, member in enumerate(ens.members):
         sc.add(("member", i), model=member, known={"eval": per[i]})
     srcs, why = source_states(ens, file, model)
@@ -329,7 +348,7 @@ def _eval_reference(sc, ens, names: list[str]) -> dict[str, Any]:
 def fge_baselines(net, ck, soup_sd, report, loaders, data: DataOptions) -> list[dict[str, Any]]:
     """FGE's rows: the start checkpoint (cost 1), the snapshots' soup (cost 1), the packed
     pair (does not apply: one checkpoint) and the FGE ensemble (cost K)."""
-    sc = Scorer(net, report_splits(*loaders), device=data.device)
+    sc = Scorer(net, report_splits(*loaders), device=data.device, calibrate=calibrated_on(report))
     sc.add("start", ck.state_dict)
     sc.add("soup", soup_sd)
     e, k = report["ensemble"], len(report["members"])
@@ -337,4 +356,4 @@ def fge_baselines(net, ck, soup_sd, report, loaders, data: DataOptions) -> list[
             sc.row("soup", "soup", ["soup"], note=soup_note(report)),
             skipped_row("packed pair", "packed", 1, "FGE starts from one checkpoint: there is no pair to pack"),
             {"name": f"FGE ensemble ({k} member{'s' if k != 1 else ''})", "kind": "ensemble", "cost": k,
-             **{s: e[s] for s in sc.splits if s in e}}]
+             **{s: e[s] for s in sc.splits if s in e}, **calibration_of(report)}]
