@@ -105,3 +105,30 @@ def test_a_missed_axis_shows_in_the_logits(name, tensor):
         bad = _logits(model, permute_state_dict(state, cut, {g.name: perm}), x)
     assert float((ref - good).norm() / ref.norm()) < 1e-4
     assert float((ref - bad).norm() / ref.norm()) > 1e-4
+
+
+def test_build_on_a_vit_pair_aligns_before_fitting_without_warning(tmp_path, caplog):
+    """`build` (a bezier curve, alignment by default) on two ViTs: the checkpoints are
+    aligned on the unit graph, the curve is fitted between them, nothing is warned."""
+    import logging
+
+    from mcensemble.checkpoints import save_checkpoint
+    from mcensemble.options import BuildOptions, DataOptions, ModelOptions
+    from mcensemble.pipeline import build_ensemble
+
+    args = {"img_size": 8, "patch_size": 4, "embed_dim": 16, "depth": 2, "num_heads": 2}
+    files = []
+    for seed in (0, 1):
+        torch.manual_seed(seed)
+        net = timm.create_model("test_vit", num_classes=10, in_chans=1, **args)
+        files.append(tmp_path / f"vit-{seed}.safetensors")
+        save_checkpoint(_randomised(net, seed), files[-1], metadata={
+            "arch": "test_vit", "num_classes": 10, "in_chans": 1, "model_args": args})
+    with caplog.at_level(logging.WARNING):
+        res = build_ensemble(files, model=ModelOptions(), data=DataOptions(data="digits", batch_size=256),
+                             opts=BuildOptions(method="bezier", epochs=1, members=2, candidates=3,
+                                               packed=False))
+    assert not [r for r in caplog.records if r.levelno >= logging.WARNING and "align" in r.getMessage()]
+    (info,) = res.report["aligned"]
+    assert info["groups"] > 0 and info["moved"] > 0
+    assert info["objective_after"] >= info["objective_before"]
