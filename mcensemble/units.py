@@ -706,8 +706,8 @@ def _op_name(gm: fx.GraphModule, node: fx.Node) -> str:
 def _axis_map(ins: tuple, outs: tuple, d: int):
     """Where axis `d` of shape `ins` goes under a reshape to `outs`: ("keep", e),
     ("merge", e, m) (axis e holds d merged with the axes after it, m entries per index of
-    d), ("split", (e1, ..., ek)) (d split over consecutive axes, size-1 axes left out), or
-    None (d merged with axes before it, or cut across)."""
+    d), ("split", (e1, ..., ek)) (d split over consecutive axes, size-1 axes left out), ("repeat", e, m)
+    (d the innermost of axes merged into e: m copies of d side by side), or None."""
     outer, size, inner = math.prod(ins[:d]), ins[d], math.prod(ins[d + 1:])
     for e1 in reversed(range(len(outs))):  # past size-1 axes: an unsqueeze keeps the axis
         if math.prod(outs[:e1]) != outer:
@@ -724,6 +724,12 @@ def _axis_map(ins: tuple, outs: tuple, d: int):
                         and rest == inner // (p // size):
                     return ("merge", e1, p // size)
                 break
+    for e in range(len(outs)):  # d the innermost of axes merged into e: d repeated
+        m = outs[e] // size if size and outs[e] % size == 0 else 0
+        if m > 1 and math.prod(outs[e + 1:]) == inner and any(
+                math.prod(ins[j:d]) == m and math.prod(ins[:j]) == math.prod(outs[:e])
+                for j in range(d)):
+            return ("repeat", e, m)
     return None
 
 
@@ -788,6 +794,10 @@ def _dense(b: _Builder, w: _Param, bias: _Param | None, w_shape, groups: int,
     if isinstance(x, (_Multi, _Tuple)):
         raise b.fail("its input holds units on several axes")
     if isinstance(x, _Label) and x.dim != in_dim:
+        if chan_last and groups == 1 and outs[x.dim] == ins[x.dim]:
+            # a Linear along another axis (MLP-Mixer's token mixing) acts alike on every
+            # unit: they pass through; its own hidden units stay fixed (no group)
+            return x
         raise b.fail(f"the layer mixes axis {in_dim}, but the hidden units sit on axis {x.dim}")
 
     def refs(lab: _Label, p: _Param | None, dim: int, roles: tuple[str, str]):
@@ -1028,7 +1038,7 @@ def _h_reshape(b: _Builder, _=None):
                 dims[m[1]] = ent
             elif m[0] == "merge":
                 dims[m[1]] = tuple((t, ax, per * m[2]) for t, ax, per in ent)
-            else:
+            elif m[0] == "split":
                 rest = math.prod(outs[e] for e in m[1][1:])
                 dims[m[1][0]] = tuple((t, ax, per // rest) for t, ax, per in ent
                                       if per % rest == 0)
@@ -1047,6 +1057,8 @@ def _h_reshape(b: _Builder, _=None):
         return _Label(m[1], x.segs)
     if m[0] == "merge":
         return _Label(m[1], tuple((g, n, blk * m[2]) for g, n, blk in x.segs))
+    if m[0] == "repeat":  # (..., 2, 2, C) -> (..., 4C): the units once per outer index
+        return _Label(m[1], x.segs * m[2])
     axes = m[1]
     segs = b.coarsen(x.segs, outs[axes[-1]])
     if len(axes) == 2:
@@ -1156,14 +1168,31 @@ def _h_expand(b: _Builder, _=None):
     return None
 
 
-def _h_softmax(b: _Builder, _=None):
+def _h_softmax(b: _Builder, m=None):
+    """softmax over an axis other than the units' (attention weights over keys)."""
     x = b.label(b.node.args[0])
     if x is None or isinstance(x, _Param):
         return None
     nd = len(b.shape(b.node))
-    dim = b.arg(1, "dim") % nd
+    dim = (m.dim if isinstance(m, nn.Module) else b.arg(1, "dim"))
+    if dim is None:
+        raise b.fail("softmax without a dim")
+    dim %= nd
     if (isinstance(x, _Label) and dim == x.dim) or (isinstance(x, _Multi) and dim in x.axes):
         raise b.fail("it normalises over the units' axis")
+    return x
+
+
+def _h_roll(b: _Builder, _=None):
+    """torch.roll over spatial axes (Swin's shifted windows)."""
+    x = b.label(b.node.args[0])
+    if not isinstance(x, _Label):
+        return None if x is None or isinstance(x, _Param) else _fail(b, "its input holds units on several axes")
+    dims = b.arg(2, "dims")
+    nd = len(b.shape(b.node))
+    dims = (dims,) if isinstance(dims, int) else tuple(dims or ())
+    if not dims or x.dim in {d % nd for d in dims}:
+        raise b.fail("it rolls the units' axis")
     return x
 
 
@@ -1449,6 +1478,7 @@ MODULE_HANDLERS: dict[type, Handler] = {
     nn.GroupNorm: _h_groupnorm,
     nn.PReLU: _h_prelu,
     nn.Flatten: _h_reshape,
+    nn.Softmax: _h_softmax,
 }
 
 _PASS_FUNCTIONS = (
@@ -1478,7 +1508,7 @@ FUNCTION_HANDLERS: dict[Any, Handler] = {
     torch.split: _h_chunk, torch.chunk: _h_chunk,
     F.scaled_dot_product_attention: _h_sdpa,
     operator.matmul: _h_matmul, torch.matmul: _h_matmul, torch.bmm: _h_matmul,
-    F.softmax: _h_softmax, torch.softmax: _h_softmax,
+    F.softmax: _h_softmax, torch.softmax: _h_softmax, torch.roll: _h_roll,
     **_timm_functions(),
 }
 
@@ -1494,7 +1524,7 @@ METHOD_HANDLERS: dict[str, Handler] = {
                                "view_as", "reshape_as")},
     "permute": _h_permute, "transpose": _h_transpose, "unbind": _h_unbind,
     "chunk": _h_chunk, "split": _h_chunk, "matmul": _h_matmul, "bmm": _h_matmul,
-    "softmax": _h_softmax, "expand": _h_expand, "expand_as": _h_expand,
+    "softmax": _h_softmax, "expand": _h_expand, "expand_as": _h_expand, "roll": _h_roll,
 }
 
 
