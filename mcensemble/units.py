@@ -427,6 +427,7 @@ class _Builder:
 
     def _derived(self, root: int, size: int, name: str) -> int:
         gid = self.new_group(size, name, None)
+        self.events.pop()  # it reads what the group it comes from reads
         for g, reads in [e for e in self.events if self.find(e[0]) == root]:
             self.events.append((gid, reads))
         return gid
@@ -444,7 +445,8 @@ class _Builder:
     def split_group(self, gid: int, sizes: Sequence[int]) -> None:
         """Cut the (leaf) group of `gid` into consecutive pieces of `sizes` units."""
         root = self.find(gid)
-        assert root not in self.xform and sum(sizes) == self.size[root]
+        if root in self.xform or sum(sizes) != self.size[root]:
+            raise self.fail("internal: a refined group is cut again")
         pieces = tuple((self._derived(root, k, f"{self.name[root]}[{i}]"), k)
                        for i, k in enumerate(sizes))
         self.xform[root] = ("split", pieces)
@@ -454,7 +456,8 @@ class _Builder:
     def coarsen_group(self, gid: int, f: int) -> None:
         """Make every `f` consecutive units of the (leaf) group of `gid` one unit."""
         root = self.find(gid)
-        assert root not in self.xform and self.size[root] % f == 0
+        if root in self.xform or self.size[root] % f:
+            raise self.fail("internal: a refined group is made blocks again")
         self.xform[root] = ("coarse", self._derived(root, self.size[root] // f,
                                                      f"{self.name[root]}/{f}"), f)
         for ref in self._take_refs(root):
@@ -860,13 +863,13 @@ def _norm_refs(b: _Builder, params: Sequence[_Param | None], *, chan_last: bool)
     channels-last norm over an axis other than the units' (LayerNorm over head_dim when
     the units are heads) treats every unit alike: it passes them through."""
     x = b.label(b.node.args[0])
-    if isinstance(x, _Param):
+    if x is None or isinstance(x, _Param):
         return None
-    if not isinstance(x, _Label):
-        return _passthrough(b) if isinstance(x, _Multi) and chan_last and \
-            len(b.shape(b.node.args[0])) - 1 not in x.axes else (
-                None if x is None else _fail(b, "its input holds units on several axes"))
     nd = len(b.shape(b.node.args[0]))
+    if isinstance(x, _Multi) and chan_last and nd - 1 not in x.axes:
+        return _passthrough(b)
+    if not isinstance(x, _Label):
+        raise b.fail("its input holds units on several axes")
     if x.dim != (nd - 1 if chan_last else 1):
         if chan_last:
             return _passthrough(b)
@@ -877,10 +880,6 @@ def _norm_refs(b: _Builder, params: Sequence[_Param | None], *, chan_last: bool)
                 raise b.fail("its weight merges the units' axis with others")
             b.add_refs(x, t, ax, "bn")
     return _passthrough(b)
-
-
-def _fail(b: _Builder, what: str):
-    raise b.fail(what)
 
 
 def _h_batchnorm(b: _Builder, m: nn.modules.batchnorm._BatchNorm):
@@ -902,9 +901,10 @@ def _group_norm(b: _Builder, groups: int, params):
     statistics are symmetric in its channels), so every group boundary cuts the unit
     groups there; the per-channel weight / bias become "bn" members."""
     x = b.label(b.node.args[0])
+    if x is None or isinstance(x, _Param):
+        return _passthrough(b)
     if not isinstance(x, _Label):
-        return _passthrough(b) if x is None or isinstance(x, _Param) else _fail(
-            b, "its input holds units on several axes")
+        raise b.fail("its input holds units on several axes")
     if x.dim != 1:
         raise b.fail(f"the norm's channel axis is not the axis the units sit on ({x.dim})")
     c = b.shape(b.node.args[0])[1]
@@ -1169,7 +1169,8 @@ def _h_expand(b: _Builder, _=None):
 
 
 def _h_softmax(b: _Builder, m=None):
-    """softmax over an axis other than the units' (attention weights over keys)."""
+    """softmax: over another axis (attention weights over keys) or over the units' axis
+    (permutation-equivariant), the units pass through."""
     x = b.label(b.node.args[0])
     if x is None or isinstance(x, _Param):
         return None
@@ -1178,16 +1179,18 @@ def _h_softmax(b: _Builder, m=None):
     if dim is None:
         raise b.fail("softmax without a dim")
     dim %= nd
-    if (isinstance(x, _Label) and dim == x.dim) or (isinstance(x, _Multi) and dim in x.axes):
-        raise b.fail("it normalises over the units' axis")
-    return x
+    if isinstance(x, _Multi) and dim in x.axes:
+        raise b.fail("it normalises over one of the axes the units span")
+    return x  # over the units' own axis it is equivariant: it commutes with permuting them
 
 
 def _h_roll(b: _Builder, _=None):
     """torch.roll over spatial axes (Swin's shifted windows)."""
     x = b.label(b.node.args[0])
+    if x is None or isinstance(x, _Param):
+        return None
     if not isinstance(x, _Label):
-        return None if x is None or isinstance(x, _Param) else _fail(b, "its input holds units on several axes")
+        raise b.fail("its input holds units on several axes")
     dims = b.arg(2, "dims")
     nd = len(b.shape(b.node))
     dims = (dims,) if isinstance(dims, int) else tuple(dims or ())
@@ -1232,7 +1235,9 @@ def _h_getitem(b: _Builder, _=None):
     src, idx = b.node.args[0], b.node.args[1]
     x = b.label(src)
     if isinstance(x, _Tuple):
-        return x.items[idx] if isinstance(idx, int) else _fail(b, f"an index {idx!r} of a tuple")
+        if not isinstance(idx, int):
+            raise b.fail(f"an index {idx!r} of a tuple")
+        return x.items[idx]
     ins = b.shape(src)
     if x is None or ins is None:
         return None
@@ -1259,19 +1264,14 @@ def _h_getitem(b: _Builder, _=None):
     return None
 
 
-def _multi_piece(b: _Builder, x: _Multi, i: int, k: int = 1):
-    """Indices i..i+k-1 of the outermost of `x`'s axes, as the label of the piece."""
-    inner = math.prod(x.sizes[1:])
-    segs = b.slice_segs(x.segs, i * inner, (i + k) * inner)
-    return segs
-
-
 def _multi_index(b: _Builder, x: _Multi, how: dict):
+    """`x` indexed: an integer on its outermost axis picks a part (q of a fused qkv)."""
     first = how[x.axes[0]]
     if any(h[0] != "keep" or h[2] != slice(None) for a, h in how.items() if a != x.axes[0]):
         raise b.fail("it indexes an inner axis of the units")
     if first[0] == "int":
-        segs = _multi_piece(b, x, first[1] % x.sizes[0])
+        inner, i = math.prod(x.sizes[1:]), first[1] % x.sizes[0]
+        segs = b.slice_segs(x.segs, i * inner, (i + 1) * inner)
         axes = tuple(how[a][1] for a in x.axes[1:])
         return _Label(axes[0], segs) if len(axes) == 1 else _Multi(axes, x.sizes[1:], segs)
     if first[0] == "keep" and first[2] == slice(None):
@@ -1421,7 +1421,9 @@ def _h_last_axis_fn(b: _Builder, _=None):
     x = b.label(b.node.args[0])
     ins, outs = b.shape(b.node.args[0]), b.shape(b.node)
     if ins is None or outs is None or ins[-1] != outs[-1]:
-        return None if not isinstance(x, (_Label, _Multi)) else _fail(b, "it changes the channel axis")
+        if isinstance(x, (_Label, _Multi)):
+            raise b.fail("it changes the channel axis")
+        return None
     if isinstance(x, _Param):
         return _Param(((),) * (len(outs) - 1) + (x.at(len(ins) - 1),))
     if isinstance(x, _Label) and x.dim == len(ins) - 1:

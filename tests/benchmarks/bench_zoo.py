@@ -1,0 +1,205 @@
+"""Benchmark: the unit graph over timm's families, and what alignment buys on ViTs.
+
+1. Pass table over small real architectures (pretrained=False, 224x224, eval mode): does
+   `build_unit_graph` place every op (time), does a random permutation of every unit group
+   leave the logits unchanged (relative difference of the logits of 2 random images,
+   every floating state tensor randomised first so that a missed axis shows), and does
+   weight matching bring a randomly permuted copy back bit for bit (sweeps, time).
+2. The payoff on trained pairs (two seeds, same recipe) of a small timm ViT (test_vit at
+   28x28, patch 4) and a hybrid (test_coatnet at 32x32, MNIST padded) on 2,000 real MNIST
+   digits (tests/benchmarks/_mnist.py; validation: 1,000 others): the straight-line
+   barrier `max_t L(t) - ((1-t) L(A) + t L(B))` (11 points, BatchNorm re-estimated) and the
+   same barrier along the default curve (one Bezier bend, `CurveConfig` defaults but for
+   the epochs) fitted at the same small budget, between A and B as they are and between A
+   and B aligned by weight matching.
+
+Run:  python tests/benchmarks/bench_zoo.py [--out FILE.md] [--threads 1] [--only table|payoff]
+Not collected by pytest (file name does not start with test_).
+"""
+from __future__ import annotations
+
+import argparse
+import os
+import sys
+import time
+
+import torch
+import torch.nn.functional as F
+
+sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
+
+REAL = ["resnet18", "efficientnet_b0", "mobilenetv3_small_100", "convnext_atto", "regnetx_002",
+        "densenet121", "vit_tiny_patch16_224", "deit_tiny_patch16_224", "deit_tiny_distilled_patch16_224",
+        "swin_tiny_patch4_window7_224", "mixer_s16_224"]
+
+
+def randomised(model: torch.nn.Module, seed: int) -> dict:
+    gen = torch.Generator().manual_seed(seed)
+    out = {}
+    for k, v in model.state_dict().items():
+        if v.is_floating_point():
+            r = torch.randn(v.shape, generator=gen, dtype=v.dtype) * 0.02
+            out[k] = r.abs() + 0.5 if k.endswith("running_var") else v + r
+        else:
+            out[k] = v
+    return out
+
+
+def pass_row(name: str) -> dict:
+    import timm
+
+    from mcensemble.align import weight_matching
+    from mcensemble.units import build_unit_graph, permute_state_dict
+    row = {"name": name}
+    model = timm.create_model(name, pretrained=False).eval()
+    row["params"] = sum(p.numel() for p in model.parameters())
+    x = torch.randn(2, *model.pretrained_cfg["input_size"], generator=torch.Generator().manual_seed(0))
+    t0 = time.perf_counter()
+    try:
+        graph = build_unit_graph(model, x[:1])
+    except Exception as e:  # the table reports it
+        row["error"] = f"{type(e).__name__}: {e}"
+        return row
+    row["t_graph"] = time.perf_counter() - t0
+    row["groups"] = len(graph.groups)
+    row["units"] = sum(g.size for g in graph.groups)
+    state = randomised(model, 1)
+    gen = torch.Generator().manual_seed(2)
+    q = {g.name: torch.randperm(g.size, generator=gen) for g in graph.groups}
+    permuted = permute_state_dict(state, graph, q)
+    with torch.no_grad():
+        ref = torch.func.functional_call(model, state, (x,))
+        got = torch.func.functional_call(model, permuted, (x,))
+    row["rel"] = float((ref - got).norm() / ref.norm())
+    t0 = time.perf_counter()
+    res = weight_matching(graph, state, permuted, max_iter=20)
+    row["t_match"] = time.perf_counter() - t0
+    row["sweeps"] = res.iterations
+    row["recovered"] = all(torch.equal(res.state[k], v) for k, v in state.items())
+    print(row, file=sys.stderr, flush=True)
+    return row
+
+
+def pass_table(rows: list[dict]) -> str:
+    lines = ["Pass table (pretrained=False, 224x224, eval mode; logits of 2 random images)", "",
+             "| architecture | params | graph builds | groups | permutation exact (rel. diff) "
+             "| permuted copy recovered | graph time | matching time (sweeps) |",
+             "|---|---:|---|---:|---|---|---:|---:|"]
+    for r in rows:
+        if "error" in r:
+            lines.append(f"| {r['name']} | {r['params'] / 1e6:.1f}M | no: {r['error'][:120]} | | | | | |")
+            continue
+        lines.append(
+            f"| {r['name']} | {r['params'] / 1e6:.1f}M | yes | {r['groups']} | "
+            f"{'yes' if r['rel'] < 1e-4 else 'NO'} ({r['rel']:.1e}) | "
+            f"{'yes' if r['recovered'] else 'NO'} | {r['t_graph']:.1f} s | "
+            f"{r['t_match']:.1f} s ({r['sweeps']}) |")
+    return "\n".join(lines) + "\n"
+
+
+# ----------------------------------------------------------------------------- payoff
+PAIRS = {  # label: (arch, model kwargs, pad)
+    "timm test_vit (MNIST 28x28, patch 4)": ("test_vit", {"img_size": 28, "patch_size": 4}, 0),
+    "timm test_coatnet (MNIST padded to 32x32)": ("test_coatnet", {"img_size": 32}, 2),
+}
+
+
+def mnist(pad: int):
+    from _mnist import mnist_datasets
+    from torch.utils.data import TensorDataset
+    parts = mnist_datasets((2000, 1000), seed=0)
+    out = []
+    for p in parts:
+        x, y = p.tensors
+        out.append(TensorDataset(F.pad(x, (pad,) * 4) if pad else x, y))
+    return out
+
+
+def payoff_row(label: str, arch: str, kwargs: dict, pad: int, *, epochs: int, curve_epochs: int) -> dict:
+    import timm
+    from torch.utils.data import DataLoader
+
+    from mcensemble.align import align_states
+    from mcensemble.evaluate import scan
+    from mcensemble.options import CurveConfig
+    from mcensemble.paths.fit import fit_curve
+    from mcensemble.paths.linear import LinearPath
+    from mcensemble.train import TrainConfig, train_model
+
+    def make():
+        return timm.create_model(arch, num_classes=10, in_chans=1, **kwargs)
+
+    train_set, val_set = mnist(pad)
+    train = DataLoader(train_set, batch_size=256)
+    val = DataLoader(val_set, batch_size=256)
+    states = []
+    t0 = time.perf_counter()
+    for seed in (0, 1):
+        torch.manual_seed(seed)
+        m = make()
+        loader = DataLoader(train_set, batch_size=64, shuffle=True,
+                            generator=torch.Generator().manual_seed(seed))
+        train_model(m, loader, config=TrainConfig(epochs=epochs, seed=seed, lr=0.05), progress=False)
+        states.append({k: v.clone() for k, v in m.state_dict().items()})
+    t_train = time.perf_counter() - t0
+    a, b = states
+    res = align_states(make(), a, b, example_input=train_set.tensors[0][:4], seed=0)
+    fit_loader = DataLoader(train_set, batch_size=64, shuffle=True)
+    row = {"label": label, "groups": len(res.graph.groups), "moved": res.moved, "t_train": t_train}
+    for key, end in (("plain", b), ("aligned", res.state)):
+        line = scan(LinearPath(a, end), make(), train, points=11, bn_loader=train, val_loader=val, progress=False)
+        t0 = time.perf_counter()
+        curve = fit_curve(make(), a, end, fit_loader, config=CurveConfig(epochs=curve_epochs, seed=0),
+                          progress=False)
+        t_fit = time.perf_counter() - t0
+        cur = scan(curve, make(), train, points=11, bn_loader=train, val_loader=val, progress=False)
+        row[key] = {"line": (line.barrier, line.val_barrier), "curve": (cur.barrier, cur.val_barrier),
+                    "ends": (line.points[0]["loss"], line.points[-1]["loss"]),
+                    "acc": (line.points[0].get("val_acc"), line.points[-1].get("val_acc")), "t_fit": t_fit}
+    print(row, file=sys.stderr, flush=True)
+    return row
+
+
+def payoff_table(rows: list[dict], epochs: int, curve_epochs: int) -> str:
+    lines = [f"Barriers on trained pairs (train loss / val loss, 11 points; endpoints trained "
+             f"{epochs} epochs on 2,000 MNIST digits; curve: one Bezier bend, {curve_epochs} "
+             f"epochs, otherwise the `CurveConfig` defaults)", "",
+             "| pair | groups | units moved | L(A), L(B) | line: plain | line: aligned "
+             "| curve: plain | curve: aligned |",
+             "|---|---:|---:|---|---|---|---|---|"]
+    f = lambda p: f"{p[0]:.3f} / {p[1]:.3f}"  # noqa: E731
+    for r in rows:
+        p, al = r["plain"], r["aligned"]
+        lines.append(f"| {r['label']} | {r['groups']} | {r['moved']:.0%} | "
+                     f"{p['ends'][0]:.3f}, {p['ends'][1]:.3f} | {f(p['line'])} | {f(al['line'])} | "
+                     f"{f(p['curve'])} | {f(al['curve'])} |")
+    return "\n".join(lines) + "\n"
+
+
+def main(argv=None) -> int:
+    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    ap.add_argument("--out", help="also write the markdown tables to this file")
+    ap.add_argument("--threads", type=int, default=1, help="torch threads (default 1)")
+    ap.add_argument("--only", choices=("table", "payoff"))
+    ap.add_argument("--epochs", type=int, default=6, help="training epochs of each endpoint")
+    ap.add_argument("--curve-epochs", type=int, default=2, help="epochs of each curve fit")
+    args = ap.parse_args(argv)
+    torch.set_num_threads(args.threads)
+    torch.set_flush_denormal(True)
+    parts = []
+    if args.only in (None, "table"):
+        parts.append(pass_table([pass_row(n) for n in REAL]))
+    if args.only in (None, "payoff"):
+        rows = [payoff_row(k, *v, epochs=args.epochs, curve_epochs=args.curve_epochs)
+                for k, v in PAIRS.items()]
+        parts.append(payoff_table(rows, args.epochs, args.curve_epochs))
+    text = "\n".join(parts)
+    print(text)
+    if args.out:
+        with open(args.out, "w") as f:
+            f.write(text)
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
