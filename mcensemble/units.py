@@ -14,6 +14,15 @@ lists) and propagating shapes of an example input (`ShapeProp`). Every traced op
 by a dispatch table (module type / function / method -> handler); an op that touches a
 hidden tensor and has no handler raises `UnitGraphError`, and the user can then pass the
 groups by hand (`UnitGraph.to_dict()` / `from_dict()` JSON, `graph=`).
+
+Every rule is exact. Besides layers, norms and residuals, the rules place what vision
+transformers and their hybrids do: class / register tokens and position embeddings follow
+the stream's channels; multi-head attention permutes heads as blocks of head_dim channels,
+shared by q, k, v, the output projection and relative-position biases; GroupNorm permutes
+within its groups; weights computed from state tensors (weight standardisation) carry the
+permutation to the stored tensors; chunk / split cut a layer's units into pieces. A rule
+may refine a group made earlier (cut it, or make blocks of it): that only narrows the
+permutations it allows. docs/internals.md lists the rules.
 """
 from __future__ import annotations
 
