@@ -5,8 +5,9 @@
    leave the logits unchanged (relative difference of the logits of 2 random images,
    every floating state tensor randomised first so that a missed axis shows), and does
    weight matching bring a randomly permuted copy back bit for bit (sweeps, time).
-2. The payoff on trained pairs (two seeds, same recipe) of a small timm ViT (test_vit at
-   28x28, patch 4) and a hybrid (test_coatnet at 32x32, MNIST padded) on 2,000 real MNIST
+2. The payoff on trained pairs (two seeds, same recipe) of a small timm ViT (test_vit
+   narrowed to 4 blocks of width 48 with 3 heads, 28x28, patch 7) and a hybrid
+   (test_coatnet at 32x32, MNIST padded) on 2,000 real MNIST
    digits (tests/benchmarks/_mnist.py; validation: 1,000 others; AdamW, as ViTs are
    trained): the straight-line
    barrier `max_t L(t) - ((1-t) L(A) + t L(B))` (11 points, BatchNorm re-estimated) and the
@@ -15,6 +16,7 @@
    and B aligned by weight matching.
 
 Run:  python tests/benchmarks/bench_zoo.py [--out FILE.md] [--threads 1] [--only table|payoff]
+      [--pairs test_vit test_coatnet] [--curve-epochs 2]
 Not collected by pytest (file name does not start with test_).
 """
 from __future__ import annotations
@@ -111,9 +113,10 @@ def pass_table(rows: list[dict]) -> str:
 
 
 # ----------------------------------------------------------------------------- payoff
-PAIRS = {  # label: (arch, model kwargs, pad)
-    "timm test_vit (MNIST 28x28, patch 4)": ("test_vit", {"img_size": 28, "patch_size": 4}, 0),
-    "timm test_coatnet (MNIST padded to 32x32)": ("test_coatnet", {"img_size": 32}, 2),
+PAIRS = {  # label: (arch, model kwargs, pad, training epochs)
+    "timm test_vit, 4 blocks, width 48, 3 heads (MNIST 28x28, patch 7)": (
+        "test_vit", {"img_size": 28, "patch_size": 7, "embed_dim": 48, "depth": 4, "num_heads": 3}, 0, 15),
+    "timm test_coatnet (MNIST padded to 32x32)": ("test_coatnet", {"img_size": 32}, 2, 6),
 }
 
 
@@ -142,7 +145,7 @@ def mnist(pad: int):
     return out
 
 
-def payoff_row(label: str, arch: str, kwargs: dict, pad: int, *, epochs: int, curve_epochs: int) -> dict:
+def payoff_row(label: str, arch: str, kwargs: dict, pad: int, epochs: int, *, curve_epochs: int) -> dict:
     import timm
     from torch.utils.data import DataLoader
 
@@ -171,7 +174,8 @@ def payoff_row(label: str, arch: str, kwargs: dict, pad: int, *, epochs: int, cu
     a, b = states
     res = align_states(make(), a, b, example_input=train_set.tensors[0][:4], seed=0)
     fit_loader = DataLoader(train_set, batch_size=64, shuffle=True)
-    row = {"label": label, "groups": len(res.graph.groups), "moved": res.moved, "t_train": t_train}
+    row = {"label": label, "groups": len(res.graph.groups), "moved": res.moved, "t_train": t_train,
+           "epochs": epochs}
     for key, end in (("plain", b), ("aligned", res.state)):
         line = scan(LinearPath(a, end), make(), train, points=11, bn_loader=train, val_loader=val, progress=False)
         t0 = time.perf_counter()
@@ -186,17 +190,17 @@ def payoff_row(label: str, arch: str, kwargs: dict, pad: int, *, epochs: int, cu
     return row
 
 
-def payoff_table(rows: list[dict], epochs: int, curve_epochs: int) -> str:
+def payoff_table(rows: list[dict], curve_epochs: int) -> str:
     lines = [f"Barriers on trained pairs (train loss / val loss, 11 points; endpoints trained "
-             f"{epochs} epochs with AdamW on 2,000 MNIST digits; curve: one Bezier bend, {curve_epochs} "
+             f"with AdamW on 2,000 MNIST digits; curve: one Bezier bend, {curve_epochs} "
              f"epochs, otherwise the `CurveConfig` defaults)", "",
-             "| pair | groups | units moved | L(A), L(B) | val acc A, B | line: plain "
+             "| pair | epochs | groups | units moved | L(A), L(B) | val acc A, B | line: plain "
              "| line: aligned | curve: plain | curve: aligned |",
-             "|---|---:|---:|---|---|---|---|---|---|"]
+             "|---|---:|---:|---:|---|---|---|---|---|---|"]
     f = lambda p: f"{p[0]:.3f} / {p[1]:.3f}"  # noqa: E731
     for r in rows:
         p, al = r["plain"], r["aligned"]
-        lines.append(f"| {r['label']} | {r['groups']} | {r['moved']:.0%} | "
+        lines.append(f"| {r['label']} | {r['epochs']} | {r['groups']} | {r['moved']:.0%} | "
                      f"{p['ends'][0]:.3f}, {p['ends'][1]:.3f} | {p['acc'][0]:.1%}, {p['acc'][1]:.1%} | "
                      f"{f(p['line'])} | {f(al['line'])} | "
                      f"{f(p['curve'])} | {f(al['curve'])} |")
@@ -208,7 +212,7 @@ def main(argv=None) -> int:
     ap.add_argument("--out", help="also write the markdown tables to this file")
     ap.add_argument("--threads", type=int, default=1, help="torch threads (default 1)")
     ap.add_argument("--only", choices=("table", "payoff"))
-    ap.add_argument("--epochs", type=int, default=6, help="training epochs of each endpoint")
+    ap.add_argument("--pairs", nargs="*", help="payoff pairs to run (arch names, e.g. test_vit)")
     ap.add_argument("--curve-epochs", type=int, default=2, help="epochs of each curve fit")
     args = ap.parse_args(argv)
     torch.set_num_threads(args.threads)
@@ -217,9 +221,9 @@ def main(argv=None) -> int:
     if args.only in (None, "table"):
         parts.append(pass_table([pass_row(n) for n in REAL]))
     if args.only in (None, "payoff"):
-        rows = [payoff_row(k, *v, epochs=args.epochs, curve_epochs=args.curve_epochs)
-                for k, v in PAIRS.items()]
-        parts.append(payoff_table(rows, args.epochs, args.curve_epochs))
+        rows = [payoff_row(k, *v, curve_epochs=args.curve_epochs) for k, v in PAIRS.items()
+                if not args.pairs or v[0] in args.pairs]
+        parts.append(payoff_table(rows, args.curve_epochs))
     text = "\n".join(parts)
     print(text)
     if args.out:
