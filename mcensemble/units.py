@@ -1226,7 +1226,8 @@ def _index_map(b: _Builder, idx, ins: tuple) -> dict[int, tuple]:
         elif isinstance(i, slice):
             out[d] = ("keep", e, i)
             d, e = d + 1, e + 1
-        elif isinstance(i, fx.Node) and b.shape(i) is not None and not adv:
+        elif isinstance(i, fx.Node) and b.shape(i) is not None and not adv \
+                and i.meta["tensor_meta"].dtype in (torch.int64, torch.int32):
             out[d] = ("adv",)
             d, e, adv = d + 1, e + len(b.shape(i)), True
         else:
@@ -1251,6 +1252,9 @@ def _h_getitem(b: _Builder, _=None):
     if x is None or ins is None:
         return None
     m = _index_map(b, idx, ins)
+    outs = b.shape(b.node)
+    if outs is None or max((h[1] for h in m.values() if h[0] == "keep"), default=-1) >= len(outs):
+        raise b.fail(f"an index {idx!r} it has no rule for")
     if isinstance(x, _Param):
         dims = [()] * len(b.shape(b.node))
         for d, how in m.items():
@@ -1416,9 +1420,10 @@ def _h_matmul(b: _Builder, _=None):
     x, y = b.node.args[0], b.node.args[1]
     lx, ly = b.label(x), b.label(y)
     nd = len(b.shape(b.node))
-    if isinstance(lx, _Label) and lx.dim - len(b.shape(x)) == -2 and ly is None:
+    free = (type(None), _Param)  # no hidden units (a weight, a fixed matrix)
+    if isinstance(lx, _Label) and lx.dim - len(b.shape(x)) == -2 and isinstance(ly, free):
         return _Label(nd - 2, lx.segs)
-    if isinstance(ly, _Label) and ly.dim - len(b.shape(y)) == -1 and lx is None:
+    if isinstance(ly, _Label) and ly.dim - len(b.shape(y)) == -1 and isinstance(lx, free):
         return _Label(nd - 1, ly.segs)
     got = _attn_operands(b, [x, y], nd, "matmul")
     return None if got is None else _Label(nd + got[1], got[0].segs)
