@@ -12,11 +12,11 @@
    trained): the straight-line
    barrier `max_t L(t) - ((1-t) L(A) + t L(B))` (11 points, BatchNorm re-estimated) and the
    same barrier along the default curve (one Bezier bend, `CurveConfig` defaults but for
-   the epochs) fitted at the same small budget, between A and B as they are and between A
-   and B aligned by weight matching.
+   the epochs) fitted at the same small budgets (2 and 10 epochs), between A and B as they
+   are and between A and B aligned by weight matching.
 
 Run:  python tests/benchmarks/bench_zoo.py [--out FILE.md] [--threads 1] [--only table|payoff]
-      [--pairs test_vit test_coatnet] [--curve-epochs 2]
+      [--pairs test_vit test_coatnet] [--curve-epochs 2 10]
 Not collected by pytest (file name does not start with test_).
 """
 from __future__ import annotations
@@ -145,7 +145,8 @@ def mnist(pad: int):
     return out
 
 
-def payoff_row(label: str, arch: str, kwargs: dict, pad: int, epochs: int, *, curve_epochs: int) -> dict:
+def payoff_row(label: str, arch: str, kwargs: dict, pad: int, epochs: int, *,
+               curve_epochs: list[int]) -> dict:
     import timm
     from torch.utils.data import DataLoader
 
@@ -178,32 +179,34 @@ def payoff_row(label: str, arch: str, kwargs: dict, pad: int, epochs: int, *, cu
            "epochs": epochs}
     for key, end in (("plain", b), ("aligned", res.state)):
         line = scan(LinearPath(a, end), make(), train, points=11, bn_loader=train, val_loader=val, progress=False)
-        t0 = time.perf_counter()
-        curve = fit_curve(make(), a, end, fit_loader, config=CurveConfig(epochs=curve_epochs, seed=0),
-                          progress=False)
-        t_fit = time.perf_counter() - t0
-        cur = scan(curve, make(), train, points=11, bn_loader=train, val_loader=val, progress=False)
-        row[key] = {"line": (line.barrier, line.val_barrier), "curve": (cur.barrier, cur.val_barrier),
+        row[key] = {"line": (line.barrier, line.val_barrier),
                     "ends": (line.points[0]["loss"], line.points[-1]["loss"]),
-                    "acc": (line.points[0].get("val_acc"), line.points[-1].get("val_acc")), "t_fit": t_fit}
+                    "acc": (line.points[0].get("val_acc"), line.points[-1].get("val_acc"))}
+        for ce in curve_epochs:
+            curve = fit_curve(make(), a, end, fit_loader, config=CurveConfig(epochs=ce, seed=0),
+                              progress=False)
+            cur = scan(curve, make(), train, points=11, bn_loader=train, val_loader=val, progress=False)
+            row[key][f"curve{ce}"] = (cur.barrier, cur.val_barrier)
     print(row, file=sys.stderr, flush=True)
     return row
 
 
-def payoff_table(rows: list[dict], curve_epochs: int) -> str:
-    lines = [f"Barriers on trained pairs (train loss / val loss, 11 points; endpoints trained "
-             f"with AdamW on 2,000 MNIST digits; curve: one Bezier bend, {curve_epochs} "
-             f"epochs, otherwise the `CurveConfig` defaults)", "",
+def payoff_table(rows: list[dict], curve_epochs: list[int]) -> str:
+    heads = "".join(f" curve {ce} ep: plain | curve {ce} ep: aligned |" for ce in curve_epochs)
+    lines = ["Barriers `max_t L(t) - ((1-t) L(A) + t L(B))` on trained pairs (train loss / val loss, "
+             "11 points, BatchNorm re-estimated; endpoints trained with AdamW on 2,000 MNIST digits; "
+             "curve: one Bezier bend fitted for the given epochs, otherwise the `CurveConfig` "
+             "defaults)", "",
              "| pair | epochs | groups | units moved | L(A), L(B) | val acc A, B | line: plain "
-             "| line: aligned | curve: plain | curve: aligned |",
-             "|---|---:|---:|---:|---|---|---|---|---|---|"]
+             "| line: aligned |" + heads,
+             "|---|---:|---:|---:|---|---|---|---|" + "---|---|" * len(curve_epochs)]
     f = lambda p: f"{p[0]:.3f} / {p[1]:.3f}"  # noqa: E731
     for r in rows:
         p, al = r["plain"], r["aligned"]
         lines.append(f"| {r['label']} | {r['epochs']} | {r['groups']} | {r['moved']:.0%} | "
                      f"{p['ends'][0]:.3f}, {p['ends'][1]:.3f} | {p['acc'][0]:.1%}, {p['acc'][1]:.1%} | "
-                     f"{f(p['line'])} | {f(al['line'])} | "
-                     f"{f(p['curve'])} | {f(al['curve'])} |")
+                     f"{f(p['line'])} | {f(al['line'])} |" +
+                     "".join(f" {f(p[f'curve{ce}'])} | {f(al[f'curve{ce}'])} |" for ce in curve_epochs))
     return "\n".join(lines) + "\n"
 
 
@@ -213,7 +216,8 @@ def main(argv=None) -> int:
     ap.add_argument("--threads", type=int, default=1, help="torch threads (default 1)")
     ap.add_argument("--only", choices=("table", "payoff"))
     ap.add_argument("--pairs", nargs="*", help="payoff pairs to run (arch names, e.g. test_vit)")
-    ap.add_argument("--curve-epochs", type=int, default=2, help="epochs of each curve fit")
+    ap.add_argument("--curve-epochs", type=int, nargs="+", default=[2, 10],
+                    help="curve-fit budgets in epochs (default 2 10)")
     args = ap.parse_args(argv)
     torch.set_num_threads(args.threads)
     torch.set_flush_denormal(True)
