@@ -262,6 +262,17 @@ def permute_state_dict(state_dict: Mapping[str, torch.Tensor], graph: UnitGraph,
     return out
 
 
+def _mixes_units(m: nn.Module) -> bool:
+    """Whether norm layer `m` reads several units for its statistics (LayerNorm / RMSNorm
+    over channels, GroupNorm with fewer groups than channels, timm's RmsNorm, SimpleNorm and
+    EvoNorm S variants): a permutation commutes with it, but a zeroed unit changes the others."""
+    if isinstance(m, (nn.LayerNorm, nn.RMSNorm)):
+        return True
+    if isinstance(m, nn.GroupNorm):
+        return m.num_groups != m.num_channels
+    return type(m).__name__.startswith(("RmsNorm", "SimpleNorm", "EvoNorm2dS"))
+
+
 # ----------------------------------------------------------------------------- building
 def build_unit_graph(model: nn.Module, example_input=None, *, graph=None, groups=UNSET) -> UnitGraph:
     """The unit graph of `model`.
@@ -541,9 +552,8 @@ class _Builder:
         one side is cut finer than the other)."""
         for _ in range(10_000):
             la, lb = self.expand(sa), self.expand(sb)
-            pa, pb, i = 0, 0, 0
             diff = None
-            for i, (x, y) in enumerate(zip(la, lb)):
+            for x, y in zip(la, lb):
                 if x[1:] != y[1:] or (x[0] is None) != (y[0] is None):
                     diff = (x, y)
                     break

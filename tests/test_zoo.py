@@ -10,8 +10,8 @@ import torch
 
 timm = pytest.importorskip("timm")
 
-from mcensemble.align import weight_matching  # noqa: E402
-from mcensemble.units import build_unit_graph, permute_state_dict  # noqa: E402
+from mcensemble.align import weight_matching
+from mcensemble.units import build_unit_graph, permute_state_dict
 
 #: test models that cannot be placed exactly, with the reason (none today)
 NOT_PLACED: dict[str, str] = {}
@@ -21,12 +21,12 @@ MODELS = sorted(timm.list_models("test_*"))
 
 def _input(model, seed: int = 0) -> torch.Tensor:
     cfg = model.pretrained_cfg
-    c, h, w = cfg.get("min_input_size") or cfg["input_size"]
+    c, h, _ = cfg.get("min_input_size") or cfg["input_size"]
     size = min(h, 64) if not cfg.get("fixed_input_size") else h
     gen = torch.Generator().manual_seed(seed)
     try:  # the smallest input the model takes: windows / patches fix a lower bound
         model.eval()(torch.randn(1, c, size, size, generator=gen))
-    except Exception:
+    except (RuntimeError, AssertionError, ValueError):
         size = h
     return torch.randn(2, c, size, size, generator=gen)
 
@@ -132,3 +132,13 @@ def test_build_on_a_vit_pair_aligns_before_fitting_without_warning(tmp_path, cap
     (info,) = res.report["aligned"]
     assert info["groups"] > 0 and info["moved"] > 0
     assert info["objective_after"] >= info["objective_before"]
+
+
+@pytest.mark.parametrize("name, norm", [("test_vit4", "RmsNorm"), ("test_efficientnet_evos", "EvoNorm2dS0"),
+                                        ("test_efficientnet_gn", "GroupNorm"), ("test_vit", "LayerNorm")])
+def test_paths_that_silence_units_refuse_norms_over_channels(name, norm):
+    """Their graphs build now, but a zeroed unit still moves RMSNorm / EvoNorm / GroupNorm /
+    LayerNorm statistics: the short path refuses them before any work, naming the layer."""
+    from mcensemble.paths.short import ShortPathError, check_norms
+    with pytest.raises(ShortPathError, match=rf"is a {norm}\w*: it normalises over the channels"):
+        check_norms(timm.create_model(name, pretrained=False))

@@ -60,7 +60,7 @@ def pass_row(name: str) -> dict:
     t0 = time.perf_counter()
     try:
         graph = build_unit_graph(model, x[:1])
-    except Exception as e:  # the table reports it
+    except Exception as e:  # noqa: BLE001 (the table reports whatever went wrong)
         row["error"] = f"{type(e).__name__}: {e}"
         return row
     row["t_graph"] = time.perf_counter() - t0
@@ -94,11 +94,11 @@ def pass_row(name: str) -> dict:
 
 
 def pass_table(rows: list[dict]) -> str:
-    lines = ["Pass table (pretrained=False, 224x224, eval mode; every floating state tensor "
-             "randomised; logits of 2 random images in float64, exact = relative difference "
-             "below 1e-9; times against one float32 forward pass of those 2 images, same run)", "",
-             "| architecture | params | graph builds | groups | permutation exact (rel. diff) "
-             "| permuted copy recovered | graph time / forward | matching time / forward (sweeps) |",
+    lines = [("Pass table (pretrained=False, 224x224, eval mode; every floating state tensor "
+              "randomised; logits of 2 random images in float64, exact = relative difference "
+              "below 1e-9; times against one float32 forward pass of those 2 images, same run)"), "",
+             ("| architecture | params | graph builds | groups | permutation exact (rel. diff) "
+              "| permuted copy recovered | graph time / forward | matching time / forward (sweeps) |"),
              "|---|---:|---|---:|---|---|---:|---:|"]
     for r in rows:
         if "error" in r:
@@ -193,14 +193,15 @@ def payoff_row(label: str, arch: str, kwargs: dict, pad: int, epochs: int, *,
 
 def payoff_table(rows: list[dict], curve_epochs: list[int]) -> str:
     heads = "".join(f" curve {ce} ep: plain | curve {ce} ep: aligned |" for ce in curve_epochs)
-    lines = ["Barriers `max_t L(t) - ((1-t) L(A) + t L(B))` on trained pairs (train loss / val loss, "
-             "11 points, BatchNorm re-estimated; endpoints trained with AdamW on 2,000 MNIST digits; "
-             "curve: one Bezier bend fitted for the given epochs, otherwise the `CurveConfig` "
-             "defaults)", "",
+    lines = [("Barriers `max_t L(t) - ((1-t) L(A) + t L(B))` on trained pairs (train loss / val "
+              "loss, 11 points, BatchNorm re-estimated; endpoints trained with AdamW on 2,000 MNIST "
+              "digits; curve: one Bezier bend fitted for the given epochs, otherwise the "
+              "`CurveConfig` defaults)"), "",
              "| pair | epochs | groups | units moved | L(A), L(B) | val acc A, B | line: plain "
              "| line: aligned |" + heads,
              "|---|---:|---:|---:|---|---|---|---|" + "---|---|" * len(curve_epochs)]
-    f = lambda p: f"{p[0]:.3f} / {p[1]:.3f}"  # noqa: E731
+    def f(p):
+        return f"{p[0]:.3f} / {p[1]:.3f}"
     for r in rows:
         p, al = r["plain"], r["aligned"]
         lines.append(f"| {r['label']} | {r['epochs']} | {r['groups']} | {r['moved']:.0%} | "
