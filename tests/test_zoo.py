@@ -66,6 +66,7 @@ def test_permutation_keeps_logits_and_alignment_recovers(name):
     x = _input(model)
     graph = build_unit_graph(model, x[:1])
     assert graph.groups, "no hidden unit groups found"
+    assert type(graph).from_dict(graph.to_dict()).to_dict() == graph.to_dict()  # unique names, JSON-ready
     state = _randomised(model, seed=1)
     gen = torch.Generator().manual_seed(2)
     q = {g.name: torch.randperm(g.size, generator=gen) for g in graph.groups}
