@@ -728,7 +728,7 @@ def _op_name(gm: fx.GraphModule, node: fx.Node) -> str:
 def _axis_map(ins: tuple, outs: tuple, d: int):
     """Where axis `d` of shape `ins` goes under a reshape to `outs`: ("keep", e),
     ("merge", e, m) (axis e holds d merged with the axes after it, m entries per index of
-    d), ("split", (e1, ..., ek)) (d split over consecutive axes, size-1 axes left out), ("repeat", e, m)
+    d), ("split", (e1, ..., ek)) (d split over consecutive axes, leading size-1 axes left out), ("repeat", e, m)
     (d the innermost of axes merged into e: m copies of d side by side), or None."""
     outer, size, inner = math.prod(ins[:d]), ins[d], math.prod(ins[d + 1:])
     for e1 in reversed(range(len(outs))):  # past size-1 axes: an unsqueeze keeps the axis
@@ -739,8 +739,9 @@ def _axis_map(ins: tuple, outs: tuple, d: int):
             p *= outs[ek]
             rest = math.prod(outs[ek + 1:])
             if p == size and rest == inner:
-                big = [e for e in range(e1, ek + 1) if outs[e] != 1] or [ek]
-                return ("keep", big[0]) if len(big) == 1 else ("split", tuple(big))
+                # leading size-1 axes are an unsqueeze; inner ones a factor (one head)
+                first = next((e for e in range(e1, ek + 1) if outs[e] != 1), ek)
+                return ("keep", first) if first == ek else ("split", tuple(range(first, ek + 1)))
             if p > size:
                 if ek == e1 and p % size == 0 and inner % (p // size) == 0 \
                         and rest == inner // (p // size):
@@ -772,7 +773,8 @@ def _wparam(b: _Builder, arg) -> _Param | None:
     if isinstance(lab, _Param):
         return lab
     if isinstance(arg, fx.Node) and lab is None and b.shape(arg) is not None:
-        raise b.fail("its weight is computed from the input, not from state tensors")
+        raise b.fail(f"its weight or bias comes from {_op_name(b.gm, arg)} (node {arg.name!r}), "
+                     f"which no rule follows back to state tensors")
     if lab is not None:
         raise b.fail("its weight is computed from hidden units")
     return None
@@ -1171,6 +1173,21 @@ def _h_cat(b: _Builder, _=None):
     return b.fresh(hidden[0])
 
 
+def _h_stack(b: _Builder, _=None):
+    """stack along a new axis: the pieces are tied (like cat along another axis)."""
+    tensors, nd = list(b.arg(0, "tensors")), len(b.shape(b.node))
+    dim = b.arg(1, "dim", 0) % nd
+    labels = [b.label(t) for t in tensors]
+    if not any(isinstance(lab, (_Label, _Multi, _Tuple)) for lab in labels):
+        return None
+    if not all(isinstance(lab, _Label) for lab in labels) or len({lab.dim for lab in labels}) != 1:
+        raise b.fail("it stacks hidden units with other tensors, or units on different axes")
+    for lab in labels[1:]:
+        b.merge(labels[0], lab)
+    d = labels[0].dim
+    return _Label(d + (dim <= d), b.expand(labels[0].segs))
+
+
 def _h_expand(b: _Builder, _=None):
     x = b.label(b.node.args[0])
     ins, outs = b.shape(b.node.args[0]), b.shape(b.node)
@@ -1366,11 +1383,13 @@ def _h_chunk(b: _Builder, _=None):
     return _pieces(b, b.arg(2, "dim", 0), True)
 
 
-def _attn_operands(b: _Builder, args: Sequence, nd: int, what: str):
+def _attn_operands(b: _Builder, args: Sequence, nd: int, what: str, given=None):
     """Tie the hidden labels of `args` sitting on one batch axis (heads), counted from the
     end; returns (base label, axis from the end) or None. State operands (relative
-    position bias tables) varying along that axis follow it."""
-    labs = [(a, b.label(a)) for a in args if isinstance(a, fx.Node)]
+    position bias tables) varying along that axis follow it. `given`: labels to use
+    instead of the arguments' own."""
+    given = given or {}
+    labs = [(a, given.get(a, b.label(a))) for a in args if isinstance(a, fx.Node)]
     if any(isinstance(lab, (_Multi, _Tuple)) for _, lab in labs):
         raise b.fail("an operand holds units on several axes")
     hidden = [(a, lab, lab.dim - len(b.shape(a))) for a, lab in labs if isinstance(lab, _Label)]
@@ -1409,6 +1428,16 @@ def _h_sdpa(b: _Builder, _=None):
     nd = len(b.shape(b.node))
     last = [isinstance(lab, _Label) and lab.dim == len(b.shape(a)) - 1
             for a, lab in ((a, b.label(a)) for a in args[:3])]
+    given = {}
+    if any(last) and not all(last[:2]) and any(isinstance(b.label(a), _Label) for a in args[:3]):
+        # one head, seen from both sides (q reshaped to (..., 1, head_dim) keeps its units
+        # on head_dim; a fused kv split into (2, 1, head_dim) made the head one block):
+        # head_dim made one block, the single head is the unit on both sides
+        for a, is_last in zip(args[:3], last):
+            s = b.shape(a) if isinstance(a, fx.Node) else None
+            if is_last and s is not None and len(s) >= 3 and s[-3] == 1:
+                given[a] = _Label(len(s) - 3, b.coarsen(b.label(a).segs, s[-1]))
+        last = [False] * 3
     if any(last):
         # the units on head_dim, the same permutation in every head: one shared by q and
         # k (their dot product is invariant), v's carried to the output
@@ -1420,7 +1449,7 @@ def _h_sdpa(b: _Builder, _=None):
         if last[0]:
             b.merge(q, k)
         return _Label(nd - 1, b.label(args[2]).segs) if last[2] else None
-    got = _attn_operands(b, args, nd, "attention")
+    got = _attn_operands(b, args, nd, "attention", given)
     return None if got is None else _Label(nd + got[1], got[0].segs)
 
 
@@ -1515,17 +1544,19 @@ _PASS_FUNCTIONS = (
     F.adaptive_max_pool1d, F.adaptive_max_pool2d, F.pad, F.interpolate,
     torch.relu, torch.relu_, torch.sigmoid, torch.tanh, torch.clamp, torch.clone,
     operator.neg, operator.pos, torch.neg, torch.abs, torch.sqrt, torch.rsqrt, torch.exp,
+    torch.square,
 )
 
 FUNCTION_HANDLERS: dict[Any, Handler] = {
     **{fn: _passthrough for fn in _PASS_FUNCTIONS},
     **{fn: _h_elementwise for fn in (
         operator.add, operator.iadd, operator.sub, operator.isub, operator.mul, operator.imul,
-        operator.truediv, operator.itruediv, torch.add, torch.sub, torch.mul, torch.div)},
+        operator.truediv, operator.itruediv, torch.add, torch.sub, torch.mul, torch.div,
+        operator.pow, torch.pow)},
     **{fn: _h_reduce for fn in (torch.mean, torch.sum, torch.amax, torch.amin)},
     torch.flatten: _h_reshape, torch.reshape: _h_reshape,
     torch.permute: _h_permute, torch.transpose: _h_transpose,
-    torch.cat: _h_cat, torch.concat: _h_cat,
+    torch.cat: _h_cat, torch.concat: _h_cat, torch.stack: _h_stack,
     F.batch_norm: _h_f_batch_norm, F.layer_norm: _h_f_layer_norm,
     F.linear: _h_f_linear, F.conv1d: _h_f_conv, F.conv2d: _h_f_conv, F.conv3d: _h_f_conv,
     F.group_norm: _h_f_group_norm, F.rms_norm: _h_f_rms_norm,
@@ -1542,9 +1573,9 @@ METHOD_HANDLERS: dict[str, Handler] = {
     **{m: _passthrough for m in (
         "relu", "relu_", "sigmoid", "sigmoid_", "tanh", "tanh_", "clamp", "clamp_", "clone",
         "contiguous", "float", "to", "type_as", "abs", "neg", "detach", "sqrt", "rsqrt",
-        "exp")},
+        "exp", "square")},
     **{m: _h_elementwise for m in (
-        "add", "add_", "sub", "sub_", "mul", "mul_", "div", "div_")},
+        "add", "add_", "sub", "sub_", "mul", "mul_", "div", "div_", "pow")},
     **{m: _h_reduce for m in ("mean", "sum", "amax", "amin", "var", "std")},
     **{m: _h_reshape for m in ("view", "reshape", "flatten", "squeeze", "unsqueeze",
                                "view_as", "reshape_as")},
