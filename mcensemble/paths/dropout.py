@@ -52,7 +52,7 @@ import torch.nn as nn
 from tqdm import tqdm
 
 from ..errors import MCEnsembleError
-from ..units import AxisRef, UnitGraph, UnitGroup
+from ..units import AxisRef, UnitGraph, UnitGroup, _mixes_units
 from .base import ModePath, StateDict, check_same_layout, meta_field, register_path
 
 __all__ = ["DropoutPath", "DropoutPathError", "build_dropout_path", "layered_chain", "mix_states",
@@ -120,8 +120,7 @@ def _check_norms(model: nn.Module, chain: list[UnitGroup]) -> None:
     for g in chain:
         for r in g.refs("bn"):
             m = mods.get(r.module)
-            if isinstance(m, nn.LayerNorm) or (isinstance(m, nn.GroupNorm) and
-                                               m.num_groups != m.num_channels):
+            if m is not None and _mixes_units(m):
                 raise DropoutPathError(
                     f"unit group {g.name!r} is normalised by {r.module!r} "
                     f"({type(m).__name__}), which mixes the units' statistics: copies and "

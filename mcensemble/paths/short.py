@@ -47,7 +47,7 @@ from tqdm import tqdm
 
 from ..errors import BadOptionError, MCEnsembleError
 from ..stability import swap_trial
-from ..units import AxisRef, UnitGraph, UnitGroup
+from ..units import AxisRef, UnitGraph, UnitGroup, _mixes_units
 from .base import StateDict, check_same_layout, meta_field, register_path
 from .dropout import (DropoutPath, _bytes, _changed_units, _decode, _encode, _same, mix_states)
 
@@ -72,7 +72,7 @@ def check_norms(model: nn.Module) -> None:
     """Refuse norms that read every channel (LayerNorm, GroupNorm with fewer groups than
     channels): a dead slot would change the live ones, so no slot is ever free."""
     for name, m in model.named_modules():
-        if isinstance(m, nn.LayerNorm) or (isinstance(m, nn.GroupNorm) and m.num_groups != m.num_channels):
+        if _mixes_units(m):
             raise ShortPathError(
                 f"layer {name!r} is a {type(m).__name__}: it normalises over the channels, so every "
                 "channel's value depends on all the others and no unit can be silenced by zeroing "
