@@ -587,6 +587,10 @@ def _echo_baselines(rep: dict[str, Any]) -> None:
         rows.append(tuple(cells))
     if rows:
         _echo_table(rows, header)
+    from .pack import certificate_line
+    for r in rows_in:
+        if r.get("certificate") and "skipped" not in r:
+            click.echo(f"{r['name']}: {certificate_line(r['certificate'])}")
     for line in skipped:
         click.echo(line)
 
@@ -746,9 +750,11 @@ def pack(a: str, b: str, out: str, method: str, search_steps: int | None, report
     from .pipeline import pack_files
     data = _data_opts(kw, default_data="digits")
     rep = pack_files(a, b, out, model=_model_opts(kw), data=data, method=method, search_steps=search_steps)
+    from .pack import certificate_line
     rows = [(name, _fmt(m["nll"]), _fmt(m["acc"]), _fmt(m["ece"])) for name, m in rep.items()
-            if isinstance(m, dict)]
+            if name in ("packed", "A", "B", "ensemble")]
     _echo_table(rows, ("", f"{rep['split']} nll", f"{rep['split']} acc", f"{rep['split']} ece"))
+    click.echo(f"certificate: {certificate_line(rep['certificate'])}")
     click.echo(f"packed model: {out}")
     _write_report(rep, report)
 

@@ -158,7 +158,7 @@ def test_packed_pair_outputs_the_mean_of_the_two_dropout_networks():
     ld = create_loader(DATA, batch_size=64)
     x = next(iter(ld))[0][:32]
     con = prepare_short(model, a, b, ld, search_steps=0, random_baseline=False)
-    packed = pack_pair(model, a, b, ld, method="short", halves=(con.halves.s, con.halves.t))
+    packed = pack_pair(model, a, b, ld, method="short", halves=(con.halves.s, con.halves.t)).state
     assert set(packed) == set(a) and all(packed[k].shape == a[k].shape for k in a)
     da, db = con.vertices[1], con.vertices[4]
     want = (_logits(model, da, x) + _logits(model, db, x)) / 2

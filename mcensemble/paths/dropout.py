@@ -238,16 +238,18 @@ class _Side:
 
 class _Construction:
     def __init__(self, work: nn.Module, graph: UnitGraph, chain: list[UnitGroup], bn_loader,
-                 device):
+                 device, *, lowest_only: bool = False):
         self.work, self.graph, self.chain = work, graph, chain
-        self.bn_loader, self.device = bn_loader, device
+        self.bn_loader, self.device, self.lowest_only = bn_loader, device, lowest_only
 
     def dk(self, side: _Side, k: int) -> StateDict:
-        """D_k of a side (k is a 1-based depth), BN statistics as stability measured them."""
+        """D_k of a side (k is a 1-based depth), BN statistics as stability measured them
+        (re-estimated when it did not; with `lowest_only`, the packed pair's case, only D_1's:
+        the other D_k only fill slots that are dead once D_1 is in place)."""
         if k not in side._dk:
             from ..stability import dropout_network, dropout_state
             stats = side.stab.bn_stats.get(self.chain[k - 1].depth)
-            if stats is not None or self.bn_loader is None:
+            if stats is not None or self.bn_loader is None or (self.lowest_only and k > 1):
                 sd = dropout_state(side.state, self.graph, side.stab.kept, self.chain[k - 1].depth)
                 sd.update(stats or {})
             else:
@@ -524,9 +526,11 @@ class _Recorder:
 
 def _prepare(model: nn.Module, a: Mapping[str, torch.Tensor], b: Mapping[str, torch.Tensor],
              loader: Iterable[Any], *, graph=None, stability_a=None, stability_b=None,
-             device="cpu", progress: bool | None = None, search_steps: int = 48):
+             device="cpu", progress: bool | None = None, search_steps: int = 48,
+             lowest_only: bool = False):
     """Shared set-up of `build_dropout_path` and `mcensemble.pack.pack_pair`: checks the
-    layout and the graph, measures stability where not given. Returns
+    layout and the graph, measures stability where not given (`lowest_only`: D_1 alone,
+    all the packed pair needs). Returns
     `(work model, construction, side A, side B)`. Private (it was `prepare`): the
     construction and the sides are this module's internal types, so only mcensemble's own
     modules call it; the public entry points are `build_dropout_path` and `pack_pair`."""
@@ -550,11 +554,12 @@ def _prepare(model: nn.Module, a: Mapping[str, torch.Tensor], b: Mapping[str, to
     for st, sd in ((stability_a, a), (stability_b, b)):
         if st is None:
             st = dropout_stability(work, sd, loader, graph=graph, device=device,
-                                   search_steps=search_steps, progress=progress)
+                                   search_steps=search_steps, progress=progress,
+                                   depths=[chain[0].depth] if lowest_only else None)
         else:
             check_kept(graph, st.kept)
         stab.append(st)
-    con = _Construction(work, graph, chain, loader, device)
+    con = _Construction(work, graph, chain, loader, device, lowest_only=lowest_only)
     return work, con, _Side("A", a, stab[0], chain), _Side("B", b, stab[1], chain)
 
 
