@@ -479,6 +479,8 @@ class _Recorder:
                          disable=None if progress is None else not progress)
         self.deltas: list[list[StateDict]] = [[], []]  # per track, in track order
         self.losses: list[list[float]] = [[], []]
+        self.inherited: list[list[bool]] = [[], []]  # per loss: taken from its inactive segment's other end
+        self._b_inactive = False  # B's track: was the last segment inactive (its far end's loss known)?
 
     def loss(self, sd: Mapping[str, torch.Tensor]) -> float:
         from ..evaluate import evaluate
@@ -496,26 +498,42 @@ class _Recorder:
         d = DropoutPath._encode_delta(prev, cur)
         return {k: (t.clone() if id(t) in self._inputs else t) for k, t in d.items()}
 
+    def _loss_or_inherited(self, track: int, sd: StateDict, same_as_last: bool) -> None:
+        """Append sd's loss: the last one when the segment between them is inactive (it
+        changes only rows of units no live unit reads, checked: the network's output is
+        the same bit for bit), else measured on the loader."""
+        last = self.losses[track][-1] if self.losses[track] else float("nan")
+        keep = same_as_last and last == last  # NaN: B's own loss, not taken yet
+        self.losses[track].append(last if keep else self.loss(sd))
+        self.inherited[track].append(keep)
+
     def a_sink(self, prev: StateDict, cur: StateDict, kind: Mapping[str, Any]) -> None:
         self._check(prev, cur, kind, f"segment {len(self.losses[0]) - 1}")
-        self.losses[0].append(self.loss(cur))
+        self._loss_or_inherited(0, cur, kind["kind"] == "inactive")
         self.deltas[0].append(self._delta(prev, cur))
 
     def b_sink(self, prev: StateDict, cur: StateDict, kind: Mapping[str, Any]) -> None:
         k = len(self.deltas[1]) + (1 if self.losses[1] else 0)
         self._check(cur, prev, kind, f"segment {k} counted from B's end")
         if self.losses[1]:  # prev is not B itself
-            self.losses[1].append(self.loss(prev))
+            self._loss_or_inherited(1, prev, self._b_inactive)
             self.deltas[1].append(self._delta(cur, prev))
         else:
             self.losses[1].append(float("nan"))  # B's own loss: taken last
+            self.inherited[1].append(False)
+        self._b_inactive = kind["kind"] == "inactive"
 
     def assemble(self, a: StateDict, b: StateDict) -> tuple[dict[str, StateDict], list[float]]:
-        """The path's groups (endpoints copied) and its vertex losses, in path order."""
+        """The path's groups (endpoints copied) and its vertex losses, in path order
+        (`self.inherited_vertices`: the indices whose loss is their inactive segment's
+        other end's)."""
         da, db = self.deltas
         la, lb = self.losses
+        ia, ib = self.inherited
         if not lb:  # B's track never moved: A's track ends at B itself
-            da, la = da[:-1], la[:-1]
+            da, la, ia = da[:-1], la[:-1], ia[:-1]
+        flags = ia + ib[:0:-1] + [False]
+        self.inherited_vertices = [i for i, f in enumerate(flags) if f]
         mid = da + db[::-1]
         groups = {"endpoint.0": {k: v.clone() for k, v in a.items()},
                   "endpoint.1": {k: v.clone() for k, v in b.items()}}
@@ -578,6 +596,7 @@ def build_dropout_path(model: nn.Module, a: Mapping[str, torch.Tensor], b: Mappi
                                          progress=progress, search_steps=search_steps)
     rec = _Recorder(work, con, loader, (side_a.state, side_b.state), progress)
     rec.losses[0].append(rec.loss(side_a.state))
+    rec.inherited[0].append(False)
     tr, pa = con.forward(side_a, rec.a_sink)
     side_a._dk.clear()
     trb, pb = con.forward(side_b, rec.b_sink)
@@ -597,6 +616,7 @@ def build_dropout_path(model: nn.Module, a: Mapping[str, torch.Tensor], b: Mappi
     eps = max(float(s.eps) for s in stab)
     cert = {"max_loss": max(losses), "eps": eps, "loss_a": losses[0], "loss_b": losses[-1],
             "bound": max(losses[0], losses[-1]) + eps, "vertex_losses": losses,
+            "inherited_vertices": rec.inherited_vertices,
             "segments": segments, "stability": [s.to_dict() for s in stab]}
     meta = {"construction_seconds": time.perf_counter() - t0,
             "unit_groups": [g.name for g in con.chain]}
