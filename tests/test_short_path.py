@@ -70,6 +70,29 @@ def dense_check(path, model, ld):
     return worst
 
 
+def test_measured_points_and_random_half_on_a_fixed_subsample(mlp_pair):
+    """With `sample_examples` below the data's size, the measured segments' points and the
+    random half are taken on a fixed subsample (the certificate says so); vertices on all."""
+    from mcensemble.bn import FixedSubset
+    model, a, b = mlp_pair
+    ld = create_loader("digits,train=300", batch_size=50)
+    path = build_short_path(model, a, b, ld, search_steps=0, sample_examples=100)
+    cert = path.certificate
+    sub = FixedSubset(ld, 100)
+    assert "100 examples in 2 batches of 6" in cert["data"]["measured_points"]
+    assert "subsample" in cert["data"]["random_half"]
+    for seg in cert["segments"]:
+        if seg["kind"] == "measured":
+            (t0, l0), (t, want) = seg["points"][0], seg["points"][8]
+            assert _loss(model, path.state_at(t), sub) == pytest.approx(want, rel=1e-5)
+            assert _loss(model, path.state_at(t0), sub) == pytest.approx(l0, rel=1e-5)
+            assert seg["bound"] >= max(p[1] for p in seg["points"])
+    assert cert["vertex_losses"][0] == pytest.approx(_loss(model, a, ld), rel=1e-6)
+    for i in (2, 3):  # taken from their exact neighbours: what evaluating them gives
+        assert cert["vertex_losses"][i] == pytest.approx(_loss(model, path.vertex_states()[i], ld), rel=1e-5)
+    assert path.metadata["evaluation_passes"] < 2 * 15
+
+
 def _check_ends(path, a, b):
     s0, s1 = path.state_at(0.0), path.state_at(1.0)
     assert all(torch.equal(s0[k], a[k]) and torch.equal(s1[k], b[k]) for k in a)
