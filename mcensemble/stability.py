@@ -431,7 +431,7 @@ def dropout_stability(model: nn.Module, state: Mapping[str, torch.Tensor], loade
                       graph=None, bn_loader: Iterable[Any] | None = None, device="cpu",
                       search_steps: int = 48, search_examples: int = 512, kept=None,
                       seed: int = 0, progress: bool | None = None, search_patience: int | None = 12,
-                      depths: Iterable[int] | None = None) -> StabilityResult:
+                      depths: Iterable[int] | None = None, measure: bool = True) -> StabilityResult:
     """Measure the dropout stability of `state` (a state dict of `model`'s architecture).
 
     For each depth k of the unit graph, the loss on `loader` of D_k (the kept halves
@@ -441,8 +441,10 @@ def dropout_stability(model: nn.Module, state: Mapping[str, torch.Tensor], loade
     plus up to `search_steps` swap trials per group on `search_examples` examples (the first
     ones of `loader`), a group's trials stopping after `search_patience` rejections in a row
     (None: all `search_steps`). `depths`: the depths to measure (default every depth of the
-    unit graph; the packed pair needs only the lowest). `model` is not changed (a copy does
-    the work).
+    unit graph; the packed pair needs only the lowest). `measure=False`: choose the halves
+    and re-estimate BatchNorm only, no loss (losses and eps NaN: the dropout-stable path
+    takes them at its vertices, which compute the same D_k). `model` is not changed (a copy
+    does the work).
     """
     if search_steps < 0 or search_examples < 1:
         raise BadOptionError("search_steps must be >= 0 and search_examples >= 1",
@@ -470,21 +472,25 @@ def dropout_stability(model: nn.Module, state: Mapping[str, torch.Tensor], loade
             x, y = x.to(device), y.to(device)
             scores = _importance(work, state, graph, x)
             kept = {g.name: default_kept(g, scores[g.name]) for g in graph.groups}
-            search = _search(work, state, graph, kept, scores, x, y, search_steps, seed, bar,
-                             patience=search_patience)
+            if search_steps > 0:
+                search = _search(work, state, graph, kept, scores, x, y, search_steps, seed, bar,
+                                 patience=search_patience)
+            else:
+                search = {"steps": 0, "examples": int(x.shape[0]), "trials": 0, "accepted": 0}
             search["seconds"] = time.perf_counter() - t0
         kept = check_kept(graph, kept)
-        base = evaluate(_loaded(work, state), loader, device=device).loss
+        nan = float("nan")
+        base = evaluate(_loaded(work, state), loader, device=device).loss if measure else nan
         rows, stats = [], {}
         for k in measured:
             sd, stats[k] = dropout_network(work, state, graph, kept, k, bn_loader=bn_loader,
                                            device=device)
-            loss = evaluate(_loaded(work, sd), loader, device=device).loss
+            loss = evaluate(_loaded(work, sd), loader, device=device).loss if measure else nan
             rows.append({"depth": int(k), "loss": loss, "increase": loss - base})
             bar.update()
     finally:
         bar.close()
-    eps = max([0.0] + [r["increase"] for r in rows])
+    eps = max([0.0] + [r["increase"] for r in rows]) if measure else nan
     return StabilityResult(eps, base, rows, kept, stats, graph, search)
 
 
