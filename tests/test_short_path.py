@@ -343,3 +343,22 @@ def test_cli_build_short_takes_the_search_steps(effnet_files, mce_cli, tmp_path,
     assert search["steps"] == steps
     if steps:  # every trial evaluated at least the side that binds the objective
         assert search["trial_forwards"] + search["skipped_forwards"] == steps * 13 * 2
+
+
+def test_dropout_vertices_batchnorm_on_a_fixed_subsample(cnn_pair):
+    """`bn_examples`: D_S(A)'s BatchNorm statistics come from the fixed subsample (the
+    certificate says so); its loss is still taken on all the data."""
+    from mcensemble.bn import FixedSubset
+    from mcensemble.stability import reestimate_bn
+    model, a, b = cnn_pair
+    ld = create_loader("digits,train=300", batch_size=50)
+    path = build_short_path(model, a, b, ld, search_steps=0, random_baseline=False, bn_examples=100)
+    cert = path.certificate
+    assert "100 examples in 2 batches of 6" in cert["data"]["batchnorm"]
+    da = path.vertex_states()[1]
+    mods = path.metadata["bn_reestimated"]
+    assert mods
+    want = reestimate_bn(model, da, FixedSubset(ld, 100), mods)
+    for k, v in want.items():
+        assert_close_rel(da[k], v, rtol=1e-5)
+    assert cert["vertex_losses"][1] == pytest.approx(_loss(model, da, ld), rel=1e-6)

@@ -157,6 +157,7 @@ class ShortConstruction:
     passes: int = 0
     search_forwards: int = 0
     eps: dict[str, float] = field(default_factory=dict)
+    bn_data: str = "all the training data"  # where D_S(A)'s and D_T(B)'s BatchNorm statistics came from
 
 
 class _Ctx:
@@ -181,13 +182,16 @@ class _Ctx:
         n = getattr(self.loader, "n", None) if not hasattr(self.loader, "dataset") else None
         return n / self.of if n is not None and self.of else 1.0
 
-    def dropped(self, state: StateDict, kept: Mapping[str, list[int]]) -> StateDict:
-        """D_kept(state): every group at once, BatchNorm statistics of `self.bn` re-estimated."""
+    def dropped(self, state: StateDict, kept: Mapping[str, list[int]], bn_loader=None) -> StateDict:
+        """D_kept(state): every group at once, BatchNorm statistics of `self.bn` re-estimated
+        (on `bn_loader`, default the current loader)."""
         from ..stability import dropout_state, reestimate_bn
         sd = dropout_state(state, self.graph, kept, self.min_depth)
         if self.bn:
-            sd.update(reestimate_bn(self.work, sd, self.loader, self.bn, device=self.device))
-            self.passes += self.share()
+            data = self.loader if bn_loader is None else bn_loader
+            sd.update(reestimate_bn(self.work, sd, data, self.bn, device=self.device))
+            n = getattr(data, "n", None) if bn_loader is not None else None
+            self.passes += n / self.of if n is not None and self.of else self.share()
         return sd
 
 
@@ -195,11 +199,12 @@ def prepare_short(model: nn.Module, a: Mapping[str, torch.Tensor], b: Mapping[st
                   loader: Iterable[Any], *, graph=None, halves: tuple[Mapping, Mapping] | None = None,
                   device="cpu", progress: bool | None = None, search_steps: int = 4,
                   search_examples: int = 256, seed: int = 0, random_baseline: bool = True,
-                  sample_examples: int | None = 1024) -> ShortConstruction:
+                  sample_examples: int | None = 1024, bn_examples: int | None = 2048) -> ShortConstruction:
     """Checks, the joint choice of halves and the six vertices (no certificate yet).
     `halves`: (A's kept units, B's kept units) per group to skip the search.
     `sample_examples`: the random-half baseline runs on a fixed subsample of about that many
-    training examples (`mcensemble.bn.FixedSubset`; None: all of `loader`)."""
+    training examples (`mcensemble.bn.FixedSubset`; None: all of `loader`); D_S(A)'s and
+    D_T(B)'s BatchNorm statistics are re-estimated on one of `bn_examples` (None: all)."""
     if loader is None:
         raise BadOptionError("the short path needs training data (`data`): it chooses the halves, "
                              "re-estimates BatchNorm and measures segments on it", option="data")
@@ -220,9 +225,16 @@ def prepare_short(model: nn.Module, a: Mapping[str, torch.Tensor], b: Mapping[st
     probe = _probe(loader)  # which BatchNorm inputs change: a few examples tell
     ctx.bn = sorted(set(changed_bn_modules(work, a, graph, hv.s, probe, device=device)) |
                     set(changed_bn_modules(work, b, graph, hv.t, probe, device=device)))
-    da, db = ctx.dropped(a, hv.s), ctx.dropped(b, hv.t)
+    from ..bn import FixedSubset
+    bn_data = None
+    if bn_examples is not None and ctx.bn:
+        sub = FixedSubset(loader, bn_examples, what="the short path")
+        bn_data = sub if sub.of is None or sub.batches < sub.of else None
+    da, db = ctx.dropped(a, hv.s, bn_data), ctx.dropped(b, hv.t, bn_data)
     vertices = _vertices(graph, a, b, da, db, hv)
     con = ShortConstruction(work, graph, hv, vertices, list(ctx.bn))
+    con.bn_data = "all the training data" if bn_data is None else \
+        f"a fixed subsample of the training data ({bn_data.describe()})"
     con.eps = {"loss_a": ctx.loss(a), "loss_b": ctx.loss(b), "loss_da": ctx.loss(da), "loss_db": ctx.loss(db)}
     con.eps["eps"] = max(con.eps["loss_da"] - con.eps["loss_a"], con.eps["loss_db"] - con.eps["loss_b"], 0.0)
     if random_baseline:
@@ -660,21 +672,23 @@ def build_short_path(model: nn.Module, a: Mapping[str, torch.Tensor], b: Mapping
                      loader: Iterable[Any], *, graph=None, halves: tuple[Mapping, Mapping] | None = None,
                      device="cpu", progress: bool | None = None, search_steps: int = 4,
                      search_examples: int = 256, points: int = 17, seed: int = 0,
-                     random_baseline: bool = True, sample_examples: int | None = 1024) -> "ShortPath":
+                     random_baseline: bool = True, sample_examples: int | None = 1024,
+                     bn_examples: int | None = 2048) -> "ShortPath":
     """The short path from state dict `a` to `b` (module docstring) with its certificate on
     `loader` (training data: also used to choose the halves and re-estimate BatchNorm).
     `points`: states evaluated on each measured segment (>= 17, ends included). The
     vertices' losses are taken on all of `loader`; the measured segments' interior points
     and the random-half baseline on a fixed subsample of about `sample_examples` training
-    examples (None: all of `loader`; the certificate's `data` says which data each number
-    used). `model`: an nn.Module of the architecture (not changed). Refused networks ->
+    examples (None: all of `loader`), the dropout vertices' BatchNorm statistics on one of
+    `bn_examples` (the certificate's `data` says which data each number used). `model`: an nn.Module of the architecture (not changed). Refused networks ->
     `ShortPathError`."""
     if isinstance(points, bool) or not isinstance(points, int) or points < 17:
         raise BadOptionError(f"points must be an integer >= 17, got {points!r}", option="points")
     t0 = time.perf_counter()
     con = prepare_short(model, a, b, loader, graph=graph, halves=halves, device=device, progress=progress,
                         search_steps=search_steps, search_examples=search_examples, seed=seed,
-                        random_baseline=random_baseline, sample_examples=sample_examples)
+                        random_baseline=random_baseline, sample_examples=sample_examples,
+                        bn_examples=bn_examples)
     from ..stability import _subset
     x, _ = _subset(loader, 64)
     checks = verify_short_segments(con.work, con.vertices, con.graph, x.to(device))
@@ -734,7 +748,7 @@ def _certificate(con: ShortConstruction, path: "ShortPath", loader, device, poin
             "data": {"vertices": "all the training data (vertices 2 and 3: their exact neighbours')",
                      "measured_points": measured_on, "search": f"the first {con.halves.search.get('examples', 0)} "
                      "training examples" if con.halves.search.get("steps") else None,
-                     "random_half": e.get("random_data")}}
+                     "random_half": e.get("random_data"), "batchnorm": con.bn_data}}
     for k in ("eps_random", "loss_da_random", "loss_db_random"):
         if k in e:
             cert[k] = e[k]
