@@ -430,7 +430,7 @@ def _search(work: nn.Module, state: Mapping[str, torch.Tensor], graph: UnitGraph
 def dropout_stability(model: nn.Module, state: Mapping[str, torch.Tensor], loader: Iterable[Any], *,
                       graph=None, bn_loader: Iterable[Any] | None = None, device="cpu",
                       search_steps: int = 48, search_examples: int = 512, kept=None,
-                      seed: int = 0, progress: bool | None = None, search_patience: int | None = 12,
+                      seed: int = 0, progress: bool | None = None, search_patience: int | None = None,
                       depths: Iterable[int] | None = None, measure: bool = True) -> StabilityResult:
     """Measure the dropout stability of `state` (a state dict of `model`'s architecture).
 
