@@ -43,7 +43,7 @@ PAIRS = {
     "resnet": ("timm resnet10t 16-32-48-64", "resnet10t", {"channels": (16, 32, 48, 64), "stem_width": 16},
                "short"),
 }
-JOBS = ("curve", "path", "packed_row", "pack", "stability", "line_scan", "plane_scan")
+JOBS = ("curve", "path", "packed_row", "pack", "stability", "line_scan", "plane_scan", "build")
 PROFILED = {  # label -> (file suffix, function name)
     "evaluation passes": ("mcensemble/evaluate.py", "evaluate"),
     "BatchNorm re-estimation": ("mcensemble/bn.py", "update_bn"),
@@ -69,6 +69,15 @@ def loaders(n_train, batch_size=128):
     train, val = mnist_datasets((n_train, 1000), seed=0)
     return (DataLoader(train, batch_size=batch_size, shuffle=False),
             DataLoader(val, batch_size=batch_size, shuffle=False))
+
+
+def train_data():
+    """The training split as a data spec (`bench_fast_paths:train_data`; size from $BENCH_TRAIN)."""
+    return loaders(int(os.environ["BENCH_TRAIN"]))[0].dataset
+
+
+def val_data():
+    return loaders(int(os.environ["BENCH_TRAIN"]))[1].dataset
 
 
 def train_pair(arch, kwargs, epochs, n_train, channel_p=0.2):
@@ -156,6 +165,21 @@ def worker(args) -> None:
             r = scan_plane(path, model, train, bn_loader=train, others={"linear": LinearPath(*path.endpoints)},
                            progress=False)
             res.update(max_loss=max(max(row) for row in r.loss), data=getattr(r, "data", "all"))
+    elif args.job == "build":  # the default `build` (bezier curve, members, baselines) of the pair
+        from mcensemble.checkpoints import save_checkpoint
+        from mcensemble.pipeline import BuildOptions, DataOptions, ModelOptions, build_ensemble
+        os.environ["BENCH_TRAIN"] = str(args.train)
+        files = []
+        for name_, sd in (("a", a), ("b", b)):
+            f = f"{args.pairfile}.{name_}.safetensors"
+            save_checkpoint(sd, f, metadata={"arch": arch, "num_classes": 10, "in_chans": 1, "model_args": kwargs})
+            files.append(f)
+        rep = build_ensemble(files, model=ModelOptions(), opts=BuildOptions(),
+                             data=DataOptions(data="bench_fast_paths:train_data", val_data="bench_fast_paths:val_data",
+                                              batch_size=128, progress=False),
+                             out=f"{args.pairfile}.ensemble.safetensors").report
+        t = rep["timings"]
+        res.update(baselines_s=t["baselines_s"], total_s=t["total_s"], baselines_share=t["baselines_s"] / t["total_s"])
     elif args.job == "stability":
         from mcensemble.stability import dropout_stability
         if method != "dropout":
@@ -241,6 +265,9 @@ def main(argv=None):
                 rw = r["wall_s"] / curve["wall_s"] if curve.get("wall_s") else None
                 lines.append(f"| {tree_name} | {job} | {r['cpu_s']:.1f} | {_f(rc, '{:.2f}x')} | {r['wall_s']:.1f} | "
                              f"{_f(rw, '{:.2f}x')} | {_f(r.get('eps'))} | {_f(r.get('max_loss', r.get('bound')))} |")
+                if job == "build":
+                    lines[-1] += (f" baselines {r['baselines_s']:.1f} s of {r['total_s']:.1f} s "
+                                  f"({r['baselines_share']:.1%}) |")
             if args.profile:
                 lines += ["", "Where the time went (cProfile, cumulative CPU seconds, outermost call of each):", ""]
                 for (tree_name, job), r in got.items():
