@@ -446,7 +446,8 @@ def _apply_recipe(ctx: click.Context, kw: dict[str, Any], recipe: str | None) ->
 @click.option("--exact-members", is_flag=True,
               help="Exactly --members distinct members, equal weights (no bootstrap gate, no guarantee).")
 @click.option("--packed/--no-packed", default=BuildOptions.packed, show_default=True,
-              help="Score the packed pair (a dropout-stability search on both checkpoints) among the baselines.")
+              help="Score the packed pair among the baselines (cheap form: importance-ranked halves, eps on a "
+                   "fixed subsample; `mcensemble pack` searches).")
 @click.option("--selection", type=click.Choice(["auto", "greedy", "uniform"]), default=BuildOptions.selection,
               show_default=True,
               help="How members are chosen: greedy on validation NLL (auto, with --val-data) or uniform in t.")
