@@ -127,7 +127,7 @@ class BuildOptions:
     "uniform"; candidates: points per path evaluated for the greedy choice (ends included);
     curve fitting: bends, epochs, lr, weight_decay (defaults: those of `CurveConfig`; for
     bezier / polychain they make `curve`, a validated `CurveConfig` whose seed the build
-    sets); packed: put the packed pair (a stability search on both checkpoints) among the
+    sets); packed: put the packed pair (its cheap form: no swap search) among the
     report's baselines.
     """
 
