@@ -34,7 +34,10 @@ Get their code (never into this repository):
     (results in docs/benchmarks/neb.md were taken at commit 13c8ba891bd55e4813f9fb7be69e09aca5a34cbd)
 It needs networkx, pyyaml, scipy, matplotlib, torchvision, tqdm importable.
 
-Run:  python tests/benchmarks/bench_neb_anchor.py [--anchor DIR] [--pairs cnn,resnet] [--out FILE.md] [--threads 1]
+Run:  python tests/benchmarks/bench_neb_anchor.py [--anchor DIR] [--pairs cnn,resnet] [--seeds 2] [--out FILE.md]
+      [--threads 1]
+ or:  MCE_AUTONEB_DIR=DIR python tests/benchmarks/run_all.py --only neb_anchor   (docs/benchmarks/neb_anchor.md)
+Without --anchor (and $MCE_AUTONEB_DIR) only our side runs.
 Not collected by pytest (file name does not start with test_).
 """
 from __future__ import annotations
@@ -257,7 +260,8 @@ def main() -> int:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--out", default=None, help="Write the Markdown tables here (else stdout).")
     ap.add_argument("--threads", type=int, default=1)
-    ap.add_argument("--anchor", default=None, help="Folder of a checkout of fdraxler/PyTorch-AutoNEB (scratch).")
+    ap.add_argument("--anchor", default=os.environ.get("MCE_AUTONEB_DIR") or None,
+                    help="Folder of a checkout of fdraxler/PyTorch-AutoNEB (default: $MCE_AUTONEB_DIR).")
     ap.add_argument("--pairs", default="cnn,resnet")
     ap.add_argument("--seeds", type=int, default=2, help="endpoint pairs per kind: seeds (0, 1), (2, 3), ...")
     ap.add_argument("--points", type=int, default=41, help="t values of the scan that measures each saddle")
