@@ -14,8 +14,7 @@ _EXPORTS = {
     "evaluate": ("evaluate", "evaluate"),
     "update_bn": ("bn", "update_bn"),
     "load_path": ("paths", "load_path"),
-    "load": ("ensemble", "load"),
-    "load_ensemble": ("ensemble", "load"),        # the same function as `load`
+    "load_ensemble": ("ensemble", "load_ensemble"),
     "save_ensemble": ("ensemble", "save_ensemble"),
     "EnsembleModel": ("ensemble", "EnsembleModel"),
     "MCEnsembleError": ("errors", "MCEnsembleError"),

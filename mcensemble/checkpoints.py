@@ -447,7 +447,7 @@ def _read_safetensors(path: Path, ctx: _Ctx, header: dict[str, str]) -> tuple[St
         if fmt in ("mcensemble-path", "mcensemble-ensemble"):
             raise CheckpointError(
                 f"{path}: this is an {fmt} file, not a checkpoint; read it with "
-                f"{'mcensemble.load_path' if fmt.endswith('path') else 'mcensemble.load'}")
+                f"{'mcensemble.load_path' if fmt.endswith('path') else 'mcensemble.load_ensemble'}")
         meta.update({k: v for k, v in stored.items()
                      if k not in _ORIGIN_KEYS and k not in ("format_version", "origin")})
         if stored.get("origin"):

@@ -302,7 +302,7 @@ def inspect(file: str, units: bool, units_out: str | None, verify: bool, **kw: A
     Exits non-zero with the reason if the file fails any safety or sanity check (with
     --verify: if a tensor's bytes differ from the hash recorded in the file, naming it).
     """
-    from .pipeline import describe_checkpoint
+    from .describe import describe_checkpoint
     if verify:
         from ._io import verify_file
         fmt, n = verify_file(file)
@@ -349,7 +349,8 @@ def scan(checkpoints: tuple[str, ...], path_file: str | None, points: int, plane
     With no checkpoints, runs the embedded default: trains two small CNNs on the built-in
     digits (seconds) and scans between them, writing into a fresh folder.
     """
-    from .pipeline import fresh_run_dir, scan_checkpoints, scan_path_file, train_default_endpoints
+    from .demo import fresh_run_dir, train_default_endpoints
+    from .pipeline import scan_checkpoints, scan_path_file
     if path_file and checkpoints:
         raise click.UsageError("give either checkpoints A B or --path FILE, not both")
     if len(checkpoints) not in (0, 2):
@@ -486,7 +487,8 @@ def build(ctx: click.Context, **kw: Any) -> None:
     the built-in digits, fits a Bezier curve between them, and writes the ensemble, report
     and plot into a fresh folder under mcensemble-runs/.
     """
-    from .pipeline import build_ensemble, fresh_run_dir, train_default_endpoints
+    from .demo import fresh_run_dir, train_default_endpoints
+    from .pipeline import build_ensemble
     from .recipes import DEFAULT_RECIPE
     recipe = kw.pop("recipe")
     if not kw["checkpoints"] and not kw["from_run"] and recipe is None:

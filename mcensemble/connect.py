@@ -43,10 +43,11 @@ from .members import candidate_state, ensemble_metrics, evaluate_candidates, sel
 from .options import BuildOptions, ConnectOptions, DataOptions, ModelOptions
 from .paths import load_path
 from .paths.linear import interpolate
-from .pipeline import PATH_BUILDERS, TRAINED_METHODS, check_method, load_endpoints, unit_graph_of
+from .inputs import load_endpoints, unit_graph_of
+from .pipeline import PATH_BUILDERS, TRAINED_METHODS, check_method
 from .plot import plot_barrier_matrix, plot_tree
 
-__all__ = ["ConnectOptions", "connect_checkpoints", "minimum_spanning_tree", "checkpoint_files",
+__all__ = ["connect_checkpoints", "minimum_spanning_tree", "checkpoint_files",
            "CHECKPOINT_SUFFIXES", "CONNECT_FORMAT"]
 
 log = logging.getLogger(__name__)
@@ -230,9 +231,9 @@ def connect_checkpoints(inputs: Sequence[str | os.PathLike], *, out_dir: str | o
                         ensemble: str | os.PathLike | None = None) -> dict[str, Any]:
     """The barrier matrix of the checkpoints in `inputs` (files or folders, see
     `checkpoint_files`), its minimum spanning tree, and a path along every tree edge
-    (module docstring). `model`: a `pipeline.ModelOptions`; `data`: a `pipeline.DataOptions`
+    (module docstring). `model`: a `options.ModelOptions`; `data`: an `options.DataOptions`
     (the training data: barriers, saddles, BatchNorm, fitting); `build`: a
-    `pipeline.BuildOptions` saying how the tree's paths are made (`method`, curve settings,
+    `options.BuildOptions` saying how the tree's paths are made (`method`, curve settings,
     `neb`; default AutoNEB). Writes `connect.json`, `barriers.png` and `tree.png` into
     `out_dir` (rank 0) and returns the report. `ensemble`: also write an ensemble file
     there, its members chosen across all the tree's paths on `data.val_data` (required)

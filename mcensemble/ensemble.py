@@ -48,7 +48,7 @@ from .members import check_weights, mean_log_prob
 from .models import ModelLike, ModelSpec, as_factory, create_model
 
 __all__ = [
-    "EnsembleModel", "LazyEnsembleModel", "save_ensemble", "load", "read_ensemble_metadata", "verify_ensemble_file", "combine_mean_prob",
+    "EnsembleModel", "LazyEnsembleModel", "save_ensemble", "load_ensemble", "read_ensemble_metadata", "verify_ensemble_file", "combine_mean_prob",
     "loop_strategy", "vmap_strategy", "STRATEGIES", "FORMAT", "FORMAT_VERSION", "METADATA_KEY",
 ]
 
@@ -639,7 +639,7 @@ def save_ensemble(dest: str | os.PathLike, member_states: Sequence[StateDict], *
 def _write_members(tmp: Path, member_states: list[StateDict], save_dtype: torch.dtype | None,
                    doc: dict[str, Any]) -> None:
     """Write the members' tensors (`member.<i>.<name>`, floating ones cast to `save_dtype`)
-    and `doc` with their SHA-256 (`tensor_sha256`, checked by load(verify=True) and inspect
+    and `doc` with their SHA-256 (`tensor_sha256`, checked by load_ensemble(verify=True) and inspect
     --verify) as one safetensors file. Tensor by tensor: at most one cast tensor exists at a
     time, so writing holds no copy of the members (the file's bytes are what `save_file` of
     all the tensors would write)."""
@@ -823,7 +823,7 @@ def _factory_from_spec(doc: dict[str, Any], path: Path, trust_remote_code: bool
     return factory
 
 
-def load(file: str | os.PathLike, *, model: ModelLike | None = None,
+def load_ensemble(file: str | os.PathLike, *, model: ModelLike | None = None,
          trust_remote_code: bool = False, strategy: str | StrategyFn = "loop",
          device: str | torch.device | None = None, verify: bool = False,
          dtype: str | torch.dtype | None = None, lazy: bool = False) -> "EnsembleModel | LazyEnsembleModel":
@@ -887,7 +887,7 @@ _SAFETENSORS_DTYPES = {"F32": torch.float32, "BF16": torch.bfloat16, "F16": torc
 
 
 def _load_dtype(dtype: str | torch.dtype | None, path: Path, member0: list[tuple[str, str]]) -> torch.dtype | None:
-    """load(dtype=): None, a torch dtype, or the floating dtype of member 0's tensors ("file")."""
+    """load_ensemble(dtype=): None, a torch dtype, or the floating dtype of member 0's tensors ("file")."""
     if not (isinstance(dtype, str) and dtype.lower() == "file"):
         from .precision import parse_dtype
         return parse_dtype(dtype, option="dtype")
@@ -906,7 +906,7 @@ def _with_dtype(factory: Callable[[], nn.Module], dtype: torch.dtype | None) -> 
 
 
 class LazyEnsembleModel(nn.Module):
-    """An ensemble whose members stay in their file: `mcensemble.load(file, lazy=True)`.
+    """An ensemble whose members stay in their file: `mcensemble.load_ensemble(file, lazy=True)`.
 
     Holds one model (`ens.model`); every forward pass loads member i's tensors into it (read
     from the safetensors file, memory-mapped) and runs it, for i = 0 .. K-1, so memory holds

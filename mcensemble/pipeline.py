@@ -22,24 +22,22 @@ from .baselines import decision_sentence, soup_state
 from .bn import has_batchnorm, labelled_batch
 from .checkpoints import load_checkpoint, save_checkpoint
 from .data import check_input_fits, create_loader, example_input
-from .demo import fresh_run_dir, train_default_endpoints
-from .describe import describe_checkpoint
 from .distributed import is_main, world_size
-from .ensemble import EnsembleModel, load, save_ensemble
+from .ensemble import EnsembleModel, load_ensemble, save_ensemble
 from .errors import BadOptionError, MCEnsembleError
 from .evaluate import evaluate, scan
-from .hooks import fge_train
 from .inputs import data_loaders, load_endpoints, loader_for_test_data, model_arg, unit_graph_of
 from .members import (candidate_state, ensemble_metrics, evaluate_candidates, predict_log_probs, select_members,
                       uniform_points)
 from .models import ModelSpec, as_factory, create_model, import_entry
-from .options import BuildOptions, CurveConfig, DataOptions, ModelOptions, check_count
+from .options import BuildOptions, DataOptions, ModelOptions, check_count
 from .pack import pack_pair, pack_report
 from .paths import LinearPath, load_path
 from .paths.curves import BezierPath, PolyChainPath
 from .paths.dropout import DropoutPath
 from .paths.neb import NebPath
 from .paths.short import ShortPath
+from .snapshots import fge_train
 from .plane import scan_plane
 from .plot import plot_plane
 from .reports import (TRAIN_ONLY_WARNING, build_baselines, build_report, choice_report, choice_summary,
@@ -47,11 +45,9 @@ from .reports import (TRAIN_ONLY_WARNING, build_baselines, build_report, choice_
 from .stability import dropout_stability
 from .units import build_unit_graph
 
-__all__ = ["ModelOptions", "DataOptions", "BuildOptions", "CurveConfig", "BuildResult", "PATH_BUILDERS",
-           "TRAINED_METHODS", "OTHER_METHODS", "TRAIN_ONLY_WARNING", "check_method",
-           "unit_graph_of", "load_endpoints", "connect", "align_chain", "scan_checkpoints", "scan_path_file", "RepairedPath",
-           "build_ensemble", "build_fge", "evaluate_ensemble_file", "describe_checkpoint", "align_files",
-           "stability_of_file", "pack_files", "train_default_endpoints", "fresh_run_dir"]
+__all__ = ["BuildResult", "PATH_BUILDERS", "TRAINED_METHODS", "OTHER_METHODS", "TRAIN_ONLY_WARNING", "check_method",
+           "connect", "align_chain", "scan_checkpoints", "scan_path_file", "build_ensemble", "build_fge",
+           "evaluate_ensemble_file", "align_files", "stability_of_file", "pack_files"]
 
 _log = logging.getLogger(__name__)
 
@@ -354,7 +350,7 @@ def evaluate_ensemble_file(file: str | os.PathLike, *, model: Any = None, trust_
     if isinstance(model, str):
         import_entry(model)  # fail early, naming the spec
         model = ModelSpec(entry=model)
-    ens = load(file, model=model, trust_remote_code=trust_remote_code, device=data.device)
+    ens = load_ensemble(file, model=model, trust_remote_code=trust_remote_code, device=data.device)
     spec = data.val_data or data.data
     split = "val" if data.val_data or (data.data or "").startswith("digits") else "train"
     net = ens.members[0]

@@ -2,17 +2,17 @@
 cyclical learning rate of fast geometric ensembling, FGE, Garipov et al. 2018), `fge_train`
 (FGE from a trained model, what `mcensemble build --method fge` runs), and the small plan the
 trainer plugins (`plugins/lightning`, `plugins/hf`) adapt: `network_in`, `fge_collector`,
-`save_snapshots`.
+`save_snapshots`, and the collector's state as a file (`write_collector_state` /
+`read_collector_state`, what a plugin keeps in its trainer's checkpoints).
 
 Framework-agnostic: a collector sees a model, an optimizer and `step()` / `snapshot()`
 calls; the plugins only translate their trainer's events into those calls. Forward passes
 the collector runs itself (BatchNorm re-estimation of each snapshot before saving, FGE
 training) take `precision=` ("fp32" / "bf16" / "fp16", `mcensemble.precision`).
-
-These names were in `mcensemble.hooks` before; `mcensemble.hooks` still re-exports them.
 """
 from __future__ import annotations
 
+import json
 import logging
 import math
 import numbers
@@ -22,13 +22,16 @@ from typing import Any, Callable, Iterable, Mapping
 
 import torch
 import torch.nn as nn
+from safetensors import safe_open
+from safetensors.torch import save_file
 
+from ._io import atomic_path, read_header
 from ._modes import keeps_process_state
-from .errors import BadOptionError
+from .errors import BadOptionError, CheckpointError
 from .options import check_count
 
 __all__ = ["SnapshotCollector", "fge_lr", "fge_train", "network_in", "fge_collector", "save_snapshots",
-           "check_bn_options"]
+           "check_bn_options", "write_collector_state", "read_collector_state"]
 
 logger = logging.getLogger(__name__)
 
@@ -97,7 +100,7 @@ class SnapshotCollector:
                 col.step()                            # sets the next lr, snapshots at each low point
         col.save("fge.safetensors", model_spec=spec, bn_loader=loader)
 
-        ens = mcensemble.load("fge.safetensors")      # an nn.Module with 4 members
+        ens = mcensemble.load_ensemble("fge.safetensors")      # an nn.Module with 4 members
         log_probs = ens(x)                            # (B, 10): log of the mean member probability
     """
 
@@ -210,7 +213,7 @@ class SnapshotCollector:
     def save(self, file: str | os.PathLike, *, model_spec=None, bn_loader: Iterable | None = None,
              bn_max_batches: int | None = None, sources: Iterable = (),
              extra: Mapping[str, Any] | None = None, precision: str | None = None) -> Path:
-        """Write the snapshots as an ensemble file (`mcensemble.load` reads it; pass
+        """Write the snapshots as an ensemble file (`mcensemble.load_ensemble` reads it; pass
         `model_spec` - a `ModelSpec` or its dict - so that it loads without `model=`).
         Members are `{"t": None, "kind": "snapshot", "step": ..., ...}` in snapshot order.
         `precision`: of the BatchNorm re-estimation's forward passes."""
@@ -401,3 +404,41 @@ def save_snapshots(col: SnapshotCollector, out, *, who: str, model_spec=None, bn
                     precision=precision)
     logger.info("%s: wrote %d-member ensemble to %s", who, len(col), out)
     return path
+
+
+# ----------------------------------------------------------------------------- collector state files
+def write_collector_state(file: str | os.PathLike, state: Mapping[str, Any], *, key: str,
+                          extra: Mapping[str, Any] | None = None) -> Path:
+    """Write `state` (a `SnapshotCollector.state_dict()`) to the safetensors `file`, atomically:
+    snapshot i's tensor `name` as `snapshot.<i>.<name>`, everything else (plus `extra`, plus
+    "count" and "keys") as JSON under the metadata key `key`. `read_collector_state` reads it."""
+    state = dict(state)
+    snaps = state.pop("snapshots")
+    keys = list(snaps[0]) if snaps else []
+    tensors = {}
+    for i, snap in enumerate(snaps):
+        if list(snap) != keys:
+            raise BadOptionError("snapshots have different tensor names; cannot save them", option="state")
+        for k, t in snap.items():
+            tensors[f"snapshot.{i}.{k}"] = t.detach().to("cpu").contiguous().clone()
+    doc = {**dict(extra or {}), "count": len(snaps), "keys": keys, **state}
+    file = Path(file)
+    with atomic_path(file) as tmp:
+        save_file(tensors, str(tmp), metadata={key: json.dumps(doc), "format": "pt"})
+    return file
+
+
+def read_collector_state(file: str | os.PathLike, *, key: str) -> dict[str, Any]:
+    """The document `write_collector_state` stored under `key` in `file`, with "snapshots" (a
+    list of state dicts on the CPU) filled back in. `CheckpointError` naming the file when it
+    is unreadable or holds no such document."""
+    doc = read_header(file).document(key)
+    if not isinstance(doc, dict) or not isinstance(doc.get("keys"), list) or not isinstance(doc.get("count"), int):
+        raise CheckpointError(f"{str(file)!r} holds no snapshot state under {key!r}")
+    try:
+        with safe_open(str(file), framework="pt", device="cpu") as f:
+            doc["snapshots"] = [{k: f.get_tensor(f"snapshot.{i}.{k}") for k in doc["keys"]}
+                                for i in range(doc["count"])]
+    except Exception as e:
+        raise CheckpointError(f"cannot read the snapshots from {str(file)!r} ({type(e).__name__}: {e})") from e
+    return doc

@@ -31,7 +31,6 @@ import torch.nn as nn
 import torch.nn.functional as F
 from torch.fx.passes.shape_prop import ShapeProp, TensorMetadata
 
-from ._compat import UNSET, renamed_keyword
 from ._modes import modes_kept
 from .errors import BadOptionError, MCEnsembleError
 
@@ -254,7 +253,7 @@ def permute_state_dict(state_dict: Mapping[str, torch.Tensor], graph: UnitGraph,
 
 
 # ----------------------------------------------------------------------------- building
-def build_unit_graph(model: nn.Module, example_input=None, *, graph=None, groups=UNSET) -> UnitGraph:
+def build_unit_graph(model: nn.Module, example_input=None, *, graph=None) -> UnitGraph:
     """The unit graph of `model`.
 
     `graph` given (a `UnitGraph`, its `to_dict()` form, a list of `UnitGroup`, or a path
@@ -262,9 +261,7 @@ def build_unit_graph(model: nn.Module, example_input=None, *, graph=None, groups
     traced. Otherwise the model is traced with torch.fx and `example_input` (a tensor or a
     tuple of tensors, e.g. one batch of shape [1, C, H, W]) is run through it in eval mode
     under `no_grad` to learn shapes; every module's `training` flag is restored afterwards.
-    `groups=`: the old name of `graph=` (deprecated; it warns).
     """
-    graph = renamed_keyword(graph, groups, new="graph", old="groups", where="build_unit_graph")
     if not isinstance(model, nn.Module):
         raise BadOptionError(f"model must be an nn.Module, got {type(model).__name__}",
                              option="model")

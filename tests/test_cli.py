@@ -248,7 +248,7 @@ def test_build_report(built, method, mce_mlp_pair):
 def test_build_outputs_load(built, method, mce_mlp_pair):
     res, files = built(method)
     assert res.exit_code == 0, res.output
-    ens = mcensemble.load(files["out"])
+    ens = mcensemble.load_ensemble(files["out"])
     assert len(ens) == 2
     x, _ = digits_tensors("val")
     with torch.no_grad():
@@ -340,7 +340,7 @@ def test_eval_per_member_and_ensemble(mce_cli, built, tmp_path):
     assert rep["split"] == "val" and len(rep["members"]) == 2
     for m in [*rep["members"], rep["ensemble"]]:
         assert {"nll", "acc", "ece"} <= set(m) and m["n"] == 360
-    ens = mcensemble.load(files["out"])
+    ens = mcensemble.load_ensemble(files["out"])
     assert [m["t"] for m in rep["members"]] == [m["t"] for m in ens.metadata["members"]]
     # recompute from the members, each loaded on its own
     x, y = digits_tensors("val")

@@ -10,7 +10,8 @@ import pytest
 import torch
 
 from helpers import timm_factory, train_seeded
-from mcensemble.connect import ConnectOptions, checkpoint_files, connect_checkpoints, minimum_spanning_tree
+from mcensemble.connect import checkpoint_files, connect_checkpoints, minimum_spanning_tree
+from mcensemble.options import ConnectOptions
 from mcensemble.errors import BadOptionError
 
 DATA = "digits,train=128"
@@ -128,7 +129,7 @@ def test_connect_cli_errors(zoo4, tmp_path, mce_cli):
 
 def test_connect_neb_tree_is_below_the_straight_lines(zoo4, tmp_path):
     from mcensemble.paths.neb import NebConfig
-    from mcensemble.pipeline import BuildOptions, DataOptions
+    from mcensemble.options import BuildOptions, DataOptions
     torch.manual_seed(0)
     neb = NebConfig(cycles=((8, 0.1), (8, 0.1)), insert=1, dense_points=3, eval_batches=1)
     data = DataOptions(data=DATA, val_data="digits", batch_size=64)
@@ -152,7 +153,7 @@ def test_connect_neb_tree_is_below_the_straight_lines(zoo4, tmp_path):
     assert sorted(e["checkpoints_val_nll"]) == ["0", "1", "2", "3"]
     assert 1 <= len(e["members"]) <= 3 and sum(m["weight"] for m in e["members"]) == pytest.approx(1.0)
     assert e["val"]["nll"] <= e["best_single_val_nll"] + 1e-9  # select_members' guarantee
-    ens = mcensemble.load(ens_file)
+    ens = mcensemble.load_ensemble(ens_file)
     m = evaluate(ens, create_loader("digits", split="val", batch_size=128))
     assert len(ens) == len(e["members"]) and m.nll == pytest.approx(e["val"]["nll"], rel=1e-4)
     with pytest.raises(BadOptionError, match="`val_data`"):

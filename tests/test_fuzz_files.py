@@ -7,7 +7,7 @@ then mutated `MUTANTS_PER_KIND` times (seeded), both in its `mcensemble` header 
 (every wrong JSON type, absurd sizes, missing and extra fields, broken JSON) and in its
 tensors (truncation, flipped bytes, wrong dtypes / shapes / offsets in the safetensors
 header, missing, extra and renamed tensors), and every mutant goes through the whole load:
-`load_path` + `state_at`, `mcensemble.load` + `forward`, `read_fit_checkpoint` + resuming
+`load_path` + `state_at`, `mcensemble.load_ensemble` + `forward`, `read_fit_checkpoint` + resuming
 `fit_curve`, `load_checkpoint` + `build_model`, plus the hash check (`verify=True`).
 
 The loads run in a subprocess whose address space is capped (`resource.RLIMIT_AS`, a
@@ -74,7 +74,8 @@ def make_seed_files(folder: Path) -> dict[str, Path]:
     from mcensemble.paths.curves import straight_bends
     from mcensemble.paths.dropout import DropoutPath
     from mcensemble.paths.short import ShortPath
-    from mcensemble.paths.fit import CurveConfig, fit_curve
+    from mcensemble.options import CurveConfig
+    from mcensemble.paths.fit import fit_curve
     spec, (a, b) = _endpoints()
     out = {k: folder / f"{k}.safetensors" for k in KINDS}
     mid = {k: (a[k] + b[k]) / 2 for k in a}
@@ -369,7 +370,7 @@ def _load_ensemble(f: Path) -> None:
     import mcensemble
     from mcensemble.ensemble import verify_ensemble_file
     _checked(verify_ensemble_file, f)
-    ens = mcensemble.load(f, strategy="loop")
+    ens = mcensemble.load_ensemble(f, strategy="loop")
     ens(torch.rand(2, 1, 8, 8))
 
 
@@ -392,7 +393,9 @@ def _load_path(f: Path) -> None:
 
 
 def _load_fit(f: Path) -> None:
-    from mcensemble.paths.fit import CurveConfig, fit_curve, read_fit_checkpoint
+    from mcensemble.options import CurveConfig
+    from mcensemble.paths.fit import fit_curve
+    from mcensemble.paths.fit_run import read_fit_checkpoint
     read_fit_checkpoint(f)
     _, (a, b) = _endpoints()
     fit_curve(_model(), a, b, _loader(), config=CurveConfig(kind="bezier", bends=1, epochs=1),

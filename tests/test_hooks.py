@@ -153,17 +153,10 @@ def test_groups_restrict_what_is_dropped():
     assert (seen["2"] > 0).all() and (seen["4"] == 0).any()
 
 
-def test_groups_is_the_deprecated_name_of_graph():
+def test_groups_is_not_a_keyword():
     model, x = sigmoid_mlp().train(), torch.randn(8, 16)
-    graph = build_unit_graph(model, x[:1])
-    only_top = UnitGraph([graph.group("2")], graph.classifier)
-    with pytest.warns(DeprecationWarning, match=r"channel_dropout\(groups=...\) is deprecated.*graph="):
-        handle = channel_dropout(model, 0.5, groups=only_top)
-    assert set(handle.consumers) == {"4"}
-    handle.remove()
-    with pytest.raises(BadOptionError, match="pass graph= only") as info:
-        channel_dropout(model, 0.5, graph=only_top, groups=only_top)
-    assert info.value.option == "graph"
+    with pytest.raises(TypeError, match="groups"):
+        channel_dropout(model, 0.5, example_input=x, groups=None)
 
 
 @pytest.mark.parametrize("p", [1.0, 1.5, -0.1, "0.5", True, float("nan")])

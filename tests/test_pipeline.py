@@ -14,8 +14,9 @@ import mcensemble
 from mcensemble.data import digits_tensors
 from mcensemble.errors import ArchitectureMismatchError, BadOptionError
 from mcensemble.models import create_model
-from mcensemble.pipeline import (BuildOptions, DataOptions, ModelOptions, build_ensemble, fresh_run_dir,
-                                 scan_checkpoints, train_default_endpoints)
+from mcensemble.demo import fresh_run_dir, train_default_endpoints
+from mcensemble.options import BuildOptions, DataOptions, ModelOptions
+from mcensemble.pipeline import build_ensemble, scan_checkpoints
 
 pytestmark = pytest.mark.usefixtures("mce_one_thread")
 
@@ -107,12 +108,12 @@ def test_same_seed_same_ensemble_other_seed_other_curve(mce_mlp_pair, tmp_path):
             assert a[k].dtype == b[k].dtype and torch.equal(a[k], b[k]), k  # bit for bit
     # the middle member comes from the fitted curve, which depends on the seed
     assert any(not torch.equal(m1[1][k], m3[1][k]) for k in m1[1])
-    assert mcensemble.load(f1).metadata["members"] == mcensemble.load(f2).metadata["members"]
+    assert mcensemble.load_ensemble(f1).metadata["members"] == mcensemble.load_ensemble(f2).metadata["members"]
 
 
 def test_ensemble_output_is_the_log_mean_of_member_probabilities(mce_mlp_pair, tmp_path):
     res, out = _build(mce_mlp_pair, tmp_path, "lin", method="linear", members=3, candidates=3)
-    ens = mcensemble.load(out)
+    ens = mcensemble.load_ensemble(out)
     assert len(ens) == 3
     nets = _member_models(ens)
     x, _ = digits_tensors("val")
@@ -148,7 +149,7 @@ def test_bn_build_greedy_members_and_report_metrics(mce_cnn_pair, tmp_path):
     best = min(rep["path"]["points"], key=lambda p: p["val_nll"])
     assert best["t"] in us
     # the reported validation NLL is the file's ensemble, BN buffers included
-    ens = mcensemble.load(tmp_path / "e.safetensors")
+    ens = mcensemble.load_ensemble(tmp_path / "e.safetensors")
     x, y = digits_tensors("val")
     nll = F.nll_loss(_log_mean_prob(_member_models(ens), x), y).item()
     assert rep["ensemble"]["val"]["nll"] == pytest.approx(nll, rel=1e-4)
@@ -170,7 +171,7 @@ def test_three_checkpoints_make_two_joined_paths(mce_mlp_pair, tmp_path):
     assert list(rep["endpoints"]) == ["A", "B", "C"]
     assert [p["t"] for p in rep["path"]["points"]] == [0.0, 0.25, 0.5, 0.75, 1.0]  # shared middle end once
     assert [(m["path"], m["t"]) for m in rep["members"]] == [(0, 0.0), (0, 0.5), (1, 0.0), (1, 0.5), (1, 1.0)]
-    ens = mcensemble.load(out)
+    ens = mcensemble.load_ensemble(out)
     sa, sb = (mcensemble.load_checkpoint(f).state_dict for f in (a, b))
     for k in sa:
         assert torch.equal(ens.member_state_dict(2)[k], sb[k])  # u = 0.5 is checkpoint B
@@ -277,7 +278,7 @@ def test_build_chooses_with_replacement_never_worse_than_its_best_member(mce_mlp
     # weights: in the report, in the file, and used by the loaded ensemble
     ws = [m["weight"] for m in rep["members"]]
     assert sum(ws) == pytest.approx(1.0) and ws == pytest.approx(res.weights)
-    ens = mcensemble.load(out)
+    ens = mcensemble.load_ensemble(out)
     assert ens.weights == pytest.approx(ws)
     assert ens.metadata["choice"]["rule"] == choice["rule"]
     x, y = digits_tensors("val")
@@ -306,7 +307,7 @@ def test_build_report_rows_are_the_baselines(mce_mlp_pair, tmp_path, selection_s
     a, b = (mcensemble.load_checkpoint(f).build_model() for f in mce_mlp_pair)
     assert rows["endpoints-ensemble"]["test"]["nll"] == pytest.approx(_weighted_nll([a, b], [0.5, 0.5], x, y),
                                                                       rel=1e-4)
-    ens = mcensemble.load(tmp_path / "e.safetensors")
+    ens = mcensemble.load_ensemble(tmp_path / "e.safetensors")
     soup = create_model(ens.model_spec)
     sts = ens.member_states()
     soup.load_state_dict({k: (sts[0][k] + sts[1][k]) / 2 for k in sts[0]})

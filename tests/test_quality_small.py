@@ -30,7 +30,8 @@ from mcensemble.checkpoints import save_checkpoint
 from mcensemble.data import create_loader, digits_tensors
 from mcensemble.members import ensemble_metrics, predict_log_probs
 from mcensemble.models import ModelSpec, create_model
-from mcensemble.pipeline import BuildOptions, DataOptions, ModelOptions, build_ensemble
+from mcensemble.options import BuildOptions, DataOptions, ModelOptions
+from mcensemble.pipeline import build_ensemble
 
 from helpers import train_seeded
 

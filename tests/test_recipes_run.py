@@ -22,7 +22,7 @@ def test_offline_recipe_runs(name, method, mce_cli, tmp_path, monkeypatch):
     assert res.exit_code == 0, res.output
     rep = json.loads((tmp_path / "r.json").read_text())
     assert rep["method"] == method
-    ens = mcensemble.load(tmp_path / "e.safetensors")
+    ens = mcensemble.load_ensemble(tmp_path / "e.safetensors")
     # --members 4 is an upper bound for members chosen on --val-data; FGE keeps every snapshot
     assert len(ens) == len(rep["members"]) and (len(ens) == 4 if method == "fge" else 1 <= len(ens) <= 4)
     x = torch.rand(5, 1, 8, 8)
@@ -73,4 +73,4 @@ def test_timm_imagefolder_template_runs_on_real_timm_runs(mce_cli, tmp_path):
     chosen = [Path(c["file"]) for c in rep["checkpoints"]]
     assert [p.parent for p in chosen] == runs  # the best of each run, in the order given
     assert all(mcensemble.load_checkpoint(p).metadata["epoch"] == 1 for p in chosen)  # metric 60 > 50
-    assert len(mcensemble.load(tmp_path / "ens.safetensors")) == 2
+    assert len(mcensemble.load_ensemble(tmp_path / "ens.safetensors")) == 2

@@ -1,6 +1,6 @@
 """Paths through parameter space: t in [0, 1] -> state dict.
 
-`ModePath` (base class; `Path` is its old name, kept as an alias), `register_path` (kind registry), `load_path` (read a path file),
+`ModePath` (base class), `register_path` (kind registry), `load_path` (read a path file),
 `LinearPath` (the straight line). Curve kinds (`BezierPath`, `PolyChainPath`,
 `fit_curve`), the short path (`ShortPath`, `build_short_path`), AutoNEB
 (`NebPath`, `NebConfig`, `fit_neb`) and others live in sibling
@@ -8,7 +8,7 @@ modules, imported on first use.
 """
 from __future__ import annotations
 
-from .base import (ModePath, Path, check_same_layout, known_kinds, load_path, register_path,
+from .base import (ModePath, check_same_layout, known_kinds, load_path, register_path,
                    state_dict_sha256)
 from .linear import LinearPath
 
@@ -17,7 +17,7 @@ _LAZY = {"BezierPath": "curves", "PolyChainPath": "curves", "fit_curve": "fit", 
          "ShortPath": "short", "build_short_path": "short",
          "NebPath": "neb", "NebConfig": "neb", "fit_neb": "neb"}
 
-__all__ = ["ModePath", "Path", "LinearPath", "load_path", "register_path", "known_kinds", "check_same_layout",
+__all__ = ["ModePath", "LinearPath", "load_path", "register_path", "known_kinds", "check_same_layout",
            "state_dict_sha256"]
 
 

@@ -27,7 +27,6 @@ import json
 import logging
 import math
 import os
-import warnings
 from typing import Any, Callable, ClassVar, Mapping, TypeVar
 
 import torch
@@ -37,8 +36,8 @@ from ..checkpoints import check_same_architecture
 from ..errors import ArchitectureMismatchError, BadOptionError, CheckpointError
 
 __all__ = [
-    "ModePath", "Path", "register_path", "load_path", "known_kinds", "check_same_layout", "state_dict_sha256",
-    "meta_field", "verify_path_file", "PATH_FORMAT", "PATH_FORMAT_VERSION", "METADATA_KEY",
+    "ModePath", "register_path", "load_path", "known_kinds", "check_same_layout", "state_dict_sha256",
+    "verify_path_file", "PATH_FORMAT", "PATH_FORMAT_VERSION", "METADATA_KEY",
 ]
 
 log = logging.getLogger(__name__)
@@ -90,8 +89,7 @@ class ModePath:
     `vertex_t` (the t values where a piecewise-linear path bends, ends included; None for
     smooth curves; the file field "vertices"), `certificate` (a loss bound for
     dropout-stable paths, else None), `metadata` (the JSON document of a loaded file; for a
-    new path, entries to store). `vertices` is the deprecated name of `vertex_t` (it
-    warns): it said neither t values nor states (`DropoutPath.vertex_states()` gives those).
+    new path, entries to store).
     """
 
     kind: ClassVar[str] = ""
@@ -100,27 +98,6 @@ class ModePath:
     trained: ClassVar[bool] = False
     vertex_t: list[float] | None = None
     certificate: dict[str, Any] | None = None
-
-    def __init_subclass__(cls, **kwargs: Any) -> None:
-        super().__init_subclass__(**kwargs)
-        # a subclass written for the old name (`vertices = [...]` in its body) still works
-        if "vertices" in cls.__dict__ and not isinstance(cls.__dict__["vertices"], property):
-            warnings.warn(f"{cls.__qualname__}.vertices is deprecated; name the class attribute vertex_t "
-                          "(the t values of the vertices)", DeprecationWarning, stacklevel=2)
-            cls.vertex_t = cls.__dict__["vertices"]
-            del cls.vertices
-
-    @property
-    def vertices(self) -> list[float] | None:
-        """The t values of the vertices: the same list as `vertex_t` (the name the public
-        surface in docs/design.md reads, so it does not warn; setting it does)."""
-        return self.vertex_t
-
-    @vertices.setter
-    def vertices(self, value: list[float] | None) -> None:
-        warnings.warn("path.vertices is deprecated; set path.vertex_t (the t values of the vertices)",
-                      DeprecationWarning, stacklevel=2)
-        self.vertex_t = value
 
     #: a kind that `build --method KIND` makes defines the classmethod
     #: ``from_options(net, a, b, *, opts, data, fit_loader, bn_loader, index=0, graph=None)``
@@ -224,10 +201,6 @@ class ModePath:
         return f"{type(self).__name__}(kind={self.kind!r}, groups={list(self.groups)}, tensors={n})"
 
 
-#: the old name of `ModePath` (it shadowed `pathlib.Path`), kept so that code using it still works
-Path = ModePath
-
-
 def register_path(kind: str) -> Callable[[P], P]:
     """Class decorator: register a `ModePath` subclass under `kind` (sets `cls.kind`)."""
     def deco(cls: P) -> P:
@@ -295,7 +268,7 @@ def _path_document(file: str) -> dict[str, Any]:
             "`mcensemble build --path-out` or ModePath.save()")
     if not isinstance(meta, dict) or meta.get("format") != PATH_FORMAT:
         fmt = meta.get("format") if isinstance(meta, dict) else None
-        what = "an mcensemble ensemble file (load it with mcensemble.load)" \
+        what = "an mcensemble ensemble file (load it with mcensemble.load_ensemble)" \
             if fmt == "mcensemble-ensemble" else f"a {fmt!r} file" if isinstance(fmt, str) and fmt \
             else "an mcensemble file of unknown format"
         raise CheckpointError(f"{file} is not an mcensemble path file (format {PATH_FORMAT!r}); "

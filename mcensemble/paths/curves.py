@@ -24,8 +24,9 @@ from typing import Any, Mapping, Sequence
 
 import torch
 
+from .._io import meta_field
 from ..errors import ArchitectureMismatchError, BadOptionError
-from .base import ModePath, StateDict, check_same_layout, meta_field, register_path
+from .base import ModePath, StateDict, check_same_layout, register_path
 from .linear import lerp_tensor
 
 __all__ = ["BezierPath", "PolyChainPath", "CURVE_KINDS", "bezier_coefficients", "polychain_coefficients",

@@ -51,9 +51,10 @@ import torch
 import torch.nn as nn
 from tqdm import tqdm
 
+from .._io import meta_field
 from ..errors import MCEnsembleError
 from ..units import AxisRef, UnitGraph, UnitGroup
-from .base import ModePath, StateDict, check_same_layout, meta_field, register_path
+from .base import ModePath, StateDict, check_same_layout, register_path
 
 __all__ = ["DropoutPath", "DropoutPathError", "build_dropout_path", "layered_chain", "mix_states",
            "verify_segments"]

@@ -46,19 +46,15 @@ from torch.func import functional_call
 from .._modes import keeps_process_state, modes_kept
 from .. import distributed as dist_
 from ..checkpoints import check_same_architecture
-from ..data import epoch_batches, epoch_seed
 from ..errors import BadOptionError
-from ..options import CurveConfig, validate_curve_config
+from ..options import CurveConfig
 from ..precision import Precision, resolve_precision
 from .base import check_same_layout
-from .curves import BezierPath, PolyChainPath, bend_lr_scale, curve_coefficients, is_interpolated
+from .curves import BezierPath, PolyChainPath, curve_coefficients, is_interpolated
 from .linear import lerp_tensor
-from .fit_run import (FIT_CHECKPOINT_FORMAT, FitInterrupted, _check_checkpoint_args, _FitRun, lr_factor,
-                      read_fit_checkpoint)
+from .fit_run import _check_checkpoint_args, _FitRun
 
-__all__ = ["CurveConfig", "CurveFitter", "STREAM_MIN_BYTES", "FitInterrupted", "fit_curve", "lr_factor", "bend_lr_scale",
-           "validate_curve_config",
-           "epoch_batches", "epoch_seed", "read_fit_checkpoint", "FIT_CHECKPOINT_FORMAT"]
+__all__ = ["CurveFitter", "STREAM_MIN_BYTES", "fit_curve"]
 
 log = logging.getLogger(__name__)
 
@@ -355,7 +351,7 @@ def fit_curve(model: Any, a: Mapping[str, torch.Tensor], b: Mapping[str, torch.T
     `model`: an `nn.Module` of the endpoints' architecture (only its structure is used: its
     own weights are never read or changed; it is moved to `device`, and its modules'
     training flags are restored at the end), or a zero-argument callable / `ModelSpec`.
-    `loader` yields ``(input, target)`` pairs (or what `mcensemble.train.split_batch`
+    `loader` yields ``(input, target)`` pairs (or what `mcensemble.bn.split_batch`
     understands); the batch size is the loader's. `loss_fn(output, target)` defaults to
     cross entropy. `callback(step, t, loss)` is called after every step with the step
     index (0-based), the sampled t and the data loss (without the weight-decay term).

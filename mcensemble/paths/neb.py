@@ -47,10 +47,10 @@ from tqdm.auto import tqdm
 from .._modes import keeps_process_state, modes_kept
 from .. import distributed as dist_
 from ..checkpoints import check_same_architecture
-from .._io import is_int as _is_int, is_number
+from .._io import is_int as _is_int, is_number, meta_field
 from ..data import epoch_batches
 from ..errors import BadOptionError, CheckpointError
-from .base import ModePath, StateDict, check_same_layout, meta_field, register_path, state_dict_sha256
+from .base import ModePath, StateDict, check_same_layout, register_path, state_dict_sha256
 from .curves import is_interpolated
 from .fit_run import _ck_tensor, open_training_checkpoint
 from .linear import lerp_tensor

@@ -45,10 +45,11 @@ import torch
 import torch.nn as nn
 from tqdm import tqdm
 
+from .._io import meta_field
 from ..errors import BadOptionError, MCEnsembleError
 from ..stability import swap_trial
 from ..units import AxisRef, UnitGraph, UnitGroup
-from .base import StateDict, check_same_layout, meta_field, register_path
+from .base import StateDict, check_same_layout, register_path
 from .dropout import (DropoutPath, _bytes, _changed_units, _decode, _encode, _same, mix_states)
 
 __all__ = ["ShortPath", "ShortPathError", "ShortConstruction", "build_short_path", "prepare_short",
