@@ -16,44 +16,53 @@ import click
 import torch
 
 from .errors import BadOptionError, MCEnsembleError
-from .options import BuildOptions, ConnectOptions, CurveConfig, DataOptions, ModelOptions
+from .options import BuildOptions, ConnectOptions, DataOptions, ModelOptions
 
 __all__ = ["main"]
 
 
-#: the one table from a library parameter (what `BadOptionError.option` and the `name`s in
-#: library messages say) to the command-line flag that sets it
+#: library parameters (what `BadOptionError.option` and the `name`s in library messages say)
+#: whose flag is not simply the command's option of that name (which `_flags` adds: a path
+#: kind's settings, `--bends`, `--search-steps`, come from the kinds themselves)
 PARAM_FLAGS: dict[str, str] = {
     "arch": "--arch", "model": "--model", "num_classes": "--num-classes", "in_chans": "--in-chans",
     "ema": "--ema", "graph": "--unit-graph", "unit_graph": "--unit-graph",
     "data": "--data", "val_data": "--val-data", "test_data": "--test-data", "batch_size": "--batch-size",
     "workers": "--workers", "seed": "--seed", "device": "--device", "precision": "--precision",
-    "method": "--method", "kind": "--method", "bends": "--bends", "epochs": "--epochs", "lr": "--lr", "weight_decay": "--weight-decay",
+    "method": "--method", "kind": "--method",
     "align": "--align", "repair": "--repair", "points": "--points", "path_points": "--path-points",
     "plane": "--plane", "plane_grid": "--plane-grid", "path": "--path",
     "members": "--members", "candidates": "--candidates", "selection": "--selection", "dtype": "--save-dtype",
     "path_out": "--path-out", "out_dir": "--out-dir", "checkpoint": "--checkpoint-dir",
     "checkpoint_every": "--checkpoint-every", "resume": "--resume", "from_run": "--from-run", "top_k": "--top-k",
-    "metric_mode": "--metric-mode", "recipe": "--recipe", "verify": "--verify", "search_steps": "--search-steps",
+    "metric_mode": "--metric-mode", "recipe": "--recipe", "verify": "--verify",
     "trust_remote_code": "--trust-remote-code", "scale": "--noise-scale", "examples": "--noise-examples",
 }
 
 
-def _flag_words(message: str, option: str | None) -> str:
-    """A library message in the CLI's words: each `name` of `PARAM_FLAGS` becomes its flag,
-    and so does the error's own `option` opening the message ("members must be ..." ->
-    "--members must be ...")."""
-    message = re.sub(r"`(\w+)`", lambda m: PARAM_FLAGS.get(m.group(1), m.group(0)), message)
-    if option in PARAM_FLAGS and re.match(rf"{re.escape(option)} must\b", message):
-        message = PARAM_FLAGS[option] + message[len(option):]
+def _flags(ctx: click.Context | None) -> dict[str, str]:
+    """Library parameter -> flag: the options of the running command, then `PARAM_FLAGS`."""
+    own = {p.name: p.opts[0] for p in (ctx.command.params if ctx is not None else ())
+           if isinstance(p, click.Option) and p.name and p.opts[0].startswith("--")}
+    return {**own, **PARAM_FLAGS}
+
+
+def _flag_words(message: str, option: str | None, flags: dict[str, str] = PARAM_FLAGS) -> str:
+    """A library message in the CLI's words: each `name` of `flags` becomes its flag, and so
+    does the error's own `option` opening the message ("members must be ..." -> "--members
+    must be ...")."""
+    message = re.sub(r"`(\w+)`", lambda m: flags.get(m.group(1), m.group(0)), message)
+    if option in flags and re.match(rf"{re.escape(option)} must\b", message):
+        message = flags[option] + message[len(option):]
     return message
 
 
 def _click_error(e: MCEnsembleError, ctx: click.Context) -> click.ClickException:
     option = getattr(e, "option", None)
-    message = _flag_words(str(e), option)
+    flags = _flags(ctx)
+    message = _flag_words(str(e), option, flags)
     if isinstance(e, BadOptionError):
-        flag = PARAM_FLAGS.get(option or "", option)
+        flag = flags.get(option or "", option)
         if flag and flag.startswith("--") and flag not in message:
             return click.BadParameter(message, ctx=ctx, param_hint=flag)
         return click.UsageError(message, ctx=ctx)
@@ -191,32 +200,44 @@ def _check_device(value: str) -> str:
     return value
 
 
-def path_options(default_method: str) -> Callable:
-    """How consecutive checkpoints are connected: shared by `scan` and `build`."""
+def _defaults_text(defaults: dict[str, Any]) -> str:
+    """{"bezier": 1, "polychain": 1, "neb": 5} -> "1 (bezier, polychain), 5 (neb)"."""
+    by_value: dict[str, list[str]] = {}
+    for kind, value in defaults.items():
+        by_value.setdefault(repr(value), []).append(kind)
+    return "; ".join(f"{v} ({', '.join(kinds)})" for v, kinds in by_value.items())
+
+
+def path_options(default_method: str, *, others: tuple[str, ...] = ()) -> Callable:
+    """How consecutive checkpoints are connected (`scan`, `build`, `connect`): `--method`, one
+    of the registered path kinds (`paths.buildable_kinds()`) or `others`, `--align`, and a flag
+    for every setting a kind (or FGE) declares in its `flags` (default: the kind's own)."""
+    from .paths import buildable_kinds
+    from .pipeline import method_flags
+    kinds = [*buildable_kinds(), *others]
+    setting_options = [
+        click.option("--" + name.replace("_", "-"), name, type=spec["type"], default=None,
+                     help=f"{spec['help']} [default: {_defaults_text(spec['defaults'])}]")
+        for name, spec in method_flags().items()
+        if set(spec["defaults"]) & set(kinds)]
     return _stack(
         click.option("--method", default=default_method, show_default=True,
-                     help="Path between consecutive checkpoints: linear, bezier, polychain, dropout (layered "
-                          "networks), short (Theorem 2: five segments, residual / squeeze-excite nets too) or "
-                          "neb (AutoNEB: a band of pivots trained with its default schedule)."),
-        click.option("--bends", type=int, default=CurveConfig.bends, show_default=True,
-                     help="Bends of a bezier / polychain curve."),
-        click.option("--epochs", type=int, default=CurveConfig.epochs, show_default=True, help="Curve-fitting epochs."),
-        click.option("--lr", type=float, default=CurveConfig.lr, show_default=True,
-                     help="Curve-fitting learning rate of the curve's points: the bends step at lr / max_t sum c_i(t)^2 "
-                          "(4 x lr for one Bezier bend). Constant for half the steps, then linear decay to 1%."),
-        click.option("--weight-decay", type=float, default=CurveConfig.weight_decay, show_default=True,
-                     help="Weight decay on theta(t)."),
+                     help=f"Path between consecutive checkpoints, a path kind: {', '.join(kinds)}."),
         click.option("--align/--no-align", default=None,
                      help="Permute each checkpoint's hidden units to match the previous one first (weight matching). "
                           "Default: on for bezier / polychain curves (the bends start from the aligned midpoints), "
                           "off otherwise."),
-        click.option("--search-steps", type=click.IntRange(min=0), default=None,
-                     help="--method dropout / short: swap trials per unit group when choosing the kept halves "
-                          "(default 48 for dropout, 4 for short; 0: the importance ranking alone, fastest)."),
+        *setting_options,
     )
 
 
-_PATH_KEYS = ("method", "bends", "epochs", "lr", "weight_decay", "align", "search_steps")
+def _path_opts(kw: dict[str, Any]) -> dict[str, Any]:
+    """Pop `--method`, `--align` and the path settings given on the command line: the
+    keywords of `BuildOptions` (`settings` holds only the flags that were given)."""
+    from .pipeline import method_flags
+    settings = {name: kw.pop(name) for name in method_flags() if name in kw}
+    return {"method": kw.pop("method"), "align": kw.pop("align", None),
+            "settings": {k: v for k, v in settings.items() if v is not None}}
 
 
 def _model_opts(kw: dict):
@@ -355,7 +376,7 @@ def scan(checkpoints: tuple[str, ...], path_file: str | None, points: int, plane
         raise click.UsageError("give either checkpoints A B or --path FILE, not both")
     if len(checkpoints) not in (0, 2):
         raise click.UsageError(f"scan takes two checkpoints A B (or none for the built-in demo), got {len(checkpoints)}")
-    opts = BuildOptions(repair=repair, **{k: kw.pop(k) for k in _PATH_KEYS})
+    opts = BuildOptions(repair=repair, **_path_opts(kw))
     model, data = _model_opts(kw), _data_opts(kw, default_data="digits")
     if path_file:
         rep = scan_path_file(path_file, model=model, data=data, points=points, plane=plane, plane_grid=plane_grid)
@@ -440,7 +461,7 @@ def _apply_recipe(ctx: click.Context, kw: dict[str, Any], recipe: str | None) ->
 @model_options
 @data_options
 @run_options
-@path_options("bezier")
+@path_options("bezier", others=("fge",))
 @test_data_option
 @click.option("--members", type=int, default=BuildOptions.members, show_default=True,
               help="Most distinct members chosen on --val-data (exactly this many with --exact-members or uniform).")
@@ -504,9 +525,9 @@ def build(ctx: click.Context, **kw: Any) -> None:
     out, path_out, soup, report, plot = (kw.pop(k) for k in ("out", "path_out", "soup", "report", "plot"))
     if kw["resume"] and not kw["checkpoint_dir"]:
         raise click.UsageError("--resume needs --checkpoint-dir DIR (where the fit was saved)")
-    opts = BuildOptions(**{k: kw.pop(k) for k in ("members", "exact_members", "packed", "selection", "candidates",
-                                                  "strategy", "save_dtype", *_PATH_KEYS,
-                                                  "checkpoint_dir", "checkpoint_every", "resume")})
+    opts = BuildOptions(**_path_opts(kw), **{k: kw.pop(k) for k in (
+        "members", "exact_members", "packed", "selection", "candidates", "strategy", "save_dtype",
+        "checkpoint_dir", "checkpoint_every", "resume")})
     model, data = _model_opts(kw), _data_opts(kw, default_data="digits")
     if not checkpoints:
         _no_demo_under_torchrun()
@@ -783,8 +804,9 @@ def connect(inputs: tuple[str, ...], points: int, path_points: int, out_dir: str
     minimum spanning tree of the barriers, and a path (--method) along each tree edge with
     its saddle loss (Draxler et al. 2018). Finished pairs and edges in --out-dir are reused."""
     from .connect import connect_checkpoints
-    align = bool(kw.pop("align"))
-    build = BuildOptions(align=False, **{k: kw.pop(k) for k in _PATH_KEYS if k != "align"})
+    path = _path_opts(kw)
+    align = bool(path.pop("align"))
+    build = BuildOptions(align=False, **path)
     opts = ConnectOptions(points=points, path_points=path_points, align=align, members=members,
                           candidates=candidates)
     model, data = _model_opts(kw), _data_opts(kw, default_data="digits")

@@ -7,7 +7,6 @@ from here.
 """
 from __future__ import annotations
 
-import difflib
 import logging
 import os
 import time
@@ -33,11 +32,8 @@ from .models import ModelSpec, as_factory, create_model, import_entry
 from .options import BuildOptions, DataOptions, ModelOptions, check_count
 from .pack import pack_pair, pack_report
 from .paths import LinearPath, load_path
-from .paths.curves import BezierPath, PolyChainPath
-from .paths.dropout import DropoutPath
-from .paths.neb import NebPath
-from .paths.short import ShortPath
-from .snapshots import fge_train
+from .paths.base import ModePath, path_kind, setting_flags
+from .snapshots import FgeConfig, fge_train
 from .plane import scan_plane
 from .plot import plot_plane
 from .reports import (TRAIN_ONLY_WARNING, build_baselines, build_report, choice_report, choice_summary,
@@ -45,36 +41,38 @@ from .reports import (TRAIN_ONLY_WARNING, build_baselines, build_report, choice_
 from .stability import dropout_stability
 from .units import build_unit_graph
 
-__all__ = ["BuildResult", "PATH_BUILDERS", "TRAINED_METHODS", "OTHER_METHODS", "TRAIN_ONLY_WARNING", "check_method",
+__all__ = ["BuildResult", "OTHER_METHODS", "TRAIN_ONLY_WARNING", "check_method", "method_flags", "path_config",
            "connect", "align_chain", "scan_checkpoints", "scan_path_file", "build_ensemble", "build_fge",
            "evaluate_ensemble_file", "align_files", "stability_of_file", "pack_files"]
 
 _log = logging.getLogger(__name__)
 
-#: the path kinds `build --method` makes, each building itself from the options
-#: (`Path.from_options(net, a, b, *, opts, data, fit_loader, bn_loader, index, graph)`)
-_BUILT_KINDS = (LinearPath, BezierPath, PolyChainPath, DropoutPath, ShortPath, NebPath)
-
-#: method name -> function(net, a, b, *, opts, data, fit_loader, bn_loader, index, graph) -> Path
-#: (`index`: which consecutive pair; `graph`: a hand-given unit graph or None)
-PATH_BUILDERS = {cls.kind: cls.from_options for cls in _BUILT_KINDS}
-
-#: methods whose path is trained on shuffled batches of the training data (`connect` makes that loader)
-TRAINED_METHODS = tuple(cls.kind for cls in _BUILT_KINDS if cls.trained)
-
-#: methods that are not paths between checkpoints
-OTHER_METHODS = ("fge",)
+#: methods that are not paths between checkpoints -> their settings (the path kinds are the
+#: registry's: `paths.buildable_kinds()`)
+OTHER_METHODS = {"fge": FgeConfig}
 
 
-def check_method(method: str, *, others: Sequence[str] = OTHER_METHODS) -> None:
-    """`BadOptionError` unless `method` names a path kind of `PATH_BUILDERS` (the message
-    lists them and `others`, the caller's other methods; close names suggested)."""
-    if method not in PATH_BUILDERS:
-        known = [*PATH_BUILDERS, *others]
-        close = difflib.get_close_matches(method, known, n=1)
-        hint = f" Did you mean {close[0]!r}?" if close else ""
-        raise BadOptionError(f"unknown method {method!r}; choose one of {', '.join(known)}.{hint}",
-                             option="method")
+def check_method(method: str, *, others: Sequence[str] = tuple(OTHER_METHODS)) -> type[ModePath] | None:
+    """The path kind `method` names (None for one of `others`, the caller's other methods);
+    `BadOptionError` listing the buildable kinds and `others`, the closest one suggested."""
+    if method in others:
+        return None
+    return path_kind(method, others=others)
+
+
+def path_config(opts: BuildOptions, data: DataOptions) -> Any:
+    """`opts.settings` as the method's own config (`CurveConfig`, `NebConfig`, `FgeConfig`,
+    ...; None for a kind without settings), seeded by `data.seed`: validated before any work."""
+    if opts.method in OTHER_METHODS:
+        from .options import make_config
+        return make_config(OTHER_METHODS[opts.method], opts.settings)
+    return path_kind(opts.method).config_from(opts.settings, seed=data.seed)
+
+
+def method_flags() -> dict[str, dict[str, Any]]:
+    """The methods' settings that the command line takes as flags (`paths.setting_flags`,
+    FGE's included)."""
+    return setting_flags(extra=tuple(OTHER_METHODS.values()))
 
 
 def scan_checkpoints(files: Sequence[str | os.PathLike], *, model: ModelOptions, data: DataOptions,
@@ -87,11 +85,12 @@ def scan_checkpoints(files: Sequence[str | os.PathLike], *, model: ModelOptions,
     check_count(points, "points", minimum=2)
     if len(files) != 2:
         raise BadOptionError("scan takes exactly two checkpoints", option="CHECKPOINTS")
-    check_method(opts.method)
+    kind = check_method(opts.method, others=())
+    path_config(opts, data)
     if opts.repair and opts.method != "linear":
         raise BadOptionError("`repair` rescales points of the straight line: use it with `method` linear",
                              option="repair")
-    if plane is not None and opts.method not in ("bezier", "polychain"):
+    if plane is not None and not kind.has_bends:
         raise BadOptionError(f"a {opts.method} path has no bend: `plane` needs `method` bezier or polychain "
                              "(or `path` FILE of such a path)", option="plane")
     a, b = load_endpoints(files, model)
@@ -194,7 +193,9 @@ def connect(states: Sequence[dict], net: torch.nn.Module, *, opts: BuildOptions,
     compute the same functions. A model that cannot be traced is then fitted unaligned, with
     a warning, unless `opts.align` is True."""
     aligned: list[dict[str, Any]] = []
-    if opts.align or (opts.align is None and opts.method in ("bezier", "polychain")):
+    kind = path_kind(opts.method)
+    config = kind.config_from(opts.settings, seed=data.seed)
+    if opts.align or (opts.align is None and kind.align_by_default):
         try:
             states, aligned = align_chain(states, net, seed=data.seed, graph=graph, progress=data.progress,
                                           data=bn_loader)
@@ -204,18 +205,19 @@ def connect(states: Sequence[dict], net: torch.nn.Module, *, opts: BuildOptions,
             _log.warning("cannot align the checkpoints before fitting the curve (%s); fitting it between "
                          "them as they are (pass --no-align to skip alignment)", e)
     fit_loader = None
-    if opts.method in TRAINED_METHODS:
+    if kind.trained:
         fit_loader = create_loader(data.data, split="train", batch_size=data.batch_size, shuffle=True,
                                    seed=data.seed, model=net)
-    builder = PATH_BUILDERS[opts.method]
-    paths = [builder(net, a, b, opts=opts, data=data, fit_loader=fit_loader, bn_loader=bn_loader, index=i,
-                     graph=graph) for i, (a, b) in enumerate(zip(states[:-1], states[1:]))]
+    paths = [kind.from_options(net, a, b, config=config, opts=opts, data=data, fit_loader=fit_loader,
+                               bn_loader=bn_loader, index=i, graph=graph)
+             for i, (a, b) in enumerate(zip(states[:-1], states[1:]))]
     return paths, list(states), aligned
 
 
 def _check_build_request(files: Sequence, opts: BuildOptions, data: DataOptions, path_out) -> bool:
     """Validate a build before any file is read; returns whether members are chosen greedily."""
     check_method(opts.method)
+    path_config(opts, data)
     if path_out is not None and len(files) != 2:
         raise BadOptionError("`path_out` needs exactly two checkpoints (one path)", option="path_out")
     greedy = opts.selection == "greedy" or (opts.selection == "auto" and bool(data.val_data))
@@ -395,8 +397,10 @@ def align_files(a_file: str | os.PathLike, b_file: str | os.PathLike, out: str |
 def build_fge(files: Sequence[str | os.PathLike], *, model: ModelOptions, data: DataOptions, opts: BuildOptions,
               out: str | os.PathLike | None = None, soup: str | os.PathLike | None = None) -> BuildResult:
     """Fast geometric ensembling (Garipov et al. 2018) from ONE checkpoint: train it further
-    with a cyclical learning rate for `opts.epochs` epochs split into `opts.members` cycles,
-    one snapshot at each cycle's low point (`lr / 100`), BN re-estimated for each member."""
+    with a cyclical learning rate (`FgeConfig` from `opts.settings`: epochs, lr, weight
+    decay) split into `opts.members` cycles, one snapshot at each cycle's low point
+    (`lr / 100`), BN re-estimated for each member."""
+    cfg = path_config(opts, data)
     if len(files) != 1:
         raise BadOptionError(f"`method` fge starts from one checkpoint, got {len(files)}", option="method")
     t0 = time.perf_counter()
@@ -407,8 +411,8 @@ def build_fge(files: Sequence[str | os.PathLike], *, model: ModelOptions, data: 
     start = ens_metrics(EnsembleModel(net, [ck.state_dict], device=data.device), train, val, data.device, test)
     loader = create_loader(data.data, split="train", batch_size=data.batch_size, shuffle=True, seed=data.seed,
                            model=net)
-    col = fge_train(net, loader, cycles=opts.members, epochs=opts.epochs, lr_max=opts.lr,
-                    weight_decay=opts.weight_decay, device=data.device, seed=data.seed, progress=data.progress)
+    col = fge_train(net, loader, cycles=opts.members, epochs=cfg.epochs, lr_max=cfg.lr,
+                    weight_decay=cfg.weight_decay, device=data.device, seed=data.seed, progress=data.progress)
     states = col.member_states(bn_loader=train)
     ens = EnsembleModel(net, states, strategy=opts.strategy, device=data.device)
     members = [{"t": None, "kind": "snapshot", **{k: v for k, v in info.items() if k != "t"}} for info in col.info]
@@ -418,7 +422,7 @@ def build_fge(files: Sequence[str | os.PathLike], *, model: ModelOptions, data: 
         "data": data_report(data), "seed": data.seed,
         "batchnorm": has_batchnorm(net), "bn_reestimated": has_batchnorm(net), "start": start, "members": members,
         "ensemble": ens_metrics(ens, train, val, data.device, test),
-        "fge": {"cycles": opts.members, "epochs": opts.epochs, "lr_max": opts.lr, "lr_min": opts.lr / 100},
+        "fge": {"cycles": opts.members, "epochs": cfg.epochs, "lr_max": cfg.lr, "lr_min": cfg.lr / 100},
         "split": "val" if val is not None else "train", "warnings": [] if val is not None else [TRAIN_ONLY_WARNING],
     }
     if val is None:

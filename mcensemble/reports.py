@@ -19,6 +19,7 @@ from .evaluate import barrier, evaluate
 from .inputs import overlap_warning
 from .members import candidate_state
 from .options import BuildOptions, DataOptions
+from .paths import path_kind
 
 __all__ = ["TRAIN_ONLY_WARNING", "describe_source", "data_report", "report_splits", "choice_report",
            "choice_summary", "build_report", "scan_summary", "cand_metrics", "endpoint_cands", "ens_metrics",
@@ -103,16 +104,8 @@ def build_report(files, cks, paths, grid, members, weights, line, opts: BuildOpt
         report["warnings"].append(TRAIN_ONLY_WARNING)
     if overlap_warning(data):
         report["warnings"].append(overlap_warning(data))
-    if opts.method in ("bezier", "polychain"):
-        report["curve"] = {"kind": opts.method, "bends": opts.bends, "epochs": opts.epochs, "lr": opts.lr,
-                           "weight_decay": opts.weight_decay}
-        fits = [p.metadata.get("fit") or {} for p in paths]
-        if any("precision" in f for f in fits):  # --precision bf16 / fp16; fp16: GradScaler's skipped steps
-            report["curve"]["precision"] = fits[0]["precision"]
-        if any("skipped_steps" in f for f in fits):
-            report["curve"]["skipped_steps"] = [f.get("skipped_steps", 0) for f in fits]
-    if opts.method == "neb":  # each band's schedule and what every cycle inserted
-        report["neb"] = [p.metadata.get("neb") for p in paths]
+    kind = path_kind(opts.method)  # its own entries: a curve's settings, AutoNEB's bands, ...
+    report.update(kind.report_section(paths, kind.config_from(opts.settings, seed=data.seed)))
     if getattr(paths[0], "certificate", None):
         report["certificates"] = [p.certificate for p in paths]
     return report

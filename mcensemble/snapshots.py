@@ -18,7 +18,8 @@ import math
 import numbers
 import os
 from pathlib import Path
-from typing import Any, Callable, Iterable, Mapping
+from dataclasses import dataclass
+from typing import Any, Callable, ClassVar, Iterable, Mapping
 
 import torch
 import torch.nn as nn
@@ -30,10 +31,32 @@ from ._modes import keeps_process_state
 from .errors import BadOptionError, CheckpointError
 from .options import check_count
 
-__all__ = ["SnapshotCollector", "fge_lr", "fge_train", "network_in", "fge_collector", "save_snapshots",
+__all__ = ["FgeConfig", "SnapshotCollector", "fge_lr", "fge_train", "network_in", "fge_collector", "save_snapshots",
            "check_bn_options", "write_collector_state", "read_collector_state"]
 
 logger = logging.getLogger(__name__)
+
+
+@dataclass(frozen=True)
+class FgeConfig:
+    """`build --method fge`'s settings (the path kinds' flags of the same names): epochs of
+    further training, split into `BuildOptions.members` cycles; lr: the cycles' top learning
+    rate (their low point is lr / 100); weight_decay: SGD weight decay."""
+
+    method: ClassVar[str] = "fge"
+    flags: ClassVar[Mapping[str, str]] = {"epochs": "Epochs of further training (fge).",
+                                          "lr": "Top learning rate of the cycles (fge).",
+                                          "weight_decay": "Weight decay (fge)."}
+    epochs: int = 20
+    lr: float = 0.04
+    weight_decay: float = 5e-4
+
+    def __post_init__(self) -> None:
+        check_count(self.epochs, "epochs", minimum=1)
+        _check_lr(self.lr, "lr")
+        _check_lr(self.weight_decay, "weight_decay")
+        if self.lr == 0:
+            raise BadOptionError("`lr` must be > 0, got 0", option="lr")
 
 
 def fge_lr(pos: int, cycle_steps: int, lr_max: float, lr_min: float) -> float:

@@ -136,7 +136,7 @@ def test_connect_neb_tree_is_below_the_straight_lines(zoo4, tmp_path):
     ens_file = tmp_path / "neb" / "ens.safetensors"
     rep = connect_checkpoints([zoo4], out_dir=tmp_path / "neb", data=data,
                               opts=ConnectOptions(points=5, path_points=9, candidates=5, members=3),
-                              build=BuildOptions(method="neb", neb=neb), ensemble=ens_file)
+                              build=BuildOptions(method="neb", settings=neb), ensemble=ens_file)
     assert rep["method"] == "neb" and len(rep["tree"]) == 3
     pairs = {(p["i"], p["j"]): p for p in rep["pairs"]}
     for e in rep["tree"]:

@@ -21,7 +21,7 @@ from torch.utils.data import DataLoader, TensorDataset
 from mcensemble import distributed as D
 from mcensemble.bn import update_bn
 from mcensemble.members import evaluate_candidates, uniform_points
-from mcensemble.options import CurveConfig
+from mcensemble.paths.curve_base import CurveConfig
 from mcensemble.paths.fit import fit_curve
 from mcensemble.zoo import DigitsCNN, DigitsMLP
 

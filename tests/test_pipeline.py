@@ -96,7 +96,7 @@ def _build(files, tmp_path, name, *, seed=0, val=None, **opts):
 
 
 def test_same_seed_same_ensemble_other_seed_other_curve(mce_mlp_pair, tmp_path):
-    kw = dict(method="bezier", epochs=1, members=3, candidates=3)
+    kw = dict(method="bezier", settings={"epochs": 1}, members=3, candidates=3)
     _, f1 = _build(mce_mlp_pair, tmp_path, "s0", seed=0, **kw)
     _, f2 = _build(mce_mlp_pair, tmp_path, "s0-again", seed=0, **kw)
     _, f3 = _build(mce_mlp_pair, tmp_path, "s1", seed=1, **kw)
@@ -186,8 +186,9 @@ def test_three_checkpoints_make_two_joined_paths(mce_mlp_pair, tmp_path):
 @pytest.mark.parametrize("opts, val, match", [
     (dict(members=0), None, "members must be an integer >= 1"),
     (dict(method="nope"), None, "unknown method 'nope'; choose one of linear, bezier, polychain"),
-    (dict(method="bezier", bends=0), None, "`bends`"),
-    (dict(method="bezier", epochs=0), None, "`epochs`"),
+    (dict(method="bezier", settings={"bends": 0}), None, "`bends`"),
+    (dict(method="bezier", settings={"epochs": 0}), None, "`epochs`"),
+    (dict(method="fge", settings={"epochs": 0}), None, "epochs must be an integer >= 1"),
     (dict(candidates=1), None, "candidates must be an integer >= 2"),
     (dict(selection="greedy"), None, "`selection` greedy needs `val_data`"),
     (dict(method="linear", members=4, candidates=3), "digits", r"`members` 4 is more than the 3 candidate points"),
@@ -409,7 +410,7 @@ def test_plot_baselines_panel(tmp_path):
 def test_fge_report_has_its_baselines(mce_mlp_pair, tmp_path):
     res = build_ensemble(mce_mlp_pair[:1], model=ModelOptions(),
                          data=DataOptions(data="digits,train=256", val_data="digits", test_data="digits"),
-                         opts=BuildOptions(method="fge", members=2, epochs=2, lr=0.05))
+                         opts=BuildOptions(method="fge", members=2, settings={"epochs": 2, "lr": 0.05}))
     rows = {r["name"]: r for r in res.report["baselines"]}
     assert list(rows) == ["start checkpoint", "soup", "packed pair", "FGE ensemble (2 snapshots)"]
     assert "no pair to pack" in rows["packed pair"]["skipped"]

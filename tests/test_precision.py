@@ -16,7 +16,7 @@ from mcensemble.bn import update_bn
 from mcensemble.ensemble import EnsembleModel, LazyEnsembleModel, _LazyMembers, save_ensemble
 from mcensemble.errors import BadOptionError, NonFiniteError
 from mcensemble.evaluate import evaluate
-from mcensemble.options import CurveConfig
+from mcensemble.paths.curve_base import CurveConfig
 from mcensemble.paths.fit import CurveFitter, fit_curve
 from mcensemble.precision import autocast, cast_floating, parse_dtype, resolve_precision
 

@@ -38,3 +38,29 @@ def test_unknown_attribute_is_an_attribute_error(name):
     import mcensemble
     with pytest.raises(AttributeError, match=name):
         getattr(mcensemble, name)
+
+
+def test_one_home_per_name():
+    """A module's `__all__` lists what it defines, not names from a sibling (the two package
+    facades, `mcensemble` and `mcensemble.paths`, list their submodules' names)."""
+    import importlib
+    import pkgutil
+
+    import mcensemble.paths
+    modules = [f"mcensemble.{m.name}" for m in pkgutil.iter_modules(mcensemble.__path__)]
+    modules += [f"mcensemble.paths.{m.name}" for m in pkgutil.iter_modules(mcensemble.paths.__path__)]
+    borrowed = []
+    for name in modules:
+        module = importlib.import_module(name)
+        for attr in getattr(module, "__all__", ()):
+            home = getattr(getattr(module, attr), "__module__", name)
+            own = home == name or (hasattr(module, "__path__") and home.startswith(name + "."))
+            if home.startswith("mcensemble") and not own:
+                borrowed.append(f"{name}.{attr} (from {home})")
+    assert not borrowed, borrowed
+
+
+def test_no_deprecation_layer():
+    package = README.parent / "mcensemble"
+    hits = [str(p) for p in package.rglob("*.py") if "DeprecationWarning" in p.read_text()]
+    assert not hits and not (package / "_compat.py").exists(), hits

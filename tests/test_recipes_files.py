@@ -80,11 +80,11 @@ def test_recipe_parses_with_build_options(file, pending_allowed):
 
 @pytest.mark.parametrize("file", FILES, ids=[f.name for f in FILES])
 def test_recipe_methods_are_known(file, pending_allowed):
-    from mcensemble.pipeline import PATH_BUILDERS
+    from mcensemble.paths import buildable_kinds
     missing, _ = missing_pending()
     data = load_recipe(file, valid=[*option_names(), *missing])
     method = data.get("method", "bezier")
-    assert method in {*PATH_BUILDERS, *PENDING_METHODS}, f"{file.name}: unknown method {method!r}"
+    assert method in {*buildable_kinds(), *PENDING_METHODS}, f"{file.name}: unknown method {method!r}"
 
 
 @pytest.mark.parametrize("file", FILES, ids=[f.name for f in FILES])

@@ -11,32 +11,35 @@ metadata key `mcensemble` holding JSON::
      "certificate": {...} or null, "tensor_sha256": {tensor: sha256},
      ...kind-specific fields, ...extra}
 
-(`ModePath` was called `Path`, which shadowed `pathlib.Path`; `Path` stays an alias of it.)
-
 A new kind subclasses `ModePath`, decorates itself with `@register_path("kind")`, implements
 `_state_at(t)` (t already validated) and the classmethod `_from_file(groups, meta)`, and
-may override `_file_fields()` to add JSON fields. Files are read without unpickling.
+may override `_file_fields()` to add JSON fields. A kind that `build` / `scan` / `connect`
+make also defines `from_options` and, when it has settings, `config_class` (a frozen
+dataclass) and `flags`; the registry is the one list of kinds (docs/adding-a-path-kind.md). Files are read without unpickling.
 `_from_file` reads its own fields with `meta_field` (type and range checked, sizes bounded
 by the groups actually in the file) and raises `CheckpointError` / `ValueError` on anything
 inconsistent: `load_path` turns those into one `CheckpointError` naming the file.
 """
 from __future__ import annotations
 
+import dataclasses
+import difflib
 import hashlib
 import json
 import logging
 import math
 import os
-from typing import Any, Callable, ClassVar, Mapping, TypeVar
+from typing import Any, Callable, ClassVar, Mapping, Sequence, TypeVar
 
 import torch
 
 from .._io import HASHES_KEY, atomic_path, independent_tensors, meta_field, read_header, tensor_hashes
 from ..checkpoints import check_same_architecture
 from ..errors import ArchitectureMismatchError, BadOptionError, CheckpointError
+from ..options import make_config
 
 __all__ = [
-    "ModePath", "register_path", "load_path", "known_kinds", "check_same_layout", "state_dict_sha256",
+    "ModePath", "register_path", "load_path", "known_kinds", "path_kind", "buildable_kinds", "setting_flags", "check_same_layout", "state_dict_sha256",
     "verify_path_file", "PATH_FORMAT", "PATH_FORMAT_VERSION", "METADATA_KEY",
 ]
 
@@ -96,13 +99,35 @@ class ModePath:
     #: whether `from_options` trains the path on shuffled batches (`pipeline.connect` then
     #: hands it a shuffled fit loader)
     trained: ClassVar[bool] = False
+    #: whether `build` / `scan` align the checkpoints first unless told (`align=`)
+    align_by_default: ClassVar[bool] = False
+    #: whether its paths have bends (groups "bend.<i>"), which span the plane `scan --plane` draws
+    has_bends: ClassVar[bool] = False
+    #: the frozen dataclass of this kind's own settings (None: it has none); `config_from` makes it
+    config_class: ClassVar[type | None] = None
+    #: the settings the command line takes as flags (`bends` -> `--bends`): name -> help
+    flags: ClassVar[Mapping[str, str]] = {}
     vertex_t: list[float] | None = None
     certificate: dict[str, Any] | None = None
 
+    @classmethod
+    def config_from(cls, settings: Any = None, *, seed: int | None = None) -> Any:
+        """This kind's settings as its `config_class` (None when it has none): `settings` is
+        such a config (kept), or a mapping of field values (`{"bends": 2}`; another kind's
+        fields are ignored, so one mapping serves every kind); `seed` fills a `seed` field."""
+        return make_config(cls.config_class, settings, seed=seed)
+
     #: a kind that `build --method KIND` makes defines the classmethod
-    #: ``from_options(net, a, b, *, opts, data, fit_loader, bn_loader, index=0, graph=None)``
-    #: (`opts`: `options.BuildOptions`, `data`: `options.DataOptions`, `index`: which
-    #: consecutive pair, `graph`: a hand-given unit graph or None) -> the path from a to b
+    #: ``from_options(net, a, b, *, config, opts, data, fit_loader, bn_loader, index=0, graph=None)``
+    #: (`config`: its `config_from(opts.settings, seed=data.seed)`, `opts`: `options.BuildOptions`,
+    #: `data`: `options.DataOptions`, `index`: which consecutive pair, `graph`: a hand-given unit
+    #: graph or None) -> the path from a to b
+    from_options: ClassVar[Callable[..., "ModePath"] | None] = None
+
+    @classmethod
+    def report_section(cls, paths: list["ModePath"], config: Any) -> dict[str, Any]:
+        """Entries this kind adds to `build`'s report (e.g. `{"curve": {...}}`); none by default."""
+        return {}
 
     def __init__(self, groups: Mapping[str, Mapping[str, torch.Tensor]], *,
                  metadata: Mapping[str, Any] | None = None, copy: bool = True):
@@ -229,8 +254,48 @@ def _import_builtin_kinds() -> None:
 
 
 def known_kinds() -> list[str]:
+    """Every registered path kind (the built-in ones are imported first)."""
     _import_builtin_kinds()
     return sorted(_REGISTRY)
+
+
+def buildable_kinds() -> dict[str, type[ModePath]]:
+    """kind -> class, for the kinds `build`, `scan` and `connect` make (those with `from_options`)."""
+    _import_builtin_kinds()
+    return {k: c for k, c in sorted(_REGISTRY.items(), key=lambda kv: _BUILTIN_ORDER.get(kv[0], 99))
+            if c.from_options is not None}
+
+
+#: the order the built-in kinds are listed in (help texts, tables); others follow by name
+_BUILTIN_ORDER = {k: i for i, k in enumerate(("linear", "bezier", "polychain", "dropout", "short", "neb"))}
+
+
+def path_kind(kind: str, *, others: Sequence[str] = ()) -> type[ModePath]:
+    """The class `build` uses for `kind` (`method`): `BadOptionError(option="method")` listing
+    the buildable kinds and `others` (the caller's other methods, accepted elsewhere), with
+    the closest name suggested."""
+    kinds = buildable_kinds()
+    if kind not in kinds:
+        known = [*kinds, *others]
+        close = difflib.get_close_matches(str(kind), known, n=1)
+        hint = f" Did you mean {close[0]!r}?" if close else ""
+        raise BadOptionError(f"unknown method {kind!r}; choose one of {', '.join(known)}.{hint}", option="method")
+    return kinds[kind]
+
+
+def setting_flags(extra: Sequence[type] = ()) -> dict[str, dict[str, Any]]:
+    """The kinds' settings that are command-line flags: name -> {"help", "type", "defaults"
+    ({kind: default})}, gathered from each buildable kind's `flags` and `config_class`
+    (and from `extra` config classes with `flags`, e.g. FGE's, under their `method`)."""
+    out: dict[str, dict[str, Any]] = {}
+    owners = [(k, c.config_class, c.flags) for k, c in buildable_kinds().items()]
+    owners += [(getattr(e, "method", e.__name__), e, getattr(e, "flags", {})) for e in extra]
+    for kind, config, flags in owners:
+        defaults = {f.name: f.default for f in dataclasses.fields(config)} if config is not None else {}
+        for name, help_text in flags.items():
+            entry = out.setdefault(name, {"help": help_text, "type": type(defaults[name]), "defaults": {}})
+            entry["defaults"][kind] = defaults[name]
+    return out
 
 
 def _split_groups(tensors: dict[str, torch.Tensor], groups: list[str], file: str) -> dict[str, StateDict]:

@@ -45,6 +45,7 @@ import logging
 import sys
 import time
 from collections import deque
+from dataclasses import dataclass
 from typing import Any, Iterable, Mapping
 
 import torch
@@ -53,10 +54,11 @@ from tqdm import tqdm
 
 from .._io import meta_field
 from ..errors import MCEnsembleError
+from ..options import check_count
 from ..units import AxisRef, UnitGraph, UnitGroup
 from .base import ModePath, StateDict, check_same_layout, register_path
 
-__all__ = ["DropoutPath", "DropoutPathError", "build_dropout_path", "layered_chain", "mix_states",
+__all__ = ["DropoutPath", "DropoutConfig", "DropoutPathError", "build_dropout_path", "layered_chain", "mix_states",
            "verify_segments"]
 
 log = logging.getLogger(__name__)
@@ -679,6 +681,17 @@ def _delta_rows(delta: Mapping[str, torch.Tensor], name: str, ref: torch.Tensor)
     return r
 
 
+@dataclass(frozen=True)
+class DropoutConfig:
+    """The dropout-stable path's settings. search_steps: swap trials per unit group when
+    choosing the kept halves (0: the importance ranking alone)."""
+
+    search_steps: int = 48
+
+    def __post_init__(self) -> None:
+        check_count(self.search_steps, "search_steps", minimum=0)
+
+
 @register_path("dropout")
 class DropoutPath(ModePath):
     """A piecewise-linear path through `vertices` (state dicts; the first is A, the last
@@ -771,12 +784,16 @@ class DropoutPath(ModePath):
         va = self._vertex(i)
         return mix_states(va, self._vertex(i + 1), pos - i)
 
+    config_class = DropoutConfig
+    flags = {"search_steps": "--method dropout / short: swap trials per unit group when choosing the kept halves "
+                             "(0: the importance ranking alone, fastest)."}
+
     @classmethod
-    def from_options(cls, net, a, b, *, opts, data, fit_loader, bn_loader, index: int = 0,
-                     graph=None) -> "DropoutPath":
+    def from_options(cls, net, a, b, *, config: DropoutConfig, opts, data, fit_loader, bn_loader,
+                     index: int = 0, graph=None) -> "DropoutPath":
         """`build --method dropout`: `build_dropout_path` with BN statistics from `bn_loader`."""
         return build_dropout_path(net, a, b, bn_loader, graph=graph, device=data.device, progress=data.progress,
-                                  search_steps=48 if opts.search_steps is None else opts.search_steps)
+                                  search_steps=config.search_steps)
 
     def _file_fields(self) -> dict[str, Any]:
         return {"n_vertices": self.n_vertices}

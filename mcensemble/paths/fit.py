@@ -47,10 +47,9 @@ from .._modes import keeps_process_state, modes_kept
 from .. import distributed as dist_
 from ..checkpoints import check_same_architecture
 from ..errors import BadOptionError
-from ..options import CurveConfig
 from ..precision import Precision, resolve_precision
-from .base import check_same_layout
-from .curves import BezierPath, PolyChainPath, curve_coefficients, is_interpolated
+from .base import ModePath, check_same_layout, path_kind
+from .curve_base import CurveConfig, curve_coefficients, is_interpolated
 from .linear import lerp_tensor
 from .fit_run import _check_checkpoint_args, _FitRun
 
@@ -345,7 +344,7 @@ def fit_curve(model: Any, a: Mapping[str, torch.Tensor], b: Mapping[str, torch.T
               callback: Callable[[int, float, float], Any] | None = None,
               loss_fn: Callable[[torch.Tensor, torch.Tensor], torch.Tensor] | None = None,
               checkpoint: str | os.PathLike | None = None, checkpoint_every: int | None = None,
-              resume: bool = False, precision: str | None = None) -> BezierPath | PolyChainPath:
+              resume: bool = False, precision: str | None = None) -> ModePath:
     """Fit the bends of a curve from state dict `a` (t = 0) to `b` (t = 1) on `loader`.
 
     `model`: an `nn.Module` of the endpoints' architecture (only its structure is used: its
@@ -400,7 +399,7 @@ def fit_curve(model: Any, a: Mapping[str, torch.Tensor], b: Mapping[str, torch.T
                       checkpoint=checkpoint, every=checkpoint_every, a=a, b=b)
         run.run(resume=resume, progress=progress, callback=callback)
 
-    cls = BezierPath if config.kind == "bezier" else PolyChainPath
+    cls = path_kind(config.kind)  # BezierPath / PolyChainPath (paths.curves, which imports this module)
     bends = fitter.bend_state_dicts()
     fitter.release()  # theta(t) and the momenta go before the path copies A and B
     fit_meta = {"epochs": config.epochs, "steps": total, "lr": config.lr, "bend_lr": run.bend_lr,

@@ -2,7 +2,7 @@
 the t draws, the fit checkpoint file (save, read, check before resuming) and the
 SIGINT / SIGTERM handling that finishes the step, saves and stops (`FitInterrupted`).
 
-`fit.py` owns what a step computes (`CurveConfig`, `CurveFitter`, `fit_curve`); the data
+`fit.py` owns what a step computes (`CurveFitter`, `fit_curve`); the data
 order of every epoch is `data.epoch_batches`.
 """
 from __future__ import annotations
@@ -27,10 +27,10 @@ from .._io import atomic_path, independent_tensors, is_int as _is_int, meta_fiel
 from ..data import epoch_batches
 from ..errors import BadOptionError, CheckpointError, MCEnsembleError
 from .base import state_dict_sha256
-from .curves import bend_lr_scale
+from .curve_base import CurveConfig, bend_lr_scale
 
 if TYPE_CHECKING:
-    from .fit import CurveConfig, CurveFitter
+    from .fit import CurveFitter
 
 __all__ = ["FitInterrupted", "lr_factor", "read_fit_checkpoint", "FIT_CHECKPOINT_FORMAT"]
 

@@ -51,7 +51,7 @@ from .._io import is_int as _is_int, is_number, meta_field
 from ..data import epoch_batches
 from ..errors import BadOptionError, CheckpointError
 from .base import ModePath, StateDict, check_same_layout, register_path, state_dict_sha256
-from .curves import is_interpolated
+from .curve_base import is_interpolated
 from .fit_run import _ck_tensor, open_training_checkpoint
 from .linear import lerp_tensor
 
@@ -196,17 +196,24 @@ class NebPath(ModePath):
 
     trained = True
 
+    config_class = NebConfig
+    flags = {"weight_decay": "Weight decay on theta(t) (neb: on each pivot)."}
+
     @classmethod
-    def from_options(cls, net, a, b, *, opts, data, fit_loader, bn_loader, index: int = 0,
-                     graph=None) -> "NebPath":
-        """`build --method neb`: `fit_neb` with `opts.neb` (None: `NebConfig` with
-        `opts.weight_decay` and `data.seed`) on the shuffled `fit_loader`, pivots' BN on
-        `bn_loader`; `opts.checkpoint_dir` keeps `neb-<index>.safetensors`."""
-        cfg = opts.neb if opts.neb is not None else NebConfig(weight_decay=opts.weight_decay, seed=data.seed)
+    def from_options(cls, net, a, b, *, config: NebConfig, opts, data, fit_loader, bn_loader,
+                     index: int = 0, graph=None) -> "NebPath":
+        """`build --method neb`: `fit_neb` with `config` on the shuffled `fit_loader`, pivots'
+        BN on `bn_loader`; `opts.checkpoint_dir` keeps `neb-<index>.safetensors`."""
+        cfg = config
         ck = None if opts.checkpoint_dir is None else os.path.join(opts.checkpoint_dir, f"neb-{index}.safetensors")
         return fit_neb(net, a, b, fit_loader, config=cfg, bn_loader=bn_loader, device=data.device,
                        progress=data.progress, checkpoint=ck, checkpoint_every=opts.checkpoint_every,
                        resume=opts.resume)
+
+    @classmethod
+    def report_section(cls, paths: list[ModePath], config: NebConfig) -> dict[str, Any]:
+        """`{"neb": [...]}`: each band's schedule and what every cycle inserted."""
+        return {"neb": [p.metadata.get("neb") for p in paths]}
 
     def _file_fields(self) -> dict[str, Any]:
         return {"pivots": self.n_pivots, "weights": list(self.weights)}

@@ -47,12 +47,13 @@ from tqdm import tqdm
 
 from .._io import meta_field
 from ..errors import BadOptionError, MCEnsembleError
+from ..options import check_count
 from ..stability import swap_trial
 from ..units import AxisRef, UnitGraph, UnitGroup
 from .base import StateDict, check_same_layout, register_path
-from .dropout import (DropoutPath, _bytes, _changed_units, _decode, _encode, _same, mix_states)
+from .dropout import DropoutPath, _bytes, _changed_units, _decode, _encode, _same, mix_states
 
-__all__ = ["ShortPath", "ShortPathError", "ShortConstruction", "build_short_path", "prepare_short",
+__all__ = ["ShortPath", "ShortConfig", "ShortPathError", "ShortConstruction", "build_short_path", "prepare_short",
            "check_norms", "short_groups", "choose_halves", "verify_short_segments", "SEGMENT_KINDS"]
 
 log = logging.getLogger(__name__)
@@ -835,6 +836,21 @@ def _decode_short(prev: StateDict, delta: Mapping[str, torch.Tensor]) -> StateDi
     return cur
 
 
+@dataclass(frozen=True)
+class ShortConfig:
+    """The short path's settings. search_steps: swap trials per unit group when choosing the
+    halves (0: the importance ranking alone); seed: seeds those searches (`build` sets it
+    from its own seed)."""
+
+    search_steps: int = 4
+    seed: int = 0
+
+    def __post_init__(self) -> None:
+        check_count(self.search_steps, "search_steps", minimum=0)
+        if not isinstance(self.seed, int) or isinstance(self.seed, bool):
+            raise BadOptionError(f"`seed` must be an integer, got {self.seed!r}", option="seed")
+
+
 @register_path("short")
 class ShortPath(DropoutPath):
     """The short path: six vertices (A, D_S(A), two intermediate states, D_T(B), B), equally
@@ -849,12 +865,14 @@ class ShortPath(DropoutPath):
     _encode_delta = staticmethod(_encode_short)
     _decode_delta = staticmethod(_decode_short)
 
+    config_class = ShortConfig
+
     @classmethod
-    def from_options(cls, net, a, b, *, opts, data, fit_loader, bn_loader, index: int = 0,
-                     graph=None) -> "ShortPath":
-        """`build --method short`: `build_short_path` on `bn_loader`, its searches seeded by `data.seed`."""
+    def from_options(cls, net, a, b, *, config: ShortConfig, opts, data, fit_loader, bn_loader,
+                     index: int = 0, graph=None) -> "ShortPath":
+        """`build --method short`: `build_short_path` on `bn_loader`, its searches seeded by `config.seed`."""
         return build_short_path(net, a, b, bn_loader, graph=graph, device=data.device, progress=data.progress,
-                                seed=data.seed, search_steps=4 if opts.search_steps is None else opts.search_steps)
+                                seed=config.seed, search_steps=config.search_steps)
 
     @classmethod
     def _from_file(cls, groups: dict[str, StateDict], meta: dict[str, Any]) -> "ShortPath":

@@ -30,7 +30,7 @@ import torch
 from mcensemble.data import create_loader
 from mcensemble.evaluate import scan
 from mcensemble.paths import LinearPath
-from mcensemble.options import CurveConfig
+from mcensemble.paths.curve_base import CurveConfig
 from mcensemble.paths.fit import fit_curve
 from mcensemble.paths.neb import NebConfig, fit_neb
 from mcensemble.train import TrainConfig, train_model

@@ -63,7 +63,7 @@ from mcensemble.data import create_dataset, digits_tensors  # noqa: E402
 from mcensemble.snapshots import fge_train  # noqa: E402
 from mcensemble.members import (candidate_state, ensemble_metrics, evaluate_candidates,  # noqa: E402
                                 predict_log_probs, select_members)
-from mcensemble.options import CurveConfig
+from mcensemble.paths.curve_base import CurveConfig
 from mcensemble.paths.fit import fit_curve  # noqa: E402
 from mcensemble.pipeline import BuildOptions  # noqa: E402
 from mcensemble.train import TrainConfig, train_model  # noqa: E402

@@ -198,7 +198,7 @@ def _memory_fn(mode: str, x, y, folder: Path, info: dict):
                 fitter.step(x, y, t, 0.01)
         return (model, a, b), fn
     if kind == "fit":
-        from mcensemble.options import CurveConfig
+        from mcensemble.paths.curve_base import CurveConfig
         from mcensemble.paths.fit import fit_curve
         model, (a, b) = make_model(), states(2)
         return (model, a, b), lambda: info.setdefault("path", fit_curve(
