@@ -11,7 +11,6 @@ _EXPORTS = {
     "Checkpoint": ("checkpoints", "Checkpoint"),
     "ModelSpec": ("models", "ModelSpec"),
     "create_loader": ("data", "create_loader"),
-    "evaluate": ("evaluate", "evaluate"),
     "update_bn": ("bn", "update_bn"),
     "load_path": ("paths", "load_path"),
     "load_ensemble": ("ensemble", "load_ensemble"),
@@ -21,10 +20,11 @@ _EXPORTS = {
 }
 
 #: Submodules reachable as attributes after a plain `import mcensemble`
-#: (`mcensemble.hooks.channel_dropout(...)`), imported on first use. `mcensemble.evaluate` is
-#: the function (`from mcensemble.evaluate import scan` still reaches the module).
+#: (`mcensemble.hooks.channel_dropout(...)`), imported on first use. No name above is also a
+#: submodule's: importing the submodule would replace it (`mcensemble.evaluate` is the module,
+#: its function is `mcensemble.evaluate.evaluate`, whatever was imported first).
 _SUBMODULES = frozenset({
-    "align", "baselines", "bn", "checkpoints", "connect", "data", "distributed", "ensemble", "errors",
+    "align", "baselines", "bn", "checkpoints", "connect", "data", "distributed", "ensemble", "errors", "evaluate",
     "hooks", "members", "models", "noise", "pack", "paths", "pipeline", "plane", "plot", "precision", "runs",
     "snapshots", "stability", "train", "units", "zoo",
 })

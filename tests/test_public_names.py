@@ -64,3 +64,19 @@ def test_no_deprecation_layer():
     package = README.parent / "mcensemble"
     hits = [str(p) for p in package.rglob("*.py") if "DeprecationWarning" in p.read_text()]
     assert not hits and not (package / "_compat.py").exists(), hits
+
+
+@pytest.mark.parametrize("first", ["import mcensemble", "import mcensemble.pipeline", "import mcensemble.evaluate",
+                                   "from mcensemble import evaluate"])
+def test_evaluate_is_the_module_whatever_was_imported_first(first):
+    """No public name is also a submodule's: `mcensemble.evaluate` was the function or the
+    module depending on import order."""
+    code = (f"{first}\n"
+            "import types, mcensemble, mcensemble.pipeline\n"
+            "from mcensemble import evaluate\n"
+            "assert isinstance(mcensemble.evaluate, types.ModuleType) and evaluate is mcensemble.evaluate\n"
+            "assert callable(mcensemble.evaluate.evaluate) and callable(mcensemble.evaluate.scan)\n"
+            "clash = set(mcensemble._EXPORTS) & set(mcensemble._SUBMODULES)\n"
+            "assert not clash, clash\n")
+    res = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True)
+    assert res.returncode == 0, res.stderr
