@@ -153,6 +153,12 @@ class ModePath:
         fresh tensors: changing it does not change the path."""
         return self._state_at(_check_t(t))
 
+    def _end_state(self, t: float) -> StateDict | None:
+        """A copy of A at t = 0 and of B at t = 1 (bit for bit), else None."""
+        if t == 0.0 or t == 1.0:
+            return {k: v.clone() for k, v in self.endpoints[int(t)].items()}
+        return None
+
     def _state_at(self, t: float) -> StateDict:
         raise NotImplementedError(f"{type(self).__name__} does not implement _state_at")
 

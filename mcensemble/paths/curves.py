@@ -83,11 +83,10 @@ class _CurvePath(ModePath):
 
     # -- evaluation ---------------------------------------------------------------
     def _state_at(self, t: float) -> StateDict:
-        a, b = self.endpoints
-        if t == 0.0:
-            return {k: v.clone() for k, v in a.items()}
-        if t == 1.0:
-            return {k: v.clone() for k, v in b.items()}
+        end = self._end_state(t)
+        if end is not None:
+            return end
+        a = self.endpoints[0]
         coeffs = curve_coefficients(self.kind, t, self.n_bends)
         controls = self.control_points
         out: StateDict = {}

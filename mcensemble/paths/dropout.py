@@ -41,6 +41,7 @@ and `V:<name>` (those rows), or `F:<name>` (the whole tensor).
 """
 from __future__ import annotations
 
+import copy
 import logging
 import sys
 import time
@@ -53,8 +54,9 @@ import torch.nn as nn
 from tqdm import tqdm
 
 from .._io import meta_field
-from ..errors import MCEnsembleError
+from ..errors import BadOptionError, MCEnsembleError
 from ..options import check_count
+from ..stability import check_kept, dropout_stability, graph_for
 from ..units import AxisRef, UnitGraph, UnitGroup
 from .base import ModePath, StateDict, check_same_layout, register_path
 
@@ -525,6 +527,23 @@ class _Recorder:
         return groups, la + lb[:0:-1] + [self.loss(b)]
 
 
+def working_copy(model: nn.Module, a: Mapping[str, torch.Tensor], b: Mapping[str, torch.Tensor],
+                 loader: Iterable[Any] | None, graph, device, *, what: str, uses: str):
+    """The set-up both unit-switching paths (dropout-stable, short) share: training data is
+    required (`BadOptionError` saying `what` `uses` it for), A and B share a layout; returns
+    `(a, b, work, graph)`: A and B detached on the CPU, an eval-mode copy of `model` on
+    `device`, and its unit graph (given or traced) validated against A."""
+    if loader is None:
+        raise BadOptionError(f"{what} needs training data (`data`): it {uses} on it", option="data")
+    check_same_layout(a, b)
+    a = {k: v.detach().cpu() for k, v in a.items()}
+    b = {k: v.detach().cpu() for k, v in b.items()}
+    work = copy.deepcopy(model).to(device).eval()
+    graph = graph_for(work, loader, graph)
+    graph.validate(a)
+    return a, b, work, graph
+
+
 def _prepare(model: nn.Module, a: Mapping[str, torch.Tensor], b: Mapping[str, torch.Tensor],
              loader: Iterable[Any], *, graph=None, stability_a=None, stability_b=None,
              device="cpu", progress: bool | None = None, search_steps: int = 48):
@@ -533,20 +552,8 @@ def _prepare(model: nn.Module, a: Mapping[str, torch.Tensor], b: Mapping[str, to
     `(work model, construction, side A, side B)`. Private (it was `prepare`): the
     construction and the sides are this module's internal types, so only mcensemble's own
     modules call it; the public entry points are `build_dropout_path` and `pack_pair`."""
-    import copy
-    from ..stability import check_kept, dropout_stability, graph_for
-
-    if loader is None:
-        from ..errors import BadOptionError
-        raise BadOptionError("the dropout-stable path needs training data (`data`): it measures "
-                             "stability, re-estimates BatchNorm and certifies vertices on it",
-                             option="data")
-    check_same_layout(a, b)
-    a = {k: v.detach().cpu() for k, v in a.items()}
-    b = {k: v.detach().cpu() for k, v in b.items()}
-    work = copy.deepcopy(model).to(device).eval()
-    graph = graph_for(work, loader, graph)
-    graph.validate(a)
+    a, b, work, graph = working_copy(model, a, b, loader, graph, device, what="the dropout-stable path",
+                                     uses="measures stability, re-estimates BatchNorm and certifies vertices")
     chain = layered_chain(graph, a)
     _check_norms(work, chain)
     stab = []

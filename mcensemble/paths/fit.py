@@ -45,13 +45,12 @@ from torch.func import functional_call
 
 from .._modes import keeps_process_state, modes_kept
 from .. import distributed as dist_
-from ..checkpoints import check_same_architecture
 from ..errors import BadOptionError
 from ..precision import Precision, resolve_precision
-from .base import ModePath, check_same_layout, path_kind
+from .base import ModePath, path_kind
 from .curve_base import CurveConfig, curve_coefficients, is_interpolated
 from .linear import lerp_tensor
-from .fit_run import _check_checkpoint_args, _FitRun
+from .fit_run import _FitRun, prepare_fit
 
 __all__ = ["CurveFitter", "STREAM_MIN_BYTES", "fit_curve"]
 
@@ -379,14 +378,8 @@ def fit_curve(model: Any, a: Mapping[str, torch.Tensor], b: Mapping[str, torch.T
     when `a`, `b` and the model disagree (first differing tensor), `CheckpointError` when a
     checkpoint to resume does not match this fit (naming what differs).
     """
-    check_same_layout(a, b)
-    _check_checkpoint_args(checkpoint, checkpoint_every, resume)
-    torch.set_flush_denormal(True)  # on CPU, denormals made fitting steps many times slower
-    if not isinstance(model, nn.Module):
-        from ..models import as_factory
-        model = as_factory(model)()
-    check_same_architecture(model.state_dict(), a, names=("the model", "A"))
-    device = torch.device(device)
+    model, device = prepare_fit(model, a, b, checkpoint=checkpoint, checkpoint_every=checkpoint_every,
+                                resume=resume, device=device)
     spe = _steps_per_epoch(loader)
     total = config.epochs * spe
 

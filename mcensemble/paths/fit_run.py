@@ -19,14 +19,17 @@ from dataclasses import asdict
 from typing import TYPE_CHECKING, Any, Iterator, Mapping
 
 import torch
+import torch.nn as nn
 from safetensors.torch import load_file, save_file
 from tqdm.auto import tqdm
 
 from .. import distributed as dist_
+from ..checkpoints import check_same_architecture
 from .._io import atomic_path, independent_tensors, is_int as _is_int, meta_field, read_header
 from ..data import epoch_batches
 from ..errors import BadOptionError, CheckpointError, MCEnsembleError
-from .base import state_dict_sha256
+from ..models import as_factory
+from .base import check_same_layout, state_dict_sha256
 from .curve_base import CurveConfig, bend_lr_scale
 
 if TYPE_CHECKING:
@@ -51,6 +54,21 @@ def lr_factor(step: int, total: int) -> float:
 def _rank_seed(seed: int, rank: int) -> int:
     """`seed` on rank 0 (a single process is unchanged), a distinct seed on every other rank."""
     return int(seed) if rank == 0 else (int(seed) + (int(rank) << 40)) % (1 << 63)
+
+
+def prepare_fit(model, a, b, *, checkpoint, checkpoint_every, resume,
+                device) -> tuple[nn.Module, torch.device]:
+    """What a trained path kind (curves, AutoNEB) checks and sets up before fitting: the
+    endpoints' layout, the checkpoint arguments, the model (a factory is called) against A,
+    and denormals flushed (on CPU they made fitting steps many times slower). Returns the
+    model and the device."""
+    check_same_layout(a, b)
+    _check_checkpoint_args(checkpoint, checkpoint_every, resume)
+    torch.set_flush_denormal(True)
+    if not isinstance(model, nn.Module):
+        model = as_factory(model)()
+    check_same_architecture(model.state_dict(), a, names=("the model", "A"))
+    return model, torch.device(device)
 
 
 def _check_checkpoint_args(checkpoint, every, resume) -> None:

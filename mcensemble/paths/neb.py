@@ -46,13 +46,12 @@ from tqdm.auto import tqdm
 
 from .._modes import keeps_process_state, modes_kept
 from .. import distributed as dist_
-from ..checkpoints import check_same_architecture
 from .._io import is_int as _is_int, is_number, meta_field
 from ..data import epoch_batches
 from ..errors import BadOptionError, CheckpointError
 from .base import ModePath, StateDict, check_same_layout, register_path, state_dict_sha256
 from .curve_base import is_interpolated
-from .fit_run import _ck_tensor, open_training_checkpoint
+from .fit_run import _ck_tensor, open_training_checkpoint, prepare_fit
 from .linear import lerp_tensor
 
 __all__ = ["NebConfig", "NebPath", "Band", "fit_neb", "improved_tangent_weights", "insertion_scores",
@@ -177,11 +176,10 @@ class NebPath(ModePath):
         return [a, *(self.groups[f"pivot.{i}"] for i in range(self.n_pivots)), b]
 
     def _state_at(self, t: float) -> StateDict:
-        a, b = self.endpoints
-        if t == 0.0:
-            return {k: v.clone() for k, v in a.items()}
-        if t == 1.0:
-            return {k: v.clone() for k, v in b.items()}
+        end = self._end_state(t)
+        if end is not None:
+            return end
+        a = self.endpoints[0]
         v = self.vertex_t
         j = max(i for i in range(len(v) - 1) if v[i] <= t)
         s = (t - v[j]) / (v[j + 1] - v[j])
@@ -496,20 +494,10 @@ def fit_neb(model: Any, a: Mapping[str, torch.Tensor], b: Mapping[str, torch.Ten
     `checkpoint_every` steps; `resume` continues from it (`CheckpointError` when it was
     written for other endpoints, another config or another number of processes).
     Returns a `NebPath`; `a` and `b` are never modified."""
-    check_same_layout(a, b)
     if not isinstance(config, NebConfig):
         raise BadOptionError(f"config must be a NebConfig, got {type(config).__name__}", option="config")
-    if checkpoint_every is not None and (not _is_int(checkpoint_every) or checkpoint_every < 1):
-        raise BadOptionError(f"checkpoint_every must be an integer >= 1, got {checkpoint_every!r}",
-                             option="checkpoint_every")
-    if resume and checkpoint is None:
-        raise BadOptionError("resume=True needs checkpoint= (the file the run was saved in)", option="resume")
-    torch.set_flush_denormal(True)
-    if not isinstance(model, nn.Module):
-        from ..models import as_factory
-        model = as_factory(model)()
-    check_same_architecture(model.state_dict(), a, names=("the model", "A"))
-    device = torch.device(device)
+    model, device = prepare_fit(model, a, b, checkpoint=checkpoint, checkpoint_every=checkpoint_every,
+                                resume=resume, device=device)
     with modes_kept(model, True):
         model.to(device)
         band = Band(model, a, b, momentum=config.momentum, weight_decay=config.weight_decay, device=device,

@@ -33,7 +33,6 @@ File: as the dropout path (endpoints plus per-vertex deltas), plus column-scalin
 """
 from __future__ import annotations
 
-import copy
 import logging
 import math
 import sys
@@ -48,10 +47,10 @@ from tqdm import tqdm
 from .._io import meta_field
 from ..errors import BadOptionError, MCEnsembleError
 from ..options import check_count
-from ..stability import swap_trial
+from ..stability import _importance, _subset, changed_bn_modules, check_kept, dropout_state, reestimate_bn, swap_trial
 from ..units import AxisRef, UnitGraph, UnitGroup
 from .base import StateDict, check_same_layout, register_path
-from .dropout import DropoutPath, _bytes, _changed_units, _decode, _encode, _same, mix_states
+from .dropout import DropoutPath, _bytes, _changed_units, _decode, _encode, _same, mix_states, working_copy
 
 __all__ = ["ShortPath", "ShortConfig", "ShortPathError", "ShortConstruction", "build_short_path", "prepare_short",
            "check_norms", "short_groups", "choose_halves", "verify_short_segments", "SEGMENT_KINDS"]
@@ -134,7 +133,6 @@ class Halves:
 
 
 def _check_halves(graph: UnitGraph, s: Mapping[str, Any], t: Mapping[str, Any]) -> Halves:
-    from ..stability import check_kept
     s, t = check_kept(graph, s), check_kept(graph, t)
     for g in graph.groups:
         if set(s[g.name]) & set(t[g.name]):
@@ -178,7 +176,6 @@ class _Ctx:
 
     def dropped(self, state: StateDict, kept: Mapping[str, list[int]]) -> StateDict:
         """D_kept(state): every group at once, BatchNorm statistics of `self.bn` re-estimated."""
-        from ..stability import dropout_state, reestimate_bn
         sd = dropout_state(state, self.graph, kept, self.min_depth)
         if self.bn:
             sd.update(reestimate_bn(self.work, sd, self.loader, self.bn, device=self.device))
@@ -192,17 +189,9 @@ def prepare_short(model: nn.Module, a: Mapping[str, torch.Tensor], b: Mapping[st
                   search_examples: int = 256, seed: int = 0, random_baseline: bool = True) -> ShortConstruction:
     """Checks, the joint choice of halves and the six vertices (no certificate yet).
     `halves`: (A's kept units, B's kept units) per group to skip the search."""
-    if loader is None:
-        raise BadOptionError("the short path needs training data (`data`): it chooses the halves, "
-                             "re-estimates BatchNorm and measures segments on it", option="data")
     check_norms(model)
-    check_same_layout(a, b)
-    a = {k: v.detach().cpu() for k, v in a.items()}
-    b = {k: v.detach().cpu() for k, v in b.items()}
-    from ..stability import changed_bn_modules, graph_for
-    work = copy.deepcopy(model).to(device).eval()
-    graph = graph_for(work, loader, graph)
-    graph.validate(a)
+    a, b, work, graph = working_copy(model, a, b, loader, graph, device, what="the short path",
+                                     uses="chooses the halves, re-estimates BatchNorm and measures segments")
     short_groups(graph, a)
     ctx = _Ctx(work, graph, loader, device, progress)
     if halves is not None:
@@ -296,7 +285,6 @@ def choose_halves(ctx: _Ctx, a: StateDict, b: StateDict, *, steps: int, examples
     `examples` training examples goes down (BatchNorm layers on batch statistics there).
     A trial evaluates the side that binds the objective first and skips the other when the
     objective cannot go down whatever its loss (`_JointSearch`): same choices, fewer forwards."""
-    from ..stability import _importance, _subset, changed_bn_modules
     if steps < 0 or examples < 1:
         raise BadOptionError("search_steps must be >= 0 and search_examples >= 1", option="search_steps")
     graph, work, t0 = ctx.graph, ctx.work, time.perf_counter()
@@ -493,7 +481,6 @@ class _JointSearch:
 
     def start(self, s: Mapping[str, list[int]], t: Mapping[str, list[int]]) -> float:
         """Make (s, t) the accepted halves (every tensor recomputed); their objective."""
-        from ..stability import dropout_state
         self.kept = ({k: list(v) for k, v in s.items()}, {k: list(v) for k, v in t.items()})
         self.dropped = [dropout_state(st, self.ctx.graph, kp, self.ctx.min_depth)
                         for st, kp in zip(self.states, self.kept)]
@@ -514,7 +501,6 @@ class _JointSearch:
         objective goes down by more than 1e-7. The side with the larger loss goes first;
         the other is skipped when the objective, with its loss at its least (0: a cross
         entropy), cannot go below the best."""
-        from ..stability import dropout_state
         names = {r.tensor for r in g.refs("consumer")}
         cand = [dict(k) for k in self.kept]
         cand[0][g.name], cand[1][g.name] = new_s, new_t
@@ -713,7 +699,6 @@ def build_short_path(model: nn.Module, a: Mapping[str, torch.Tensor], b: Mapping
     con = prepare_short(model, a, b, loader, graph=graph, halves=halves, device=device, progress=progress,
                         search_steps=search_steps, search_examples=search_examples, seed=seed,
                         random_baseline=random_baseline)
-    from ..stability import _subset
     x, _ = _subset(loader, 64)
     checks = verify_short_segments(con.work, con.vertices, con.graph, x.to(device))
     meta = {"unit_groups": [g.name for g in con.graph.groups], "bn_reestimated": con.bn_modules,
