@@ -1,113 +1,23 @@
-"""`mcensemble` command line: a click group, a thin layer over `mcensemble.pipeline`.
+"""The `mcensemble` commands: a thin layer over `mcensemble.pipeline`.
 
-User errors (`MCEnsembleError`) become click errors with no traceback: a bad option value
-exits 2, any other failure exits 1. `mcensemble --debug ...` re-raises them instead.
+The group, `main`, lives in `cli_group` (torch-free, so `mcensemble --help` is quick) and
+imports this module when a command runs or shows its help. User errors (`MCEnsembleError`)
+become click errors with no traceback: a bad option value exits 2, any other failure exits
+1. `mcensemble --debug ...` re-raises them instead.
 """
 from __future__ import annotations
 
 import json
-import logging
-import re
-import sys
 from pathlib import Path as FsPath
 from typing import Any, Callable
 
 import click
 import torch
 
-from .errors import BadOptionError, MCEnsembleError
+from .cli_group import main
 from .options import BuildOptions, ConnectOptions, DataOptions, ModelOptions
 
-__all__ = ["main"]
-
-
-#: library parameters (what `BadOptionError.option` and the `name`s in library messages say)
-#: whose flag is not simply the command's option of that name (which `_flags` adds: a path
-#: kind's settings, `--bends`, `--search-steps`, come from the kinds themselves)
-PARAM_FLAGS: dict[str, str] = {
-    "arch": "--arch", "model": "--model", "num_classes": "--num-classes", "in_chans": "--in-chans",
-    "ema": "--ema", "graph": "--unit-graph", "unit_graph": "--unit-graph",
-    "data": "--data", "val_data": "--val-data", "test_data": "--test-data", "batch_size": "--batch-size",
-    "workers": "--workers", "seed": "--seed", "device": "--device", "precision": "--precision",
-    "method": "--method", "kind": "--method",
-    "align": "--align", "repair": "--repair", "points": "--points", "path_points": "--path-points",
-    "plane": "--plane", "plane_grid": "--plane-grid", "path": "--path",
-    "members": "--members", "candidates": "--candidates", "selection": "--selection", "dtype": "--save-dtype",
-    "path_out": "--path-out", "out_dir": "--out-dir", "checkpoint": "--checkpoint-dir",
-    "checkpoint_every": "--checkpoint-every", "resume": "--resume", "from_run": "--from-run", "top_k": "--top-k",
-    "metric_mode": "--metric-mode", "recipe": "--recipe", "verify": "--verify",
-    "trust_remote_code": "--trust-remote-code", "scale": "--noise-scale", "examples": "--noise-examples",
-}
-
-
-def _flags(ctx: click.Context | None) -> dict[str, str]:
-    """Library parameter -> flag: the options of the running command, then `PARAM_FLAGS`."""
-    own = {p.name: p.opts[0] for p in (ctx.command.params if ctx is not None else ())
-           if isinstance(p, click.Option) and p.name and p.opts[0].startswith("--")}
-    return {**own, **PARAM_FLAGS}
-
-
-def _flag_words(message: str, option: str | None, flags: dict[str, str] = PARAM_FLAGS) -> str:
-    """A library message in the CLI's words: each `name` of `flags` becomes its flag, and so
-    does the error's own `option` opening the message ("members must be ..." -> "--members
-    must be ...")."""
-    message = re.sub(r"`(\w+)`", lambda m: flags.get(m.group(1), m.group(0)), message)
-    if option in flags and re.match(rf"{re.escape(option)} must\b", message):
-        message = flags[option] + message[len(option):]
-    return message
-
-
-def _click_error(e: MCEnsembleError, ctx: click.Context) -> click.ClickException:
-    option = getattr(e, "option", None)
-    flags = _flags(ctx)
-    message = _flag_words(str(e), option, flags)
-    if isinstance(e, BadOptionError):
-        flag = flags.get(option or "", option)
-        if flag and flag.startswith("--") and flag not in message:
-            return click.BadParameter(message, ctx=ctx, param_hint=flag)
-        return click.UsageError(message, ctx=ctx)
-    exc = click.ClickException(message)
-    exc.exit_code = getattr(e, "exit_code", 1)  # an interrupted fit: 130 (SIGINT) / 143 (SIGTERM)
-    return exc
-
-
-class _LibraryErrors:
-    """Turns library errors into click errors (no traceback) with the context's own usage
-    line; `--debug` re-raises them instead."""
-
-    def invoke(self, ctx: click.Context) -> Any:
-        try:
-            return super().invoke(ctx)  # type: ignore[misc]
-        except MCEnsembleError as e:
-            if ctx.meta.get("mcensemble.debug"):
-                raise
-            raise _click_error(e, ctx) from e
-
-
-class _Command(_LibraryErrors, click.Command):
-    """A subcommand: errors name `mcensemble CMD --help`."""
-
-
-class _Group(_LibraryErrors, click.Group):
-    """The group: also catches errors raised while a subcommand's resources close."""
-
-    command_class = _Command
-
-
-@click.group(cls=_Group, context_settings={"help_option_names": ["-h", "--help"]})
-@click.option("--debug", is_flag=True, help="Show full tracebacks for errors.")
-@click.option("-v", "--verbose", count=True, help="Log more (-v info, -vv debug) to stderr.")
-@click.version_option(package_name="mcensemble")
-@click.pass_context
-def main(ctx: click.Context, debug: bool, verbose: int) -> None:
-    """Build mode-connectivity ensembles from the checkpoints you already have."""
-    ctx.meta["mcensemble.debug"] = debug
-    level = logging.WARNING if verbose == 0 else logging.INFO if verbose == 1 else logging.DEBUG
-    logging.basicConfig(level=level, format="%(levelname)s %(name)s: %(message)s", stream=sys.stderr)
-    logging.getLogger("mcensemble").setLevel(logging.INFO if verbose == 0 else level)
-    # the command line is the whole process: denormals flushed for every command (on CPU they made
-    # curve-fitting steps many times slower); the library scopes this to its own training calls
-    torch.set_flush_denormal(True)
+__all__ = ["path_options"]
 
 
 # ---------------------------------------------------------------------------------------------
@@ -163,7 +73,6 @@ run_options = _stack(
 
 
 def _cuda_problem(device: Any) -> str | None:
-    import torch
     if not torch.cuda.is_available():
         return "CUDA is not available here (no NVIDIA GPU or driver, or a CPU-only torch); use --device cpu"
     n = torch.cuda.device_count()
@@ -173,7 +82,6 @@ def _cuda_problem(device: Any) -> str | None:
 
 
 def _mps_problem(device: Any) -> str | None:
-    import torch
     ok = getattr(torch.backends, "mps", None) is not None and torch.backends.mps.is_available()
     return None if ok else "Apple MPS is not available here; use --device cpu"
 
@@ -248,7 +156,6 @@ def _model_opts(kw: dict):
 def _data_opts(kw: dict, *, default_data: str | None = None):
     threads = kw.pop("threads", None)
     if threads:
-        import torch
         torch.set_num_threads(threads)
     device = kw.pop("device")
     precision, workers, channels_last = kw.pop("precision", None), kw.pop("workers", 0), kw.pop("channels_last", False)

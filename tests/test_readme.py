@@ -10,7 +10,7 @@ from pathlib import Path
 import click
 import pytest
 
-from mcensemble.cli import main
+from mcensemble.cli_group import main
 
 ROOT = Path(__file__).resolve().parents[1]
 

@@ -92,7 +92,7 @@ def test_yaml_python_tags_are_not_executed(tmp_path):
 
 
 def test_the_default_recipe_only_uses_build_options():
-    from mcensemble.cli import main
+    from mcensemble.cli_group import main
     build = main.commands["build"]
     names = {p.name for p in build.params} | {o[2:].replace("-", "_") for p in build.params for o in p.opts
                                                if o.startswith("--")}
