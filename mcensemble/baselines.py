@@ -19,8 +19,11 @@ from typing import Any, Iterable, Mapping, Sequence
 import torch
 import torch.nn as nn
 
+from .bn import labelled_batch, update_bn
 from .errors import MCEnsembleError
-from .members import ensemble_metrics, predict_log_probs
+from .members import check_weights, ensemble_metrics, predict_log_probs
+from .pack import pack_pair
+from .paths.dropout import DropoutPathError
 
 __all__ = ["Scorer", "weighted_average", "soup_state", "packed_state", "skipped_row", "decision_sentence",
            "SOUP_NOTE"]
@@ -64,7 +67,6 @@ class Scorer:
 
     def label(self, split: str) -> torch.Tensor:
         if split not in self.labels:
-            from .bn import labelled_batch
             self.labels[split] = torch.cat([labelled_batch(b, what="scoring baselines")[1].long().cpu()
                                             for b in self.splits[split]])
         return self.labels[split]
@@ -88,7 +90,6 @@ def skipped_row(name: str, kind: str, cost: int, reason: str) -> dict[str, Any]:
 
 def weighted_average(states: Sequence[StateDict], weights: Sequence[float] | None = None) -> dict[str, torch.Tensor]:
     """The weight average of state dicts (floating tensors; others from the first state)."""
-    from .members import check_weights
     w = check_weights(weights if weights is not None else [1.0] * len(states), len(states))
     out = {}
     for k, v in states[0].items():
@@ -105,7 +106,6 @@ def soup_state(net: nn.Module, states: Sequence[StateDict], weights: Sequence[fl
     """The soup: `weighted_average` of the members, BatchNorm statistics re-estimated on
     `train` (batches split over processes under torchrun: every process must call this).
     `net` is used as scratch space."""
-    from .bn import update_bn
     net.load_state_dict(weighted_average(states, weights), strict=True)
     net.to(device)
     update_bn(net, train, device=device, distributed=True)
@@ -119,8 +119,6 @@ def packed_state(net: nn.Module, a: StateDict, b: StateDict, train: Iterable[Any
     get the dropout construction's (D_1(A) + D_1(B)) / 2; residual and squeeze-excite ones,
     which it refuses, the short path's (D_S(A) + D_T(B)) / 2; networks with LayerNorm or
     GroupNorm over channels neither."""
-    from .pack import pack_pair
-    from .paths.dropout import DropoutPathError
     try:
         try:
             return pack_pair(net, a, b, train, graph=graph, device=device, progress=progress), None

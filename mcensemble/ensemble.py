@@ -38,14 +38,14 @@ from typing import Any, Callable, Iterable, Mapping, Sequence
 import torch
 import torch.nn as nn
 
-from ._io import (HASHES_KEY, atomic_path, can_stream_safetensors, independent_tensors, read_header, sha256_file,
-                  tensor_hashes, to_json, verify_tensor_hashes, write_safetensors_streamed)
-from .errors import (
-    ArchitectureMismatchError, BadOptionError, CheckpointError, MCEnsembleError,
-    ModelSpecError, NonFiniteError,
-)
+from ._io import (HASHES_KEY, atomic_path, can_stream_safetensors, independent_tensors, meta_field, read_header,
+                  sha256_file, tensor_hashes, to_json, verify_tensor_hashes, write_safetensors_streamed)
+from .checkpoints import meta_shapes
+from .errors import (ArchitectureMismatchError, BadOptionError, CheckpointError, MCEnsembleError, ModelSpecError,
+                     NonFiniteError)
 from .members import check_weights, mean_log_prob
 from .models import ModelLike, ModelSpec, as_factory, create_model
+from .precision import parse_dtype
 
 __all__ = [
     "EnsembleModel", "LazyEnsembleModel", "save_ensemble", "load_ensemble", "read_ensemble_metadata", "verify_ensemble_file", "combine_mean_prob",
@@ -607,7 +607,6 @@ def save_ensemble(dest: str | os.PathLike, member_states: Sequence[StateDict], *
     `--save-dtype`; bf16 / fp16 files are half the size; None: as they are). `load` casts
     them back to the model's dtype unless asked otherwise.
     """
-    from .precision import parse_dtype
     save_dtype = parse_dtype(dtype)
 
     if isinstance(member_states, EnsembleModel):
@@ -718,7 +717,6 @@ def _open_ensemble(file: str | os.PathLike) -> tuple[dict[str, Any], list[str]]:
 def _check_document(doc: dict[str, Any], keys: list[str], where: str) -> None:
     """Type-check the fields of an ensemble file's JSON document that loading uses (the
     member count bounded by the tensors in the file); `CheckpointError` naming the field."""
-    from ._io import meta_field
     members = meta_field(doc, "members", "list", where=where)
     if not members:
         raise CheckpointError(f"{where}: the ensemble metadata lists no members")
@@ -753,7 +751,6 @@ def _check_spec_fits(factory: Callable[[], nn.Module], path: Path, member0: list
     names and shapes with member 0's tensors in the file, so that a spec whose sizes do not
     match the file (a damaged or crafted header) is refused before the real model is
     allocated. A model that cannot be built on the meta device is not checked here."""
-    from .checkpoints import meta_shapes
     shapes = meta_shapes(factory)
     if shapes is None:
         return
@@ -889,7 +886,6 @@ _SAFETENSORS_DTYPES = {"F32": torch.float32, "BF16": torch.bfloat16, "F16": torc
 def _load_dtype(dtype: str | torch.dtype | None, path: Path, member0: list[tuple[str, str]]) -> torch.dtype | None:
     """load_ensemble(dtype=): None, a torch dtype, or the floating dtype of member 0's tensors ("file")."""
     if not (isinstance(dtype, str) and dtype.lower() == "file"):
-        from .precision import parse_dtype
         return parse_dtype(dtype, option="dtype")
     tensors = read_header(path).tensors
     for key, _ in member0:

@@ -32,6 +32,7 @@ from typing import Any, Iterable
 import torch
 import torch.nn as nn
 
+from .bn import batch_input
 from .errors import BadOptionError
 from .units import UnitGraph, UnitGraphError, build_unit_graph
 
@@ -138,7 +139,6 @@ def channel_dropout(model: nn.Module, p: float = 0.5, *, graph=None, example_inp
 def example_batch(loader: Iterable | None, device: torch.device | str, *, n: int = 2) -> torch.Tensor:
     """The first `n` inputs of `loader`'s first batch, on `device`: what tracing the unit graph
     for channel dropout needs when no example input was given."""
-    from .bn import batch_input
     if loader is None:
         raise BadOptionError("channel dropout needs example_input= or a training dataloader",
                              option="example_input")

@@ -22,11 +22,13 @@ import torch.nn as nn
 import torch.nn.functional as F
 from tqdm.auto import tqdm
 
+from . import distributed as dist_
 from ._modes import modes_kept
 from .bn import has_batchnorm, labelled_batch, update_bn
 from .errors import BadOptionError, DataSpecError
 from .evaluate import Metrics, _load_state_strict, evaluate, expected_calibration_error
 from .options import check_count
+from .precision import resolve_precision
 
 __all__ = ["Candidate", "mean_log_prob", "global_to_local", "uniform_points", "evaluate_candidates", "select_greedy_nll",
            "Selection", "select_members", "paired_bootstrap", "check_weights", "GUARANTEE",
@@ -93,7 +95,6 @@ def predict_log_probs(model: nn.Module, loader: Iterable, *, device: str | torch
                       ) -> tuple[torch.Tensor, torch.Tensor]:
     """(log_softmax outputs (N, C), labels (N,)) on CPU, model in eval mode; forward passes
     at the current precision (`mcensemble.precision.use_precision`), log-probabilities float32."""
-    from .precision import resolve_precision
     prec = resolve_precision(None, device)
     outs, labels = [], []
     with modes_kept(model, False):  # every module's own flag back after, as evaluate() does
@@ -163,7 +164,6 @@ def evaluate_candidates(paths: Sequence[Any], model: nn.Module, points: Sequence
 
     With several processes (`mcensemble.distributed`) each evaluates its share of the
     points (every world-th one) and every process returns all of them, in order."""
-    from . import distributed as dist_
     bn = has_batchnorm(model)
     bn_names = _bn_buffer_names(model) if bn else []
     out: list[Candidate] = []

@@ -21,6 +21,8 @@ from .bn import labelled_batch
 from .errors import BadOptionError, DataSpecError
 from .evaluate import expected_calibration_error
 from .paths.dropout import _prepare, mix_states
+from .paths.short import prepare_short
+from .precision import resolve_precision
 
 __all__ = ["pack_pair", "pack_report"]
 
@@ -40,7 +42,6 @@ def pack_pair(model: nn.Module, a: Mapping[str, torch.Tensor], b: Mapping[str, t
     LayerNorm / GroupNorm networks raise `ShortPathError`). `search_steps`: swap trials per
     group when choosing the halves (default 48 for "dropout", 4 for "short")."""
     if method == "short":
-        from .paths.short import prepare_short
         con = prepare_short(model, a, b, loader, graph=graph, halves=halves, device=device,
                             progress=progress, search_steps=4 if search_steps is None else search_steps,
                             random_baseline=False)
@@ -59,7 +60,6 @@ def pack_pair(model: nn.Module, a: Mapping[str, torch.Tensor], b: Mapping[str, t
 
 
 def _logits(model: nn.Module, state: Mapping[str, torch.Tensor], x: torch.Tensor) -> torch.Tensor:
-    from .precision import resolve_precision
     model.load_state_dict(state)
     prec = resolve_precision(None, x.device)
     with prec.autocast():  # the current precision (--precision, --channels-last)

@@ -29,15 +29,15 @@ from .inputs import data_loaders, load_endpoints, loader_for_test_data, model_ar
 from .members import (candidate_state, ensemble_metrics, evaluate_candidates, predict_log_probs, select_members,
                       uniform_points)
 from .models import ModelSpec, as_factory, create_model, import_entry
-from .options import BuildOptions, DataOptions, ModelOptions, check_count
+from .options import BuildOptions, DataOptions, ModelOptions, check_count, make_config
 from .pack import pack_pair, pack_report
 from .paths import LinearPath, load_path
 from .paths.base import ModePath, path_kind, setting_flags
-from .snapshots import FgeConfig, fge_train
 from .plane import scan_plane
 from .plot import plot_plane
-from .reports import (TRAIN_ONLY_WARNING, build_baselines, build_report, choice_report, choice_summary,
-                      data_report, describe_source, ens_metrics, eval_baselines, fge_baselines)
+from .reports import (TRAIN_ONLY_WARNING, build_baselines, build_report, choice_report, choice_summary, data_report,
+                      describe_source, ens_metrics, eval_baselines, fge_baselines)
+from .snapshots import FgeConfig, fge_train
 from .stability import dropout_stability
 from .units import build_unit_graph
 
@@ -64,7 +64,6 @@ def path_config(opts: BuildOptions, data: DataOptions) -> Any:
     """`opts.settings` as the method's own config (`CurveConfig`, `NebConfig`, `FgeConfig`,
     ...; None for a kind without settings), seeded by `data.seed`: validated before any work."""
     if opts.method in OTHER_METHODS:
-        from .options import make_config
         return make_config(OTHER_METHODS[opts.method], opts.settings)
     return path_kind(opts.method).config_from(opts.settings, seed=data.seed)
 

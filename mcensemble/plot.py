@@ -2,8 +2,11 @@
 pyplot, so no global backend or figure state is touched."""
 from __future__ import annotations
 
+import math
 import os
 from typing import Any, Mapping, Sequence, Union
+
+from ._io import atomic_path
 
 __all__ = ["plot_scan", "plot_plane", "plot_barrier_matrix", "plot_tree"]
 
@@ -58,7 +61,6 @@ def plot_scan(result_or_list: Scans, dest: str | os.PathLike, *, title: str | No
     from matplotlib.backends.backend_agg import FigureCanvasAgg
     from matplotlib.figure import Figure
 
-    from ._io import atomic_path
 
     curves = _curves(result_or_list, labels)
     fig = Figure(figsize=(15 if baselines else 10, 4), dpi=100, layout="constrained")
@@ -130,12 +132,10 @@ def plot_plane(result: Any, dest: str | os.PathLike, *, title: str | None = None
 
     `result`: a `mcensemble.plane.PlaneResult` or its `to_dict()`. Written atomically.
     """
-    import math
 
     from matplotlib.backends.backend_agg import FigureCanvasAgg
     from matplotlib.figure import Figure
 
-    from ._io import atomic_path
 
     d = result.to_dict() if hasattr(result, "to_dict") else dict(result)
     fig = Figure(figsize=(6, 5), dpi=100, layout="constrained")
@@ -169,7 +169,6 @@ def plot_barrier_matrix(matrix: Sequence[Sequence[float]], dest: str | os.PathLi
     from matplotlib.figure import Figure
     from matplotlib.patches import Rectangle
 
-    from ._io import atomic_path
 
     n = len(matrix)
     labels = list(labels) if labels is not None else [str(i) for i in range(n)]
@@ -202,7 +201,6 @@ def plot_tree(n: int, edges: Sequence[Mapping[str, Any]], dest: str | os.PathLik
     """Write a picture of a spanning tree over `n` checkpoints (on a circle): `edges` are
     dicts with `i`, `j` and `saddle` (the largest loss along that edge's path, also its
     colour) and optionally `barrier` (the straight line's). Written atomically."""
-    import math
 
     from matplotlib import colormaps
     from matplotlib.backends.backend_agg import FigureCanvasAgg
@@ -210,7 +208,6 @@ def plot_tree(n: int, edges: Sequence[Mapping[str, Any]], dest: str | os.PathLik
     from matplotlib.colors import Normalize
     from matplotlib.figure import Figure
 
-    from ._io import atomic_path
 
     labels = list(labels) if labels is not None else [str(i) for i in range(n)]
     if len(labels) != n:

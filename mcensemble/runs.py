@@ -26,6 +26,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Iterable
 
+from .checkpoints import _torch_load
 from .errors import BadOptionError, CheckpointError, MCEnsembleError
 
 __all__ = ["RunCheckpoint", "scan_run", "select_checkpoints", "checkpoints_from_runs"]
@@ -55,7 +56,6 @@ class RunCheckpoint:
 def _read_meta(path: Path) -> dict[str, Any]:
     """The checkpoint's non-tensor entries, tensors memory-mapped (not read)."""
     import torch
-    from .checkpoints import _torch_load
     try:
         with torch.serialization.safe_globals([argparse.Namespace]), warnings.catch_warnings():
             warnings.filterwarnings("ignore", message="Detected pickle protocol")

@@ -17,19 +17,25 @@ import logging
 import math
 import numbers
 import os
-from pathlib import Path
+import sys
 from dataclasses import dataclass
+from pathlib import Path
 from typing import Any, Callable, ClassVar, Iterable, Mapping
 
 import torch
 import torch.nn as nn
+import torch.nn.functional as F
 from safetensors import safe_open
 from safetensors.torch import save_file
+from tqdm.auto import tqdm
 
 from ._io import atomic_path, read_header
 from ._modes import keeps_process_state
+from .bn import has_batchnorm, labelled_batch, update_bn
+from .ensemble import save_ensemble
 from .errors import BadOptionError, CheckpointError
 from .options import check_count
+from .precision import resolve_precision
 
 __all__ = ["FgeConfig", "SnapshotCollector", "fge_lr", "fge_train", "network_in", "fge_collector", "save_snapshots",
            "check_bn_options", "write_collector_state", "read_collector_state"]
@@ -214,7 +220,6 @@ class SnapshotCollector:
         """The snapshots, each with BatchNorm statistics re-estimated on `bn_loader` when
         given (`mcensemble.bn.update_bn`, run on `model` itself, whose own weights are put
         back afterwards; its forward passes at `precision`, the statistics kept float32)."""
-        from .bn import has_batchnorm, update_bn
         if not self.snapshots:
             raise BadOptionError("no snapshots taken yet: run more steps (a snapshot is taken at "
                                  "each cycle's low point) or call snapshot()", option="snapshots")
@@ -240,9 +245,7 @@ class SnapshotCollector:
         `model_spec` - a `ModelSpec` or its dict - so that it loads without `model=`).
         Members are `{"t": None, "kind": "snapshot", "step": ..., ...}` in snapshot order.
         `precision`: of the BatchNorm re-estimation's forward passes."""
-        from .ensemble import save_ensemble
         states = self.member_states(bn_loader=bn_loader, bn_max_batches=bn_max_batches, precision=precision)
-        from .bn import has_batchnorm
         bn = None if not has_batchnorm(self.model) else \
             "re-estimated" if bn_loader is not None else "as trained"
         members = [{"t": None, "kind": "snapshot", "bn": bn, **info} for info in self.info]
@@ -283,7 +286,6 @@ def _train_step(model: nn.Module, opt: torch.optim.Optimizer, x: torch.Tensor, y
     """One SGD step on cross entropy, the forward pass under `prec`'s autocast (the loss in
     float32). With an fp16 `scaler`: loss scaling; False when the scaled gradients overflowed
     and the step was skipped."""
-    import torch.nn.functional as F
     with prec.autocast():
         out = model(prec.input(x))
     loss = F.cross_entropy(out.float(), y)
@@ -315,10 +317,6 @@ def fge_train(model: nn.Module, loader: Iterable, *, cycles: int = 4, epochs: in
     step whose gradients overflow is skipped (it still counts in the cyclical schedule) and
     counted in the collector's `skipped_steps`. Returns the collector:
     `col.save(file, model_spec=..., bn_loader=...)` writes the ensemble."""
-    import sys
-    from tqdm.auto import tqdm
-    from .bn import labelled_batch
-    from .precision import resolve_precision
     cycles = check_count(cycles, "cycles", minimum=1)
     epochs = check_count(epochs, "epochs", minimum=1)
     cycle = epochs * len(loader) // cycles  # type: ignore[arg-type]
@@ -405,7 +403,6 @@ def check_bn_options(bn_loader: Any, bn_max_batches: Any, precision: Any) -> str
                              option="bn_max_batches")
     if precision is None:
         return None
-    from .precision import resolve_precision
     try:
         return resolve_precision(precision).name
     except BadOptionError as e:

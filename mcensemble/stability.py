@@ -32,6 +32,7 @@ from torch.nn.modules.batchnorm import _BatchNorm
 from tqdm import tqdm
 
 from .bn import batch_input, has_batchnorm, labelled_batch, update_bn
+from .data import example_input
 from .errors import BadOptionError, DataSpecError
 from .evaluate import evaluate
 from .units import UnitGraph, UnitGroup, build_unit_graph
@@ -85,7 +86,6 @@ def graph_for(model: nn.Module, loader: Iterable[Any] | None = None, graph=None)
             x = batch_input(batch)[:2]
             break
     if x is None:
-        from .data import example_input
         x = example_input(model)
     dev = next((p.device for p in model.parameters()), torch.device("cpu"))
     return build_unit_graph(model, x.to(dev))

@@ -31,6 +31,7 @@ import torch.nn as nn
 import torch.nn.functional as F
 from torch.fx.passes.shape_prop import ShapeProp, TensorMetadata
 
+from ._io import atomic_path
 from ._modes import modes_kept
 from .errors import BadOptionError, MCEnsembleError
 
@@ -179,7 +180,6 @@ class UnitGraph:
         return cls(groups, [str(c) for c in d.get("classifier", [])])
 
     def save(self, file: str | os.PathLike) -> None:
-        from ._io import atomic_path
         with atomic_path(file) as tmp:
             tmp.write_text(json.dumps(self.to_dict(), indent=1))
 

@@ -15,8 +15,8 @@ A new kind subclasses `ModePath`, decorates itself with `@register_path("kind")`
 `_state_at(t)` (t already validated) and the classmethod `_from_file(groups, meta)`, and
 may override `_file_fields()` to add JSON fields. A kind that `build` / `scan` / `connect`
 make also defines `from_options` and, when it has settings, `config_class` (a frozen
-dataclass) and `flags`; the registry is the one list of kinds (docs/adding-a-path-kind.md). Files are read without unpickling.
-`_from_file` reads its own fields with `meta_field` (type and range checked, sizes bounded
+dataclass) and `flags`; the registry is the one list of kinds (docs/adding-a-path-kind.md).
+Files are read without unpickling. `_from_file` reads its own fields with `meta_field` (type and range checked, sizes bounded
 by the groups actually in the file) and raises `CheckpointError` / `ValueError` on anything
 inconsistent: `load_path` turns those into one `CheckpointError` naming the file.
 """
@@ -33,9 +33,11 @@ from typing import Any, Callable, ClassVar, Mapping, Sequence, TypeVar
 
 import torch
 
-from .._io import HASHES_KEY, atomic_path, independent_tensors, meta_field, read_header, tensor_hashes
+from .._io import (HASHES_KEY, atomic_path, independent_tensors, meta_field, read_header, tensor_hashes,
+                   verify_tensor_hashes)
 from ..checkpoints import check_same_architecture
 from ..errors import ArchitectureMismatchError, BadOptionError, CheckpointError
+from ..models import ModelSpec
 from ..options import make_config
 
 __all__ = [
@@ -168,7 +170,6 @@ class ModePath:
         d = self.metadata.get("model")
         if not d:
             return None
-        from ..models import ModelSpec
         return ModelSpec.from_dict(d)
 
     # -- files --------------------------------------------------------------------
@@ -250,6 +251,7 @@ def _import_builtin_kinds() -> None:
     """Import every module of `mcensemble.paths` so that its kinds register themselves."""
     import importlib
     import pkgutil
+
     from .. import paths as pkg
     for info in pkgutil.iter_modules(pkg.__path__):
         if not info.name.startswith("_"):
@@ -395,7 +397,6 @@ def verify_path_file(file: str | os.PathLike) -> int | None:
     """Check the SHA-256 of every tensor of a path file against the record in its header.
     Returns how many tensors were checked, None when the file records no hashes (written
     before mcensemble recorded them); `CheckpointError` naming the first tensor that differs."""
-    from .._io import verify_tensor_hashes
     file = os.fspath(file)
     meta = _path_document(file)
     return verify_tensor_hashes(file, meta_field(meta, "tensor_sha256", "dict", where=file,

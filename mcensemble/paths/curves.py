@@ -26,7 +26,7 @@ import torch
 
 from .._io import meta_field
 from ..errors import ArchitectureMismatchError, BadOptionError
-from .base import ModePath, StateDict, check_same_layout, register_path
+from .base import ModePath, StateDict, _check_t, check_same_layout, register_path
 from .curve_base import CurveConfig, combine_controls, curve_coefficients, is_interpolated
 from .fit import fit_curve
 
@@ -78,7 +78,6 @@ class _CurvePath(ModePath):
 
     def coefficients(self, t: float) -> list[float]:
         """The weight of each control point (A, bends, B) at `t`; they sum to 1."""
-        from .base import _check_t
         return curve_coefficients(self.kind, _check_t(t), self.n_bends)
 
     # -- evaluation ---------------------------------------------------------------

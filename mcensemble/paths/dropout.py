@@ -55,8 +55,9 @@ from tqdm import tqdm
 
 from .._io import meta_field
 from ..errors import BadOptionError, MCEnsembleError
+from ..evaluate import evaluate
 from ..options import check_count
-from ..stability import check_kept, dropout_stability, graph_for
+from ..stability import check_kept, dropout_network, dropout_stability, dropout_state, graph_for
 from ..units import AxisRef, UnitGraph, UnitGroup
 from .base import ModePath, StateDict, check_same_layout, register_path
 
@@ -250,7 +251,6 @@ class _Construction:
     def dk(self, side: _Side, k: int) -> StateDict:
         """D_k of a side (k is a 1-based depth), BN statistics as stability measured them."""
         if k not in side._dk:
-            from ..stability import dropout_network, dropout_state
             stats = side.stab.bn_stats.get(self.chain[k - 1].depth)
             if stats is not None or self.bn_loader is None:
                 sd = dropout_state(side.state, self.graph, side.stab.kept, self.chain[k - 1].depth)
@@ -484,7 +484,6 @@ class _Recorder:
         self.losses: list[list[float]] = [[], []]
 
     def loss(self, sd: Mapping[str, torch.Tensor]) -> float:
-        from ..evaluate import evaluate
         self.work.load_state_dict(sd)
         self._bar.update(1)
         return evaluate(self.work, self.loader, device=self.con.device).loss

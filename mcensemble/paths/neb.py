@@ -44,11 +44,15 @@ import torch.nn.functional as F
 from torch.func import functional_call
 from tqdm.auto import tqdm
 
-from .._modes import keeps_process_state, modes_kept
 from .. import distributed as dist_
-from .._io import is_int as _is_int, is_number, meta_field
+from .._io import atomic_path
+from .._io import is_int as _is_int
+from .._io import is_number, meta_field
+from .._modes import keeps_process_state, modes_kept
+from ..bn import has_batchnorm, update_bn
 from ..data import epoch_batches
 from ..errors import BadOptionError, CheckpointError
+from ..evaluate import _load_state_strict
 from .base import ModePath, StateDict, check_same_layout, register_path, state_dict_sha256
 from .curve_base import is_interpolated
 from .fit_run import _ck_tensor, open_training_checkpoint, prepare_fit
@@ -513,8 +517,6 @@ def fit_neb(model: Any, a: Mapping[str, torch.Tensor], b: Mapping[str, torch.Ten
 
 
 def _reestimate_bn(model: nn.Module, pivots: list[StateDict], loader, device) -> None:
-    from ..bn import has_batchnorm, update_bn
-    from ..evaluate import _load_state_strict
     if not has_batchnorm(model):
         return
     model.eval()
@@ -637,7 +639,6 @@ class _NebRun:
             return
         from safetensors.torch import save_file
 
-        from .._io import atomic_path
         band = self.band
         tensors = {f"rng.{k}.{r}": v for r, states in enumerate(rng) for k, v in states.items()}
         for i, (piv, buf) in enumerate(zip(band.pivots, band.momenta)):

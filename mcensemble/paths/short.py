@@ -45,10 +45,12 @@ import torch.nn as nn
 from tqdm import tqdm
 
 from .._io import meta_field
+from ..bn import batch_input
 from ..errors import BadOptionError, MCEnsembleError
+from ..evaluate import evaluate
 from ..options import check_count
 from ..stability import _importance, _subset, changed_bn_modules, check_kept, dropout_state, reestimate_bn, swap_trial
-from ..units import AxisRef, UnitGraph, UnitGroup
+from ..units import AxisRef, UnitGraph, UnitGroup, _trace
 from .base import StateDict, check_same_layout, register_path
 from .dropout import DropoutPath, _bytes, _changed_units, _decode, _encode, _same, mix_states, working_copy
 
@@ -169,7 +171,6 @@ class _Ctx:
         self.min_depth = min(graph.depths)
 
     def loss(self, sd: Mapping[str, torch.Tensor]) -> float:
-        from ..evaluate import evaluate
         self.work.load_state_dict(sd)
         self.passes += 1
         return evaluate(self.work, self.loader, device=self.device).loss
@@ -213,7 +214,6 @@ def prepare_short(model: nn.Module, a: Mapping[str, torch.Tensor], b: Mapping[st
 
 
 def _probe(loader: Iterable[Any], n: int = 16) -> torch.Tensor | None:
-    from ..bn import batch_input
     for batch in loader:
         return batch_input(batch)[:n]
     return None
@@ -355,7 +355,6 @@ class _Partial:
 
     @classmethod
     def make(cls, work: nn.Module, x: torch.Tensor) -> "_Partial | None":
-        from ..units import _trace
         try:
             return cls(_trace(work, (x[:2],)), x)
         except MCEnsembleError:  # a hand-given unit graph for a model fx cannot trace: full passes
@@ -715,7 +714,6 @@ def build_short_path(model: nn.Module, a: Mapping[str, torch.Tensor], b: Mapping
 
 def _certificate(con: ShortConstruction, path: "ShortPath", loader, device, points: int, checks,
                  progress) -> tuple[dict[str, Any], int]:
-    from ..evaluate import evaluate
     e = con.eps
     vl = [e["loss_a"], e["loss_da"], None, None, e["loss_db"], e["loss_b"]]
     work, passes = con.work, 0
@@ -753,7 +751,6 @@ def _certificate(con: ShortConstruction, path: "ShortPath", loader, device, poin
 
 def _measure(path: "ShortPath", work: nn.Module, loader, device, i: int, n: int, points: int,
              l0: float, l1: float, bar) -> dict[str, Any]:
-    from ..evaluate import evaluate
     pts = []
     for j in range(points):
         s = j / (points - 1)
