@@ -44,13 +44,13 @@ from tqdm import tqdm
 from ._modes import modes_kept
 from .bn import batch_input, has_batchnorm, update_bn
 from .data import example_input as make_input
-from .errors import BadOptionError, DataSpecError
+from .errors import BadOptionError, DataSpecError, UnitGraphError
 from .evaluate import _load_state_strict
 from .models import ModelLike, as_factory
 from .paths.base import check_same_layout
 from .paths.linear import interpolate
 from .precision import resolve_precision
-from .units import UnitGraph, UnitGraphError, UnitGroup, build_unit_graph, permute_state_dict
+from .units import UnitGraph, UnitGroup, build_unit_graph, permute_state_dict
 
 __all__ = ["AlignResult", "weight_matching", "align_states", "matching_objective", "Repair",
            "repair", "RepairedPath"]

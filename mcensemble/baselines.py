@@ -20,10 +20,9 @@ import torch
 import torch.nn as nn
 
 from .bn import labelled_batch, update_bn
-from .errors import MCEnsembleError
+from .errors import DropoutPathError, MCEnsembleError
 from .members import check_weights, ensemble_metrics, predict_log_probs
 from .pack import pack_pair
-from .paths.dropout import DropoutPathError
 
 __all__ = ["Scorer", "weighted_average", "soup_state", "packed_state", "skipped_row", "decision_sentence",
            "SOUP_NOTE"]
@@ -140,10 +139,10 @@ def decision_sentence(choice: Mapping[str, Any]) -> str:
     rule = choice.get("rule")
     if rule == "uniform":
         return (f"{choice['n_members']} members uniform in t with equal weights (no selection data: pass "
-                "--val-data to choose members)")
+                "`val_data` to choose members)")
     nll = choice["selection_nll"]
     if rule == "exact":
-        return (f"exactly {choice['n_members']} distinct members (--exact-members), equal weights: selection "
+        return (f"exactly {choice['n_members']} distinct members (`exact_members`), equal weights: selection "
                 f"NLL {nll['chosen']:.4f} (best single {nll['best_single']:.4f}); no guarantee against "
                 "the cheaper choices")
     tests = choice.get("bootstrap") or []

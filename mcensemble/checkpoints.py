@@ -336,7 +336,7 @@ def _read_timm_train(obj: Any, ctx: _Ctx):
     state = obj[ema_key] if use_ema else obj["state_dict"]
     _logger.info("%s: using the %s weights (%s)%s", ctx.path, "EMA" if use_ema else "raw",
                  ema_key if use_ema else "state_dict",
-                 "; pass ema=False / --no-ema for the raw ones" if use_ema else "")
+                 "; `ema` False reads the raw ones" if use_ema else "")
     meta = {"weights": "ema" if use_ema else "raw", "has_ema": ema_key is not None,
             "epoch": obj.get("epoch"), "metric": obj.get("metric")}
     meta.update(_timm_args_meta(obj))
@@ -606,7 +606,7 @@ def load_checkpoint(src: str | os.PathLike, *, model: ModelLike | None = None,
     meta.update(source=str(weights), sha256=sha256_file(weights))
     meta.setdefault("epoch", None)
     meta.setdefault("metric", None)
-    hint = " (EMA weights; ema=False / --no-ema reads the raw ones)" if meta.get("has_ema") \
+    hint = " (EMA weights; `ema` False reads the raw ones)" if meta.get("has_ema") \
         and meta["weights"] == "ema" else ""
     check_finite(state, source=f"{weights}{hint}")
     _complete_model_meta(state, meta)

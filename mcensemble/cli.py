@@ -14,7 +14,7 @@ from typing import Any, Callable
 import click
 import torch
 
-from .cli_group import main
+from .cli_group import cli_words, main
 from .options import BuildOptions, ConnectOptions, DataOptions, ModelOptions
 
 __all__ = ["path_options"]
@@ -243,7 +243,7 @@ def inspect(file: str, units: bool, units_out: str | None, verify: bool, **kw: A
             continue
         if isinstance(value, dict):
             value = json.dumps(value, default=str)
-        click.echo(f"{key:>12}: {value}")
+        click.echo(f"{key:>12}: {cli_words(str(value))}")
     if units and info.get("units"):
         click.echo(info["units"])
 
@@ -492,9 +492,9 @@ def _echo_build_table(rep: dict[str, Any]) -> None:
                ("   (BatchNorm statistics re-estimated at every point)" if rep.get("bn_reestimated") else ""))
     choice = rep.get("choice") or {}
     if choice.get("decision"):
-        click.echo(f"selection: {choice['decision']}")
+        click.echo(f"selection: {cli_words(choice['decision'])}")
     if choice.get("guarantee"):
-        click.echo(f"guarantee: {choice['guarantee']}")
+        click.echo(f"guarantee: {cli_words(choice['guarantee'])}")
 
 
 def _echo_baselines(rep: dict[str, Any]) -> None:
@@ -518,7 +518,7 @@ def _echo_baselines(rep: dict[str, Any]) -> None:
     if rows:
         _echo_table(rows, header)
     for line in skipped:
-        click.echo(line)
+        click.echo(cli_words(line))
 
 
 # ---------------------------------------------------------------------------------------------

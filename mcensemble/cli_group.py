@@ -17,7 +17,7 @@ from click.utils import make_default_short_help
 
 from .errors import BadOptionError, MCEnsembleError
 
-__all__ = ["main", "COMMANDS", "PARAM_FLAGS"]
+__all__ = ["main", "COMMANDS", "PARAM_FLAGS", "cli_words"]
 
 
 #: library parameters (what `BadOptionError.option` and the `name`s in library messages say)
@@ -68,6 +68,19 @@ def _click_error(e: MCEnsembleError, ctx: click.Context) -> click.ClickException
     exc = click.ClickException(message)
     exc.exit_code = getattr(e, "exit_code", 1)  # an interrupted fit: 130 (SIGINT) / 143 (SIGTERM)
     return exc
+
+
+def cli_words(text: str) -> str:
+    """A library sentence (which names Python parameters: `val_data`) in the running
+    command's words (--val-data)."""
+    return _flag_words(text, None, _flags(click.get_current_context(silent=True)))
+
+
+class _CliWords(logging.Formatter):
+    """Log records in the command line's words (`cli_words`)."""
+
+    def format(self, record: logging.LogRecord) -> str:
+        return cli_words(super().format(record))
 
 
 class _LibraryErrors:
@@ -147,7 +160,9 @@ def main(ctx: click.Context, debug: bool, verbose: int) -> None:
     """Build mode-connectivity ensembles from the checkpoints you already have."""
     ctx.meta["mcensemble.debug"] = debug
     level = logging.WARNING if verbose == 0 else logging.INFO if verbose == 1 else logging.DEBUG
-    logging.basicConfig(level=level, format="%(levelname)s %(name)s: %(message)s", stream=sys.stderr)
+    handler = logging.StreamHandler(sys.stderr)
+    handler.setFormatter(_CliWords("%(levelname)s %(name)s: %(message)s"))
+    logging.basicConfig(level=level, handlers=[handler])
     logging.getLogger("mcensemble").setLevel(logging.INFO if verbose == 0 else level)
     # the command line is the whole process: denormals flushed for every command (on CPU they made
     # curve-fitting steps many times slower); the library scopes this to its own training calls.

@@ -764,7 +764,7 @@ def _check_spec_fits(factory: Callable[[], nn.Module], path: Path, member0: list
                   f"the model's tensors {sorted(set(want) ^ set(have))[:3]} are in only one of them")
         raise ArchitectureMismatchError(
             f"{str(path)!r}: the model its metadata names does not fit its tensors: {detail}. The file "
-            "is damaged, or pass model= (CLI --model) to build the right model")
+            "is damaged, or pass `model` to build the right model")
 
 
 class _LazyMembers(Sequence):
@@ -790,8 +790,8 @@ def _factory_from_spec(doc: dict[str, Any], path: Path, trust_remote_code: bool
     d = doc.get("model")
     if not isinstance(d, dict) or not (d.get("arch") or d.get("entry")):
         raise CheckpointError(
-            f"{str(path)!r} does not say how to build the model; pass model= (an nn.Module, a "
-            f"zero-argument callable or a ModelSpec; CLI --model / --arch)")
+            f"{str(path)!r} does not say how to build the model; pass `model` (an nn.Module, a "
+            "zero-argument callable or a ModelSpec)")
     try:
         spec = ModelSpec.from_dict(d)
     except Exception as e:
@@ -802,7 +802,7 @@ def _factory_from_spec(doc: dict[str, Any], path: Path, trust_remote_code: bool
     elif not trust_remote_code:
         raise ModelSpecError(
             f"{str(path)!r} names code {spec.entry!r} to build its model; it was not imported. "
-            f"Pass model= (CLI --model) to build the model yourself, or trust_remote_code=True "
+            "Pass `model` to build the model yourself, or `trust_remote_code`=True "
             f"if you trust the file.", option="model")
     else:
         logger.warning("importing %s named by %s (trust_remote_code=True)", spec.entry, path)

@@ -33,8 +33,8 @@ import torch
 import torch.nn as nn
 
 from .bn import batch_input
-from .errors import BadOptionError
-from .units import UnitGraph, UnitGraphError, build_unit_graph
+from .errors import BadOptionError, UnitGraphError
+from .units import UnitGraph, build_unit_graph
 
 __all__ = ["channel_dropout", "ChannelDropoutHandle", "example_batch"]
 

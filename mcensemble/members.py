@@ -195,7 +195,8 @@ def select_greedy_nll(cands: Sequence[Candidate], k: int, labels: torch.Tensor) 
         raise BadOptionError(f"`members` {k} is more than the {len(cands)} candidate points; "
                              "raise `candidates` or lower `members`", option="members")
     if any(c.val_log_probs is None for c in cands):
-        raise ValueError("greedy selection needs validation log-probabilities for every candidate")
+        raise BadOptionError("greedy selection needs validation log-probabilities for every candidate: pass "
+                             "`val_loader`", option="val_loader")
     chosen: list[int] = []
     probs_sum = torch.zeros_like(cands[0].val_log_probs)
     for _ in range(k):
@@ -220,7 +221,7 @@ BOOTSTRAP_CONFIDENCE = 0.95
 MAX_PICKS = 50
 
 GUARANTEE = ("On the selection data the chosen ensemble's NLL is never above that of its best single "
-             "candidate, nor (when --members allows as many) above the equal-weight ensemble of the "
+             "candidate, nor (when `members` allows as many) above the equal-weight ensemble of the "
              "checkpoints: both are candidates, and a choice that costs more replaces a cheaper one only "
              "when it lowers the NLL in at least {confidence:.0%} of {resamples} paired bootstrap "
              "resamples of the selection examples.")
@@ -279,7 +280,8 @@ def _true_class_probs(cands: Sequence[Candidate], labels: torch.Tensor) -> torch
     if not cands:
         raise BadOptionError("member selection needs at least one candidate point", option="candidates")
     if any(c.val_log_probs is None for c in cands):
-        raise ValueError("greedy selection needs validation log-probabilities for every candidate")
+        raise BadOptionError("greedy selection needs validation log-probabilities for every candidate: pass "
+                             "`val_loader`", option="val_loader")
     y = labels.long().view(-1, 1)
     return torch.stack([c.val_log_probs.double().gather(1, y).squeeze(1).exp() for c in cands])
 

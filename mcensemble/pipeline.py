@@ -202,7 +202,7 @@ def connect(states: Sequence[dict], net: torch.nn.Module, *, opts: BuildOptions,
             if opts.align:
                 raise
             _log.warning("cannot align the checkpoints before fitting the curve (%s); fitting it between "
-                         "them as they are (pass --no-align to skip alignment)", e)
+                         "them as they are (`align` False skips alignment)", e)
     fit_loader = None
     if kind.trained:
         fit_loader = create_loader(data.data, split="train", batch_size=data.batch_size, shuffle=True,

@@ -28,9 +28,9 @@ __all__ = ["TRAIN_ONLY_WARNING", "describe_source", "data_report", "report_split
 _log = logging.getLogger(__name__)
 
 
-TRAIN_ONLY_WARNING = ("no --val-data: the members were not chosen on held-out data, and every number in the "
+TRAIN_ONLY_WARNING = ("no `val_data`: the members were not chosen on held-out data, and every number in the "
                       "report is on the training data, which also fitted the checkpoints and the path; pass "
-                      "--val-data SPEC (and --test-data SPEC) for an honest comparison")
+                      "`val_data` (and `test_data`) for an honest comparison")
 
 
 def describe_source(ck) -> dict[str, Any]:
@@ -188,7 +188,7 @@ def build_baselines(net, grid, paths, ends, soup_sd, report, opts: BuildOptions,
     sc.add("soup", soup_sd)
     rows.append(sc.row("soup", "soup", ["soup"], note=soup_note(report)))
     if not opts.packed:
-        rows.append(skipped_row("packed pair", "packed", 1, "not computed (packed=False / --no-packed)"))
+        rows.append(skipped_row("packed pair", "packed", 1, "not computed (`packed` is off)"))
     elif len(ends) != 2:
         rows.append(skipped_row("packed pair", "packed", 1, f"packs two checkpoints; {len(ends)} were given"))
     else:
@@ -249,7 +249,7 @@ def eval_baselines(ens, file, per, loader, train, test, model, data: DataOptions
         rows.append(sc.row(f"{'+'.join(names)} ensemble", "endpoints-ensemble", names))
     rows += [skipped_row(f"endpoint {name}", "endpoint", 1, reason) for name, reason in why]
     bn = has_batchnorm(net)
-    need_train = "needs training data: pass --data TRAIN --val-data EVAL"
+    need_train = "needs training data: pass `data` (training) and `val_data` (evaluation)"
     if train is None and bn:
         rows.append(skipped_row("soup", "soup", 1, need_train + " (BatchNorm is re-estimated on it)"))
     else:

@@ -227,9 +227,8 @@ def checkpoints_from_runs(dirs: str | os.PathLike | Iterable[str | os.PathLike],
         except OSError as e:
             raise CheckpointError(f"run folder {str(folder)!r}: cannot read it ({e})") from e
         if run[0].eval_metric == "loss" and metric_mode == "max":
-            logger.warning("%s: the run ranked its checkpoints by eval loss (--eval-metric loss) "
-                           "but checkpoints are chosen by the highest metric; pass "
-                           "metric_mode='min' (--metric-mode min) to choose the lowest loss", folder)
+            logger.warning("%s: the run ranked its checkpoints by eval loss, but checkpoints are chosen "
+                           "by the highest metric; pass `metric_mode` min to choose the lowest loss", folder)
         if k is not None and k < len(run) and all(c.metric is None for c in run):
             logger.warning("%s: no checkpoint records a metric (and no summary.csv eval column); "
                            "taking the %d latest epoch(s)", folder, k)

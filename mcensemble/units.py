@@ -33,10 +33,10 @@ from torch.fx.passes.shape_prop import ShapeProp, TensorMetadata
 
 from ._io import atomic_path
 from ._modes import modes_kept
-from .errors import BadOptionError, MCEnsembleError
+from .errors import BadOptionError, UnitGraphError
 
 __all__ = [
-    "UnitGraphError", "AxisRef", "UnitGroup", "UnitGraph", "ROLES",
+    "AxisRef", "UnitGroup", "UnitGraph", "ROLES",
     "build_unit_graph", "permute_state_dict",
 ]
 
@@ -50,9 +50,6 @@ ROLES = ("producer", "bn", "depthwise", "consumer")
 FORMAT = "mcensemble-units"
 
 
-class UnitGraphError(MCEnsembleError, ValueError):
-    """The unit graph cannot be derived (untraceable model, an op that cannot be placed)
-    or a hand-written graph does not fit the model."""
 
 
 # ----------------------------------------------------------------------------- data model

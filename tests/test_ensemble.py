@@ -395,7 +395,7 @@ def test_load_refuses_newer_format(tmp_path):
 
 def test_load_without_model_spec_asks_for_model(tmp_path):
     f = save_ensemble(tmp_path / "e.safetensors", member_states(make_mlp, 1))
-    with pytest.raises(CheckpointError, match="does not say how to build the model; pass model="):
+    with pytest.raises(CheckpointError, match="does not say how to build the model; pass `model`"):
         load_ensemble(f)
 
 
@@ -421,7 +421,7 @@ def test_entry_in_file_is_not_imported_without_trust(tmp_path, monkeypatch):
     save_ensemble(f, states, model_spec=ModelSpec(entry=f"{name}:build"))
 
     with pytest.raises(ModelSpecError,
-                       match=rf"names code '{name}:build'.*not imported.*model=.*--model.*trust_remote_code=True"):
+                       match=rf"names code '{name}:build'.*not imported.*`model`.*`trust_remote_code`=True"):
         load_ensemble(f)
     assert not marker.exists()
     assert name not in sys.modules

@@ -178,7 +178,7 @@ def test_channel_dropout_handle_leaves_no_hook_when_it_fails():
     from types import SimpleNamespace
 
     from mcensemble.hooks import ChannelDropoutHandle
-    from mcensemble.units import UnitGraphError
+    from mcensemble.errors import UnitGraphError
 
     model = nn.Sequential(nn.Linear(4, 6), nn.ReLU(), nn.Linear(6, 6), nn.LayerNorm(6))
 

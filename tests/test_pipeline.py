@@ -323,8 +323,8 @@ def test_build_without_val_data_reports_train_once_and_warns(mce_mlp_pair, tmp_p
         res, _ = _build([a, b, a], tmp_path, "train-only", method="linear", members=3, candidates=3)
     rep = res.report
     assert rep["split"] == "train" and rep["choice"]["rule"] == "uniform"
-    assert any("no --val-data" in w for w in rep["warnings"])
-    assert any("no --val-data" in r.getMessage() for r in caplog.records)
+    assert any("no `val_data`" in w for w in rep["warnings"])
+    assert any("no `val_data`" in r.getMessage() for r in caplog.records)
     rows = {r["name"]: r for r in rep["baselines"]}
     assert list(rows) == ["endpoint A", "endpoint B", "endpoint C", "A+B+C ensemble", "soup", "packed pair",
                           "built ensemble (3 members)"]
@@ -376,7 +376,7 @@ def test_cli_build_table_train_once_test_columns_and_plot(mce_cli, mce_mlp_pair,
                               "test", "ece"]
     assert "val nll" not in res.output and "packed pair: skipped (not computed" in res.output
     warnings = [r.getMessage() for r in caplog.records if r.levelname == "WARNING"]
-    assert any("no --val-data" in w for w in warnings)
+    assert any("no `val_data`" in w for w in warnings)
     assert not any("is also the" in w for w in warnings)  # digits: the test split is not the training split
     assert png.read_bytes()[:4] == b"\x89PNG"
     rep = json.loads(rep_f.read_text())
@@ -402,7 +402,7 @@ def test_plot_baselines_panel(tmp_path):
             {"name": "built ensemble (2 members)", "cost": 2, "val": {"nll": 0.25}, "test": {"nll": 0.3}}]
     plot_scan(scan, tmp_path / "b.png", baselines=rows)
     assert (tmp_path / "b.png").read_bytes()[:4] == b"\x89PNG"
-    with pytest.raises(ValueError, match="no baseline row has metrics on 'train'"):
+    with pytest.raises(BadOptionError, match="no row of `baselines` has metrics on `split` 'train'"):
         plot_scan(scan, tmp_path / "c.png", baselines=rows, split="train")
     assert not (tmp_path / "c.png").exists()
 

@@ -14,7 +14,8 @@ from safetensors.torch import load_file, save_file
 from mcensemble.data import create_loader
 from mcensemble.errors import BadOptionError, CheckpointError
 from mcensemble.paths.curve_base import CurveConfig
-from mcensemble.paths.fit_run import FitInterrupted, read_fit_checkpoint
+from mcensemble.paths.fit_run import read_fit_checkpoint
+from mcensemble.errors import FitInterrupted
 from mcensemble.paths.fit import fit_curve
 from mcensemble.zoo import DigitsMLP
 

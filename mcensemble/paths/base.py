@@ -134,10 +134,11 @@ class ModePath:
     def __init__(self, groups: Mapping[str, Mapping[str, torch.Tensor]], *,
                  metadata: Mapping[str, Any] | None = None, copy: bool = True):
         if "endpoint.0" not in groups or "endpoint.1" not in groups:
-            raise ValueError("a path needs groups 'endpoint.0' and 'endpoint.1'")
+            raise BadOptionError("`groups` of a path must hold 'endpoint.0' and 'endpoint.1'", option="groups")
         for g in groups:
             if not g or g.endswith(".") or g.startswith("."):
-                raise ValueError(f"bad group name {g!r}")
+                raise BadOptionError(f"bad group name {g!r} in `groups` (no empty name, none starting or ending "
+                                     "with '.')", option="groups")
         self.groups: dict[str, StateDict] = {
             g: {k: (v.detach().clone() if copy else v.detach()) for k, v in sd.items()}
             for g, sd in groups.items()}
@@ -240,7 +241,7 @@ def register_path(kind: str) -> Callable[[P], P]:
             raise TypeError("register_path decorates ModePath subclasses")
         old = _REGISTRY.get(kind)
         if old is not None and old.__qualname__ != cls.__qualname__:
-            raise ValueError(f"path kind {kind!r} is already registered by {old.__qualname__}")
+            raise BadOptionError(f"path kind {kind!r} is already registered by {old.__qualname__}", option="kind")
         cls.kind = kind
         _REGISTRY[kind] = cls
         return cls
@@ -332,13 +333,13 @@ def _path_document(file: str) -> dict[str, Any]:
                               "truncated, or in another format") from e
     if header.format != "safetensors":
         raise CheckpointError(f"{file} is not a readable safetensors path file (it is {header.format}); "
-                              "path files are written by `mcensemble build --path-out` or ModePath.save()")
+                              "path files are written by ModePath.save() (`path_out` of a build)")
     meta = header.document(METADATA_KEY)
     if meta is None:
         raise CheckpointError(
             f"{file} is not an mcensemble path file: it is a safetensors file without "
             f"'{METADATA_KEY}' metadata (a plain checkpoint?). Path files are written by "
-            "`mcensemble build --path-out` or ModePath.save()")
+            "ModePath.save() (`path_out` of a build)")
     if not isinstance(meta, dict) or meta.get("format") != PATH_FORMAT:
         fmt = meta.get("format") if isinstance(meta, dict) else None
         what = "an mcensemble ensemble file (load it with mcensemble.load_ensemble)" \
@@ -414,7 +415,7 @@ def load_path(file: str | os.PathLike, *, verify: bool = False) -> ModePath:
     file = os.fspath(file)
     if os.path.isdir(file):
         raise CheckpointError(f"{file} is a directory, not a path file; give the .safetensors file "
-                              "written by `mcensemble build --path-out`")
+                              "written by ModePath.save() (`path_out` of a build)")
     if not os.path.exists(file):
         raise CheckpointError(f"path file {file} does not exist")
     if verify and verify_path_file(file) is None:

@@ -54,22 +54,20 @@ import torch.nn as nn
 from tqdm import tqdm
 
 from .._io import meta_field
-from ..errors import BadOptionError, MCEnsembleError
+from ..errors import BadOptionError, DropoutPathError
 from ..evaluate import evaluate
 from ..options import check_count
 from ..stability import check_kept, dropout_network, dropout_stability, dropout_state, graph_for
 from ..units import AxisRef, UnitGraph, UnitGroup
 from .base import ModePath, StateDict, check_same_layout, register_path
 
-__all__ = ["DropoutPath", "DropoutConfig", "DropoutPathError", "build_dropout_path", "layered_chain", "mix_states",
+__all__ = ["DropoutPath", "DropoutConfig", "build_dropout_path", "layered_chain", "mix_states",
            "verify_segments"]
 
 log = logging.getLogger(__name__)
 _ROW_ROLES = ("producer", "bn", "depthwise")
 
 
-class DropoutPathError(MCEnsembleError, ValueError):
-    """The dropout-stable path cannot be built for this network (unsupported unit graph)."""
 
 
 # ----------------------------------------------------------------------------- graph

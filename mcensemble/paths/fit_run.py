@@ -27,7 +27,7 @@ from .. import distributed as dist_
 from ..checkpoints import check_same_architecture
 from .._io import atomic_path, independent_tensors, is_int as _is_int, meta_field, read_header
 from ..data import epoch_batches
-from ..errors import BadOptionError, CheckpointError, MCEnsembleError
+from ..errors import BadOptionError, CheckpointError, FitInterrupted
 from ..models import as_factory
 from .base import check_same_layout, state_dict_sha256
 from .curve_base import CurveConfig, bend_lr_scale
@@ -35,7 +35,7 @@ from .curve_base import CurveConfig, bend_lr_scale
 if TYPE_CHECKING:
     from .fit import CurveFitter
 
-__all__ = ["FitInterrupted", "lr_factor", "read_fit_checkpoint", "FIT_CHECKPOINT_FORMAT"]
+__all__ = ["lr_factor", "read_fit_checkpoint", "FIT_CHECKPOINT_FORMAT"]
 
 log = logging.getLogger(__name__)
 
@@ -82,16 +82,6 @@ def _check_checkpoint_args(checkpoint, every, resume) -> None:
                              option="checkpoint")
 
 
-class FitInterrupted(MCEnsembleError):
-    """SIGINT / SIGTERM stopped a curve fit after a completed step; the fit was saved.
-
-    `signum`: the signal; `exit_code`: 128 + signum (130 for SIGINT, 143 for SIGTERM);
-    `checkpoint`: the file to resume from; `step`: steps done."""
-
-    def __init__(self, message: str, *, signum: int, checkpoint: str | None = None, step: int = 0):
-        super().__init__(message)
-        self.signum, self.checkpoint, self.step = signum, checkpoint, step
-        self.exit_code = 128 + int(signum)
 
 
 class _StopFlag:

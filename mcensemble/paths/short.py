@@ -46,7 +46,7 @@ from tqdm import tqdm
 
 from .._io import meta_field
 from ..bn import batch_input
-from ..errors import BadOptionError, MCEnsembleError
+from ..errors import BadOptionError, MCEnsembleError, ShortPathError
 from ..evaluate import evaluate
 from ..options import check_count
 from ..stability import _importance, _subset, changed_bn_modules, check_kept, dropout_state, reestimate_bn, swap_trial
@@ -54,7 +54,7 @@ from ..units import AxisRef, UnitGraph, UnitGroup, _trace
 from .base import StateDict, check_same_layout, register_path
 from .dropout import DropoutPath, _bytes, _changed_units, _decode, _encode, _same, mix_states, working_copy
 
-__all__ = ["ShortPath", "ShortConfig", "ShortPathError", "ShortConstruction", "build_short_path", "prepare_short",
+__all__ = ["ShortPath", "ShortConfig", "ShortConstruction", "build_short_path", "prepare_short",
            "check_norms", "short_groups", "choose_halves", "verify_short_segments", "SEGMENT_KINDS"]
 
 log = logging.getLogger(__name__)
@@ -66,8 +66,6 @@ _STEPS = ("A -> D_S(A)", "D_T(B)'s units T into the free slots T", "classifier f
           "D_T(B)'s other units into the slots nothing reads now", "D_T(B) -> B")
 
 
-class ShortPathError(MCEnsembleError, ValueError):
-    """The short path cannot be built for this network (unsupported layers or unit graph)."""
 
 
 # ----------------------------------------------------------------------------- scope
