@@ -33,6 +33,7 @@ import torch
 import torch.nn as nn
 
 from .bn import batch_input
+from .data import example_input as guess_input
 from .errors import BadOptionError, UnitGraphError
 from .units import UnitGraph, build_unit_graph
 
@@ -123,15 +124,16 @@ def channel_dropout(model: nn.Module, p: float = 0.5, *, graph=None, example_inp
 
     `graph`: a `UnitGraph` (or anything `build_unit_graph(graph=...)` takes: its dict
     form, a list of `UnitGroup`, a JSON file) to restrict or correct what is dropped;
-    otherwise the graph is derived by tracing `model` on `example_input`. Returns a
+    otherwise the graph is derived by tracing `model` on `example_input` (None: an input
+    guessed from the model, as `align` does: `data.example_input(model)`, run in eval mode;
+    `DataSpecError` when no shape fits, then pass one batch). Returns a
     `ChannelDropoutHandle`; `handle.remove()` restores the model exactly.
     """
     if isinstance(p, bool) or not isinstance(p, numbers.Real) or not 0.0 <= float(p) < 1.0:
         raise BadOptionError(f"channel dropout probability p must be in [0, 1), got p={p!r}",
                              option="p")
     if graph is None and example_input is None:
-        raise BadOptionError("channel_dropout needs example_input (one input batch) to find "
-                             "the unit groups, or graph=", option="example_input")
+        example_input = guess_input(model)
     return ChannelDropoutHandle(model, build_unit_graph(model, example_input, graph=graph), p)
 
 

@@ -166,9 +166,12 @@ def test_bad_p(p):
     assert info.value.option == "p"
 
 
-def test_needs_example_input_or_groups():
-    with pytest.raises(BadOptionError, match="example_input"):
-        channel_dropout(sigmoid_mlp(), 0.5)
+def test_an_input_that_cannot_be_guessed_is_a_clear_error():
+    from mcensemble.errors import DataSpecError
+    model = nn.Sequential(nn.Embedding(10, 4), nn.Flatten(), nn.Linear(12, 8), nn.ReLU(), nn.Linear(8, 2))
+    with pytest.raises(DataSpecError, match="cannot guess an input shape"):
+        channel_dropout(model, 0.5)
+    assert channel_dropout(model, 0.5, example_input=torch.zeros(1, 3, dtype=torch.long)).consumers
 
 
 # moved from test_review_fixes.py
@@ -189,3 +192,18 @@ def test_channel_dropout_handle_leaves_no_hook_when_it_fails():
     with pytest.raises(UnitGraphError, match="LayerNorm"):
         ChannelDropoutHandle(model, SimpleNamespace(groups=[group]), 0.5)
     assert not any(m._forward_pre_hooks for m in model.modules())
+
+
+def test_channel_dropout_guesses_an_input_as_the_readme_calls_it():
+    """`mcensemble.hooks.channel_dropout(model, p)`, as the README shows it: the input is
+    guessed from the model (as align does), in eval mode, BatchNorm statistics untouched."""
+    import mcensemble
+    model = nn.Sequential(nn.Conv2d(1, 4, 3), nn.BatchNorm2d(4), nn.ReLU(), nn.Conv2d(4, 6, 3), nn.ReLU(),
+                          nn.AdaptiveAvgPool2d(1), nn.Flatten(), nn.Linear(6, 10)).train()
+    stats = {k: v.clone() for k, v in model.state_dict().items()}
+    handle = mcensemble.hooks.channel_dropout(model, 0.5)
+    assert model.training and all(torch.equal(v, stats[k]) for k, v in model.state_dict().items())
+    explicit = channel_dropout(model, 0.5, example_input=torch.randn(1, 1, 8, 8))
+    assert set(handle.consumers) == set(explicit.consumers) == {"3", "7"}
+    handle.remove()
+    explicit.remove()
