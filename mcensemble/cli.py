@@ -457,6 +457,8 @@ def build(ctx: click.Context, **kw: Any) -> None:
     for label, dest in (("ensemble", out), ("path", path_out), ("soup", soup)):
         if dest:
             click.echo(f"{label}: {dest}")
+    if not out:
+        click.echo("ensemble: not written (no --out); pass --out ENS.safetensors to keep it", err=True)
     _write_report(rep, report)
     if plot and _is_main():
         from .plot import plot_scan
@@ -724,10 +726,13 @@ def connect(inputs: tuple[str, ...], points: int, path_points: int, out_dir: str
     _echo_table([(str(i), *(_fmt(v) for v in row)) for i, row in enumerate(rep["matrix"])],
                 ("barrier", *(str(j) for j in range(n))))
     click.echo("")
-    _echo_table([(f"{e['i']} - {e['j']}", _fmt(e["barrier"]), _fmt(e["saddle"]), f"{e['saddle_t']:.2f}",
-                  e["path_file"]) for e in rep["tree"]],
-                ("tree edge", "line barrier", f"{rep['method']} saddle", "at t", "path"))
-    click.echo(f"largest saddle on the tree: {rep['tree_max_saddle']:.4f}")
+    # a barrier is a rise above the chord between the ends; a saddle is the path's highest loss
+    _echo_table([(f"{e['i']} - {e['j']}", _fmt(e["barrier"]), _fmt(e["path_barrier"]), "|", _fmt(e["saddle"]),
+                  f"{e['saddle_t']:.2f}", e["path_file"]) for e in rep["tree"]],
+                ("tree edge", "barrier: line", f"barrier: {rep['method']}", "|", "saddle loss", "at t", "path"))
+    click.echo("barrier = the highest training loss above the chord between the ends; saddle loss = the highest "
+               "training loss on the path")
+    click.echo(f"largest saddle loss on the tree: {rep['tree_max_saddle']:.4f}")
     if rep.get("ensemble"):
         e = rep["ensemble"]
         click.echo(f"ensemble: {len(e['members'])} member(s) ({e['rule']}), val NLL {e['val']['nll']:.4f} "

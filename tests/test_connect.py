@@ -89,7 +89,10 @@ def test_connect_cli_end_to_end_and_resume(zoo4, tmp_path, mce_cli):
             "--threads", "1", "--out-dir", out)
     r = mce_cli(*args)
     assert r.exit_code == 0, r.output
-    assert "largest saddle on the tree" in r.output
+    assert "largest saddle loss on the tree" in r.output
+    header = next(line for line in r.output.splitlines() if line.startswith("tree edge"))
+    assert header.split("|")[0].split()[2:] == ["barrier:", "line", "barrier:", "linear"]   # rises above the chord
+    assert header.split("|")[1].split()[:2] == ["saddle", "loss"]                            # an absolute loss
     rep = json.loads((out / "connect.json").read_text())
     m = rep["matrix"]
     assert len(m) == 4 and all(m[i][j] == m[j][i] >= 0 for i in range(4) for j in range(4))

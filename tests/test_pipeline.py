@@ -391,6 +391,7 @@ def test_cli_exact_members_and_selection_sentence(mce_cli, mce_mlp_pair, tmp_pat
     rep = json.loads(rep_f.read_text())
     assert len(rep["members"]) == 3 and rep["choice"]["rule"] == "exact"
     assert "selection: exactly 3 distinct members (--exact-members)" in res.output
+    assert "ensemble: not written (no --out)" in res.output      # no --out: it says so
     assert "built ensemble (3 members)" in res.output
 
 

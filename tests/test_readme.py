@@ -10,6 +10,7 @@ from pathlib import Path
 import click
 import pytest
 
+import mcensemble.cli  # noqa: F401  (registers the commands)
 from mcensemble.cli_group import main
 
 ROOT = Path(__file__).resolve().parents[1]
