@@ -499,13 +499,15 @@ def _echo_build_table(rep: dict[str, Any]) -> None:
         click.echo(f"guarantee: {cli_words(choice['guarantee'])}")
 
 
-def _echo_baselines(rep: dict[str, Any]) -> None:
+def _echo_baselines(rep: dict[str, Any], *, label: str | None = None) -> None:
     """One row per choice (cost, NLL, accuracy, ECE on the report's split, and on --test-data),
-    skipped baselines with their reason."""
+    skipped baselines with their reason. `label`: the split's name in the header (default: the
+    split's key in the rows)."""
     rows_in = rep.get("baselines") or []
     split = rep.get("split", "val")
     test = any("test" in r for r in rows_in)
-    header = ("", "cost", f"{split} nll", f"{split} acc", f"{split} ece") + (("test nll", "test acc", "test ece")
+    name = label or split
+    header = ("", "cost", f"{name} nll", f"{name} acc", f"{name} ece") + (("test nll", "test acc", "test ece")
                                                                                 if test else ())
     rows, skipped = [], []
     for r in rows_in:
@@ -550,9 +552,11 @@ def eval_cmd(ensemble: str, model_entry: str | None, trust_remote_code: bool, re
              _fmt(m["acc"]), _fmt(m["ece"])) for i, m in enumerate(rep["members"])]
     e = rep["ensemble"]
     rows.append((f"ensemble ({len(rep['members'])})", _fmt(e["nll"]), _fmt(e["acc"]), _fmt(e["ece"])))
-    _echo_table(rows, ("", "nll", "acc", "ece"))
+    split = rep["split"]
+    click.echo(f"scored on {rep['data']} ({split} split)")
+    _echo_table(rows, ("", f"{split} nll", f"{split} acc", f"{split} ece"))
     click.echo("")
-    _echo_baselines({**rep, "split": "eval"})
+    _echo_baselines({**rep, "split": "eval"}, label=split)
     _write_report(rep, report)
 
 

@@ -36,7 +36,7 @@ from .paths.base import ModePath, path_kind, setting_flags
 from .plane import scan_plane
 from .plot import plot_plane
 from .reports import (TRAIN_ONLY_WARNING, build_baselines, build_report, choice_report, choice_summary, data_report,
-                      describe_source, ens_metrics, eval_baselines, fge_baselines)
+                      describe_source, ens_metrics, eval_baselines, fge_baselines, source_entry)
 from .snapshots import FgeConfig, fge_train
 from .stability import dropout_stability
 from .units import build_unit_graph
@@ -303,15 +303,16 @@ def build_ensemble(files: Sequence[str | os.PathLike], *, model: ModelOptions, d
                                            graph=unit_graph_of(net, model), loaders=(train, val, test))
     timings["baselines_s"] = time.perf_counter() - t3
     spec, kind = cks[0].model_spec, paths[0].kind
-    sources = [{"file": str(f), "sha256": ck.metadata.get("sha256") or sha256_file(ck.path)}
-               for f, ck in zip(files, cks)]
+    sources = [(f, ck.metadata.get("sha256") or sha256_file(ck.path)) for f, ck in zip(files, cks)]
     if out is not None and is_main():  # several processes: only rank 0 writes
-        save_ensemble(out, states, model_spec=spec, members=[c.info(kind) for c in members], sources=sources,
+        save_ensemble(out, states, model_spec=spec, members=[c.info(kind) for c in members],
+                      sources=[source_entry(f, sha, out) for f, sha in sources],
                       weights=weights, dtype=opts.save_dtype, extra={"method": opts.method, "selection": report["selection"],
                                               "choice": choice_summary(choice),
                                               "bn_reestimated": report["bn_reestimated"], "n_paths": len(paths)})
     if path_out is not None and is_main():
-        paths[0].save(path_out, model_spec=spec, extra={"sources": sources})
+        paths[0].save(path_out, model_spec=spec, extra={"sources": [source_entry(f, sha, path_out)
+                                                                   for f, sha in sources]})
     if soup is not None:
         report["soup"] = _write_soup(soup, soup_sd, net, train, val, cks[0], data)
     timings["write_s"] = time.perf_counter() - t3 - timings["baselines_s"]
@@ -415,7 +416,6 @@ def build_fge(files: Sequence[str | os.PathLike], *, model: ModelOptions, data: 
     states = col.member_states(bn_loader=train)
     ens = EnsembleModel(net, states, strategy=opts.strategy, device=data.device)
     members = [{"t": None, "kind": "snapshot", **{k: v for k, v in info.items() if k != "t"}} for info in col.info]
-    sources = [{"file": str(files[0]), "sha256": ck.metadata.get("sha256")}]
     report: dict[str, Any] = {
         "method": "fge", "selection": "all-snapshots", "checkpoints": [{"file": str(files[0]), **describe_source(ck)}],
         "data": data_report(data), "seed": data.seed,
@@ -429,7 +429,8 @@ def build_fge(files: Sequence[str | os.PathLike], *, model: ModelOptions, data: 
     soup_sd = _soup(net, states, None, train, data)
     report["baselines"] = fge_baselines(net, ck, soup_sd, report, (train, val, test), data)
     if out is not None and is_main():  # several processes: only rank 0 writes
-        save_ensemble(out, states, model_spec=ck.model_spec, members=members, sources=sources,
+        save_ensemble(out, states, model_spec=ck.model_spec, members=members,
+                      sources=[source_entry(files[0], ck.metadata.get("sha256"), out)],
                       dtype=opts.save_dtype,
                       extra={"method": "fge", "selection": "all-snapshots", "bn_reestimated": report["bn_reestimated"]})
     if soup is not None:
@@ -470,7 +471,7 @@ def pack_files(a_file: str | os.PathLike, b_file: str | os.PathLike, out: str | 
     md = {k: a.metadata.get(k) for k in ("arch", "num_classes", "in_chans", "model_args") if a.metadata.get(k) is not None}
     md["kind"] = "packed-pair"
     md["method"] = method
-    md["sources"] = [{"file": str(f), "sha256": ck.metadata.get("sha256")} for f, ck in ((a_file, a), (b_file, b))]
+    md["sources"] = [source_entry(f, ck.metadata.get("sha256"), out) for f, ck in ((a_file, a), (b_file, b))]
     save_checkpoint(packed, out, metadata=md)
     split = "val" if val is not None else "train"
     return {"file": str(out), "split": split,

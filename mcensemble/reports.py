@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import copy
 import logging
+import os
 from pathlib import Path as _FsPath
 from typing import Any
 
@@ -201,14 +202,31 @@ def build_baselines(net, grid, paths, ends, soup_sd, report, opts: BuildOptions,
     return rows
 
 
+def source_entry(file, sha256: str | None, dest) -> dict[str, Any]:
+    """How a written file records a source checkpoint: `file` (absolute) and `relative` (to
+    the folder of `dest`, the file being written), so that `eval` finds it from any folder,
+    and after the files moved together."""
+    path = _FsPath(file).resolve()
+    entry: dict[str, Any] = {"file": str(path), "sha256": sha256}
+    if dest is not None:
+        try:
+            entry["relative"] = os.path.relpath(path, _FsPath(dest).resolve().parent)
+        except ValueError:  # another drive (Windows): the absolute name only
+            pass
+    return entry
+
+
 def source_states(ens, file, model) -> tuple[list[tuple[str, dict]], list[tuple[str, str]]]:
-    """(name, state dict) of each recorded source checkpoint still there and unchanged (a
-    relative name is also looked for next to the ensemble file), and why others were not used."""
+    """(name, state dict) of each recorded source checkpoint still there and unchanged (looked
+    for by its absolute name, then relative to the ensemble file's folder), and why others
+    were not used."""
     found, why = [], []
+    here = _FsPath(file).parent
     for i, src in enumerate(ens.metadata.get("sources") or []):
         name = chr(ord("A") + i) if i < 26 else f"ckpt{i}"
         f = src.get("file") if isinstance(src, dict) else None
-        cands = [] if not f else [_FsPath(f), _FsPath(file).parent / f]
+        rel = src.get("relative") if isinstance(src, dict) and isinstance(src.get("relative"), str) else None
+        cands = [] if not f else [_FsPath(f), *([here / rel] if rel else []), here / f]
         path = next((p for p in cands if p.exists()), None)
         if path is None:
             why.append((name, f"source {f!r} is not there"))
@@ -245,8 +263,8 @@ def eval_baselines(ens, file, per, loader, train, test, model, data: DataOptions
             continue
         rows.append(sc.row(f"endpoint {name}", "endpoint", [name]))
         names.append(name)
-    if len(names) >= 2:
-        rows.append(sc.row(f"{'+'.join(names)} ensemble", "endpoints-ensemble", names))
+    if len(names) >= 2:  # the checkpoints as saved, beside the file's own members (BatchNorm maybe re-estimated)
+        rows.append(sc.row(f"{'+'.join(names)} ensemble (checkpoints as saved)", "endpoints-ensemble", names))
     rows += [skipped_row(f"endpoint {name}", "endpoint", 1, reason) for name, reason in why]
     bn = has_batchnorm(net)
     need_train = "needs training data: pass `data` (training) and `val_data` (evaluation)"
@@ -265,7 +283,8 @@ def eval_baselines(ens, file, per, loader, train, test, model, data: DataOptions
     else:
         rows.append(packed_row(sc, copy.deepcopy(net), srcs[0][1], srcs[1][1], train, data=data))
     k = len(ens)
-    rows.append(sc.row(f"ensemble ({k} member{'s' if k != 1 else ''})", "ensemble",
+    stored = "as stored: BatchNorm re-estimated at build" if bn else "as stored"
+    rows.append(sc.row(f"this file's ensemble ({k} member{'s' if k != 1 else ''}, {stored})", "ensemble",
                        [("member", i) for i in range(k)], weights=ens.weights))
     return rows
 

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 import math
+import re
 
 import pytest
 import torch
@@ -346,13 +347,14 @@ def test_eval_reports_the_recorded_checkpoints_and_baselines(mce_mlp_pair, tmp_p
                    opts=BuildOptions(method="linear", members=3, candidates=3, packed=False), out=out)
     rep = evaluate_ensemble_file(out, data=DataOptions(data="digits", val_data="digits", test_data="digits"))
     rows = {r["name"]: r for r in rep["baselines"]}
-    assert list(rows)[:3] == ["endpoint A", "endpoint B", "A+B ensemble"]
-    assert rows["ensemble (%d member%s)" % (len(rep["members"]), "s" * (len(rep["members"]) > 1))]["eval"][
+    assert list(rows)[:3] == ["endpoint A", "endpoint B", "A+B ensemble (checkpoints as saved)"]
+    k = len(rep["members"])
+    assert rows[f"this file's ensemble ({k} member{'s' * (k > 1)}, as stored)"]["eval"][
         "nll"] == pytest.approx(rep["ensemble"]["nll"], rel=1e-5)
     x, y = digits_tensors("val")
     na, nb = (mcensemble.load_checkpoint(f).build_model() for f in (a, b))
     assert rows["endpoint A"]["eval"]["nll"] == pytest.approx(_weighted_nll([na], [1.0], x, y), rel=1e-4)
-    assert rows["A+B ensemble"]["test"]["nll"] == pytest.approx(_weighted_nll([na, nb], [0.5, 0.5], x, y), rel=1e-4)
+    assert rows["A+B ensemble (checkpoints as saved)"]["test"]["nll"] == pytest.approx(_weighted_nll([na, nb], [0.5, 0.5], x, y), rel=1e-4)
     assert "skipped" not in rows["soup"] and "skipped" not in rows["packed pair"]
     # a source that changed since the build, and one that is gone: skipped, with the reason
     b.write_bytes(a.read_bytes())
@@ -361,7 +363,7 @@ def test_eval_reports_the_recorded_checkpoints_and_baselines(mce_mlp_pair, tmp_p
     rows = {r["name"]: r for r in rep["baselines"]}
     assert "is not there" in rows["endpoint A"]["skipped"]
     assert "changed since the build" in rows["endpoint B"]["skipped"]
-    assert "A+B ensemble" not in rows and "skipped" in rows["packed pair"]
+    assert "A+B ensemble (checkpoints as saved)" not in rows and "skipped" in rows["packed pair"]
     assert "skipped" not in rows["soup"]  # an MLP's soup needs no training data
 
 
@@ -417,3 +419,38 @@ def test_fge_report_has_its_baselines(mce_mlp_pair, tmp_path):
     assert "no pair to pack" in rows["packed pair"]["skipped"]
     assert rows["FGE ensemble (2 snapshots)"]["val"] == res.report["ensemble"]["val"]
     assert rows["start checkpoint"]["test"]["nll"] == pytest.approx(res.report["start"]["test"]["nll"], rel=1e-5)
+
+
+def test_eval_from_another_folder_finds_the_sources_and_names_its_rows(mce_mlp_pair, mce_cli, tmp_path,
+                                                                      monkeypatch):
+    """Sources are recorded absolute and relative to the ensemble file: `eval` run elsewhere,
+    or after the folder moved, still finds them; the table says which split it scored and
+    which ensemble row is which."""
+    import shutil
+    build_dir = tmp_path / "work"
+    (build_dir / "ckpts").mkdir(parents=True)
+    for f, name in zip(mce_mlp_pair, ("a.safetensors", "b.safetensors")):
+        shutil.copy(f, build_dir / "ckpts" / name)
+    monkeypatch.chdir(build_dir)                 # relative names, as a user types them
+    res = mce_cli("build", "ckpts/a.safetensors", "ckpts/b.safetensors", "--method", "linear", "--members", "2",
+                  "--candidates", "3", "--data", "digits", "--val-data", "digits", "--no-packed",
+                  "--out", "out/ens.safetensors")
+    assert res.exit_code == 0, res.output
+    elsewhere = tmp_path / "elsewhere"
+    elsewhere.mkdir()
+    monkeypatch.chdir(elsewhere)
+    res = mce_cli("eval", build_dir / "out" / "ens.safetensors", "--data", "digits")
+    assert res.exit_code == 0, res.output
+    assert "not there" not in res.output and "A+B ensemble (checkpoints as saved)" in res.output
+    assert "scored on digits (val split)" in res.output and "val nll" in res.output
+    assert re.search(r"this file's ensemble \(\d members?, as stored\)", res.output), res.output
+    moved = tmp_path / "moved"
+    shutil.move(str(build_dir), str(moved))      # the folder moved as a whole: found relative to the file
+    rep = evaluate_ensemble_file_rows(moved / "out" / "ens.safetensors")
+    assert "A+B ensemble (checkpoints as saved)" in rep
+
+
+def evaluate_ensemble_file_rows(file) -> list[str]:
+    from mcensemble.pipeline import evaluate_ensemble_file
+    return [r["name"] for r in evaluate_ensemble_file(file, data=DataOptions(data="digits"))["baselines"]
+            if "skipped" not in r]
