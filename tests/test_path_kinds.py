@@ -27,7 +27,9 @@ pytestmark = pytest.mark.usefixtures("mce_one_thread")
 
 @pytest.fixture(scope="module")
 def toy(tmp_path_factory):
-    """The doc's example kind, written to its own file and imported (then unregistered)."""
+    """The doc's example kind, written to its own file and imported (then unregistered). The
+    commands are loaded first, so the kind never leaks into their options (docs/cli.md)."""
+    import mcensemble.cli  # noqa: F401
     source = re.search(r"```python\n(.*?)```", DOC.read_text(), re.S).group(1)
     file = tmp_path_factory.mktemp("toy") / "toy_midpoint_kind.py"
     file.write_text(source)
