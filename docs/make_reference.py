@@ -51,11 +51,13 @@ def cli_md() -> str:
            "current.", ""]
 
     def helptext(cmd: click.Command, name: str, parent: click.Context | None = None) -> str:
-        ctx = click.Context(cmd, info_name=name, parent=parent, terminal_width=100, max_content_width=100)
+        ctx = click.Context(cmd, info_name=name, parent=parent, terminal_width=100, max_content_width=100,
+                            **main.context_settings)
         return cmd.get_help(ctx)
 
     out += ["## mcensemble", "", "```text", helptext(main, "mcensemble"), "```", ""]
-    root = click.Context(main, info_name="mcensemble", terminal_width=100, max_content_width=100)
+    root = click.Context(main, info_name="mcensemble", terminal_width=100, max_content_width=100,
+                         **main.context_settings)
     for name in sorted(main.commands):
         out += [f"## mcensemble {name}", "", "```text", helptext(main.commands[name], name, root), "```", ""]
     return "\n".join(out)

@@ -24,9 +24,9 @@ _EXPORTS = {
 #: submodule's: importing the submodule would replace it (`mcensemble.evaluate` is the module,
 #: its function is `mcensemble.evaluate.evaluate`, whatever was imported first).
 _SUBMODULES = frozenset({
-    "align", "baselines", "bn", "checkpoints", "connect", "data", "distributed", "ensemble", "errors", "evaluate",
-    "hooks", "members", "models", "noise", "pack", "paths", "pipeline", "plane", "plot", "precision", "runs",
-    "snapshots", "stability", "train", "units", "zoo",
+    "align", "baselines", "bn", "calibration", "checkpoints", "connect", "data", "distributed", "ensemble", "errors",
+    "evaluate", "export", "hooks", "members", "models", "noise", "pack", "paths", "pipeline", "plane", "plot",
+    "precision", "predict", "runs", "snapshots", "stability", "train", "uncertainty", "units", "zoo",
 })
 
 __all__ = ["__version__", *_EXPORTS]

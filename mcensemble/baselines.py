@@ -21,10 +21,10 @@ import torch.nn as nn
 
 from .bn import labelled_batch, update_bn
 from .errors import DropoutPathError, MCEnsembleError
-from .members import check_weights, ensemble_metrics, predict_log_probs
+from .members import check_weights, ensemble_metrics, mean_log_prob, paired_bootstrap, predict_log_probs
 from .pack import pack_pair
 
-__all__ = ["Scorer", "weighted_average", "soup_state", "packed_state", "skipped_row", "decision_sentence",
+__all__ = ["Scorer", "weighted_average", "soup_state", "packed_state", "skipped_row", "decision_sentence", "vs_reference",
            "SOUP_NOTE"]
 
 _log = logging.getLogger(__name__)
@@ -38,12 +38,16 @@ class Scorer:
     """Log-probabilities of models on named splits, and the metrics of (weighted) mixtures.
 
     `net`: the architecture (copied once as scratch space; state dicts are loaded into the
-    copy). `splits`: name -> loader of labelled batches."""
+    copy). `splits`: name -> loader of labelled batches. `calibrate`: a split name: every
+    row then also gets `"calibration"` (`calibration.calibration_summary`: a temperature
+    fitted on that split, NLL / ECE / Brier before and after on every split)."""
 
-    def __init__(self, net: nn.Module, splits: Mapping[str, Iterable[Any]], *, device: str | torch.device = "cpu"):
+    def __init__(self, net: nn.Module, splits: Mapping[str, Iterable[Any]], *, device: str | torch.device = "cpu",
+                 calibrate: str | None = None):
         self.net = copy.deepcopy(net)
         self.splits = dict(splits)
         self.device = device
+        self.calibrate = calibrate if calibrate in self.splits else None
         self.log_probs: dict[Any, dict[str, torch.Tensor]] = {}
         self.labels: dict[str, torch.Tensor] = {}
 
@@ -79,7 +83,29 @@ class Scorer:
         for s in self.splits:
             row[s] = ensemble_metrics([self.log_probs[k][s] for k in keys], self.label(s),
                                       weights if weights is not None else None).to_dict()
+        if self.calibrate is not None:
+            from .calibration import calibration_summary
+            from .members import mean_log_prob
+            mix = {s: (mean_log_prob(torch.stack([self.log_probs[k][s] for k in keys]), weights), self.label(s))
+                   for s in self.splits}
+            fit = mix.pop(self.calibrate)
+            row["calibration"] = calibration_summary(fit, self.calibrate, mix)
         return row
+
+
+def vs_reference(sc: Scorer, ref_name: str, ref_keys: Sequence[Any], keys: Sequence[Any], *,
+                 weights: Sequence[float] | None = None) -> dict[str, Any]:
+    """The mixture of `keys` against the reference mixture of `ref_keys` (equal weights) on
+    every split of `sc`: the NLL gain per example (positive: lower than the reference's),
+    with its paired bootstrap interval (`members.paired_bootstrap`)."""
+    out: dict[str, Any] = {"reference": ref_name}
+    for s in sc.splits:
+        y = sc.label(s).long().view(-1, 1)
+        ref = -mean_log_prob(torch.stack([sc.log_probs[k][s] for k in ref_keys])).gather(1, y).squeeze(1)
+        new = -mean_log_prob(torch.stack([sc.log_probs[k][s] for k in keys]), weights).gather(1, y).squeeze(1)
+        res = paired_bootstrap(ref, new)
+        out[s] = {"examples": int(y.numel()), **{k: res[k] for k in ("gain", "ci95", "p_positive")}}
+    return out
 
 
 def skipped_row(name: str, kind: str, cost: int, reason: str) -> dict[str, Any]:
@@ -134,30 +160,51 @@ def _fmt_weights(weights: Sequence[float]) -> str:
     return "/".join(f"{w:.2f}" for w in weights)
 
 
+def _interval(test: Mapping[str, Any]) -> str:
+    lo, hi = test["ci95"]
+    return f"{test['gain']:+.4f} (95% interval {lo:+.4f} to {hi:+.4f})"
+
+
+def _cost_line(choice: Mapping[str, Any]) -> str:
+    """What a cheaper choice asked for by `members` costs against the checkpoints' ensemble."""
+    vs = choice.get("vs_checkpoints")
+    if not vs:
+        return ""
+    where = "out of part" if vs["scored_on"] == "out of part" else "on the selection examples"
+    return (f"; against {vs['name']} it {'gains' if vs['gain'] > 0 else 'loses'} {abs(vs['gain']):.4f} NLL "
+            f"{where} (gain {_interval(vs)}), the price of the smaller `members` asked for")
+
+
+def _picked(conf: Mapping[str, Any]) -> str:
+    k, n = conf.get("parts", 2), conf.get("examples")
+    return (f"the alternative was picked without each of {k} parts of the {n} selection examples and scored on "
+            f"that part (cross-fitting)")
+
+
 def decision_sentence(choice: Mapping[str, Any]) -> str:
-    """What the member selection decided and why, in one or two sentences."""
+    """What the member selection decided and why: the reference, the alternative, the
+    examples it was picked and confirmed on, the confirmed gain with its interval, the rule."""
     rule = choice.get("rule")
     if rule == "uniform":
-        return (f"{choice['n_members']} members uniform in t with equal weights (no selection data: pass "
-                "`val_data` to choose members)")
+        return (f"{choice['n_members']} members uniform in t with equal weights, not compared with the "
+                "checkpoints (no selection data: pass `val_data` to choose members and confirm them)")
     nll = choice["selection_nll"]
+    ref = choice["reference"]
     if rule == "exact":
         return (f"exactly {choice['n_members']} distinct members (`exact_members`), equal weights: selection "
-                f"NLL {nll['chosen']:.4f} (best single {nll['best_single']:.4f}); no guarantee against "
-                "the cheaper choices")
-    tests = choice.get("bootstrap") or []
-    last = tests[-1] if tests else None
-    if rule == "greedy":
-        t = next(t for t in reversed(tests) if t["accepted"])
-        return (f"chose the greedy ensemble ({choice['n_members']} members, weights "
-                f"{_fmt_weights(choice['weights'])}): selection NLL {t['nll_to']:.4f} against {t['nll_from']:.4f} "
-                f"for the {t['from']}; the gain was positive in {t['p_positive']:.1%} of {t['resamples']} "
-                f"bootstrap resamples ({t['confidence']:.0%} needed)")
-    kept = "the two-endpoint ensemble" if rule == "endpoints" else "the best single candidate"
-    if rule == "endpoints" and choice["n_members"] > 2:
-        kept = f"the {choice['n_members']} checkpoints' ensemble"
-    if last is None:
-        return f"kept {kept} (selection NLL {nll['chosen']:.4f}): the greedy search found nothing lower"
-    return (f"kept {kept} (selection NLL {nll['chosen']:.4f}): the {last['to']} lowered it to "
-            f"{last['nll_to']:.4f}, but the gain was positive in only {last['p_positive']:.1%} of "
-            f"{last['resamples']} bootstrap resamples ({last['confidence']:.0%} needed)")
+                f"NLL {nll['chosen']:.4f} against {ref['selection_nll']:.4f} for the reference, {ref['name']}; "
+                "picked and scored on the same examples, not confirmed")
+    conf = choice.get("confirmation") or {}
+    test = conf.get("test")
+    if rule == "confirmed":
+        return (f"rule confirmed: shipped the greedy ensemble ({choice['n_members']} members, weights "
+                f"{_fmt_weights(choice['weights'])}) instead of the reference, {ref['name']}: {_picked(conf)}, "
+                f"out-of-part NLL gain {_interval(test)}, "
+                f"{test['relative_gain']:.1%} of the reference's, positive in {test['p_positive']:.1%} of "
+                f"{test['resamples']} paired bootstrap resamples ({test['confidence']:.0%} needed)"
+                + _cost_line(choice))
+    why = conf.get("reason") or "no alternative beat it"
+    tested = f" (out-of-part NLL gain {_interval(test)})" if test else ""
+    return (f"rule reference: kept the reference, {ref['name']} (selection NLL {ref['selection_nll']:.4f}): "
+            f"{_picked(conf)}; "
+            f"{why}{tested}" + _cost_line(choice))

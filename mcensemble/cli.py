@@ -56,6 +56,14 @@ test_data_option = click.option(
     "--test-data", metavar="SPEC", default=None,
     help="Data used for nothing else: every report row also gets its NLL, accuracy and ECE on it.")
 
+ensemble_model_options = _stack(
+    click.option("--model", "model_entry", metavar="MODULE:FUNCTION",
+                 help="Zero-argument function returning the members' nn.Module (needed when the file names one)."),
+    click.option("--trust-remote-code", is_flag=True,
+                 help="Import the module:function recorded in the file (only for files you trust)."),
+)
+
+
 run_options = _stack(
     click.option("--device", default=DataOptions.device, show_default=True, callback=lambda ctx, p, v: _check_device(v),
                  help="torch device, e.g. cpu, cuda, cuda:1."),
@@ -385,6 +393,9 @@ def _apply_recipe(ctx: click.Context, kw: dict[str, Any], recipe: str | None) ->
               show_default=True,
               help="Ensemble inference: member loop, stack_module_state + vmap, or auto (time both on the first batch).")
 @click.option("--out", metavar="ENS.safetensors", help="Write the ensemble here.")
+@click.option("--calibrate/--no-calibrate", default=BuildOptions.calibrate, show_default=True,
+              help="Fit a temperature on --val-data (after the members are averaged) and store it in the ensemble; "
+                   "the report shows NLL, ECE and Brier before and after, for every row.")
 @click.option("--save-dtype", type=click.Choice(["fp32", "bf16", "fp16"]), default=None,
               help="Store the ensemble's members in this dtype (bf16 / fp16: half the file; loaded back into the "
                    "model's dtype). Default: as trained.")
@@ -433,7 +444,7 @@ def build(ctx: click.Context, **kw: Any) -> None:
     if kw["resume"] and not kw["checkpoint_dir"]:
         raise click.UsageError("--resume needs --checkpoint-dir DIR (where the fit was saved)")
     opts = BuildOptions(**_path_opts(kw), **{k: kw.pop(k) for k in (
-        "members", "exact_members", "packed", "selection", "candidates", "strategy", "save_dtype",
+        "members", "exact_members", "packed", "selection", "candidates", "strategy", "save_dtype", "calibrate",
         "checkpoint_dir", "checkpoint_every", "resume")})
     model, data = _model_opts(kw), _data_opts(kw, default_data="digits")
     if not checkpoints:
@@ -487,6 +498,7 @@ def _echo_build_table(rep: dict[str, Any]) -> None:
         _echo_table(rows, ("", "train loss", "train acc"))
         click.echo("")
     _echo_baselines(rep)
+    _echo_calibration(rep)
     if rep["method"] == "fge":
         return
     click.echo("members at t = " + ", ".join(f"{m['u']:.2f}" + (f" (w {m['weight']:.2f})" if "weight" in m else "")
@@ -523,6 +535,37 @@ def _echo_baselines(rep: dict[str, Any], *, label: str | None = None) -> None:
         _echo_table(rows, header)
     for line in skipped:
         click.echo(cli_words(line))
+    for r in rows_in:
+        vs = r.get("vs_reference")
+        if vs:
+            parts = [f"{s} {vs[s]['gain']:+.4f} (95% interval {vs[s]['ci95'][0]:+.4f} to {vs[s]['ci95'][1]:+.4f}, "
+                     f"{vs[s]['examples']} examples)" for s in (split, "test") if s in vs]
+            click.echo(f"{r['name']} against the reference, {vs['reference']}: NLL gain " + "; ".join(parts)
+                       + " (positive: lower NLL than the reference)")
+            if vs.get("built_by"):
+                click.echo(f"built by: {vs['built_by']}")
+
+
+def _echo_calibration(rep: dict[str, Any]) -> None:
+    """The temperature of each row that has one, and NLL, ECE and Brier before -> after on
+    the test split (else on the split the temperature was fitted on, which flatters it)."""
+    cal = rep.get("calibration") or {}
+    if "skipped" in cal:
+        click.echo(f"calibration: skipped ({cal['skipped']})")
+    rows_in = [r for r in rep.get("baselines") or [] if "calibration" in r]
+    if not rows_in:
+        return
+    first = rows_in[0]["calibration"]
+    split = "test" if "test" in first else first["fit"]
+    click.echo("")
+    click.echo(f"calibration: a temperature per row fitted on {first['fit']}, metrics on {split}"
+               + ("" if split == "test" else " (the same data: pass --test-data for an honest comparison)"))
+
+    def pair(m: dict[str, Any], key: str) -> str:
+        return f"{m['before'][key]:.4f} -> {m['after'][key]:.4f}"
+    rows = [(r["name"], f"{r['calibration']['temperature']:.3f}", pair(r["calibration"][split], "nll"),
+             pair(r["calibration"][split], "ece"), pair(r["calibration"][split], "brier")) for r in rows_in]
+    _echo_table(rows, ("", "T", f"{split} nll", f"{split} ece", f"{split} brier"))
 
 
 # ---------------------------------------------------------------------------------------------
@@ -531,15 +574,17 @@ def _echo_baselines(rep: dict[str, Any], *, label: str | None = None) -> None:
 
 @main.command(name="eval")
 @click.argument("ensemble", type=click.Path(path_type=str))
-@click.option("--model", "model_entry", metavar="MODULE:FUNCTION",
-              help="Zero-argument function returning the members' nn.Module (needed when the file names one).")
-@click.option("--trust-remote-code", is_flag=True,
-              help="Import the module:function recorded in the file (only for files you trust).")
+@ensemble_model_options
 @data_options
 @test_data_option
 @run_options
+@click.option("--calibrate", is_flag=True,
+              help="Fit a temperature per row on the evaluation data; show NLL, ECE and Brier before and after "
+                   "(on --test-data when given).")
+@click.option("--out", metavar="ENS.safetensors", help="With --calibrate: write the ensemble with its fitted temperature.")
 @click.option("--report", metavar="FILE.json", help="Write the evaluation as JSON.")
-def eval_cmd(ensemble: str, model_entry: str | None, trust_remote_code: bool, report: str | None, **kw: Any) -> None:
+def eval_cmd(ensemble: str, model_entry: str | None, trust_remote_code: bool, calibrate: bool, out: str | None,
+             report: str | None, **kw: Any) -> None:
     """Evaluate an ensemble file and each of its members: accuracy, NLL, ECE; and beside it
     the checkpoints it was built from (when the files are still there), their ensemble, the
     soup and the packed pair. With --val-data, --data is the training data those two need."""
@@ -547,17 +592,99 @@ def eval_cmd(ensemble: str, model_entry: str | None, trust_remote_code: bool, re
     data = _data_opts(kw)
     if not data.data:
         raise click.UsageError("pass --data SPEC (e.g. --data digits) to evaluate on", ctx=click.get_current_context())
-    rep = evaluate_ensemble_file(ensemble, model=model_entry, trust_remote_code=trust_remote_code, data=data)
+    rep = evaluate_ensemble_file(ensemble, model=model_entry, trust_remote_code=trust_remote_code, data=data,
+                                 calibrate=calibrate, out=out)
     rows = [(f"member {i} (t={m.get('t') if m.get('t') is not None else '?'}, w {m['weight']:.2f})", _fmt(m["nll"]),
              _fmt(m["acc"]), _fmt(m["ece"])) for i, m in enumerate(rep["members"])]
     e = rep["ensemble"]
     rows.append((f"ensemble ({len(rep['members'])})", _fmt(e["nll"]), _fmt(e["acc"]), _fmt(e["ece"])))
+    if "ensemble_calibrated" in rep:
+        c = rep["ensemble_calibrated"]
+        rows.append((f"ensemble, T {rep['temperature']:.3f} (the file's)", _fmt(c["nll"]), _fmt(c["acc"]),
+                     _fmt(c["ece"])))
     split = rep["split"]
     click.echo(f"scored on {rep['data']} ({split} split)")
     _echo_table(rows, ("", f"{split} nll", f"{split} acc", f"{split} ece"))
     click.echo("")
     _echo_baselines({**rep, "split": "eval"}, label=split)
+    _echo_calibration(rep)
+    if rep.get("out"):
+        click.echo(f"calibrated ensemble (T {rep['calibration']['temperature']:.3f}): {rep['out']}")
     _write_report(rep, report)
+
+
+# ---------------------------------------------------------------------------------------------
+# predict, export
+
+@main.command()
+@click.argument("ensemble", type=click.Path(path_type=str))
+@click.argument("inputs", metavar="INPUT", type=click.Path(path_type=str))
+@click.option("--out", required=True, metavar="FILE.csv|FILE.parquet", help="Where the table goes (Parquet needs pyarrow).")
+@ensemble_model_options
+@click.option("--top-k", type=click.IntRange(min=1), default=5, show_default=True, help="Classes per row, best first.")
+@click.option("--batch-size", type=click.IntRange(min=1), default=64, show_default=True, help="Batch size.")
+@click.option("--split", type=click.Choice(["train", "val"]), default="val", show_default=True,
+              help="Which split of a data spec INPUT (digits); folders and tensor files have one.")
+@click.option("--flag-above", type=float, default=None, metavar="X",
+              help="Add a `flagged` column: true where --flag-on is above X.")
+@click.option("--flag-on", type=click.Choice(["entropy", "expected_entropy", "mutual_information", "disagreement"]),
+              default="mutual_information", show_default=True, help="The uncertainty --flag-above compares.")
+@click.option("--device", default="cpu", show_default=True, callback=lambda ctx, p, v: _check_device(v),
+              help="torch device, e.g. cpu, cuda, cuda:1.")
+@click.option("--precision", type=click.Choice(["fp32", "bf16", "fp16"]), default="fp32", show_default=True,
+              help="Forward passes under autocast in this dtype (probabilities in float32).")
+@click.option("--workers", type=click.IntRange(min=0), default=0, show_default=True, help="Data-loader worker processes.")
+@click.option("--threads", type=click.IntRange(min=1), default=None, help="CPU threads for torch.")
+def predict(ensemble: str, inputs: str, out: str, model_entry: str | None, trust_remote_code: bool, threads: int | None,
+            **kw: Any) -> None:
+    """Predict with an ensemble on INPUT (a folder of images, a data spec, or a .safetensors /
+    .pt tensor file): one row per input with the top classes, their probabilities and the
+    uncertainty (entropy, expected entropy, mutual information, member disagreement)."""
+    from .predict import predict_file
+    if threads:
+        torch.set_num_threads(threads)
+    rep = predict_file(ensemble, inputs, out, model=model_entry, trust_remote_code=trust_remote_code, **kw)
+    flagged = f", {rep['flagged']} flagged ({rep['flag']['on']} > {rep['flag']['above']:g})" if "flagged" in rep else ""
+    click.echo(f"{rep['rows']} predictions{flagged}: {rep['out']}")
+
+
+def _input_shape(ctx: click.Context, param: click.Parameter, value: str | None) -> tuple[int, ...] | None:
+    if value is None:
+        return None
+    try:
+        shape = tuple(int(v) for v in value.replace("x", ",").split(","))
+    except ValueError:
+        shape = ()
+    if not shape or any(s < 1 for s in shape):
+        raise click.BadParameter(f"{value!r} is not a shape: give positive integers, e.g. 3,224,224")
+    return shape
+
+
+@main.command()
+@click.argument("ensemble", type=click.Path(path_type=str))
+@click.option("--format", "format_", type=click.Choice(["onnx", "exported-program", "torchscript"]), required=True,
+              help="onnx (onnxruntime; pip install mcensemble[export]), exported-program (torch.export.load) or "
+                   "torchscript (torch.jit.load).")
+@click.option("--out", required=True, metavar="FILE", help="Where the artifact goes (e.g. ens.onnx, ens.pt2, ens.pt).")
+@ensemble_model_options
+@click.option("--input-shape", callback=_input_shape, metavar="C,H,W",
+              help="One input's shape without the batch axis (default: from --data, else guessed from the model).")
+@click.option("--data", metavar="SPEC", default=None, help="Data whose inputs the model takes (its first batch's shape).")
+@click.option("--verify/--no-verify", default=True, show_default=True,
+              help="Run the artifact with its own runtime and compare it with the ensemble (1e-4 relative).")
+def export(ensemble: str, format_: str, out: str, model_entry: str | None, trust_remote_code: bool,
+           input_shape: tuple[int, ...] | None, data: str | None, verify: bool) -> None:
+    """Export an ensemble as ONE self-contained file computing its calibrated, weighted
+    probabilities, (batch, classes), for any batch size: ONNX, a torch.export program or
+    TorchScript."""
+    from .export import export_file
+    rep = export_file(ensemble, out, format=format_, model=model_entry, trust_remote_code=trust_remote_code,
+                      input_shape=input_shape, data=data, verify=verify)
+    shape = "x".join(str(s) for s in rep["input_shape"])
+    checked = (f", checked against the ensemble (max relative difference {rep['verified_max_rel_diff']:.2g})"
+               if "verified_max_rel_diff" in rep else "")
+    click.echo(f"{rep['format']}: {rep['members']} member(s), T {rep['temperature']:.3f}, input {shape} -> "
+               f"{rep['classes']} probabilities{checked}: {rep['file']}")
 
 
 # ---------------------------------------------------------------------------------------------
@@ -741,5 +868,6 @@ def connect(inputs: tuple[str, ...], points: int, path_points: int, out_dir: str
         e = rep["ensemble"]
         click.echo(f"ensemble: {len(e['members'])} member(s) ({e['rule']}), val NLL {e['val']['nll']:.4f} "
                    f"(best single point {e['best_single_val_nll']:.4f}): {e['file']}")
+        click.echo(f"selection: {e['decision']}")
     for name in ("connect.json", "barriers.png", "tree.png"):
         click.echo(f"{name}: {FsPath(out_dir) / name}")

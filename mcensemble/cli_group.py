@@ -35,7 +35,9 @@ PARAM_FLAGS: dict[str, str] = {
     "path_out": "--path-out", "out_dir": "--out-dir", "checkpoint": "--checkpoint-dir",
     "checkpoint_every": "--checkpoint-every", "resume": "--resume", "from_run": "--from-run", "top_k": "--top-k",
     "metric_mode": "--metric-mode", "recipe": "--recipe", "verify": "--verify",
-    "trust_remote_code": "--trust-remote-code", "scale": "--noise-scale", "examples": "--noise-examples",
+    "trust_remote_code": "--trust-remote-code", "calibrate": "--calibrate", "out": "--out",
+    "flag_above": "--flag-above", "flag_on": "--flag-on", "format": "--format", "input_shape": "--input-shape",
+    "scale": "--noise-scale", "examples": "--noise-examples",
 }
 
 
@@ -137,6 +139,12 @@ COMMANDS: dict[str, str] = {
     "eval": "Evaluate an ensemble file and each of its members: accuracy, NLL, ECE; and beside it the "
             "checkpoints it was built from (when the files are still there), their ensemble, the soup and the"
             " packed pair. With --val-data, --data is the training data those two need.",
+    "predict": "Predict with an ensemble on INPUT (a folder of images, a data spec, or a .safetensors / .pt "
+               "tensor file): one row per input with the top classes, their probabilities and the uncertainty"
+               " (entropy, expected entropy, mutual information, member disagreement).",
+    "export": "Export an ensemble as ONE self-contained file computing its calibrated, weighted "
+              "probabilities, (batch, classes), for any batch size: ONNX, a torch.export program or "
+              "TorchScript.",
     "align": "Permute B's hidden units to match A's (weight matching on the unit graph).",
     "stability": "Dropout stability of a checkpoint (Kuditipudi et al. 2019): for each depth k, the loss "
                  "increase when only a chosen half of every hidden unit group at depth >= k is kept (outgoing"

@@ -46,6 +46,8 @@ from .paths import load_path, path_kind
 from .paths.linear import interpolate
 from .inputs import load_endpoints, unit_graph_of
 from .plot import plot_barrier_matrix, plot_tree
+from .reports import choice_report
+from .baselines import decision_sentence
 
 __all__ = ["connect_checkpoints", "minimum_spanning_tree", "checkpoint_files",
            "CHECKPOINT_SUFFIXES", "CONNECT_FORMAT"]
@@ -322,7 +324,10 @@ def _tree_ensemble(job: _Job, tree: list[dict[str, Any]], paths: list, dest) -> 
                       extra={"method": job.build.method, "selection": "tree", "rule": sel.rule,
                              "tree": [[e["i"], e["j"]] for e in tree]})
     best = min(cands, key=lambda c: c.val.nll)
+    choice = choice_report(sel, cands, max_members=job.opts.members)
     return {"file": str(dest), "rule": sel.rule, "members": members, "val": val_metrics,
+            "reference": choice["reference"], "confirmation": choice["confirmation"],
+            "decision": decision_sentence(choice),
             "candidates": len(cands), "best_single_val_nll": best.val.nll,
             "checkpoints_val_nll": {str(ckpt_of[i]): cands[i].val.nll for i in sorted(ckpt_of)},
             "guarantee": sel.guarantee}

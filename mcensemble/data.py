@@ -40,7 +40,7 @@ from .errors import BadOptionError, DataSpecError
 from .models import _import_callable
 
 __all__ = ["loader_settings", "DIGITS_TRAIN_SIZE", "DIGITS_VAL_SIZE", "digits_tensors", "create_dataset", "create_loader",
-           "check_input_fits", "spec_name", "example_input", "folder_classes", "check_same_classes",
+           "check_input_fits", "spec_name", "example_input", "folder_classes", "check_same_classes", "image_transform",
            "epoch_batches", "epoch_seed"]
 
 logger = logging.getLogger(__name__)
@@ -207,20 +207,7 @@ def _folder_dataset(spec: str, model: nn.Module | None) -> Dataset:
             f"pass one of them, e.g. {os.path.join(root, subdirs[0])!r}.", option="data")
 
     _check_has_images(spec, root, subdirs)
-    img_mode = "RGB"
-    if model is not None:
-        cfg = timm.data.resolve_data_config({}, model=model)
-        chans = _model_in_chans(model) or cfg["input_size"][0]
-        if chans == 1:
-            img_mode = "L"
-        if chans == 1 and cfg["input_size"][0] != 1:
-            cfg["input_size"] = (1, *cfg["input_size"][1:])
-            cfg["mean"] = (float(sum(cfg["mean"]) / len(cfg["mean"])),)
-            cfg["std"] = (float(sum(cfg["std"]) / len(cfg["std"])),)
-        transform = timm.data.create_transform(**cfg, is_training=False)
-    else:
-        from torchvision import transforms
-        transform = transforms.ToTensor()
+    transform, img_mode = image_transform(model)
     try:
         ds = timm.data.create_dataset("", root=root, search_split=False, input_img_mode=img_mode,
                                       transform=transform)
@@ -231,6 +218,23 @@ def _folder_dataset(spec: str, model: nn.Module | None) -> Dataset:
         raise DataSpecError(f"data {spec!r}: no images found (expected <folder>/<class>/<image>).",
                             option="data")
     return ds
+
+
+def image_transform(model: nn.Module | None) -> tuple[Any, str]:
+    """(transform, PIL mode) that turn an image file into the model's input: timm's eval
+    transforms for the model (`resolve_data_config` + `create_transform`; one channel: mode
+    "L" and the mean / std averaged), else `ToTensor` of an RGB image."""
+    import timm.data
+    if model is None:
+        from torchvision import transforms
+        return transforms.ToTensor(), "RGB"
+    cfg = timm.data.resolve_data_config({}, model=model)
+    chans = _model_in_chans(model) or cfg["input_size"][0]
+    if chans == 1 and cfg["input_size"][0] != 1:
+        cfg["input_size"] = (1, *cfg["input_size"][1:])
+        cfg["mean"] = (float(sum(cfg["mean"]) / len(cfg["mean"])),)
+        cfg["std"] = (float(sum(cfg["std"]) / len(cfg["std"])),)
+    return timm.data.create_transform(**cfg, is_training=False), "L" if chans == 1 else "RGB"
 
 
 def _check_has_images(spec: str, root: str, subdirs: list[str]) -> None:

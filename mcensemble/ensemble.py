@@ -17,11 +17,13 @@ The default is "loop": "auto" picked the loop in 8 of 9 benchmark cases, and its
 depended on the machine's load at the first batch. Pass `strategy="vmap"` or "auto" to try.
 
 `forward(x)` returns log of the mean of the members' softmax probabilities, so `argmax`,
-`softmax` and `cross_entropy` work on it as on one classifier's logits.
+`softmax` and `cross_entropy` work on it as on one classifier's logits. A temperature
+stored in the file (`mcensemble.calibration`) is applied after the mean: log_softmax(. / T).
+`predict(x)` adds per-example uncertainty (`mcensemble.uncertainty.Prediction`).
 
 The ensemble file is one safetensors file: member tensors are `member.<i>.<name>`, and the
 header metadata key `mcensemble` holds a JSON document (format, format_version, model spec,
-members, combine rule, sources).
+members, combine rule, sources, calibration).
 """
 from __future__ import annotations
 
@@ -46,6 +48,7 @@ from .errors import (ArchitectureMismatchError, BadOptionError, CheckpointError,
 from .members import check_weights, mean_log_prob
 from .models import ModelLike, ModelSpec, as_factory, create_model
 from .precision import parse_dtype
+from .uncertainty import Prediction, predict_from_logits
 
 __all__ = [
     "EnsembleModel", "LazyEnsembleModel", "save_ensemble", "load_ensemble", "read_ensemble_metadata", "verify_ensemble_file", "combine_mean_prob",
@@ -62,7 +65,7 @@ METADATA_KEY = "mcensemble"
 AUTO_MARGIN = 0.95
 AUTO_MAX_ROUNDS = 12      # timing rounds (one loop + one vmap run each) for cheap batches
 AUTO_BUDGET_S = 0.25      # ... while the rounds so far took less than this
-_RESERVED = ("format", "format_version", "model", "members", "combine", "sources", "tensor_sha256")
+_RESERVED = ("format", "format_version", "model", "members", "combine", "sources", "tensor_sha256", "calibration")
 
 StateDict = Mapping[str, torch.Tensor]
 StrategyFn = Callable[["EnsembleModel", torch.Tensor], torch.Tensor]
@@ -90,6 +93,32 @@ def combine_mean_prob(member_logits: torch.Tensor, weights: Sequence[float] | No
 def _equal(weights: Sequence[float]) -> bool:
     w = list(weights)
     return all(v == w[0] for v in w) and bool(w) and w[0] > 0
+
+
+def _calibrated(log_probs: torch.Tensor, temperature: float) -> torch.Tensor:
+    """log_softmax(log_probs / T) over the class axis; T == 1 returns `log_probs` unchanged."""
+    return log_probs if temperature == 1.0 else torch.log_softmax(log_probs / temperature, dim=1)
+
+
+def _temperature_in(metadata: Mapping[str, Any]) -> float:
+    """The temperature an ensemble's metadata records (`calibration.temperature`), else 1."""
+    cal = metadata.get("calibration")
+    if isinstance(cal, Mapping) and cal.get("temperature") is not None:
+        return cal["temperature"]
+    return 1.0
+
+
+def _set_temperature(metadata: dict[str, Any], value: Any) -> float:
+    """Check a temperature (`BadOptionError` naming `temperature`) and record it in
+    `metadata["calibration"]` (the fit's other fields are kept when T is unchanged)."""
+    from .calibration import check_temperature
+    t = check_temperature(value)
+    cal = metadata.get("calibration")
+    if isinstance(cal, Mapping) and cal.get("temperature") == t:
+        return t
+    if t != 1.0 or isinstance(cal, Mapping):
+        metadata["calibration"] = {"temperature": t}
+    return t
 
 
 # --------------------------------------------------------------------------- strategies
@@ -158,7 +187,32 @@ def _check_member_state(state: StateDict, expected: Mapping[str, tuple[tuple[int
 
 # --------------------------------------------------------------------------- the model
 
-class EnsembleModel(nn.Module):
+class _Calibrated:
+    """`temperature` and `predict` of both ensemble classes (they hold `metadata`,
+    `_temperature`, `weights` and `member_logits`)."""
+
+    metadata: dict[str, Any]
+    _temperature: float
+
+    @property
+    def temperature(self) -> float:
+        """The temperature applied after the members are averaged (1: none). Setting it
+        (finite, > 0) records it in `metadata["calibration"]`, which `save` writes."""
+        return self._temperature
+
+    @temperature.setter
+    def temperature(self, value: float) -> None:
+        self._temperature = _set_temperature(self.metadata, value)
+
+    def predict(self, x: torch.Tensor) -> Prediction:
+        """Probabilities and per-example uncertainty (`mcensemble.uncertainty.Prediction`:
+        probs, entropy, expected_entropy, mutual_information, disagreement), member weights
+        and temperature applied; under `torch.no_grad()`."""
+        with torch.no_grad():
+            return predict_from_logits(self.member_logits(x), self.weights, self._temperature)  # type: ignore[attr-defined]
+
+
+class EnsembleModel(_Calibrated, nn.Module):
     """K members of one architecture; `forward(x)` = log mean member probability, (B, C).
 
     Args:
@@ -172,6 +226,8 @@ class EnsembleModel(nn.Module):
             members' `"weight"` in `metadata["members"]` when every member has one, else equal.
         strategy: "loop" (default), "vmap", "auto" or a callable `fn(ens, x) -> (K, B, C)`.
         device: where the weights live (default: where the model's weights are).
+        temperature: applied after the members are averaged (finite, > 0); default: the
+            `metadata["calibration"]["temperature"]`, else 1 (no change).
 
     Members are in eval mode after construction. `ens.members` is an `nn.ModuleList`;
     `.to()`, `.half()`, `.cuda()` move the stacked storage once and keep the members views
@@ -184,7 +240,7 @@ class EnsembleModel(nn.Module):
                  metadata: Mapping[str, Any] | None = None,
                  strategy: str | StrategyFn = "loop",
                  device: str | torch.device | None = None,
-                 weights: Sequence[float] | None = None):
+                 weights: Sequence[float] | None = None, temperature: float | None = None):
         super().__init__()
         k = len(member_states)
         if k < 1:
@@ -245,6 +301,8 @@ class EnsembleModel(nn.Module):
             weights = _weights_in(self.metadata.get("members"), k)
         if weights is not None:
             self.weights = weights
+        self._temperature = 1.0
+        self.temperature = temperature if temperature is not None else _temperature_in(self.metadata)
         self._strategy: str | StrategyFn = "loop"
         self.strategy = strategy
         # auto: key -> {"loop": seconds, "vmap": seconds | None, "winner": name}
@@ -304,7 +362,8 @@ class EnsembleModel(nn.Module):
         ex.update(extra or {})
         return save_ensemble(file, self._member_views(), model_spec=spec, members=members,
                              sources=srcs, extra=ex or None,
-                             weights=None if _equal(self._weights) else self._weights, dtype=dtype)
+                             weights=None if _equal(self._weights) else self._weights, dtype=dtype,
+                             calibration=md.get("calibration"))
 
     # -- strategy ---------------------------------------------------------------------
     @property
@@ -334,8 +393,9 @@ class EnsembleModel(nn.Module):
 
     # -- forward ----------------------------------------------------------------------
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        """Log of the (weighted, `weights`) mean member probability, shape (B, C, ...)."""
-        return combine_mean_prob(self.member_logits(x), self._weights)
+        """Log of the (weighted, `weights`) mean member probability, shape (B, C, ...);
+        with a `temperature` T != 1, log_softmax of that over the class axis divided by T."""
+        return _calibrated(combine_mean_prob(self.member_logits(x), self._weights), self._temperature)
 
     def member_logits(self, x: torch.Tensor) -> torch.Tensor:
         """Every member's output, stacked: (K, B, C, ...)."""
@@ -593,7 +653,8 @@ def save_ensemble(dest: str | os.PathLike, member_states: Sequence[StateDict], *
                   model_spec: ModelSpec | Mapping[str, Any] | None = None,
                   members: Sequence[Mapping[str, Any]] | None = None,
                   sources: Iterable = (), extra: Mapping[str, Any] | None = None,
-                  weights: Sequence[float] | None = None, dtype: str | torch.dtype | None = None) -> Path:
+                  weights: Sequence[float] | None = None, dtype: str | torch.dtype | None = None,
+                  calibration: Mapping[str, Any] | None = None) -> Path:
     """Write an ensemble file (safetensors, atomically) and return its path.
 
     member_states: K >= 1 state dicts with the same tensor names, shapes and dtypes, all
@@ -605,7 +666,9 @@ def save_ensemble(dest: str | os.PathLike, member_states: Sequence[StateDict], *
     (default: the members' own `"weight"` if they have one; none stored means equal).
     dtype: store the members' floating tensors in "fp32", "bf16" or "fp16" (CLI
     `--save-dtype`; bf16 / fp16 files are half the size; None: as they are). `load` casts
-    them back to the model's dtype unless asked otherwise.
+    them back to the model's dtype unless asked otherwise. calibration: `{"temperature": T,
+    ...}` (T finite, > 0; other JSON-able keys describe the fit), applied after the members
+    are averaged when the file is loaded; default: none (T = 1).
     """
     save_dtype = parse_dtype(dtype)
 
@@ -619,6 +682,11 @@ def save_ensemble(dest: str | os.PathLike, member_states: Sequence[StateDict], *
         "format": FORMAT, "format_version": FORMAT_VERSION, "model": _spec_dict(model_spec),
         "members": info, "combine": "mean_prob", "sources": _as_sources(sources),
     }
+    if calibration is not None:
+        if not isinstance(calibration, Mapping) or "temperature" not in calibration:
+            raise BadOptionError("calibration must be a dict with a 'temperature'", option="calibration")
+        from .calibration import check_temperature
+        doc["calibration"] = {**calibration, "temperature": check_temperature(calibration["temperature"])}
     for key, value in (extra or {}).items():
         if key in _RESERVED:
             raise BadOptionError(f"extra= may not set the reserved key {key!r}", option="extra")
@@ -735,6 +803,12 @@ def _check_document(doc: dict[str, Any], keys: list[str], where: str) -> None:
     meta_field(doc, "sources", "list", where=where, default=None, nullable=True)
     meta_field(doc, "combine", "str", where=where, default=None, nullable=True)
     meta_field(doc, HASHES_KEY, "dict", where=where, default=None, nullable=True)
+    cal = meta_field(doc, "calibration", "dict", where=where, default=None, nullable=True)
+    if cal is not None:
+        t = meta_field(cal, "temperature", "number", where=f"{where} (calibration)")
+        if not t > 0:
+            raise CheckpointError(f"{where}: metadata field 'calibration.temperature' is {t}; a temperature must "
+                                  "be > 0; the file is damaged")
 
 
 def verify_ensemble_file(file: str | os.PathLike) -> int | None:
@@ -901,20 +975,21 @@ def _with_dtype(factory: Callable[[], nn.Module], dtype: torch.dtype | None) -> 
     return lambda: factory().to(dtype)
 
 
-class LazyEnsembleModel(nn.Module):
+class LazyEnsembleModel(_Calibrated, nn.Module):
     """An ensemble whose members stay in their file: `mcensemble.load_ensemble(file, lazy=True)`.
 
     Holds one model (`ens.model`); every forward pass loads member i's tensors into it (read
     from the safetensors file, memory-mapped) and runs it, for i = 0 .. K-1, so memory holds
     one member instead of K (slower than `EnsembleModel`: K state loads per batch).
-    `forward(x)` = log of the (weighted) mean member probability, as `EnsembleModel`'s.
+    `forward(x)` = log of the (weighted) mean member probability, as `EnsembleModel`'s
+    (temperature and `predict` too).
     `.to()` / `.half()` / `.bfloat16()` convert the one model; members are cast to its dtype
     as they are loaded.
     """
 
     def __init__(self, model: ModelLike, member_states: Sequence[StateDict], *,
                  metadata: Mapping[str, Any] | None = None, device: str | torch.device | None = None,
-                 weights: Sequence[float] | None = None):
+                 weights: Sequence[float] | None = None, temperature: float | None = None):
         super().__init__()
         self.model = as_factory(model)()
         if device is not None:
@@ -924,6 +999,8 @@ class LazyEnsembleModel(nn.Module):
         self.metadata: dict[str, Any] = copy.deepcopy(dict(metadata or {}))
         k = len(member_states)
         self.weights = check_weights(weights, k) if weights is not None else [1.0 / k] * k
+        self._temperature = 1.0
+        self.temperature = temperature if temperature is not None else _temperature_in(self.metadata)
         self._expected = {n: (tuple(t.shape), t.dtype) for n, t in self.model.state_dict().items()}
 
     def __len__(self) -> int:
@@ -952,7 +1029,7 @@ class LazyEnsembleModel(nn.Module):
         return torch.stack(outs)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return combine_mean_prob(self.member_logits(x), self.weights)
+        return _calibrated(combine_mean_prob(self.member_logits(x), self.weights), self._temperature)
 
     def extra_repr(self) -> str:
         return f"members={len(self)} (lazy)"

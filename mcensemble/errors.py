@@ -8,7 +8,7 @@ from __future__ import annotations
 
 __all__ = [
     "MCEnsembleError", "CheckpointError", "UnsafeCheckpointError", "NonFiniteError",
-    "ArchitectureMismatchError", "BadOptionError", "ModelSpecError", "DataSpecError", "UnitGraphError",
+    "ArchitectureMismatchError", "BadOptionError", "ModelSpecError", "DataSpecError", "ExportError", "UnitGraphError",
     "DropoutPathError", "ShortPathError", "FitInterrupted",
 ]
 
@@ -47,6 +47,10 @@ class ModelSpecError(BadOptionError):
 
 class DataSpecError(BadOptionError):
     """A data spec (digits, folder, module:function) cannot be resolved or does not fit the model."""
+
+
+class ExportError(MCEnsembleError):
+    """An ensemble cannot be exported, or the exported file does not compute the ensemble."""
 
 
 class UnitGraphError(MCEnsembleError, ValueError):

@@ -220,19 +220,30 @@ BOOTSTRAP_CONFIDENCE = 0.95
 #: greedy picks at most (weights are counts / picks)
 MAX_PICKS = 50
 
-GUARANTEE = ("On the selection data the chosen ensemble's NLL is never above that of its best single "
-             "candidate, nor (when `members` allows as many) above the equal-weight ensemble of the "
-             "checkpoints: both are candidates, and a choice that costs more replaces a cheaper one only "
-             "when it lowers the NLL in at least {confidence:.0%} of {resamples} paired bootstrap "
-             "resamples of the selection examples.")
+GUARANTEE = ("The shipped ensemble is the reference ({reference}) unless an alternative beat it on "
+             "selection examples that did not pick it: the selection examples are split into K seeded parts "
+             "(2 below 300 examples, one per 100 examples up to 10), the alternative is picked without each "
+             "part and scored on it, and it ships only when it departed every time, its gain was positive on "
+             "at least 70% of the parts (on both halves when K = 2), and the pooled out-of-part NLL gain is "
+             "positive in at least {confidence:.0%} of {resamples} paired bootstrap resamples. It never has "
+             "fewer members than the reference unless `members` asks for fewer.")
+#: cross-fitting: one part per this many selection examples, at least 2 and at most MAX_PARTS parts;
+#: each part needs MIN_PART examples; the share of parts on which the gain must be positive
+PART_EXAMPLES = 100
+MAX_PARTS = 10
+MIN_PART = 10
+POSITIVE_SHARE = 0.7
 
 
 @dataclass
 class Selection:
     """What `select_members` chose: distinct candidate `indices` (ascending), their pick
-    `counts` and normalised `weights`, the `rule` that won ("endpoints", "best-single",
-    "greedy", "exact"), its selection `nll`, and the numbers behind the decision
-    (`baselines`, `greedy`, `tests`) for the report."""
+    `counts` and normalised `weights`, the `rule` ("reference": the reference kept;
+    "confirmed": a departure confirmed out of part; "exact"), its selection `nll`, and the
+    numbers behind the decision for the report: the `reference` (name, indices, cost, NLL),
+    the `confirmation` (the parts, what was picked without each, the out-of-part test), `vs_checkpoints`
+    (when `max_members` is below the checkpoints' count: the shipped choice against their
+    ensemble), `baselines` and the full-data `greedy` trajectory."""
 
     indices: list[int]
     counts: list[int]
@@ -241,13 +252,17 @@ class Selection:
     nll: float
     baselines: dict[str, Any] = field(default_factory=dict)
     greedy: dict[str, Any] = field(default_factory=dict)
-    tests: list[dict[str, Any]] = field(default_factory=list)
     guarantee: str | None = None
+    reference: dict[str, Any] = field(default_factory=dict)
+    confirmation: dict[str, Any] = field(default_factory=dict)
+    vs_checkpoints: dict[str, Any] | None = None
 
     def to_dict(self) -> dict[str, Any]:
         return {"rule": self.rule, "indices": list(self.indices), "counts": list(self.counts),
                 "weights": list(self.weights), "nll": self.nll, "baselines": self.baselines,
-                "greedy": self.greedy, "bootstrap": self.tests, "guarantee": self.guarantee}
+                "greedy": self.greedy, "guarantee": self.guarantee,
+                "reference": self.reference, "confirmation": self.confirmation,
+                "vs_checkpoints": self.vs_checkpoints}
 
 
 def paired_bootstrap(loss_ref: torch.Tensor, loss_new: torch.Tensor, *, resamples: int = BOOTSTRAP_RESAMPLES,
@@ -292,19 +307,24 @@ def _losses(q: torch.Tensor, counts: torch.Tensor) -> torch.Tensor:
     return -(w @ q).clamp_min(1e-300).log()
 
 
-def _greedy_with_replacement(q: torch.Tensor, max_members: int, max_picks: int) -> list[tuple[torch.Tensor, float]]:
-    """Caruana et al. (2004): start from the best single candidate, then repeatedly add (again,
-    possibly) the candidate whose extra pick lowers the mixture's NLL most, never using more
-    than `max_members` distinct ones; stop when no pick lowers it. The trajectory of
-    (counts, nll); ties go to the earlier candidate."""
+def _greedy_with_replacement(q: torch.Tensor, max_members: int, max_picks: int, *,
+                             start: torch.Tensor | None = None) -> list[tuple[torch.Tensor, float]]:
+    """Caruana et al. (2004): start from the best single candidate (or from the pick `counts`
+    `start`), then repeatedly add (again, possibly) the candidate whose extra pick lowers the
+    mixture's NLL most, never using more than `max_members` distinct ones and `max_picks`
+    picks; stop when no pick lowers it. The trajectory of (counts, nll); ties go to the
+    earlier candidate."""
     m = q.shape[0]
-    singles = -q.clamp_min(1e-300).log().mean(dim=1)
-    first = int(torch.argmin(singles))  # argmin returns the first of equal minima
-    counts = torch.zeros(m, dtype=torch.long)
-    counts[first] = 1
-    total_q, nll = q[first].clone(), float(singles[first])
+    if start is None:
+        singles = -q.clamp_min(1e-300).log().mean(dim=1)
+        first = int(torch.argmin(singles))  # argmin returns the first of equal minima
+        start = torch.zeros(m, dtype=torch.long)
+        start[first] = 1
+    counts = start.clone()
+    total_q = counts.double() @ q
+    nll = float(-(total_q / counts.sum()).clamp_min(1e-300).log().mean())
     out = [(counts.clone(), nll)]
-    for picks in range(1, max_picks):
+    for picks in range(int(counts.sum()), max_picks):
         allowed = torch.arange(m) if int((counts > 0).sum()) < max_members else torch.nonzero(counts).flatten()
         mix = (total_q.unsqueeze(0) + q[allowed]) / (picks + 1)
         trial = -mix.clamp_min(1e-300).log().mean(dim=1)
@@ -319,80 +339,175 @@ def _greedy_with_replacement(q: torch.Tensor, max_members: int, max_picks: int) 
     return out
 
 
+def _counts_of(m: int, idx: Sequence[int]) -> torch.Tensor:
+    c = torch.zeros(m, dtype=torch.long)
+    c[list(idx)] = 1
+    return c
+
+
+def _same_mixture(a: torch.Tensor, b: torch.Tensor) -> bool:
+    return torch.equal(a * b.sum(), b * a.sum())  # proportional counts: the same mixture
+
+
+def _describe(counts: torch.Tensor) -> dict[str, Any]:
+    idx = torch.nonzero(counts).flatten().tolist()
+    return {"indices": idx, "counts": [int(counts[i]) for i in idx], "members": len(idx)}
+
+
+def _pick(q: torch.Tensor, ref: torch.Tensor, *, max_members: int, min_members: int, max_picks: int
+          ) -> tuple[torch.Tensor, list[tuple[torch.Tensor, float]]]:
+    """The alternative picked on the examples of `q` (M, N): greedy forward selection with
+    replacement (`_greedy_with_replacement`: at most `max_members` distinct members,
+    `max_picks` picks, a pick only when it lowers the NLL), run from the best single candidate
+    and from the reference `ref`; of the two ends, the one with the lower NLL among those with
+    at least `min_members` distinct members, when it is below the reference's NLL there;
+    else `ref`. Returns (the pick, the trajectory from the best single candidate)."""
+    traj = _greedy_with_replacement(q, max_members, max_picks)
+    ends = [traj[-1]]
+    if int(ref.sum()) < max_picks:
+        ends.append(_greedy_with_replacement(q, max_members, max_picks, start=ref)[-1])
+    ok = [(nll, i) for i, (c, nll) in enumerate(ends) if int((c > 0).sum()) >= min_members]
+    if ok:
+        nll, i = min(ok)
+        if nll < float(_losses(q, ref).mean()):
+            return ends[i][0], traj
+    return ref, traj
+
+
+def _reference(q: torch.Tensor, ends: list[int], max_members: int) -> tuple[torch.Tensor, dict[str, Any]]:
+    """The user's own models: their equal-weight ensemble when there are at least two and
+    `max_members` allows them, else the best of them (lowest NLL on the selection examples);
+    with no checkpoints among the candidates, the best candidate."""
+    m = q.shape[0]
+    singles = -q.clamp_min(1e-300).log().mean(dim=1)
+    if len(ends) >= 2 and len(ends) <= max_members:
+        counts, name = _counts_of(m, ends), f"the {len(ends)} checkpoints' ensemble"
+    elif ends:
+        best = min(ends, key=lambda i: (float(singles[i]), i))
+        counts, name = _counts_of(m, [best]), "the best checkpoint" if len(ends) > 1 else "the checkpoint"
+    else:
+        counts, name = _counts_of(m, [int(torch.argmin(singles))]), "the best candidate (no checkpoints given)"
+    return counts, {**_describe(counts), "name": name, "cost": int((counts > 0).sum()),
+                    "nll": float(_losses(q, counts).mean())}
+
+
+def _folds(n: int, k: int, seed: int) -> list[torch.Tensor]:
+    """`k` disjoint parts of range(n), sizes within one, from one seeded permutation."""
+    perm = torch.randperm(n, generator=torch.Generator().manual_seed(int(seed) + 7919))
+    return [part.sort().values for part in perm.tensor_split(k)]
+
+
+def _cross_fit(q: torch.Tensor, ref: torch.Tensor, *, confidence: float, resamples: int, seed: int,
+               **pick) -> tuple[dict[str, Any], torch.Tensor]:
+    """Cross-fitting: the N selection examples in K = clamp(N // PART_EXAMPLES, 2, MAX_PARTS)
+    seeded parts; for each part, the alternative picked on the other parts (`_pick`) is
+    scored on it. Accepted when every part's pick departed from the reference, the gain was
+    positive on at least ceil(POSITIVE_SHARE * K) parts, and `paired_bootstrap` finds the pooled
+    out-of-part gain positive. Returns (the confirmation record, per-example out-of-part losses)."""
+    n = q.shape[1]
+    folds = min(max(n // PART_EXAMPLES, 2), MAX_PARTS)
+    ref_loss = _losses(q, ref)
+    oof = ref_loss.clone()
+    rec: dict[str, Any] = {"examples": n, "parts": folds,
+                           "picked_on": f"{folds - 1} of {folds} parts of the selection examples",
+                           "confirmed_on": "the remaining part", "folds": [], "accepted": False}
+    if n < folds * MIN_PART:
+        rec["reason"] = (f"{n} selection examples are too few to confirm a departure (each of the {folds} parts "
+                         f"needs {MIN_PART}); pass more `val_data`")
+        return rec, oof
+    parts = _folds(n, folds, seed)
+    for k, score_on in enumerate(parts):
+        pick_on = torch.cat([p for j, p in enumerate(parts) if j != k]).sort().values
+        alt, _ = _pick(q[:, pick_on], ref, **pick)
+        oof[score_on] = _losses(q[:, score_on], alt)
+        gain = float((ref_loss[score_on] - oof[score_on]).double().mean())
+        rec["folds"].append({"picked_on": int(pick_on.numel()), "scored_on": int(score_on.numel()),
+                             "departed": not _same_mixture(alt, ref), "alternative": _describe(alt),
+                             "gain": gain})
+    if not all(f["departed"] for f in rec["folds"]):
+        rec["reason"] = ("picked without one of the parts, the greedy search found nothing with a lower NLL "
+                         "than the reference, so there is no alternative to confirm")
+        return rec, oof
+    test = paired_bootstrap(ref_loss, oof, resamples=resamples, confidence=confidence, seed=seed)
+    ref_nll = float(ref_loss.double().mean())
+    rec["test"] = {**test, "relative_gain": test["gain"] / ref_nll if ref_nll > 0 else 0.0,
+                   "nll_reference": ref_nll, "nll_alternative": float(oof.double().mean())}
+    positive = sum(f["gain"] > 0 for f in rec["folds"]) >= math.ceil(POSITIVE_SHARE * folds)
+    rec["accepted"] = bool(positive and test["accepted"])
+    if not rec["accepted"]:
+        rec["reason"] = ("the out-of-part gain was not positive on enough parts" if not positive else
+                         f"the out-of-part gain was positive in only {test['p_positive']:.1%} of "
+                         f"{test['resamples']} bootstrap resamples ({test['confidence']:.0%} needed)")
+    return rec, oof
+
+
 def select_members(cands: Sequence[Candidate], labels: torch.Tensor, *, max_members: int,
                    endpoints: Sequence[int] = (), exact: bool = False, max_picks: int = MAX_PICKS,
                    resamples: int = BOOTSTRAP_RESAMPLES, confidence: float = BOOTSTRAP_CONFIDENCE,
                    seed: int = 0) -> Selection:
-    """Choose members and weights on the selection data (the candidates' `val_log_probs`).
+    """Choose members and weights on the selection data (the candidates' `val_log_probs`),
+    never departing from the user's own checkpoints without confirmation.
 
-    The rule, in order:
-    1. The cheaper choice: the equal-weight ensemble of the `endpoints` (candidate indices of
-       the checkpoints) when there are at least two, `max_members` allows them and its NLL is
-       not above the best single candidate's; else the best single candidate.
-    2. Greedy forward selection with replacement (Caruana et al. 2004) from the best single
-       candidate, at most `max_members` distinct members, at most `max_picks` picks, a pick
-       only when it lowers the NLL. For each number of distinct members d the greedy
-       trajectory reached, its last state with d members is a step.
-    3. Steps by increasing d: a step replaces the current choice only when its NLL is lower
-       and a paired bootstrap of per-example losses (`paired_bootstrap`: `resamples`,
-       `seed`) finds its gain positive in at least `confidence` of the resamples.
-    So the result never has a higher selection NLL than the best single candidate, nor than
-    the endpoints' ensemble when that was allowed. `exact`: exactly `max_members` distinct
-    members, equal weights (`select_greedy_nll`), no gate.
+    1. The reference: the equal-weight ensemble of the `endpoints` (candidate indices of the
+       checkpoints, BatchNorm re-estimated like every candidate) when there are at least two
+       and `max_members` allows them; else the best of them on the selection examples.
+    2. The alternative (`_pick`): the end of greedy forward selection with replacement
+       (Caruana et al. 2004; at most `max_members` distinct members, at most `max_picks`
+       picks), when it has no fewer distinct members than the reference (cheaper only when
+       `max_members` asks for it) and a lower NLL than the reference on the same examples.
+    3. Confirmation by cross-fitting (`_cross_fit`): the selection examples are split into K
+       seeded parts (2 below 300 examples, one per 100 up to 10); the alternative is picked
+       without each part and scored on it. The alternative picked on all the examples ships
+       only when every part's pick departed from the reference, the gain was positive on at
+       least 70% of the parts (both, for K = 2), and the pooled out-of-part gain is positive
+       in at least `confidence` of `resamples` paired bootstrap resamples (`seed`).
+       Otherwise the reference ships.
+    `exact`: exactly `max_members` distinct members, equal weights (`select_greedy_nll`), no
+    confirmation.
     """
     check_count(max_members, "members", minimum=1)
     q = _true_class_probs(cands, labels)
     m = q.shape[0]
+    ends = sorted(set(int(i) for i in endpoints))
+    if any(not 0 <= i < m for i in ends):
+        raise BadOptionError(f"`endpoints` {ends} must index the {m} candidates", option="endpoints")
     singles = -q.clamp_min(1e-300).log().mean(dim=1)
     best = int(torch.argmin(singles))
-    ends = sorted(set(int(i) for i in endpoints))
     base: dict[str, Any] = {"best_single": {"index": best, "nll": float(singles[best]), "cost": 1},
                             "endpoints": [{"index": i, "nll": float(singles[i])} for i in ends]}
-
-    def counts_of(idx: Sequence[int]) -> torch.Tensor:
-        c = torch.zeros(m, dtype=torch.long)
-        c[list(idx)] = 1
-        return c
-
     if len(ends) >= 2:
         base["endpoints_ensemble"] = {"indices": ends, "cost": len(ends),
-                                      "nll": float(_losses(q, counts_of(ends)).mean()),
+                                      "nll": float(_losses(q, _counts_of(m, ends)).mean()),
                                       "allowed": len(ends) <= max_members}
+    ref, reference = _reference(q, ends, max_members)
     if exact:
-        chosen = sorted(select_greedy_nll(cands, max_members, labels))
-        c = counts_of(chosen)
-        return _selection(c, "exact", float(_losses(q, c).mean()), base, {}, [], None)
-    traj = _greedy_with_replacement(q, max_members, max_picks)
-    steps: dict[int, tuple[torch.Tensor, float]] = {}
-    for counts, nll in traj:
-        steps[int((counts > 0).sum())] = (counts, nll)
+        c = _counts_of(m, sorted(select_greedy_nll(cands, max_members, labels)))
+        return _selection(c, "exact", float(_losses(q, c).mean()), base, {}, None, reference=reference)
+    pick = {"max_members": max_members, "min_members": reference["cost"], "max_picks": max_picks}
+    alt, traj = _pick(q, ref, **pick)
     g_counts, g_nll = traj[-1]
-    greedy = {"indices": torch.nonzero(g_counts).flatten().tolist(),
-              "counts": g_counts[g_counts > 0].tolist(), "picks": int(g_counts.sum()), "nll": g_nll,
-              "steps": [{"members": d, "nll": nll} for d, (_, nll) in sorted(steps.items())]}
-    ee = base.get("endpoints_ensemble")
-    if ee is not None and ee["allowed"] and ee["nll"] <= base["best_single"]["nll"]:
-        cur, cur_rule, cur_nll, label = counts_of(ends), "endpoints", ee["nll"], "endpoints"
-    else:
-        cur, cur_rule, cur_nll, label = counts_of([best]), "best-single", base["best_single"]["nll"], "best single"
-    tests = []
-    for d, (counts, nll) in sorted(steps.items()):
-        same = torch.equal(counts * cur.sum(), cur * counts.sum())  # proportional counts: the same mixture
-        if same or not nll < cur_nll:
-            continue
-        res = paired_bootstrap(_losses(q, cur), _losses(q, counts), resamples=resamples, confidence=confidence,
-                               seed=seed)
-        to = f"greedy ({d} member{'s' if d > 1 else ''})"
-        tests.append({"from": label, "to": to, "members": d, "nll_from": cur_nll, "nll_to": nll, **res})
-        if res["accepted"]:
-            cur, cur_rule, cur_nll, label = counts, "greedy", nll, to
-    guarantee = GUARANTEE.format(confidence=confidence, resamples=resamples)
-    return _selection(cur, cur_rule, cur_nll, base, greedy, tests, guarantee)
+    greedy = {**_describe(g_counts), "picks": int(g_counts.sum()), "nll": g_nll,
+              "steps": [{"members": int((c > 0).sum()), "nll": v} for c, v in traj]}
+    greedy["steps"] = list({s["members"]: s for s in greedy["steps"]}.values())
+    confirmation, oof = _cross_fit(q, ref, resamples=resamples, confidence=confidence, seed=seed, **pick)
+    departs = confirmation["accepted"] and not _same_mixture(alt, ref)
+    if confirmation["accepted"] and not departs:
+        confirmation["reason"] = "the alternative picked on all the selection examples is the reference"
+    shipped, rule = (alt, "confirmed") if departs else (ref, "reference")
+    guarantee = GUARANTEE.format(reference=reference["name"], confidence=confidence, resamples=resamples)
+    vs = None
+    if len(ends) >= 2 and len(ends) > max_members:  # a cheaper model was asked for: what it costs
+        ens_loss = _losses(q, _counts_of(m, ends))
+        shipped_loss = oof if departs else _losses(q, ref)
+        vs = {"name": f"the {len(ends)} checkpoints' ensemble", "scored_on": "out of part" if departs else "selection",
+              **paired_bootstrap(ens_loss, shipped_loss, resamples=resamples, confidence=confidence, seed=seed)}
+    return _selection(shipped, rule, float(_losses(q, shipped).mean()), base, greedy, guarantee,
+                      reference=reference, confirmation=confirmation, vs_checkpoints=vs)
 
 
-def _selection(counts: torch.Tensor, rule: str, nll: float, base, greedy, tests, guarantee) -> Selection:
+def _selection(counts: torch.Tensor, rule: str, nll: float, base, greedy, guarantee, **extra) -> Selection:
     idx = torch.nonzero(counts).flatten().tolist()
     cs = [int(counts[i]) for i in idx]
     total = sum(cs)
     return Selection(indices=idx, counts=cs, weights=[c / total for c in cs], rule=rule, nll=nll,
-                     baselines=base, greedy=greedy, tests=tests, guarantee=guarantee)
+                     baselines=base, greedy=greedy, guarantee=guarantee, **extra)

@@ -105,6 +105,7 @@ class BuildOptions:
     checkpoint_every: int | None = None  # ... every N steps too (always at each epoch's end)
     resume: bool = False  # continue the fits saved in checkpoint_dir
     save_dtype: str | None = None  # the ensemble file's member dtype ("fp32", "bf16", "fp16"; None: as trained)
+    calibrate: bool = True  # fit a temperature on the selection data (val) and store it in the ensemble file
 
     def __post_init__(self) -> None:
         check_count(self.members, "members", minimum=1)

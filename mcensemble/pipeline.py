@@ -19,6 +19,7 @@ from ._io import sha256_file
 from .align import RepairedPath, align_states
 from .baselines import decision_sentence, soup_state
 from .bn import has_batchnorm, labelled_batch
+from .calibration import apply_temperature, calibrate_build, file_record
 from .checkpoints import load_checkpoint, save_checkpoint
 from .data import check_input_fits, create_loader, example_input
 from .distributed import is_main, world_size
@@ -26,8 +27,8 @@ from .ensemble import EnsembleModel, load_ensemble, save_ensemble
 from .errors import BadOptionError, MCEnsembleError
 from .evaluate import evaluate, scan
 from .inputs import data_loaders, load_endpoints, loader_for_test_data, model_arg, unit_graph_of
-from .members import (candidate_state, ensemble_metrics, evaluate_candidates, predict_log_probs, select_members,
-                      uniform_points)
+from .members import (Candidate, candidate_state, ensemble_metrics, evaluate_candidates, mean_log_prob,
+                      predict_log_probs, select_members, uniform_points)
 from .models import ModelSpec, as_factory, create_model, import_entry
 from .options import BuildOptions, DataOptions, ModelOptions, check_count, make_config
 from .pack import pack_pair, pack_report
@@ -249,7 +250,7 @@ def _choose_members(paths: list, ends: list, net, train, val, opts: BuildOptions
         sel = select_members(grid, _labels(val), max_members=opts.members, exact=opts.exact_members,
                              endpoints=[i for i, c in enumerate(grid) if c.t in (0.0, 1.0)], seed=data.seed)
         members, weights = [grid[i] for i in sel.indices], sel.weights
-        choice = choice_report(sel, grid, opts)
+        choice = choice_report(sel, grid, max_members=opts.members, exact=opts.exact_members)
     else:
         members = scan_points(paths, uniform_points(opts.members, n_paths))
         weights = [1.0 / len(members)] * len(members)
@@ -296,18 +297,20 @@ def build_ensemble(files: Sequence[str | os.PathLike], *, model: ModelOptions, d
     report = build_report(files, cks, paths, grid, members, weights, line, opts, data, greedy=greedy,
                            batchnorm=has_batchnorm(net), ensemble=ens_metrics(ens, train, val, data.device, test))
     report["choice"] = choice
+    report["calibration"] = calibrate_build(ens, val, test, enabled=opts.calibrate, device=data.device)
     if aligned:
         report["aligned"] = aligned
     soup_sd = _soup(net, states, weights, train, data)
     report["baselines"] = build_baselines(net, grid, paths, ends, soup_sd, report, opts, data,
-                                           graph=unit_graph_of(net, model), loaders=(train, val, test))
+                                           graph=unit_graph_of(net, model), loaders=(train, val, test), ensemble=ens)
     timings["baselines_s"] = time.perf_counter() - t3
     spec, kind = cks[0].model_spec, paths[0].kind
     sources = [(f, ck.metadata.get("sha256") or sha256_file(ck.path)) for f, ck in zip(files, cks)]
     if out is not None and is_main():  # several processes: only rank 0 writes
         save_ensemble(out, states, model_spec=spec, members=[c.info(kind) for c in members],
                       sources=[source_entry(f, sha, out) for f, sha in sources],
-                      weights=weights, dtype=opts.save_dtype, extra={"method": opts.method, "selection": report["selection"],
+                      weights=weights, dtype=opts.save_dtype, calibration=file_record(report["calibration"]),
+                      extra={"method": opts.method, "selection": report["selection"],
                                               "choice": choice_summary(choice),
                                               "bn_reestimated": report["bn_reestimated"], "n_paths": len(paths)})
     if path_out is not None and is_main():
@@ -342,13 +345,21 @@ def _write_soup(dest, soup_sd, net, train, val, ck, data: DataOptions) -> dict[s
 
 
 def evaluate_ensemble_file(file: str | os.PathLike, *, model: Any = None, trust_remote_code: bool = False,
-                           data: DataOptions) -> dict[str, Any]:
+                           data: DataOptions, calibrate: bool = False,
+                           out: str | os.PathLike | None = None) -> dict[str, Any]:
     """Each member's and the (weighted) ensemble's accuracy, NLL and ECE on the evaluation
     data (`data.val_data`, else `data.data`; digits: its val split), and the baselines
     (`report["baselines"]`): the checkpoints the file records as sources (when the files are
     still there and unchanged) and their ensemble, the soup and the packed pair (both need
     training data: `data.data` when `data.val_data` is given; a soup without BatchNorm does
-    not), each on the evaluation data and on `data.test_data`."""
+    not), each on the evaluation data and on `data.test_data`. These are all uncalibrated (T =
+    1); a file's own temperature gives `report["ensemble_calibrated"]`. `calibrate`: every row also
+    gets a temperature fitted on the evaluation data (`report["calibration"]`: the file's
+    ensemble's, NLL / ECE / Brier before and after); `out`: write the ensemble with that
+    temperature there (needs `calibrate`)."""
+    if out is not None and not calibrate:
+        raise BadOptionError("`out` writes the ensemble with the temperature `calibrate` fits: pass both",
+                             option="out")
     if isinstance(model, str):
         import_entry(model)  # fail early, naming the spec
         model = ModelSpec(entry=model)
@@ -367,12 +378,23 @@ def evaluate_ensemble_file(file: str | os.PathLike, *, model: Any = None, trust_
     members = [{**ensemble_metrics([lp], labels).to_dict(), "t": m.get("t") if isinstance(m, dict) else None,
                 "weight": w} for m, lp, w in zip(info, per, ens.weights)]
     rep = {"file": str(file), "data": spec, "split": split, "members": members,
-           "ensemble": ensemble_metrics(per, labels, ens.weights).to_dict(), "strategy": ens.strategy,
-           "test_data": data.test_data}
+           "ensemble": ensemble_metrics(per, labels, ens.weights).to_dict(), "temperature": ens.temperature,
+           "strategy": ens.strategy, "test_data": data.test_data}
+    if ens.temperature != 1.0:  # the file's ensemble as it predicts: its temperature applied
+        mix = apply_temperature(mean_log_prob(torch.stack(per), ens.weights), ens.temperature)
+        rep["ensemble_calibrated"] = ensemble_metrics([mix], labels).to_dict()
     train = None
     if data.val_data and data.data:
         train = create_loader(data.data, split="train", batch_size=data.batch_size, model=net)
-    rep["baselines"] = eval_baselines(ens, file, per, loader, train, loader_for_test_data(net, data), model, data)
+    rep["baselines"] = eval_baselines(ens, file, per, loader, train, loader_for_test_data(net, data), model, data,
+                                      calibrate=calibrate)
+    if calibrate:
+        rep["calibration"] = rep["baselines"][-1]["calibration"]
+        if out is not None and is_main():
+            ens.temperature = rep["calibration"]["temperature"]
+            ens.metadata["calibration"] = {**file_record(rep["calibration"]), "data": str(spec)}
+            ens.save(out)
+            rep["out"] = str(out)
     return rep
 
 
@@ -414,8 +436,11 @@ def build_fge(files: Sequence[str | os.PathLike], *, model: ModelOptions, data: 
     col = fge_train(net, loader, cycles=opts.members, epochs=cfg.epochs, lr_max=cfg.lr,
                     weight_decay=cfg.weight_decay, device=data.device, seed=data.seed, progress=data.progress)
     states = col.member_states(bn_loader=train)
-    ens = EnsembleModel(net, states, strategy=opts.strategy, device=data.device)
     members = [{"t": None, "kind": "snapshot", **{k: v for k, v in info.items() if k != "t"}} for info in col.info]
+    weights, choice = None, None
+    if val is not None:  # the checkpoint is the reference: snapshots ship only when confirmed
+        states, members, weights, choice = _choose_snapshots(net, ck.state_dict, states, members, val, opts, data)
+    ens = EnsembleModel(net, states, strategy=opts.strategy, device=data.device, weights=weights)
     report: dict[str, Any] = {
         "method": "fge", "selection": "all-snapshots", "checkpoints": [{"file": str(files[0]), **describe_source(ck)}],
         "data": data_report(data), "seed": data.seed,
@@ -423,20 +448,42 @@ def build_fge(files: Sequence[str | os.PathLike], *, model: ModelOptions, data: 
         "ensemble": ens_metrics(ens, train, val, data.device, test),
         "fge": {"cycles": opts.members, "epochs": cfg.epochs, "lr_max": cfg.lr, "lr_min": cfg.lr / 100},
         "split": "val" if val is not None else "train", "warnings": [] if val is not None else [TRAIN_ONLY_WARNING],
+        "calibration": calibrate_build(ens, val, test, enabled=opts.calibrate, device=data.device),
     }
+    if choice is not None:
+        report["selection"], report["choice"] = "confirmed-val-nll", choice
     if val is None:
         _log.warning(TRAIN_ONLY_WARNING)
     soup_sd = _soup(net, states, None, train, data)
     report["baselines"] = fge_baselines(net, ck, soup_sd, report, (train, val, test), data)
     if out is not None and is_main():  # several processes: only rank 0 writes
-        save_ensemble(out, states, model_spec=ck.model_spec, members=members,
+        extra = {"method": "fge", "selection": report["selection"], "bn_reestimated": report["bn_reestimated"]}
+        if choice is not None:
+            extra["choice"] = choice_summary(choice)
+        save_ensemble(out, states, model_spec=ck.model_spec, members=members, weights=weights,
                       sources=[source_entry(files[0], ck.metadata.get("sha256"), out)],
-                      dtype=opts.save_dtype,
-                      extra={"method": "fge", "selection": "all-snapshots", "bn_reestimated": report["bn_reestimated"]})
+                      dtype=opts.save_dtype, calibration=file_record(report["calibration"]), extra=extra)
     if soup is not None:
         report["soup"] = _write_soup(soup, soup_sd, net, train, val, ck, data)
     report["timings"] = {"total_s": time.perf_counter() - t0}
     return BuildResult(paths=[], members=members, member_states=states, report=report, model_spec=ck.model_spec)
+
+
+def _choose_snapshots(net, start: dict, states: list, members: list, val, opts: BuildOptions, data: DataOptions):
+    """FGE with selection data: the start checkpoint (the reference) and the snapshots are
+    candidates of `members.select_members` (candidate u = 0 the checkpoint, u = i snapshot i);
+    snapshots ship only when confirmed on examples that did not pick them.
+    Returns (states, member records, weights, the choice for the report)."""
+    cands = []
+    for i, st in enumerate([start, *states]):
+        net.load_state_dict(st, strict=True)
+        lp, labels = predict_log_probs(net, val, device=data.device)
+        cands.append(Candidate(path=0, t=float(i), u=float(i), val_log_probs=lp))
+    sel = select_members(cands, labels, max_members=opts.members, endpoints=[0], seed=data.seed)
+    records = [{"t": None, "kind": "checkpoint"}, *members]
+    choice = choice_report(sel, cands, max_members=opts.members)
+    choice["decision"] = decision_sentence(choice)
+    return ([[start, *states][i] for i in sel.indices], [records[i] for i in sel.indices], sel.weights, choice)
 
 
 def stability_of_file(file: str | os.PathLike, *, model: ModelOptions, data: DataOptions,

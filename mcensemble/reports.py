@@ -12,7 +12,7 @@ from pathlib import Path as _FsPath
 from typing import Any
 
 from ._io import sha256_file
-from .baselines import SOUP_NOTE, Scorer, packed_state, skipped_row, soup_state, weighted_average
+from .baselines import SOUP_NOTE, Scorer, packed_state, skipped_row, soup_state, vs_reference, weighted_average
 from .bn import has_batchnorm
 from .checkpoints import load_checkpoint
 from .distributed import world_size
@@ -24,7 +24,8 @@ from .paths import path_kind
 
 __all__ = ["TRAIN_ONLY_WARNING", "describe_source", "data_report", "report_splits", "choice_report",
            "choice_summary", "build_report", "scan_summary", "cand_metrics", "endpoint_cands", "ens_metrics",
-           "soup_note", "packed_row", "build_baselines", "source_states", "eval_baselines", "fge_baselines"]
+           "soup_note", "packed_row", "build_baselines", "source_states", "eval_baselines", "fge_baselines",
+           "calibrated_on", "calibration_of"]
 
 _log = logging.getLogger(__name__)
 
@@ -54,11 +55,15 @@ def report_splits(train, val, test) -> dict[str, Any]:
     return splits
 
 
-def choice_report(sel, grid, opts: BuildOptions) -> dict[str, Any]:
-    """The member choice for the report: the rule that won, the members and weights, the
-    selection NLL of each cheaper choice and of the result, the bootstrap tests, the guarantee."""
+def choice_report(sel, grid, *, max_members: int, exact: bool = False) -> dict[str, Any]:
+    """The member choice for the report: the rule, the reference and the alternative, the
+    examples each was picked and confirmed on, the confirmed gain and its interval, the
+    members and weights, the selection NLL of each choice, the guarantee."""
     def where(i: int) -> dict[str, Any]:
         return {"t": grid[i].u, "path": grid[i].path, "path_t": grid[i].t}
+
+    def members_of(d: dict[str, Any]) -> list[dict[str, Any]]:
+        return [{**where(i), "count": c} for i, c in zip(d["indices"], d["counts"])]
 
     b = sel.baselines
     nll: dict[str, Any] = {"best_single": b["best_single"]["nll"], "best_single_t": grid[b["best_single"]["index"]].u,
@@ -68,17 +73,33 @@ def choice_report(sel, grid, opts: BuildOptions) -> dict[str, Any]:
         nll["endpoints_ensemble"] = b["endpoints_ensemble"]["nll"]
     greedy = dict(sel.greedy)
     if greedy:
-        greedy["members"] = [{**where(i), "count": c} for i, c in zip(greedy.pop("indices"), greedy.pop("counts"))]
-    return {"rule": sel.rule, "data": "val", "max_members": opts.members, "exact": opts.exact_members,
-            "n_members": len(sel.indices), "weights": sel.weights, "counts": sel.counts,
-            "members": [{**where(i), "count": c, "weight": w} for i, c, w in zip(sel.indices, sel.counts, sel.weights)],
-            "selection_nll": nll, "greedy": greedy, "bootstrap": sel.tests, "guarantee": sel.guarantee}
+        greedy["members"] = members_of(greedy)
+        del greedy["indices"], greedy["counts"]
+    ref = sel.reference
+    reference = {"name": ref["name"], "cost": ref["cost"], "selection_nll": ref["nll"], "members": members_of(ref)}
+    conf = dict(sel.confirmation)
+    if conf:
+        conf["folds"] = [{**{k: v for k, v in f.items() if k != "alternative"},
+                          "alternative": members_of(f["alternative"])} for f in conf["folds"]]
+    out = {"rule": sel.rule, "data": "val", "max_members": max_members, "exact": exact,
+           "n_members": len(sel.indices), "weights": sel.weights, "counts": sel.counts,
+           "members": [{**where(i), "count": c, "weight": w} for i, c, w in zip(sel.indices, sel.counts, sel.weights)],
+           "reference": reference, "confirmation": conf, "selection_nll": nll, "greedy": greedy,
+           "guarantee": sel.guarantee}
+    if sel.vs_checkpoints is not None:
+        out["vs_checkpoints"] = sel.vs_checkpoints
+    return out
 
 
 def choice_summary(choice: dict[str, Any]) -> dict[str, Any]:
     """What the ensemble file records of the choice (the report has the rest)."""
     keys = ("rule", "data", "max_members", "exact", "n_members", "decision", "guarantee")
     out = {k: choice.get(k) for k in keys}
+    if choice.get("reference"):
+        out["reference"] = choice["reference"]["name"]
+    test = (choice.get("confirmation") or {}).get("test")
+    if test:
+        out["confirmation"] = {k: test[k] for k in ("gain", "relative_gain", "ci95", "p_positive", "accepted")}
     if "selection_nll" in choice:
         out["selection_nll"] = {k: v for k, v in choice["selection_nll"].items() if k != "endpoints"}
     return out
@@ -174,12 +195,14 @@ def packed_row(sc, net, a, b, train, *, graph=None, data) -> dict[str, Any]:
 
 
 def build_baselines(net, grid, paths, ends, soup_sd, report, opts: BuildOptions, data: DataOptions, *, graph,
-                     loaders) -> list[dict[str, Any]]:
+                     loaders, ensemble=None) -> list[dict[str, Any]]:
     """Rows: each checkpoint (cost 1), their equal-weight ensemble (cost = their number),
     the soup (cost 1), the packed pair (cost 1, two checkpoints of a layered network) and
-    the built ensemble (cost K), on the report's splits."""
+    the built ensemble (cost K), on the report's splits. With the built `ensemble` (an
+    `EnsembleModel`), its row carries `vs_reference`: its NLL gain over the reference
+    (`report["choice"]["reference"]`, else the checkpoints' ensemble) per split, with an interval."""
     train, val, test = loaders
-    sc = Scorer(net, report_splits(train, val, test), device=data.device)
+    sc = Scorer(net, report_splits(train, val, test), device=data.device, calibrate=calibrated_on(report))
     ends_c = endpoint_cands(grid, len(paths))
     for name, c in ends_c:
         sc.add(name, candidate_state(paths[c.path], c), known={"val": c.val_log_probs})
@@ -196,9 +219,21 @@ def build_baselines(net, grid, paths, ends, soup_sd, report, opts: BuildOptions,
         rows.append(packed_row(sc, net, ends[0], ends[1], train, graph=graph, data=data))
     e = report["ensemble"]
     k = len(report["members"])
-    rows.append({"name": f"built ensemble ({k} member{'s' if k != 1 else ''})", "kind": "ensemble",
-                 "cost": sum(1 for m in report["members"] if m["weight"] > 0),
-                 **{s: e[s] for s in sc.splits if s in e}})
+    row = {"name": f"built ensemble ({k} member{'s' if k != 1 else ''})", "kind": "ensemble",
+           "cost": sum(1 for m in report["members"] if m["weight"] > 0), **{s: e[s] for s in sc.splits if s in e},
+           **calibration_of(report)}
+    if ensemble is not None:
+        ref = (report.get("choice") or {}).get("reference")
+        at = {round(m["t"], 9) for m in ref["members"]} if ref else None
+        ref_keys = [n for n, c in ends_c if at is None or round(c.u, 9) in at]
+        temperature, ensemble.temperature = ensemble.temperature, 1.0  # compared as chosen: uncalibrated
+        try:
+            sc.add("built", model=ensemble)
+        finally:
+            ensemble.temperature = temperature
+        row["vs_reference"] = vs_reference(sc, ref["name"] if ref else f"the {len(names)} checkpoints' ensemble",
+                                           ref_keys, ["built"])
+    rows.append(row)
     return rows
 
 
@@ -214,6 +249,17 @@ def source_entry(file, sha256: str | None, dest) -> dict[str, Any]:
         except ValueError:  # another drive (Windows): the absolute name only
             pass
     return entry
+
+
+def calibrated_on(report) -> str | None:
+    """The split a build's temperature was fitted on (the baselines are calibrated on it too)."""
+    cal = report.get("calibration") or {}
+    return cal.get("fit") if "temperature" in cal else None
+
+
+def calibration_of(report) -> dict[str, Any]:
+    """`{"calibration": ...}` for the built ensemble's row when the build fitted a temperature."""
+    return {"calibration": report["calibration"]} if calibrated_on(report) else {}
 
 
 def source_states(ens, file, model) -> tuple[list[tuple[str, dict]], list[tuple[str, str]]]:
@@ -244,12 +290,14 @@ def source_states(ens, file, model) -> tuple[list[tuple[str, dict]], list[tuple[
     return found, why
 
 
-def eval_baselines(ens, file, per, loader, train, test, model, data: DataOptions) -> list[dict[str, Any]]:
+def eval_baselines(ens, file, per, loader, train, test, model, data: DataOptions, *,
+                   calibrate: bool = False) -> list[dict[str, Any]]:
     """`eval`'s rows: the recorded checkpoints (as saved) and their ensemble, the soup, the
-    packed pair and the file's ensemble, on the evaluation data ("eval") and `--test-data`."""
+    packed pair and the file's ensemble, on the evaluation data ("eval") and `--test-data`;
+    `calibrate`: each row also gets a temperature fitted on the evaluation data."""
     splits = {"eval": loader, **({"test": test} if test is not None else {})}
     net = ens.members[0]
-    sc = Scorer(net, splits, device=data.device)
+    sc = Scorer(net, splits, device=data.device, calibrate="eval" if calibrate else None)
     for i, member in enumerate(ens.members):
         sc.add(("member", i), model=member, known={"eval": per[i]})
     srcs, why = source_states(ens, file, model)
@@ -284,20 +332,40 @@ def eval_baselines(ens, file, per, loader, train, test, model, data: DataOptions
         rows.append(packed_row(sc, copy.deepcopy(net), srcs[0][1], srcs[1][1], train, data=data))
     k = len(ens)
     stored = "as stored: BatchNorm re-estimated at build" if bn else "as stored"
-    rows.append(sc.row(f"this file's ensemble ({k} member{'s' if k != 1 else ''}, {stored})", "ensemble",
-                       [("member", i) for i in range(k)], weights=ens.weights))
+    row = sc.row(f"this file's ensemble ({k} member{'s' if k != 1 else ''}, {stored})", "ensemble",
+                 [("member", i) for i in range(k)], weights=ens.weights)
+    if names:
+        row["vs_reference"] = _eval_reference(sc, ens, names)
+    rows.append(row)
     return rows
+
+
+def _eval_reference(sc, ens, names: list[str]) -> dict[str, Any]:
+    """`eval`'s reference, as `build` chose it: the recorded checkpoints' ensemble when the
+    build allowed as many members (`max_members`, else the file's member count), else the
+    best of them on the evaluation data; the file's ensemble against it, with intervals."""
+    choice = ens.metadata.get("choice") if isinstance(ens.metadata.get("choice"), dict) else {}
+    budget = choice.get("max_members") if isinstance(choice.get("max_members"), int) else len(ens)
+    if len(names) >= 2 and budget >= len(names):
+        ref_name, ref_keys = f"the {len(names)} checkpoints' ensemble", names
+    else:
+        best = min(names, key=lambda n: sc.row(n, "endpoint", [n])["eval"]["nll"])
+        ref_name, ref_keys = ("the best checkpoint" if len(names) > 1 else "the checkpoint"), [best]
+    k = len(ens)
+    out = vs_reference(sc, ref_name, ref_keys, [("member", i) for i in range(k)], weights=ens.weights)
+    out["built_by"] = choice.get("decision")
+    return out
 
 
 def fge_baselines(net, ck, soup_sd, report, loaders, data: DataOptions) -> list[dict[str, Any]]:
     """FGE's rows: the start checkpoint (cost 1), the snapshots' soup (cost 1), the packed
     pair (does not apply: one checkpoint) and the FGE ensemble (cost K)."""
-    sc = Scorer(net, report_splits(*loaders), device=data.device)
+    sc = Scorer(net, report_splits(*loaders), device=data.device, calibrate=calibrated_on(report))
     sc.add("start", ck.state_dict)
     sc.add("soup", soup_sd)
     e, k = report["ensemble"], len(report["members"])
     return [sc.row("start checkpoint", "endpoint", ["start"]),
             sc.row("soup", "soup", ["soup"], note=soup_note(report)),
             skipped_row("packed pair", "packed", 1, "FGE starts from one checkpoint: there is no pair to pack"),
-            {"name": f"FGE ensemble ({k} snapshots)", "kind": "ensemble", "cost": k,
-             **{s: e[s] for s in sc.splits if s in e}}]
+            {"name": f"FGE ensemble ({k} member{'s' if k != 1 else ''})", "kind": "ensemble", "cost": k,
+             **{s: e[s] for s in sc.splits if s in e}, **calibration_of(report)}]

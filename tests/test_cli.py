@@ -354,9 +354,10 @@ def test_eval_per_member_and_ensemble(mce_cli, built, tmp_path):
     log_mean = torch.logsumexp(torch.stack(lps), 0) - math.log(len(lps))
     assert rep["ensemble"]["nll"] == pytest.approx(F.nll_loss(log_mean, y).item(), rel=1e-5)
     assert rep["ensemble"]["acc"] == pytest.approx((log_mean.argmax(1) == y).float().mean().item())
-    # the ensemble module gives the same log-probabilities
+    # the ensemble module gives the same log-probabilities, at the temperature the build fitted and stored
+    assert ens.temperature == ens.metadata["calibration"]["temperature"] != 1.0
     with torch.no_grad():
-        assert torch.allclose(ens(x), log_mean, atol=1e-5)
+        assert torch.allclose(ens(x), torch.log_softmax(log_mean / ens.temperature, dim=1), atol=1e-5)
     assert "ensemble (2)" in res.output
 
 

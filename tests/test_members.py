@@ -268,31 +268,124 @@ def _chosen_nll(cands, labels, sel) -> float:
 
 @pytest.mark.parametrize("seed", range(6))
 @pytest.mark.parametrize("max_members", [1, 2, 4])
-def test_selection_never_loses_to_its_best_member_on_the_selection_data(seed, max_members):
+def test_selection_never_loses_to_the_reference_on_the_selection_data(seed, max_members):
     cands, labels = _random_cands(seed, m=7, n=60 + 40 * seed)
     sel = select_members(cands, labels, max_members=max_members, endpoints=[0, 6], seed=seed)
     nll = _chosen_nll(cands, labels, sel)
     assert nll == pytest.approx(sel.nll, rel=1e-5)
-    singles = [_nll([c], labels) for c in cands]
-    assert nll <= min(singles) + 1e-6
-    if max_members >= 2:  # the two endpoints' ensemble is allowed: never worse than it either
-        assert nll <= _nll([cands[0], cands[6]], labels) + 1e-6
+    ends = _nll([cands[0], cands[6]], labels)
+    if max_members >= 2:  # the reference is the two checkpoints' ensemble, and a departure keeps >= 2 members
+        assert sel.reference["name"] == "the 2 checkpoints' ensemble"
+        assert sel.reference["nll"] == pytest.approx(ends, rel=1e-5) and len(sel.indices) >= 2
+    else:  # one member asked for: the reference is the better checkpoint
+        best = min((0, 6), key=lambda i: _nll([cands[i]], labels))
+        assert sel.reference["name"] == "the best checkpoint" and sel.reference["indices"] == [best]
+        assert sel.vs_checkpoints is not None
+        if sel.rule == "reference":
+            assert sel.vs_checkpoints["gain"] == pytest.approx(ends - nll, rel=1e-5, abs=1e-6)
+    assert nll <= sel.reference["nll"] + 1e-6
+    if sel.rule == "reference":
+        assert sel.indices == sel.reference["indices"]
+    else:
+        assert sel.rule == "confirmed" and sel.confirmation["accepted"]
+        assert all(f["gain"] > 0 for f in sel.confirmation["folds"])
     assert 1 <= len(sel.indices) <= max_members
     assert sum(sel.weights) == pytest.approx(1.0) and all(w > 0 for w in sel.weights)
     assert [c / sum(sel.counts) for c in sel.counts] == pytest.approx(sel.weights)
 
 
+def _lucky_candidates(n: int, m: int, seed: int):
+    """Two checkpoints A, B and m curve points with no real gain over A: each point's
+    probability of the true class is A's times exp(noise), the noise symmetric (mean zero),
+    so the best point on any one selection set beats A there by chance only."""
+    torch.manual_seed(seed)
+    labels = torch.zeros(n, dtype=torch.long)
+    pa = 0.3 + 0.4 * torch.rand(n)
+    pb = 0.25 + 0.4 * torch.rand(n)
+    pts = [pa * (torch.distributions.StudentT(2.0).sample((n,)) * 0.15).clamp(-0.3, 0.3).exp() for _ in range(m)]
+    return [_cand(i, _log_probs(p.tolist(), n_classes=2)) for i, p in enumerate([pa, *pts, pb])], labels
+
+
+def test_a_candidate_best_by_chance_is_refused():
+    """The failure of the old rule: one new model, best on the selection data only by luck,
+    shipped instead of what the user had. Departures now need confirmation on examples that
+    did not pick them; and with `members` > 1 a single new model cannot ship at all."""
+    lucky = refused = 0
+    for seed in range(10):
+        cands, labels = _lucky_candidates(500, 9, seed)
+        last = len(cands) - 1
+        best_ckpt = min(_nll([cands[0]], labels), _nll([cands[last]], labels))
+        one = select_members(cands, labels, max_members=1, endpoints=[0, last], seed=seed)
+        if min(_nll([c], labels) for c in cands[1:-1]) < best_ckpt:  # the old rule shipped that point
+            lucky += 1
+            refused += one.rule == "reference" and one.indices == [0]
+        five = select_members(cands, labels, max_members=5, endpoints=[0, last], seed=seed)
+        assert len(five.indices) >= 2  # no single-model downgrade unless one member is asked for
+    assert lucky >= 7 and refused >= lucky - 1  # the gate's 95% leaves room for one lucky split
+
+
+def _diverse_candidates(n: int, m: int, seed: int, classes: int = 10):
+    """Independent models of equal strength: the more of them in the mixture, the lower its
+    NLL, on any examples (a real gain over the two checkpoints' ensemble)."""
+    g = torch.Generator().manual_seed(seed)
+    labels = torch.randint(0, classes, (n,), generator=g)
+    out = []
+    for i in range(m):
+        logits = torch.randn(n, classes, generator=g) * 1.5 + 3.0 * F.one_hot(labels, classes)
+        out.append(_cand(i, F.log_softmax(logits, dim=-1)))
+    return out, labels
+
+
+def test_a_real_gain_is_confirmed_with_its_interval():
+    cands, labels = _diverse_candidates(2000, 9, 0)
+    sel = select_members(cands, labels, max_members=5, endpoints=[0, 8], seed=0)
+    assert sel.rule == "confirmed" and len(sel.indices) > 2
+    test = sel.confirmation["test"]
+    assert test["accepted"] and test["ci95"][0] > 0 and test["relative_gain"] > 0.02
+    # 2,000 examples: 10 parts of 200; each pick is made on the other 1,800
+    assert sel.confirmation["parts"] == 10 and [f["picked_on"] for f in sel.confirmation["folds"]] == [1800] * 10
+    assert sel.nll < sel.reference["nll"]
+    # the report's decision line names the reference, the examples and the interval
+    from mcensemble.baselines import decision_sentence
+    from mcensemble.reports import choice_report
+    choice = choice_report(sel, cands, max_members=5)
+    line = decision_sentence(choice)
+    assert "rule confirmed" in line and "the 2 checkpoints' ensemble" in line
+    assert "without each of 10 parts of the 2000 selection examples" in line and "95% interval" in line
+
+
+def test_one_member_only_on_request_and_its_cost_is_reported():
+    cands, labels = _diverse_candidates(2000, 9, 1)
+    five = select_members(cands, labels, max_members=5, endpoints=[0, 8], seed=0)
+    assert len(five.indices) >= 2
+    one = select_members(cands, labels, max_members=1, endpoints=[0, 8], seed=0)
+    assert len(one.indices) == 1 and one.reference["name"] == "the best checkpoint"
+    vs = one.vs_checkpoints  # one model of equal strength loses against the two checkpoints' ensemble
+    assert vs["name"] == "the 2 checkpoints' ensemble" and vs["gain"] < 0 and vs["ci95"][1] < 0
+    from mcensemble.baselines import decision_sentence
+    from mcensemble.reports import choice_report
+    assert "the price of the smaller `members` asked for" in decision_sentence(
+        choice_report(one, cands, max_members=1))
+
+
+def test_too_few_selection_examples_keep_the_reference():
+    cands, labels = _diverse_candidates(19, 5, 2)
+    sel = select_members(cands, labels, max_members=4, endpoints=[0, 4])
+    assert sel.rule == "reference" and "too few" in sel.confirmation["reason"]
+    with pytest.raises(BadOptionError, match="`endpoints`"):
+        select_members(cands, labels, max_members=4, endpoints=[0, 9])
+
+
 def test_forced_distinct_members_can_lose_where_selection_does_not():
-    """The failure from the issue: four distinct members forced in are worse than the best
-    member alone; with replacement and the upper bound the selection keeps the best one."""
+    """Four distinct members forced in are worse than the best member alone; the selection
+    keeps the reference (here the better checkpoint, as one member is all that beats it)."""
     labels = torch.zeros(200, dtype=torch.long)
     cands = [_cand(i, _log_probs([c] * 200)) for i, c in enumerate([0.95, 0.3, 0.35, 0.3])]
     forced = select_members(cands, labels, max_members=4, exact=True)
     assert len(forced.indices) == 4 and forced.rule == "exact"
-    assert _chosen_nll(cands, labels, forced) > _nll([cands[0]], labels)  # the old behaviour loses
-    sel = select_members(cands, labels, max_members=4, endpoints=[0, 3])
-    assert sel.indices == [0] and sel.rule == "best-single" and sel.weights == [1.0]
-    assert sel.baselines["endpoints_ensemble"]["nll"] > sel.nll
+    assert _chosen_nll(cands, labels, forced) > _nll([cands[0]], labels)
+    sel = select_members(cands, labels, max_members=1, endpoints=[0, 3])
+    assert sel.indices == [0] and sel.rule == "reference" and sel.weights == [1.0]
 
 
 def test_greedy_with_replacement_gives_weights():
@@ -303,15 +396,14 @@ def test_greedy_with_replacement_gives_weights():
     b = _log_probs([0.30] * 300 + [0.90] * 100)
     cands = [_cand(0, a), _cand(1, b)]
     sel = select_members(cands, labels, max_members=2, endpoints=[0, 1])
-    assert sel.rule == "greedy" and sel.indices == [0, 1]
+    assert sel.rule == "confirmed" and sel.indices == [0, 1]
     assert sel.counts[0] > sel.counts[1]
-    # it beats the equal-weight pair, and any other split with as many picks is no better
     assert sel.nll < _nll(cands, labels)
     picks = sum(sel.counts)
     best_grid = min(ensemble_metrics([a, b], labels, [k, picks - k]).nll for k in range(1, picks))
     assert sel.nll <= best_grid + 1e-9
-    test = sel.tests[-1]
-    assert test["accepted"] and test["p_positive"] >= 0.95 and test["from"] == "endpoints"
+    test = sel.confirmation["test"]
+    assert test["accepted"] and test["p_positive"] >= 0.95 and test["ci95"][0] > 0
 
 
 def _noisy_pair_and_lucky_point(n_repeat: int):
@@ -325,19 +417,16 @@ def _noisy_pair_and_lucky_point(n_repeat: int):
     return [_cand(0, a), _cand(1, c), _cand(2, b)], labels
 
 
-def test_bootstrap_gate_keeps_the_cheaper_choice_on_a_tiny_noisy_selection_set():
-    cands, labels = _noisy_pair_and_lucky_point(1)
+def test_bootstrap_gate_keeps_the_reference_on_a_tiny_noisy_selection_set():
+    cands, labels = _noisy_pair_and_lucky_point(2)
     sel = select_members(cands, labels, max_members=3, endpoints=[0, 2], seed=0)
-    # the greedy found a lower selection NLL than the endpoints' ensemble ...
     assert sel.greedy["nll"] < sel.baselines["endpoints_ensemble"]["nll"]
-    # ... but on 12 examples the gain is within the noise: the two endpoints stay
-    assert sel.rule == "endpoints" and sel.indices == [0, 2] and sel.weights == [0.5, 0.5]
-    assert sel.tests and not any(t["accepted"] for t in sel.tests)
-    assert all(t["p_positive"] < 0.95 and t["resamples"] == 1000 for t in sel.tests)
-    # the same per-example pattern on 40 times as many examples is no longer noise
-    many = select_members(*_noisy_pair_and_lucky_point(40), max_members=3, endpoints=[0, 2], seed=0)
-    assert many.rule == "greedy" and 1 in many.indices
-    assert "never above that of its best single candidate" in sel.guarantee
+    assert sel.rule == "reference" and sel.indices == [0, 2] and sel.weights == [0.5, 0.5]
+    assert sel.confirmation["test"]["resamples"] == 1000 and not sel.confirmation["accepted"]
+    # the same per-example pattern on 100 times as many examples is no longer noise
+    many = select_members(*_noisy_pair_and_lucky_point(100), max_members=3, endpoints=[0, 2], seed=0)
+    assert many.rule == "confirmed" and 1 in many.indices
+    assert "did not pick it" in sel.guarantee and "the 2 checkpoints' ensemble" in sel.guarantee
 
 
 def test_selection_respects_the_upper_bound_and_exact():
@@ -345,13 +434,12 @@ def test_selection_respects_the_upper_bound_and_exact():
     for k in (1, 2, 3):
         sel = select_members(cands, labels, max_members=k, endpoints=[0, 8])
         assert len(sel.indices) <= k
-        assert all(len(sel.greedy["indices"]) <= k for _ in [0])
+        assert len(sel.greedy["indices"]) <= k
         exact = select_members(cands, labels, max_members=k, exact=True)
         assert len(exact.indices) == k and exact.weights == pytest.approx([1 / k] * k)
         assert sorted(exact.indices) == sorted(select_greedy_nll(cands, k, labels))
     one = select_members(cands, labels, max_members=1, endpoints=[0, 8])
     assert not one.baselines["endpoints_ensemble"]["allowed"]
-    assert one.indices == [one.baselines["best_single"]["index"]]
 
 
 def test_selection_is_deterministic_and_seeded():
@@ -420,3 +508,21 @@ def test_predict_log_probs_restores_each_mode_and_refuses_no_data():
     assert net.training and not net[5].training and net[1].training
     with pytest.raises(DataSpecError, match="no batches"):
         predict_log_probs(net, [])
+
+
+@pytest.mark.parametrize("n, parts", [(40, 2), (299, 2), (300, 3), (950, 9), (5000, 10)])
+def test_cross_fitting_scores_each_part_with_a_pick_that_never_saw_it(n, parts):
+    from mcensemble import members as M
+    cands, labels = _diverse_candidates(n, 4, 3)
+    q = M._true_class_probs(cands, labels)
+    ref = M._counts_of(4, [0, 3])
+    pick = {"max_members": 3, "min_members": 2, "max_picks": 50}
+    rec, oof = M._cross_fit(q, ref, confidence=0.95, resamples=200, seed=5, **pick)
+    assert rec["parts"] == parts and sum(f["scored_on"] for f in rec["folds"]) == n
+    scored = M._folds(n, parts, 5)
+    assert sorted(torch.cat(scored).tolist()) == list(range(n))  # disjoint parts covering every example
+    for part, fold in zip(scored, rec["folds"]):
+        rest = torch.tensor(sorted(set(range(n)) - set(part.tolist())))
+        alt, _ = M._pick(q[:, rest], ref, **pick)  # picked without the part ...
+        assert fold["alternative"]["indices"] == torch.nonzero(alt).flatten().tolist()
+        assert torch.allclose(oof[part], M._losses(q[:, part], alt))  # ... and scored on it

@@ -262,21 +262,32 @@ def _weighted_nll(nets, weights, x, y) -> float:
     return F.nll_loss(p.log(), y).item()
 
 
-def test_build_chooses_with_replacement_never_worse_than_its_best_member(mce_mlp_pair, tmp_path, selection_spec):
+def test_build_never_departs_from_the_checkpoints_unconfirmed(mce_mlp_pair, tmp_path, selection_spec):
     out = tmp_path / "e.safetensors"
     res = build_ensemble(mce_mlp_pair, model=ModelOptions(),
                          data=DataOptions(data="digits", val_data=selection_spec, test_data="digits"),
                          opts=BuildOptions(method="linear", members=3, candidates=5), out=out)
     rep = res.report
     choice = rep["choice"]
-    assert choice["rule"] in ("endpoints", "best-single", "greedy") and choice["max_members"] == 3
-    assert 1 <= choice["n_members"] <= 3 and len(rep["members"]) == choice["n_members"]
-    assert "never above that of its best single candidate" in choice["guarantee"] and choice["decision"]
-    # the guarantee, on the selection data: no candidate alone, nor the two endpoints, is better
+    assert choice["rule"] in ("reference", "confirmed") and choice["max_members"] == 3
+    assert 2 <= choice["n_members"] <= 3 and len(rep["members"]) == choice["n_members"]
+    assert "did not pick it" in choice["guarantee"] and choice["decision"].startswith(f"rule {choice['rule']}")
+    ref = choice["reference"]
+    assert ref["name"] == "the 2 checkpoints' ensemble" and [m["t"] for m in ref["members"]] == [0.0, 1.0]
+    conf = choice["confirmation"]  # 360 examples: 3 parts of 120
+    assert conf["examples"] == 360 and conf["parts"] == 3 and len(conf["folds"]) == 3
+    # on the selection data the shipped choice is never above the reference
     chosen = rep["ensemble"]["val"]["nll"]
     assert chosen == pytest.approx(choice["selection_nll"]["chosen"], rel=1e-4)
-    assert all(chosen <= p["val_nll"] * (1 + 1e-5) for p in rep["path"]["points"])
     assert chosen <= choice["selection_nll"]["endpoints_ensemble"] * (1 + 1e-5)
+    if choice["rule"] == "reference":
+        assert [m["t"] for m in rep["members"]] == [0.0, 1.0]
+    # the built ensemble's row compares it with the reference on both splits, with intervals
+    vs = rep["baselines"][-1]["vs_reference"]
+    assert vs["reference"] == ref["name"] and vs["test"]["examples"] == 360
+    assert vs["val"]["ci95"][0] <= vs["val"]["gain"] <= vs["val"]["ci95"][1]
+    if choice["rule"] == "reference":  # the same two models: no gain at all
+        assert vs["test"]["gain"] == pytest.approx(0.0, abs=1e-5)
     # weights: in the report, in the file, and used by the loaded ensemble
     ws = [m["weight"] for m in rep["members"]]
     assert sum(ws) == pytest.approx(1.0) and ws == pytest.approx(res.weights)
@@ -415,9 +426,18 @@ def test_fge_report_has_its_baselines(mce_mlp_pair, tmp_path):
                          data=DataOptions(data="digits,train=256", val_data="digits", test_data="digits"),
                          opts=BuildOptions(method="fge", members=2, settings={"epochs": 2, "lr": 0.05}))
     rows = {r["name"]: r for r in res.report["baselines"]}
-    assert list(rows) == ["start checkpoint", "soup", "packed pair", "FGE ensemble (2 snapshots)"]
+    k = len(res.report["members"])
+    name = f"FGE ensemble ({k} member{'s' if k != 1 else ''})"
+    assert list(rows) == ["start checkpoint", "soup", "packed pair", name]
     assert "no pair to pack" in rows["packed pair"]["skipped"]
-    assert rows["FGE ensemble (2 snapshots)"]["val"] == res.report["ensemble"]["val"]
+    assert rows[name]["val"] == res.report["ensemble"]["val"]
+    # the start checkpoint is the reference: snapshots replace it only when confirmed
+    choice = res.report["choice"]
+    assert choice["reference"]["name"] == "the checkpoint" and choice["rule"] in ("reference", "confirmed")
+    assert choice["decision"].startswith(f"rule {choice['rule']}")
+    if choice["rule"] == "reference":
+        assert [m["kind"] for m in res.report["members"]] == ["checkpoint"]
+        assert res.report["ensemble"]["val"]["nll"] == pytest.approx(res.report["start"]["val"]["nll"], rel=1e-5)
     assert rows["start checkpoint"]["test"]["nll"] == pytest.approx(res.report["start"]["test"]["nll"], rel=1e-5)
 
 

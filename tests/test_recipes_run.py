@@ -23,8 +23,10 @@ def test_offline_recipe_runs(name, method, mce_cli, tmp_path, monkeypatch):
     rep = json.loads((tmp_path / "r.json").read_text())
     assert rep["method"] == method
     ens = mcensemble.load_ensemble(tmp_path / "e.safetensors")
-    # --members 4 is an upper bound for members chosen on --val-data; FGE keeps every snapshot
-    assert len(ens) == len(rep["members"]) and (len(ens) == 4 if method == "fge" else 1 <= len(ens) <= 4)
+    # --members 4 is an upper bound for members chosen on --val-data (FGE: the checkpoint and its
+    # snapshots are the candidates, the checkpoint the reference)
+    assert len(ens) == len(rep["members"]) and 1 <= len(ens) <= 4
+    assert rep["choice"]["rule"] in ("reference", "confirmed")
     x = torch.rand(5, 1, 8, 8)
     assert torch.allclose(ens(x).exp().sum(1), torch.ones(5), atol=1e-5)
     if method == "dropout":

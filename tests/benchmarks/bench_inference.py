@@ -1,30 +1,40 @@
-"""Ensemble inference speed: K single-model passes vs the loop and vmap strategies.
+"""Ensemble inference speed: K single passes vs the eager loop, vmap, torch.compile and onnxruntime.
 
     python tests/benchmarks/bench_inference.py [--out FILE.md] [--batch 64] [--device cpu]
-        [--threads N] [--ks 2,4,8] [--no-timm]
+        [--threads 1] [--ks 2,4,8] [--rounds 15] [--models bn-cnn,test_resnet,...] [--no-compile] [--no-onnx]
 
-For each model and K, all three are timed on the same batch in one run (interleaved
-rounds, median of each), and reported as ratios to the baseline (K plain forward passes of K
-separate models, no combination). Also shows which strategy "auto" picks. Target
-(DESIGN.md): ensemble inference <= 1.1x the baseline.
+For each model and K, on the same batch, in one run (interleaved rounds, median of each):
+
+- baseline: K plain forward passes of K separate models (no combination);
+- eager: `EnsembleModel` (the member loop, the default strategy), log mean probability;
+- vmap: the "vmap" strategy (`torch.func.vmap` over the stacked member weights, what
+  `torch.func.stack_module_state` builds): the GPU strategy, also timed on CPU;
+- compiled: the member loop with each member's forward under `torch.compile` (one compiled
+  function per architecture, shared by the K members: compiled once, at K = 2), plus the
+  combination;
+- onnxruntime: the file `mcensemble export --format onnx` writes (the whole ensemble,
+  probabilities out), in an onnxruntime session with the same thread count.
+
+Ratios are to the baseline. Targets (issue 20, CPU): eager <= 1.02x; the best of the others
+<= 0.8x at K = 4 on the timm test models at batch 64. With `--device cuda` every column runs
+on the GPU (onnxruntime through its CUDA provider when onnxruntime-gpu is installed, else
+left out); the timm test models are tiny, so read GPU figures as launch overhead.
 """
 from __future__ import annotations
 
 import argparse
+import logging
 import platform
 import statistics
 import sys
+import tempfile
 import time
+from pathlib import Path
 
 import torch
 import torch.nn as nn
 
-from mcensemble.ensemble import EnsembleModel
-
-
-def make_mlp() -> nn.Module:
-    return nn.Sequential(nn.Flatten(), nn.Linear(64, 256), nn.ReLU(), nn.Linear(256, 256),
-                         nn.ReLU(), nn.Linear(256, 10))
+from mcensemble.ensemble import EnsembleModel, combine_mean_prob
 
 
 def make_cnn() -> nn.Module:
@@ -34,15 +44,18 @@ def make_cnn() -> nn.Module:
                          nn.AdaptiveAvgPool2d(1), nn.Flatten(), nn.Linear(64, 10))
 
 
-def make_timm() -> nn.Module:
-    import timm
-    return timm.create_model("test_resnet", num_classes=10, in_chans=1)
+def timm_model(arch: str):
+    def make() -> nn.Module:
+        import timm
+        return timm.create_model(arch, num_classes=10, in_chans=1)
+    return make
 
 
 MODELS = {
-    "mlp (64-256-256-10)": (make_mlp, (1, 8, 8)),
-    "bn-cnn (3 conv+BN, 8x8)": (make_cnn, (1, 8, 8)),
-    "timm test_resnet (16x16)": (make_timm, (1, 16, 16)),
+    "bn-cnn": ("bn-cnn (3 conv+BN, 8x8)", make_cnn, (1, 8, 8)),
+    "test_resnet": ("timm test_resnet (16x16)", timm_model("test_resnet"), (1, 16, 16)),
+    "test_efficientnet": ("timm test_efficientnet (16x16)", timm_model("test_efficientnet"), (1, 16, 16)),
+    "test_convnext": ("timm test_convnext (32x32)", timm_model("test_convnext"), (1, 32, 32)),
 }
 
 
@@ -50,7 +63,13 @@ def states_for(factory, k):
     out = []
     for i in range(k):
         torch.manual_seed(i)
-        out.append(factory().state_dict())
+        m = factory()
+        with torch.no_grad():  # BN statistics as a trained model has them (not 0 / 1)
+            for mod in m.modules():
+                if isinstance(mod, nn.modules.batchnorm._BatchNorm):
+                    mod.running_mean.uniform_(-0.2, 0.2)
+                    mod.running_var.uniform_(0.5, 1.5)
+        out.append(m.state_dict())
     return out
 
 
@@ -62,7 +81,30 @@ def timeit(fn, sync) -> float:
     return time.perf_counter() - t0
 
 
-def bench(factory, in_shape, k, batch, device, rounds):
+def onnx_session(ens, x, threads, device):
+    """An onnxruntime session over the exported ensemble, or None when it cannot run here."""
+    try:
+        import onnxruntime as ort
+    except ImportError:
+        return None
+    from mcensemble.export import export_ensemble
+    providers = ["CPUExecutionProvider"]
+    if device.startswith("cuda"):
+        if "CUDAExecutionProvider" not in ort.get_available_providers():
+            return None
+        providers = ["CUDAExecutionProvider"]
+    with tempfile.TemporaryDirectory() as d:
+        f = Path(d) / "ens.onnx"
+        export_ensemble(ens, f, format="onnx", example=x[:2].cpu(), verify=False)
+        so = ort.SessionOptions()
+        so.intra_op_num_threads = threads
+        so.inter_op_num_threads = 1
+        sess = ort.InferenceSession(str(f), so, providers=providers)
+    feed = {"input": x.cpu().numpy()}
+    return lambda: sess.run(["probs"], feed)
+
+
+def bench(factory, in_shape, k, batch, device, rounds, threads, compiled_member, use_onnx):
     states = states_for(factory, k)
     singles = []
     for st in states:
@@ -83,18 +125,21 @@ def bench(factory, in_shape, k, batch, device, rounds):
             ens(x)
         return run
 
-    fns = {"baseline": baseline, "loop": strat("loop"), "vmap": strat("vmap")}
+    fns = {"baseline": baseline, "eager": strat("loop"), "vmap": strat("vmap")}
+    if compiled_member is not None:
+        fns["compiled"] = lambda: combine_mean_prob(torch.stack([compiled_member(m, x) for m in ens.members]))
+    if use_onnx:
+        sess = onnx_session(ens, x, threads, device)
+        if sess is not None:
+            fns["onnxruntime"] = sess
     times = {n: [] for n in fns}
     with torch.no_grad():
-        for f in fns.values():          # warm-up
+        for f in fns.values():          # warm-up (compiles at the first K)
             f(), f()
         for _ in range(rounds):
             for n, f in fns.items():
                 times[n].append(timeit(f, sync))
-        fresh = EnsembleModel(factory, states, device=device)   # what "auto" picks
-        fresh(x)
-    med = {n: statistics.median(v) for n, v in times.items()}
-    return med, fresh.strategy
+    return {n: statistics.median(v) for n, v in times.items()}
 
 
 def main(argv=None) -> int:
@@ -102,36 +147,52 @@ def main(argv=None) -> int:
     ap.add_argument("--out", help="append the markdown table to this file")
     ap.add_argument("--batch", type=int, default=64)
     ap.add_argument("--device", default="cpu")
-    ap.add_argument("--rounds", type=int, default=20)
-    ap.add_argument("--threads", type=int, default=None,
-                    help="torch.set_num_threads (default: torch's; 1 is steadier on a busy machine)")
+    ap.add_argument("--rounds", type=int, default=15)
+    ap.add_argument("--threads", type=int, default=1, help="torch (and onnxruntime) threads")
     ap.add_argument("--ks", default="2,4,8")
-    ap.add_argument("--no-timm", action="store_true")
+    ap.add_argument("--models", default=",".join(MODELS), help=f"comma-separated, of {', '.join(MODELS)}")
+    ap.add_argument("--no-compile", action="store_true", help="leave out the torch.compile column")
+    ap.add_argument("--no-onnx", action="store_true", help="leave out the onnxruntime column")
     args = ap.parse_args(argv)
     torch.set_flush_denormal(True)
-    if args.threads:
-        torch.set_num_threads(args.threads)
+    torch.set_num_threads(args.threads)
+    logging.getLogger("torch").setLevel(logging.ERROR)
     ks = [int(k) for k in args.ks.split(",")]
+    cols = ["eager", "vmap", *(() if args.no_compile else ("compiled",)), *(() if args.no_onnx else ("onnxruntime",))]
     lines = [
         f"### Ensemble inference, {args.device}, batch {args.batch} "
         f"(torch {torch.__version__}, {platform.machine()}, {torch.get_num_threads()} threads)",
         "",
-        "| model | K | K single passes (ms) | loop / baseline | vmap / baseline | auto picks |",
-        "|---|---|---|---|---|---|",
+        "| model | K | K single passes (ms) | " + " | ".join(f"{c} / baseline" for c in cols) + " | best other |",
+        "|---|---|---|" + "---|" * len(cols) + "---|",
     ]
     t_start = time.perf_counter()
-    for name, (factory, in_shape) in MODELS.items():
-        if args.no_timm and name.startswith("timm"):
-            continue
+    compile_s = {}
+    for key in args.models.split(","):
+        name, factory, in_shape = MODELS[key]
+        member_fn = None
+        if not args.no_compile:
+            # one compiled function per architecture: the K members are its inputs (their weights
+            # are graph inputs), so it compiles once, not once per member or per K
+            member_fn = torch.compile(lambda m, x: m(x), dynamic=False)
         for k in ks:
-            med, pick = bench(factory, in_shape, k, args.batch, args.device, args.rounds)
+            t0 = time.perf_counter()
+            med = bench(factory, in_shape, k, args.batch, args.device, args.rounds, args.threads, member_fn,
+                        not args.no_onnx)
+            if k == ks[0]:
+                compile_s[key] = time.perf_counter() - t0
             base = med["baseline"]
-            lines.append(f"| {name} | {k} | {base * 1e3:.2f} | {med['loop'] / base:.2f}x | "
-                         f"{med['vmap'] / base:.2f}x | {pick} |")
+            others = {c: med[c] / base for c in cols if c in med and c != "eager"}
+            best = min(others, key=others.get) if others else None
+            cells = [f"{med[c] / base:.2f}x" if c in med else "-" for c in cols]
+            lines.append(f"| {name} | {k} | {base * 1e3:.2f} | " + " | ".join(cells) +
+                         (f" | {best} {others[best]:.2f}x |" if best else " | - |"))
             print(lines[-1], file=sys.stderr, flush=True)
     lines.append("")
-    lines.append(f"(ratios: median of {args.rounds} interleaved rounds; ensemble times include "
-                 f"the log-mean-prob combination; total {time.perf_counter() - t_start:.0f}s)")
+    compiled = "" if args.no_compile else ("; the first K of each model took (compiling included) "
+                                           + ", ".join(f"{k} {v:.0f}s" for k, v in compile_s.items()))
+    lines.append(f"(ratios: median of {args.rounds} interleaved rounds; the ensemble columns include the "
+                 f"combination{compiled}; total {time.perf_counter() - t_start:.0f}s)")
     table = "\n".join(lines) + "\n"
     print(table)
     if args.out:

@@ -65,7 +65,7 @@ from mcensemble.members import (candidate_state, ensemble_metrics, evaluate_cand
                                 predict_log_probs, select_members)
 from mcensemble.paths.curve_base import CurveConfig
 from mcensemble.paths.fit import fit_curve  # noqa: E402
-from mcensemble.pipeline import BuildOptions  # noqa: E402
+from mcensemble.snapshots import FgeConfig  # noqa: E402
 from mcensemble.train import TrainConfig, train_model  # noqa: E402
 
 DIGITS_TRAIN = "digits,train=300,noise=0.2"
@@ -77,7 +77,7 @@ KS = (3, 5, 8)
 GRID = 11
 FGE_CYCLES = 4
 #: FGE's highest learning rate: what `build --method fge` uses by default (its --lr)
-FGE_LR = BuildOptions.lr
+FGE_LR = FgeConfig.lr
 #: CurveConfig.lr that reproduces the previous default fit (the bends at 0.05, 4 x 0.0125)
 OLD_LR = 0.0125
 
