@@ -14,7 +14,7 @@ The loads run in a subprocess whose address space is capped (`resource.RLIMIT_AS
 little above what the imports take), with a per-mutant alarm: a header that makes the
 reader allocate from a size it never checked ends as an error here, not as a machine
 that swaps. `python tests/test_fuzz_files.py --table` prints the outcome table that the
-README's reliability section quotes.
+docs/reliability.md quotes.
 """
 from __future__ import annotations
 
@@ -539,7 +539,7 @@ LABELS = {"ensemble": "ensemble", "fit-checkpoint": "fit checkpoint", "checkpoin
 
 
 def table(results: list[dict]) -> str:
-    """Markdown: mutants per file kind and category, and what they gave (the README's table)."""
+    """Markdown: mutants per file kind and category, and what they gave (docs/reliability.md's table)."""
     per_kind = Counter(r["kind"] for r in results)
     by = defaultdict(Counter)
     for r in results:

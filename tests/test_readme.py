@@ -88,3 +88,17 @@ def test_the_generated_references_are_current():
     spec.loader.exec_module(module)
     for name, render in module.FILES.items():
         assert (ROOT / "docs" / name).read_text() == render(), f"docs/{name} is stale: python docs/make_reference.py"
+
+
+def test_the_readme_model_module_exists_as_shown(tmp_path, monkeypatch):
+    """`--model mymodels:mlp` works as the README writes it: the README shows mymodels.py."""
+    from mcensemble.models import ModelSpec, create_model
+    text = (ROOT / "README.md").read_text()
+    source = re.search(r"```python\n# mymodels\.py\n(.*?)```", text, re.S).group(1)
+    (tmp_path / "mymodels.py").write_text(source)
+    monkeypatch.syspath_prepend(str(tmp_path))
+    specs = set(re.findall(r"--model ([a-z_]\w*:\w+)", text))
+    assert specs == {"mymodels:mlp"}
+    model = create_model(ModelSpec(entry="mymodels:mlp"))
+    import torch
+    assert model(torch.zeros(2, 1, 8, 8)).shape == (2, 10)      # digits in, 10 classes out

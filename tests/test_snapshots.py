@@ -1,6 +1,6 @@
 """SnapshotCollector: the FGE cyclical schedule, snapshots, the ensemble file, resume.
 
-The training-loop example in SnapshotCollector's docstring and in the README ("In a training
+The training-loop example in SnapshotCollector's docstring and in docs/guide.md ("In a training
 loop") is one text; it is checked to be identical in both places and run as it stands.
 """
 from __future__ import annotations
@@ -19,7 +19,7 @@ from mcensemble.ensemble import read_ensemble_metadata
 from mcensemble.errors import BadOptionError
 from mcensemble.snapshots import SnapshotCollector, fge_lr
 
-README = Path(__file__).resolve().parents[1] / "README.md"
+GUIDE = Path(__file__).resolve().parents[1] / "docs" / "guide.md"
 
 
 def docstring_example() -> str:
@@ -34,10 +34,10 @@ def docstring_example() -> str:
 
 
 def readme_example() -> str:
-    text = README.read_text()
-    section = text.split("### In a training loop", 1)[1]
+    text = GUIDE.read_text()
+    section = text.split("## In a training loop", 1)[1]
     m = re.search(r"```python\n(.*?)```", section, re.S)
-    assert m, "README's 'In a training loop' section has no python block"
+    assert m, "docs/guide.md's 'In a training loop' section has no python block"
     return m.group(1).strip("\n")
 
 
