@@ -11,6 +11,8 @@ import yaml
 
 import mcensemble
 
+from mcensemble.recipes import DEFAULT_RECIPE
+
 RECIPES = Path(__file__).resolve().parent.parent / "recipes"
 
 
@@ -18,7 +20,8 @@ RECIPES = Path(__file__).resolve().parent.parent / "recipes"
                                           ("fge-one-run.yaml", "fge")])
 def test_offline_recipe_runs(name, method, mce_cli, tmp_path, monkeypatch):
     monkeypatch.chdir(tmp_path)
-    res = mce_cli("build", "--recipe", RECIPES / name, "--report", tmp_path / "r.json", "--out", tmp_path / "e.safetensors")
+    recipe = Path(DEFAULT_RECIPE) if name == "default.yaml" else RECIPES / name
+    res = mce_cli("build", "--recipe", recipe, "--report", tmp_path / "r.json", "--out", tmp_path / "e.safetensors")
     assert res.exit_code == 0, res.output
     rep = json.loads((tmp_path / "r.json").read_text())
     assert rep["method"] == method
