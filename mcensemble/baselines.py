@@ -20,6 +20,7 @@ import torch
 import torch.nn as nn
 
 from .bn import labelled_batch, update_bn
+from .calibration import calibration_summary
 from .errors import DropoutPathError, MCEnsembleError
 from .members import check_weights, ensemble_metrics, mean_log_prob, paired_bootstrap, predict_log_probs
 from .pack import pack_pair
@@ -84,8 +85,6 @@ class Scorer:
             row[s] = ensemble_metrics([self.log_probs[k][s] for k in keys], self.label(s),
                                       weights if weights is not None else None).to_dict()
         if self.calibrate is not None:
-            from .calibration import calibration_summary
-            from .members import mean_log_prob
             mix = {s: (mean_log_prob(torch.stack([self.log_probs[k][s] for k in keys]), weights), self.label(s))
                    for s in self.splits}
             fit = mix.pop(self.calibrate)

@@ -42,6 +42,7 @@ import torch.nn as nn
 
 from ._io import (HASHES_KEY, atomic_path, can_stream_safetensors, independent_tensors, meta_field, read_header,
                   sha256_file, tensor_hashes, to_json, verify_tensor_hashes, write_safetensors_streamed)
+from .calibration import check_temperature
 from .checkpoints import meta_shapes
 from .errors import (ArchitectureMismatchError, BadOptionError, CheckpointError, MCEnsembleError, ModelSpecError,
                      NonFiniteError)
@@ -111,7 +112,6 @@ def _temperature_in(metadata: Mapping[str, Any]) -> float:
 def _set_temperature(metadata: dict[str, Any], value: Any) -> float:
     """Check a temperature (`BadOptionError` naming `temperature`) and record it in
     `metadata["calibration"]` (the fit's other fields are kept when T is unchanged)."""
-    from .calibration import check_temperature
     t = check_temperature(value)
     cal = metadata.get("calibration")
     if isinstance(cal, Mapping) and cal.get("temperature") == t:
@@ -685,7 +685,6 @@ def save_ensemble(dest: str | os.PathLike, member_states: Sequence[StateDict], *
     if calibration is not None:
         if not isinstance(calibration, Mapping) or "temperature" not in calibration:
             raise BadOptionError("calibration must be a dict with a 'temperature'", option="calibration")
-        from .calibration import check_temperature
         doc["calibration"] = {**calibration, "temperature": check_temperature(calibration["temperature"])}
     for key, value in (extra or {}).items():
         if key in _RESERVED:
