@@ -26,7 +26,7 @@ from .members import check_weights, ensemble_metrics, mean_log_prob, paired_boot
 from .pack import pack_pair
 
 __all__ = ["Scorer", "weighted_average", "soup_state", "packed_state", "skipped_row", "decision_sentence", "vs_reference",
-           "SOUP_NOTE"]
+           "SOUP_NOTE", "PACKED_ROW_EXAMPLES"]
 
 _log = logging.getLogger(__name__)
 
@@ -136,19 +136,28 @@ def soup_state(net: nn.Module, states: Sequence[StateDict], weights: Sequence[fl
     return {k: v.detach().cpu().clone() for k, v in net.state_dict().items()}
 
 
+#: the packed-pair row of build / eval reports: importance-ranked halves (no swap search) and
+#: BatchNorm / eps on a fixed subsample of this many training examples; `mcensemble pack`
+#: (or `--method dropout|short`) runs the full search
+PACKED_ROW_EXAMPLES = 1024
+
+
 def packed_state(net: nn.Module, a: StateDict, b: StateDict, train: Iterable[Any], *, graph=None,
-                 device: str | torch.device = "cpu", progress: bool | None = None
-                 ) -> tuple[dict[str, torch.Tensor] | None, str | None]:
-    """(the packed pair of A and B, None), or (None, why it does not apply). Layered networks
-    get the dropout construction's (D_1(A) + D_1(B)) / 2; residual and squeeze-excite ones,
-    which it refuses, the short path's (D_S(A) + D_T(B)) / 2; networks with LayerNorm or
-    GroupNorm over channels neither."""
+                 device: str | torch.device = "cpu", progress: bool | None = None,
+                 search_steps: int | None = 0, data_examples: int | None = PACKED_ROW_EXAMPLES):
+    """(the packed pair of A and B (`mcensemble.pack.PackedPair`), None), or (None, why it
+    does not apply). Layered networks get the dropout construction's (D_1(A) + D_1(B)) / 2;
+    residual and squeeze-excite ones, which it refuses, the short path's (D_S(A) + D_T(B)) / 2;
+    networks with LayerNorm or GroupNorm over channels neither. The defaults are the cheap
+    form a report row uses (`search_steps=0`: the importance ranking alone; BatchNorm and eps
+    on a fixed subsample of `data_examples` training examples); `search_steps=None,
+    data_examples=None` is `mcensemble pack`'s full search."""
+    kw = dict(graph=graph, device=device, progress=progress, search_steps=search_steps, data_examples=data_examples)
     try:
         try:
-            return pack_pair(net, a, b, train, graph=graph, device=device, progress=progress), None
+            return pack_pair(net, a, b, train, **kw), None
         except DropoutPathError:
-            return pack_pair(net, a, b, train, graph=graph, device=device, progress=progress,
-                             method="short"), None
+            return pack_pair(net, a, b, train, method="short", **kw), None
     except MCEnsembleError as e:
         reason = (str(e).strip().splitlines() or [type(e).__name__])[0]
         _log.info("packed pair skipped: %s", reason)

@@ -33,7 +33,7 @@ from ._modes import modes_kept
 from .errors import BadOptionError, DataSpecError
 from .precision import resolve_precision
 
-__all__ = ["has_batchnorm", "update_bn", "batch_input", "split_batch", "labelled_batch"]
+__all__ = ["has_batchnorm", "update_bn", "batch_input", "split_batch", "labelled_batch", "FixedSubset"]
 
 log = logging.getLogger(__name__)
 
@@ -262,3 +262,55 @@ def update_bn(model: nn.Module, loader: Iterable[Any], *, device: str | torch.de
                         getattr(bn, k).copy_(v)
             for bn, mom in momenta:
                 bn.momentum = mom
+
+
+class FixedSubset:
+    """A fixed subsample of a loader's batches, read once and kept: about `examples`
+    examples in whole batches spread evenly over the loader (every k-th batch when the
+    loader has a length, else the first batches). Iterating it yields the same batches
+    every time, so searches, BatchNorm re-estimation and estimates made on it agree with
+    each other. `n`: the examples it holds; `batches`: how many batches; `of`: the loader's
+    batch count (None when it has no length). `examples` < 1 -> `BadOptionError`."""
+
+    def __init__(self, loader: Iterable[Any], examples: int, *, what: str = "this job"):
+        if isinstance(examples, bool) or not isinstance(examples, int) or examples < 1:
+            raise BadOptionError(f"a fixed subsample needs at least 1 example, got {examples!r}",
+                                 option="examples")
+        try:
+            total = len(loader)  # type: ignore[arg-type]
+        except TypeError:
+            total = None
+        self.of = total
+        kept: list[Any] = []
+        n = 0
+        step = None
+        for i, batch in enumerate(loader):
+            if step is None:
+                size = int(batch_input(batch).shape[0])
+                want = max(1, -(-examples // max(size, 1)))
+                step = max(1, total // want) if total else 1
+            if i % step:
+                continue
+            kept.append(batch)
+            n += int(batch_input(batch).shape[0])
+            if n >= examples:
+                break
+        if not kept:
+            raise DataSpecError(f"{what}: the data loader yielded no batches; give a non-empty data set",
+                                option="data")
+        self._batches, self.n = kept, n
+
+    @property
+    def batches(self) -> int:
+        return len(self._batches)
+
+    def __len__(self) -> int:
+        return len(self._batches)
+
+    def __iter__(self):
+        return iter(self._batches)
+
+    def describe(self) -> str:
+        """'N examples in B batches (of T)' for reports."""
+        of = f" of {self.of}" if self.of is not None else ""
+        return f"{self.n} examples in {self.batches} batches{of}"

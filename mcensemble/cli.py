@@ -383,7 +383,8 @@ def _apply_recipe(ctx: click.Context, kw: dict[str, Any], recipe: str | None) ->
 @click.option("--exact-members", is_flag=True,
               help="Exactly --members distinct members, equal weights (no bootstrap gate, no guarantee).")
 @click.option("--packed/--no-packed", default=BuildOptions.packed, show_default=True,
-              help="Score the packed pair (a dropout-stability search on both checkpoints) among the baselines.")
+              help="Score the packed pair among the baselines (cheap form: importance-ranked halves, eps on a "
+                   "fixed subsample; `mcensemble pack` searches).")
 @click.option("--selection", type=click.Choice(["auto", "greedy", "uniform"]), default=BuildOptions.selection,
               show_default=True,
               help="How members are chosen: greedy on validation NLL (auto, with --val-data) or uniform in t.")
@@ -533,6 +534,10 @@ def _echo_baselines(rep: dict[str, Any], *, label: str | None = None) -> None:
         rows.append(tuple(cells))
     if rows:
         _echo_table(rows, header)
+    from .pack import certificate_line
+    for r in rows_in:
+        if r.get("certificate") and "skipped" not in r:
+            click.echo(f"{r['name']}: {certificate_line(r['certificate'])}")
     for line in skipped:
         click.echo(cli_words(line))
     for r in rows_in:
@@ -809,9 +814,11 @@ def pack(a: str, b: str, out: str, method: str, search_steps: int | None, report
     from .pipeline import pack_files
     data = _data_opts(kw, default_data="digits")
     rep = pack_files(a, b, out, model=_model_opts(kw), data=data, method=method, search_steps=search_steps)
+    from .pack import certificate_line
     rows = [(name, _fmt(m["nll"]), _fmt(m["acc"]), _fmt(m["ece"])) for name, m in rep.items()
-            if isinstance(m, dict)]
+            if name in ("packed", "A", "B", "ensemble")]
     _echo_table(rows, ("", f"{rep['split']} nll", f"{rep['split']} acc", f"{rep['split']} ece"))
+    click.echo(f"certificate: {certificate_line(rep['certificate'])}")
     click.echo(f"packed model: {out}")
     _write_report(rep, report)
 

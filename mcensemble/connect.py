@@ -108,6 +108,11 @@ def minimum_spanning_tree(matrix: Sequence[Sequence[float]]) -> list[tuple[int, 
 # ---------------------------------------------------------------------------------------------
 
 
+#: the straight lines' interior points re-estimate BatchNorm on a fixed subsample of this
+#: many training examples (their losses use all of it)
+BN_EXAMPLES = 2048
+
+
 class _Job:
     """What every step needs: the checkpoints, the model, the loaders, the settings."""
 
@@ -116,6 +121,15 @@ class _Job:
         self.out, self.opts, self.build, self.data, self.graph = out_dir, opts, build, data, graph
         self.sha = [ck.metadata.get("sha256") or sha256_file(f) for f, ck in zip(files, cks)]
         self._example = None
+        self._bn = None
+
+    def bn_data(self):
+        """The barrier matrix's BatchNorm data: a fixed subsample of `BN_EXAMPLES` training
+        examples (bounded, as `update_bn` users do), read once."""
+        if self._bn is None:
+            from .bn import FixedSubset
+            self._bn = FixedSubset(self.train, BN_EXAMPLES, what="connect")
+        return self._bn
 
     def settings(self, kind: str) -> dict[str, Any]:
         """What a record must match to be reused."""
@@ -123,6 +137,7 @@ class _Job:
              "align": self.opts.align}
         if kind == "pair":
             d["points"] = self.opts.points
+            d["bn_examples"] = BN_EXAMPLES
         else:
             b = self.build
             config = path_kind(b.method).config_from(b.settings, seed=self.data.seed)
@@ -169,7 +184,7 @@ def _pair(job: _Job, i: int, j: int) -> dict[str, Any]:
     """Scan the straight line i -> j in this process alone (no collectives)."""
     t0 = time.perf_counter()
     a, b = job.states(i, j)
-    bn = job.train if has_batchnorm(job.net) else None
+    bn = job.bn_data() if has_batchnorm(job.net) else None
     n = job.opts.points
     ts = [k / (n - 1) for k in range(n)]
     pts = []
@@ -350,6 +365,8 @@ def _report(job: _Job, pairs, matrix, tree, *, timings) -> dict[str, Any]:
         "method": job.build.method, "align": job.opts.align, "points": job.opts.points,
         "path_points": job.opts.path_points, "data": job.data.data, "seed": job.data.seed,
         "matrix": matrix,
+        "matrix_batchnorm": None if not has_batchnorm(job.net) else
+        f"re-estimated at every point on a fixed subsample of the training data ({job.bn_data().describe()})",
         "pairs": [{k: p[k] for k in ("i", "j", "barrier", "barrier_t", "seconds", "reused")} for p in pairs],
         "tree": tree,
         "tree_max_saddle": max((e["saddle"] for e in tree), default=None),

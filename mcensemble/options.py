@@ -87,8 +87,8 @@ class BuildOptions:
     greedy choice (exactly K with `exact_members`, and for uniform members); selection:
     "auto" (greedy on validation NLL when validation data is given, else uniform), "greedy"
     or "uniform"; candidates: points per path evaluated for the greedy choice (ends
-    included); packed: put the packed pair (a stability search on both checkpoints) among
-    the report's baselines.
+    included); packed: put the packed pair (its cheap form: no swap search) among the
+    report's baselines.
     """
 
     method: str = "bezier"

@@ -518,8 +518,9 @@ def pack_files(a_file: str | os.PathLike, b_file: str | os.PathLike, out: str | 
     md = {k: a.metadata.get(k) for k in ("arch", "num_classes", "in_chans", "model_args") if a.metadata.get(k) is not None}
     md["kind"] = "packed-pair"
     md["method"] = method
+    md["certificate"] = packed.certificate
     md["sources"] = [source_entry(f, ck.metadata.get("sha256"), out) for f, ck in ((a_file, a), (b_file, b))]
-    save_checkpoint(packed, out, metadata=md)
+    save_checkpoint(packed.state, out, metadata=md)
     split = "val" if val is not None else "train"
-    return {"file": str(out), "split": split,
-            **pack_report(net, packed, a.state_dict, b.state_dict, val or train, device=data.device)}
+    return {"file": str(out), "split": split, **packed.to_dict(),
+            **pack_report(net, packed.state, a.state_dict, b.state_dict, val or train, device=data.device)}

@@ -37,12 +37,13 @@ class PlaneResult:
     points: dict[str, tuple[float, float]]  # "A", "B", "bend"
     paths: dict[str, list[tuple[float, float]]]  # label -> projected (x, y) along t
     bn_reestimated: bool
+    data: str = "all the training data"  # which examples the grid's losses and BatchNorm used
 
     def to_dict(self) -> dict[str, Any]:
         return {"xs": self.xs, "ys": self.ys, "loss": self.loss, "acc": self.acc,
                 "points": {k: list(v) for k, v in self.points.items()},
                 "paths": {k: [list(p) for p in v] for k, v in self.paths.items()},
-                "bn_reestimated": self.bn_reestimated}
+                "bn_reestimated": self.bn_reestimated, "data": self.data}
 
 
 def _coords(model: nn.Module, a: Mapping[str, torch.Tensor]) -> list[str]:
@@ -90,11 +91,15 @@ def _state_on_plane(x: float, y: float, template: StateDict, names: list[str], b
 
 def scan_plane(path: Any, model: ModelLike, loader: Iterable, *, bn_loader: Iterable | None = None,
                resolution: int = 11, margin: float = 0.2, path_points: int = 21, others: Mapping[str, Any] = {},
-               device: str | torch.device = "cpu", progress: bool | None = None) -> PlaneResult:
+               device: str | torch.device = "cpu", progress: bool | None = None,
+               sample_examples: int | None = 2048) -> PlaneResult:
     """Evaluate the training loss on a `resolution` x `resolution` grid of the plane through
     the path's endpoints and its first bend; project the path (and `others`, label -> path)
     at `path_points` evenly spaced t. `model` (a ModelLike) is instantiated once via
-    `as_factory`: an `nn.Module` is copied, the caller's model is never changed."""
+    `as_factory`: an `nn.Module` is copied, the caller's model is never changed.
+    `sample_examples`: each grid point's loss, and its BatchNorm re-estimation, on a fixed
+    subsample of about that many examples of `loader` / `bn_loader` (`mcensemble.bn.FixedSubset`,
+    the same examples at every point; None: all of them); `PlaneResult.data` says which."""
     if resolution < 2:
         raise BadOptionError(f"the plane grid needs at least 2 points a side, got {resolution}", option="plane_grid")
     if path_points < 2:
@@ -117,6 +122,10 @@ def scan_plane(path: Any, model: ModelLike, loader: Iterable, *, bn_loader: Iter
     xs = [lo_x + (hi_x - lo_x) * i / (resolution - 1) for i in range(resolution)]
     ys = [lo_y + (hi_y - lo_y) * j / (resolution - 1) for j in range(resolution)]
     bn = has_batchnorm(net) and bn_loader is not None
+    data, note = _sample(loader, sample_examples)
+    if bn:
+        bn_loader, bn_note = (data, note) if bn_loader is loader else _sample(bn_loader, sample_examples)
+        note = f"loss on {note}; BatchNorm re-estimated at every point on {bn_note}"
     loss = [[0.0] * resolution for _ in ys]
     acc = [[0.0] * resolution for _ in ys]
     bar = tqdm(total=resolution * resolution, desc="plane", file=sys.stderr, leave=False,
@@ -128,7 +137,7 @@ def scan_plane(path: Any, model: ModelLike, loader: Iterable, *, bn_loader: Iter
                 net.to(device)
                 if bn:
                     update_bn(net, bn_loader, device=device, progress=False)
-                m = evaluate(net, loader, device=device, progress=False)
+                m = evaluate(net, data, device=device, progress=False)
                 loss[j][i], acc[j][i] = m.loss, m.acc
                 bar.update()
     finally:
@@ -136,4 +145,15 @@ def scan_plane(path: Any, model: ModelLike, loader: Iterable, *, bn_loader: Iter
     ts = [k / (path_points - 1) for k in range(path_points)]
     paths = {label: [project(p.state_at(t), names, basis) for t in ts]
              for label, p in {path.kind: path, **others}.items()}
-    return PlaneResult(xs=xs, ys=ys, loss=loss, acc=acc, points=pts, paths=paths, bn_reestimated=bn)
+    return PlaneResult(xs=xs, ys=ys, loss=loss, acc=acc, points=pts, paths=paths, bn_reestimated=bn, data=note)
+
+
+def _sample(loader: Iterable, examples: int | None) -> tuple[Iterable, str]:
+    """(the fixed subsample of `loader`, or `loader` itself when it holds no more, and what it is)."""
+    from .bn import FixedSubset
+    if examples is None:
+        return loader, "all the training data"
+    sub = FixedSubset(loader, examples, what="the plane scan")
+    if sub.of is not None and sub.batches >= sub.of:
+        return loader, "all the training data"
+    return sub, f"a fixed subsample of the training data ({sub.describe()})"

@@ -190,8 +190,10 @@ def packed_row(sc, net, a, b, train, *, graph=None, data) -> dict[str, Any]:
     packed, why = packed_state(net, a, b, train, graph=graph, device=data.device, progress=data.progress)
     if packed is None:
         return skipped_row("packed pair", "packed", 1, why)
-    sc.add("packed", packed)
-    return sc.row("packed pair", "packed", ["packed"])
+    sc.add("packed", packed.state)
+    return sc.row("packed pair", "packed", ["packed"], method=packed.method, certificate=packed.certificate,
+                  seconds=packed.seconds, note="importance-ranked halves, no swap search; BatchNorm and eps "
+                  f"on {packed.certificate['data']['losses']} (`mcensemble pack` searches)")
 
 
 def build_baselines(net, grid, paths, ends, soup_sd, report, opts: BuildOptions, data: DataOptions, *, graph,

@@ -22,6 +22,7 @@ from __future__ import annotations
 import copy
 import logging
 import sys
+import time
 from dataclasses import dataclass, field
 from typing import Any, Iterable, Mapping
 
@@ -36,6 +37,7 @@ from .data import example_input
 from .errors import BadOptionError, DataSpecError
 from .evaluate import evaluate
 from .units import UnitGraph, UnitGroup, build_unit_graph
+from ._partial import Partial
 
 __all__ = ["StabilityResult", "dropout_stability", "dropout_state", "dropout_network",
            "reestimate_bn", "default_kept", "graph_for", "check_kept", "changed_bn_modules", "swap_trial"]
@@ -50,7 +52,9 @@ _BN_STATS = ("running_mean", "running_var", "num_batches_tracked")
 class StabilityResult:
     """What `dropout_stability` measured. `kept[group]`: the kept units (sorted);
     `depths`: `[{"depth", "loss", "increase"}]`; `eps` = the largest increase (>= 0);
-    `bn_stats[k]`: the re-estimated BatchNorm tensors of D_k (not in `to_dict()`)."""
+    `bn_stats[k]`: the re-estimated BatchNorm tensors of D_k (not in `to_dict()`); `search`:
+    what the kept-half search did (trials, accepted, forwards, seconds; empty when `kept`
+    was given)."""
 
     eps: float
     base_loss: float
@@ -58,11 +62,15 @@ class StabilityResult:
     kept: dict[str, list[int]]
     bn_stats: dict[int, StateDict] = field(default_factory=dict, repr=False)
     graph: UnitGraph | None = field(default=None, repr=False)
+    search: dict[str, Any] = field(default_factory=dict)
 
     def to_dict(self) -> dict[str, Any]:
-        return {"eps": float(self.eps), "base_loss": float(self.base_loss),
-                "depths": [dict(d) for d in self.depths],
-                "kept": {k: list(map(int, v)) for k, v in self.kept.items()}}
+        out = {"eps": float(self.eps), "base_loss": float(self.base_loss),
+               "depths": [dict(d) for d in self.depths],
+               "kept": {k: list(map(int, v)) for k, v in self.kept.items()}}
+        if self.search:
+            out["search"] = dict(self.search)
+        return out
 
     @classmethod
     def from_dict(cls, d: Mapping[str, Any]) -> "StabilityResult":
@@ -283,82 +291,207 @@ def _proxy_loss(work: nn.Module, sd: Mapping[str, torch.Tensor], x: torch.Tensor
             mods[n].eval()
 
 
-def _search(work: nn.Module, state: Mapping[str, torch.Tensor], graph: UnitGraph,
-            kept: dict[str, list[int]], scores: dict[str, torch.Tensor], x: torch.Tensor,
-            y: torch.Tensor, steps: int, seed: int, bar) -> None:
-    """Local search, group by group from the top: swap a kept unit (low score first) with
-    a dropped one (high score first); keep the swap when max_k<=depth L(D_k) (+ a small
-    share of their sum) goes down on (x, y). `kept` is changed in place."""
-    gen = torch.Generator().manual_seed(seed)
-    bn = has_batchnorm(work)
-    bn_by_depth = {k: _bn_modules(work, graph, k + 1) if bn else [] for k in graph.depths}
+class _DepthSearch:
+    """The objective max_{k<=depth} L(D_k) + 1e-3 sum_k L(D_k) on (x, y) for the accepted
+    kept halves, and swap trials against it. Each D_k (BatchNorm modules of groups deeper
+    than k on batch statistics) is kept; a trial of group g recomputes only g's consumer
+    tensors (`dropout_state(base=, only=)`), copies only changed tensors into the work
+    model and, with a torch.fx trace (`Partial`), runs only the part of the network those
+    tensors reach, from the values flowing out of the rest (one short pass per group and
+    depth). The depths are tried worst first and a trial stops as soon as the objective
+    cannot fall whatever the untried losses (>= 0): the same decisions as evaluating every
+    D_k in full, in fewer forwards."""
 
-    def objective(depth: int) -> float:
-        ls = [_proxy_loss(work, dropout_state(state, graph, kept, k), x, y, bn_by_depth[k])
-              for k in graph.depths if k <= depth]
+    def __init__(self, work: nn.Module, state: Mapping[str, torch.Tensor], graph: UnitGraph,
+                 kept: dict[str, list[int]], x: torch.Tensor, y: torch.Tensor):
+        self.work, self.state, self.graph, self.kept, self.x, self.y = work, state, graph, kept, x, y
+        bn = has_batchnorm(work)
+        mods = dict(work.named_modules())
+        self.bn = {k: [mods[n] for n in _bn_modules(work, graph, k + 1)] if bn else [] for k in graph.depths}
+        self.dst = work.state_dict(keep_vars=True)
+        self.stats = {k for k in self.dst if k.rsplit(".", 1)[-1] in _BN_STATS}  # dirtied by batch statistics
+        self.loaded: dict[str, torch.Tensor] = {}
+        self.partial = Partial.make(work, x)
+        self.dropped = {k: dropout_state(state, graph, kept, k) for k in graph.depths}
+        self.frontiers: dict[int, tuple[str, dict]] = {}
+        self.losses = {k: self._loss(k, self.dropped[k]) for k in graph.depths}
+        self.forwards = len(self.losses)
+        self.skipped = 0
+
+    @staticmethod
+    def value(ls) -> float:
+        ls = list(ls)
         return max(ls) + 1e-3 * sum(ls)
 
+    def _load(self, sd: Mapping[str, torch.Tensor]) -> None:
+        with torch.no_grad():
+            for k, v in sd.items():
+                if self.loaded.get(k) is not v:
+                    self.dst[k].copy_(v)
+        self.loaded = {k: v for k, v in sd.items() if k not in self.stats}
+
+    @torch.no_grad()
+    def _loss(self, k: int, sd, g: UnitGroup | None = None) -> float:
+        self._load(sd)
+        for m in self.bn[k]:
+            m.train()
+        try:
+            if self.partial is None:
+                out = self.work(self.x)
+            elif g is None or self.partial.plan(g) is None:
+                out = self.partial()
+            else:
+                out = self.partial(g, self.frontiers[k][1])
+            return float(F.cross_entropy(out[0] if isinstance(out, (tuple, list)) else out, self.y))
+        finally:
+            for m in self.bn[k]:
+                m.eval()
+
+    @torch.no_grad()
+    def _frontier(self, k: int, g: UnitGroup) -> None:
+        if self.partial is None or self.partial.plan(g) is None or self.frontiers.get(k, (None,))[0] == g.name:
+            return
+        self._load(self.dropped[k])
+        for m in self.bn[k]:
+            m.train()
+        try:
+            self.frontiers[k] = (g.name, self.partial.frontier(g, self.frontiers.get(k)))
+        finally:
+            for m in self.bn[k]:
+                m.eval()
+
+    def objective(self, depth: int) -> float:
+        return self.value(v for k, v in self.losses.items() if k <= depth)
+
+    def trial(self, g: UnitGroup, new: list[int]) -> bool:
+        """Try `new` as g's kept half; keep it (True) when the objective over the depths
+        <= g's falls by more than 1e-7."""
+        depths = sorted((k for k in self.graph.depths if k <= g.depth), key=lambda k: -self.losses[k])
+        best = self.value(self.losses[k] for k in depths)
+        names = {r.tensor for r in g.refs("consumer")}
+        cand = dict(self.kept)
+        cand[g.name] = new
+        got: dict[int, float] = {}
+        sds = {}
+        for k in depths:
+            if got and self.value(got.values()) >= best - 1e-7:
+                self.skipped += len(depths) - len(got)
+                return False
+            sds[k] = dropout_state(self.state, self.graph, cand, k, base=self.dropped[k], only=names)
+            self._frontier(k, g)
+            got[k] = self._loss(k, sds[k], g)
+            self.forwards += 1
+        if self.value(got.values()) >= best - 1e-7:
+            return False
+        self.kept[g.name] = new
+        self.dropped.update(sds)
+        self.losses.update(got)
+        for k in got:  # frontiers kept for another group may have seen g's old half
+            if self.frontiers.get(k, (g.name,))[0] != g.name:
+                del self.frontiers[k]
+        return True
+
+
+def _search(work: nn.Module, state: Mapping[str, torch.Tensor], graph: UnitGraph,
+            kept: dict[str, list[int]], scores: dict[str, torch.Tensor], x: torch.Tensor,
+            y: torch.Tensor, steps: int, seed: int, bar, patience: int | None = None) -> dict[str, Any]:
+    """Local search, group by group from the top: swap a kept unit (low score first) with
+    a dropped one (high score first); keep the swap when max_k<=depth L(D_k) (+ a small
+    share of their sum) goes down on (x, y) (`_DepthSearch`). A group's trials stop after
+    `patience` rejections in a row (None: never). `kept` is changed in place. Returns what
+    the search did (trials, accepted, forwards)."""
+    gen = torch.Generator().manual_seed(seed)
+    search = _DepthSearch(work, state, graph, kept, x, y)
+    start = search.objective(max(graph.depths))
+    trials = accepted = 0
     for g in sorted(graph.groups, key=lambda g: -g.depth):
         h = len(kept[g.name])
         if h == 0 or g.size - h == 0 or steps <= 0:
             continue
-        best = objective(g.depth)
         s = scores[g.name]
-        for _ in range(steps):
-            old = kept[g.name]
-            kept[g.name] = swap_trial(g.size, old, s, gen)
-            val = objective(g.depth)
-            if val < best - 1e-7:
-                best = val
+        miss = 0
+        for i in range(steps):
+            if patience is not None and miss >= patience:
+                bar.update(steps - i)
+                break
+            trials += 1
+            if search.trial(g, swap_trial(g.size, kept[g.name], s, gen)):
+                accepted += 1
+                miss = 0
             else:
-                kept[g.name] = old
+                miss += 1
             bar.update()
+    return {"steps": steps, "patience": patience, "examples": int(x.shape[0]), "trials": trials,
+            "accepted": accepted, "forwards": search.forwards, "skipped_forwards": search.skipped,
+            "partial_forwards": search.partial is not None, "objective_start": start,
+            "objective_end": search.objective(max(graph.depths))}
 
 
 def dropout_stability(model: nn.Module, state: Mapping[str, torch.Tensor], loader: Iterable[Any], *,
                       graph=None, bn_loader: Iterable[Any] | None = None, device="cpu",
                       search_steps: int = 48, search_examples: int = 512, kept=None,
-                      seed: int = 0, progress: bool | None = None) -> StabilityResult:
+                      seed: int = 0, progress: bool | None = None, search_patience: int | None = None,
+                      depths: Iterable[int] | None = None, measure: bool = True) -> StabilityResult:
     """Measure the dropout stability of `state` (a state dict of `model`'s architecture).
 
     For each depth k of the unit graph, the loss on `loader` of D_k (the kept halves
     of every group at depth >= k, outgoing weights doubled; BatchNorm statistics of the
     groups deeper than k re-estimated on `bn_loader`, default `loader`) minus the loss of
     the full network. `kept` (group -> units) skips the choice; else importance ranking
-    plus `search_steps` swap trials per group on `search_examples` examples. `model` is not
-    changed (a copy does the work).
+    plus up to `search_steps` swap trials per group on `search_examples` examples (the first
+    ones of `loader`), a group's trials stopping after `search_patience` rejections in a row
+    (None: all `search_steps`). `depths`: the depths to measure (default every depth of the
+    unit graph; the packed pair needs only the lowest). `measure=False`: choose the halves
+    and re-estimate BatchNorm only, no loss (losses and eps NaN: the dropout-stable path
+    takes them at its vertices, which compute the same D_k). `model` is not changed (a copy
+    does the work).
     """
     if search_steps < 0 or search_examples < 1:
         raise BadOptionError("search_steps must be >= 0 and search_examples >= 1",
                              option="search_steps")
+    if search_patience is not None and search_patience < 1:
+        raise BadOptionError(f"search_patience must be >= 1 or None, got {search_patience!r}",
+                             option="search_patience")
     state = {k: v.detach().cpu() for k, v in state.items()}
     work = copy.deepcopy(model).to(device).eval()
     graph = graph_for(work, loader, graph)
     graph.validate(state)
     bn_loader = loader if bn_loader is None else bn_loader
+    measured = list(graph.depths) if depths is None else sorted(set(int(k) for k in depths))
+    if not measured or any(k not in graph.depths for k in measured):
+        raise BadOptionError(f"depths must be some of the unit graph's depths {list(graph.depths)}, "
+                             f"got {measured}", option="depths")
     total = search_steps * len(graph.groups) if kept is None else 0
-    bar = tqdm(total=total + len(graph.depths), desc="dropout stability", leave=False,
+    bar = tqdm(total=total + len(measured), desc="dropout stability", leave=False,
                file=sys.stderr, disable=None if progress is None else not progress)
+    search: dict[str, Any] = {}
+    t0 = time.perf_counter()
     try:
         if kept is None:
             x, y = _subset(loader, search_examples)
             x, y = x.to(device), y.to(device)
             scores = _importance(work, state, graph, x)
             kept = {g.name: default_kept(g, scores[g.name]) for g in graph.groups}
-            _search(work, state, graph, kept, scores, x, y, search_steps, seed, bar)
+            if search_steps > 0:
+                search = _search(work, state, graph, kept, scores, x, y, search_steps, seed, bar,
+                                 patience=search_patience)
+            else:
+                search = {"steps": 0, "examples": int(x.shape[0]), "trials": 0, "accepted": 0}
+            search["seconds"] = time.perf_counter() - t0
         kept = check_kept(graph, kept)
-        base = evaluate(_loaded(work, state), loader, device=device).loss
+        nan = float("nan")
+        base = evaluate(_loaded(work, state), loader, device=device).loss if measure else nan
         rows, stats = [], {}
-        for k in graph.depths:
+        for k in measured:
             sd, stats[k] = dropout_network(work, state, graph, kept, k, bn_loader=bn_loader,
                                            device=device)
-            loss = evaluate(_loaded(work, sd), loader, device=device).loss
+            loss = evaluate(_loaded(work, sd), loader, device=device).loss if measure else nan
             rows.append({"depth": int(k), "loss": loss, "increase": loss - base})
             bar.update()
     finally:
         bar.close()
-    eps = max([0.0] + [r["increase"] for r in rows])
-    return StabilityResult(eps, base, rows, kept, stats, graph)
+    eps = max([0.0] + [r["increase"] for r in rows]) if measure else nan
+    return StabilityResult(eps, base, rows, kept, stats, graph, search)
 
 
 def _loaded(work: nn.Module, sd: Mapping[str, torch.Tensor]) -> nn.Module:

@@ -19,8 +19,10 @@ def _loader(n: int = 32, size: int = 16) -> DataLoader:
 def test_residual_network_gets_the_short_paths_packed_pair():
     make = timm_factory("test_resnet")
     a, b = randomize(make(), 0).state_dict(), randomize(make(), 1).state_dict()
-    state, reason = packed_state(make(), a, b, _loader())
-    assert reason is None and state is not None
+    packed, reason = packed_state(make(), a, b, _loader(n=48), data_examples=32)
+    assert reason is None and packed is not None and packed.method == "short"
+    state = packed.state
+    assert "32 examples in 2 batches of 3" in packed.certificate["data"]["losses"]
     assert state.keys() == a.keys() and all(state[k].shape == a[k].shape for k in a)
     assert any(not torch.equal(state[k], a[k]) for k in a if a[k].is_floating_point())
 

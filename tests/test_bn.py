@@ -188,3 +188,22 @@ def test_one_batch_reader():
         split_batch(())
     with pytest.raises(DataSpecError, match="training needs"):
         labelled_batch((x,), what="training")
+
+
+def test_fixed_subsample_spreads_whole_batches_and_repeats():
+    from torch.utils.data import DataLoader, TensorDataset
+    from mcensemble.bn import FixedSubset
+    from mcensemble.errors import BadOptionError, DataSpecError
+    x = torch.arange(100, dtype=torch.float32).reshape(100, 1)
+    ld = DataLoader(TensorDataset(x, torch.zeros(100, dtype=torch.long)), batch_size=10)
+    sub = FixedSubset(ld, 30)
+    firsts = [int(b[0][0, 0]) for b in sub]
+    assert firsts == [0, 30, 60] and sub.n == 30 and sub.batches == len(sub) == 3 and sub.of == 10
+    assert [int(b[0][0, 0]) for b in sub] == firsts  # the same batches every time
+    assert sub.describe() == "30 examples in 3 batches of 10"
+    assert FixedSubset(ld, 1000).n == 100  # never more than the loader holds
+    assert FixedSubset(iter([(x[:4], None), (x[4:8], None)]), 5).n == 8  # no length: the first batches
+    with pytest.raises(BadOptionError, match="at least 1 example"):
+        FixedSubset(ld, 0)
+    with pytest.raises(DataSpecError, match="no batches"):
+        FixedSubset([], 10)

@@ -109,8 +109,13 @@ def test_pack_writes_one_plain_model_with_the_same_architecture(mce_cli, mce_cnn
                   "--report", tmp_path / "p.json")
     assert res.exit_code == 0, res.output
     rep = json.loads((tmp_path / "p.json").read_text())
-    assert set(rep) >= {"packed", "A", "B", "ensemble"} and rep["split"] == "val"
+    assert set(rep) >= {"packed", "A", "B", "ensemble", "certificate", "search"} and rep["split"] == "val"
+    cert = rep["certificate"]
+    assert cert["eps"] == pytest.approx(max(cert["eps_a"], cert["eps_b"], 0.0))
+    assert cert["bound"] == pytest.approx((cert["loss_da"] + cert["loss_db"]) / 2)
+    assert f"eps {cert['eps']:.4f}" in res.output and f"<= {cert['bound']:.4f}" in res.output
     packed = load_checkpoint(out)
+    assert packed.metadata["certificate"]["eps"] == pytest.approx(cert["eps"])
     original = load_checkpoint(a)
     assert {k: v.shape for k, v in packed.state_dict.items()} == {k: v.shape for k, v in original.state_dict.items()}
     packed.build_model()  # loads strictly into the timm architecture recorded in the file

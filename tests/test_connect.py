@@ -95,6 +95,7 @@ def test_connect_cli_end_to_end_and_resume(zoo4, tmp_path, mce_cli):
     assert header.split("|")[1].split()[:2] == ["saddle", "loss"]                            # an absolute loss
     rep = json.loads((out / "connect.json").read_text())
     m = rep["matrix"]
+    assert rep["matrix_batchnorm"] is None  # an MLP: nothing to re-estimate
     assert len(m) == 4 and all(m[i][j] == m[j][i] >= 0 for i in range(4) for j in range(4))
     assert len(rep["pairs"]) == 6 and len(rep["tree"]) == 3 and not any(p["reused"] for p in rep["pairs"])
     assert {(e["i"], e["j"]) for e in rep["tree"]} == set(minimum_spanning_tree(m))

@@ -55,6 +55,11 @@ def check_certificate(path, model, a, b, ld):
     assert cert["max_loss"] <= max(cert["loss_a"], cert["loss_b"]) + cert["eps"] + 1e-6
     assert cert["eps"] >= 0
     assert len(cert["vertex_losses"]) == path.n_vertices == len(cert["segments"]) + 1
+    # losses taken from the other end of an inactive segment, not evaluated (the dense
+    # check below evaluates them all the same)
+    inh = cert["inherited_vertices"]
+    assert inh and all(any(cert["segments"][j]["kind"] == "inactive" for j in (i - 1, i)
+                           if 0 <= j < len(cert["segments"])) for i in inh)
     for i, (seg, c) in enumerate(zip(cert["segments"], curves)):
         assert seg["kind"] in ("classifier", "inactive", "switch")
         assert c[0] == pytest.approx(cert["vertex_losses"][i], rel=1e-5, abs=1e-6)
@@ -156,10 +161,10 @@ def test_streamed_path_is_the_constructed_one(pair, request, monkeypatch):
     tracks: dict[int, list] = {}
     emit = dp._Track.emit
 
-    def spy(self, kind, note):
+    def spy(self, kind, note, **kw):
         seen = tracks.setdefault(id(self), [{k: v.clone() for k, v in self.vertices[-1].items()}])
         n = self.emitted
-        emit(self, kind, note)
+        emit(self, kind, note, **kw)
         assert len(self.vertices) <= 2
         if self.emitted > n:
             seen.append({k: v.clone() for k, v in self.vertices[-1].items()})
@@ -256,3 +261,22 @@ def test_layernorm_refused():
     sd = net.state_dict()
     with pytest.raises(DropoutPathError, match="LayerNorm"):
         build_dropout_path(net, sd, sd, small_eval_loader(), search_steps=0)
+
+
+@pytest.mark.parametrize("pair", ["deep_pair", "cnn_pair"])
+def test_stability_taken_at_the_vertices_is_the_measured_one(pair, request):
+    """The path measures no D_k apart: its stability rows come from the vertices computing
+    D_k; they equal what `dropout_stability` measures for the same halves."""
+    from mcensemble.stability import dropout_stability
+    model, a, b = request.getfixturevalue(pair)
+    ld = small_eval_loader()
+    path = build_dropout_path(model, a, b, ld, search_steps=2)
+    for side, sd in zip(path.certificate["stability"], (a, b)):
+        want = dropout_stability(model, sd, ld, kept=side["kept"])
+        assert side["base_loss"] == pytest.approx(want.base_loss, rel=1e-6)
+        assert [r["depth"] for r in side["depths"]] == [r["depth"] for r in want.depths]
+        for got, w in zip(side["depths"], want.depths):
+            assert got["loss"] == pytest.approx(w["loss"], rel=1e-5)
+        assert side["eps"] == pytest.approx(want.eps, rel=1e-5, abs=1e-7)
+        assert side["search"]["steps"] == 2
+    assert path.certificate["eps"] == max(s["eps"] for s in path.certificate["stability"])

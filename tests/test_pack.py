@@ -25,7 +25,7 @@ def stabilities_and_packed(model, a, b, ld, search_steps):
     """Both endpoints' dropout stability and the pair packed with them."""
     sa = dropout_stability(model, a, ld, search_steps=search_steps)
     sb = dropout_stability(model, b, ld, search_steps=search_steps)
-    return sa, sb, pack_pair(model, a, b, ld, stability_a=sa, stability_b=sb)
+    return sa, sb, pack_pair(model, a, b, ld, stability_a=sa, stability_b=sb).state
 
 
 def logits(model, state, x):
@@ -65,7 +65,7 @@ def test_packed_is_the_midpoint_of_the_path_switch(pair):
 def test_loads_in_plain_timm(pair):
     import timm
     model, a, b = pair
-    packed = pack_pair(model, a, b, small_eval_loader(), search_steps=0)
+    packed = pack_pair(model, a, b, small_eval_loader(), search_steps=0).state
     arch = "mce_digits_mlp" if "layers.1.weight" in a else "mce_digits_cnn"
     kw = {"width": 32, "drop_rate": 0.3} if arch == "mce_digits_mlp" else {"widths": (6, 8)}
     net = timm.create_model(arch, num_classes=10, in_chans=1, **kw).eval()
@@ -76,7 +76,7 @@ def test_loads_in_plain_timm(pair):
 def test_report(pair):
     model, a, b = pair
     ld = small_eval_loader()
-    packed = pack_pair(model, a, b, ld, search_steps=0)
+    packed = pack_pair(model, a, b, ld, search_steps=0).state
     rep = pack_report(model, packed, a, b, ld)
     assert set(rep) == {"packed", "A", "B", "ensemble"}
     for m in rep.values():
@@ -100,3 +100,26 @@ def test_unsupported_graph():
     net = Skip().eval()
     with pytest.raises(DropoutPathError):
         pack_pair(net, net.state_dict(), net.state_dict(), small_eval_loader(), search_steps=0)
+
+
+@pytest.mark.parametrize("examples", [None, 200])
+def test_certificate_bounds_the_packed_models_training_loss(pair, examples):
+    """eps and the bound: the packed logits are the mean of D_1(A)'s and D_1(B)'s and cross
+    entropy is convex in the logits, so its loss is at most the mean of theirs, on the data
+    the certificate names (all of it, or the fixed subsample)."""
+    from mcensemble.bn import FixedSubset
+    from mcensemble.evaluate import evaluate
+    model, a, b = pair
+    ld = small_eval_loader()
+    res = pack_pair(model, a, b, ld, search_steps=2, data_examples=examples)
+    c = res.certificate
+    assert c["eps"] == pytest.approx(max(c["eps_a"], c["eps_b"], 0.0))
+    assert c["eps_a"] == pytest.approx(c["loss_da"] - c["loss_a"])
+    assert c["bound"] == pytest.approx((c["loss_da"] + c["loss_db"]) / 2)
+    data = ld if examples is None else FixedSubset(ld, examples)
+    assert ("subsample" in c["data"]["losses"]) == (examples is not None)
+    model.load_state_dict(a)
+    assert c["loss_a"] == pytest.approx(evaluate(model, data).loss, rel=1e-5)
+    model.load_state_dict(res.state)
+    assert evaluate(model, data).loss <= c["bound"] * (1 + 1e-5)
+    assert set(res.search) == {"A", "B"} and res.search["A"]["steps"] == 2

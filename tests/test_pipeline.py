@@ -327,6 +327,9 @@ def test_build_report_rows_are_the_baselines(mce_mlp_pair, tmp_path, selection_s
     assert rows["soup"]["test"]["nll"] == pytest.approx(_weighted_nll([soup.eval()], [1.0], x, y), rel=1e-4)
     # the packed pair of a layered MLP is one model: it is scored, not skipped
     assert "skipped" not in rows["packed"] and rows["packed"]["test"]["acc"] > 0.5
+    # the cheap form: no swap search, eps on a fixed subsample, said so in the row
+    cert = rows["packed"]["certificate"]
+    assert "subsample" in cert["data"]["losses"] and cert["eps"] >= 0 and "no swap search" in rows["packed"]["note"]
 
 
 def test_build_without_val_data_reports_train_once_and_warns(mce_mlp_pair, tmp_path, caplog):

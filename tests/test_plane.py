@@ -93,3 +93,31 @@ def test_scan_plane_leaves_the_model_alone():
         assert torch.equal(v, before[k]), k
     with pytest.raises(BadOptionError, match="path_points"):
         scan_plane(BezierPath(a, b, [bend]), model, _data(), path_points=1)
+
+
+def test_grid_on_a_fixed_subsample_with_batchnorm():
+    """`sample_examples`: each grid point's BatchNorm re-estimation and loss on the same fixed
+    subsample (here the first of three batches), and the result says so."""
+    from mcensemble.bn import FixedSubset, update_bn
+
+    def net(seed):
+        torch.manual_seed(seed)
+        return nn.Sequential(nn.Flatten(), nn.Linear(16, 8), nn.BatchNorm1d(8), nn.ReLU(), nn.Linear(8, 3))
+    a, b = net(0).state_dict(), net(1).state_dict()
+    bend = {k: (0.5 * (a[k] + b[k]) + 0.3 * torch.randn_like(a[k])) if a[k].is_floating_point() else a[k]
+            for k in a}
+    g = torch.Generator().manual_seed(0)
+    loader = [(torch.randn(10, 1, 4, 4, generator=g), torch.randint(0, 3, (10,), generator=g)) for _ in range(3)]
+    res = scan_plane(BezierPath(a, b, [bend]), net(0), loader, bn_loader=loader, resolution=2, path_points=3,
+                     sample_examples=10)
+    assert res.bn_reestimated and "10 examples in 1 batches of 3" in res.data
+    model = net(0)
+    names = _coords(model, a)
+    model.load_state_dict(_state_on_plane(res.xs[1], res.ys[0], a, names, plane_basis(a, b, bend, names)))
+    sub = FixedSubset(loader, 10)
+    update_bn(model, sub)
+    assert res.loss[0][1] == pytest.approx(evaluate(model, sub).loss, rel=1e-6)
+    assert res.loss[0][1] != pytest.approx(evaluate(model, loader).loss, rel=1e-6)
+    full = scan_plane(BezierPath(a, b, [bend]), net(0), loader, bn_loader=loader, resolution=2, path_points=3,
+                      sample_examples=None)
+    assert full.data == "loss on all the training data; BatchNorm re-estimated at every point on all the training data"

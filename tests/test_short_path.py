@@ -71,6 +71,29 @@ def dense_check(path, model, ld):
     return worst
 
 
+def test_measured_points_and_random_half_on_a_fixed_subsample(mlp_pair):
+    """With `sample_examples` below the data's size, the measured segments' points and the
+    random half are taken on a fixed subsample (the certificate says so); vertices on all."""
+    from mcensemble.bn import FixedSubset
+    model, a, b = mlp_pair
+    ld = create_loader("digits,train=300", batch_size=50)
+    path = build_short_path(model, a, b, ld, search_steps=0, sample_examples=100)
+    cert = path.certificate
+    sub = FixedSubset(ld, 100)
+    assert "100 examples in 2 batches of 6" in cert["data"]["measured_points"]
+    assert "subsample" in cert["data"]["random_half"]
+    for seg in cert["segments"]:
+        if seg["kind"] == "measured":
+            (t0, l0), (t, want) = seg["points"][0], seg["points"][8]
+            assert _loss(model, path.state_at(t), sub) == pytest.approx(want, rel=1e-5)
+            assert _loss(model, path.state_at(t0), sub) == pytest.approx(l0, rel=1e-5)
+            assert seg["bound"] >= max(p[1] for p in seg["points"])
+    assert cert["vertex_losses"][0] == pytest.approx(_loss(model, a, ld), rel=1e-6)
+    for i in (2, 3):  # taken from their exact neighbours: what evaluating them gives
+        assert cert["vertex_losses"][i] == pytest.approx(_loss(model, path.vertex_states()[i], ld), rel=1e-5)
+    assert path.metadata["evaluation_passes"] < 2 * 15
+
+
 def _check_ends(path, a, b):
     s0, s1 = path.state_at(0.0), path.state_at(1.0)
     assert all(torch.equal(s0[k], a[k]) and torch.equal(s1[k], b[k]) for k in a)
@@ -159,7 +182,7 @@ def test_packed_pair_outputs_the_mean_of_the_two_dropout_networks():
     ld = create_loader(DATA, batch_size=64)
     x = next(iter(ld))[0][:32]
     con = prepare_short(model, a, b, ld, search_steps=0, random_baseline=False)
-    packed = pack_pair(model, a, b, ld, method="short", halves=(con.halves.s, con.halves.t))
+    packed = pack_pair(model, a, b, ld, method="short", halves=(con.halves.s, con.halves.t)).state
     assert set(packed) == set(a) and all(packed[k].shape == a[k].shape for k in a)
     da, db = con.vertices[1], con.vertices[4]
     want = (_logits(model, da, x) + _logits(model, db, x)) / 2
@@ -323,3 +346,22 @@ def test_cli_build_short_takes_the_search_steps(effnet_files, mce_cli, tmp_path,
     assert search["steps"] == steps
     if steps:  # every trial evaluated at least the side that binds the objective
         assert search["trial_forwards"] + search["skipped_forwards"] == steps * 13 * 2
+
+
+def test_dropout_vertices_batchnorm_on_a_fixed_subsample(cnn_pair):
+    """`bn_examples`: D_S(A)'s BatchNorm statistics come from the fixed subsample (the
+    certificate says so); its loss is still taken on all the data."""
+    from mcensemble.bn import FixedSubset
+    from mcensemble.stability import reestimate_bn
+    model, a, b = cnn_pair
+    ld = create_loader("digits,train=300", batch_size=50)
+    path = build_short_path(model, a, b, ld, search_steps=0, random_baseline=False, bn_examples=100)
+    cert = path.certificate
+    assert "100 examples in 2 batches of 6" in cert["data"]["batchnorm"]
+    da = path.vertex_states()[1]
+    mods = path.metadata["bn_reestimated"]
+    assert mods
+    want = reestimate_bn(model, da, FixedSubset(ld, 100), mods)
+    for k, v in want.items():
+        assert_close_rel(da[k], v, rtol=1e-5)
+    assert cert["vertex_losses"][1] == pytest.approx(_loss(model, da, ld), rel=1e-6)

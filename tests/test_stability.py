@@ -34,8 +34,11 @@ def test_result_shape_and_json(mlp):
     model, sd = mlp
     res = dropout_stability(model, sd, small_eval_loader(), search_steps=8)
     d = json.loads(json.dumps(res.to_dict()))
-    assert set(d) == {"eps", "base_loss", "depths", "kept"}
+    assert set(d) == {"eps", "base_loss", "depths", "kept", "search"}
     assert [r["depth"] for r in d["depths"]] == [1, 2]
+    s = d["search"]
+    assert s["steps"] == 8 and s["examples"] == 500 and 0 < s["trials"] <= 16 and 0 <= s["accepted"] <= s["trials"]
+    assert s["objective_end"] <= s["objective_start"]
     assert d["eps"] >= 0 and d["eps"] == pytest.approx(max(0, *(r["increase"] for r in d["depths"])))
     for r in d["depths"]:
         assert r["increase"] == pytest.approx(r["loss"] - d["base_loss"])
@@ -148,3 +151,73 @@ def test_model_not_changed(mlp):
     graph_for(model, small_eval_loader())
     dropout_stability(model, sd, small_eval_loader(), search_steps=2)
     assert all(torch.equal(before[k], v) for k, v in model.state_dict().items())
+
+
+def _reference_search(model, sd, ld, steps, examples, seed=0):
+    """The kept-half search written out plainly: every D_k in full on every trial."""
+    import copy
+    import torch.nn.functional as F
+    from mcensemble.stability import (_bn_modules, _importance, _subset, default_kept, swap_trial)
+    work = copy.deepcopy(model).eval()
+    graph = graph_for(work, ld)
+    x, y = _subset(ld, examples)
+    scores = _importance(work, sd, graph, x)
+    kept = {g.name: default_kept(g, scores[g.name]) for g in graph.groups}
+    mods = dict(work.named_modules())
+
+    def loss(k):
+        work.load_state_dict(dropout_state(sd, graph, kept, k))
+        bn = [mods[n] for n in _bn_modules(work, graph, k + 1)]
+        for m in bn:
+            m.train()
+        with torch.no_grad():
+            out = float(F.cross_entropy(work(x), y))
+        for m in bn:
+            m.eval()
+        return out
+
+    def objective(depth):
+        ls = [loss(k) for k in graph.depths if k <= depth]
+        return max(ls) + 1e-3 * sum(ls)
+
+    gen = torch.Generator().manual_seed(seed)
+    for g in sorted(graph.groups, key=lambda g: -g.depth):
+        best = objective(g.depth)
+        for _ in range(steps):
+            old = kept[g.name]
+            kept[g.name] = swap_trial(g.size, old, scores[g.name], gen)
+            val = objective(g.depth)
+            if val < best - 1e-7:
+                best = val
+            else:
+                kept[g.name] = old
+    return kept
+
+
+@pytest.mark.parametrize("which", ["mlp", "cnn"])
+def test_fast_search_makes_the_plain_searchs_choices(which, request):
+    """Partial forwards, incremental D_k and skipped depths change the cost, not the choice."""
+    model, sd = request.getfixturevalue(which)
+    ld = small_eval_loader()
+    res = dropout_stability(model, sd, ld, search_steps=6, search_examples=200, search_patience=None)
+    assert res.kept == _reference_search(model, sd, ld, 6, 200)
+    assert res.search["trials"] == 6 * len(res.kept) and res.search["accepted"] > 0
+
+
+def test_patience_stops_a_groups_trials(mlp):
+    model, sd = mlp
+    res = dropout_stability(model, sd, small_eval_loader(), search_steps=40, search_patience=2)
+    s = res.search
+    assert s["trials"] < 2 * 40 and s["patience"] == 2
+    with pytest.raises(BadOptionError, match="search_patience"):
+        dropout_stability(model, sd, small_eval_loader(), search_steps=4, search_patience=0)
+
+
+def test_only_the_asked_depths_are_measured(cnn):
+    model, sd = cnn
+    full = dropout_stability(model, sd, small_eval_loader(), search_steps=0)
+    low = dropout_stability(model, sd, small_eval_loader(), search_steps=0, depths=[1])
+    assert [r["depth"] for r in low.depths] == [1] and set(low.bn_stats) == {1}
+    assert low.depths[0]["loss"] == pytest.approx(full.depths[0]["loss"], rel=1e-6)
+    with pytest.raises(BadOptionError, match="depths"):
+        dropout_stability(model, sd, small_eval_loader(), search_steps=0, depths=[7])

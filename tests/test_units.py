@@ -44,11 +44,56 @@ class CatNet(nn.Module):
         return self.fc(torch.flatten(torch.cat([torch.relu(self.mix(h)), h], 1), 1))
 
 
+class TinyViT(nn.Module):
+    """Rows of the image as tokens; a class token, position embeddings, fused qkv split
+    into heads (reshape / permute / unbind), attention written out (q @ k^T, a per-head
+    bias table, softmax, @ v), layer scale, a gated MLP (chunk) and class-token pooling."""
+
+    def __init__(self, dim=16, heads=2, tokens=8):
+        super().__init__()
+        self.heads = heads
+        self.embed = nn.Linear(8, dim)
+        self.cls_token = nn.Parameter(torch.randn(1, 1, dim))
+        self.pos_embed = nn.Parameter(torch.randn(1, tokens + 1, dim))
+        self.qkv, self.proj = nn.Linear(dim, 3 * dim), nn.Linear(dim, dim)
+        self.bias_table = nn.Parameter(torch.randn(heads, tokens + 1, tokens + 1))
+        self.gamma = nn.Parameter(torch.rand(dim) + 0.5)
+        self.fc1, self.fc2 = nn.Linear(dim, 2 * 12), nn.Linear(12, dim)
+        self.head = nn.Linear(dim, 5)
+
+    def forward(self, x):
+        x = self.embed(x.flatten(1, 2))
+        x = torch.cat([self.cls_token.expand(x.shape[0], -1, -1), x], dim=1) + self.pos_embed
+        B, N, C = x.shape
+        q, k, v = self.qkv(x).reshape(B, N, 3, self.heads, C // self.heads).permute(2, 0, 3, 1, 4).unbind(0)
+        attn = (q @ k.transpose(-2, -1) * 0.5 + self.bias_table.unsqueeze(0)).softmax(dim=-1)
+        x = x + self.gamma * self.proj((attn @ v).transpose(1, 2).reshape(B, N, C))
+        a, g = self.fc1(x).chunk(2, dim=-1)
+        x = x + self.fc2(a * torch.sigmoid(g))
+        return self.head(x[:, 0])
+
+
+class GroupNet(nn.Module):
+    """GroupNorm (within groups), a grouped convolution and a softmax over channels."""
+
+    def __init__(self):
+        super().__init__()
+        self.c1, self.n1 = nn.Conv2d(1, 8, 3, padding=1), nn.GroupNorm(4, 8)
+        self.c2, self.n2 = nn.Conv2d(8, 12, 3, padding=1, groups=2), nn.GroupNorm(3, 12)
+        self.fc = nn.Linear(12, 5)
+
+    def forward(self, x):
+        h = torch.relu(self.n1(self.c1(x)))
+        h = torch.softmax(self.n2(self.c2(h)), dim=1)
+        return self.fc(h.mean((2, 3)))
+
+
 CASES = {  # name -> (factory, input size)
     "mlp": (mlp, 8), "bn_cnn": (bn_cnn, 16), "catnet": (CatNet, 8),
     "test_resnet": (timm_factory("test_resnet"), 16), "resnet10t": (timm_factory("resnet10t"), 32),
     "test_efficientnet": (timm_factory("test_efficientnet"), 16),
     "test_convnext": (timm_factory("test_convnext"), 32),
+    "tiny_vit": (TinyViT, 8), "group_net": (GroupNet, 8),
 }
 
 
@@ -93,8 +138,8 @@ def test_permutation_check_catches_a_missing_member(case, drop_role):
 
 def test_zeroed_consumers_silence_a_unit(case):
     name, model, x, graph = case
-    if name == "test_convnext":
-        pytest.skip("LayerNorm over channels couples units through its statistics")
+    if name in ("test_convnext", "group_net"):
+        pytest.skip("LayerNorm / GroupNorm / softmax over channels couple units through statistics")
     state = model.state_dict()
     g = torch.Generator().manual_seed(2)
     for grp in graph.groups:
@@ -224,8 +269,42 @@ class Nested(nn.Module):
         return self.inner(x)
 
 
+class Rolled(nn.Module):
+    """A fixed shift of the hidden units: no permutation of them commutes with it."""
+
+    def __init__(self):
+        super().__init__()
+        self.fc1, self.fc2 = nn.Linear(4, 8), nn.Linear(8, 2)
+
+    def forward(self, x):
+        return self.fc2(torch.roll(self.fc1(x), 1, dims=1))
+
+
+class Strided(nn.Module):
+    def __init__(self):
+        super().__init__()
+        self.fc1, self.fc2 = nn.Linear(4, 8), nn.Linear(4, 2)
+
+    def forward(self, x):
+        return self.fc2(self.fc1(x)[:, ::2])
+
+
+class Hyper(nn.Module):
+    """A weight computed from the input (a hypernetwork)."""
+
+    def __init__(self):
+        super().__init__()
+        self.fc1, self.fc2 = nn.Linear(4, 8), nn.Linear(4, 16)
+
+    def forward(self, x):
+        return torch.nn.functional.linear(self.fc1(x), self.fc2(x).mean(0).view(2, 8))
+
+
 @pytest.mark.parametrize("model, match", [
     (Untraceable(), r"cannot trace Untraceable.*graph="),
+    (Rolled(), r"cannot place op roll .*it rolls the units' axis"),
+    (Strided(), r"cannot place op getitem .*strided slice of the units' axis"),
+    (Hyper(), r"cannot place op linear .*computed from hidden units"),
     (Nested(), r"cannot place op cumsum \(node 'cumsum', module 'inner'\)"),
     (Unplaceable(), r"cannot place op cumsum \(node 'cumsum', module '<root>'\).*graph="),
 ])

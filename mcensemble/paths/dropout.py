@@ -54,11 +54,12 @@ import torch.nn as nn
 from tqdm import tqdm
 
 from .._io import meta_field
+from ..bn import FixedSubset
 from ..errors import BadOptionError, DropoutPathError
 from ..evaluate import evaluate
 from ..options import check_count
 from ..stability import check_kept, dropout_network, dropout_stability, dropout_state, graph_for
-from ..units import AxisRef, UnitGraph, UnitGroup
+from ..units import AxisRef, UnitGraph, UnitGroup, _mixes_units
 from .base import ModePath, StateDict, check_same_layout, register_path
 
 __all__ = ["DropoutPath", "DropoutConfig", "build_dropout_path", "layered_chain", "mix_states",
@@ -124,8 +125,7 @@ def _check_norms(model: nn.Module, chain: list[UnitGroup]) -> None:
     for g in chain:
         for r in g.refs("bn"):
             m = mods.get(r.module)
-            if isinstance(m, nn.LayerNorm) or (isinstance(m, nn.GroupNorm) and
-                                               m.num_groups != m.num_channels):
+            if m is not None and _mixes_units(m):
                 raise DropoutPathError(
                     f"unit group {g.name!r} is normalised by {r.module!r} "
                     f"({type(m).__name__}), which mixes the units' statistics: copies and "
@@ -157,7 +157,9 @@ class _Track:
             self._owned.add(name)
         return self.state[name]
 
-    def emit(self, kind: str, note: str) -> None:
+    def emit(self, kind: str, note: str, *, function: tuple[str, int] | None = None) -> None:
+        """Close a segment (dropped when nothing changed). `function`: (side, k) when the new
+        vertex computes D_k(side) (its units in other slots): the sink gets it."""
         prev = self.vertices[-1]
         changed = [n for n in self._owned if not _same(prev[n], self.state[n])]
         for n in self._owned - set(changed):
@@ -168,7 +170,7 @@ class _Track:
             self.kinds.append({"kind": kind, "step": note})
             self.emitted += 1
             if self._sink is not None:
-                self._sink(prev, self.vertices[-1], self.kinds[-1])
+                self._sink(prev, self.vertices[-1], self.kinds[-1], function)
 
 
 def _same(a: torch.Tensor, b: torch.Tensor) -> bool:
@@ -242,15 +244,17 @@ class _Side:
 
 class _Construction:
     def __init__(self, work: nn.Module, graph: UnitGraph, chain: list[UnitGroup], bn_loader,
-                 device):
+                 device, *, lowest_only: bool = False):
         self.work, self.graph, self.chain = work, graph, chain
-        self.bn_loader, self.device = bn_loader, device
+        self.bn_loader, self.device, self.lowest_only = bn_loader, device, lowest_only
 
     def dk(self, side: _Side, k: int) -> StateDict:
-        """D_k of a side (k is a 1-based depth), BN statistics as stability measured them."""
+        """D_k of a side (k is a 1-based depth), BN statistics as stability measured them
+        (re-estimated when it did not; with `lowest_only`, the packed pair's case, only D_1's:
+        the other D_k only fill slots that are dead once D_1 is in place)."""
         if k not in side._dk:
             stats = side.stab.bn_stats.get(self.chain[k - 1].depth)
-            if stats is not None or self.bn_loader is None:
+            if stats is not None or self.bn_loader is None or (self.lowest_only and k > 1):
                 sd = dropout_state(side.state, self.graph, side.stab.kept, self.chain[k - 1].depth)
                 sd.update(stats or {})
             else:
@@ -280,14 +284,14 @@ class _Construction:
         top = self.chain[-1]
         place = [side.slots(j, 0) for j in range(d)]
         _set_classifier(tr, self.dk(side, d), self.graph, top, place[-1])
-        tr.emit("classifier", f"{side.name} -> D_{d}({side.name})")
+        tr.emit("classifier", f"{side.name} -> D_{d}({side.name})", function=(side.name, d))
         for k in range(d - 1, 0, -1):
             new = [side.slots(j, 0) if j < k else side.slots(j, (j + 1 - k) % 2)
                    for j in range(d)]
             self.write_chain(tr, side, k, k + 1, new)
             tr.emit("inactive", f"copy of D_{k}({side.name}) into free slots")
             _set_classifier(tr, self.dk(side, k), self.graph, top, new[-1])
-            tr.emit("classifier", f"classifier onto D_{k}({side.name})")
+            tr.emit("classifier", f"classifier onto D_{k}({side.name})", function=(side.name, k))
             place = new
         return tr, place
 
@@ -311,7 +315,7 @@ class _Construction:
         for name, t in b.state.items():
             if not t.is_floating_point():
                 tr.w(name).copy_(t)
-        tr.emit("classifier", "classifier from D_1(A) to D_1(B)")
+        tr.emit("classifier", "classifier from D_1(A) to D_1(B)", function=(b.name, 1))
         return q
 
     def relocate(self, tr: _Track, q: list[dict[int, int]], pb: list[dict[int, int]],
@@ -480,6 +484,10 @@ class _Recorder:
                          disable=None if progress is None else not progress)
         self.deltas: list[list[StateDict]] = [[], []]  # per track, in track order
         self.losses: list[list[float]] = [[], []]
+        self.inherited: list[list[bool]] = [[], []]  # per loss: taken from its inactive segment's other end
+        self._b_inactive = False  # B's track: was the last segment inactive (its far end's loss known)?
+        self.functions: dict[tuple[str, int], float] = {}  # (side, k) -> loss of a vertex computing D_k(side)
+        self._b_function: tuple[str, int] | None = None  # B's track: the function of the vertex not yet measured
 
     def loss(self, sd: Mapping[str, torch.Tensor]) -> float:
         self.work.load_state_dict(sd)
@@ -496,26 +504,49 @@ class _Recorder:
         d = DropoutPath._encode_delta(prev, cur)
         return {k: (t.clone() if id(t) in self._inputs else t) for k, t in d.items()}
 
-    def a_sink(self, prev: StateDict, cur: StateDict, kind: Mapping[str, Any]) -> None:
-        self._check(prev, cur, kind, f"segment {len(self.losses[0]) - 1}")
-        self.losses[0].append(self.loss(cur))
-        self.deltas[0].append(self._delta(prev, cur))
+    def _loss_or_inherited(self, track: int, sd: StateDict, same_as_last: bool) -> None:
+        """Append sd's loss: the last one when the segment between them is inactive (it
+        changes only rows of units no live unit reads, checked: the network's output is
+        the same bit for bit), else measured on the loader."""
+        last = self.losses[track][-1] if self.losses[track] else float("nan")
+        keep = same_as_last and last == last  # NaN: B's own loss, not taken yet
+        self.losses[track].append(last if keep else self.loss(sd))
+        self.inherited[track].append(keep)
 
-    def b_sink(self, prev: StateDict, cur: StateDict, kind: Mapping[str, Any]) -> None:
+    def a_sink(self, prev: StateDict, cur: StateDict, kind: Mapping[str, Any], function=None) -> None:
+        self._check(prev, cur, kind, f"segment {len(self.losses[0]) - 1}")
+        self._loss_or_inherited(0, cur, kind["kind"] == "inactive")
+        self.deltas[0].append(self._delta(prev, cur))
+        if function is not None:
+            self.functions.setdefault(function, self.losses[0][-1])
+
+    def b_sink(self, prev: StateDict, cur: StateDict, kind: Mapping[str, Any], function=None) -> None:
         k = len(self.deltas[1]) + (1 if self.losses[1] else 0)
         self._check(cur, prev, kind, f"segment {k} counted from B's end")
         if self.losses[1]:  # prev is not B itself
-            self.losses[1].append(self.loss(prev))
+            self._loss_or_inherited(1, prev, self._b_inactive)
             self.deltas[1].append(self._delta(cur, prev))
+            if self._b_function is not None:
+                self.functions.setdefault(self._b_function, self.losses[1][-1])
         else:
             self.losses[1].append(float("nan"))  # B's own loss: taken last
+            self.inherited[1].append(False)
+        self._b_inactive = kind["kind"] == "inactive"
+        self._b_function = function
 
     def assemble(self, a: StateDict, b: StateDict) -> tuple[dict[str, StateDict], list[float]]:
-        """The path's groups (endpoints copied) and its vertex losses, in path order."""
+        """The path's groups (endpoints copied) and its vertex losses, in path order
+        (`self.inherited_vertices`: the indices whose loss is their inactive segment's
+        other end's)."""
         da, db = self.deltas
         la, lb = self.losses
+        ia, ib = self.inherited
         if not lb:  # B's track never moved: A's track ends at B itself
-            da, la = da[:-1], la[:-1]
+            da, la, ia = da[:-1], la[:-1], ia[:-1]
+        flags = ia + ib[:0:-1] + [False]
+        self.inherited_vertices = [i for i, f in enumerate(flags) if f]
+        if self._b_function is not None and la:  # B's track's last vertex is A's track's last (E_B)
+            self.functions.setdefault(self._b_function, self.losses[0][-1])
         mid = da + db[::-1]
         groups = {"endpoint.0": {k: v.clone() for k, v in a.items()},
                   "endpoint.1": {k: v.clone() for k, v in b.items()}}
@@ -543,9 +574,12 @@ def working_copy(model: nn.Module, a: Mapping[str, torch.Tensor], b: Mapping[str
 
 def _prepare(model: nn.Module, a: Mapping[str, torch.Tensor], b: Mapping[str, torch.Tensor],
              loader: Iterable[Any], *, graph=None, stability_a=None, stability_b=None,
-             device="cpu", progress: bool | None = None, search_steps: int = 48):
+             device="cpu", progress: bool | None = None, search_steps: int = 48,
+             lowest_only: bool = False, measure: bool = True, bn_loader=None):
     """Shared set-up of `build_dropout_path` and `mcensemble.pack.pack_pair`: checks the
-    layout and the graph, measures stability where not given. Returns
+    layout and the graph, measures stability where not given (`lowest_only`: D_1 alone,
+    all the packed pair needs; `measure=False`: halves and BatchNorm only, the path measures
+    D_k at its vertices; `bn_loader`: BatchNorm data, default `loader`). Returns
     `(work model, construction, side A, side B)`. Private (it was `prepare`): the
     construction and the sides are this module's internal types, so only mcensemble's own
     modules call it; the public entry points are `build_dropout_path` and `pack_pair`."""
@@ -557,29 +591,47 @@ def _prepare(model: nn.Module, a: Mapping[str, torch.Tensor], b: Mapping[str, to
     for st, sd in ((stability_a, a), (stability_b, b)):
         if st is None:
             st = dropout_stability(work, sd, loader, graph=graph, device=device,
-                                   search_steps=search_steps, progress=progress)
+                                   search_steps=search_steps, progress=progress,
+                                   depths=[chain[0].depth] if lowest_only else None,
+                                   measure=measure, bn_loader=bn_loader)
         else:
             check_kept(graph, st.kept)
         stab.append(st)
-    con = _Construction(work, graph, chain, loader, device)
+    con = _Construction(work, graph, chain, loader if bn_loader is None else bn_loader, device,
+                        lowest_only=lowest_only)
     return work, con, _Side("A", a, stab[0], chain), _Side("B", b, stab[1], chain)
 
 
 def build_dropout_path(model: nn.Module, a: Mapping[str, torch.Tensor], b: Mapping[str, torch.Tensor],
                        loader: Iterable[Any], *, graph=None, stability_a=None, stability_b=None,
                        device="cpu", progress: bool | None = None,
-                       search_steps: int = 48) -> "DropoutPath":
+                       search_steps: int = 48, bn_examples: int | None = 2048) -> "DropoutPath":
     """The dropout-stable path from state dict `a` to `b` (module docstring), certified on
     `loader` (also used for BatchNorm re-estimation and, unless `stability_a` /
     `stability_b` (`StabilityResult`s measured on the same data) are given, for measuring
     stability and choosing the kept halves). `model`: an nn.Module of the architecture
-    (not changed; a copy does the work). Unsupported graphs -> `DropoutPathError`."""
+    (not changed; a copy does the work). Unsupported graphs -> `DropoutPathError`.
+
+    Stability measured here costs no evaluation pass of its own: each D_k is a function
+    some vertex computes (its units in other slots), so its loss, and eps, are those
+    vertices' losses. The D_k's BatchNorm statistics are re-estimated on a fixed subsample
+    of `bn_examples` training examples (`mcensemble.bn.FixedSubset`; None: all of
+    `loader`); every loss uses all of `loader` (`certificate["data"]`)."""
     t0 = time.perf_counter()
+    bn_loader = None
+    if bn_examples is not None and loader is not None:
+        sub = FixedSubset(loader, bn_examples, what="the dropout-stable path")
+        bn_loader = sub if sub.of is None or sub.batches < sub.of else None
+    bn_note = "all the training data" if bn_loader is None else \
+        f"a fixed subsample of the training data ({bn_loader.describe()})"
+    given = (stability_a is not None, stability_b is not None)
     work, con, side_a, side_b = _prepare(model, a, b, loader, graph=graph, stability_a=stability_a,
                                          stability_b=stability_b, device=device,
-                                         progress=progress, search_steps=search_steps)
+                                         progress=progress, search_steps=search_steps,
+                                         measure=False, bn_loader=bn_loader)
     rec = _Recorder(work, con, loader, (side_a.state, side_b.state), progress)
     rec.losses[0].append(rec.loss(side_a.state))
+    rec.inherited[0].append(False)
     tr, pa = con.forward(side_a, rec.a_sink)
     side_a._dk.clear()
     trb, pb = con.forward(side_b, rec.b_sink)
@@ -595,16 +647,39 @@ def build_dropout_path(model: nn.Module, a: Mapping[str, torch.Tensor], b: Mappi
     n = len(losses)
     ts = [i / (n - 1) for i in range(n)]
     segments = [dict(k, t0=ts[i], t1=ts[i + 1]) for i, k in enumerate(kinds)]
+    for side, known, base in ((side_a, given[0], losses[0]), (side_b, given[1], losses[-1])):
+        if not known:
+            _fill_stability(side, con, rec, base)
     stab = (side_a.stab, side_b.stab)
     eps = max(float(s.eps) for s in stab)
     cert = {"max_loss": max(losses), "eps": eps, "loss_a": losses[0], "loss_b": losses[-1],
             "bound": max(losses[0], losses[-1]) + eps, "vertex_losses": losses,
-            "segments": segments, "stability": [s.to_dict() for s in stab]}
+            "inherited_vertices": rec.inherited_vertices,
+            "segments": segments, "stability": [s.to_dict() for s in stab],
+            "data": {"losses": "all the training data",
+                     "batchnorm": bn_note if not all(given) else "as the given stability results",
+                     "search": "the first search_examples training examples (stability.search)"}}
     meta = {"construction_seconds": time.perf_counter() - t0,
             "unit_groups": [g.name for g in con.chain]}
     log.info("dropout path: %d segments, max vertex loss %.4f (A %.4f, B %.4f, eps %.4f)",
              n - 1, cert["max_loss"], losses[0], losses[-1], eps)
     return DropoutPath._from_groups(groups, n, certificate=cert, metadata=meta)
+
+
+def _fill_stability(side: _Side, con: _Construction, rec: _Recorder, base: float) -> None:
+    """A side's stability rows from the vertices that compute its D_k (a D_k no vertex
+    computes, because its segment changed nothing, is evaluated)."""
+    rows = []
+    for k, g in enumerate(con.chain, start=1):
+        loss = rec.functions.get((side.name, k))
+        if loss is None:
+            sd = dropout_state(side.state, con.graph, side.stab.kept, g.depth)
+            sd.update(side.stab.bn_stats.get(g.depth, {}))
+            loss = rec.loss(sd)
+        rows.append({"depth": int(g.depth), "loss": loss, "increase": loss - base})
+    st = side.stab
+    st.base_loss, st.depths = base, rows
+    st.eps = max([0.0] + [r["increase"] for r in rows])
 
 
 def mix_states(va: Mapping[str, torch.Tensor], vb: Mapping[str, torch.Tensor], s: float) -> StateDict:

@@ -45,12 +45,13 @@ import torch.nn as nn
 from tqdm import tqdm
 
 from .._io import meta_field
-from ..bn import batch_input
-from ..errors import BadOptionError, MCEnsembleError, ShortPathError
+from .._partial import Partial
+from ..bn import FixedSubset, batch_input
+from ..errors import BadOptionError, ShortPathError
 from ..evaluate import evaluate
 from ..options import check_count
 from ..stability import _importance, _subset, changed_bn_modules, check_kept, dropout_state, reestimate_bn, swap_trial
-from ..units import AxisRef, UnitGraph, UnitGroup, _trace
+from ..units import AxisRef, UnitGraph, UnitGroup, _mixes_units
 from .base import StateDict, check_same_layout, register_path
 from .dropout import DropoutPath, _bytes, _changed_units, _decode, _encode, _same, mix_states, working_copy
 
@@ -73,7 +74,7 @@ def check_norms(model: nn.Module) -> None:
     """Refuse norms that read every channel (LayerNorm, GroupNorm with fewer groups than
     channels): a dead slot would change the live ones, so no slot is ever free."""
     for name, m in model.named_modules():
-        if isinstance(m, nn.LayerNorm) or (isinstance(m, nn.GroupNorm) and m.num_groups != m.num_channels):
+        if _mixes_units(m):
             raise ShortPathError(
                 f"layer {name!r} is a {type(m).__name__}: it normalises over the channels, so every "
                 "channel's value depends on all the others and no unit can be silenced by zeroing "
@@ -156,6 +157,7 @@ class ShortConstruction:
     passes: int = 0
     search_forwards: int = 0
     eps: dict[str, float] = field(default_factory=dict)
+    bn_data: str = "all the training data"  # where D_S(A)'s and D_T(B)'s BatchNorm statistics came from
 
 
 class _Ctx:
@@ -163,6 +165,7 @@ class _Ctx:
 
     def __init__(self, work: nn.Module, graph: UnitGraph, loader, device, progress):
         self.work, self.graph, self.loader, self.device, self.progress = work, graph, loader, device, progress
+        self.of = _examples(loader)
         self.passes = 0
         self.forwards = 0
         self.bn: list[str] = []
@@ -170,24 +173,36 @@ class _Ctx:
 
     def loss(self, sd: Mapping[str, torch.Tensor]) -> float:
         self.work.load_state_dict(sd)
-        self.passes += 1
+        self.passes += self.share()
         return evaluate(self.work, self.loader, device=self.device).loss
 
-    def dropped(self, state: StateDict, kept: Mapping[str, list[int]]) -> StateDict:
-        """D_kept(state): every group at once, BatchNorm statistics of `self.bn` re-estimated."""
+    def share(self) -> float:
+        """One pass over the current loader, in passes over the training data."""
+        n = getattr(self.loader, "n", None) if not hasattr(self.loader, "dataset") else None
+        return n / self.of if n is not None and self.of else 1.0
+
+    def dropped(self, state: StateDict, kept: Mapping[str, list[int]], bn_loader=None) -> StateDict:
+        """D_kept(state): every group at once, BatchNorm statistics of `self.bn` re-estimated
+        (on `bn_loader`, default the current loader)."""
         sd = dropout_state(state, self.graph, kept, self.min_depth)
         if self.bn:
-            sd.update(reestimate_bn(self.work, sd, self.loader, self.bn, device=self.device))
-            self.passes += 1
+            data = self.loader if bn_loader is None else bn_loader
+            sd.update(reestimate_bn(self.work, sd, data, self.bn, device=self.device))
+            n = getattr(data, "n", None) if bn_loader is not None else None
+            self.passes += n / self.of if n is not None and self.of else self.share()
         return sd
 
 
 def prepare_short(model: nn.Module, a: Mapping[str, torch.Tensor], b: Mapping[str, torch.Tensor],
                   loader: Iterable[Any], *, graph=None, halves: tuple[Mapping, Mapping] | None = None,
                   device="cpu", progress: bool | None = None, search_steps: int = 4,
-                  search_examples: int = 256, seed: int = 0, random_baseline: bool = True) -> ShortConstruction:
+                  search_examples: int = 256, seed: int = 0, random_baseline: bool = True,
+                  sample_examples: int | None = 1024, bn_examples: int | None = 2048) -> ShortConstruction:
     """Checks, the joint choice of halves and the six vertices (no certificate yet).
-    `halves`: (A's kept units, B's kept units) per group to skip the search."""
+    `halves`: (A's kept units, B's kept units) per group to skip the search.
+    `sample_examples`: the random-half baseline runs on a fixed subsample of about that many
+    training examples (`mcensemble.bn.FixedSubset`; None: all of `loader`); D_S(A)'s and
+    D_T(B)'s BatchNorm statistics are re-estimated on one of `bn_examples` (None: all)."""
     check_norms(model)
     a, b, work, graph = working_copy(model, a, b, loader, graph, device, what="the short path",
                                      uses="chooses the halves, re-estimates BatchNorm and measures segments")
@@ -200,15 +215,29 @@ def prepare_short(model: nn.Module, a: Mapping[str, torch.Tensor], b: Mapping[st
     probe = _probe(loader)  # which BatchNorm inputs change: a few examples tell
     ctx.bn = sorted(set(changed_bn_modules(work, a, graph, hv.s, probe, device=device)) |
                     set(changed_bn_modules(work, b, graph, hv.t, probe, device=device)))
-    da, db = ctx.dropped(a, hv.s), ctx.dropped(b, hv.t)
+    bn_data = None
+    if bn_examples is not None and ctx.bn:
+        sub = FixedSubset(loader, bn_examples, what="the short path")
+        bn_data = sub if sub.of is None or sub.batches < sub.of else None
+    da, db = ctx.dropped(a, hv.s, bn_data), ctx.dropped(b, hv.t, bn_data)
     vertices = _vertices(graph, a, b, da, db, hv)
     con = ShortConstruction(work, graph, hv, vertices, list(ctx.bn))
+    con.bn_data = "all the training data" if bn_data is None else \
+        f"a fixed subsample of the training data ({bn_data.describe()})"
     con.eps = {"loss_a": ctx.loss(a), "loss_b": ctx.loss(b), "loss_da": ctx.loss(da), "loss_db": ctx.loss(db)}
     con.eps["eps"] = max(con.eps["loss_da"] - con.eps["loss_a"], con.eps["loss_db"] - con.eps["loss_b"], 0.0)
     if random_baseline:
-        con.eps.update(_random_eps(ctx, a, b, seed, con.eps))
+        con.eps.update(_random_eps(ctx, a, b, seed, con.eps, sample_examples))
     con.passes, con.search_forwards = ctx.passes, ctx.forwards
     return con
+
+
+def _examples(loader) -> int | None:
+    """Examples in `loader` when its data set has a length, else None."""
+    try:
+        return len(loader.dataset)  # type: ignore[attr-defined]
+    except (AttributeError, TypeError):
+        return getattr(loader, "n", None)
 
 
 def _probe(loader: Iterable[Any], n: int = 16) -> torch.Tensor | None:
@@ -217,12 +246,28 @@ def _probe(loader: Iterable[Any], n: int = 16) -> torch.Tensor | None:
     return None
 
 
-def _random_eps(ctx: _Ctx, a: StateDict, b: StateDict, seed: int, got: Mapping[str, float]) -> dict[str, float]:
-    """eps of a random half (S random, T = the first n//2 of its complement), for comparison."""
+def _random_eps(ctx: _Ctx, a: StateDict, b: StateDict, seed: int, got: Mapping[str, float],
+                examples: int | None = None) -> dict[str, float]:
+    """eps of a random half (S random, T = the first n//2 of its complement), for comparison;
+    with `examples`, everything (A, B, BatchNorm, the dropout networks) on a fixed subsample of
+    that many training examples (`random_data` says which)."""
     s, t = random_halves(ctx.graph, seed + 1)
-    la, lb = ctx.loss(ctx.dropped(a, s)), ctx.loss(ctx.dropped(b, t))
-    return {"loss_da_random": la, "loss_db_random": lb,
-            "eps_random": max(la - got["loss_a"], lb - got["loss_b"], 0.0)}
+    sub = None if examples is None else FixedSubset(ctx.loader, examples, what="the short path")
+    if sub is not None and ctx.of is not None and sub.n >= ctx.of:
+        sub = None  # the subsample would be all the data
+    full = ctx.loader
+    try:
+        if sub is not None:
+            ctx.loader = sub
+            la0, lb0 = ctx.loss(a), ctx.loss(b)
+        else:
+            la0, lb0 = got["loss_a"], got["loss_b"]
+        la, lb = ctx.loss(ctx.dropped(a, s)), ctx.loss(ctx.dropped(b, t))
+    finally:
+        ctx.loader = full
+    return {"loss_da_random": la, "loss_db_random": lb, "eps_random": max(la - la0, lb - lb0, 0.0),
+            "random_data": "all the training data" if sub is None else
+            f"a fixed subsample of the training data ({sub.describe()})"}
 
 
 def random_halves(graph: UnitGraph, seed: int) -> tuple[dict[str, list[int]], dict[str, list[int]]]:
@@ -327,80 +372,6 @@ def choose_halves(ctx: _Ctx, a: StateDict, b: StateDict, *, steps: int, examples
                          "partial_forwards": search.partial is not None, "seconds": time.perf_counter() - t0})
 
 
-class _Partial:
-    """Forward passes of the work model (traced with torch.fx) that redo only what a unit
-    group's consumer tensors reach. `frontier` runs the loaded state over the part of the
-    network g does not reach (from an earlier group's frontier when that covers it) and
-    keeps the values flowing out of it; `__call__` then runs only the part g reaches.
-    `make` gives None when the model does not trace (the search then runs full passes)."""
-
-    def __init__(self, gm, x: torch.Tensor):
-        import torch.fx as fx
-
-        class _Keep(fx.Interpreter):
-            keep: Any = ()
-            kept: dict = {}
-
-            def run_node(self, n):
-                v = super().run_node(n)
-                if n in self.keep:
-                    self.kept[n] = v
-                return v
-
-        self.interp, self.x = _Keep(gm), x
-        self.nodes = list(gm.graph.nodes)
-        self.plans: dict[str, tuple[set, set] | None] = {}
-
-    @classmethod
-    def make(cls, work: nn.Module, x: torch.Tensor) -> "_Partial | None":
-        try:
-            return cls(_trace(work, (x[:2],)), x)
-        except MCEnsembleError:  # a hand-given unit graph for a model fx cannot trace: full passes
-            return None
-
-    def plan(self, g: UnitGroup) -> tuple[set, set] | None:
-        """(U, F): the nodes g's consumer tensors do not reach, and those of them read by a
-        node they reach. None when a tensor is not found in the trace."""
-        if g.name not in self.plans:
-            names = {r.tensor for r in g.refs("consumer")}
-            hit, found = set(), set()
-            for n in self.nodes:
-                own = {t for t in names if t == n.target or t.startswith(f"{n.target}.")} \
-                    if n.op in ("call_module", "get_attr") else set()
-                found |= own
-                if own or any(a in hit for a in n.all_input_nodes):
-                    hit.add(n)
-            u = {n for n in self.nodes if n not in hit}
-            self.plans[g.name] = None if found != names else (u, {n for n in u if any(v in hit for v in n.users)})
-        return self.plans[g.name]
-
-    def frontier(self, g: UnitGroup, prev: tuple[str, dict] | None) -> dict:
-        """g's frontier values under the loaded state. `prev` = (group h, h's frontier
-        values), computed under a state that differs from the loaded one only in tensors
-        h reads: used when it covers g's frontier (F_g inside F_h or outside U_h)."""
-        u, f = self.plan(g)
-        env = {n: None for n in self.nodes if n not in u}
-        if prev is not None and self.plans.get(prev[0]):
-            uh, fh = self.plans[prev[0]]
-            if all(n in fh or n not in uh for n in f):
-                env.update({n: None for n in uh if n not in fh})
-                env.update({n: v for n, v in prev[1].items() if n in u})
-        self.interp.keep, self.interp.kept = f, {}
-        self.interp.run(self.x, initial_env=dict(env))
-        return {n: self.interp.kept[n] if n in self.interp.kept else env[n] for n in f}
-
-    def __call__(self, g: UnitGroup | None = None, front: dict | None = None) -> Any:
-        """The loaded state's output on x: a full pass, or only the part g reaches, from g's
-        frontier values `front` (the part g does not reach unchanged since)."""
-        env = {}
-        if g is not None:
-            u, _ = self.plan(g)
-            env = {n: None for n in u}
-            env.update(front)
-        self.interp.keep, self.interp.kept = (), {}
-        return self.interp.run(self.x, initial_env=env)
-
-
 class _JointSearch:
     """The joint search's objective max(l_A, l_B) + 1e-3 (l_A + l_B), l = the proxy loss of
     D_S(A) / D_T(B) on (x, y) with the BatchNorm modules `bn` on batch statistics. Keeps
@@ -419,7 +390,7 @@ class _JointSearch:
         self.losses = [math.inf, math.inf]
         self.best = math.inf
         self.trial_forwards = self.skipped = 0
-        self.partial = _Partial.make(ctx.work, x)
+        self.partial = Partial.make(ctx.work, x)
         self.frontiers: dict[int, tuple[str, dict]] = {}  # side -> (group, frontier values)
 
     @staticmethod
@@ -685,23 +656,29 @@ def build_short_path(model: nn.Module, a: Mapping[str, torch.Tensor], b: Mapping
                      loader: Iterable[Any], *, graph=None, halves: tuple[Mapping, Mapping] | None = None,
                      device="cpu", progress: bool | None = None, search_steps: int = 4,
                      search_examples: int = 256, points: int = 17, seed: int = 0,
-                     random_baseline: bool = True) -> "ShortPath":
+                     random_baseline: bool = True, sample_examples: int | None = 1024,
+                     bn_examples: int | None = 2048) -> "ShortPath":
     """The short path from state dict `a` to `b` (module docstring) with its certificate on
     `loader` (training data: also used to choose the halves and re-estimate BatchNorm).
-    `points`: states evaluated on each measured segment (>= 17, ends included). `model`: an
-    nn.Module of the architecture (not changed). Refused networks -> `ShortPathError`."""
+    `points`: states evaluated on each measured segment (>= 17, ends included). The
+    vertices' losses are taken on all of `loader`; the measured segments' interior points
+    and the random-half baseline on a fixed subsample of about `sample_examples` training
+    examples (None: all of `loader`), the dropout vertices' BatchNorm statistics on one of
+    `bn_examples` (the certificate's `data` says which data each number used). `model`: an nn.Module of the architecture (not changed). Refused networks ->
+    `ShortPathError`."""
     if isinstance(points, bool) or not isinstance(points, int) or points < 17:
         raise BadOptionError(f"points must be an integer >= 17, got {points!r}", option="points")
     t0 = time.perf_counter()
     con = prepare_short(model, a, b, loader, graph=graph, halves=halves, device=device, progress=progress,
                         search_steps=search_steps, search_examples=search_examples, seed=seed,
-                        random_baseline=random_baseline)
+                        random_baseline=random_baseline, sample_examples=sample_examples,
+                        bn_examples=bn_examples)
     x, _ = _subset(loader, 64)
     checks = verify_short_segments(con.work, con.vertices, con.graph, x.to(device))
     meta = {"unit_groups": [g.name for g in con.graph.groups], "bn_reestimated": con.bn_modules,
             "search": con.halves.search}
     path = ShortPath(con.vertices, metadata=meta)
-    cert, passes = _certificate(con, path, loader, device, points, checks, progress)
+    cert, passes = _certificate(con, path, loader, device, points, checks, progress, sample_examples)
     path.certificate = cert
     path.metadata.update(construction_seconds=time.perf_counter() - t0,
                          evaluation_passes=con.passes + passes, search_forwards=con.search_forwards)
@@ -711,36 +688,49 @@ def build_short_path(model: nn.Module, a: Mapping[str, torch.Tensor], b: Mapping
 
 
 def _certificate(con: ShortConstruction, path: "ShortPath", loader, device, points: int, checks,
-                 progress) -> tuple[dict[str, Any], int]:
+                 progress, sample_examples: int | None = None) -> tuple[dict[str, Any], float]:
+    """The certificate and the evaluation passes it took (in full passes over `loader`)."""
     e = con.eps
-    vl = [e["loss_a"], e["loss_da"], None, None, e["loss_db"], e["loss_b"]]
-    work, passes = con.work, 0
-    for i in (2, 3):  # equal to their neighbours' by the checks, but evaluated all the same
-        work.load_state_dict(con.vertices[i])
-        vl[i] = evaluate(work, loader, device=device).loss
-        passes += 1
+    # vertices 2 and 3 end exact segments (2: from D_S(A); 4: to D_T(B)), checked from the
+    # weights and on a batch: their losses are their neighbours'
+    vl = [e["loss_a"], e["loss_da"], e["loss_da"], e["loss_db"], e["loss_db"], e["loss_b"]]
+    work, passes = con.work, 0.0
+    n_all = _examples(loader)
+    sub = None if sample_examples is None else FixedSubset(loader, sample_examples, what="the short path")
+    if sub is not None and n_all is not None and sub.n >= n_all:
+        sub = None
+    data = loader if sub is None else sub
+    share = 1.0 if sub is None or not n_all else sub.n / n_all
     n = len(con.vertices) - 1
     segments = []
-    bar = tqdm(total=2 * (points - 2), desc="short path: measured segments", leave=False, file=sys.stderr,
-               disable=None if progress is None else not progress)
+    bar = tqdm(total=2 * (points - (2 if sub is None else 0)), desc="short path: measured segments", leave=False,
+               file=sys.stderr, disable=None if progress is None else not progress)
     try:
         for i, kind in enumerate(SEGMENT_KINDS):
             seg: dict[str, Any] = {"kind": kind, "step": _STEPS[i], "t0": i / n, "t1": (i + 1) / n,
                                    "proven": kind != "measured", **checks[i]}
             if kind == "measured":
-                seg.update(_measure(path, work, loader, device, i, n, points, vl[i], vl[i + 1], bar))
-                passes += points - 2
+                m = _measure(path, work, data, device, i, n, points, vl[i], vl[i + 1], bar, full=sub is None)
+                passes += (points - (2 if sub is None else 0)) * share
+                m["bound"] = max(m["bound"], vl[i], vl[i + 1])  # the ends: all the data
+                seg.update(m)
             else:  # exact: constant; convex: at most the larger end
                 seg["bound"] = vl[i] if kind == "exact" else max(vl[i], vl[i + 1])
             segments.append(seg)
     finally:
         bar.close()
+    measured_on = "all the training data" if sub is None else \
+        f"a fixed subsample of the training data ({sub.describe()}), the ends included"
     cert = {"max_loss": max(s["bound"] for s in segments),
             "proven_max_loss": max(s["bound"] for s in segments if s["proven"]),
             "measured_max_loss": max(s["bound"] for s in segments if not s["proven"]),
             "loss_a": e["loss_a"], "loss_b": e["loss_b"], "eps": e["eps"], "vertex_losses": vl,
             "segments": segments,
-            "note": "segments of kind 'measured' are evaluated at the listed points, not proven"}
+            "note": "segments of kind 'measured' are evaluated at the listed points, not proven",
+            "data": {"vertices": "all the training data (vertices 2 and 3: their exact neighbours')",
+                     "measured_points": measured_on, "search": f"the first {con.halves.search.get('examples', 0)} "
+                     "training examples" if con.halves.search.get("steps") else None,
+                     "random_half": e.get("random_data"), "batchnorm": con.bn_data}}
     for k in ("eps_random", "loss_da_random", "loss_db_random"):
         if k in e:
             cert[k] = e[k]
@@ -748,12 +738,14 @@ def _certificate(con: ShortConstruction, path: "ShortPath", loader, device, poin
 
 
 def _measure(path: "ShortPath", work: nn.Module, loader, device, i: int, n: int, points: int,
-             l0: float, l1: float, bar) -> dict[str, Any]:
+             l0: float, l1: float, bar, *, full: bool = True) -> dict[str, Any]:
+    """Loss at `points` evenly spaced states of segment i on `loader`; the ends are `l0`,
+    `l1` when `loader` is the data they were measured on (`full`), else evaluated too."""
     pts = []
     for j in range(points):
         s = j / (points - 1)
         t = (i + s) / n
-        if j == 0 or j == points - 1:
+        if full and (j == 0 or j == points - 1):
             loss = l0 if j == 0 else l1
         else:
             work.load_state_dict(path.state_at(t))

@@ -128,6 +128,9 @@ def table(rows: list[dict]) -> str:
             f"{f(r['repair'])} | {r['t_align'] / r['t_eval']:.2f}x ({r['t_align'] * 1e3:.0f} ms / "
             f"{r['t_eval'] * 1e3:.0f} ms) | {r['t_setup'] / r['t_eval']:.1f}x | "
             f"{r['t_rep'] / r['t_eval']:.1f}x |")
+    lines += ["", "Vision transformers and hybrids (pass table over timm's families; barrier and "
+              "curve flatness of a trained ViT and CoAtNet pair, aligned against unaligned): "
+              "[zoo.md](zoo.md) (`bench_zoo.py`)."]
     return "\n".join(lines) + "\n"
 
 

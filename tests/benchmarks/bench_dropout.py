@@ -123,7 +123,7 @@ def run_pair(name, arch, kwargs, epochs, channel_p, per_segment, data="digits", 
         path.save(f)
         file_bytes = os.path.getsize(f)
     model_bytes = sum(v.numel() * v.element_size() for v in a.values())
-    packed = pack_pair(model, a, b, train)
+    packed = pack_pair(model, a, b, train).state
     rep = pack_report(model, packed, a, b, val)
     x = next(iter(val))[0]
     t_one = forward_time(model, [packed], x)
