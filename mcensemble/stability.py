@@ -37,7 +37,7 @@ from .data import example_input
 from .errors import BadOptionError, DataSpecError
 from .evaluate import evaluate
 from .units import UnitGraph, UnitGroup, build_unit_graph
-from ._partial import Partial
+from ._partial import Partial, copy_changed
 
 __all__ = ["StabilityResult", "dropout_stability", "dropout_state", "dropout_network",
            "reestimate_bn", "default_kept", "graph_for", "check_kept", "changed_bn_modules", "swap_trial"]
@@ -324,11 +324,7 @@ class _DepthSearch:
         return max(ls) + 1e-3 * sum(ls)
 
     def _load(self, sd: Mapping[str, torch.Tensor]) -> None:
-        with torch.no_grad():
-            for k, v in sd.items():
-                if self.loaded.get(k) is not v:
-                    self.dst[k].copy_(v)
-        self.loaded = {k: v for k, v in sd.items() if k not in self.stats}
+        self.loaded = copy_changed(self.dst, sd, self.loaded, self.stats)
 
     @torch.no_grad()
     def _loss(self, k: int, sd, g: UnitGroup | None = None) -> float:

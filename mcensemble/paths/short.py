@@ -45,7 +45,7 @@ import torch.nn as nn
 from tqdm import tqdm
 
 from .._io import meta_field
-from .._partial import Partial
+from .._partial import Partial, copy_changed
 from ..bn import FixedSubset, batch_input
 from ..errors import BadOptionError, ShortPathError
 from ..evaluate import evaluate
@@ -428,11 +428,7 @@ class _JointSearch:
     def _load(self, sd: StateDict) -> None:
         """Copy into the work model only the tensors that are not the very ones loaded last
         (BatchNorm statistics of modules on batch statistics get dirty: always copied)."""
-        with torch.no_grad():
-            for k, v in sd.items():
-                if self.loaded.get(k) is not v:
-                    self.dst[k].copy_(v)
-        self.loaded = {k: v for k, v in sd.items() if k not in self.bn_keys}
+        self.loaded = copy_changed(self.dst, sd, self.loaded, self.bn_keys)
 
     @torch.no_grad()
     def _loss(self, sd: StateDict, side: int = 0, g: UnitGroup | None = None) -> float:
