@@ -11,23 +11,22 @@ _EXPORTS = {
     "Checkpoint": ("checkpoints", "Checkpoint"),
     "ModelSpec": ("models", "ModelSpec"),
     "create_loader": ("data", "create_loader"),
-    "evaluate": ("evaluate", "evaluate"),
     "update_bn": ("bn", "update_bn"),
     "load_path": ("paths", "load_path"),
-    "load": ("ensemble", "load"),
-    "load_ensemble": ("ensemble", "load"),        # the same function as `load`
+    "load_ensemble": ("ensemble", "load_ensemble"),
     "save_ensemble": ("ensemble", "save_ensemble"),
     "EnsembleModel": ("ensemble", "EnsembleModel"),
     "MCEnsembleError": ("errors", "MCEnsembleError"),
 }
 
 #: Submodules reachable as attributes after a plain `import mcensemble`
-#: (`mcensemble.hooks.channel_dropout(...)`), imported on first use. `mcensemble.evaluate` is
-#: the function (`from mcensemble.evaluate import scan` still reaches the module).
+#: (`mcensemble.hooks.channel_dropout(...)`), imported on first use. No name above is also a
+#: submodule's: importing the submodule would replace it (`mcensemble.evaluate` is the module,
+#: its function is `mcensemble.evaluate.evaluate`, whatever was imported first).
 _SUBMODULES = frozenset({
     "align", "baselines", "bn", "calibration", "checkpoints", "connect", "data", "distributed", "ensemble", "errors",
-    "export", "hooks", "members", "models", "noise", "pack", "paths", "pipeline", "plane", "plot", "precision",
-    "predict", "runs", "snapshots", "stability", "train", "uncertainty", "units", "zoo",
+    "evaluate", "export", "hooks", "members", "models", "noise", "pack", "paths", "pipeline", "plane", "plot",
+    "precision", "predict", "runs", "snapshots", "stability", "train", "uncertainty", "units", "zoo",
 })
 
 __all__ = ["__version__", *_EXPORTS]

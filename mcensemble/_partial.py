@@ -10,9 +10,21 @@ import torch
 import torch.nn as nn
 
 from .errors import MCEnsembleError
-from .units import UnitGroup
+from .units import UnitGroup, _trace
 
-__all__ = ["Partial"]
+__all__ = ["Partial", "copy_changed"]
+
+
+def copy_changed(dst: dict[str, torch.Tensor], sd: dict[str, torch.Tensor], loaded: dict[str, torch.Tensor],
+                 skip) -> dict[str, torch.Tensor]:
+    """Copy into `dst` (a work model's own tensors) the tensors of `sd` that are not the very
+    ones loaded last (`loaded`), and return what is loaded now, less the names in `skip`
+    (BatchNorm statistics that batch statistics dirty: always copied)."""
+    with torch.no_grad():
+        for k, v in sd.items():
+            if loaded.get(k) is not v:
+                dst[k].copy_(v)
+    return {k: v for k, v in sd.items() if k not in skip}
 
 
 class Partial:
@@ -41,7 +53,6 @@ class Partial:
 
     @classmethod
     def make(cls, work: nn.Module, x: torch.Tensor) -> "Partial | None":
-        from .units import _trace
         try:
             return cls(_trace(work, (x[:2],)), x)
         except MCEnsembleError:  # a hand-given unit graph for a model fx cannot trace: full passes

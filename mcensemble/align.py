@@ -43,10 +43,14 @@ from tqdm import tqdm
 
 from ._modes import modes_kept
 from .bn import batch_input, has_batchnorm, update_bn
-from .errors import BadOptionError, DataSpecError
+from .data import example_input as make_input
+from .errors import BadOptionError, DataSpecError, UnitGraphError
+from .evaluate import _load_state_strict
 from .models import ModelLike, as_factory
+from .paths.base import check_same_layout
 from .paths.linear import interpolate
-from .units import UnitGraph, UnitGraphError, UnitGroup, build_unit_graph, permute_state_dict
+from .precision import resolve_precision
+from .units import UnitGraph, UnitGroup, build_unit_graph, permute_state_dict
 
 __all__ = ["AlignResult", "weight_matching", "align_states", "matching_objective", "Repair",
            "repair", "RepairedPath"]
@@ -254,8 +258,6 @@ def align_states(model: ModelLike, a_state: Mapping[str, torch.Tensor],
     Memory: the model is built for tracing and again for the check, never held while
     matching; besides the caller's A and B, matching holds the permuted B (one model) and one
     permuted copy of the group being changed."""
-    from .data import example_input as make_input
-    from .paths.base import check_same_layout
 
     check_same_layout(a_state, b_state)
     factory = as_factory(model)
@@ -270,7 +272,6 @@ def align_states(model: ModelLike, a_state: Mapping[str, torch.Tensor],
     del net  # not held while matching (memory: one model less); a fresh instance checks the result
     res = weight_matching(graph, a_state, b_state, max_iter=max_iter, seed=seed, progress=progress)
     if verify:
-        from .precision import resolve_precision
         with torch.random.fork_rng(devices=[]):  # building it must not move the caller's RNG
             net = factory().eval()
         device = next(iter(b_state.values())).device if b_state else "cpu"
@@ -331,7 +332,6 @@ def _channel_stats(net: nn.Module, points: list[_Point], loader: Iterable[Any], 
     """Per-channel mean and variance (over batch and spatial axes, float64) of each point's
     input (bn) or output (producer), in eval mode, over the loader; the forward passes under
     autocast at `precision` (None: `current_precision()`), the sums accumulated in float64."""
-    from .precision import resolve_precision
     prec = resolve_precision(precision, device)
     acc: dict[str, list] = {}
 
@@ -396,9 +396,6 @@ class Repair:
                  graph: UnitGraph | None = None, example_input: Any = None,
                  device: str | torch.device = "cpu", max_batches: int | None = None,
                  precision: str | None = None):
-        from .data import example_input as make_input
-        from .evaluate import _load_state_strict
-        from .precision import resolve_precision
 
         self.precision = resolve_precision(precision, device).name  # checked before any work
 

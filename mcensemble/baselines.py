@@ -19,8 +19,11 @@ from typing import Any, Iterable, Mapping, Sequence
 import torch
 import torch.nn as nn
 
-from .errors import MCEnsembleError
-from .members import ensemble_metrics, mean_log_prob, paired_bootstrap, predict_log_probs
+from .bn import labelled_batch, update_bn
+from .calibration import calibration_summary
+from .errors import DropoutPathError, MCEnsembleError
+from .members import check_weights, ensemble_metrics, mean_log_prob, paired_bootstrap, predict_log_probs
+from .pack import pack_pair
 
 __all__ = ["Scorer", "weighted_average", "soup_state", "packed_state", "skipped_row", "decision_sentence", "vs_reference",
            "SOUP_NOTE", "PACKED_ROW_EXAMPLES"]
@@ -68,7 +71,6 @@ class Scorer:
 
     def label(self, split: str) -> torch.Tensor:
         if split not in self.labels:
-            from .bn import labelled_batch
             self.labels[split] = torch.cat([labelled_batch(b, what="scoring baselines")[1].long().cpu()
                                             for b in self.splits[split]])
         return self.labels[split]
@@ -83,8 +85,6 @@ class Scorer:
             row[s] = ensemble_metrics([self.log_probs[k][s] for k in keys], self.label(s),
                                       weights if weights is not None else None).to_dict()
         if self.calibrate is not None:
-            from .calibration import calibration_summary
-            from .members import mean_log_prob
             mix = {s: (mean_log_prob(torch.stack([self.log_probs[k][s] for k in keys]), weights), self.label(s))
                    for s in self.splits}
             fit = mix.pop(self.calibrate)
@@ -114,7 +114,6 @@ def skipped_row(name: str, kind: str, cost: int, reason: str) -> dict[str, Any]:
 
 def weighted_average(states: Sequence[StateDict], weights: Sequence[float] | None = None) -> dict[str, torch.Tensor]:
     """The weight average of state dicts (floating tensors; others from the first state)."""
-    from .members import check_weights
     w = check_weights(weights if weights is not None else [1.0] * len(states), len(states))
     out = {}
     for k, v in states[0].items():
@@ -131,7 +130,6 @@ def soup_state(net: nn.Module, states: Sequence[StateDict], weights: Sequence[fl
     """The soup: `weighted_average` of the members, BatchNorm statistics re-estimated on
     `train` (batches split over processes under torchrun: every process must call this).
     `net` is used as scratch space."""
-    from .bn import update_bn
     net.load_state_dict(weighted_average(states, weights), strict=True)
     net.to(device)
     update_bn(net, train, device=device, distributed=True)
@@ -154,8 +152,6 @@ def packed_state(net: nn.Module, a: StateDict, b: StateDict, train: Iterable[Any
     form a report row uses (`search_steps=0`: the importance ranking alone; BatchNorm and eps
     on a fixed subsample of `data_examples` training examples); `search_steps=None,
     data_examples=None` is `mcensemble pack`'s full search."""
-    from .pack import pack_pair
-    from .paths.dropout import DropoutPathError
     kw = dict(graph=graph, device=device, progress=progress, search_steps=search_steps, data_examples=data_examples)
     try:
         try:
@@ -199,11 +195,11 @@ def decision_sentence(choice: Mapping[str, Any]) -> str:
     rule = choice.get("rule")
     if rule == "uniform":
         return (f"{choice['n_members']} members uniform in t with equal weights, not compared with the "
-                "checkpoints (no selection data: pass --val-data to choose members and confirm them)")
+                "checkpoints (no selection data: pass `val_data` to choose members and confirm them)")
     nll = choice["selection_nll"]
     ref = choice["reference"]
     if rule == "exact":
-        return (f"exactly {choice['n_members']} distinct members (--exact-members), equal weights: selection "
+        return (f"exactly {choice['n_members']} distinct members (`exact_members`), equal weights: selection "
                 f"NLL {nll['chosen']:.4f} against {ref['selection_nll']:.4f} for the reference, {ref['name']}; "
                 "picked and scored on the same examples, not confirmed")
     conf = choice.get("confirmation") or {}

@@ -28,8 +28,10 @@ import torch.nn as nn
 from torch.nn.modules.batchnorm import _BatchNorm
 from tqdm import tqdm
 
+from . import distributed as dist_
 from ._modes import modes_kept
 from .errors import BadOptionError, DataSpecError
+from .precision import resolve_precision
 
 __all__ = ["has_batchnorm", "update_bn", "batch_input", "split_batch", "labelled_batch", "FixedSubset"]
 
@@ -125,14 +127,12 @@ def _batch_shard(distributed: bool) -> tuple[int, int] | None:
     """(rank, world) when batches are split over several processes, else None."""
     if not distributed:
         return None
-    from . import distributed as dist_
     return (dist_.rank(), dist_.world_size()) if dist_.is_distributed() else None
 
 
 def _combine_across_processes(bns: list[_BatchNorm], seen: int) -> int:
     """Every process's BN running statistics (averages over its `seen` batches) become the
     batch-count-weighted average over the processes; returns the total batch count."""
-    from . import distributed as dist_
     dev = bns[0].running_mean.device if bns[0].running_mean is not None else torch.device("cpu")
     count = torch.tensor([float(seen)], dtype=torch.float64, device=dev)
     dist_.all_reduce_sum_([count])
@@ -227,7 +227,6 @@ def update_bn(model: nn.Module, loader: Iterable[Any], *, device: str | torch.de
         raise BadOptionError(f"max_batches must be at least 1, got {max_batches}", option="max_batches")
     if device is None:
         device = _model_device(model)
-    from .precision import resolve_precision
     prec = resolve_precision(precision, device)
 
     half = [(bn, bn.running_mean.dtype) for bn in bns if prec.enabled and bn.running_mean is not None

@@ -24,6 +24,7 @@ import torch.nn.functional as F
 
 from .errors import BadOptionError, DataSpecError
 from .evaluate import expected_calibration_error
+from .members import predict_log_probs
 
 __all__ = ["fit_temperature", "apply_temperature", "brier_score", "calibration_metrics", "check_temperature",
            "calibration_summary", "calibrate_ensemble", "calibrate_build", "file_record", "MIN_TEMPERATURE",
@@ -112,7 +113,6 @@ def calibrate_ensemble(ens, fit_loader: Iterable, *, fit_split: str = "val",
     """Fit `ens`'s temperature on `fit_loader` (labelled batches; the ensemble's own
     temperature is set to 1 first) and set it (`ens.temperature`); returns
     `calibration_summary` with the loaders of `others` (split -> loader or None) scored too."""
-    from .members import predict_log_probs
     ens.temperature = 1.0
     fit = predict_log_probs(ens, fit_loader, device=device)
     scored = {s: predict_log_probs(ens, ld, device=device) for s, ld in (others or {}).items() if ld is not None}

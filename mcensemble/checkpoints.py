@@ -26,10 +26,9 @@ from typing import Any, Callable, Iterable, Mapping
 import torch
 import torch.nn as nn
 
-from ._io import atomic_path, independent_tensors, read_header, sha256_file, to_json
-from .errors import (ArchitectureMismatchError, CheckpointError, MCEnsembleError,
-                     NonFiniteError, UnsafeCheckpointError)
-from .models import ModelLike, ModelSpec, as_factory
+from ._io import atomic_path, independent_tensors, meta_field, read_header, sha256_file, to_json
+from .errors import ArchitectureMismatchError, CheckpointError, MCEnsembleError, NonFiniteError, UnsafeCheckpointError
+from .models import ModelLike, ModelSpec, as_factory, infer_model_kwargs, resolve_model_spec
 
 __all__ = [
     "Checkpoint", "load_checkpoint", "save_checkpoint", "check_same_architecture",
@@ -71,7 +70,6 @@ class Checkpoint:
             return self.model
         if not self.metadata.get("arch"):
             return None
-        from .models import resolve_model_spec
         return resolve_model_spec(metadata=self.metadata)
 
     def build_model(self) -> nn.Module:
@@ -338,7 +336,7 @@ def _read_timm_train(obj: Any, ctx: _Ctx):
     state = obj[ema_key] if use_ema else obj["state_dict"]
     _logger.info("%s: using the %s weights (%s)%s", ctx.path, "EMA" if use_ema else "raw",
                  ema_key if use_ema else "state_dict",
-                 "; pass ema=False / --no-ema for the raw ones" if use_ema else "")
+                 "; `ema` False reads the raw ones" if use_ema else "")
     meta = {"weights": "ema" if use_ema else "raw", "has_ema": ema_key is not None,
             "epoch": obj.get("epoch"), "metric": obj.get("metric")}
     meta.update(_timm_args_meta(obj))
@@ -447,7 +445,7 @@ def _read_safetensors(path: Path, ctx: _Ctx, header: dict[str, str]) -> tuple[St
         if fmt in ("mcensemble-path", "mcensemble-ensemble"):
             raise CheckpointError(
                 f"{path}: this is an {fmt} file, not a checkpoint; read it with "
-                f"{'mcensemble.load_path' if fmt.endswith('path') else 'mcensemble.load'}")
+                f"{'mcensemble.load_path' if fmt.endswith('path') else 'mcensemble.load_ensemble'}")
         meta.update({k: v for k, v in stored.items()
                      if k not in _ORIGIN_KEYS and k not in ("format_version", "origin")})
         if stored.get("origin"):
@@ -557,7 +555,6 @@ def _complete_model_meta(state: StateDict, meta: dict[str, Any]) -> None:
             meta[k] = meta["model_args"][k]
         meta["model_args"].pop(k, None)
     try:
-        from .models import infer_model_kwargs
         inferred = infer_model_kwargs(state, arch)
     except (MCEnsembleError, ImportError) as e:
         _logger.debug("cannot infer model kwargs for %s: %s", arch, e)
@@ -577,7 +574,6 @@ _FIELD_TYPES = (("arch", "str"), ("num_classes", "int"), ("in_chans", "int"), ("
 def _check_field_types(meta: Mapping[str, Any], source: str) -> None:
     """`CheckpointError` naming the field when what a file says about its weights has the
     wrong type (a damaged or crafted header: `"model_args": 1.5`, `"num_classes": "x"`)."""
-    from ._io import meta_field
     for key, expect in _FIELD_TYPES:
         meta_field(meta, key, expect, where=source, default=None, nullable=True,
                    lo=1 if expect == "int" else None)
@@ -610,7 +606,7 @@ def load_checkpoint(src: str | os.PathLike, *, model: ModelLike | None = None,
     meta.update(source=str(weights), sha256=sha256_file(weights))
     meta.setdefault("epoch", None)
     meta.setdefault("metric", None)
-    hint = " (EMA weights; ema=False / --no-ema reads the raw ones)" if meta.get("has_ema") \
+    hint = " (EMA weights; `ema` False reads the raw ones)" if meta.get("has_ema") \
         and meta["weights"] == "ema" else ""
     check_finite(state, source=f"{weights}{hint}")
     _complete_model_meta(state, meta)

@@ -1,105 +1,23 @@
-"""`mcensemble` command line: a click group, a thin layer over `mcensemble.pipeline`.
+"""The `mcensemble` commands: a thin layer over `mcensemble.pipeline`.
 
-User errors (`MCEnsembleError`) become click errors with no traceback: a bad option value
-exits 2, any other failure exits 1. `mcensemble --debug ...` re-raises them instead.
+The group, `main`, lives in `cli_group` (torch-free, so `mcensemble --help` is quick) and
+imports this module when a command runs or shows its help. User errors (`MCEnsembleError`)
+become click errors with no traceback: a bad option value exits 2, any other failure exits
+1. `mcensemble --debug ...` re-raises them instead.
 """
 from __future__ import annotations
 
 import json
-import logging
-import re
-import sys
 from pathlib import Path as FsPath
 from typing import Any, Callable
 
 import click
 import torch
 
-from .errors import BadOptionError, MCEnsembleError
-from .options import BuildOptions, ConnectOptions, CurveConfig, DataOptions, ModelOptions
+from .cli_group import cli_words, main
+from .options import BuildOptions, ConnectOptions, DataOptions, ModelOptions
 
-__all__ = ["main"]
-
-
-#: the one table from a library parameter (what `BadOptionError.option` and the `name`s in
-#: library messages say) to the command-line flag that sets it
-PARAM_FLAGS: dict[str, str] = {
-    "arch": "--arch", "model": "--model", "num_classes": "--num-classes", "in_chans": "--in-chans",
-    "ema": "--ema", "graph": "--unit-graph", "unit_graph": "--unit-graph",
-    "data": "--data", "val_data": "--val-data", "test_data": "--test-data", "batch_size": "--batch-size",
-    "workers": "--workers", "seed": "--seed", "device": "--device", "precision": "--precision",
-    "method": "--method", "kind": "--method", "bends": "--bends", "epochs": "--epochs", "lr": "--lr", "weight_decay": "--weight-decay",
-    "align": "--align", "repair": "--repair", "points": "--points", "path_points": "--path-points",
-    "plane": "--plane", "plane_grid": "--plane-grid", "path": "--path",
-    "members": "--members", "candidates": "--candidates", "selection": "--selection", "dtype": "--save-dtype",
-    "path_out": "--path-out", "out_dir": "--out-dir", "checkpoint": "--checkpoint-dir",
-    "checkpoint_every": "--checkpoint-every", "resume": "--resume", "from_run": "--from-run", "top_k": "--top-k",
-    "metric_mode": "--metric-mode", "recipe": "--recipe", "verify": "--verify", "search_steps": "--search-steps",
-    "trust_remote_code": "--trust-remote-code", "calibrate": "--calibrate", "out": "--out",
-    "flag_above": "--flag-above", "flag_on": "--flag-on", "format": "--format", "input_shape": "--input-shape", "scale": "--noise-scale", "examples": "--noise-examples",
-}
-
-
-def _flag_words(message: str, option: str | None) -> str:
-    """A library message in the CLI's words: each `name` of `PARAM_FLAGS` becomes its flag,
-    and so does the error's own `option` opening the message ("members must be ..." ->
-    "--members must be ...")."""
-    message = re.sub(r"`(\w+)`", lambda m: PARAM_FLAGS.get(m.group(1), m.group(0)), message)
-    if option in PARAM_FLAGS and re.match(rf"{re.escape(option)} must\b", message):
-        message = PARAM_FLAGS[option] + message[len(option):]
-    return message
-
-
-def _click_error(e: MCEnsembleError, ctx: click.Context) -> click.ClickException:
-    option = getattr(e, "option", None)
-    message = _flag_words(str(e), option)
-    if isinstance(e, BadOptionError):
-        flag = PARAM_FLAGS.get(option or "", option)
-        if flag and flag.startswith("--") and flag not in message:
-            return click.BadParameter(message, ctx=ctx, param_hint=flag)
-        return click.UsageError(message, ctx=ctx)
-    exc = click.ClickException(message)
-    exc.exit_code = getattr(e, "exit_code", 1)  # an interrupted fit: 130 (SIGINT) / 143 (SIGTERM)
-    return exc
-
-
-class _LibraryErrors:
-    """Turns library errors into click errors (no traceback) with the context's own usage
-    line; `--debug` re-raises them instead."""
-
-    def invoke(self, ctx: click.Context) -> Any:
-        try:
-            return super().invoke(ctx)  # type: ignore[misc]
-        except MCEnsembleError as e:
-            if ctx.meta.get("mcensemble.debug"):
-                raise
-            raise _click_error(e, ctx) from e
-
-
-class _Command(_LibraryErrors, click.Command):
-    """A subcommand: errors name `mcensemble CMD --help`."""
-
-
-class _Group(_LibraryErrors, click.Group):
-    """The group: also catches errors raised while a subcommand's resources close."""
-
-    command_class = _Command
-
-
-@click.group(cls=_Group, context_settings={"help_option_names": ["-h", "--help"]})
-@click.option("--debug", is_flag=True, help="Show full tracebacks for errors.")
-@click.option("-v", "--verbose", count=True, help="Log more (-v info, -vv debug) to stderr.")
-@click.version_option(package_name="mcensemble")
-@click.pass_context
-def main(ctx: click.Context, debug: bool, verbose: int) -> None:
-    """Build mode-connectivity ensembles from the checkpoints you already have."""
-    ctx.meta["mcensemble.debug"] = debug
-    level = logging.WARNING if verbose == 0 else logging.INFO if verbose == 1 else logging.DEBUG
-    logging.basicConfig(level=level, format="%(levelname)s %(name)s: %(message)s", stream=sys.stderr)
-    logging.getLogger("mcensemble").setLevel(logging.INFO if verbose == 0 else level)
-    # the command line is the whole process: denormals flushed for every command (on CPU they made
-    # curve-fitting steps many times slower); the library scopes this to its own training calls
-    torch.set_flush_denormal(True)
+__all__ = ["path_options"]
 
 
 # ---------------------------------------------------------------------------------------------
@@ -163,7 +81,6 @@ run_options = _stack(
 
 
 def _cuda_problem(device: Any) -> str | None:
-    import torch
     if not torch.cuda.is_available():
         return "CUDA is not available here (no NVIDIA GPU or driver, or a CPU-only torch); use --device cpu"
     n = torch.cuda.device_count()
@@ -173,7 +90,6 @@ def _cuda_problem(device: Any) -> str | None:
 
 
 def _mps_problem(device: Any) -> str | None:
-    import torch
     ok = getattr(torch.backends, "mps", None) is not None and torch.backends.mps.is_available()
     return None if ok else "Apple MPS is not available here; use --device cpu"
 
@@ -200,32 +116,44 @@ def _check_device(value: str) -> str:
     return value
 
 
-def path_options(default_method: str) -> Callable:
-    """How consecutive checkpoints are connected: shared by `scan` and `build`."""
+def _defaults_text(defaults: dict[str, Any]) -> str:
+    """{"bezier": 1, "polychain": 1, "neb": 5} -> "1 (bezier, polychain), 5 (neb)"."""
+    by_value: dict[str, list[str]] = {}
+    for kind, value in defaults.items():
+        by_value.setdefault(repr(value), []).append(kind)
+    return "; ".join(f"{v} ({', '.join(kinds)})" for v, kinds in by_value.items())
+
+
+def path_options(default_method: str, *, others: tuple[str, ...] = ()) -> Callable:
+    """How consecutive checkpoints are connected (`scan`, `build`, `connect`): `--method`, one
+    of the registered path kinds (`paths.buildable_kinds()`) or `others`, `--align`, and a flag
+    for every setting a kind (or FGE) declares in its `flags` (default: the kind's own)."""
+    from .paths import buildable_kinds
+    from .pipeline import method_flags
+    kinds = [*buildable_kinds(), *others]
+    setting_options = [
+        click.option("--" + name.replace("_", "-"), name, type=spec["type"], default=None,
+                     help=f"{spec['help']} [default: {_defaults_text(spec['defaults'])}]")
+        for name, spec in method_flags().items()
+        if set(spec["defaults"]) & set(kinds)]
     return _stack(
         click.option("--method", default=default_method, show_default=True,
-                     help="Path between consecutive checkpoints: linear, bezier, polychain, dropout (layered "
-                          "networks), short (Theorem 2: five segments, residual / squeeze-excite nets too) or "
-                          "neb (AutoNEB: a band of pivots trained with its default schedule)."),
-        click.option("--bends", type=int, default=CurveConfig.bends, show_default=True,
-                     help="Bends of a bezier / polychain curve."),
-        click.option("--epochs", type=int, default=CurveConfig.epochs, show_default=True, help="Curve-fitting epochs."),
-        click.option("--lr", type=float, default=CurveConfig.lr, show_default=True,
-                     help="Curve-fitting learning rate of the curve's points: the bends step at lr / max_t sum c_i(t)^2 "
-                          "(4 x lr for one Bezier bend). Constant for half the steps, then linear decay to 1%."),
-        click.option("--weight-decay", type=float, default=CurveConfig.weight_decay, show_default=True,
-                     help="Weight decay on theta(t)."),
+                     help=f"Path between consecutive checkpoints, a path kind: {', '.join(kinds)}."),
         click.option("--align/--no-align", default=None,
                      help="Permute each checkpoint's hidden units to match the previous one first (weight matching). "
                           "Default: on for bezier / polychain curves (the bends start from the aligned midpoints), "
                           "off otherwise."),
-        click.option("--search-steps", type=click.IntRange(min=0), default=None,
-                     help="--method dropout / short: swap trials per unit group when choosing the kept halves "
-                          "(default 48 for dropout, 4 for short; 0: the importance ranking alone, fastest)."),
+        *setting_options,
     )
 
 
-_PATH_KEYS = ("method", "bends", "epochs", "lr", "weight_decay", "align", "search_steps")
+def _path_opts(kw: dict[str, Any]) -> dict[str, Any]:
+    """Pop `--method`, `--align` and the path settings given on the command line: the
+    keywords of `BuildOptions` (`settings` holds only the flags that were given)."""
+    from .pipeline import method_flags
+    settings = {name: kw.pop(name) for name in method_flags() if name in kw}
+    return {"method": kw.pop("method"), "align": kw.pop("align", None),
+            "settings": {k: v for k, v in settings.items() if v is not None}}
 
 
 def _model_opts(kw: dict):
@@ -236,7 +164,6 @@ def _model_opts(kw: dict):
 def _data_opts(kw: dict, *, default_data: str | None = None):
     threads = kw.pop("threads", None)
     if threads:
-        import torch
         torch.set_num_threads(threads)
     device = kw.pop("device")
     precision, workers, channels_last = kw.pop("precision", None), kw.pop("workers", 0), kw.pop("channels_last", False)
@@ -311,7 +238,7 @@ def inspect(file: str, units: bool, units_out: str | None, verify: bool, **kw: A
     Exits non-zero with the reason if the file fails any safety or sanity check (with
     --verify: if a tensor's bytes differ from the hash recorded in the file, naming it).
     """
-    from .pipeline import describe_checkpoint
+    from .describe import describe_checkpoint
     if verify:
         from ._io import verify_file
         fmt, n = verify_file(file)
@@ -324,7 +251,7 @@ def inspect(file: str, units: bool, units_out: str | None, verify: bool, **kw: A
             continue
         if isinstance(value, dict):
             value = json.dumps(value, default=str)
-        click.echo(f"{key:>12}: {value}")
+        click.echo(f"{key:>12}: {cli_words(str(value))}")
     if units and info.get("units"):
         click.echo(info["units"])
 
@@ -358,12 +285,13 @@ def scan(checkpoints: tuple[str, ...], path_file: str | None, points: int, plane
     With no checkpoints, runs the embedded default: trains two small CNNs on the built-in
     digits (seconds) and scans between them, writing into a fresh folder.
     """
-    from .pipeline import fresh_run_dir, scan_checkpoints, scan_path_file, train_default_endpoints
+    from .demo import fresh_run_dir, train_default_endpoints
+    from .pipeline import scan_checkpoints, scan_path_file
     if path_file and checkpoints:
         raise click.UsageError("give either checkpoints A B or --path FILE, not both")
     if len(checkpoints) not in (0, 2):
         raise click.UsageError(f"scan takes two checkpoints A B (or none for the built-in demo), got {len(checkpoints)}")
-    opts = BuildOptions(repair=repair, **{k: kw.pop(k) for k in _PATH_KEYS})
+    opts = BuildOptions(repair=repair, **_path_opts(kw))
     model, data = _model_opts(kw), _data_opts(kw, default_data="digits")
     if path_file:
         rep = scan_path_file(path_file, model=model, data=data, points=points, plane=plane, plane_grid=plane_grid)
@@ -448,7 +376,7 @@ def _apply_recipe(ctx: click.Context, kw: dict[str, Any], recipe: str | None) ->
 @model_options
 @data_options
 @run_options
-@path_options("bezier")
+@path_options("bezier", others=("fge",))
 @test_data_option
 @click.option("--members", type=int, default=BuildOptions.members, show_default=True,
               help="Most distinct members chosen on --val-data (exactly this many with --exact-members or uniform).")
@@ -499,7 +427,8 @@ def build(ctx: click.Context, **kw: Any) -> None:
     the built-in digits, fits a Bezier curve between them, and writes the ensemble, report
     and plot into a fresh folder under mcensemble-runs/.
     """
-    from .pipeline import build_ensemble, fresh_run_dir, train_default_endpoints
+    from .demo import fresh_run_dir, train_default_endpoints
+    from .pipeline import build_ensemble
     from .recipes import DEFAULT_RECIPE
     recipe = kw.pop("recipe")
     if not kw["checkpoints"] and not kw["from_run"] and recipe is None:
@@ -515,9 +444,9 @@ def build(ctx: click.Context, **kw: Any) -> None:
     out, path_out, soup, report, plot = (kw.pop(k) for k in ("out", "path_out", "soup", "report", "plot"))
     if kw["resume"] and not kw["checkpoint_dir"]:
         raise click.UsageError("--resume needs --checkpoint-dir DIR (where the fit was saved)")
-    opts = BuildOptions(**{k: kw.pop(k) for k in ("members", "exact_members", "packed", "selection", "candidates",
-                                                  "strategy", "save_dtype", "calibrate", *_PATH_KEYS,
-                                                  "checkpoint_dir", "checkpoint_every", "resume")})
+    opts = BuildOptions(**_path_opts(kw), **{k: kw.pop(k) for k in (
+        "members", "exact_members", "packed", "selection", "candidates", "strategy", "save_dtype", "calibrate",
+        "checkpoint_dir", "checkpoint_every", "resume")})
     model, data = _model_opts(kw), _data_opts(kw, default_data="digits")
     if not checkpoints:
         _no_demo_under_torchrun()
@@ -540,6 +469,8 @@ def build(ctx: click.Context, **kw: Any) -> None:
     for label, dest in (("ensemble", out), ("path", path_out), ("soup", soup)):
         if dest:
             click.echo(f"{label}: {dest}")
+    if not out:
+        click.echo("ensemble: not written (no --out); pass --out ENS.safetensors to keep it", err=True)
     _write_report(rep, report)
     if plot and _is_main():
         from .plot import plot_scan
@@ -576,18 +507,20 @@ def _echo_build_table(rep: dict[str, Any]) -> None:
                ("   (BatchNorm statistics re-estimated at every point)" if rep.get("bn_reestimated") else ""))
     choice = rep.get("choice") or {}
     if choice.get("decision"):
-        click.echo(f"selection: {choice['decision']}")
+        click.echo(f"selection: {cli_words(choice['decision'])}")
     if choice.get("guarantee"):
-        click.echo(f"guarantee: {choice['guarantee']}")
+        click.echo(f"guarantee: {cli_words(choice['guarantee'])}")
 
 
-def _echo_baselines(rep: dict[str, Any]) -> None:
+def _echo_baselines(rep: dict[str, Any], *, label: str | None = None) -> None:
     """One row per choice (cost, NLL, accuracy, ECE on the report's split, and on --test-data),
-    skipped baselines with their reason."""
+    skipped baselines with their reason. `label`: the split's name in the header (default: the
+    split's key in the rows)."""
     rows_in = rep.get("baselines") or []
     split = rep.get("split", "val")
     test = any("test" in r for r in rows_in)
-    header = ("", "cost", f"{split} nll", f"{split} acc", f"{split} ece") + (("test nll", "test acc", "test ece")
+    name = label or split
+    header = ("", "cost", f"{name} nll", f"{name} acc", f"{name} ece") + (("test nll", "test acc", "test ece")
                                                                                 if test else ())
     rows, skipped = [], []
     for r in rows_in:
@@ -606,7 +539,7 @@ def _echo_baselines(rep: dict[str, Any]) -> None:
         if r.get("certificate") and "skipped" not in r:
             click.echo(f"{r['name']}: {certificate_line(r['certificate'])}")
     for line in skipped:
-        click.echo(line)
+        click.echo(cli_words(line))
     for r in rows_in:
         vs = r.get("vs_reference")
         if vs:
@@ -674,9 +607,11 @@ def eval_cmd(ensemble: str, model_entry: str | None, trust_remote_code: bool, ca
         c = rep["ensemble_calibrated"]
         rows.append((f"ensemble, T {rep['temperature']:.3f} (the file's)", _fmt(c["nll"]), _fmt(c["acc"]),
                      _fmt(c["ece"])))
-    _echo_table(rows, ("", "nll", "acc", "ece"))
+    split = rep["split"]
+    click.echo(f"scored on {rep['data']} ({split} split)")
+    _echo_table(rows, ("", f"{split} nll", f"{split} acc", f"{split} ece"))
     click.echo("")
-    _echo_baselines({**rep, "split": "eval"})
+    _echo_baselines({**rep, "split": "eval"}, label=split)
     _echo_calibration(rep)
     if rep.get("out"):
         click.echo(f"calibrated ensemble (T {rep['calibration']['temperature']:.3f}): {rep['out']}")
@@ -916,8 +851,9 @@ def connect(inputs: tuple[str, ...], points: int, path_points: int, out_dir: str
     minimum spanning tree of the barriers, and a path (--method) along each tree edge with
     its saddle loss (Draxler et al. 2018). Finished pairs and edges in --out-dir are reused."""
     from .connect import connect_checkpoints
-    align = bool(kw.pop("align"))
-    build = BuildOptions(align=False, **{k: kw.pop(k) for k in _PATH_KEYS if k != "align"})
+    path = _path_opts(kw)
+    align = bool(path.pop("align"))
+    build = BuildOptions(align=False, **path)
     opts = ConnectOptions(points=points, path_points=path_points, align=align, members=members,
                           candidates=candidates)
     model, data = _model_opts(kw), _data_opts(kw, default_data="digits")
@@ -928,10 +864,13 @@ def connect(inputs: tuple[str, ...], points: int, path_points: int, out_dir: str
     _echo_table([(str(i), *(_fmt(v) for v in row)) for i, row in enumerate(rep["matrix"])],
                 ("barrier", *(str(j) for j in range(n))))
     click.echo("")
-    _echo_table([(f"{e['i']} - {e['j']}", _fmt(e["barrier"]), _fmt(e["saddle"]), f"{e['saddle_t']:.2f}",
-                  e["path_file"]) for e in rep["tree"]],
-                ("tree edge", "line barrier", f"{rep['method']} saddle", "at t", "path"))
-    click.echo(f"largest saddle on the tree: {rep['tree_max_saddle']:.4f}")
+    # a barrier is a rise above the chord between the ends; a saddle is the path's highest loss
+    _echo_table([(f"{e['i']} - {e['j']}", _fmt(e["barrier"]), _fmt(e["path_barrier"]), "|", _fmt(e["saddle"]),
+                  f"{e['saddle_t']:.2f}", e["path_file"]) for e in rep["tree"]],
+                ("tree edge", "barrier: line", f"barrier: {rep['method']}", "|", "saddle loss", "at t", "path"))
+    click.echo("barrier = the highest training loss above the chord between the ends; saddle loss = the highest "
+               "training loss on the path")
+    click.echo(f"largest saddle loss on the tree: {rep['tree_max_saddle']:.4f}")
     if rep.get("ensemble"):
         e = rep["ensemble"]
         click.echo(f"ensemble: {len(e['members'])} member(s) ({e['rule']}), val NLL {e['val']['nll']:.4f} "

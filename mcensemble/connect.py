@@ -6,7 +6,7 @@
    (BatchNorm statistics re-estimated at every point), barrier = the largest training loss
    above the chord. With `align`, j's hidden units are first permuted to match i's.
 2. Kruskal's minimum spanning tree of the barrier matrix (ties broken by (i, j)).
-3. A path along every tree edge by `opts.method` (any of `pipeline.PATH_BUILDERS`: linear,
+3. A path along every tree edge by `opts.method` (any kind of `paths.buildable_kinds()`: linear,
    bezier, polychain, neb, dropout, short), scanned at `path_points` t: the edge's saddle
    is the largest training loss along it.
 
@@ -20,6 +20,7 @@ their gradients over the processes), and only rank 0 writes the shared files.
 """
 from __future__ import annotations
 
+import dataclasses
 import json
 import logging
 import os
@@ -41,14 +42,14 @@ from .errors import BadOptionError, CheckpointError
 from .evaluate import evaluate_state, scan
 from .members import candidate_state, ensemble_metrics, evaluate_candidates, select_members
 from .options import BuildOptions, ConnectOptions, DataOptions, ModelOptions
-from .paths import load_path
+from .paths import load_path, path_kind
 from .paths.linear import interpolate
-from .pipeline import PATH_BUILDERS, TRAINED_METHODS, check_method, load_endpoints, unit_graph_of
+from .inputs import load_endpoints, unit_graph_of
 from .plot import plot_barrier_matrix, plot_tree
 from .reports import choice_report
 from .baselines import decision_sentence
 
-__all__ = ["ConnectOptions", "connect_checkpoints", "minimum_spanning_tree", "checkpoint_files",
+__all__ = ["connect_checkpoints", "minimum_spanning_tree", "checkpoint_files",
            "CHECKPOINT_SUFFIXES", "CONNECT_FORMAT"]
 
 log = logging.getLogger(__name__)
@@ -139,9 +140,10 @@ class _Job:
             d["bn_examples"] = BN_EXAMPLES
         else:
             b = self.build
-            neb = b.neb.to_dict() if b.neb is not None else None
-            d.update(method=b.method, path_points=self.opts.path_points, bends=b.bends, epochs=b.epochs, lr=b.lr,
-                     weight_decay=b.weight_decay, neb=neb)
+            config = path_kind(b.method).config_from(b.settings, seed=self.data.seed)
+            # as JSON gives it back (tuples -> lists), to compare with a stored record
+            settings = json.loads(json.dumps(dataclasses.asdict(config))) if config is not None else None
+            d.update(method=b.method, path_points=self.opts.path_points, settings=settings)
         return d
 
     def states(self, i: int, j: int) -> tuple[dict, dict]:
@@ -219,12 +221,14 @@ def _edge(job: _Job, i: int, j: int, index: int) -> dict[str, Any]:
     """Build and scan the path along tree edge i - j (all processes together)."""
     t0 = time.perf_counter()
     a, b = job.states(i, j)
+    kind = path_kind(job.build.method)
     fit_loader = None
-    if job.build.method in TRAINED_METHODS:
+    if kind.trained:
         fit_loader = create_loader(job.data.data, split="train", batch_size=job.data.batch_size, shuffle=True,
                                    seed=job.data.seed, model=job.net)
-    path = PATH_BUILDERS[job.build.method](job.net, a, b, opts=job.build, data=job.data, fit_loader=fit_loader,
-                                           bn_loader=job.train, index=index, graph=job.graph)
+    path = kind.from_options(job.net, a, b, config=kind.config_from(job.build.settings, seed=job.data.seed),
+                             opts=job.build, data=job.data, fit_loader=fit_loader, bn_loader=job.train,
+                             index=index, graph=job.graph)
     built = time.perf_counter() - t0
     res = scan(path, job.net, job.train, points=job.opts.path_points,
                bn_loader=job.train if has_batchnorm(job.net) else None, device=job.data.device, progress=False)
@@ -247,10 +251,10 @@ def connect_checkpoints(inputs: Sequence[str | os.PathLike], *, out_dir: str | o
                         ensemble: str | os.PathLike | None = None) -> dict[str, Any]:
     """The barrier matrix of the checkpoints in `inputs` (files or folders, see
     `checkpoint_files`), its minimum spanning tree, and a path along every tree edge
-    (module docstring). `model`: a `pipeline.ModelOptions`; `data`: a `pipeline.DataOptions`
+    (module docstring). `model`: a `options.ModelOptions`; `data`: an `options.DataOptions`
     (the training data: barriers, saddles, BatchNorm, fitting); `build`: a
-    `pipeline.BuildOptions` saying how the tree's paths are made (`method`, curve settings,
-    `neb`; default AutoNEB). Writes `connect.json`, `barriers.png` and `tree.png` into
+    `options.BuildOptions` saying how the tree's paths are made (`method` and its
+    `settings`; default AutoNEB). Writes `connect.json`, `barriers.png` and `tree.png` into
     `out_dir` (rank 0) and returns the report. `ensemble`: also write an ensemble file
     there, its members chosen across all the tree's paths on `data.val_data` (required)
     by `members.select_members` (report key `ensemble`)."""
@@ -259,7 +263,7 @@ def connect_checkpoints(inputs: Sequence[str | os.PathLike], *, out_dir: str | o
     build = build or BuildOptions(method="neb")
     if not isinstance(opts, ConnectOptions):
         raise BadOptionError(f"opts must be a ConnectOptions, got {type(opts).__name__}", option="opts")
-    check_method(build.method, others=())
+    path_kind(build.method).config_from(build.settings, seed=data.seed)  # both checked before any work
     out = FsPath(out_dir)
     if out.exists() and not out.is_dir():
         raise BadOptionError(f"`out_dir` {out} is a file; give a folder", option="out_dir")

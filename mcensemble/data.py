@@ -33,10 +33,11 @@ import torch.nn.functional as F
 from torch.utils.data import (BatchSampler, DataLoader, Dataset, IterableDataset, RandomSampler, SequentialSampler,
                               TensorDataset)
 
-from ._modes import modes_kept
 from . import distributed as dist_
-from .bn import split_batch
+from ._modes import modes_kept
+from .bn import batch_input, split_batch
 from .errors import BadOptionError, DataSpecError
+from .models import _import_callable
 
 __all__ = ["loader_settings", "DIGITS_TRAIN_SIZE", "DIGITS_VAL_SIZE", "digits_tensors", "create_dataset", "create_loader",
            "check_input_fits", "spec_name", "example_input", "folder_classes", "check_same_classes", "image_transform",
@@ -311,7 +312,6 @@ def _kind(spec: Any) -> str:
 
 
 def _entry_data(spec: str) -> Dataset | DataLoader:
-    from .models import _import_callable
 
     fn = _import_callable(spec, error=DataSpecError, option="data", what="data")
     try:
@@ -456,7 +456,6 @@ def example_input(model: nn.Module, *, data: Any = None, batch_size: int = 2) ->
         device = torch.device("cpu")
     if data is not None:
         loader = data if isinstance(data, DataLoader) else create_loader(data, batch_size=batch_size, model=model)
-        from .bn import batch_input
         what = spec_name(data) if not isinstance(data, DataLoader) else "loader"
         batch = next(iter(loader), None)
         if batch is None:

@@ -47,7 +47,7 @@ def _describe_own_file(file: str | os.PathLike, doc: dict[str, Any]) -> dict[str
         if path.certificate:
             info["certificate"] = {k: path.certificate.get(k) for k in ("max_loss", "eps", "loss_a", "loss_b")}
     hashes = doc.get("tensor_sha256")
-    info["hashes"] = (f"SHA-256 of {len(hashes)} tensors recorded (check them: inspect --verify)"
+    info["hashes"] = (f"SHA-256 of {len(hashes)} tensors recorded (check them: `verify`)"
                       if isinstance(hashes, dict) and hashes else "none recorded (a file from before they were)")
     skip = {"format", "format_version", "model", "members", "groups", "vertices", "certificate", "tensor_sha256"}
     info["metadata"] = {k: v for k, v in doc.items() if k not in skip}
@@ -68,7 +68,7 @@ def describe_checkpoint(file: str | os.PathLike, opts: ModelOptions, *, units: b
     info: dict[str, Any] = {
         "file": str(file),
         "format": md.pop("format", "?"),
-        "arch": md.pop("arch", None) or (opts.arch or opts.model or "unknown (pass --arch or --model)"),
+        "arch": md.pop("arch", None) or (opts.arch or opts.model or "unknown (pass `arch` or `model`)"),
         "tensors": len(sd),
         "parameters": f"{sum(v.numel() for v in sd.values() if v.is_floating_point()):,} floating values",
         "dtypes": ", ".join(f"{k} x{n}" for k, n in sorted(dtypes.items())),

@@ -40,18 +40,19 @@ from typing import Any, Callable, Iterable, Mapping, Sequence
 import torch
 import torch.nn as nn
 
-from ._io import (HASHES_KEY, atomic_path, can_stream_safetensors, independent_tensors, read_header, sha256_file,
-                  tensor_hashes, to_json, verify_tensor_hashes, write_safetensors_streamed)
-from .errors import (
-    ArchitectureMismatchError, BadOptionError, CheckpointError, MCEnsembleError,
-    ModelSpecError, NonFiniteError,
-)
+from ._io import (HASHES_KEY, atomic_path, can_stream_safetensors, independent_tensors, meta_field, read_header,
+                  sha256_file, tensor_hashes, to_json, verify_tensor_hashes, write_safetensors_streamed)
+from .calibration import check_temperature
+from .checkpoints import meta_shapes
+from .errors import (ArchitectureMismatchError, BadOptionError, CheckpointError, MCEnsembleError, ModelSpecError,
+                     NonFiniteError)
 from .members import check_weights, mean_log_prob
 from .models import ModelLike, ModelSpec, as_factory, create_model
+from .precision import parse_dtype
 from .uncertainty import Prediction, predict_from_logits
 
 __all__ = [
-    "EnsembleModel", "LazyEnsembleModel", "save_ensemble", "load", "read_ensemble_metadata", "verify_ensemble_file", "combine_mean_prob",
+    "EnsembleModel", "LazyEnsembleModel", "save_ensemble", "load_ensemble", "read_ensemble_metadata", "verify_ensemble_file", "combine_mean_prob",
     "loop_strategy", "vmap_strategy", "STRATEGIES", "FORMAT", "FORMAT_VERSION", "METADATA_KEY",
 ]
 
@@ -111,7 +112,6 @@ def _temperature_in(metadata: Mapping[str, Any]) -> float:
 def _set_temperature(metadata: dict[str, Any], value: Any) -> float:
     """Check a temperature (`BadOptionError` naming `temperature`) and record it in
     `metadata["calibration"]` (the fit's other fields are kept when T is unchanged)."""
-    from .calibration import check_temperature
     t = check_temperature(value)
     cal = metadata.get("calibration")
     if isinstance(cal, Mapping) and cal.get("temperature") == t:
@@ -670,7 +670,6 @@ def save_ensemble(dest: str | os.PathLike, member_states: Sequence[StateDict], *
     ...}` (T finite, > 0; other JSON-able keys describe the fit), applied after the members
     are averaged when the file is loaded; default: none (T = 1).
     """
-    from .precision import parse_dtype
     save_dtype = parse_dtype(dtype)
 
     if isinstance(member_states, EnsembleModel):
@@ -686,7 +685,6 @@ def save_ensemble(dest: str | os.PathLike, member_states: Sequence[StateDict], *
     if calibration is not None:
         if not isinstance(calibration, Mapping) or "temperature" not in calibration:
             raise BadOptionError("calibration must be a dict with a 'temperature'", option="calibration")
-        from .calibration import check_temperature
         doc["calibration"] = {**calibration, "temperature": check_temperature(calibration["temperature"])}
     for key, value in (extra or {}).items():
         if key in _RESERVED:
@@ -707,7 +705,7 @@ def save_ensemble(dest: str | os.PathLike, member_states: Sequence[StateDict], *
 def _write_members(tmp: Path, member_states: list[StateDict], save_dtype: torch.dtype | None,
                    doc: dict[str, Any]) -> None:
     """Write the members' tensors (`member.<i>.<name>`, floating ones cast to `save_dtype`)
-    and `doc` with their SHA-256 (`tensor_sha256`, checked by load(verify=True) and inspect
+    and `doc` with their SHA-256 (`tensor_sha256`, checked by load_ensemble(verify=True) and inspect
     --verify) as one safetensors file. Tensor by tensor: at most one cast tensor exists at a
     time, so writing holds no copy of the members (the file's bytes are what `save_file` of
     all the tensors would write)."""
@@ -786,7 +784,6 @@ def _open_ensemble(file: str | os.PathLike) -> tuple[dict[str, Any], list[str]]:
 def _check_document(doc: dict[str, Any], keys: list[str], where: str) -> None:
     """Type-check the fields of an ensemble file's JSON document that loading uses (the
     member count bounded by the tensors in the file); `CheckpointError` naming the field."""
-    from ._io import meta_field
     members = meta_field(doc, "members", "list", where=where)
     if not members:
         raise CheckpointError(f"{where}: the ensemble metadata lists no members")
@@ -827,7 +824,6 @@ def _check_spec_fits(factory: Callable[[], nn.Module], path: Path, member0: list
     names and shapes with member 0's tensors in the file, so that a spec whose sizes do not
     match the file (a damaged or crafted header) is refused before the real model is
     allocated. A model that cannot be built on the meta device is not checked here."""
-    from .checkpoints import meta_shapes
     shapes = meta_shapes(factory)
     if shapes is None:
         return
@@ -841,7 +837,7 @@ def _check_spec_fits(factory: Callable[[], nn.Module], path: Path, member0: list
                   f"the model's tensors {sorted(set(want) ^ set(have))[:3]} are in only one of them")
         raise ArchitectureMismatchError(
             f"{str(path)!r}: the model its metadata names does not fit its tensors: {detail}. The file "
-            "is damaged, or pass model= (CLI --model) to build the right model")
+            "is damaged, or pass `model` to build the right model")
 
 
 class _LazyMembers(Sequence):
@@ -867,8 +863,8 @@ def _factory_from_spec(doc: dict[str, Any], path: Path, trust_remote_code: bool
     d = doc.get("model")
     if not isinstance(d, dict) or not (d.get("arch") or d.get("entry")):
         raise CheckpointError(
-            f"{str(path)!r} does not say how to build the model; pass model= (an nn.Module, a "
-            f"zero-argument callable or a ModelSpec; CLI --model / --arch)")
+            f"{str(path)!r} does not say how to build the model; pass `model` (an nn.Module, a "
+            "zero-argument callable or a ModelSpec)")
     try:
         spec = ModelSpec.from_dict(d)
     except Exception as e:
@@ -879,7 +875,7 @@ def _factory_from_spec(doc: dict[str, Any], path: Path, trust_remote_code: bool
     elif not trust_remote_code:
         raise ModelSpecError(
             f"{str(path)!r} names code {spec.entry!r} to build its model; it was not imported. "
-            f"Pass model= (CLI --model) to build the model yourself, or trust_remote_code=True "
+            "Pass `model` to build the model yourself, or `trust_remote_code`=True "
             f"if you trust the file.", option="model")
     else:
         logger.warning("importing %s named by %s (trust_remote_code=True)", spec.entry, path)
@@ -897,7 +893,7 @@ def _factory_from_spec(doc: dict[str, Any], path: Path, trust_remote_code: bool
     return factory
 
 
-def load(file: str | os.PathLike, *, model: ModelLike | None = None,
+def load_ensemble(file: str | os.PathLike, *, model: ModelLike | None = None,
          trust_remote_code: bool = False, strategy: str | StrategyFn = "loop",
          device: str | torch.device | None = None, verify: bool = False,
          dtype: str | torch.dtype | None = None, lazy: bool = False) -> "EnsembleModel | LazyEnsembleModel":
@@ -961,9 +957,8 @@ _SAFETENSORS_DTYPES = {"F32": torch.float32, "BF16": torch.bfloat16, "F16": torc
 
 
 def _load_dtype(dtype: str | torch.dtype | None, path: Path, member0: list[tuple[str, str]]) -> torch.dtype | None:
-    """load(dtype=): None, a torch dtype, or the floating dtype of member 0's tensors ("file")."""
+    """load_ensemble(dtype=): None, a torch dtype, or the floating dtype of member 0's tensors ("file")."""
     if not (isinstance(dtype, str) and dtype.lower() == "file"):
-        from .precision import parse_dtype
         return parse_dtype(dtype, option="dtype")
     tensors = read_header(path).tensors
     for key, _ in member0:
@@ -980,7 +975,7 @@ def _with_dtype(factory: Callable[[], nn.Module], dtype: torch.dtype | None) -> 
 
 
 class LazyEnsembleModel(_Calibrated, nn.Module):
-    """An ensemble whose members stay in their file: `mcensemble.load(file, lazy=True)`.
+    """An ensemble whose members stay in their file: `mcensemble.load_ensemble(file, lazy=True)`.
 
     Holds one model (`ens.model`); every forward pass loads member i's tensors into it (read
     from the safetensors file, memory-mapped) and runs it, for i = 0 .. K-1, so memory holds

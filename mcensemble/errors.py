@@ -8,7 +8,8 @@ from __future__ import annotations
 
 __all__ = [
     "MCEnsembleError", "CheckpointError", "UnsafeCheckpointError", "NonFiniteError",
-    "ArchitectureMismatchError", "BadOptionError", "ModelSpecError", "DataSpecError", "ExportError",
+    "ArchitectureMismatchError", "BadOptionError", "ModelSpecError", "DataSpecError", "ExportError", "UnitGraphError",
+    "DropoutPathError", "ShortPathError", "FitInterrupted",
 ]
 
 
@@ -50,3 +51,28 @@ class DataSpecError(BadOptionError):
 
 class ExportError(MCEnsembleError):
     """An ensemble cannot be exported, or the exported file does not compute the ensemble."""
+
+
+class UnitGraphError(MCEnsembleError, ValueError):
+    """The unit graph cannot be derived (untraceable model, an op that cannot be placed)
+    or a hand-written graph does not fit the model."""
+
+
+class DropoutPathError(MCEnsembleError, ValueError):
+    """The dropout-stable path cannot be built for this network (unsupported unit graph)."""
+
+
+class ShortPathError(MCEnsembleError, ValueError):
+    """The short path cannot be built for this network (unsupported layers or unit graph)."""
+
+
+class FitInterrupted(MCEnsembleError):
+    """SIGINT / SIGTERM stopped a curve fit after a completed step; the fit was saved.
+
+    `signum`: the signal; `exit_code`: 128 + signum (130 for SIGINT, 143 for SIGTERM);
+    `checkpoint`: the file to resume from; `step`: steps done."""
+
+    def __init__(self, message: str, *, signum: int, checkpoint: str | None = None, step: int = 0):
+        super().__init__(message)
+        self.signum, self.checkpoint, self.step = signum, checkpoint, step
+        self.exit_code = 128 + int(signum)

@@ -16,12 +16,14 @@ import torch.nn as nn
 import torch.nn.functional as F
 from tqdm import tqdm
 
+from . import distributed as dist_
 from ._modes import modes_kept
 from .bn import has_batchnorm, labelled_batch, update_bn
 from .checkpoints import check_same_architecture
 from .errors import ArchitectureMismatchError, BadOptionError, DataSpecError
 from .models import ModelLike, as_factory
 from .options import check_count
+from .precision import resolve_precision
 
 __all__ = ["Metrics", "ScanResult", "expected_calibration_error", "evaluate", "evaluate_state", "scan", "barrier"]
 
@@ -100,7 +102,6 @@ def evaluate(model: nn.Module, loader: Iterable[Any], *, device: str | torch.dev
     `precision` ("fp32" default, "bf16", "fp16"): forward passes under autocast
     (`mcensemble.precision`); the metrics are computed in float32.
     """
-    from .precision import resolve_precision
     prec = resolve_precision(precision, device)
     model.to(device)
     total_nll = 0.0
@@ -246,7 +247,6 @@ def scan(path: Any, model: ModelLike, loader: Iterable[Any], *, points: int = 11
                     "points are evaluated with the statistics stored in the path's states")
     ts = [i / (points - 1) for i in range(points)]
     rows: list[dict[str, Any]] = []
-    from . import distributed as dist_  # several processes: each scans its share of the points
     bar = tqdm(dist_.shard(ts), desc=f"scan {getattr(path, 'kind', 'path')}", unit="point", file=sys.stderr,
                disable=None if progress is None else not progress)
     try:

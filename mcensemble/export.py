@@ -35,7 +35,10 @@ import torch
 import torch.nn as nn
 
 from ._io import atomic_path
-from .errors import BadOptionError, ExportError
+from .data import example_input
+from .ensemble import EnsembleModel, load_ensemble
+from .errors import BadOptionError, DataSpecError, ExportError
+from .models import ModelSpec, import_entry
 
 __all__ = ["FORMATS", "EnsembleProbabilities", "export_ensemble", "export_file", "run_artifact", "EXPORT_EXTRA"]
 
@@ -198,8 +201,6 @@ def export_ensemble(ens, out: str | os.PathLike, *, format: str = "onnx", exampl
     `data.example_input`). Exported on CPU in float32. Returns {"file", "format", "members",
     "temperature", "input_shape", "classes", "bytes", "verified_max_rel_diff" (with `verify`)}."""
     _check_format(format)
-    from .data import example_input
-    from .ensemble import EnsembleModel
     if not isinstance(ens, EnsembleModel):
         raise BadOptionError(f"export needs an EnsembleModel, got {type(ens).__name__}", option="ensemble")
     keep = [i for i, w in enumerate(ens.weights) if w > 0]
@@ -214,7 +215,6 @@ def export_ensemble(ens, out: str | os.PathLike, *, format: str = "onnx", exampl
         with torch.no_grad():
             n_classes = int(module(x).shape[1])
     except RuntimeError as e:
-        from .errors import DataSpecError
         raise DataSpecError(f"the ensemble's model cannot take the example input of shape {tuple(x.shape[1:])}: "
                             f"{str(e).splitlines()[0][:300]}; pass `input_shape` C,H,W or `data`",
                             option="input_shape") from e
@@ -252,9 +252,7 @@ def export_file(ensemble: str | os.PathLike, out: str | os.PathLike, *, format: 
             raise BadOptionError(f"input_shape must be positive integers (C,H,W), got {input_shape!r}",
                                  option="input_shape")
         example = torch.rand(2, *shape, generator=torch.Generator().manual_seed(0))
-    from . import load_ensemble
     if isinstance(model, str):
-        from .models import ModelSpec, import_entry
         import_entry(model)
         model = ModelSpec(entry=model)
     ens = load_ensemble(ensemble, model=model, trust_remote_code=trust_remote_code, device="cpu")

@@ -1,6 +1,5 @@
 """Training-loop hooks: channel dropout over the unit graph (snapshots and fast geometric
-ensembling live in `mcensemble.snapshots`; their names are re-exported here, where they
-were before).
+ensembling live in `mcensemble.snapshots`).
 
 `channel_dropout(model, p)` drops whole hidden units (MLP neurons, CNN channels) of every
 group of the unit graph during training, the way an `nn.Dropout2d` (`nn.Dropout` for
@@ -33,15 +32,12 @@ from typing import Any, Iterable
 import torch
 import torch.nn as nn
 
-from ._compat import UNSET, renamed_keyword
-from .errors import BadOptionError
-# moved to mcensemble.snapshots; importable from here as before (README, users)
-from .snapshots import SnapshotCollector, fge_collector, fge_lr, fge_train, network_in, save_snapshots
-from .units import UnitGraph, UnitGraphError, build_unit_graph
+from .bn import batch_input
+from .data import example_input as guess_input
+from .errors import BadOptionError, UnitGraphError
+from .units import UnitGraph, build_unit_graph
 
-__all__ = ["channel_dropout", "ChannelDropoutHandle", "example_batch",
-           # re-exported from mcensemble.snapshots
-           "SnapshotCollector", "fge_lr", "fge_train", "network_in", "fge_collector", "save_snapshots"]
+__all__ = ["channel_dropout", "ChannelDropoutHandle", "example_batch"]
 
 logger = logging.getLogger(__name__)
 
@@ -123,23 +119,21 @@ class ChannelDropoutHandle:
         self.remove()
 
 
-def channel_dropout(model: nn.Module, p: float = 0.5, *, graph=None, example_input=None,
-                    groups=UNSET) -> ChannelDropoutHandle:
+def channel_dropout(model: nn.Module, p: float = 0.5, *, graph=None, example_input=None) -> ChannelDropoutHandle:
     """Drop whole hidden units of every unit group with probability `p` in train mode.
 
     `graph`: a `UnitGraph` (or anything `build_unit_graph(graph=...)` takes: its dict
     form, a list of `UnitGroup`, a JSON file) to restrict or correct what is dropped;
-    otherwise the graph is derived by tracing `model` on `example_input`. Returns a
-    `ChannelDropoutHandle`; `handle.remove()` restores the model exactly. `groups=`: the
-    old name of `graph=` (deprecated; it warns).
+    otherwise the graph is derived by tracing `model` on `example_input` (None: an input
+    guessed from the model, as `align` does: `data.example_input(model)`, run in eval mode;
+    `DataSpecError` when no shape fits, then pass one batch). Returns a
+    `ChannelDropoutHandle`; `handle.remove()` restores the model exactly.
     """
-    graph = renamed_keyword(graph, groups, new="graph", old="groups", where="channel_dropout")
     if isinstance(p, bool) or not isinstance(p, numbers.Real) or not 0.0 <= float(p) < 1.0:
         raise BadOptionError(f"channel dropout probability p must be in [0, 1), got p={p!r}",
                              option="p")
     if graph is None and example_input is None:
-        raise BadOptionError("channel_dropout needs example_input (one input batch) to find "
-                             "the unit groups, or graph=", option="example_input")
+        example_input = guess_input(model)
     return ChannelDropoutHandle(model, build_unit_graph(model, example_input, graph=graph), p)
 
 
@@ -147,7 +141,6 @@ def channel_dropout(model: nn.Module, p: float = 0.5, *, graph=None, example_inp
 def example_batch(loader: Iterable | None, device: torch.device | str, *, n: int = 2) -> torch.Tensor:
     """The first `n` inputs of `loader`'s first batch, on `device`: what tracing the unit graph
     for channel dropout needs when no example input was given."""
-    from .bn import batch_input
     if loader is None:
         raise BadOptionError("channel dropout needs example_input= or a training dataloader",
                              option="example_input")

@@ -84,6 +84,6 @@ def overlap_warning(data: DataOptions) -> str | None:
     t = data.test_data
     digits = t is not None and (t == "digits" or t.startswith("digits,"))
     what = "validation" if t == data.val_data else "training" if t == data.data and not digits else None
-    return None if not t or what is None else (f"--test-data {t} is also the {what} data: its numbers are not "
+    return None if not t or what is None else (f"`test_data` {t} is also the {what} data: its numbers are not "
                                                "on data used for nothing else")
 

@@ -22,11 +22,13 @@ import torch.nn as nn
 import torch.nn.functional as F
 from tqdm.auto import tqdm
 
+from . import distributed as dist_
 from ._modes import modes_kept
 from .bn import has_batchnorm, labelled_batch, update_bn
 from .errors import BadOptionError, DataSpecError
 from .evaluate import Metrics, _load_state_strict, evaluate, expected_calibration_error
 from .options import check_count
+from .precision import resolve_precision
 
 __all__ = ["Candidate", "mean_log_prob", "global_to_local", "uniform_points", "evaluate_candidates", "select_greedy_nll",
            "Selection", "select_members", "paired_bootstrap", "check_weights", "GUARANTEE",
@@ -93,7 +95,6 @@ def predict_log_probs(model: nn.Module, loader: Iterable, *, device: str | torch
                       ) -> tuple[torch.Tensor, torch.Tensor]:
     """(log_softmax outputs (N, C), labels (N,)) on CPU, model in eval mode; forward passes
     at the current precision (`mcensemble.precision.use_precision`), log-probabilities float32."""
-    from .precision import resolve_precision
     prec = resolve_precision(None, device)
     outs, labels = [], []
     with modes_kept(model, False):  # every module's own flag back after, as evaluate() does
@@ -163,7 +164,6 @@ def evaluate_candidates(paths: Sequence[Any], model: nn.Module, points: Sequence
 
     With several processes (`mcensemble.distributed`) each evaluates its share of the
     points (every world-th one) and every process returns all of them, in order."""
-    from . import distributed as dist_
     bn = has_batchnorm(model)
     bn_names = _bn_buffer_names(model) if bn else []
     out: list[Candidate] = []
@@ -195,7 +195,8 @@ def select_greedy_nll(cands: Sequence[Candidate], k: int, labels: torch.Tensor) 
         raise BadOptionError(f"`members` {k} is more than the {len(cands)} candidate points; "
                              "raise `candidates` or lower `members`", option="members")
     if any(c.val_log_probs is None for c in cands):
-        raise ValueError("greedy selection needs validation log-probabilities for every candidate")
+        raise BadOptionError("greedy selection needs validation log-probabilities for every candidate: pass "
+                             "`val_loader`", option="val_loader")
     chosen: list[int] = []
     probs_sum = torch.zeros_like(cands[0].val_log_probs)
     for _ in range(k):
@@ -294,7 +295,8 @@ def _true_class_probs(cands: Sequence[Candidate], labels: torch.Tensor) -> torch
     if not cands:
         raise BadOptionError("member selection needs at least one candidate point", option="candidates")
     if any(c.val_log_probs is None for c in cands):
-        raise ValueError("greedy selection needs validation log-probabilities for every candidate")
+        raise BadOptionError("greedy selection needs validation log-probabilities for every candidate: pass "
+                             "`val_loader`", option="val_loader")
     y = labels.long().view(-1, 1)
     return torch.stack([c.val_log_probs.double().gather(1, y).squeeze(1).exp() for c in cands])
 

@@ -295,7 +295,7 @@ def resolve_model_spec(*, arch: str | None = None, model: str | None = None, num
             raise ModelSpecError(f"`model` takes 'module:function' (e.g. my_models:net); got {model!r}.{hint}",
                                  option="model")
         if num_classes is not None or in_chans is not None:
-            logger.info("--num-classes / --in-chans are not passed to %s (a model function takes no arguments)",
+            logger.info("`num_classes` / `in_chans` are not passed to %s (a model function takes no arguments)",
                         model)
         return ModelSpec(entry=model.strip())
 

@@ -64,10 +64,11 @@ from tqdm import tqdm
 
 from .checkpoints import load_checkpoint
 from .errors import BadOptionError, MCEnsembleError
+from .hooks import _unit_axis
 from .inputs import data_loaders, model_arg, unit_graph_of
 from .options import DataOptions
-from .stability import _subset
-from .units import UnitGraph, UnitGroup
+from .stability import _subset, graph_for
+from .units import UnitGraph, UnitGroup, _Builder, _Label, _trace
 
 __all__ = ["NOISE_KINDS", "GroupNoise", "NoiseStability", "noise_stability", "noise_stability_of_file"]
 
@@ -160,7 +161,6 @@ class _Tap:
     of one group."""
 
     def __init__(self, model: nn.Module, graph: UnitGraph):
-        from .hooks import _unit_axis
         entries: dict[str, list[tuple[str, int, int]]] = {}
         for g in graph.groups:
             for r in g.refs("consumer"):
@@ -402,7 +402,6 @@ def _is_activation(gm: fx.GraphModule, node: fx.Node) -> bool:
 def _activation_sites(model: nn.Module, graph: UnitGraph, x: torch.Tensor):
     """(traced module, {activation node: [(group, axis, offset, length)]}), from the same
     trace and unit labels the unit graph is built from; None when the model cannot be traced."""
-    from .units import _Builder, _Label, _trace
     try:
         gm = _trace(model, (x[:2],))
         b = _Builder(gm, model.state_dict())
@@ -493,7 +492,6 @@ def noise_stability(model: nn.Module, loader: Iterable[Any], *, graph=None, scal
     estimators). `probes`: Hutchinson draws for ||J||_F. Deterministic for a `seed`;
     `model` is not changed (a copy does the work)."""
     _check_options(scale, examples, probes, delta)
-    from .stability import graph_for
     work = copy.deepcopy(model).to(device).eval()
     graph = graph_for(work, loader, graph)
     graph.validate(work.state_dict())

@@ -23,6 +23,8 @@ from .bn import FixedSubset, labelled_batch
 from .errors import BadOptionError, DataSpecError
 from .evaluate import expected_calibration_error
 from .paths.dropout import _prepare, mix_states
+from .paths.short import prepare_short
+from .precision import resolve_precision
 
 __all__ = ["PackedPair", "pack_pair", "pack_report", "certificate_line"]
 
@@ -83,7 +85,6 @@ def pack_pair(model: nn.Module, a: Mapping[str, torch.Tensor], b: Mapping[str, t
     data = loader if sub is None else sub
     note = _data_note(loader, sub)
     if method == "short":
-        from .paths.short import prepare_short
         con = prepare_short(model, a, b, data, graph=graph, halves=halves, device=device,
                             progress=progress, search_steps=4 if search_steps is None else search_steps,
                             random_baseline=False)
@@ -127,7 +128,6 @@ def certificate_line(cert: Mapping[str, Any]) -> str:
 
 
 def _logits(model: nn.Module, state: Mapping[str, torch.Tensor], x: torch.Tensor) -> torch.Tensor:
-    from .precision import resolve_precision
     model.load_state_dict(state)
     prec = resolve_precision(None, x.device)
     with prec.autocast():  # the current precision (--precision, --channels-last)

@@ -7,7 +7,6 @@ from here.
 """
 from __future__ import annotations
 
-import difflib
 import logging
 import os
 import time
@@ -23,63 +22,57 @@ from .bn import has_batchnorm, labelled_batch
 from .calibration import apply_temperature, calibrate_build, file_record
 from .checkpoints import load_checkpoint, save_checkpoint
 from .data import check_input_fits, create_loader, example_input
-from .demo import fresh_run_dir, train_default_endpoints
-from .describe import describe_checkpoint
 from .distributed import is_main, world_size
-from .ensemble import EnsembleModel, load, save_ensemble
+from .ensemble import EnsembleModel, load_ensemble, save_ensemble
 from .errors import BadOptionError, MCEnsembleError
 from .evaluate import evaluate, scan
-from .hooks import fge_train
 from .inputs import data_loaders, load_endpoints, loader_for_test_data, model_arg, unit_graph_of
 from .members import (Candidate, candidate_state, ensemble_metrics, evaluate_candidates, mean_log_prob,
                       predict_log_probs, select_members, uniform_points)
 from .models import ModelSpec, as_factory, create_model, import_entry
-from .options import BuildOptions, CurveConfig, DataOptions, ModelOptions, check_count
+from .options import BuildOptions, DataOptions, ModelOptions, check_count, make_config
 from .pack import pack_pair, pack_report
 from .paths import LinearPath, load_path
-from .paths.curves import BezierPath, PolyChainPath
-from .paths.dropout import DropoutPath
-from .paths.neb import NebPath
-from .paths.short import ShortPath
+from .paths.base import ModePath, path_kind, setting_flags
 from .plane import scan_plane
 from .plot import plot_plane
-from .reports import (TRAIN_ONLY_WARNING, build_baselines, build_report, choice_report, choice_summary,
-                      data_report, describe_source, ens_metrics, eval_baselines, fge_baselines)
+from .reports import (TRAIN_ONLY_WARNING, build_baselines, build_report, choice_report, choice_summary, data_report,
+                      describe_source, ens_metrics, eval_baselines, fge_baselines, source_entry)
+from .snapshots import FgeConfig, fge_train
 from .stability import dropout_stability
 from .units import build_unit_graph
 
-__all__ = ["ModelOptions", "DataOptions", "BuildOptions", "CurveConfig", "BuildResult", "PATH_BUILDERS",
-           "TRAINED_METHODS", "OTHER_METHODS", "TRAIN_ONLY_WARNING", "check_method",
-           "unit_graph_of", "load_endpoints", "connect", "align_chain", "scan_checkpoints", "scan_path_file", "RepairedPath",
-           "build_ensemble", "build_fge", "evaluate_ensemble_file", "describe_checkpoint", "align_files",
-           "stability_of_file", "pack_files", "train_default_endpoints", "fresh_run_dir"]
+__all__ = ["BuildResult", "OTHER_METHODS", "TRAIN_ONLY_WARNING", "check_method", "method_flags", "path_config",
+           "connect", "align_chain", "scan_checkpoints", "scan_path_file", "build_ensemble", "build_fge",
+           "evaluate_ensemble_file", "align_files", "stability_of_file", "pack_files"]
 
 _log = logging.getLogger(__name__)
 
-#: the path kinds `build --method` makes, each building itself from the options
-#: (`Path.from_options(net, a, b, *, opts, data, fit_loader, bn_loader, index, graph)`)
-_BUILT_KINDS = (LinearPath, BezierPath, PolyChainPath, DropoutPath, ShortPath, NebPath)
-
-#: method name -> function(net, a, b, *, opts, data, fit_loader, bn_loader, index, graph) -> Path
-#: (`index`: which consecutive pair; `graph`: a hand-given unit graph or None)
-PATH_BUILDERS = {cls.kind: cls.from_options for cls in _BUILT_KINDS}
-
-#: methods whose path is trained on shuffled batches of the training data (`connect` makes that loader)
-TRAINED_METHODS = tuple(cls.kind for cls in _BUILT_KINDS if cls.trained)
-
-#: methods that are not paths between checkpoints
-OTHER_METHODS = ("fge",)
+#: methods that are not paths between checkpoints -> their settings (the path kinds are the
+#: registry's: `paths.buildable_kinds()`)
+OTHER_METHODS = {"fge": FgeConfig}
 
 
-def check_method(method: str, *, others: Sequence[str] = OTHER_METHODS) -> None:
-    """`BadOptionError` unless `method` names a path kind of `PATH_BUILDERS` (the message
-    lists them and `others`, the caller's other methods; close names suggested)."""
-    if method not in PATH_BUILDERS:
-        known = [*PATH_BUILDERS, *others]
-        close = difflib.get_close_matches(method, known, n=1)
-        hint = f" Did you mean {close[0]!r}?" if close else ""
-        raise BadOptionError(f"unknown method {method!r}; choose one of {', '.join(known)}.{hint}",
-                             option="method")
+def check_method(method: str, *, others: Sequence[str] = tuple(OTHER_METHODS)) -> type[ModePath] | None:
+    """The path kind `method` names (None for one of `others`, the caller's other methods);
+    `BadOptionError` listing the buildable kinds and `others`, the closest one suggested."""
+    if method in others:
+        return None
+    return path_kind(method, others=others)
+
+
+def path_config(opts: BuildOptions, data: DataOptions) -> Any:
+    """`opts.settings` as the method's own config (`CurveConfig`, `NebConfig`, `FgeConfig`,
+    ...; None for a kind without settings), seeded by `data.seed`: validated before any work."""
+    if opts.method in OTHER_METHODS:
+        return make_config(OTHER_METHODS[opts.method], opts.settings)
+    return path_kind(opts.method).config_from(opts.settings, seed=data.seed)
+
+
+def method_flags() -> dict[str, dict[str, Any]]:
+    """The methods' settings that the command line takes as flags (`paths.setting_flags`,
+    FGE's included)."""
+    return setting_flags(extra=tuple(OTHER_METHODS.values()))
 
 
 def scan_checkpoints(files: Sequence[str | os.PathLike], *, model: ModelOptions, data: DataOptions,
@@ -92,11 +85,12 @@ def scan_checkpoints(files: Sequence[str | os.PathLike], *, model: ModelOptions,
     check_count(points, "points", minimum=2)
     if len(files) != 2:
         raise BadOptionError("scan takes exactly two checkpoints", option="CHECKPOINTS")
-    check_method(opts.method)
+    kind = check_method(opts.method, others=())
+    path_config(opts, data)
     if opts.repair and opts.method != "linear":
         raise BadOptionError("`repair` rescales points of the straight line: use it with `method` linear",
                              option="repair")
-    if plane is not None and opts.method not in ("bezier", "polychain"):
+    if plane is not None and not kind.has_bends:
         raise BadOptionError(f"a {opts.method} path has no bend: `plane` needs `method` bezier or polychain "
                              "(or `path` FILE of such a path)", option="plane")
     a, b = load_endpoints(files, model)
@@ -199,7 +193,9 @@ def connect(states: Sequence[dict], net: torch.nn.Module, *, opts: BuildOptions,
     compute the same functions. A model that cannot be traced is then fitted unaligned, with
     a warning, unless `opts.align` is True."""
     aligned: list[dict[str, Any]] = []
-    if opts.align or (opts.align is None and opts.method in ("bezier", "polychain")):
+    kind = path_kind(opts.method)
+    config = kind.config_from(opts.settings, seed=data.seed)
+    if opts.align or (opts.align is None and kind.align_by_default):
         try:
             states, aligned = align_chain(states, net, seed=data.seed, graph=graph, progress=data.progress,
                                           data=bn_loader)
@@ -207,20 +203,21 @@ def connect(states: Sequence[dict], net: torch.nn.Module, *, opts: BuildOptions,
             if opts.align:
                 raise
             _log.warning("cannot align the checkpoints before fitting the curve (%s); fitting it between "
-                         "them as they are (pass --no-align to skip alignment)", e)
+                         "them as they are (`align` False skips alignment)", e)
     fit_loader = None
-    if opts.method in TRAINED_METHODS:
+    if kind.trained:
         fit_loader = create_loader(data.data, split="train", batch_size=data.batch_size, shuffle=True,
                                    seed=data.seed, model=net)
-    builder = PATH_BUILDERS[opts.method]
-    paths = [builder(net, a, b, opts=opts, data=data, fit_loader=fit_loader, bn_loader=bn_loader, index=i,
-                     graph=graph) for i, (a, b) in enumerate(zip(states[:-1], states[1:]))]
+    paths = [kind.from_options(net, a, b, config=config, opts=opts, data=data, fit_loader=fit_loader,
+                               bn_loader=bn_loader, index=i, graph=graph)
+             for i, (a, b) in enumerate(zip(states[:-1], states[1:]))]
     return paths, list(states), aligned
 
 
 def _check_build_request(files: Sequence, opts: BuildOptions, data: DataOptions, path_out) -> bool:
     """Validate a build before any file is read; returns whether members are chosen greedily."""
     check_method(opts.method)
+    path_config(opts, data)
     if path_out is not None and len(files) != 2:
         raise BadOptionError("`path_out` needs exactly two checkpoints (one path)", option="path_out")
     greedy = opts.selection == "greedy" or (opts.selection == "auto" and bool(data.val_data))
@@ -308,16 +305,17 @@ def build_ensemble(files: Sequence[str | os.PathLike], *, model: ModelOptions, d
                                            graph=unit_graph_of(net, model), loaders=(train, val, test), ensemble=ens)
     timings["baselines_s"] = time.perf_counter() - t3
     spec, kind = cks[0].model_spec, paths[0].kind
-    sources = [{"file": str(f), "sha256": ck.metadata.get("sha256") or sha256_file(ck.path)}
-               for f, ck in zip(files, cks)]
+    sources = [(f, ck.metadata.get("sha256") or sha256_file(ck.path)) for f, ck in zip(files, cks)]
     if out is not None and is_main():  # several processes: only rank 0 writes
-        save_ensemble(out, states, model_spec=spec, members=[c.info(kind) for c in members], sources=sources,
+        save_ensemble(out, states, model_spec=spec, members=[c.info(kind) for c in members],
+                      sources=[source_entry(f, sha, out) for f, sha in sources],
                       weights=weights, dtype=opts.save_dtype, calibration=file_record(report["calibration"]),
                       extra={"method": opts.method, "selection": report["selection"],
                                               "choice": choice_summary(choice),
                                               "bn_reestimated": report["bn_reestimated"], "n_paths": len(paths)})
     if path_out is not None and is_main():
-        paths[0].save(path_out, model_spec=spec, extra={"sources": sources})
+        paths[0].save(path_out, model_spec=spec, extra={"sources": [source_entry(f, sha, path_out)
+                                                                   for f, sha in sources]})
     if soup is not None:
         report["soup"] = _write_soup(soup, soup_sd, net, train, val, cks[0], data)
     timings["write_s"] = time.perf_counter() - t3 - timings["baselines_s"]
@@ -365,7 +363,7 @@ def evaluate_ensemble_file(file: str | os.PathLike, *, model: Any = None, trust_
     if isinstance(model, str):
         import_entry(model)  # fail early, naming the spec
         model = ModelSpec(entry=model)
-    ens = load(file, model=model, trust_remote_code=trust_remote_code, device=data.device)
+    ens = load_ensemble(file, model=model, trust_remote_code=trust_remote_code, device=data.device)
     spec = data.val_data or data.data
     split = "val" if data.val_data or (data.data or "").startswith("digits") else "train"
     net = ens.members[0]
@@ -421,8 +419,10 @@ def align_files(a_file: str | os.PathLike, b_file: str | os.PathLike, out: str |
 def build_fge(files: Sequence[str | os.PathLike], *, model: ModelOptions, data: DataOptions, opts: BuildOptions,
               out: str | os.PathLike | None = None, soup: str | os.PathLike | None = None) -> BuildResult:
     """Fast geometric ensembling (Garipov et al. 2018) from ONE checkpoint: train it further
-    with a cyclical learning rate for `opts.epochs` epochs split into `opts.members` cycles,
-    one snapshot at each cycle's low point (`lr / 100`), BN re-estimated for each member."""
+    with a cyclical learning rate (`FgeConfig` from `opts.settings`: epochs, lr, weight
+    decay) split into `opts.members` cycles, one snapshot at each cycle's low point
+    (`lr / 100`), BN re-estimated for each member."""
+    cfg = path_config(opts, data)
     if len(files) != 1:
         raise BadOptionError(f"`method` fge starts from one checkpoint, got {len(files)}", option="method")
     t0 = time.perf_counter()
@@ -433,21 +433,20 @@ def build_fge(files: Sequence[str | os.PathLike], *, model: ModelOptions, data: 
     start = ens_metrics(EnsembleModel(net, [ck.state_dict], device=data.device), train, val, data.device, test)
     loader = create_loader(data.data, split="train", batch_size=data.batch_size, shuffle=True, seed=data.seed,
                            model=net)
-    col = fge_train(net, loader, cycles=opts.members, epochs=opts.epochs, lr_max=opts.lr,
-                    weight_decay=opts.weight_decay, device=data.device, seed=data.seed, progress=data.progress)
+    col = fge_train(net, loader, cycles=opts.members, epochs=cfg.epochs, lr_max=cfg.lr,
+                    weight_decay=cfg.weight_decay, device=data.device, seed=data.seed, progress=data.progress)
     states = col.member_states(bn_loader=train)
     members = [{"t": None, "kind": "snapshot", **{k: v for k, v in info.items() if k != "t"}} for info in col.info]
     weights, choice = None, None
     if val is not None:  # the checkpoint is the reference: snapshots ship only when confirmed
         states, members, weights, choice = _choose_snapshots(net, ck.state_dict, states, members, val, opts, data)
     ens = EnsembleModel(net, states, strategy=opts.strategy, device=data.device, weights=weights)
-    sources = [{"file": str(files[0]), "sha256": ck.metadata.get("sha256")}]
     report: dict[str, Any] = {
         "method": "fge", "selection": "all-snapshots", "checkpoints": [{"file": str(files[0]), **describe_source(ck)}],
         "data": data_report(data), "seed": data.seed,
         "batchnorm": has_batchnorm(net), "bn_reestimated": has_batchnorm(net), "start": start, "members": members,
         "ensemble": ens_metrics(ens, train, val, data.device, test),
-        "fge": {"cycles": opts.members, "epochs": opts.epochs, "lr_max": opts.lr, "lr_min": opts.lr / 100},
+        "fge": {"cycles": opts.members, "epochs": cfg.epochs, "lr_max": cfg.lr, "lr_min": cfg.lr / 100},
         "split": "val" if val is not None else "train", "warnings": [] if val is not None else [TRAIN_ONLY_WARNING],
         "calibration": calibrate_build(ens, val, test, enabled=opts.calibrate, device=data.device),
     }
@@ -461,7 +460,8 @@ def build_fge(files: Sequence[str | os.PathLike], *, model: ModelOptions, data: 
         extra = {"method": "fge", "selection": report["selection"], "bn_reestimated": report["bn_reestimated"]}
         if choice is not None:
             extra["choice"] = choice_summary(choice)
-        save_ensemble(out, states, model_spec=ck.model_spec, members=members, sources=sources, weights=weights,
+        save_ensemble(out, states, model_spec=ck.model_spec, members=members, weights=weights,
+                      sources=[source_entry(files[0], ck.metadata.get("sha256"), out)],
                       dtype=opts.save_dtype, calibration=file_record(report["calibration"]), extra=extra)
     if soup is not None:
         report["soup"] = _write_soup(soup, soup_sd, net, train, val, ck, data)
@@ -519,7 +519,7 @@ def pack_files(a_file: str | os.PathLike, b_file: str | os.PathLike, out: str | 
     md["kind"] = "packed-pair"
     md["method"] = method
     md["certificate"] = packed.certificate
-    md["sources"] = [{"file": str(f), "sha256": ck.metadata.get("sha256")} for f, ck in ((a_file, a), (b_file, b))]
+    md["sources"] = [source_entry(f, ck.metadata.get("sha256"), out) for f, ck in ((a_file, a), (b_file, b))]
     save_checkpoint(packed.state, out, metadata=md)
     split = "val" if val is not None else "train"
     return {"file": str(out), "split": split, **packed.to_dict(),

@@ -108,7 +108,7 @@ def scan_plane(path: Any, model: ModelLike, loader: Iterable, *, bn_loader: Iter
     groups = getattr(path, "groups", {})
     if "bend.0" not in groups:
         raise BadOptionError(f"a {path.kind} path has no bend: `plane` needs a bezier or polychain path "
-                             "(build one with `mcensemble build --method bezier --path-out FILE`)", option="plane")
+                             "(`path_out` of a build with `method` bezier writes one)", option="plane")
     a, b = path.endpoints
     bend = {**a, **groups["bend.0"]}
     net = as_factory(model)()

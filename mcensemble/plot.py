@@ -2,8 +2,12 @@
 pyplot, so no global backend or figure state is touched."""
 from __future__ import annotations
 
+import math
 import os
 from typing import Any, Mapping, Sequence, Union
+
+from ._io import atomic_path
+from .errors import BadOptionError
 
 __all__ = ["plot_scan", "plot_plane", "plot_barrier_matrix", "plot_tree"]
 
@@ -18,7 +22,8 @@ def _as_dict(r: ScanLike) -> dict[str, Any]:
         return r.to_dict()
     if isinstance(r, Mapping) and "points" in r:
         return dict(r)
-    raise TypeError(f"expected a ScanResult or its to_dict() form, got {type(r).__name__}")
+    raise BadOptionError(f"`scans` must hold ScanResults or their to_dict() form, got {type(r).__name__}",
+                         option="scans")
 
 
 def _curves(scans: Scans, labels: Sequence[str] | None) -> list[tuple[str, dict[str, Any]]]:
@@ -33,10 +38,10 @@ def _curves(scans: Scans, labels: Sequence[str] | None) -> list[tuple[str, dict[
             items.append((label, d))
     if labels is not None:
         if len(labels) != len(items):
-            raise ValueError(f"{len(labels)} labels given for {len(items)} scans")
+            raise BadOptionError(f"{len(labels)} `labels` given for {len(items)} scans", option="labels")
         items = [(str(lab), d) for lab, (_, d) in zip(labels, items)]
     if not items:
-        raise ValueError("plot_scan needs at least one scan result")
+        raise BadOptionError("`scans` is empty: plot_scan needs at least one scan result", option="scans")
     return items
 
 
@@ -58,7 +63,6 @@ def plot_scan(result_or_list: Scans, dest: str | os.PathLike, *, title: str | No
     from matplotlib.backends.backend_agg import FigureCanvasAgg
     from matplotlib.figure import Figure
 
-    from ._io import atomic_path
 
     curves = _curves(result_or_list, labels)
     fig = Figure(figsize=(15 if baselines else 10, 4), dpi=100, layout="constrained")
@@ -103,7 +107,7 @@ def _plot_baselines(ax, rows: Sequence[Mapping[str, Any]], split: str) -> None:
     """Horizontal bars: NLL of each baseline row on `split` (and "test"), cost in the label."""
     shown = [r for r in rows if "skipped" not in r and isinstance(r.get(split), Mapping)]
     if not shown:
-        raise ValueError(f"no baseline row has metrics on {split!r}")
+        raise BadOptionError(f"no row of `baselines` has metrics on `split` {split!r}", option="baselines")
     names = [f"{r['name']} (cost {r['cost']})" for r in shown]
     ys = list(range(len(shown)))[::-1]
     test = any(isinstance(r.get("test"), Mapping) for r in shown)
@@ -130,12 +134,10 @@ def plot_plane(result: Any, dest: str | os.PathLike, *, title: str | None = None
 
     `result`: a `mcensemble.plane.PlaneResult` or its `to_dict()`. Written atomically.
     """
-    import math
 
     from matplotlib.backends.backend_agg import FigureCanvasAgg
     from matplotlib.figure import Figure
 
-    from ._io import atomic_path
 
     d = result.to_dict() if hasattr(result, "to_dict") else dict(result)
     fig = Figure(figsize=(6, 5), dpi=100, layout="constrained")
@@ -169,12 +171,11 @@ def plot_barrier_matrix(matrix: Sequence[Sequence[float]], dest: str | os.PathLi
     from matplotlib.figure import Figure
     from matplotlib.patches import Rectangle
 
-    from ._io import atomic_path
 
     n = len(matrix)
     labels = list(labels) if labels is not None else [str(i) for i in range(n)]
     if len(labels) != n:
-        raise ValueError(f"{len(labels)} labels given for a {n} x {n} matrix")
+        raise BadOptionError(f"{len(labels)} `labels` given for a {n} x {n} matrix", option="labels")
     size = 3 + 0.6 * n
     fig = Figure(figsize=(size + 1, size), dpi=100, layout="constrained")
     FigureCanvasAgg(fig)
@@ -202,7 +203,6 @@ def plot_tree(n: int, edges: Sequence[Mapping[str, Any]], dest: str | os.PathLik
     """Write a picture of a spanning tree over `n` checkpoints (on a circle): `edges` are
     dicts with `i`, `j` and `saddle` (the largest loss along that edge's path, also its
     colour) and optionally `barrier` (the straight line's). Written atomically."""
-    import math
 
     from matplotlib import colormaps
     from matplotlib.backends.backend_agg import FigureCanvasAgg
@@ -210,11 +210,10 @@ def plot_tree(n: int, edges: Sequence[Mapping[str, Any]], dest: str | os.PathLik
     from matplotlib.colors import Normalize
     from matplotlib.figure import Figure
 
-    from ._io import atomic_path
 
     labels = list(labels) if labels is not None else [str(i) for i in range(n)]
     if len(labels) != n:
-        raise ValueError(f"{len(labels)} labels given for {n} checkpoints")
+        raise BadOptionError(f"{len(labels)} `labels` given for {n} checkpoints", option="labels")
     pos = [(math.cos(2 * math.pi * k / n + math.pi / 2), math.sin(2 * math.pi * k / n + math.pi / 2))
            for k in range(n)]
     fig = Figure(figsize=(6.5, 6), dpi=100, layout="constrained")

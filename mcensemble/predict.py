@@ -30,7 +30,13 @@ import torch
 from torch.utils.data import DataLoader, Dataset, TensorDataset
 
 from ._io import atomic_path
+from .bn import _INPUT_KEYS, _LABEL_KEYS, split_batch
+from .checkpoints import _torch_load
+from .data import create_loader, image_transform, loader_settings
+from .ensemble import load_ensemble
 from .errors import BadOptionError, CheckpointError, DataSpecError
+from .models import ModelSpec, import_entry
+from .precision import resolve_precision
 from .uncertainty import Prediction
 
 __all__ = ["predict_file", "predict_rows", "write_table", "output_format", "UNCERTAINTY_COLUMNS", "OUTPUT_FORMATS"]
@@ -48,7 +54,6 @@ class _Images(Dataset):
     """The images under a folder, as the model's inputs; item i = (input, i)."""
 
     def __init__(self, root: Path, files: list[Path], model: torch.nn.Module):
-        from .data import image_transform
         self.root, self.files = root, files
         self.transform, self.mode = image_transform(model)
 
@@ -90,7 +95,6 @@ def _pick(tensors: dict[str, Any], keys: Iterable[str], *, what: str, where: str
 
 def _tensor_file(path: Path) -> tuple[torch.Tensor, torch.Tensor | None]:
     """(inputs, labels or None) of a .safetensors / .pt file."""
-    from .bn import _INPUT_KEYS, _LABEL_KEYS
     where = f"tensor file {str(path)!r}"
     if path.suffix == ".safetensors":
         from safetensors.torch import load_file
@@ -99,7 +103,6 @@ def _tensor_file(path: Path) -> tuple[torch.Tensor, torch.Tensor | None]:
         except Exception as e:  # noqa: BLE001 - a damaged file of any kind
             raise CheckpointError(f"{where} is not a readable safetensors file ({e})") from e
     else:
-        from .checkpoints import _torch_load
         obj = _torch_load(path)
     if isinstance(obj, torch.Tensor):
         x, y = obj, None
@@ -124,7 +127,6 @@ def _tensor_file(path: Path) -> tuple[torch.Tensor, torch.Tensor | None]:
 def _batches(inputs: str | os.PathLike, net: torch.nn.Module, *, batch_size: int, workers: int, split: str,
              pin_memory: bool) -> tuple[Iterable, list[str] | None, str]:
     """(loader of (x, labels | None, indices | None) batches, file names or None, kind)."""
-    from .bn import split_batch
     path = Path(inputs)
     kw = {"num_workers": workers, "pin_memory": pin_memory, "persistent_workers": False}
     if path.is_dir():
@@ -141,7 +143,6 @@ def _batches(inputs: str | os.PathLike, net: torch.nn.Module, *, batch_size: int
     if path.exists():
         raise DataSpecError(f"input {str(path)!r} is a file but not a tensor file ({', '.join(_TENSOR_SUFFIXES)})",
                             option="inputs")
-    from .data import create_loader, loader_settings
     with loader_settings(workers=workers, pin_memory=pin_memory):
         loader = create_loader(str(inputs), split=split, batch_size=batch_size, model=net)
 
@@ -158,7 +159,6 @@ def predict_rows(ens, batches: Iterable, *, device: str | torch.device = "cpu", 
     """`ens.predict` on each (x, labels, _) batch (at `precision`): (Prediction on CPU, labels)."""
     from tqdm import tqdm
 
-    from .precision import resolve_precision
     prec = resolve_precision(precision, device)
     bar = tqdm(batches, total=total, desc="predict", unit="batch", file=sys.stderr,
                disable=None if progress is None else not progress)
@@ -248,9 +248,7 @@ def predict_file(ensemble: str | os.PathLike, inputs: str | os.PathLike, out: st
     if flag_above is not None and (isinstance(flag_above, bool) or not isinstance(flag_above, (int, float))
                                    or flag_above != flag_above):
         raise BadOptionError(f"flag_above must be a number, got {flag_above!r}", option="flag_above")
-    from . import load_ensemble
     if isinstance(model, str):
-        from .models import ModelSpec, import_entry
         import_entry(model)  # fail early, naming the spec
         model = ModelSpec(entry=model)
     ens = load_ensemble(ensemble, model=model, trust_remote_code=trust_remote_code, device=device)

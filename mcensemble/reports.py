@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import copy
 import logging
+import os
 from pathlib import Path as _FsPath
 from typing import Any
 
@@ -19,6 +20,7 @@ from .evaluate import barrier, evaluate
 from .inputs import overlap_warning
 from .members import candidate_state
 from .options import BuildOptions, DataOptions
+from .paths import path_kind
 
 __all__ = ["TRAIN_ONLY_WARNING", "describe_source", "data_report", "report_splits", "choice_report",
            "choice_summary", "build_report", "scan_summary", "cand_metrics", "endpoint_cands", "ens_metrics",
@@ -28,9 +30,9 @@ __all__ = ["TRAIN_ONLY_WARNING", "describe_source", "data_report", "report_split
 _log = logging.getLogger(__name__)
 
 
-TRAIN_ONLY_WARNING = ("no --val-data: the members were not chosen on held-out data, and every number in the "
+TRAIN_ONLY_WARNING = ("no `val_data`: the members were not chosen on held-out data, and every number in the "
                       "report is on the training data, which also fitted the checkpoints and the path; pass "
-                      "--val-data SPEC (and --test-data SPEC) for an honest comparison")
+                      "`val_data` (and `test_data`) for an honest comparison")
 
 
 def describe_source(ck) -> dict[str, Any]:
@@ -124,16 +126,8 @@ def build_report(files, cks, paths, grid, members, weights, line, opts: BuildOpt
         report["warnings"].append(TRAIN_ONLY_WARNING)
     if overlap_warning(data):
         report["warnings"].append(overlap_warning(data))
-    if opts.method in ("bezier", "polychain"):
-        report["curve"] = {"kind": opts.method, "bends": opts.bends, "epochs": opts.epochs, "lr": opts.lr,
-                           "weight_decay": opts.weight_decay}
-        fits = [p.metadata.get("fit") or {} for p in paths]
-        if any("precision" in f for f in fits):  # --precision bf16 / fp16; fp16: GradScaler's skipped steps
-            report["curve"]["precision"] = fits[0]["precision"]
-        if any("skipped_steps" in f for f in fits):
-            report["curve"]["skipped_steps"] = [f.get("skipped_steps", 0) for f in fits]
-    if opts.method == "neb":  # each band's schedule and what every cycle inserted
-        report["neb"] = [p.metadata.get("neb") for p in paths]
+    kind = path_kind(opts.method)  # its own entries: a curve's settings, AutoNEB's bands, ...
+    report.update(kind.report_section(paths, kind.config_from(opts.settings, seed=data.seed)))
     if getattr(paths[0], "certificate", None):
         report["certificates"] = [p.certificate for p in paths]
     return report
@@ -220,7 +214,7 @@ def build_baselines(net, grid, paths, ends, soup_sd, report, opts: BuildOptions,
     sc.add("soup", soup_sd)
     rows.append(sc.row("soup", "soup", ["soup"], note=soup_note(report)))
     if not opts.packed:
-        rows.append(skipped_row("packed pair", "packed", 1, "not computed (packed=False / --no-packed)"))
+        rows.append(skipped_row("packed pair", "packed", 1, "not computed (`packed` is off)"))
     elif len(ends) != 2:
         rows.append(skipped_row("packed pair", "packed", 1, f"packs two checkpoints; {len(ends)} were given"))
     else:
@@ -245,6 +239,20 @@ def build_baselines(net, grid, paths, ends, soup_sd, report, opts: BuildOptions,
     return rows
 
 
+def source_entry(file, sha256: str | None, dest) -> dict[str, Any]:
+    """How a written file records a source checkpoint: `file` (absolute) and `relative` (to
+    the folder of `dest`, the file being written), so that `eval` finds it from any folder,
+    and after the files moved together."""
+    path = _FsPath(file).resolve()
+    entry: dict[str, Any] = {"file": str(path), "sha256": sha256}
+    if dest is not None:
+        try:
+            entry["relative"] = os.path.relpath(path, _FsPath(dest).resolve().parent)
+        except ValueError:  # another drive (Windows): the absolute name only
+            pass
+    return entry
+
+
 def calibrated_on(report) -> str | None:
     """The split a build's temperature was fitted on (the baselines are calibrated on it too)."""
     cal = report.get("calibration") or {}
@@ -257,13 +265,16 @@ def calibration_of(report) -> dict[str, Any]:
 
 
 def source_states(ens, file, model) -> tuple[list[tuple[str, dict]], list[tuple[str, str]]]:
-    """(name, state dict) of each recorded source checkpoint still there and unchanged (a
-    relative name is also looked for next to the ensemble file), and why others were not used."""
+    """(name, state dict) of each recorded source checkpoint still there and unchanged (looked
+    for by its absolute name, then relative to the ensemble file's folder), and why others
+    were not used."""
     found, why = [], []
+    here = _FsPath(file).parent
     for i, src in enumerate(ens.metadata.get("sources") or []):
         name = chr(ord("A") + i) if i < 26 else f"ckpt{i}"
         f = src.get("file") if isinstance(src, dict) else None
-        cands = [] if not f else [_FsPath(f), _FsPath(file).parent / f]
+        rel = src.get("relative") if isinstance(src, dict) and isinstance(src.get("relative"), str) else None
+        cands = [] if not f else [_FsPath(f), *([here / rel] if rel else []), here / f]
         path = next((p for p in cands if p.exists()), None)
         if path is None:
             why.append((name, f"source {f!r} is not there"))
@@ -302,11 +313,11 @@ def eval_baselines(ens, file, per, loader, train, test, model, data: DataOptions
             continue
         rows.append(sc.row(f"endpoint {name}", "endpoint", [name]))
         names.append(name)
-    if len(names) >= 2:
-        rows.append(sc.row(f"{'+'.join(names)} ensemble", "endpoints-ensemble", names))
+    if len(names) >= 2:  # the checkpoints as saved, beside the file's own members (BatchNorm maybe re-estimated)
+        rows.append(sc.row(f"{'+'.join(names)} ensemble (checkpoints as saved)", "endpoints-ensemble", names))
     rows += [skipped_row(f"endpoint {name}", "endpoint", 1, reason) for name, reason in why]
     bn = has_batchnorm(net)
-    need_train = "needs training data: pass --data TRAIN --val-data EVAL"
+    need_train = "needs training data: pass `data` (training) and `val_data` (evaluation)"
     if train is None and bn:
         rows.append(skipped_row("soup", "soup", 1, need_train + " (BatchNorm is re-estimated on it)"))
     else:
@@ -322,8 +333,9 @@ def eval_baselines(ens, file, per, loader, train, test, model, data: DataOptions
     else:
         rows.append(packed_row(sc, copy.deepcopy(net), srcs[0][1], srcs[1][1], train, data=data))
     k = len(ens)
-    row = sc.row(f"ensemble ({k} member{'s' if k != 1 else ''})", "ensemble", [("member", i) for i in range(k)],
-                 weights=ens.weights)
+    stored = "as stored: BatchNorm re-estimated at build" if bn else "as stored"
+    row = sc.row(f"this file's ensemble ({k} member{'s' if k != 1 else ''}, {stored})", "ensemble",
+                 [("member", i) for i in range(k)], weights=ens.weights)
     if names:
         row["vs_reference"] = _eval_reference(sc, ens, names)
     rows.append(row)

@@ -26,6 +26,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Iterable
 
+from .checkpoints import _torch_load
 from .errors import BadOptionError, CheckpointError, MCEnsembleError
 
 __all__ = ["RunCheckpoint", "scan_run", "select_checkpoints", "checkpoints_from_runs"]
@@ -55,7 +56,6 @@ class RunCheckpoint:
 def _read_meta(path: Path) -> dict[str, Any]:
     """The checkpoint's non-tensor entries, tensors memory-mapped (not read)."""
     import torch
-    from .checkpoints import _torch_load
     try:
         with torch.serialization.safe_globals([argparse.Namespace]), warnings.catch_warnings():
             warnings.filterwarnings("ignore", message="Detected pickle protocol")
@@ -227,9 +227,8 @@ def checkpoints_from_runs(dirs: str | os.PathLike | Iterable[str | os.PathLike],
         except OSError as e:
             raise CheckpointError(f"run folder {str(folder)!r}: cannot read it ({e})") from e
         if run[0].eval_metric == "loss" and metric_mode == "max":
-            logger.warning("%s: the run ranked its checkpoints by eval loss (--eval-metric loss) "
-                           "but checkpoints are chosen by the highest metric; pass "
-                           "metric_mode='min' (--metric-mode min) to choose the lowest loss", folder)
+            logger.warning("%s: the run ranked its checkpoints by eval loss, but checkpoints are chosen "
+                           "by the highest metric; pass `metric_mode` min to choose the lowest loss", folder)
         if k is not None and k < len(run) and all(c.metric is None for c in run):
             logger.warning("%s: no checkpoint records a metric (and no summary.csv eval column); "
                            "taking the %d latest epoch(s)", folder, k)

@@ -2,35 +2,67 @@
 cyclical learning rate of fast geometric ensembling, FGE, Garipov et al. 2018), `fge_train`
 (FGE from a trained model, what `mcensemble build --method fge` runs), and the small plan the
 trainer plugins (`plugins/lightning`, `plugins/hf`) adapt: `network_in`, `fge_collector`,
-`save_snapshots`.
+`save_snapshots`, and the collector's state as a file (`write_collector_state` /
+`read_collector_state`, what a plugin keeps in its trainer's checkpoints).
 
 Framework-agnostic: a collector sees a model, an optimizer and `step()` / `snapshot()`
 calls; the plugins only translate their trainer's events into those calls. Forward passes
 the collector runs itself (BatchNorm re-estimation of each snapshot before saving, FGE
 training) take `precision=` ("fp32" / "bf16" / "fp16", `mcensemble.precision`).
-
-These names were in `mcensemble.hooks` before; `mcensemble.hooks` still re-exports them.
 """
 from __future__ import annotations
 
+import json
 import logging
 import math
 import numbers
 import os
+import sys
+from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, Callable, Iterable, Mapping
+from typing import Any, Callable, ClassVar, Iterable, Mapping
 
 import torch
 import torch.nn as nn
+import torch.nn.functional as F
+from safetensors import safe_open
+from safetensors.torch import save_file
+from tqdm.auto import tqdm
 
+from ._io import atomic_path, read_header
 from ._modes import keeps_process_state
-from .errors import BadOptionError
+from .bn import has_batchnorm, labelled_batch, update_bn
+from .ensemble import save_ensemble
+from .errors import BadOptionError, CheckpointError
 from .options import check_count
+from .precision import resolve_precision
 
-__all__ = ["SnapshotCollector", "fge_lr", "fge_train", "network_in", "fge_collector", "save_snapshots",
-           "check_bn_options"]
+__all__ = ["FgeConfig", "SnapshotCollector", "fge_lr", "fge_train", "network_in", "fge_collector", "save_snapshots",
+           "check_bn_options", "write_collector_state", "read_collector_state"]
 
 logger = logging.getLogger(__name__)
+
+
+@dataclass(frozen=True)
+class FgeConfig:
+    """`build --method fge`'s settings (the path kinds' flags of the same names): epochs of
+    further training, split into `BuildOptions.members` cycles; lr: the cycles' top learning
+    rate (their low point is lr / 100); weight_decay: SGD weight decay."""
+
+    method: ClassVar[str] = "fge"
+    flags: ClassVar[Mapping[str, str]] = {"epochs": "Epochs of further training (fge).",
+                                          "lr": "Top learning rate of the cycles (fge).",
+                                          "weight_decay": "Weight decay (fge)."}
+    epochs: int = 20
+    lr: float = 0.04
+    weight_decay: float = 5e-4
+
+    def __post_init__(self) -> None:
+        check_count(self.epochs, "epochs", minimum=1)
+        _check_lr(self.lr, "lr")
+        _check_lr(self.weight_decay, "weight_decay")
+        if self.lr == 0:
+            raise BadOptionError("`lr` must be > 0, got 0", option="lr")
 
 
 def fge_lr(pos: int, cycle_steps: int, lr_max: float, lr_min: float) -> float:
@@ -97,7 +129,7 @@ class SnapshotCollector:
                 col.step()                            # sets the next lr, snapshots at each low point
         col.save("fge.safetensors", model_spec=spec, bn_loader=loader)
 
-        ens = mcensemble.load("fge.safetensors")      # an nn.Module with 4 members
+        ens = mcensemble.load_ensemble("fge.safetensors")      # an nn.Module with 4 members
         log_probs = ens(x)                            # (B, 10): log of the mean member probability
     """
 
@@ -188,7 +220,6 @@ class SnapshotCollector:
         """The snapshots, each with BatchNorm statistics re-estimated on `bn_loader` when
         given (`mcensemble.bn.update_bn`, run on `model` itself, whose own weights are put
         back afterwards; its forward passes at `precision`, the statistics kept float32)."""
-        from .bn import has_batchnorm, update_bn
         if not self.snapshots:
             raise BadOptionError("no snapshots taken yet: run more steps (a snapshot is taken at "
                                  "each cycle's low point) or call snapshot()", option="snapshots")
@@ -210,13 +241,11 @@ class SnapshotCollector:
     def save(self, file: str | os.PathLike, *, model_spec=None, bn_loader: Iterable | None = None,
              bn_max_batches: int | None = None, sources: Iterable = (),
              extra: Mapping[str, Any] | None = None, precision: str | None = None) -> Path:
-        """Write the snapshots as an ensemble file (`mcensemble.load` reads it; pass
+        """Write the snapshots as an ensemble file (`mcensemble.load_ensemble` reads it; pass
         `model_spec` - a `ModelSpec` or its dict - so that it loads without `model=`).
         Members are `{"t": None, "kind": "snapshot", "step": ..., ...}` in snapshot order.
         `precision`: of the BatchNorm re-estimation's forward passes."""
-        from .ensemble import save_ensemble
         states = self.member_states(bn_loader=bn_loader, bn_max_batches=bn_max_batches, precision=precision)
-        from .bn import has_batchnorm
         bn = None if not has_batchnorm(self.model) else \
             "re-estimated" if bn_loader is not None else "as trained"
         members = [{"t": None, "kind": "snapshot", "bn": bn, **info} for info in self.info]
@@ -257,7 +286,6 @@ def _train_step(model: nn.Module, opt: torch.optim.Optimizer, x: torch.Tensor, y
     """One SGD step on cross entropy, the forward pass under `prec`'s autocast (the loss in
     float32). With an fp16 `scaler`: loss scaling; False when the scaled gradients overflowed
     and the step was skipped."""
-    import torch.nn.functional as F
     with prec.autocast():
         out = model(prec.input(x))
     loss = F.cross_entropy(out.float(), y)
@@ -289,10 +317,6 @@ def fge_train(model: nn.Module, loader: Iterable, *, cycles: int = 4, epochs: in
     step whose gradients overflow is skipped (it still counts in the cyclical schedule) and
     counted in the collector's `skipped_steps`. Returns the collector:
     `col.save(file, model_spec=..., bn_loader=...)` writes the ensemble."""
-    import sys
-    from tqdm.auto import tqdm
-    from .bn import labelled_batch
-    from .precision import resolve_precision
     cycles = check_count(cycles, "cycles", minimum=1)
     epochs = check_count(epochs, "epochs", minimum=1)
     cycle = epochs * len(loader) // cycles  # type: ignore[arg-type]
@@ -379,7 +403,6 @@ def check_bn_options(bn_loader: Any, bn_max_batches: Any, precision: Any) -> str
                              option="bn_max_batches")
     if precision is None:
         return None
-    from .precision import resolve_precision
     try:
         return resolve_precision(precision).name
     except BadOptionError as e:
@@ -401,3 +424,41 @@ def save_snapshots(col: SnapshotCollector, out, *, who: str, model_spec=None, bn
                     precision=precision)
     logger.info("%s: wrote %d-member ensemble to %s", who, len(col), out)
     return path
+
+
+# ----------------------------------------------------------------------------- collector state files
+def write_collector_state(file: str | os.PathLike, state: Mapping[str, Any], *, key: str,
+                          extra: Mapping[str, Any] | None = None) -> Path:
+    """Write `state` (a `SnapshotCollector.state_dict()`) to the safetensors `file`, atomically:
+    snapshot i's tensor `name` as `snapshot.<i>.<name>`, everything else (plus `extra`, plus
+    "count" and "keys") as JSON under the metadata key `key`. `read_collector_state` reads it."""
+    state = dict(state)
+    snaps = state.pop("snapshots")
+    keys = list(snaps[0]) if snaps else []
+    tensors = {}
+    for i, snap in enumerate(snaps):
+        if list(snap) != keys:
+            raise BadOptionError("snapshots have different tensor names; cannot save them", option="state")
+        for k, t in snap.items():
+            tensors[f"snapshot.{i}.{k}"] = t.detach().to("cpu").contiguous().clone()
+    doc = {**dict(extra or {}), "count": len(snaps), "keys": keys, **state}
+    file = Path(file)
+    with atomic_path(file) as tmp:
+        save_file(tensors, str(tmp), metadata={key: json.dumps(doc), "format": "pt"})
+    return file
+
+
+def read_collector_state(file: str | os.PathLike, *, key: str) -> dict[str, Any]:
+    """The document `write_collector_state` stored under `key` in `file`, with "snapshots" (a
+    list of state dicts on the CPU) filled back in. `CheckpointError` naming the file when it
+    is unreadable or holds no such document."""
+    doc = read_header(file).document(key)
+    if not isinstance(doc, dict) or not isinstance(doc.get("keys"), list) or not isinstance(doc.get("count"), int):
+        raise CheckpointError(f"{str(file)!r} holds no snapshot state under {key!r}")
+    try:
+        with safe_open(str(file), framework="pt", device="cpu") as f:
+            doc["snapshots"] = [{k: f.get_tensor(f"snapshot.{i}.{k}") for k in doc["keys"]}
+                                for i in range(doc["count"])]
+    except Exception as e:
+        raise CheckpointError(f"cannot read the snapshots from {str(file)!r} ({type(e).__name__}: {e})") from e
+    return doc

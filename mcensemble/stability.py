@@ -33,9 +33,11 @@ from torch.nn.modules.batchnorm import _BatchNorm
 from tqdm import tqdm
 
 from .bn import batch_input, has_batchnorm, labelled_batch, update_bn
+from .data import example_input
 from .errors import BadOptionError, DataSpecError
 from .evaluate import evaluate
 from .units import UnitGraph, UnitGroup, build_unit_graph
+from ._partial import Partial, copy_changed
 
 __all__ = ["StabilityResult", "dropout_stability", "dropout_state", "dropout_network",
            "reestimate_bn", "default_kept", "graph_for", "check_kept", "changed_bn_modules", "swap_trial"]
@@ -92,7 +94,6 @@ def graph_for(model: nn.Module, loader: Iterable[Any] | None = None, graph=None)
             x = batch_input(batch)[:2]
             break
     if x is None:
-        from .data import example_input
         x = example_input(model)
     dev = next((p.device for p in model.parameters()), torch.device("cpu"))
     return build_unit_graph(model, x.to(dev))
@@ -303,7 +304,6 @@ class _DepthSearch:
 
     def __init__(self, work: nn.Module, state: Mapping[str, torch.Tensor], graph: UnitGraph,
                  kept: dict[str, list[int]], x: torch.Tensor, y: torch.Tensor):
-        from ._partial import Partial
         self.work, self.state, self.graph, self.kept, self.x, self.y = work, state, graph, kept, x, y
         bn = has_batchnorm(work)
         mods = dict(work.named_modules())
@@ -324,11 +324,7 @@ class _DepthSearch:
         return max(ls) + 1e-3 * sum(ls)
 
     def _load(self, sd: Mapping[str, torch.Tensor]) -> None:
-        with torch.no_grad():
-            for k, v in sd.items():
-                if self.loaded.get(k) is not v:
-                    self.dst[k].copy_(v)
-        self.loaded = {k: v for k, v in sd.items() if k not in self.stats}
+        self.loaded = copy_changed(self.dst, sd, self.loaded, self.stats)
 
     @torch.no_grad()
     def _loss(self, k: int, sd, g: UnitGroup | None = None) -> float:

@@ -14,10 +14,10 @@ from torch.utils.data import DataLoader
 from tqdm.auto import tqdm
 
 from ._modes import keeps_process_state
-from .bn import labelled_batch, split_batch  # split_batch re-exported (public name)
+from .bn import labelled_batch
 from .errors import BadOptionError
 
-__all__ = ["TrainConfig", "train_model", "split_batch"]
+__all__ = ["TrainConfig", "train_model"]
 
 
 @dataclass

@@ -40,12 +40,12 @@ import torch.nn as nn
 import torch.nn.functional as F
 from torch.fx.passes.shape_prop import ShapeProp, TensorMetadata
 
-from ._compat import UNSET, renamed_keyword
+from ._io import atomic_path
 from ._modes import modes_kept
-from .errors import BadOptionError, MCEnsembleError
+from .errors import BadOptionError, UnitGraphError
 
 __all__ = [
-    "UnitGraphError", "AxisRef", "UnitGroup", "UnitGraph", "ROLES",
+    "AxisRef", "UnitGroup", "UnitGraph", "ROLES",
     "build_unit_graph", "permute_state_dict",
 ]
 
@@ -59,9 +59,6 @@ ROLES = ("producer", "bn", "depthwise", "consumer")
 FORMAT = "mcensemble-units"
 
 
-class UnitGraphError(MCEnsembleError, ValueError):
-    """The unit graph cannot be derived (untraceable model, an op that cannot be placed)
-    or a hand-written graph does not fit the model."""
 
 
 # ----------------------------------------------------------------------------- data model
@@ -189,7 +186,6 @@ class UnitGraph:
         return cls(groups, [str(c) for c in d.get("classifier", [])])
 
     def save(self, file: str | os.PathLike) -> None:
-        from ._io import atomic_path
         with atomic_path(file) as tmp:
             tmp.write_text(json.dumps(self.to_dict(), indent=1))
 
@@ -274,7 +270,7 @@ def _mixes_units(m: nn.Module) -> bool:
 
 
 # ----------------------------------------------------------------------------- building
-def build_unit_graph(model: nn.Module, example_input=None, *, graph=None, groups=UNSET) -> UnitGraph:
+def build_unit_graph(model: nn.Module, example_input=None, *, graph=None) -> UnitGraph:
     """The unit graph of `model`.
 
     `graph` given (a `UnitGraph`, its `to_dict()` form, a list of `UnitGroup`, or a path
@@ -282,9 +278,7 @@ def build_unit_graph(model: nn.Module, example_input=None, *, graph=None, groups
     traced. Otherwise the model is traced with torch.fx and `example_input` (a tensor or a
     tuple of tensors, e.g. one batch of shape [1, C, H, W]) is run through it in eval mode
     under `no_grad` to learn shapes; every module's `training` flag is restored afterwards.
-    `groups=`: the old name of `graph=` (deprecated; it warns).
     """
-    graph = renamed_keyword(graph, groups, new="graph", old="groups", where="build_unit_graph")
     if not isinstance(model, nn.Module):
         raise BadOptionError(f"model must be an nn.Module, got {type(model).__name__}",
                              option="model")

@@ -110,7 +110,7 @@ def mce_user_models(mce_user_folder, monkeypatch) -> Path:
 def mce_cli():
     """Invoke the click CLI in-process: `mce_cli("build", A, B, ...)` -> click Result."""
     from click.testing import CliRunner
-    from mcensemble.cli import main
+    from mcensemble.cli_group import main
     runner = CliRunner()
 
     def invoke(*args):

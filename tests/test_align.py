@@ -16,7 +16,8 @@ from mcensemble.data import create_loader
 from mcensemble.errors import ArchitectureMismatchError, BadOptionError
 from mcensemble.evaluate import evaluate_state, scan
 from mcensemble.paths.linear import LinearPath, interpolate
-from mcensemble.units import UnitGraph, UnitGraphError, UnitGroup, build_unit_graph, permute_state_dict
+from mcensemble.units import UnitGraph, UnitGroup, build_unit_graph, permute_state_dict
+from mcensemble.errors import UnitGraphError
 from mcensemble.zoo import DigitsCNN, DigitsMLP
 
 from helpers import randomize, randomized_case, timm_factory, train_pair

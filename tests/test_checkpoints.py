@@ -436,7 +436,7 @@ def test_non_finite_weights_name_the_tensor(tmp_path, where):
         assert load_checkpoint(f, ema=False).metadata["weights"] == "raw"  # raw ones are fine
     with pytest.raises(NonFiniteError, match=r"'3\.weight'.*1 NaN") as info:
         load_checkpoint(f)
-    assert ("--no-ema" in str(info.value)) == (where == "timm-ema")
+    assert ("`ema` False" in str(info.value)) == (where == "timm-ema")
 
 
 def test_check_finite_ignores_integer_tensors():

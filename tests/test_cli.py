@@ -191,7 +191,7 @@ def test_scan_one_checkpoint_is_a_usage_error(mce_cli, mce_mlp_pair):
 def built(mce_mlp_pair, tmp_path_factory):
     """`build A B --method M` with tiny settings, run once per method; -> (result, files)."""
     from click.testing import CliRunner
-    from mcensemble.cli import main
+    from mcensemble.cli_group import main
     cache: dict[str, tuple] = {}
 
     def run(method: str):
@@ -248,7 +248,7 @@ def test_build_report(built, method, mce_mlp_pair):
 def test_build_outputs_load(built, method, mce_mlp_pair):
     res, files = built(method)
     assert res.exit_code == 0, res.output
-    ens = mcensemble.load(files["out"])
+    ens = mcensemble.load_ensemble(files["out"])
     assert len(ens) == 2
     x, _ = digits_tensors("val")
     with torch.no_grad():
@@ -340,7 +340,7 @@ def test_eval_per_member_and_ensemble(mce_cli, built, tmp_path):
     assert rep["split"] == "val" and len(rep["members"]) == 2
     for m in [*rep["members"], rep["ensemble"]]:
         assert {"nll", "acc", "ece"} <= set(m) and m["n"] == 360
-    ens = mcensemble.load(files["out"])
+    ens = mcensemble.load_ensemble(files["out"])
     assert [m["t"] for m in rep["members"]] == [m["t"] for m in ens.metadata["members"]]
     # recompute from the members, each loaded on its own
     x, y = digits_tensors("val")
@@ -393,10 +393,37 @@ def test_python_m_mcensemble_help():
 
 def test_library_parameters_are_named_by_their_flags():
     """Library errors name Python parameters; the CLI shows its flags through one table."""
-    from mcensemble.cli import PARAM_FLAGS, _flag_words, main
+    import mcensemble.cli  # noqa: F401  (registers the commands)
+    from mcensemble.cli_group import PARAM_FLAGS, _flag_words, main
     flags = {o for cmd in main.commands.values() for p in cmd.params for o in [*p.opts, *p.secondary_opts]}
     assert set(PARAM_FLAGS.values()) <= flags
     assert _flag_words("members must be an integer >= 1, got 0", "members") == "--members must be an integer >= 1, got 0"
     assert _flag_words("`members` 4 is more than 3; raise `candidates`", "members") == "--members 4 is more than 3; " \
                                                                                          "raise --candidates"
     assert _flag_words("insert must be >= 1 (`halves` too)", "insert") == "insert must be >= 1 (`halves` too)"
+
+
+def test_help_lists_the_commands_without_importing_torch():
+    """`mcensemble --help` is answered by the torch-free group (the commands load on use)."""
+    code = ("import sys\n"
+            "from mcensemble.cli_group import main\n"
+            "try:\n"
+            "    main(['--help'])\n"
+            "except SystemExit:\n"
+            "    pass\n"
+            "print('torch' in sys.modules, 'mcensemble.cli' in sys.modules, file=sys.stderr)\n")
+    p = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True)
+    assert p.returncode == 0 and p.stderr.strip() == "False False", p.stderr
+    for name in ("inspect", "scan", "build", "eval", "align", "stability", "pack", "connect"):
+        assert f"  {name}  " in p.stdout, name
+
+
+def test_the_group_lists_each_command_as_click_would():
+    import inspect as pyinspect
+
+    import mcensemble.cli  # noqa: F401  (registers the commands)
+    from mcensemble.cli_group import COMMANDS, main
+    assert set(COMMANDS) == set(main.commands)
+    for name, cmd in main.commands.items():
+        first = " ".join(pyinspect.cleandoc(cmd.help).split("\n\n")[0].split())
+        assert COMMANDS[name] == first, name

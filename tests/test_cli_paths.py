@@ -129,7 +129,7 @@ def test_fge_from_one_checkpoint(mce_cli, mce_mlp_pair, tmp_path):
     assert res.exit_code == 0, res.output
     rep = json.loads((tmp_path / "r.json").read_text())
     assert rep["method"] == "fge" and len(rep["members"]) == 2
-    assert all(m["kind"] == "snapshot" for m in mcensemble.load(out).metadata["members"])
+    assert all(m["kind"] == "snapshot" for m in mcensemble.load_ensemble(out).metadata["members"])
     res = mce_cli("build", a, "--method", "fge", "--data", "digits", "--plot", tmp_path / "x.png")
     assert res.exit_code == 2 and "no path" in res.output and not (tmp_path / "x.png").exists()
     res = mce_cli("build", *mce_mlp_pair, "--method", "fge", "--data", "digits", "--out", tmp_path / "y.safetensors")

@@ -10,7 +10,8 @@ import pytest
 import torch
 
 from helpers import timm_factory, train_seeded
-from mcensemble.connect import ConnectOptions, checkpoint_files, connect_checkpoints, minimum_spanning_tree
+from mcensemble.connect import checkpoint_files, connect_checkpoints, minimum_spanning_tree
+from mcensemble.options import ConnectOptions
 from mcensemble.errors import BadOptionError
 
 DATA = "digits,train=128"
@@ -88,7 +89,10 @@ def test_connect_cli_end_to_end_and_resume(zoo4, tmp_path, mce_cli):
             "--threads", "1", "--out-dir", out)
     r = mce_cli(*args)
     assert r.exit_code == 0, r.output
-    assert "largest saddle on the tree" in r.output
+    assert "largest saddle loss on the tree" in r.output
+    header = next(line for line in r.output.splitlines() if line.startswith("tree edge"))
+    assert header.split("|")[0].split()[2:] == ["barrier:", "line", "barrier:", "linear"]   # rises above the chord
+    assert header.split("|")[1].split()[:2] == ["saddle", "loss"]                            # an absolute loss
     rep = json.loads((out / "connect.json").read_text())
     m = rep["matrix"]
     assert rep["matrix_batchnorm"] is None  # an MLP: nothing to re-estimate
@@ -129,14 +133,14 @@ def test_connect_cli_errors(zoo4, tmp_path, mce_cli):
 
 def test_connect_neb_tree_is_below_the_straight_lines(zoo4, tmp_path):
     from mcensemble.paths.neb import NebConfig
-    from mcensemble.pipeline import BuildOptions, DataOptions
+    from mcensemble.options import BuildOptions, DataOptions
     torch.manual_seed(0)
     neb = NebConfig(cycles=((8, 0.1), (8, 0.1)), insert=1, dense_points=3, eval_batches=1)
     data = DataOptions(data=DATA, val_data="digits", batch_size=64)
     ens_file = tmp_path / "neb" / "ens.safetensors"
     rep = connect_checkpoints([zoo4], out_dir=tmp_path / "neb", data=data,
                               opts=ConnectOptions(points=5, path_points=9, candidates=5, members=3),
-                              build=BuildOptions(method="neb", neb=neb), ensemble=ens_file)
+                              build=BuildOptions(method="neb", settings=neb), ensemble=ens_file)
     assert rep["method"] == "neb" and len(rep["tree"]) == 3
     pairs = {(p["i"], p["j"]): p for p in rep["pairs"]}
     for e in rep["tree"]:
@@ -155,7 +159,7 @@ def test_connect_neb_tree_is_below_the_straight_lines(zoo4, tmp_path):
     # 4 checkpoints, at most 3 members: the reference is the best checkpoint, never beaten in-sample
     assert e["reference"]["name"] == "the best checkpoint" and e["decision"].startswith("rule ")
     assert e["val"]["nll"] <= min(e["checkpoints_val_nll"].values()) * (1 + 1e-6)
-    ens = mcensemble.load(ens_file)
+    ens = mcensemble.load_ensemble(ens_file)
     m = evaluate(ens, create_loader("digits", split="val", batch_size=128))
     assert len(ens) == len(e["members"]) and m.nll == pytest.approx(e["val"]["nll"], rel=1e-4)
     with pytest.raises(BadOptionError, match="`val_data`"):

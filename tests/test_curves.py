@@ -11,9 +11,10 @@ from torch.func import functional_call
 from torch.utils.data import DataLoader, TensorDataset
 
 from mcensemble.errors import ArchitectureMismatchError, BadOptionError
-from mcensemble.paths.curves import (BezierPath, PolyChainPath, bezier_coefficients, polychain_coefficients,
-                                     straight_bends)
-from mcensemble.paths.fit import CurveConfig, CurveFitter, fit_curve, lr_factor
+from mcensemble.paths.curves import BezierPath, PolyChainPath
+from mcensemble.paths.curve_base import CurveConfig, bezier_coefficients, polychain_coefficients, straight_bends
+from mcensemble.paths.fit import CurveFitter, fit_curve
+from mcensemble.paths.fit_run import lr_factor
 from mcensemble.zoo import DigitsCNN, DigitsMLP
 
 from helpers import clone_state, timm_factory, train_pair
@@ -383,7 +384,7 @@ def test_default_fit_is_flat_on_a_small_bn_cnn_pair():
     loss, BN re-estimated at every point; the straight line between them is far above."""
     from mcensemble.align import align_states
     from mcensemble.data import digits_tensors
-    from mcensemble.paths.fit import bend_lr_scale
+    from mcensemble.paths.curve_base import bend_lr_scale
     x, y = digits_tensors("train")
     ds = TensorDataset(x[:600], y[:600])
     make = small_cnn
@@ -405,7 +406,7 @@ def test_default_fit_is_flat_on_a_small_bn_cnn_pair():
 @pytest.mark.parametrize("kind, n, scale", [("bezier", 1, 4.0), ("bezier", 2, 1 / (2 * (3 / 8) ** 2)),
                                             ("polychain", 1, 1.0), ("polychain", 3, 1.0)])
 def test_bend_lr_scale(kind, n, scale):
-    from mcensemble.paths.fit import bend_lr_scale
+    from mcensemble.paths.curve_base import bend_lr_scale
     assert bend_lr_scale(kind, n) == pytest.approx(scale, rel=1e-6)
 
 

@@ -21,7 +21,8 @@ from torch.utils.data import DataLoader, TensorDataset
 from mcensemble import distributed as D
 from mcensemble.bn import update_bn
 from mcensemble.members import evaluate_candidates, uniform_points
-from mcensemble.paths.fit import CurveConfig, fit_curve
+from mcensemble.paths.curve_base import CurveConfig
+from mcensemble.paths.fit import fit_curve
 from mcensemble.zoo import DigitsCNN, DigitsMLP
 
 
@@ -143,10 +144,10 @@ def test_torchrun_build_two_processes(mce_cnn_pair, tmp_path):
     import mcensemble
     from mcensemble.data import create_loader
     from mcensemble.evaluate import evaluate
-    ens = mcensemble.load(tmp_path / "ens.safetensors")
+    ens = mcensemble.load_ensemble(tmp_path / "ens.safetensors")
     m = evaluate(ens, create_loader("digits", split="val", batch_size=128))
     assert m.acc > 0.3 and abs(m.nll - rep["ensemble"]["val"]["nll"]) < 1e-4
-    from mcensemble.paths.fit import read_fit_checkpoint
+    from mcensemble.paths.fit_run import read_fit_checkpoint
     tensors, meta = read_fit_checkpoint(tmp_path / "ck" / "curve-0.safetensors")
     assert meta["world_size"] == 2 and meta["finished"] and {"rng.t.0", "rng.t.1"} <= tensors.keys()
     assert not list(tmp_path.glob("**/*.tmp"))

@@ -13,7 +13,8 @@ from mcensemble.data import create_loader
 from mcensemble.evaluate import evaluate
 from mcensemble.paths import load_path
 from mcensemble.paths import dropout as dp
-from mcensemble.paths.dropout import DropoutPath, DropoutPathError, build_dropout_path
+from mcensemble.paths.dropout import DropoutPath, build_dropout_path
+from mcensemble.errors import DropoutPathError
 from mcensemble.units import build_unit_graph
 
 from helpers import small_eval_loader, small_pair

@@ -8,7 +8,8 @@ import torch
 
 from mcensemble.data import create_loader
 from mcensemble.evaluate import evaluate
-from mcensemble.paths.dropout import DropoutPathError, build_dropout_path
+from mcensemble.paths.dropout import build_dropout_path
+from mcensemble.errors import DropoutPathError
 
 DATA = "digits,size=16,train=200"
 

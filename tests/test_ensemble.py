@@ -1,4 +1,4 @@
-"""EnsembleModel, the ensemble file, inference strategies and load() safety."""
+"""EnsembleModel, the ensemble file, inference strategies and load_ensemble() safety."""
 from __future__ import annotations
 
 import importlib
@@ -14,7 +14,7 @@ import torch.nn as nn
 from safetensors.torch import load_file, save_file
 
 from mcensemble.ensemble import (
-    EnsembleModel, combine_mean_prob, load, read_ensemble_metadata, save_ensemble,
+    EnsembleModel, combine_mean_prob, load_ensemble, read_ensemble_metadata, save_ensemble,
 )
 from mcensemble.errors import (
     ArchitectureMismatchError, BadOptionError, CheckpointError, ModelSpecError, NonFiniteError,
@@ -267,7 +267,7 @@ def test_save_load_round_trip(tmp_path, strategy):
                {"t": 1.0, "kind": "bezier"}]
     save_ensemble(f, states, model_spec=None, members=members,
                   sources=[{"file": "a.pt", "sha256": "0" * 64}], extra={"note": "hi"})
-    ens = load(f, model=make_cnn, strategy=strategy)
+    ens = load_ensemble(f, model=make_cnn, strategy=strategy)
     assert len(ens) == 3 and not ens.training
     for i, st in enumerate(states):
         got = ens.member_state_dict(i)
@@ -292,7 +292,7 @@ def test_save_load_round_trip(tmp_path, strategy):
     assert set(raw) == {f"member.{i}.{n}" for i in range(3) for n in states[0]}
     # EnsembleModel.save round-trips too
     g = ens.save(tmp_path / "again.safetensors")
-    ens2 = load(g, model=make_cnn())            # nn.Module as model=
+    ens2 = load_ensemble(g, model=make_cnn())            # nn.Module as model=
     assert ens2.metadata["members"] == members and ens2.metadata["note"] == "hi"
     for i in range(3):
         assert all(torch.equal(ens2.member_state_dict(i)[n], states[i][n]) for n in states[i])
@@ -347,17 +347,17 @@ def test_load_mismatched_members_names_tensor(tmp_path):
     f = tmp_path / "e.safetensors"
     save_ensemble(f, member_states(make_cnn, 2))
     with pytest.raises(ArchitectureMismatchError, match=r"member 0 .*unexpected 12 tensor.*0.bias"):
-        load(f, model=make_mlp)
+        load_ensemble(f, model=make_mlp)
     with pytest.raises(ArchitectureMismatchError,
                        match=r"member 0 tensor '8.weight' has shape \(5, 6\), but the model has shape \(5, 7\)"):
-        load(f, model=lambda: nn.Sequential(*list(make_cnn())[:-1], nn.Linear(7, 5)))
+        load_ensemble(f, model=lambda: nn.Sequential(*list(make_cnn())[:-1], nn.Linear(7, 5)))
     # a file whose members differ from each other (hand-crafted)
     raw = load_file(str(f))
     raw["member.1.8.weight"] = torch.zeros(5, 7)
     meta = {"mcensemble": read_and_dump(f)}
     save_file(raw, str(f), metadata=meta)
     with pytest.raises(ArchitectureMismatchError, match=r"member 1 tensor '8.weight' has shape \(5, 7\)"):
-        load(f, model=make_cnn)
+        load_ensemble(f, model=make_cnn)
 
 
 def read_and_dump(f, **changes):
@@ -368,20 +368,20 @@ def read_and_dump(f, **changes):
 
 def test_load_refuses_bad_files(tmp_path):
     with pytest.raises(CheckpointError, match="nope.safetensors' not found"):
-        load(tmp_path / "nope.safetensors", model=make_mlp)
+        load_ensemble(tmp_path / "nope.safetensors", model=make_mlp)
     junk = tmp_path / "junk.safetensors"
     junk.write_bytes(b"this is not a safetensors file at all")
     with pytest.raises(CheckpointError, match="junk.safetensors.*not a readable safetensors"):
-        load(junk, model=make_mlp)
+        load_ensemble(junk, model=make_mlp)
     plain = tmp_path / "plain.safetensors"
     save_file(make_mlp().state_dict(), str(plain))
     with pytest.raises(CheckpointError, match="plain.safetensors.*not an mcensemble ensemble file"):
-        load(plain, model=make_mlp)
+        load_ensemble(plain, model=make_mlp)
     path_file = tmp_path / "path.safetensors"
     save_file({"endpoint.0.w": torch.zeros(1)}, str(path_file),
               metadata={"mcensemble": json.dumps({"format": "mcensemble-path", "format_version": 1})})
     with pytest.raises(CheckpointError, match="path file"):
-        load(path_file, model=make_mlp)
+        load_ensemble(path_file, model=make_mlp)
 
 
 def test_load_refuses_newer_format(tmp_path):
@@ -390,13 +390,13 @@ def test_load_refuses_newer_format(tmp_path):
     save_file(load_file(str(f)), str(f), metadata={"mcensemble": read_and_dump(f, format_version=7)})
     with pytest.raises(CheckpointError,
                        match=r"written by a newer mcensemble \(format 7 > 1\); upgrade mcensemble"):
-        load(f, model=make_mlp)
+        load_ensemble(f, model=make_mlp)
 
 
 def test_load_without_model_spec_asks_for_model(tmp_path):
     f = save_ensemble(tmp_path / "e.safetensors", member_states(make_mlp, 1))
-    with pytest.raises(CheckpointError, match="does not say how to build the model; pass model="):
-        load(f)
+    with pytest.raises(CheckpointError, match="does not say how to build the model; pass `model`"):
+        load_ensemble(f)
 
 
 # --------------------------------------------------------------------------- security
@@ -421,17 +421,17 @@ def test_entry_in_file_is_not_imported_without_trust(tmp_path, monkeypatch):
     save_ensemble(f, states, model_spec=ModelSpec(entry=f"{name}:build"))
 
     with pytest.raises(ModelSpecError,
-                       match=rf"names code '{name}:build'.*not imported.*model=.*--model.*trust_remote_code=True"):
-        load(f)
+                       match=rf"names code '{name}:build'.*not imported.*`model`.*`trust_remote_code`=True"):
+        load_ensemble(f)
     assert not marker.exists()
     assert name not in sys.modules
 
-    ens = load(f, model=make_mlp)                 # the caller's model: still nothing imported
+    ens = load_ensemble(f, model=make_mlp)                 # the caller's model: still nothing imported
     assert len(ens) == 2
     assert not marker.exists() and name not in sys.modules
 
     try:
-        ens = load(f, trust_remote_code=True)
+        ens = load_ensemble(f, trust_remote_code=True)
         assert marker.exists() and name in sys.modules
         assert torch.equal(ens.member_state_dict(1)["3.weight"], states[1]["3.weight"])
     finally:
@@ -449,7 +449,7 @@ def test_entry_next_to_arch_is_ignored(tmp_path, monkeypatch):
     states = [timm.create_model("test_resnet", **kwargs).state_dict() for _ in range(2)]
     f = save_ensemble(tmp_path / "e.safetensors", states,
                       model_spec={"arch": "test_resnet", "entry": f"{name}:build", "kwargs": kwargs})
-    ens = load(f)
+    ens = load_ensemble(f)
     assert len(ens) == 2 and not marker.exists() and name not in sys.modules
 
 
@@ -467,7 +467,7 @@ def test_timm_round_trip_from_spec(tmp_path, strategy):
     f = save_ensemble(tmp_path / "timm.safetensors", states,
                       model_spec=ModelSpec(arch="test_resnet", kwargs=kwargs),
                       members=[{"t": 0.0, "kind": "linear"}, {"t": 1.0, "kind": "linear"}])
-    ens = load(f, strategy=strategy)
+    ens = load_ensemble(f, strategy=strategy)
     assert ens.model_spec == ModelSpec(arch="test_resnet", kwargs=kwargs)
     for i in range(2):
         got = ens.member_state_dict(i)
@@ -482,7 +482,7 @@ def test_timm_round_trip_from_spec(tmp_path, strategy):
 
 def test_public_reexport():
     import mcensemble
-    assert mcensemble.load is load and mcensemble.EnsembleModel is EnsembleModel
+    assert mcensemble.load_ensemble is load_ensemble and mcensemble.EnsembleModel is EnsembleModel
     assert math.isclose(float(combine_mean_prob(torch.zeros(4, 2, 3)).exp().sum(1)[0]), 1.0,
                         rel_tol=1e-6)
 
@@ -509,7 +509,7 @@ def test_weights_round_trip_and_change_forward(tmp_path, arch, strategy):
     save_ensemble(f, states, members=[{"t": 0.0}, {"t": 0.5}, {"t": 1.0}], weights=[3, 0, 1])
     md = read_ensemble_metadata(f)
     assert [m["weight"] for m in md["members"]] == [0.75, 0.0, 0.25]  # normalised, stored per member
-    ens = load(f, model=factory, strategy=strategy)
+    ens = load_ensemble(f, model=factory, strategy=strategy)
     assert ens.weights == [0.75, 0.0, 0.25]
     with torch.no_grad():
         out = ens(x)
@@ -522,7 +522,7 @@ def test_weights_round_trip_and_change_forward(tmp_path, arch, strategy):
         torch.testing.assert_close(two(x), out, atol=1e-5, rtol=1e-5)
     # re-saving keeps them; setting them changes forward and the metadata
     ens.save(tmp_path / "again.safetensors")
-    assert load(tmp_path / "again.safetensors", model=factory).weights == [0.75, 0.0, 0.25]
+    assert load_ensemble(tmp_path / "again.safetensors", model=factory).weights == [0.75, 0.0, 0.25]
     ens.weights = [1, 1, 1]
     assert ens.metadata["members"][1]["weight"] == pytest.approx(1 / 3)
     with torch.no_grad():
@@ -534,7 +534,7 @@ def test_files_without_weights_load_with_equal_weights(tmp_path):
     f = tmp_path / "old.safetensors"
     save_ensemble(f, states)
     assert all("weight" not in m for m in read_ensemble_metadata(f)["members"])
-    ens = load(f, model=make_mlp)
+    ens = load_ensemble(f, model=make_mlp)
     assert ens.weights == [0.5, 0.5]
     x = torch.randn(4, 1, 4, 4)
     with torch.no_grad():
@@ -569,7 +569,7 @@ def test_load_refuses_bad_weights_in_the_file(tmp_path):
                             "member 1 has no weight")):
         save_file(tensors, str(f), metadata={"mcensemble": json.dumps({**good, "members": members})})
         with pytest.raises(CheckpointError, match=match):
-            load(f, model=make_mlp)
+            load_ensemble(f, model=make_mlp)
 
 
 def test_combine_mean_prob_with_weights():
@@ -609,7 +609,7 @@ def test_ensemble_model_save_copies_no_member(tmp_path, monkeypatch):
     ens = EnsembleModel(make_mlp, member_states(make_mlp, 3))
     monkeypatch.setattr(EnsembleModel, "member_state_dict", lambda self, i: pytest.fail("cloned a member"))
     f = ens.save(tmp_path / "e.safetensors")
-    got = load(f, model=make_mlp)
+    got = load_ensemble(f, model=make_mlp)
     for i in range(3):
         for n, t in ens.members[i].state_dict().items():
             assert torch.equal(got.members[i].state_dict()[n], t)

@@ -7,14 +7,14 @@ then mutated `MUTANTS_PER_KIND` times (seeded), both in its `mcensemble` header 
 (every wrong JSON type, absurd sizes, missing and extra fields, broken JSON) and in its
 tensors (truncation, flipped bytes, wrong dtypes / shapes / offsets in the safetensors
 header, missing, extra and renamed tensors), and every mutant goes through the whole load:
-`load_path` + `state_at`, `mcensemble.load` + `forward`, `read_fit_checkpoint` + resuming
+`load_path` + `state_at`, `mcensemble.load_ensemble` + `forward`, `read_fit_checkpoint` + resuming
 `fit_curve`, `load_checkpoint` + `build_model`, plus the hash check (`verify=True`).
 
 The loads run in a subprocess whose address space is capped (`resource.RLIMIT_AS`, a
 little above what the imports take), with a per-mutant alarm: a header that makes the
 reader allocate from a size it never checked ends as an error here, not as a machine
 that swaps. `python tests/test_fuzz_files.py --table` prints the outcome table that the
-README's reliability section quotes.
+docs/reliability.md quotes.
 """
 from __future__ import annotations
 
@@ -27,7 +27,8 @@ import sys
 from collections import Counter, defaultdict
 from pathlib import Path
 
-KINDS = ("ensemble", "linear", "bezier", "polychain", "dropout", "short", "fit-checkpoint", "checkpoint")
+#: the file kinds besides the path kinds (those come from the registry: `kinds()`)
+OTHER_FILES = ("ensemble", "fit-checkpoint", "checkpoint")
 MUTANTS_PER_KIND = 60
 SEED = 13
 CAP_ABOVE_IMPORTS = 2 << 30      # address space allowed beyond what the imports took
@@ -64,19 +65,47 @@ def _endpoints():
     return spec, states
 
 
+def kinds() -> tuple[str, ...]:
+    """Every file kind mcensemble reads: the ensemble, each registered path kind, the fit
+    checkpoint and the plain checkpoint."""
+    from mcensemble.paths import known_kinds
+    return ("ensemble", *known_kinds(), "fit-checkpoint", "checkpoint")
+
+
+#: settings that keep a built path tiny, whichever kind reads them (each ignores the others)
+TINY_SETTINGS = {"epochs": 1, "bends": 1, "search_steps": 0, "cycles": ((2, 0.1),), "insert": 1, "dense_points": 2,
+                 "eval_batches": 1}
+
+
+def built_path_file(kind: str, dest: Path) -> Path:
+    """A path of `kind` as `build` makes it (its `from_options`, tiny settings), saved to `dest`:
+    the seed of any kind without a hand-made one below, e.g. AutoNEB or a kind registered by a test."""
+    from mcensemble.options import BuildOptions, DataOptions
+    from mcensemble.paths import path_kind
+    spec, (a, b) = _endpoints()
+    cls = path_kind(kind)
+    path = cls.from_options(_model(), a, b, config=cls.config_from(TINY_SETTINGS, seed=0),
+                            opts=BuildOptions(method=kind), data=DataOptions(progress=False),
+                            fit_loader=_loader(), bn_loader=_loader())
+    path.save(dest, model_spec=spec)
+    return dest
+
+
 def make_seed_files(folder: Path) -> dict[str, Path]:
-    """One real file of each kind, written by the library."""
+    """One real file of each kind, written by the library (hand-made where it reaches more of
+    the format: deltas, column scalings, an empty delta group)."""
     import torch
 
     from mcensemble.checkpoints import save_checkpoint
     from mcensemble.ensemble import save_ensemble
     from mcensemble.paths import BezierPath, LinearPath, PolyChainPath
-    from mcensemble.paths.curves import straight_bends
+    from mcensemble.paths.curve_base import straight_bends
     from mcensemble.paths.dropout import DropoutPath
     from mcensemble.paths.short import ShortPath
-    from mcensemble.paths.fit import CurveConfig, fit_curve
+    from mcensemble.paths.curve_base import CurveConfig
+    from mcensemble.paths.fit import fit_curve
     spec, (a, b) = _endpoints()
-    out = {k: folder / f"{k}.safetensors" for k in KINDS}
+    out = {k: folder / f"{k}.safetensors" for k in kinds()}
     mid = {k: (a[k] + b[k]) / 2 for k in a}
     save_ensemble(out["ensemble"], [a, mid, b], model_spec=spec,
                   members=[{"t": 0.0}, {"t": 0.5}, {"t": 1.0}], extra={"note": "fuzz"})
@@ -95,6 +124,9 @@ def make_seed_files(folder: Path) -> dict[str, Path]:
     save_checkpoint(a, out["checkpoint"], metadata={"arch": ARCH, **SPEC_KW, "model_args": {"width": 8}})
     fit_curve(_model(), a, b, _loader(), config=CurveConfig(kind="bezier", bends=1, epochs=1),
               checkpoint=out["fit-checkpoint"], progress=False)
+    for kind in kinds():
+        if not out[kind].exists():          # a kind without a hand-made seed: built as `build` builds it
+            built_path_file(kind, out[kind])
     torch.manual_seed(0)
     return out
 
@@ -369,7 +401,7 @@ def _load_ensemble(f: Path) -> None:
     import mcensemble
     from mcensemble.ensemble import verify_ensemble_file
     _checked(verify_ensemble_file, f)
-    ens = mcensemble.load(f, strategy="loop")
+    ens = mcensemble.load_ensemble(f, strategy="loop")
     ens(torch.rand(2, 1, 8, 8))
 
 
@@ -392,7 +424,9 @@ def _load_path(f: Path) -> None:
 
 
 def _load_fit(f: Path) -> None:
-    from mcensemble.paths.fit import CurveConfig, fit_curve, read_fit_checkpoint
+    from mcensemble.paths.curve_base import CurveConfig
+    from mcensemble.paths.fit import fit_curve
+    from mcensemble.paths.fit_run import read_fit_checkpoint
     read_fit_checkpoint(f)
     _, (a, b) = _endpoints()
     fit_curve(_model(), a, b, _loader(), config=CurveConfig(kind="bezier", bends=1, epochs=1),
@@ -404,8 +438,49 @@ def _load_checkpoint(f: Path) -> None:
     load_checkpoint(f).build_model()
 
 
-LOADERS = {"ensemble": _load_ensemble, "linear": _load_path, "bezier": _load_path, "polychain": _load_path,
-           "dropout": _load_path, "short": _load_path, "fit-checkpoint": _load_fit, "checkpoint": _load_checkpoint}
+#: file kind -> its reader and what a user does next; every path kind: `_load_path`
+LOADERS = {"ensemble": _load_ensemble, "fit-checkpoint": _load_fit, "checkpoint": _load_checkpoint}
+
+
+def loader(kind: str):
+    return LOADERS.get(kind, _load_path)
+
+
+def fuzz_kind(kind: str, seed: Path, folder: Path, n: int, *, alarm_s: int | None = None) -> list[dict]:
+    """Load `n` mutants of the file `seed` of `kind`: one result per mutant (outcome "loaded",
+    "MCEnsembleError" or "other", with what happened). `alarm_s`: SIGALRM per mutant (the worker)."""
+    import signal
+
+    from mcensemble.errors import MCEnsembleError
+    results = []
+    progress = open(folder / "progress.txt", "a")
+    data = seed.read_bytes()
+    for i, (cat, what, blob) in enumerate(mutants(kind, data, n)):
+        f = folder / "mutants" / kind / f"{i}.safetensors"
+        f.parent.mkdir(parents=True, exist_ok=True)
+        f.write_bytes(blob)
+        progress.write(f"{kind} {i} {cat}: {what}\n")
+        progress.flush()
+        if alarm_s:
+            signal.alarm(alarm_s)
+        try:
+            loader(kind)(f)
+            outcome = "loaded"
+        except MCEnsembleError as e:
+            outcome = "MCEnsembleError"
+            detail = f"{type(e).__name__}: {e}"
+        except _Alarm:
+            outcome, detail = "other", f"no result within {alarm_s} s"
+        except BaseException as e:  # noqa: BLE001 - what the test is looking for
+            outcome, detail = "other", f"{type(e).__name__}: {str(e)[:300]}"
+        finally:
+            if alarm_s:
+                signal.alarm(0)
+        results.append({"kind": kind, "category": cat, "what": what, "outcome": outcome,
+                        "detail": detail if outcome != "loaded" else ""})
+        f.unlink()
+    progress.close()
+    return results
 
 
 class _Alarm(BaseException):
@@ -427,12 +502,11 @@ def run_worker(folder: Path, n: int = MUTANTS_PER_KIND) -> dict:
 
     import torch
 
-    from mcensemble.errors import MCEnsembleError
     torch.set_num_threads(1)
     logging.disable(logging.WARNING)
     seeds = make_seed_files(folder)
-    for kind in KINDS:                       # the unmutated files load
-        LOADERS[kind](seeds[kind])
+    for kind in seeds:                       # the unmutated files load
+        loader(kind)(seeds[kind])
     cap = _vm_size() + CAP_ABOVE_IMPORTS
     resource.setrlimit(resource.RLIMIT_AS, (cap, cap))
 
@@ -440,31 +514,8 @@ def run_worker(folder: Path, n: int = MUTANTS_PER_KIND) -> dict:
         raise _Alarm()
     signal.signal(signal.SIGALRM, alarm)
     results = []
-    progress = open(folder / "progress.txt", "w")
-    for kind in KINDS:
-        data = seeds[kind].read_bytes()
-        for i, (cat, what, blob) in enumerate(mutants(kind, data, n)):
-            f = folder / "mutants" / kind / f"{i}.safetensors"
-            f.parent.mkdir(parents=True, exist_ok=True)
-            f.write_bytes(blob)
-            progress.write(f"{kind} {i} {cat}: {what}\n")
-            progress.flush()
-            signal.alarm(ALARM_S)
-            try:
-                LOADERS[kind](f)
-                outcome = "loaded"
-            except MCEnsembleError as e:
-                outcome = "MCEnsembleError"
-                detail = f"{type(e).__name__}: {e}"
-            except _Alarm:
-                outcome, detail = "other", f"no result within {ALARM_S} s"
-            except BaseException as e:  # noqa: BLE001 - what the test is looking for
-                outcome, detail = "other", f"{type(e).__name__}: {str(e)[:300]}"
-            finally:
-                signal.alarm(0)
-            results.append({"kind": kind, "category": cat, "what": what, "outcome": outcome,
-                            "detail": detail if outcome != "loaded" else ""})
-            f.unlink()
+    for kind in seeds:
+        results += fuzz_kind(kind, seeds[kind], folder, n, alarm_s=ALARM_S)
     return {"results": results, "cap_bytes": cap}
 
 
@@ -488,13 +539,13 @@ LABELS = {"ensemble": "ensemble", "fit-checkpoint": "fit checkpoint", "checkpoin
 
 
 def table(results: list[dict]) -> str:
-    """Markdown: mutants per file kind and category, and what they gave (the README's table)."""
+    """Markdown: mutants per file kind and category, and what they gave (docs/reliability.md's table)."""
     per_kind = Counter(r["kind"] for r in results)
     by = defaultdict(Counter)
     for r in results:
         by[r["category"]][r["outcome"]] += 1
     lines = ["| file kind | mutants | loaded | MCEnsembleError | anything else |", "|---|---|---|---|---|"]
-    for kind in KINDS:
+    for kind in per_kind:
         c = Counter(r["outcome"] for r in results if r["kind"] == kind)
         lines.append(f"| {LABELS.get(kind, kind + ' path')} | {per_kind[kind]} | {c['loaded']} | {c['MCEnsembleError']} | {c['other']} |")
     lines += ["", "| mutation | mutants | loaded | MCEnsembleError | anything else |", "|---|---|---|---|---|"]
@@ -508,12 +559,12 @@ def table(results: list[dict]) -> str:
 def test_every_mutant_loads_or_raises_mcensemble_error(tmp_path):
     report = run_fuzz(tmp_path)
     results = report["results"]
-    assert len(results) == MUTANTS_PER_KIND * len(KINDS)
+    assert len(results) == MUTANTS_PER_KIND * len(kinds()) and "neb" in kinds()
     bad = [r for r in results if r["outcome"] == "other"]
     assert not bad, f"{len(bad)} mutant(s) raised something else than MCEnsembleError:\n" + "\n".join(
         f"  {r['kind']} / {r['category']} / {r['what']}: {r['detail']}" for r in bad[:20])
     # the fuzz exercises both outcomes for every kind: it is not all rejected at the first byte
-    for kind in KINDS:
+    for kind in kinds():
         outcomes = Counter(r["outcome"] for r in results if r["kind"] == kind)
         assert outcomes["loaded"] > 0 and outcomes["MCEnsembleError"] > 0, (kind, outcomes)
     print("\n" + table(results))

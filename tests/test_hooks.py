@@ -153,17 +153,10 @@ def test_groups_restrict_what_is_dropped():
     assert (seen["2"] > 0).all() and (seen["4"] == 0).any()
 
 
-def test_groups_is_the_deprecated_name_of_graph():
+def test_groups_is_not_a_keyword():
     model, x = sigmoid_mlp().train(), torch.randn(8, 16)
-    graph = build_unit_graph(model, x[:1])
-    only_top = UnitGraph([graph.group("2")], graph.classifier)
-    with pytest.warns(DeprecationWarning, match=r"channel_dropout\(groups=...\) is deprecated.*graph="):
-        handle = channel_dropout(model, 0.5, groups=only_top)
-    assert set(handle.consumers) == {"4"}
-    handle.remove()
-    with pytest.raises(BadOptionError, match="pass graph= only") as info:
-        channel_dropout(model, 0.5, graph=only_top, groups=only_top)
-    assert info.value.option == "graph"
+    with pytest.raises(TypeError, match="groups"):
+        channel_dropout(model, 0.5, example_input=x, groups=None)
 
 
 @pytest.mark.parametrize("p", [1.0, 1.5, -0.1, "0.5", True, float("nan")])
@@ -173,9 +166,12 @@ def test_bad_p(p):
     assert info.value.option == "p"
 
 
-def test_needs_example_input_or_groups():
-    with pytest.raises(BadOptionError, match="example_input"):
-        channel_dropout(sigmoid_mlp(), 0.5)
+def test_an_input_that_cannot_be_guessed_is_a_clear_error():
+    from mcensemble.errors import DataSpecError
+    model = nn.Sequential(nn.Embedding(10, 4), nn.Flatten(), nn.Linear(12, 8), nn.ReLU(), nn.Linear(8, 2))
+    with pytest.raises(DataSpecError, match="cannot guess an input shape"):
+        channel_dropout(model, 0.5)
+    assert channel_dropout(model, 0.5, example_input=torch.zeros(1, 3, dtype=torch.long)).consumers
 
 
 # moved from test_review_fixes.py
@@ -185,7 +181,7 @@ def test_channel_dropout_handle_leaves_no_hook_when_it_fails():
     from types import SimpleNamespace
 
     from mcensemble.hooks import ChannelDropoutHandle
-    from mcensemble.units import UnitGraphError
+    from mcensemble.errors import UnitGraphError
 
     model = nn.Sequential(nn.Linear(4, 6), nn.ReLU(), nn.Linear(6, 6), nn.LayerNorm(6))
 
@@ -196,3 +192,18 @@ def test_channel_dropout_handle_leaves_no_hook_when_it_fails():
     with pytest.raises(UnitGraphError, match="LayerNorm"):
         ChannelDropoutHandle(model, SimpleNamespace(groups=[group]), 0.5)
     assert not any(m._forward_pre_hooks for m in model.modules())
+
+
+def test_channel_dropout_guesses_an_input_as_the_readme_calls_it():
+    """`mcensemble.hooks.channel_dropout(model, p)`, as the README shows it: the input is
+    guessed from the model (as align does), in eval mode, BatchNorm statistics untouched."""
+    import mcensemble
+    model = nn.Sequential(nn.Conv2d(1, 4, 3), nn.BatchNorm2d(4), nn.ReLU(), nn.Conv2d(4, 6, 3), nn.ReLU(),
+                          nn.AdaptiveAvgPool2d(1), nn.Flatten(), nn.Linear(6, 10)).train()
+    stats = {k: v.clone() for k, v in model.state_dict().items()}
+    handle = mcensemble.hooks.channel_dropout(model, 0.5)
+    assert model.training and all(torch.equal(v, stats[k]) for k, v in model.state_dict().items())
+    explicit = channel_dropout(model, 0.5, example_input=torch.randn(1, 1, 8, 8))
+    assert set(handle.consumers) == set(explicit.consumers) == {"3", "7"}
+    handle.remove()
+    explicit.remove()

@@ -156,7 +156,7 @@ def test_greedy_more_members_than_candidates():
 
 def test_greedy_needs_validation_log_probs():
     cands = [_cand(0, _log_probs([0.5])), Candidate(path=0, t=1.0, u=1.0)]
-    with pytest.raises(ValueError, match="validation log-probabilities"):
+    with pytest.raises(BadOptionError, match="validation log-probabilities"):
         select_greedy_nll(cands, 1, torch.zeros(1, dtype=torch.long))
 
 

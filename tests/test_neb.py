@@ -211,10 +211,11 @@ def test_resume_is_bit_identical(tmp_path):
 
 
 def test_pipeline_method_neb(mce_cnn_pair):
-    from mcensemble.pipeline import BuildOptions, DataOptions, ModelOptions, scan_checkpoints
+    from mcensemble.options import BuildOptions, DataOptions, ModelOptions
+    from mcensemble.pipeline import scan_checkpoints
     cfg = NebConfig(cycles=((3, 0.05),), insert=1, eval_batches=1)
     rep = scan_checkpoints(list(mce_cnn_pair), model=ModelOptions(), data=DataOptions(data="digits,train=128"),
-                           points=3, opts=BuildOptions(method="neb", neb=cfg, align=False))
+                           points=3, opts=BuildOptions(method="neb", settings=cfg, align=False))
     assert rep["method"] == "neb" and rep["kind"] == "neb" and rep["bn_reestimated"]
 
 

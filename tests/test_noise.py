@@ -14,7 +14,7 @@ import torch.nn.functional as F
 from mcensemble import zoo  # noqa: F401  (registers mce_* with timm)
 from mcensemble.errors import BadOptionError
 from mcensemble.noise import NOISE_KINDS, _contractions, _op_fro, noise_stability
-from mcensemble.units import UnitGraphError
+from mcensemble.errors import UnitGraphError
 
 from helpers import clone_state, randomize, small_eval_loader, timm_factory
 

@@ -7,7 +7,8 @@ import torch
 
 from mcensemble import zoo  # noqa: F401  (registers mce_* with timm)
 from mcensemble.pack import pack_pair, pack_report
-from mcensemble.paths.dropout import DropoutPathError, build_dropout_path
+from mcensemble.paths.dropout import build_dropout_path
+from mcensemble.errors import DropoutPathError
 from mcensemble.stability import dropout_network, dropout_stability
 
 from helpers import assert_close_rel, small_eval_loader, small_pair

@@ -3,7 +3,6 @@ from __future__ import annotations
 
 import json
 
-import warnings
 
 import pytest
 import torch
@@ -12,7 +11,7 @@ from safetensors.torch import save_file
 
 from mcensemble.errors import ArchitectureMismatchError, BadOptionError, CheckpointError
 from mcensemble.models import ModelSpec
-from mcensemble.paths import LinearPath, ModePath, Path, load_path, register_path
+from mcensemble.paths import LinearPath, ModePath, load_path, register_path
 from mcensemble.paths import base as base_mod
 
 
@@ -248,19 +247,9 @@ def test_register_custom_kind(tmp_path, ab):
         base_mod._REGISTRY.pop("test-midpoint", None)
 
 
-def test_path_is_the_old_name_of_modepath_and_vertices_of_vertex_t(ab):
-    import pathlib
+def test_one_name_per_thing(ab):
+    import mcensemble.paths as paths
     import mcensemble.paths.base as base
-    assert Path is ModePath is base.Path and Path is not pathlib.Path
-    a, b = ab
-    p = LinearPath(a, b)
-    with warnings.catch_warnings():
-        warnings.simplefilter("error")                  # reading the design's name does not warn
-        assert p.vertices == p.vertex_t == [0.0, 1.0]
-    with pytest.warns(DeprecationWarning, match="set path.vertex_t"):
-        p.vertices = [0.0, 0.5, 1.0]
-    assert p.vertex_t == [0.0, 0.5, 1.0]
-    with pytest.warns(DeprecationWarning, match="name the class attribute vertex_t"):
-        class OldStyle(Path):          # a subclass written for the old names
-            vertices = [0.0, 1.0]
-    assert OldStyle.vertex_t == [0.0, 1.0] and "vertices" not in OldStyle.__dict__
+    assert not hasattr(paths, "Path") and not hasattr(base, "Path")   # ModePath only
+    p = LinearPath(*ab)
+    assert p.vertex_t == [0.0, 1.0] and not hasattr(p, "vertices")   # vertex_t only

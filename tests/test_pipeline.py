@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 import math
+import re
 
 import pytest
 import torch
@@ -14,8 +15,9 @@ import mcensemble
 from mcensemble.data import digits_tensors
 from mcensemble.errors import ArchitectureMismatchError, BadOptionError
 from mcensemble.models import create_model
-from mcensemble.pipeline import (BuildOptions, DataOptions, ModelOptions, build_ensemble, fresh_run_dir,
-                                 scan_checkpoints, train_default_endpoints)
+from mcensemble.demo import fresh_run_dir, train_default_endpoints
+from mcensemble.options import BuildOptions, DataOptions, ModelOptions
+from mcensemble.pipeline import build_ensemble, scan_checkpoints
 
 pytestmark = pytest.mark.usefixtures("mce_one_thread")
 
@@ -95,7 +97,7 @@ def _build(files, tmp_path, name, *, seed=0, val=None, **opts):
 
 
 def test_same_seed_same_ensemble_other_seed_other_curve(mce_mlp_pair, tmp_path):
-    kw = dict(method="bezier", epochs=1, members=3, candidates=3)
+    kw = dict(method="bezier", settings={"epochs": 1}, members=3, candidates=3)
     _, f1 = _build(mce_mlp_pair, tmp_path, "s0", seed=0, **kw)
     _, f2 = _build(mce_mlp_pair, tmp_path, "s0-again", seed=0, **kw)
     _, f3 = _build(mce_mlp_pair, tmp_path, "s1", seed=1, **kw)
@@ -107,12 +109,12 @@ def test_same_seed_same_ensemble_other_seed_other_curve(mce_mlp_pair, tmp_path):
             assert a[k].dtype == b[k].dtype and torch.equal(a[k], b[k]), k  # bit for bit
     # the middle member comes from the fitted curve, which depends on the seed
     assert any(not torch.equal(m1[1][k], m3[1][k]) for k in m1[1])
-    assert mcensemble.load(f1).metadata["members"] == mcensemble.load(f2).metadata["members"]
+    assert mcensemble.load_ensemble(f1).metadata["members"] == mcensemble.load_ensemble(f2).metadata["members"]
 
 
 def test_ensemble_output_is_the_log_mean_of_member_probabilities(mce_mlp_pair, tmp_path):
     res, out = _build(mce_mlp_pair, tmp_path, "lin", method="linear", members=3, candidates=3)
-    ens = mcensemble.load(out)
+    ens = mcensemble.load_ensemble(out)
     assert len(ens) == 3
     nets = _member_models(ens)
     x, _ = digits_tensors("val")
@@ -148,7 +150,7 @@ def test_bn_build_greedy_members_and_report_metrics(mce_cnn_pair, tmp_path):
     best = min(rep["path"]["points"], key=lambda p: p["val_nll"])
     assert best["t"] in us
     # the reported validation NLL is the file's ensemble, BN buffers included
-    ens = mcensemble.load(tmp_path / "e.safetensors")
+    ens = mcensemble.load_ensemble(tmp_path / "e.safetensors")
     x, y = digits_tensors("val")
     nll = F.nll_loss(_log_mean_prob(_member_models(ens), x), y).item()
     assert rep["ensemble"]["val"]["nll"] == pytest.approx(nll, rel=1e-4)
@@ -170,7 +172,7 @@ def test_three_checkpoints_make_two_joined_paths(mce_mlp_pair, tmp_path):
     assert list(rep["endpoints"]) == ["A", "B", "C"]
     assert [p["t"] for p in rep["path"]["points"]] == [0.0, 0.25, 0.5, 0.75, 1.0]  # shared middle end once
     assert [(m["path"], m["t"]) for m in rep["members"]] == [(0, 0.0), (0, 0.5), (1, 0.0), (1, 0.5), (1, 1.0)]
-    ens = mcensemble.load(out)
+    ens = mcensemble.load_ensemble(out)
     sa, sb = (mcensemble.load_checkpoint(f).state_dict for f in (a, b))
     for k in sa:
         assert torch.equal(ens.member_state_dict(2)[k], sb[k])  # u = 0.5 is checkpoint B
@@ -185,8 +187,9 @@ def test_three_checkpoints_make_two_joined_paths(mce_mlp_pair, tmp_path):
 @pytest.mark.parametrize("opts, val, match", [
     (dict(members=0), None, "members must be an integer >= 1"),
     (dict(method="nope"), None, "unknown method 'nope'; choose one of linear, bezier, polychain"),
-    (dict(method="bezier", bends=0), None, "`bends`"),
-    (dict(method="bezier", epochs=0), None, "`epochs`"),
+    (dict(method="bezier", settings={"bends": 0}), None, "`bends`"),
+    (dict(method="bezier", settings={"epochs": 0}), None, "`epochs`"),
+    (dict(method="fge", settings={"epochs": 0}), None, "epochs must be an integer >= 1"),
     (dict(candidates=1), None, "candidates must be an integer >= 2"),
     (dict(selection="greedy"), None, "`selection` greedy needs `val_data`"),
     (dict(method="linear", members=4, candidates=3), "digits", r"`members` 4 is more than the 3 candidate points"),
@@ -288,7 +291,7 @@ def test_build_never_departs_from_the_checkpoints_unconfirmed(mce_mlp_pair, tmp_
     # weights: in the report, in the file, and used by the loaded ensemble
     ws = [m["weight"] for m in rep["members"]]
     assert sum(ws) == pytest.approx(1.0) and ws == pytest.approx(res.weights)
-    ens = mcensemble.load(out)
+    ens = mcensemble.load_ensemble(out)
     assert ens.weights == pytest.approx(ws)
     assert ens.metadata["choice"]["rule"] == choice["rule"]
     x, y = digits_tensors("val")
@@ -317,7 +320,7 @@ def test_build_report_rows_are_the_baselines(mce_mlp_pair, tmp_path, selection_s
     a, b = (mcensemble.load_checkpoint(f).build_model() for f in mce_mlp_pair)
     assert rows["endpoints-ensemble"]["test"]["nll"] == pytest.approx(_weighted_nll([a, b], [0.5, 0.5], x, y),
                                                                       rel=1e-4)
-    ens = mcensemble.load(tmp_path / "e.safetensors")
+    ens = mcensemble.load_ensemble(tmp_path / "e.safetensors")
     soup = create_model(ens.model_spec)
     sts = ens.member_states()
     soup.load_state_dict({k: (sts[0][k] + sts[1][k]) / 2 for k in sts[0]})
@@ -335,8 +338,8 @@ def test_build_without_val_data_reports_train_once_and_warns(mce_mlp_pair, tmp_p
         res, _ = _build([a, b, a], tmp_path, "train-only", method="linear", members=3, candidates=3)
     rep = res.report
     assert rep["split"] == "train" and rep["choice"]["rule"] == "uniform"
-    assert any("no --val-data" in w for w in rep["warnings"])
-    assert any("no --val-data" in r.getMessage() for r in caplog.records)
+    assert any("no `val_data`" in w for w in rep["warnings"])
+    assert any("no `val_data`" in r.getMessage() for r in caplog.records)
     rows = {r["name"]: r for r in rep["baselines"]}
     assert list(rows) == ["endpoint A", "endpoint B", "endpoint C", "A+B+C ensemble", "soup", "packed pair",
                           "built ensemble (3 members)"]
@@ -358,13 +361,14 @@ def test_eval_reports_the_recorded_checkpoints_and_baselines(mce_mlp_pair, tmp_p
                    opts=BuildOptions(method="linear", members=3, candidates=3, packed=False), out=out)
     rep = evaluate_ensemble_file(out, data=DataOptions(data="digits", val_data="digits", test_data="digits"))
     rows = {r["name"]: r for r in rep["baselines"]}
-    assert list(rows)[:3] == ["endpoint A", "endpoint B", "A+B ensemble"]
-    assert rows["ensemble (%d member%s)" % (len(rep["members"]), "s" * (len(rep["members"]) > 1))]["eval"][
+    assert list(rows)[:3] == ["endpoint A", "endpoint B", "A+B ensemble (checkpoints as saved)"]
+    k = len(rep["members"])
+    assert rows[f"this file's ensemble ({k} member{'s' * (k > 1)}, as stored)"]["eval"][
         "nll"] == pytest.approx(rep["ensemble"]["nll"], rel=1e-5)
     x, y = digits_tensors("val")
     na, nb = (mcensemble.load_checkpoint(f).build_model() for f in (a, b))
     assert rows["endpoint A"]["eval"]["nll"] == pytest.approx(_weighted_nll([na], [1.0], x, y), rel=1e-4)
-    assert rows["A+B ensemble"]["test"]["nll"] == pytest.approx(_weighted_nll([na, nb], [0.5, 0.5], x, y), rel=1e-4)
+    assert rows["A+B ensemble (checkpoints as saved)"]["test"]["nll"] == pytest.approx(_weighted_nll([na, nb], [0.5, 0.5], x, y), rel=1e-4)
     assert "skipped" not in rows["soup"] and "skipped" not in rows["packed pair"]
     # a source that changed since the build, and one that is gone: skipped, with the reason
     b.write_bytes(a.read_bytes())
@@ -373,7 +377,7 @@ def test_eval_reports_the_recorded_checkpoints_and_baselines(mce_mlp_pair, tmp_p
     rows = {r["name"]: r for r in rep["baselines"]}
     assert "is not there" in rows["endpoint A"]["skipped"]
     assert "changed since the build" in rows["endpoint B"]["skipped"]
-    assert "A+B ensemble" not in rows and "skipped" in rows["packed pair"]
+    assert "A+B ensemble (checkpoints as saved)" not in rows and "skipped" in rows["packed pair"]
     assert "skipped" not in rows["soup"]  # an MLP's soup needs no training data
 
 
@@ -388,7 +392,7 @@ def test_cli_build_table_train_once_test_columns_and_plot(mce_cli, mce_mlp_pair,
                               "test", "ece"]
     assert "val nll" not in res.output and "packed pair: skipped (not computed" in res.output
     warnings = [r.getMessage() for r in caplog.records if r.levelname == "WARNING"]
-    assert any("no --val-data" in w for w in warnings)
+    assert any("no `val_data`" in w for w in warnings)
     assert not any("is also the" in w for w in warnings)  # digits: the test split is not the training split
     assert png.read_bytes()[:4] == b"\x89PNG"
     rep = json.loads(rep_f.read_text())
@@ -403,6 +407,7 @@ def test_cli_exact_members_and_selection_sentence(mce_cli, mce_mlp_pair, tmp_pat
     rep = json.loads(rep_f.read_text())
     assert len(rep["members"]) == 3 and rep["choice"]["rule"] == "exact"
     assert "selection: exactly 3 distinct members (--exact-members)" in res.output
+    assert "ensemble: not written (no --out)" in res.output      # no --out: it says so
     assert "built ensemble (3 members)" in res.output
 
 
@@ -414,7 +419,7 @@ def test_plot_baselines_panel(tmp_path):
             {"name": "built ensemble (2 members)", "cost": 2, "val": {"nll": 0.25}, "test": {"nll": 0.3}}]
     plot_scan(scan, tmp_path / "b.png", baselines=rows)
     assert (tmp_path / "b.png").read_bytes()[:4] == b"\x89PNG"
-    with pytest.raises(ValueError, match="no baseline row has metrics on 'train'"):
+    with pytest.raises(BadOptionError, match="no row of `baselines` has metrics on `split` 'train'"):
         plot_scan(scan, tmp_path / "c.png", baselines=rows, split="train")
     assert not (tmp_path / "c.png").exists()
 
@@ -422,7 +427,7 @@ def test_plot_baselines_panel(tmp_path):
 def test_fge_report_has_its_baselines(mce_mlp_pair, tmp_path):
     res = build_ensemble(mce_mlp_pair[:1], model=ModelOptions(),
                          data=DataOptions(data="digits,train=256", val_data="digits", test_data="digits"),
-                         opts=BuildOptions(method="fge", members=2, epochs=2, lr=0.05))
+                         opts=BuildOptions(method="fge", members=2, settings={"epochs": 2, "lr": 0.05}))
     rows = {r["name"]: r for r in res.report["baselines"]}
     k = len(res.report["members"])
     name = f"FGE ensemble ({k} member{'s' if k != 1 else ''})"
@@ -437,3 +442,38 @@ def test_fge_report_has_its_baselines(mce_mlp_pair, tmp_path):
         assert [m["kind"] for m in res.report["members"]] == ["checkpoint"]
         assert res.report["ensemble"]["val"]["nll"] == pytest.approx(res.report["start"]["val"]["nll"], rel=1e-5)
     assert rows["start checkpoint"]["test"]["nll"] == pytest.approx(res.report["start"]["test"]["nll"], rel=1e-5)
+
+
+def test_eval_from_another_folder_finds_the_sources_and_names_its_rows(mce_mlp_pair, mce_cli, tmp_path,
+                                                                      monkeypatch):
+    """Sources are recorded absolute and relative to the ensemble file: `eval` run elsewhere,
+    or after the folder moved, still finds them; the table says which split it scored and
+    which ensemble row is which."""
+    import shutil
+    build_dir = tmp_path / "work"
+    (build_dir / "ckpts").mkdir(parents=True)
+    for f, name in zip(mce_mlp_pair, ("a.safetensors", "b.safetensors")):
+        shutil.copy(f, build_dir / "ckpts" / name)
+    monkeypatch.chdir(build_dir)                 # relative names, as a user types them
+    res = mce_cli("build", "ckpts/a.safetensors", "ckpts/b.safetensors", "--method", "linear", "--members", "2",
+                  "--candidates", "3", "--data", "digits", "--val-data", "digits", "--no-packed",
+                  "--out", "out/ens.safetensors")
+    assert res.exit_code == 0, res.output
+    elsewhere = tmp_path / "elsewhere"
+    elsewhere.mkdir()
+    monkeypatch.chdir(elsewhere)
+    res = mce_cli("eval", build_dir / "out" / "ens.safetensors", "--data", "digits")
+    assert res.exit_code == 0, res.output
+    assert "not there" not in res.output and "A+B ensemble (checkpoints as saved)" in res.output
+    assert "scored on digits (val split)" in res.output and "val nll" in res.output
+    assert re.search(r"this file's ensemble \(\d members?, as stored\)", res.output), res.output
+    moved = tmp_path / "moved"
+    shutil.move(str(build_dir), str(moved))      # the folder moved as a whole: found relative to the file
+    rep = evaluate_ensemble_file_rows(moved / "out" / "ens.safetensors")
+    assert "A+B ensemble (checkpoints as saved)" in rep
+
+
+def evaluate_ensemble_file_rows(file) -> list[str]:
+    from mcensemble.pipeline import evaluate_ensemble_file
+    return [r["name"] for r in evaluate_ensemble_file(file, data=DataOptions(data="digits"))["baselines"]
+            if "skipped" not in r]

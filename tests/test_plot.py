@@ -6,6 +6,7 @@ import sys
 
 import pytest
 
+from mcensemble.errors import BadOptionError
 from mcensemble.evaluate import ScanResult
 from mcensemble.plot import plot_scan
 
@@ -59,7 +60,7 @@ def test_forms(tmp_path, form):
 
 
 def test_bad_input(tmp_path):
-    with pytest.raises(ValueError, match="2 labels given for 1 scans"):
+    with pytest.raises(BadOptionError, match="2 `labels` given for 1 scans"):
         plot_scan([fake_scan(1.0)], tmp_path / "x.png", labels=["a", "b"])
     with pytest.raises(ValueError, match="at least one"):
         plot_scan([], tmp_path / "x.png")

@@ -16,7 +16,8 @@ from mcensemble.bn import update_bn
 from mcensemble.ensemble import EnsembleModel, LazyEnsembleModel, _LazyMembers, save_ensemble
 from mcensemble.errors import BadOptionError, NonFiniteError
 from mcensemble.evaluate import evaluate
-from mcensemble.paths.fit import CurveConfig, CurveFitter, fit_curve
+from mcensemble.paths.curve_base import CurveConfig
+from mcensemble.paths.fit import CurveFitter, fit_curve
 from mcensemble.precision import autocast, cast_floating, parse_dtype, resolve_precision
 
 
@@ -218,13 +219,13 @@ def test_save_dtype_halves_the_file_and_loads_back(pair, tmp_path, save_dtype, s
     assert 0.5 <= ratio < 0.52, ratio  # the int64 num_batches_tracked stays as it is
     x = pair[0].tensors[0][:32]
     with one_thread(), torch.no_grad():
-        ref = mcensemble.load(f32, model=make_cnn)
-        back = mcensemble.load(f16, model=make_cnn)  # into the model's dtype
+        ref = mcensemble.load_ensemble(f32, model=make_cnn)
+        back = mcensemble.load_ensemble(f16, model=make_cnn)  # into the model's dtype
         assert all(p.dtype == torch.float32 for p in back.parameters())
         assert torch.allclose(back(x).exp(), ref(x).exp(), atol=0.03)
-        native = mcensemble.load(f16, model=make_cnn, dtype="file")
+        native = mcensemble.load_ensemble(f16, model=make_cnn, dtype="file")
         assert all(p.dtype == stored for p in native.parameters())
-        asked = mcensemble.load(f32, model=make_cnn, dtype="bf16")
+        asked = mcensemble.load_ensemble(f32, model=make_cnn, dtype="bf16")
         assert all(p.dtype == torch.bfloat16 for p in asked.parameters())
     assert members[0]["0.weight"].dtype == torch.float32  # inputs not modified
 
@@ -249,10 +250,10 @@ def test_lazy_load_matches_and_reads_members_on_demand(pair, tmp_path, monkeypat
     monkeypatch.setattr(_LazyMembers, "__getitem__", counting)
     x = pair[0].tensors[0][:32]
     with one_thread(), torch.no_grad():
-        eager = mcensemble.load(file, model=make_cnn)
+        eager = mcensemble.load_ensemble(file, model=make_cnn)
         assert sorted(reads) == [0, 1, 2, 3]
         reads.clear()
-        lazy = mcensemble.load(file, model=make_cnn, lazy=True)
+        lazy = mcensemble.load_ensemble(file, model=make_cnn, lazy=True)
         assert isinstance(lazy, LazyEnsembleModel) and len(lazy) == 4
         assert reads == []  # nothing read up front
         assert sum(p.numel() for p in lazy.parameters()) * 4 == sum(p.numel() for p in eager.parameters())
@@ -277,7 +278,7 @@ def test_cli_build_fp16_bf16_file_and_eval(mce_cli, mce_cnn_pair, tmp_path):
     with safe_open(str(out), framework="pt") as f:
         assert f.get_slice("member.0.stem.0.weight" if "member.0.stem.0.weight" in f.keys()
                            else next(k for k in f.keys() if k.endswith("weight"))).get_dtype() == "BF16"
-    ens = mcensemble.load(out)
+    ens = mcensemble.load_ensemble(out)
     assert all(p.dtype == torch.float32 for p in ens.parameters())
     res = mce_cli("eval", out, "--data", "digits", "--precision", "bf16", "--report", tmp_path / "e.json")
     assert res.exit_code == 0, res.output
@@ -311,7 +312,7 @@ def test_lazy_ensemble_converts_like_a_module(pair, tmp_path):
     file = save_ensemble(tmp_path / "e.safetensors", _members(pair, k=2), dtype="bf16")
     x = pair[0].tensors[0][:8]
     with one_thread(), torch.no_grad():
-        lazy = mcensemble.load(file, model=make_cnn, lazy=True, dtype="file")
+        lazy = mcensemble.load_ensemble(file, model=make_cnn, lazy=True, dtype="file")
         assert all(p.dtype == torch.bfloat16 for p in lazy.parameters())
         out16 = lazy(x.bfloat16())
         assert lazy.float() is lazy and all(p.dtype == torch.float32 for p in lazy.parameters())
@@ -354,7 +355,7 @@ def test_cuda_ensemble_moves_converts_and_loads(pair, tmp_path):
         ens.half()
         assert torch.allclose(ens(x.cuda().half()).float().cpu().exp(), ref.exp(), atol=0.03)
         file = save_ensemble(tmp_path / "e.safetensors", members, dtype="bf16")
-        lazy = mcensemble.load(file, model=make_cnn, lazy=True, device="cuda")
+        lazy = mcensemble.load_ensemble(file, model=make_cnn, lazy=True, device="cuda")
         with autocast("bf16", "cuda"):
             out = lazy(x.cuda())
     assert torch.allclose(out.float().cpu().exp(), ref.exp(), atol=0.05)

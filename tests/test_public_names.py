@@ -10,12 +10,12 @@ from pathlib import Path
 import pytest
 
 README = Path(__file__).resolve().parents[1] / "README.md"
-#: dotted names as the README writes them: mcensemble.hooks.channel_dropout, mcensemble.load, ...
+#: dotted names as the README writes them: mcensemble.hooks.channel_dropout, mcensemble.load_ensemble, ...
 NAMES = sorted(set(re.findall(r"\bmcensemble(?:\.[A-Za-z_]\w*)+", README.read_text())))
 
 
 def test_readme_names_something():
-    assert "mcensemble.hooks.channel_dropout" in NAMES and "mcensemble.load" in NAMES
+    assert "mcensemble.hooks.channel_dropout" in NAMES and "mcensemble.load_ensemble" in NAMES
 
 
 def test_every_readme_name_resolves_from_a_plain_import():
@@ -38,3 +38,45 @@ def test_unknown_attribute_is_an_attribute_error(name):
     import mcensemble
     with pytest.raises(AttributeError, match=name):
         getattr(mcensemble, name)
+
+
+def test_one_home_per_name():
+    """A module's `__all__` lists what it defines, not names from a sibling (the two package
+    facades, `mcensemble` and `mcensemble.paths`, list their submodules' names)."""
+    import importlib
+    import pkgutil
+
+    import mcensemble.paths
+    modules = [f"mcensemble.{m.name}" for m in pkgutil.iter_modules(mcensemble.__path__)]
+    modules += [f"mcensemble.paths.{m.name}" for m in pkgutil.iter_modules(mcensemble.paths.__path__)]
+    borrowed = []
+    for name in modules:
+        module = importlib.import_module(name)
+        for attr in getattr(module, "__all__", ()):
+            home = getattr(getattr(module, attr), "__module__", name)
+            own = home == name or (hasattr(module, "__path__") and home.startswith(name + "."))
+            if home.startswith("mcensemble") and not own:
+                borrowed.append(f"{name}.{attr} (from {home})")
+    assert not borrowed, borrowed
+
+
+def test_no_deprecation_layer():
+    package = README.parent / "mcensemble"
+    hits = [str(p) for p in package.rglob("*.py") if "DeprecationWarning" in p.read_text()]
+    assert not hits, hits
+
+
+@pytest.mark.parametrize("first", ["import mcensemble", "import mcensemble.pipeline", "import mcensemble.evaluate",
+                                   "from mcensemble import evaluate"])
+def test_evaluate_is_the_module_whatever_was_imported_first(first):
+    """No public name is also a submodule's: `mcensemble.evaluate` was the function or the
+    module depending on import order."""
+    code = (f"{first}\n"
+            "import types, mcensemble, mcensemble.pipeline\n"
+            "from mcensemble import evaluate\n"
+            "assert isinstance(mcensemble.evaluate, types.ModuleType) and evaluate is mcensemble.evaluate\n"
+            "assert callable(mcensemble.evaluate.evaluate) and callable(mcensemble.evaluate.scan)\n"
+            "clash = set(mcensemble._EXPORTS) & set(mcensemble._SUBMODULES)\n"
+            "assert not clash, clash\n")
+    res = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True)
+    assert res.returncode == 0, res.stderr

@@ -30,7 +30,8 @@ from mcensemble.checkpoints import save_checkpoint
 from mcensemble.data import create_loader, digits_tensors
 from mcensemble.members import ensemble_metrics, predict_log_probs
 from mcensemble.models import ModelSpec, create_model
-from mcensemble.pipeline import BuildOptions, DataOptions, ModelOptions, build_ensemble
+from mcensemble.options import BuildOptions, DataOptions, ModelOptions
+from mcensemble.pipeline import build_ensemble
 
 from helpers import train_seeded
 
@@ -66,7 +67,7 @@ def test_curve_ensemble_beats_both_endpoints(arch, tmp_path, selection_spec, mce
     nets = [_train(arch, seed, f) for seed, f in zip((0, 1), files)]
     res = build_ensemble(files, model=ModelOptions(),
                          data=DataOptions(data=DATA, val_data=selection_spec, batch_size=64, seed=0, progress=False),
-                         opts=BuildOptions(method="bezier", members=4, selection="greedy", epochs=CURVE_EPOCHS,
+                         opts=BuildOptions(method="bezier", members=4, selection="greedy", settings={"epochs": CURVE_EPOCHS},
                                            packed=False))
     rep = res.report
     assert rep["selection"] == "greedy-val-nll" and 1 <= len(res.member_states) <= 4

@@ -1,6 +1,7 @@
-"""The README's shell commands stay true to the CLI: every `mcensemble SUB ...` it shows
-names a real subcommand, and every option it passes is one that subcommand declares
-(the commands themselves are run on real files by the CLI and recipe tests)."""
+"""The shell commands of the README and of docs/*.md (the benchmark tables aside) stay true to
+the CLI: every `mcensemble SUB ...` they show names a real subcommand, and every option it
+passes is one that subcommand declares (the commands themselves are run on real files by the
+CLI and recipe tests). The generated references (docs/cli.md, docs/api.md) are current."""
 from __future__ import annotations
 
 import re
@@ -10,13 +11,18 @@ from pathlib import Path
 import click
 import pytest
 
-from mcensemble.cli import main
+import mcensemble.cli  # noqa: F401  (registers the commands)
+from mcensemble.cli_group import main
 
 ROOT = Path(__file__).resolve().parents[1]
 
 
+#: the pages whose commands are checked: the README and the docs (benchmark tables are records)
+PAGES = [ROOT / "README.md", *sorted((ROOT / "docs").glob("*.md"))]
+
+
 def _shell_lines() -> list[str]:
-    text = (ROOT / "README.md").read_text()
+    text = "\n".join(p.read_text() for p in PAGES)
     lines = []
     for block in re.findall(r"```bash\n(.*?)```", text, flags=re.S):
         joined = re.sub(r"\\\n\s*", " ", block)           # continuation lines
@@ -72,3 +78,27 @@ def test_readme_python_scripts_exist():
         m = re.match(r"python (tests/\S+\.py)", line)
         if m:
             assert (ROOT / m.group(1)).is_file(), m.group(1)
+
+
+def test_the_generated_references_are_current():
+    """docs/cli.md and docs/api.md are what `python docs/make_reference.py` writes now."""
+    import importlib.util
+    spec = importlib.util.spec_from_file_location("make_reference", ROOT / "docs" / "make_reference.py")
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    for name, render in module.FILES.items():
+        assert (ROOT / "docs" / name).read_text() == render(), f"docs/{name} is stale: python docs/make_reference.py"
+
+
+def test_the_readme_model_module_exists_as_shown(tmp_path, monkeypatch):
+    """`--model mymodels:mlp` works as the README writes it: the README shows mymodels.py."""
+    from mcensemble.models import ModelSpec, create_model
+    text = (ROOT / "README.md").read_text()
+    source = re.search(r"```python\n# mymodels\.py\n(.*?)```", text, re.S).group(1)
+    (tmp_path / "mymodels.py").write_text(source)
+    monkeypatch.syspath_prepend(str(tmp_path))
+    specs = set(re.findall(r"--model ([a-z_]\w*:\w+)", text))
+    assert specs == {"mymodels:mlp"}
+    model = create_model(ModelSpec(entry="mymodels:mlp"))
+    import torch
+    assert model(torch.zeros(2, 1, 8, 8)).shape == (2, 10)      # digits in, 10 classes out

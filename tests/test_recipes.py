@@ -92,7 +92,7 @@ def test_yaml_python_tags_are_not_executed(tmp_path):
 
 
 def test_the_default_recipe_only_uses_build_options():
-    from mcensemble.cli import main
+    from mcensemble.cli_group import main
     build = main.commands["build"]
     names = {p.name for p in build.params} | {o[2:].replace("-", "_") for p in build.params for o in p.opts
                                                if o.startswith("--")}
@@ -132,7 +132,7 @@ def test_recipe_checkpoints_and_option_names(tmp_path, mce_cli, mce_user_models)
     rep = _report(tmp_path / "r.json")
     assert [c["file"] for c in rep["checkpoints"]] == [str(a), str(b)]
     import mcensemble
-    assert len(mcensemble.load(tmp_path / "e.safetensors", trust_remote_code=True)) == 2
+    assert len(mcensemble.load_ensemble(tmp_path / "e.safetensors", trust_remote_code=True)) == 2
 
 
 @pytest.mark.parametrize("text, match", [
@@ -173,4 +173,4 @@ def test_recipe_endpoints_section_trains_the_checkpoints(tmp_path, mce_cli, monk
     import mcensemble
     ck = mcensemble.load_checkpoint(run / "endpoint1.safetensors")
     assert ck.metadata["arch"] == "mce_digits_mlp" and ck.metadata["epochs"] == 1
-    assert len(mcensemble.load(run / "ensemble.safetensors")) == 2
+    assert len(mcensemble.load_ensemble(run / "ensemble.safetensors")) == 2

@@ -11,6 +11,8 @@ import yaml
 
 import mcensemble
 
+from mcensemble.recipes import DEFAULT_RECIPE
+
 RECIPES = Path(__file__).resolve().parent.parent / "recipes"
 
 
@@ -18,11 +20,12 @@ RECIPES = Path(__file__).resolve().parent.parent / "recipes"
                                           ("fge-one-run.yaml", "fge")])
 def test_offline_recipe_runs(name, method, mce_cli, tmp_path, monkeypatch):
     monkeypatch.chdir(tmp_path)
-    res = mce_cli("build", "--recipe", RECIPES / name, "--report", tmp_path / "r.json", "--out", tmp_path / "e.safetensors")
+    recipe = Path(DEFAULT_RECIPE) if name == "default.yaml" else RECIPES / name
+    res = mce_cli("build", "--recipe", recipe, "--report", tmp_path / "r.json", "--out", tmp_path / "e.safetensors")
     assert res.exit_code == 0, res.output
     rep = json.loads((tmp_path / "r.json").read_text())
     assert rep["method"] == method
-    ens = mcensemble.load(tmp_path / "e.safetensors")
+    ens = mcensemble.load_ensemble(tmp_path / "e.safetensors")
     # --members 4 is an upper bound for members chosen on --val-data (FGE: the checkpoint and its
     # snapshots are the candidates, the checkpoint the reference)
     assert len(ens) == len(rep["members"]) and 1 <= len(ens) <= 4
@@ -75,4 +78,4 @@ def test_timm_imagefolder_template_runs_on_real_timm_runs(mce_cli, tmp_path):
     chosen = [Path(c["file"]) for c in rep["checkpoints"]]
     assert [p.parent for p in chosen] == runs  # the best of each run, in the order given
     assert all(mcensemble.load_checkpoint(p).metadata["epoch"] == 1 for p in chosen)  # metric 60 > 50
-    assert len(mcensemble.load(tmp_path / "ens.safetensors")) == 2
+    assert len(mcensemble.load_ensemble(tmp_path / "ens.safetensors")) == 2

@@ -72,13 +72,13 @@ def path_file(tmp_path) -> Path:
 
 def test_a_flipped_byte_in_a_member_is_reported_by_tensor_name(ens_file, mce_cli):
     assert verify_ensemble_file(ens_file) == 3 * 6
-    assert mcensemble.load(ens_file, verify=True)(torch.rand(2, 1, 8, 8)).shape == (2, 10)
+    assert mcensemble.load_ensemble(ens_file, verify=True)(torch.rand(2, 1, 8, 8)).shape == (2, 10)
     res = mce_cli("inspect", "--verify", ens_file)
     assert res.exit_code == 0 and "ok, all 18 tensors match" in res.output, res.output
     flip_byte(ens_file, "member.1.layers.3.weight")
     with pytest.raises(CheckpointError, match=r"tensor 'member\.1\.layers\.3\.weight' do not match the SHA-256"):
-        mcensemble.load(ens_file, verify=True)
-    mcensemble.load(ens_file)  # without verify= the changed weights load (what verify is for)
+        mcensemble.load_ensemble(ens_file, verify=True)
+    mcensemble.load_ensemble(ens_file)  # without verify= the changed weights load (what verify is for)
     res = mce_cli("inspect", "--verify", ens_file)
     assert res.exit_code == 1 and "member.1.layers.3.weight" in res.output and "Traceback" not in res.output
 
@@ -99,7 +99,7 @@ def test_files_without_hashes_still_load_and_verify_says_so(kind, ens_file, path
     file = ens_file if kind == "ensemble" else path_file
     drop_hashes(file)
     with caplog.at_level("WARNING"):
-        loaded = mcensemble.load(file, verify=True) if kind == "ensemble" else load_path(file, verify=True)
+        loaded = mcensemble.load_ensemble(file, verify=True) if kind == "ensemble" else load_path(file, verify=True)
     assert loaded is not None and "records no tensor hashes" in caplog.text
     res = mce_cli("inspect", "--verify", file)
     assert res.exit_code == 0 and "no hashes are recorded" in res.output, res.output
@@ -117,7 +117,7 @@ def test_hashes_cover_exactly_the_tensors_written(ens_file):
     doc = read_ensemble_metadata(ens_file)
     header, _ = safetensors_layout(ens_file)
     assert set(doc[HASHES_KEY]) == {k for k in header if k != "__metadata__"}
-    ens = mcensemble.load(ens_file)
+    ens = mcensemble.load_ensemble(ens_file)
     ens.save(ens_file.with_name("again.safetensors"))  # re-saving records fresh hashes, not stale ones
     assert verify_ensemble_file(ens_file.with_name("again.safetensors")) == 18
 
@@ -150,7 +150,7 @@ def test_a_truncated_or_damaged_fit_checkpoint_is_refused_on_resume(tmp_path, mo
     assert ck.read_bytes() == whole[: len(whole) // 2]  # refused, not overwritten
 
     from safetensors.torch import load_file, save_file
-    from mcensemble.paths.fit import read_fit_checkpoint
+    from mcensemble.paths.fit_run import read_fit_checkpoint
     ck.write_bytes(whole)
     tensors, meta = read_fit_checkpoint(ck)
     del tensors["rng.torch.0"]  # everything else fine: still refused whole
@@ -243,7 +243,7 @@ def test_kill_9_during_a_write_leaves_the_old_file_or_none_and_no_temp_files_aft
     proc.wait()
     assert (dest.read_bytes() if dest.exists() else None) == before
     if old:
-        assert mcensemble.load(dest, verify=True) is not None
+        assert mcensemble.load_ensemble(dest, verify=True) is not None
     stale = _temps(tmp_path, dest)
     assert len(stale) == 1  # what the killed process could not remove
 

@@ -13,7 +13,10 @@ from safetensors.torch import load_file, save_file
 
 from mcensemble.data import create_loader
 from mcensemble.errors import BadOptionError, CheckpointError
-from mcensemble.paths.fit import CurveConfig, FitInterrupted, fit_curve, read_fit_checkpoint
+from mcensemble.paths.curve_base import CurveConfig
+from mcensemble.paths.fit_run import read_fit_checkpoint
+from mcensemble.errors import FitInterrupted
+from mcensemble.paths.fit import fit_curve
 from mcensemble.zoo import DigitsMLP
 
 CFG = CurveConfig(epochs=3, bends=2, seed=3, max_grad_norm=5.0)

@@ -103,7 +103,7 @@ def test_summary_column_follows_eval_metric_and_min_mode(tmp_path, caplog):
     assert [epoch_of(p) for p in checkpoints_from_runs(run, top_k=1, metric_mode="min")] == [1]
     with caplog.at_level(logging.WARNING, logger="mcensemble.runs"):
         checkpoints_from_runs(run, top_k=1)
-    assert "metric_mode='min'" in caplog.text
+    assert "pass `metric_mode` min" in caplog.text
 
 
 def test_no_metric_anywhere_takes_the_latest_epochs(tmp_path, caplog):

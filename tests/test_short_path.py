@@ -10,7 +10,8 @@ from mcensemble import zoo  # noqa: F401  (registers mce_* with timm)
 from mcensemble.data import create_loader
 from mcensemble.evaluate import evaluate
 from mcensemble.paths import load_path
-from mcensemble.paths.short import SEGMENT_KINDS, ShortPath, ShortPathError, build_short_path
+from mcensemble.paths.short import SEGMENT_KINDS, ShortPath, build_short_path
+from mcensemble.errors import ShortPathError
 
 from helpers import assert_close_rel, clone_state, one_thread, small_pair, timm_factory
 
@@ -205,7 +206,9 @@ def test_convnext_is_refused_before_any_work():
 def test_dropout_path_on_a_residual_network_names_the_short_path():
     import timm
 
-    from mcensemble.paths.dropout import DropoutPathError, build_dropout_path
+    from mcensemble.paths.dropout import build_dropout_path
+
+    from mcensemble.errors import DropoutPathError
     model = timm.create_model("test_resnet", num_classes=10, in_chans=1).eval()
     state = model.state_dict()
     with pytest.raises(DropoutPathError, match="`method` short"):

@@ -1,6 +1,6 @@
 """SnapshotCollector: the FGE cyclical schedule, snapshots, the ensemble file, resume.
 
-The training-loop example in SnapshotCollector's docstring and in the README ("In a training
+The training-loop example in SnapshotCollector's docstring and in docs/guide.md ("In a training
 loop") is one text; it is checked to be identical in both places and run as it stands.
 """
 from __future__ import annotations
@@ -19,7 +19,7 @@ from mcensemble.ensemble import read_ensemble_metadata
 from mcensemble.errors import BadOptionError
 from mcensemble.snapshots import SnapshotCollector, fge_lr
 
-README = Path(__file__).resolve().parents[1] / "README.md"
+GUIDE = Path(__file__).resolve().parents[1] / "docs" / "guide.md"
 
 
 def docstring_example() -> str:
@@ -34,10 +34,10 @@ def docstring_example() -> str:
 
 
 def readme_example() -> str:
-    text = README.read_text()
-    section = text.split("### In a training loop", 1)[1]
+    text = GUIDE.read_text()
+    section = text.split("## In a training loop", 1)[1]
     m = re.search(r"```python\n(.*?)```", section, re.S)
-    assert m, "README's 'In a training loop' section has no python block"
+    assert m, "docs/guide.md's 'In a training loop' section has no python block"
     return m.group(1).strip("\n")
 
 
@@ -59,7 +59,7 @@ def test_the_example_runs_and_writes_a_loadable_ensemble(tmp_path, monkeypatch):
     assert all(m["t"] is None and m["bn"] == "re-estimated" for m in doc["members"])
     assert doc["model"]["arch"] == "mce_digits_cnn"
     assert doc["snapshots"]["cycle_steps"] == 2 * steps
-    ens = mcensemble.load(tmp_path / "fge.safetensors")
+    ens = mcensemble.load_ensemble(tmp_path / "fge.safetensors")
     assert isinstance(ens, mcensemble.EnsembleModel) and len(ens) == 4
     log_probs = scope["log_probs"]
     assert log_probs.shape == (x.shape[0], 10)
@@ -136,7 +136,7 @@ def test_manual_snapshots_without_a_schedule(tmp_path):
     doc = read_ensemble_metadata(dest)
     assert [m["epoch"] for m in doc["members"]] == [0, 1, 2]
     assert all(m["bn"] == "as trained" and m["kind"] == "snapshot" for m in doc["members"])
-    ens = mcensemble.load(dest, model=model_and_opt()[0])
+    ens = mcensemble.load_ensemble(dest, model=model_and_opt()[0])
     for i, snap in enumerate(col.snapshots):
         sd = ens.member_state_dict(i)
         assert all(torch.equal(sd[k], v) for k, v in snap.items())
@@ -210,7 +210,7 @@ def test_fge_train_from_a_trained_model(tmp_path):
     col = fge_train(net, loader, cycles=3, epochs=3, lr_max=0.05)
     assert len(col) == 3 and col.lr_min == pytest.approx(0.0005) and not net.training
     assert [i["epoch"] for i in col.info] == [0, 1, 2]
-    ens = mcensemble.load(col.save(tmp_path / "f.safetensors", model_spec=spec))
+    ens = mcensemble.load_ensemble(col.save(tmp_path / "f.safetensors", model_spec=spec))
     assert evaluate(ens, val).nll < start.nll          # FGE improves on the model it starts from
     assert col.cycle_steps == len(loader) and col.step_count == 3 * len(loader)
     col = fge_train(net, loader, cycles=2, epochs=1)   # cycles need not end with an epoch
@@ -221,13 +221,12 @@ def test_fge_train_from_a_trained_model(tmp_path):
 
 
 # ----------------------------------------------------------------------------- module home, precision
-def test_hooks_still_exports_the_snapshot_names():
+def test_snapshot_names_have_one_home():
     import mcensemble.hooks as hooks
     import mcensemble.snapshots as snapshots
     for name in ("SnapshotCollector", "fge_lr", "fge_train", "network_in", "fge_collector", "save_snapshots"):
-        assert getattr(hooks, name) is getattr(snapshots, name), name   # the names hooks.py used to hold
-        assert name in hooks.__all__
-    assert mcensemble.hooks.SnapshotCollector is SnapshotCollector
+        assert name in snapshots.__all__ and not hasattr(hooks, name), name
+    assert mcensemble.snapshots.SnapshotCollector is SnapshotCollector
 
 
 def _record_linear_dtypes(net):
@@ -257,7 +256,7 @@ def test_bn_reestimation_before_saving_runs_at_the_precision(tmp_path, precision
         assert torch.allclose(s["1.running_var"], r["1.running_var"], rtol=0.05, atol=0.02)
     assert all(torch.equal(s["0.weight"], r["0.weight"]) for r, s in zip(ref, low))
     f = col.save(tmp_path / "e.safetensors", bn_loader=data, precision=precision)
-    assert len(mcensemble.load(f, model=model_and_opt()[0])) == len(col)
+    assert len(mcensemble.load_ensemble(f, model=model_and_opt()[0])) == len(col)
 
 
 def test_bad_precision_names_the_option():

@@ -221,8 +221,8 @@ def test_dict_round_trip_and_groups_by_hand(tmp_path):
     assert build_unit_graph(model, graph=tmp_path / "units.json") == graph
     assert build_unit_graph(model, graph=data) == graph
     assert "depth" in graph.describe() and "axis 1, block 16" in graph.describe(verbose=True)
-    with pytest.warns(DeprecationWarning, match=r"build_unit_graph\(groups=...\) is deprecated.*graph="):
-        assert build_unit_graph(model, groups=data) == graph     # the old keyword still works
+    with pytest.raises(TypeError, match="groups"):
+        build_unit_graph(model, groups=data)     # one name per keyword: graph=
 
 
 @pytest.mark.parametrize("bad, match", [

@@ -127,7 +127,7 @@ def test_build_on_a_vit_pair_aligns_before_fitting_without_warning(tmp_path, cap
             "arch": "test_vit", "num_classes": 10, "in_chans": 1, "model_args": args})
     with caplog.at_level(logging.WARNING):
         res = build_ensemble(files, model=ModelOptions(), data=DataOptions(data="digits", batch_size=256),
-                             opts=BuildOptions(method="bezier", epochs=1, members=2, candidates=3,
+                             opts=BuildOptions(method="bezier", settings={"epochs": 1}, members=2, candidates=3,
                                                packed=False))
     assert not [r for r in caplog.records if r.levelno >= logging.WARNING and "align" in r.getMessage()]
     (info,) = res.report["aligned"]

@@ -1,38 +1,38 @@
 """Paths through parameter space: t in [0, 1] -> state dict.
 
-`ModePath` (base class; `Path` is its old name, kept as an alias), `register_path` (kind registry), `load_path` (read a path file),
-`LinearPath` (the straight line). Curve kinds (`BezierPath`, `PolyChainPath`,
-`fit_curve`), the short path (`ShortPath`, `build_short_path`), AutoNEB
-(`NebPath`, `NebConfig`, `fit_neb`) and others live in sibling
-modules, imported on first use.
+`ModePath` (base class), `register_path` (the kind registry: `known_kinds`,
+`buildable_kinds`, `path_kind`), `load_path` (read a path file), `LinearPath` (the straight
+line). Every public name of a module in this package (`__all__`) is reachable from here,
+imported on first use: `mcensemble.paths.fit_curve`, `mcensemble.paths.CurveConfig`,
+`mcensemble.paths.NebConfig`, ... The modules are the only list: a new kind is a new
+module (see docs/adding-a-path-kind.md).
 """
 from __future__ import annotations
 
-from .base import (ModePath, Path, check_same_layout, known_kinds, load_path, register_path,
-                   state_dict_sha256)
+import importlib
+import pkgutil
+
+from .base import (ModePath, buildable_kinds, check_same_layout, known_kinds, load_path, path_kind,
+                   register_path, setting_flags, state_dict_sha256)
 from .linear import LinearPath
 
-# name -> submodule, imported lazily (modules added by other parts of mcensemble)
-_LAZY = {"BezierPath": "curves", "PolyChainPath": "curves", "fit_curve": "fit", "CurveConfig": "fit",
-         "ShortPath": "short", "build_short_path": "short",
-         "NebPath": "neb", "NebConfig": "neb", "fit_neb": "neb"}
-
-__all__ = ["ModePath", "Path", "LinearPath", "load_path", "register_path", "known_kinds", "check_same_layout",
-           "state_dict_sha256"]
-
-
-def _lazy_available() -> list[str]:
-    import importlib.util
-    return [n for n, m in _LAZY.items() if importlib.util.find_spec(f"{__name__}.{m}") is not None]
-
-
-__all__ += _lazy_available()
+__all__ = ["ModePath", "LinearPath", "load_path", "register_path", "known_kinds", "buildable_kinds", "path_kind",
+           "setting_flags", "check_same_layout", "state_dict_sha256"]
 
 
 def __getattr__(name: str):
-    if name in _LAZY:
-        import importlib
-        value = getattr(importlib.import_module(f".{_LAZY[name]}", __name__), name)
-        globals()[name] = value
-        return value
+    """A public name of one of this package's modules, imported when first asked for."""
+    for info in pkgutil.iter_modules(__path__):
+        if info.name.startswith("_"):
+            continue
+        module = importlib.import_module(f".{info.name}", __name__)
+        if name in getattr(module, "__all__", ()):
+            value = getattr(module, name)
+            globals()[name] = value
+            return value
     raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
+
+
+def __dir__():
+    return sorted({*globals(), *(n for info in pkgutil.iter_modules(__path__) if not info.name.startswith("_")
+                                 for n in getattr(importlib.import_module(f".{info.name}", __name__), "__all__", ()))})

@@ -11,34 +11,38 @@ metadata key `mcensemble` holding JSON::
      "certificate": {...} or null, "tensor_sha256": {tensor: sha256},
      ...kind-specific fields, ...extra}
 
-(`ModePath` was called `Path`, which shadowed `pathlib.Path`; `Path` stays an alias of it.)
-
 A new kind subclasses `ModePath`, decorates itself with `@register_path("kind")`, implements
 `_state_at(t)` (t already validated) and the classmethod `_from_file(groups, meta)`, and
-may override `_file_fields()` to add JSON fields. Files are read without unpickling.
-`_from_file` reads its own fields with `meta_field` (type and range checked, sizes bounded
+may override `_file_fields()` to add JSON fields. A kind that `build` / `scan` / `connect`
+make also defines `from_options` and, when it has settings, `config_class` (a frozen
+dataclass) and `flags`; the registry is the one list of kinds (docs/adding-a-path-kind.md).
+Files are read without unpickling. `_from_file` reads its own fields with `meta_field` (type and range checked, sizes bounded
 by the groups actually in the file) and raises `CheckpointError` / `ValueError` on anything
 inconsistent: `load_path` turns those into one `CheckpointError` naming the file.
 """
 from __future__ import annotations
 
+import dataclasses
+import difflib
 import hashlib
 import json
 import logging
 import math
 import os
-import warnings
-from typing import Any, Callable, ClassVar, Mapping, TypeVar
+from typing import Any, Callable, ClassVar, Mapping, Sequence, TypeVar
 
 import torch
 
-from .._io import HASHES_KEY, atomic_path, independent_tensors, meta_field, read_header, tensor_hashes
+from .._io import (HASHES_KEY, atomic_path, independent_tensors, meta_field, read_header, tensor_hashes,
+                   verify_tensor_hashes)
 from ..checkpoints import check_same_architecture
 from ..errors import ArchitectureMismatchError, BadOptionError, CheckpointError
+from ..models import ModelSpec
+from ..options import make_config
 
 __all__ = [
-    "ModePath", "Path", "register_path", "load_path", "known_kinds", "check_same_layout", "state_dict_sha256",
-    "meta_field", "verify_path_file", "PATH_FORMAT", "PATH_FORMAT_VERSION", "METADATA_KEY",
+    "ModePath", "register_path", "load_path", "known_kinds", "path_kind", "buildable_kinds", "setting_flags", "check_same_layout", "state_dict_sha256",
+    "verify_path_file", "PATH_FORMAT", "PATH_FORMAT_VERSION", "METADATA_KEY",
 ]
 
 log = logging.getLogger(__name__)
@@ -90,50 +94,51 @@ class ModePath:
     `vertex_t` (the t values where a piecewise-linear path bends, ends included; None for
     smooth curves; the file field "vertices"), `certificate` (a loss bound for
     dropout-stable paths, else None), `metadata` (the JSON document of a loaded file; for a
-    new path, entries to store). `vertices` is the deprecated name of `vertex_t` (it
-    warns): it said neither t values nor states (`DropoutPath.vertex_states()` gives those).
+    new path, entries to store).
     """
 
     kind: ClassVar[str] = ""
     #: whether `from_options` trains the path on shuffled batches (`pipeline.connect` then
     #: hands it a shuffled fit loader)
     trained: ClassVar[bool] = False
+    #: whether `build` / `scan` align the checkpoints first unless told (`align=`)
+    align_by_default: ClassVar[bool] = False
+    #: whether its paths have bends (groups "bend.<i>"), which span the plane `scan --plane` draws
+    has_bends: ClassVar[bool] = False
+    #: the frozen dataclass of this kind's own settings (None: it has none); `config_from` makes it
+    config_class: ClassVar[type | None] = None
+    #: the settings the command line takes as flags (`bends` -> `--bends`): name -> help
+    flags: ClassVar[Mapping[str, str]] = {}
     vertex_t: list[float] | None = None
     certificate: dict[str, Any] | None = None
 
-    def __init_subclass__(cls, **kwargs: Any) -> None:
-        super().__init_subclass__(**kwargs)
-        # a subclass written for the old name (`vertices = [...]` in its body) still works
-        if "vertices" in cls.__dict__ and not isinstance(cls.__dict__["vertices"], property):
-            warnings.warn(f"{cls.__qualname__}.vertices is deprecated; name the class attribute vertex_t "
-                          "(the t values of the vertices)", DeprecationWarning, stacklevel=2)
-            cls.vertex_t = cls.__dict__["vertices"]
-            del cls.vertices
-
-    @property
-    def vertices(self) -> list[float] | None:
-        """The t values of the vertices: the same list as `vertex_t` (the name the public
-        surface in docs/design.md reads, so it does not warn; setting it does)."""
-        return self.vertex_t
-
-    @vertices.setter
-    def vertices(self, value: list[float] | None) -> None:
-        warnings.warn("path.vertices is deprecated; set path.vertex_t (the t values of the vertices)",
-                      DeprecationWarning, stacklevel=2)
-        self.vertex_t = value
+    @classmethod
+    def config_from(cls, settings: Any = None, *, seed: int | None = None) -> Any:
+        """This kind's settings as its `config_class` (None when it has none): `settings` is
+        such a config (kept), or a mapping of field values (`{"bends": 2}`; another kind's
+        fields are ignored, so one mapping serves every kind); `seed` fills a `seed` field."""
+        return make_config(cls.config_class, settings, seed=seed)
 
     #: a kind that `build --method KIND` makes defines the classmethod
-    #: ``from_options(net, a, b, *, opts, data, fit_loader, bn_loader, index=0, graph=None)``
-    #: (`opts`: `options.BuildOptions`, `data`: `options.DataOptions`, `index`: which
-    #: consecutive pair, `graph`: a hand-given unit graph or None) -> the path from a to b
+    #: ``from_options(net, a, b, *, config, opts, data, fit_loader, bn_loader, index=0, graph=None)``
+    #: (`config`: its `config_from(opts.settings, seed=data.seed)`, `opts`: `options.BuildOptions`,
+    #: `data`: `options.DataOptions`, `index`: which consecutive pair, `graph`: a hand-given unit
+    #: graph or None) -> the path from a to b
+    from_options: ClassVar[Callable[..., "ModePath"] | None] = None
+
+    @classmethod
+    def report_section(cls, paths: list["ModePath"], config: Any) -> dict[str, Any]:
+        """Entries this kind adds to `build`'s report (e.g. `{"curve": {...}}`); none by default."""
+        return {}
 
     def __init__(self, groups: Mapping[str, Mapping[str, torch.Tensor]], *,
                  metadata: Mapping[str, Any] | None = None, copy: bool = True):
         if "endpoint.0" not in groups or "endpoint.1" not in groups:
-            raise ValueError("a path needs groups 'endpoint.0' and 'endpoint.1'")
+            raise BadOptionError("`groups` of a path must hold 'endpoint.0' and 'endpoint.1'", option="groups")
         for g in groups:
             if not g or g.endswith(".") or g.startswith("."):
-                raise ValueError(f"bad group name {g!r}")
+                raise BadOptionError(f"bad group name {g!r} in `groups` (no empty name, none starting or ending "
+                                     "with '.')", option="groups")
         self.groups: dict[str, StateDict] = {
             g: {k: (v.detach().clone() if copy else v.detach()) for k, v in sd.items()}
             for g, sd in groups.items()}
@@ -151,6 +156,12 @@ class ModePath:
         fresh tensors: changing it does not change the path."""
         return self._state_at(_check_t(t))
 
+    def _end_state(self, t: float) -> StateDict | None:
+        """A copy of A at t = 0 and of B at t = 1 (bit for bit), else None."""
+        if t == 0.0 or t == 1.0:
+            return {k: v.clone() for k, v in self.endpoints[int(t)].items()}
+        return None
+
     def _state_at(self, t: float) -> StateDict:
         raise NotImplementedError(f"{type(self).__name__} does not implement _state_at")
 
@@ -160,7 +171,6 @@ class ModePath:
         d = self.metadata.get("model")
         if not d:
             return None
-        from ..models import ModelSpec
         return ModelSpec.from_dict(d)
 
     # -- files --------------------------------------------------------------------
@@ -224,10 +234,6 @@ class ModePath:
         return f"{type(self).__name__}(kind={self.kind!r}, groups={list(self.groups)}, tensors={n})"
 
 
-#: the old name of `ModePath` (it shadowed `pathlib.Path`), kept so that code using it still works
-Path = ModePath
-
-
 def register_path(kind: str) -> Callable[[P], P]:
     """Class decorator: register a `ModePath` subclass under `kind` (sets `cls.kind`)."""
     def deco(cls: P) -> P:
@@ -235,7 +241,7 @@ def register_path(kind: str) -> Callable[[P], P]:
             raise TypeError("register_path decorates ModePath subclasses")
         old = _REGISTRY.get(kind)
         if old is not None and old.__qualname__ != cls.__qualname__:
-            raise ValueError(f"path kind {kind!r} is already registered by {old.__qualname__}")
+            raise BadOptionError(f"path kind {kind!r} is already registered by {old.__qualname__}", option="kind")
         cls.kind = kind
         _REGISTRY[kind] = cls
         return cls
@@ -246,6 +252,7 @@ def _import_builtin_kinds() -> None:
     """Import every module of `mcensemble.paths` so that its kinds register themselves."""
     import importlib
     import pkgutil
+
     from .. import paths as pkg
     for info in pkgutil.iter_modules(pkg.__path__):
         if not info.name.startswith("_"):
@@ -256,8 +263,48 @@ def _import_builtin_kinds() -> None:
 
 
 def known_kinds() -> list[str]:
+    """Every registered path kind (the built-in ones are imported first)."""
     _import_builtin_kinds()
     return sorted(_REGISTRY)
+
+
+def buildable_kinds() -> dict[str, type[ModePath]]:
+    """kind -> class, for the kinds `build`, `scan` and `connect` make (those with `from_options`)."""
+    _import_builtin_kinds()
+    return {k: c for k, c in sorted(_REGISTRY.items(), key=lambda kv: _BUILTIN_ORDER.get(kv[0], 99))
+            if c.from_options is not None}
+
+
+#: the order the built-in kinds are listed in (help texts, tables); others follow by name
+_BUILTIN_ORDER = {k: i for i, k in enumerate(("linear", "bezier", "polychain", "dropout", "short", "neb"))}
+
+
+def path_kind(kind: str, *, others: Sequence[str] = ()) -> type[ModePath]:
+    """The class `build` uses for `kind` (`method`): `BadOptionError(option="method")` listing
+    the buildable kinds and `others` (the caller's other methods, accepted elsewhere), with
+    the closest name suggested."""
+    kinds = buildable_kinds()
+    if kind not in kinds:
+        known = [*kinds, *others]
+        close = difflib.get_close_matches(str(kind), known, n=1)
+        hint = f" Did you mean {close[0]!r}?" if close else ""
+        raise BadOptionError(f"unknown method {kind!r}; choose one of {', '.join(known)}.{hint}", option="method")
+    return kinds[kind]
+
+
+def setting_flags(extra: Sequence[type] = ()) -> dict[str, dict[str, Any]]:
+    """The kinds' settings that are command-line flags: name -> {"help", "type", "defaults"
+    ({kind: default})}, gathered from each buildable kind's `flags` and `config_class`
+    (and from `extra` config classes with `flags`, e.g. FGE's, under their `method`)."""
+    out: dict[str, dict[str, Any]] = {}
+    owners = [(k, c.config_class, c.flags) for k, c in buildable_kinds().items()]
+    owners += [(getattr(e, "method", e.__name__), e, getattr(e, "flags", {})) for e in extra]
+    for kind, config, flags in owners:
+        defaults = {f.name: f.default for f in dataclasses.fields(config)} if config is not None else {}
+        for name, help_text in flags.items():
+            entry = out.setdefault(name, {"help": help_text, "type": type(defaults[name]), "defaults": {}})
+            entry["defaults"][kind] = defaults[name]
+    return out
 
 
 def _split_groups(tensors: dict[str, torch.Tensor], groups: list[str], file: str) -> dict[str, StateDict]:
@@ -286,16 +333,16 @@ def _path_document(file: str) -> dict[str, Any]:
                               "truncated, or in another format") from e
     if header.format != "safetensors":
         raise CheckpointError(f"{file} is not a readable safetensors path file (it is {header.format}); "
-                              "path files are written by `mcensemble build --path-out` or ModePath.save()")
+                              "path files are written by ModePath.save() (`path_out` of a build)")
     meta = header.document(METADATA_KEY)
     if meta is None:
         raise CheckpointError(
             f"{file} is not an mcensemble path file: it is a safetensors file without "
             f"'{METADATA_KEY}' metadata (a plain checkpoint?). Path files are written by "
-            "`mcensemble build --path-out` or ModePath.save()")
+            "ModePath.save() (`path_out` of a build)")
     if not isinstance(meta, dict) or meta.get("format") != PATH_FORMAT:
         fmt = meta.get("format") if isinstance(meta, dict) else None
-        what = "an mcensemble ensemble file (load it with mcensemble.load)" \
+        what = "an mcensemble ensemble file (load it with mcensemble.load_ensemble)" \
             if fmt == "mcensemble-ensemble" else f"a {fmt!r} file" if isinstance(fmt, str) and fmt \
             else "an mcensemble file of unknown format"
         raise CheckpointError(f"{file} is not an mcensemble path file (format {PATH_FORMAT!r}); "
@@ -351,7 +398,6 @@ def verify_path_file(file: str | os.PathLike) -> int | None:
     """Check the SHA-256 of every tensor of a path file against the record in its header.
     Returns how many tensors were checked, None when the file records no hashes (written
     before mcensemble recorded them); `CheckpointError` naming the first tensor that differs."""
-    from .._io import verify_tensor_hashes
     file = os.fspath(file)
     meta = _path_document(file)
     return verify_tensor_hashes(file, meta_field(meta, "tensor_sha256", "dict", where=file,
@@ -369,7 +415,7 @@ def load_path(file: str | os.PathLike, *, verify: bool = False) -> ModePath:
     file = os.fspath(file)
     if os.path.isdir(file):
         raise CheckpointError(f"{file} is a directory, not a path file; give the .safetensors file "
-                              "written by `mcensemble build --path-out`")
+                              "written by ModePath.save() (`path_out` of a build)")
     if not os.path.exists(file):
         raise CheckpointError(f"path file {file} does not exist")
     if verify and verify_path_file(file) is None:

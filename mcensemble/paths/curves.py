@@ -13,98 +13,24 @@ the straight line, so the running statistics at an interior t are only a raw int
 re-estimate them (`mcensemble.bn.update_bn`) before evaluating such a point. Non-floating
 buffers (e.g. ``num_batches_tracked``) are A's (B's at t = 1 exactly).
 
-Fitting lives in `mcensemble.paths.fit` (`fit_curve`, `CurveConfig`).
+Fitting lives in `mcensemble.paths.fit` (`fit_curve`); the settings, `CurveConfig`, and the
+coefficients in `mcensemble.paths.curve_base`.
 """
 from __future__ import annotations
 
 import dataclasses
-import math
 import os
 from typing import Any, Mapping, Sequence
 
 import torch
 
+from .._io import meta_field
 from ..errors import ArchitectureMismatchError, BadOptionError
-from .base import ModePath, StateDict, check_same_layout, meta_field, register_path
-from .linear import lerp_tensor
+from .base import ModePath, StateDict, _check_t, check_same_layout, register_path
+from .curve_base import CurveConfig, combine_controls, curve_coefficients, is_interpolated
+from .fit import fit_curve
 
-__all__ = ["BezierPath", "PolyChainPath", "CURVE_KINDS", "bezier_coefficients", "polychain_coefficients",
-           "curve_coefficients", "straight_bends", "is_interpolated", "bend_lr_scale"]
-
-_LOW_PRECISION = (torch.float16, torch.bfloat16)
-
-
-def is_interpolated(t: torch.Tensor) -> bool:
-    """True for tensors that curves interpolate (floating or complex); others are copied from A."""
-    return t.is_floating_point() or t.is_complex()
-
-
-def bezier_coefficients(t: float, n: int) -> list[float]:
-    """Weights ``C(n+1, i) t^i (1-t)^(n+1-i)``, i = 0 .. n+1, of a Bezier curve with `n` bends."""
-    m = n + 1
-    return [math.comb(m, i) * (t ** i) * ((1.0 - t) ** (m - i)) for i in range(m + 1)]
-
-
-def _polychain_segment(t: float, n: int) -> tuple[int, float]:
-    """(k, s): t lies on the segment from control point k to k+1, at fraction s in [0, 1).
-    t = 1 gives (n+1, 0.0). Points within 1e-12 of a vertex snap to it."""
-    m = n + 1
-    x = t * m
-    k = int(round(x))
-    if abs(x - k) <= 1e-12 * m:
-        return k, 0.0
-    k = min(int(math.floor(x)), m - 1)
-    return k, x - k
-
-
-def polychain_coefficients(t: float, n: int) -> list[float]:
-    """Weights of the n+2 control points of a polygonal chain with `n` bends at `t`."""
-    k, s = _polychain_segment(t, n)
-    c = [0.0] * (n + 2)
-    c[k] = 1.0 - s
-    if s:
-        c[k + 1] = s
-    return c
-
-
-CURVE_KINDS = {"bezier": bezier_coefficients, "polychain": polychain_coefficients}
-
-
-def curve_coefficients(kind: str, t: float, n: int) -> list[float]:
-    """Weights of the control points of a curve of `kind` with `n` bends at `t`."""
-    try:
-        fn = CURVE_KINDS[kind]
-    except KeyError:
-        raise BadOptionError(f"unknown curve kind {kind!r}; choose one of {', '.join(CURVE_KINDS)}",
-                             option="method") from None
-    return fn(t, n)
-
-
-def straight_bends(a: Mapping[str, torch.Tensor], b: Mapping[str, torch.Tensor], n: int) -> list[StateDict]:
-    """`n` bends evenly spaced on the straight line from `a` to `b` (floating tensors only):
-    bend i (1-based) is ``(1 - i/(n+1)) a + i/(n+1) b``. Both kinds then trace the straight line."""
-    out = []
-    for i in range(1, n + 1):
-        w = i / (n + 1)
-        out.append({k: lerp_tensor(va, b[k], w) for k, va in a.items() if is_interpolated(va)})
-    return out
-
-
-def _combine(controls: Sequence[Mapping[str, torch.Tensor]], coeffs: Sequence[float], key: str) -> torch.Tensor:
-    """sum_i coeffs[i] * controls[i][key] over the non-zero coefficients (float32 for half types)."""
-    terms = [(c, p[key]) for c, p in zip(coeffs, controls) if c != 0.0]
-    if len(terms) == 1 and terms[0][0] == 1.0:
-        return terms[0][1].clone()
-    ref = controls[0][key]
-    low = ref.dtype in _LOW_PRECISION
-    acc = None
-    for c, v in terms:
-        v = v.float() if low else v
-        acc = v * c if acc is None else acc.add_(v, alpha=c)
-    if acc is None:  # cannot happen for a valid coefficient vector (they sum to 1)
-        acc = torch.zeros_like(ref, dtype=torch.float32 if low else ref.dtype)
-    return acc.to(ref.dtype) if low else acc
-
+__all__ = ["BezierPath", "PolyChainPath"]
 
 class _CurvePath(ModePath):
     """Common code of the curve kinds: control points A, bends, B (see the module doc)."""
@@ -152,37 +78,60 @@ class _CurvePath(ModePath):
 
     def coefficients(self, t: float) -> list[float]:
         """The weight of each control point (A, bends, B) at `t`; they sum to 1."""
-        from .base import _check_t
         return curve_coefficients(self.kind, _check_t(t), self.n_bends)
 
     # -- evaluation ---------------------------------------------------------------
     def _state_at(self, t: float) -> StateDict:
-        a, b = self.endpoints
-        if t == 0.0:
-            return {k: v.clone() for k, v in a.items()}
-        if t == 1.0:
-            return {k: v.clone() for k, v in b.items()}
+        end = self._end_state(t)
+        if end is not None:
+            return end
+        a = self.endpoints[0]
         coeffs = curve_coefficients(self.kind, t, self.n_bends)
         controls = self.control_points
         out: StateDict = {}
         for k, va in a.items():
-            out[k] = _combine(controls, coeffs, k) if is_interpolated(va) else va.clone()
+            out[k] = combine_controls(controls, coeffs, k) if is_interpolated(va) else va.clone()
         return out
 
     # -- building -----------------------------------------------------------------
     trained = True
+    has_bends = True
+    align_by_default = True  # the bends start from the aligned midpoints (docs/benchmarks/quality.md)
+    config_class = CurveConfig
+    flags = {
+        "bends": "Bends of a bezier / polychain curve.",
+        "epochs": "Curve-fitting epochs (fge: epochs of further training).",
+        "lr": "Curve-fitting learning rate of the curve's points: the bends step at lr / max_t sum c_i(t)^2 "
+              "(4 x lr for one Bezier bend). Constant for half the steps, then linear decay to 1%.",
+        "weight_decay": "Weight decay on theta(t) (neb: on each pivot).",
+    }
 
     @classmethod
-    def from_options(cls, net, a, b, *, opts, data, fit_loader, bn_loader, index: int = 0,
-                     graph=None) -> "_CurvePath":
-        """`build --method bezier / polychain`: `fit_curve` with `opts.curve` (seeded by
-        `data.seed`) on the shuffled `fit_loader`; `opts.checkpoint_dir` keeps
-        `curve-<index>.safetensors`."""
-        from .fit import fit_curve  # fit imports this module
-        cfg = dataclasses.replace(opts.curve, seed=data.seed)
+    def config_from(cls, settings: Any = None, *, seed: int | None = None) -> CurveConfig:
+        """`CurveConfig.kind` is this kind (what `settings` say of it is overridden)."""
+        cfg = super().config_from(settings, seed=seed)
+        return cfg if cfg.kind == cls.kind else dataclasses.replace(cfg, kind=cls.kind)
+
+    @classmethod
+    def from_options(cls, net, a, b, *, config: CurveConfig, opts, data, fit_loader, bn_loader,
+                     index: int = 0, graph=None) -> "_CurvePath":
+        """`build --method bezier / polychain`: `fit_curve` with `config` on the shuffled
+        `fit_loader`; `opts.checkpoint_dir` keeps `curve-<index>.safetensors`."""
         ck = None if opts.checkpoint_dir is None else os.path.join(opts.checkpoint_dir, f"curve-{index}.safetensors")
-        return fit_curve(net, a, b, fit_loader, config=cfg, device=data.device, progress=data.progress,
+        return fit_curve(net, a, b, fit_loader, config=config, device=data.device, progress=data.progress,
                          checkpoint=ck, checkpoint_every=opts.checkpoint_every, resume=opts.resume)
+
+    @classmethod
+    def report_section(cls, paths: list[ModePath], config: CurveConfig) -> dict[str, Any]:
+        """`{"curve": {kind, bends, epochs, lr, weight_decay, precision?, skipped_steps?}}`."""
+        curve: dict[str, Any] = {"kind": config.kind, "bends": config.bends, "epochs": config.epochs,
+                                 "lr": config.lr, "weight_decay": config.weight_decay}
+        fits = [p.metadata.get("fit") or {} for p in paths]
+        if any("precision" in f for f in fits):  # --precision bf16 / fp16; fp16: GradScaler's skipped steps
+            curve["precision"] = fits[0]["precision"]
+        if any("skipped_steps" in f for f in fits):
+            curve["skipped_steps"] = [f.get("skipped_steps", 0) for f in fits]
+        return {"curve": curve}
 
     # -- files --------------------------------------------------------------------
     def _file_fields(self) -> dict[str, Any]:
@@ -226,21 +175,3 @@ class PolyChainPath(_CurvePath):
         super().__init__(a, b, bends, metadata=metadata, copy=copy)
         m = self.n_bends + 1
         self.vertex_t = [i / m for i in range(m + 1)]
-
-
-def bend_lr_scale(kind: str, bends: int) -> float:
-    """``1 / max_t sum_i c_i(t)^2`` over the bends' coefficients of a curve of `kind` with
-    `bends` bends (t on a grid of 1000 (bends + 1) + 1 points, the chain's vertices included).
-
-    A step of ``-eta * c_i(t) * g`` on every bend i (the gradient of a loss at theta(t)) moves
-    theta(t) by ``-eta * sum_i c_i(t)^2 * g``: the points of the curve learn at only a fraction
-    of the bends' learning rate, a quarter at t = 0.5 for one Bezier bend (2 t (1 - t) = 1/2).
-    Fitting at the endpoints' own learning rate therefore trains the middle of the curve 4x
-    slower than the endpoints were trained, and the fit stalls far above their loss
-    (docs/benchmarks/quality.md). Multiplying the bends' learning rate by this factor makes the
-    step of theta(t) at its most-moved point equal to `CurveConfig.lr`: 4 for one Bezier bend,
-    about 3.6 for two, 1 for a polygonal chain (a vertex is a bend itself)."""
-    n = int(bends)
-    steps = 1000 * (n + 1)
-    peak = max(sum(c * c for c in curve_coefficients(kind, i / steps, n)[1:-1]) for i in range(steps + 1))
-    return 1.0 / peak

@@ -41,29 +41,34 @@ and `V:<name>` (those rows), or `F:<name>` (the whole tensor).
 """
 from __future__ import annotations
 
+import copy
 import logging
 import sys
 import time
 from collections import deque
+from dataclasses import dataclass
 from typing import Any, Iterable, Mapping
 
 import torch
 import torch.nn as nn
 from tqdm import tqdm
 
-from ..errors import MCEnsembleError
+from .._io import meta_field
+from ..bn import FixedSubset
+from ..errors import BadOptionError, DropoutPathError
+from ..evaluate import evaluate
+from ..options import check_count
+from ..stability import check_kept, dropout_network, dropout_stability, dropout_state, graph_for
 from ..units import AxisRef, UnitGraph, UnitGroup, _mixes_units
-from .base import ModePath, StateDict, check_same_layout, meta_field, register_path
+from .base import ModePath, StateDict, check_same_layout, register_path
 
-__all__ = ["DropoutPath", "DropoutPathError", "build_dropout_path", "layered_chain", "mix_states",
+__all__ = ["DropoutPath", "DropoutConfig", "build_dropout_path", "layered_chain", "mix_states",
            "verify_segments"]
 
 log = logging.getLogger(__name__)
 _ROW_ROLES = ("producer", "bn", "depthwise")
 
 
-class DropoutPathError(MCEnsembleError, ValueError):
-    """The dropout-stable path cannot be built for this network (unsupported unit graph)."""
 
 
 # ----------------------------------------------------------------------------- graph
@@ -248,7 +253,6 @@ class _Construction:
         (re-estimated when it did not; with `lowest_only`, the packed pair's case, only D_1's:
         the other D_k only fill slots that are dead once D_1 is in place)."""
         if k not in side._dk:
-            from ..stability import dropout_network, dropout_state
             stats = side.stab.bn_stats.get(self.chain[k - 1].depth)
             if stats is not None or self.bn_loader is None or (self.lowest_only and k > 1):
                 sd = dropout_state(side.state, self.graph, side.stab.kept, self.chain[k - 1].depth)
@@ -486,7 +490,6 @@ class _Recorder:
         self._b_function: tuple[str, int] | None = None  # B's track: the function of the vertex not yet measured
 
     def loss(self, sd: Mapping[str, torch.Tensor]) -> float:
-        from ..evaluate import evaluate
         self.work.load_state_dict(sd)
         self._bar.update(1)
         return evaluate(self.work, self.loader, device=self.con.device).loss
@@ -552,6 +555,23 @@ class _Recorder:
         return groups, la + lb[:0:-1] + [self.loss(b)]
 
 
+def working_copy(model: nn.Module, a: Mapping[str, torch.Tensor], b: Mapping[str, torch.Tensor],
+                 loader: Iterable[Any] | None, graph, device, *, what: str, uses: str):
+    """The set-up both unit-switching paths (dropout-stable, short) share: training data is
+    required (`BadOptionError` saying `what` `uses` it for), A and B share a layout; returns
+    `(a, b, work, graph)`: A and B detached on the CPU, an eval-mode copy of `model` on
+    `device`, and its unit graph (given or traced) validated against A."""
+    if loader is None:
+        raise BadOptionError(f"{what} needs training data (`data`): it {uses} on it", option="data")
+    check_same_layout(a, b)
+    a = {k: v.detach().cpu() for k, v in a.items()}
+    b = {k: v.detach().cpu() for k, v in b.items()}
+    work = copy.deepcopy(model).to(device).eval()
+    graph = graph_for(work, loader, graph)
+    graph.validate(a)
+    return a, b, work, graph
+
+
 def _prepare(model: nn.Module, a: Mapping[str, torch.Tensor], b: Mapping[str, torch.Tensor],
              loader: Iterable[Any], *, graph=None, stability_a=None, stability_b=None,
              device="cpu", progress: bool | None = None, search_steps: int = 48,
@@ -563,20 +583,8 @@ def _prepare(model: nn.Module, a: Mapping[str, torch.Tensor], b: Mapping[str, to
     `(work model, construction, side A, side B)`. Private (it was `prepare`): the
     construction and the sides are this module's internal types, so only mcensemble's own
     modules call it; the public entry points are `build_dropout_path` and `pack_pair`."""
-    import copy
-    from ..stability import check_kept, dropout_stability, graph_for
-
-    if loader is None:
-        from ..errors import BadOptionError
-        raise BadOptionError("the dropout-stable path needs training data (`data`): it measures "
-                             "stability, re-estimates BatchNorm and certifies vertices on it",
-                             option="data")
-    check_same_layout(a, b)
-    a = {k: v.detach().cpu() for k, v in a.items()}
-    b = {k: v.detach().cpu() for k, v in b.items()}
-    work = copy.deepcopy(model).to(device).eval()
-    graph = graph_for(work, loader, graph)
-    graph.validate(a)
+    a, b, work, graph = working_copy(model, a, b, loader, graph, device, what="the dropout-stable path",
+                                     uses="measures stability, re-estimates BatchNorm and certifies vertices")
     chain = layered_chain(graph, a)
     _check_norms(work, chain)
     stab = []
@@ -609,7 +617,6 @@ def build_dropout_path(model: nn.Module, a: Mapping[str, torch.Tensor], b: Mappi
     vertices' losses. The D_k's BatchNorm statistics are re-estimated on a fixed subsample
     of `bn_examples` training examples (`mcensemble.bn.FixedSubset`; None: all of
     `loader`); every loss uses all of `loader` (`certificate["data"]`)."""
-    from ..bn import FixedSubset
     t0 = time.perf_counter()
     bn_loader = None
     if bn_examples is not None and loader is not None:
@@ -662,7 +669,6 @@ def build_dropout_path(model: nn.Module, a: Mapping[str, torch.Tensor], b: Mappi
 def _fill_stability(side: _Side, con: _Construction, rec: _Recorder, base: float) -> None:
     """A side's stability rows from the vertices that compute its D_k (a D_k no vertex
     computes, because its segment changed nothing, is evaluated)."""
-    from ..stability import dropout_state
     rows = []
     for k, g in enumerate(con.chain, start=1):
         loss = rec.functions.get((side.name, k))
@@ -752,6 +758,17 @@ def _delta_rows(delta: Mapping[str, torch.Tensor], name: str, ref: torch.Tensor)
     if r.numel() and (int(r.min()) < 0 or int(r.max()) >= ref.shape[0]):
         raise ValueError(f"vertex delta row indices for {name!r} run outside 0 .. {ref.shape[0] - 1}")
     return r
+
+
+@dataclass(frozen=True)
+class DropoutConfig:
+    """The dropout-stable path's settings. search_steps: swap trials per unit group when
+    choosing the kept halves (0: the importance ranking alone)."""
+
+    search_steps: int = 48
+
+    def __post_init__(self) -> None:
+        check_count(self.search_steps, "search_steps", minimum=0)
 
 
 @register_path("dropout")
@@ -846,12 +863,16 @@ class DropoutPath(ModePath):
         va = self._vertex(i)
         return mix_states(va, self._vertex(i + 1), pos - i)
 
+    config_class = DropoutConfig
+    flags = {"search_steps": "--method dropout / short: swap trials per unit group when choosing the kept halves "
+                             "(0: the importance ranking alone, fastest)."}
+
     @classmethod
-    def from_options(cls, net, a, b, *, opts, data, fit_loader, bn_loader, index: int = 0,
-                     graph=None) -> "DropoutPath":
+    def from_options(cls, net, a, b, *, config: DropoutConfig, opts, data, fit_loader, bn_loader,
+                     index: int = 0, graph=None) -> "DropoutPath":
         """`build --method dropout`: `build_dropout_path` with BN statistics from `bn_loader`."""
         return build_dropout_path(net, a, b, bn_loader, graph=graph, device=data.device, progress=data.progress,
-                                  search_steps=48 if opts.search_steps is None else opts.search_steps)
+                                  search_steps=config.search_steps)
 
     def _file_fields(self) -> dict[str, Any]:
         return {"n_vertices": self.n_vertices}

@@ -45,20 +45,14 @@ from torch.func import functional_call
 
 from .._modes import keeps_process_state, modes_kept
 from .. import distributed as dist_
-from ..checkpoints import check_same_architecture
-from ..data import epoch_batches, epoch_seed
 from ..errors import BadOptionError
-from ..options import CurveConfig, validate_curve_config
 from ..precision import Precision, resolve_precision
-from .base import check_same_layout
-from .curves import BezierPath, PolyChainPath, bend_lr_scale, curve_coefficients, is_interpolated
+from .base import ModePath, path_kind
+from .curve_base import CurveConfig, curve_coefficients, is_interpolated
 from .linear import lerp_tensor
-from .fit_run import (FIT_CHECKPOINT_FORMAT, FitInterrupted, _check_checkpoint_args, _FitRun, lr_factor,
-                      read_fit_checkpoint)
+from .fit_run import _FitRun, prepare_fit
 
-__all__ = ["CurveConfig", "CurveFitter", "STREAM_MIN_BYTES", "FitInterrupted", "fit_curve", "lr_factor", "bend_lr_scale",
-           "validate_curve_config",
-           "epoch_batches", "epoch_seed", "read_fit_checkpoint", "FIT_CHECKPOINT_FORMAT"]
+__all__ = ["CurveFitter", "STREAM_MIN_BYTES", "fit_curve"]
 
 log = logging.getLogger(__name__)
 
@@ -349,13 +343,13 @@ def fit_curve(model: Any, a: Mapping[str, torch.Tensor], b: Mapping[str, torch.T
               callback: Callable[[int, float, float], Any] | None = None,
               loss_fn: Callable[[torch.Tensor, torch.Tensor], torch.Tensor] | None = None,
               checkpoint: str | os.PathLike | None = None, checkpoint_every: int | None = None,
-              resume: bool = False, precision: str | None = None) -> BezierPath | PolyChainPath:
+              resume: bool = False, precision: str | None = None) -> ModePath:
     """Fit the bends of a curve from state dict `a` (t = 0) to `b` (t = 1) on `loader`.
 
     `model`: an `nn.Module` of the endpoints' architecture (only its structure is used: its
     own weights are never read or changed; it is moved to `device`, and its modules'
     training flags are restored at the end), or a zero-argument callable / `ModelSpec`.
-    `loader` yields ``(input, target)`` pairs (or what `mcensemble.train.split_batch`
+    `loader` yields ``(input, target)`` pairs (or what `mcensemble.bn.split_batch`
     understands); the batch size is the loader's. `loss_fn(output, target)` defaults to
     cross entropy. `callback(step, t, loss)` is called after every step with the step
     index (0-based), the sampled t and the data loss (without the weight-decay term).
@@ -384,14 +378,8 @@ def fit_curve(model: Any, a: Mapping[str, torch.Tensor], b: Mapping[str, torch.T
     when `a`, `b` and the model disagree (first differing tensor), `CheckpointError` when a
     checkpoint to resume does not match this fit (naming what differs).
     """
-    check_same_layout(a, b)
-    _check_checkpoint_args(checkpoint, checkpoint_every, resume)
-    torch.set_flush_denormal(True)  # on CPU, denormals made fitting steps many times slower
-    if not isinstance(model, nn.Module):
-        from ..models import as_factory
-        model = as_factory(model)()
-    check_same_architecture(model.state_dict(), a, names=("the model", "A"))
-    device = torch.device(device)
+    model, device = prepare_fit(model, a, b, checkpoint=checkpoint, checkpoint_every=checkpoint_every,
+                                resume=resume, device=device)
     spe = _steps_per_epoch(loader)
     total = config.epochs * spe
 
@@ -404,7 +392,7 @@ def fit_curve(model: Any, a: Mapping[str, torch.Tensor], b: Mapping[str, torch.T
                       checkpoint=checkpoint, every=checkpoint_every, a=a, b=b)
         run.run(resume=resume, progress=progress, callback=callback)
 
-    cls = BezierPath if config.kind == "bezier" else PolyChainPath
+    cls = path_kind(config.kind)  # BezierPath / PolyChainPath (paths.curves, which imports this module)
     bends = fitter.bend_state_dicts()
     fitter.release()  # theta(t) and the momenta go before the path copies A and B
     fit_meta = {"epochs": config.epochs, "steps": total, "lr": config.lr, "bend_lr": run.bend_lr,

@@ -2,7 +2,7 @@
 the t draws, the fit checkpoint file (save, read, check before resuming) and the
 SIGINT / SIGTERM handling that finishes the step, saves and stops (`FitInterrupted`).
 
-`fit.py` owns what a step computes (`CurveConfig`, `CurveFitter`, `fit_curve`); the data
+`fit.py` owns what a step computes (`CurveFitter`, `fit_curve`); the data
 order of every epoch is `data.epoch_batches`.
 """
 from __future__ import annotations
@@ -19,20 +19,23 @@ from dataclasses import asdict
 from typing import TYPE_CHECKING, Any, Iterator, Mapping
 
 import torch
+import torch.nn as nn
 from safetensors.torch import load_file, save_file
 from tqdm.auto import tqdm
 
 from .. import distributed as dist_
+from ..checkpoints import check_same_architecture
 from .._io import atomic_path, independent_tensors, is_int as _is_int, meta_field, read_header
 from ..data import epoch_batches
-from ..errors import BadOptionError, CheckpointError, MCEnsembleError
-from .base import state_dict_sha256
-from .curves import bend_lr_scale
+from ..errors import BadOptionError, CheckpointError, FitInterrupted
+from ..models import as_factory
+from .base import check_same_layout, state_dict_sha256
+from .curve_base import CurveConfig, bend_lr_scale
 
 if TYPE_CHECKING:
-    from .fit import CurveConfig, CurveFitter
+    from .fit import CurveFitter
 
-__all__ = ["FitInterrupted", "lr_factor", "read_fit_checkpoint", "FIT_CHECKPOINT_FORMAT"]
+__all__ = ["lr_factor", "read_fit_checkpoint", "FIT_CHECKPOINT_FORMAT"]
 
 log = logging.getLogger(__name__)
 
@@ -53,6 +56,21 @@ def _rank_seed(seed: int, rank: int) -> int:
     return int(seed) if rank == 0 else (int(seed) + (int(rank) << 40)) % (1 << 63)
 
 
+def prepare_fit(model, a, b, *, checkpoint, checkpoint_every, resume,
+                device) -> tuple[nn.Module, torch.device]:
+    """What a trained path kind (curves, AutoNEB) checks and sets up before fitting: the
+    endpoints' layout, the checkpoint arguments, the model (a factory is called) against A,
+    and denormals flushed (on CPU they made fitting steps many times slower). Returns the
+    model and the device."""
+    check_same_layout(a, b)
+    _check_checkpoint_args(checkpoint, checkpoint_every, resume)
+    torch.set_flush_denormal(True)
+    if not isinstance(model, nn.Module):
+        model = as_factory(model)()
+    check_same_architecture(model.state_dict(), a, names=("the model", "A"))
+    return model, torch.device(device)
+
+
 def _check_checkpoint_args(checkpoint, every, resume) -> None:
     if every is not None and (not _is_int(every) or every < 1):
         raise BadOptionError(f"`checkpoint_every` must be an integer >= 1, got {every!r}",
@@ -64,16 +82,6 @@ def _check_checkpoint_args(checkpoint, every, resume) -> None:
                              option="checkpoint")
 
 
-class FitInterrupted(MCEnsembleError):
-    """SIGINT / SIGTERM stopped a curve fit after a completed step; the fit was saved.
-
-    `signum`: the signal; `exit_code`: 128 + signum (130 for SIGINT, 143 for SIGTERM);
-    `checkpoint`: the file to resume from; `step`: steps done."""
-
-    def __init__(self, message: str, *, signum: int, checkpoint: str | None = None, step: int = 0):
-        super().__init__(message)
-        self.signum, self.checkpoint, self.step = signum, checkpoint, step
-        self.exit_code = 128 + int(signum)
 
 
 class _StopFlag:

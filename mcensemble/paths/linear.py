@@ -57,7 +57,7 @@ class LinearPath(ModePath):
         return interpolate(a, b, t)
 
     @classmethod
-    def from_options(cls, net, a, b, *, opts, data, fit_loader, bn_loader, index: int = 0,
+    def from_options(cls, net, a, b, *, config=None, opts, data, fit_loader, bn_loader, index: int = 0,
                      graph=None) -> "LinearPath":
         """`build --method linear`: the straight line (nothing to fit)."""
         return cls(a, b)

@@ -44,15 +44,18 @@ import torch.nn.functional as F
 from torch.func import functional_call
 from tqdm.auto import tqdm
 
-from .._modes import keeps_process_state, modes_kept
 from .. import distributed as dist_
-from ..checkpoints import check_same_architecture
-from .._io import is_int as _is_int, is_number
+from .._io import atomic_path
+from .._io import is_int as _is_int
+from .._io import is_number, meta_field
+from .._modes import keeps_process_state, modes_kept
+from ..bn import has_batchnorm, update_bn
 from ..data import epoch_batches
 from ..errors import BadOptionError, CheckpointError
-from .base import ModePath, StateDict, check_same_layout, meta_field, register_path, state_dict_sha256
-from .curves import is_interpolated
-from .fit_run import _ck_tensor, open_training_checkpoint
+from ..evaluate import _load_state_strict
+from .base import ModePath, StateDict, check_same_layout, register_path, state_dict_sha256
+from .curve_base import is_interpolated
+from .fit_run import _ck_tensor, open_training_checkpoint, prepare_fit
 from .linear import lerp_tensor
 
 __all__ = ["NebConfig", "NebPath", "Band", "fit_neb", "improved_tangent_weights", "insertion_scores",
@@ -177,11 +180,10 @@ class NebPath(ModePath):
         return [a, *(self.groups[f"pivot.{i}"] for i in range(self.n_pivots)), b]
 
     def _state_at(self, t: float) -> StateDict:
-        a, b = self.endpoints
-        if t == 0.0:
-            return {k: v.clone() for k, v in a.items()}
-        if t == 1.0:
-            return {k: v.clone() for k, v in b.items()}
+        end = self._end_state(t)
+        if end is not None:
+            return end
+        a = self.endpoints[0]
         v = self.vertex_t
         j = max(i for i in range(len(v) - 1) if v[i] <= t)
         s = (t - v[j]) / (v[j + 1] - v[j])
@@ -196,17 +198,24 @@ class NebPath(ModePath):
 
     trained = True
 
+    config_class = NebConfig
+    flags = {"weight_decay": "Weight decay on theta(t) (neb: on each pivot)."}
+
     @classmethod
-    def from_options(cls, net, a, b, *, opts, data, fit_loader, bn_loader, index: int = 0,
-                     graph=None) -> "NebPath":
-        """`build --method neb`: `fit_neb` with `opts.neb` (None: `NebConfig` with
-        `opts.weight_decay` and `data.seed`) on the shuffled `fit_loader`, pivots' BN on
-        `bn_loader`; `opts.checkpoint_dir` keeps `neb-<index>.safetensors`."""
-        cfg = opts.neb if opts.neb is not None else NebConfig(weight_decay=opts.weight_decay, seed=data.seed)
+    def from_options(cls, net, a, b, *, config: NebConfig, opts, data, fit_loader, bn_loader,
+                     index: int = 0, graph=None) -> "NebPath":
+        """`build --method neb`: `fit_neb` with `config` on the shuffled `fit_loader`, pivots'
+        BN on `bn_loader`; `opts.checkpoint_dir` keeps `neb-<index>.safetensors`."""
+        cfg = config
         ck = None if opts.checkpoint_dir is None else os.path.join(opts.checkpoint_dir, f"neb-{index}.safetensors")
         return fit_neb(net, a, b, fit_loader, config=cfg, bn_loader=bn_loader, device=data.device,
                        progress=data.progress, checkpoint=ck, checkpoint_every=opts.checkpoint_every,
                        resume=opts.resume)
+
+    @classmethod
+    def report_section(cls, paths: list[ModePath], config: NebConfig) -> dict[str, Any]:
+        """`{"neb": [...]}`: each band's schedule and what every cycle inserted."""
+        return {"neb": [p.metadata.get("neb") for p in paths]}
 
     def _file_fields(self) -> dict[str, Any]:
         return {"pivots": self.n_pivots, "weights": list(self.weights)}
@@ -489,20 +498,10 @@ def fit_neb(model: Any, a: Mapping[str, torch.Tensor], b: Mapping[str, torch.Ten
     `checkpoint_every` steps; `resume` continues from it (`CheckpointError` when it was
     written for other endpoints, another config or another number of processes).
     Returns a `NebPath`; `a` and `b` are never modified."""
-    check_same_layout(a, b)
     if not isinstance(config, NebConfig):
         raise BadOptionError(f"config must be a NebConfig, got {type(config).__name__}", option="config")
-    if checkpoint_every is not None and (not _is_int(checkpoint_every) or checkpoint_every < 1):
-        raise BadOptionError(f"checkpoint_every must be an integer >= 1, got {checkpoint_every!r}",
-                             option="checkpoint_every")
-    if resume and checkpoint is None:
-        raise BadOptionError("resume=True needs checkpoint= (the file the run was saved in)", option="resume")
-    torch.set_flush_denormal(True)
-    if not isinstance(model, nn.Module):
-        from ..models import as_factory
-        model = as_factory(model)()
-    check_same_architecture(model.state_dict(), a, names=("the model", "A"))
-    device = torch.device(device)
+    model, device = prepare_fit(model, a, b, checkpoint=checkpoint, checkpoint_every=checkpoint_every,
+                                resume=resume, device=device)
     with modes_kept(model, True):
         model.to(device)
         band = Band(model, a, b, momentum=config.momentum, weight_decay=config.weight_decay, device=device,
@@ -518,8 +517,6 @@ def fit_neb(model: Any, a: Mapping[str, torch.Tensor], b: Mapping[str, torch.Ten
 
 
 def _reestimate_bn(model: nn.Module, pivots: list[StateDict], loader, device) -> None:
-    from ..bn import has_batchnorm, update_bn
-    from ..evaluate import _load_state_strict
     if not has_batchnorm(model):
         return
     model.eval()
@@ -642,7 +639,6 @@ class _NebRun:
             return
         from safetensors.torch import save_file
 
-        from .._io import atomic_path
         band = self.band
         tensors = {f"rng.{k}.{r}": v for r, states in enumerate(rng) for k, v in states.items()}
         for i, (piv, buf) in enumerate(zip(band.pivots, band.momenta)):

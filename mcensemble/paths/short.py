@@ -33,7 +33,6 @@ File: as the dropout path (endpoints plus per-vertex deltas), plus column-scalin
 """
 from __future__ import annotations
 
-import copy
 import logging
 import math
 import sys
@@ -45,14 +44,18 @@ import torch
 import torch.nn as nn
 from tqdm import tqdm
 
-from .._partial import Partial
-from ..errors import BadOptionError, MCEnsembleError
-from ..stability import swap_trial
+from .._io import meta_field
+from .._partial import Partial, copy_changed
+from ..bn import FixedSubset, batch_input
+from ..errors import BadOptionError, ShortPathError
+from ..evaluate import evaluate
+from ..options import check_count
+from ..stability import _importance, _subset, changed_bn_modules, check_kept, dropout_state, reestimate_bn, swap_trial
 from ..units import AxisRef, UnitGraph, UnitGroup, _mixes_units
-from .base import StateDict, check_same_layout, meta_field, register_path
-from .dropout import (DropoutPath, _bytes, _changed_units, _decode, _encode, _same, mix_states)
+from .base import StateDict, check_same_layout, register_path
+from .dropout import DropoutPath, _bytes, _changed_units, _decode, _encode, _same, mix_states, working_copy
 
-__all__ = ["ShortPath", "ShortPathError", "ShortConstruction", "build_short_path", "prepare_short",
+__all__ = ["ShortPath", "ShortConfig", "ShortConstruction", "build_short_path", "prepare_short",
            "check_norms", "short_groups", "choose_halves", "verify_short_segments", "SEGMENT_KINDS"]
 
 log = logging.getLogger(__name__)
@@ -64,8 +67,6 @@ _STEPS = ("A -> D_S(A)", "D_T(B)'s units T into the free slots T", "classifier f
           "D_T(B)'s other units into the slots nothing reads now", "D_T(B) -> B")
 
 
-class ShortPathError(MCEnsembleError, ValueError):
-    """The short path cannot be built for this network (unsupported layers or unit graph)."""
 
 
 # ----------------------------------------------------------------------------- scope
@@ -133,7 +134,6 @@ class Halves:
 
 
 def _check_halves(graph: UnitGraph, s: Mapping[str, Any], t: Mapping[str, Any]) -> Halves:
-    from ..stability import check_kept
     s, t = check_kept(graph, s), check_kept(graph, t)
     for g in graph.groups:
         if set(s[g.name]) & set(t[g.name]):
@@ -172,7 +172,6 @@ class _Ctx:
         self.min_depth = min(graph.depths)
 
     def loss(self, sd: Mapping[str, torch.Tensor]) -> float:
-        from ..evaluate import evaluate
         self.work.load_state_dict(sd)
         self.passes += self.share()
         return evaluate(self.work, self.loader, device=self.device).loss
@@ -185,7 +184,6 @@ class _Ctx:
     def dropped(self, state: StateDict, kept: Mapping[str, list[int]], bn_loader=None) -> StateDict:
         """D_kept(state): every group at once, BatchNorm statistics of `self.bn` re-estimated
         (on `bn_loader`, default the current loader)."""
-        from ..stability import dropout_state, reestimate_bn
         sd = dropout_state(state, self.graph, kept, self.min_depth)
         if self.bn:
             data = self.loader if bn_loader is None else bn_loader
@@ -205,17 +203,9 @@ def prepare_short(model: nn.Module, a: Mapping[str, torch.Tensor], b: Mapping[st
     `sample_examples`: the random-half baseline runs on a fixed subsample of about that many
     training examples (`mcensemble.bn.FixedSubset`; None: all of `loader`); D_S(A)'s and
     D_T(B)'s BatchNorm statistics are re-estimated on one of `bn_examples` (None: all)."""
-    if loader is None:
-        raise BadOptionError("the short path needs training data (`data`): it chooses the halves, "
-                             "re-estimates BatchNorm and measures segments on it", option="data")
     check_norms(model)
-    check_same_layout(a, b)
-    a = {k: v.detach().cpu() for k, v in a.items()}
-    b = {k: v.detach().cpu() for k, v in b.items()}
-    from ..stability import changed_bn_modules, graph_for
-    work = copy.deepcopy(model).to(device).eval()
-    graph = graph_for(work, loader, graph)
-    graph.validate(a)
+    a, b, work, graph = working_copy(model, a, b, loader, graph, device, what="the short path",
+                                     uses="chooses the halves, re-estimates BatchNorm and measures segments")
     short_groups(graph, a)
     ctx = _Ctx(work, graph, loader, device, progress)
     if halves is not None:
@@ -225,7 +215,6 @@ def prepare_short(model: nn.Module, a: Mapping[str, torch.Tensor], b: Mapping[st
     probe = _probe(loader)  # which BatchNorm inputs change: a few examples tell
     ctx.bn = sorted(set(changed_bn_modules(work, a, graph, hv.s, probe, device=device)) |
                     set(changed_bn_modules(work, b, graph, hv.t, probe, device=device)))
-    from ..bn import FixedSubset
     bn_data = None
     if bn_examples is not None and ctx.bn:
         sub = FixedSubset(loader, bn_examples, what="the short path")
@@ -252,7 +241,6 @@ def _examples(loader) -> int | None:
 
 
 def _probe(loader: Iterable[Any], n: int = 16) -> torch.Tensor | None:
-    from ..bn import batch_input
     for batch in loader:
         return batch_input(batch)[:n]
     return None
@@ -263,7 +251,6 @@ def _random_eps(ctx: _Ctx, a: StateDict, b: StateDict, seed: int, got: Mapping[s
     """eps of a random half (S random, T = the first n//2 of its complement), for comparison;
     with `examples`, everything (A, B, BatchNorm, the dropout networks) on a fixed subsample of
     that many training examples (`random_data` says which)."""
-    from ..bn import FixedSubset
     s, t = random_halves(ctx.graph, seed + 1)
     sub = None if examples is None else FixedSubset(ctx.loader, examples, what="the short path")
     if sub is not None and ctx.of is not None and sub.n >= ctx.of:
@@ -341,7 +328,6 @@ def choose_halves(ctx: _Ctx, a: StateDict, b: StateDict, *, steps: int, examples
     `examples` training examples goes down (BatchNorm layers on batch statistics there).
     A trial evaluates the side that binds the objective first and skips the other when the
     objective cannot go down whatever its loss (`_JointSearch`): same choices, fewer forwards."""
-    from ..stability import _importance, _subset, changed_bn_modules
     if steps < 0 or examples < 1:
         raise BadOptionError("search_steps must be >= 0 and search_examples >= 1", option="search_steps")
     graph, work, t0 = ctx.graph, ctx.work, time.perf_counter()
@@ -442,11 +428,7 @@ class _JointSearch:
     def _load(self, sd: StateDict) -> None:
         """Copy into the work model only the tensors that are not the very ones loaded last
         (BatchNorm statistics of modules on batch statistics get dirty: always copied)."""
-        with torch.no_grad():
-            for k, v in sd.items():
-                if self.loaded.get(k) is not v:
-                    self.dst[k].copy_(v)
-        self.loaded = {k: v for k, v in sd.items() if k not in self.bn_keys}
+        self.loaded = copy_changed(self.dst, sd, self.loaded, self.bn_keys)
 
     @torch.no_grad()
     def _loss(self, sd: StateDict, side: int = 0, g: UnitGroup | None = None) -> float:
@@ -463,7 +445,6 @@ class _JointSearch:
 
     def start(self, s: Mapping[str, list[int]], t: Mapping[str, list[int]]) -> float:
         """Make (s, t) the accepted halves (every tensor recomputed); their objective."""
-        from ..stability import dropout_state
         self.kept = ({k: list(v) for k, v in s.items()}, {k: list(v) for k, v in t.items()})
         self.dropped = [dropout_state(st, self.ctx.graph, kp, self.ctx.min_depth)
                         for st, kp in zip(self.states, self.kept)]
@@ -484,7 +465,6 @@ class _JointSearch:
         objective goes down by more than 1e-7. The side with the larger loss goes first;
         the other is skipped when the objective, with its loss at its least (0: a cross
         entropy), cannot go below the best."""
-        from ..stability import dropout_state
         names = {r.tensor for r in g.refs("consumer")}
         cand = [dict(k) for k in self.kept]
         cand[0][g.name], cand[1][g.name] = new_s, new_t
@@ -689,7 +669,6 @@ def build_short_path(model: nn.Module, a: Mapping[str, torch.Tensor], b: Mapping
                         search_steps=search_steps, search_examples=search_examples, seed=seed,
                         random_baseline=random_baseline, sample_examples=sample_examples,
                         bn_examples=bn_examples)
-    from ..stability import _subset
     x, _ = _subset(loader, 64)
     checks = verify_short_segments(con.work, con.vertices, con.graph, x.to(device))
     meta = {"unit_groups": [g.name for g in con.graph.groups], "bn_reestimated": con.bn_modules,
@@ -707,7 +686,6 @@ def build_short_path(model: nn.Module, a: Mapping[str, torch.Tensor], b: Mapping
 def _certificate(con: ShortConstruction, path: "ShortPath", loader, device, points: int, checks,
                  progress, sample_examples: int | None = None) -> tuple[dict[str, Any], float]:
     """The certificate and the evaluation passes it took (in full passes over `loader`)."""
-    from ..bn import FixedSubset
     e = con.eps
     # vertices 2 and 3 end exact segments (2: from D_S(A); 4: to D_T(B)), checked from the
     # weights and on a batch: their losses are their neighbours'
@@ -759,7 +737,6 @@ def _measure(path: "ShortPath", work: nn.Module, loader, device, i: int, n: int,
              l0: float, l1: float, bar, *, full: bool = True) -> dict[str, Any]:
     """Loss at `points` evenly spaced states of segment i on `loader`; the ends are `l0`,
     `l1` when `loader` is the data they were measured on (`full`), else evaluated too."""
-    from ..evaluate import evaluate
     pts = []
     for j in range(points):
         s = j / (points - 1)
@@ -827,6 +804,21 @@ def _decode_short(prev: StateDict, delta: Mapping[str, torch.Tensor]) -> StateDi
     return cur
 
 
+@dataclass(frozen=True)
+class ShortConfig:
+    """The short path's settings. search_steps: swap trials per unit group when choosing the
+    halves (0: the importance ranking alone); seed: seeds those searches (`build` sets it
+    from its own seed)."""
+
+    search_steps: int = 4
+    seed: int = 0
+
+    def __post_init__(self) -> None:
+        check_count(self.search_steps, "search_steps", minimum=0)
+        if not isinstance(self.seed, int) or isinstance(self.seed, bool):
+            raise BadOptionError(f"`seed` must be an integer, got {self.seed!r}", option="seed")
+
+
 @register_path("short")
 class ShortPath(DropoutPath):
     """The short path: six vertices (A, D_S(A), two intermediate states, D_T(B), B), equally
@@ -841,12 +833,14 @@ class ShortPath(DropoutPath):
     _encode_delta = staticmethod(_encode_short)
     _decode_delta = staticmethod(_decode_short)
 
+    config_class = ShortConfig
+
     @classmethod
-    def from_options(cls, net, a, b, *, opts, data, fit_loader, bn_loader, index: int = 0,
-                     graph=None) -> "ShortPath":
-        """`build --method short`: `build_short_path` on `bn_loader`, its searches seeded by `data.seed`."""
+    def from_options(cls, net, a, b, *, config: ShortConfig, opts, data, fit_loader, bn_loader,
+                     index: int = 0, graph=None) -> "ShortPath":
+        """`build --method short`: `build_short_path` on `bn_loader`, its searches seeded by `config.seed`."""
         return build_short_path(net, a, b, bn_loader, graph=graph, device=data.device, progress=data.progress,
-                                seed=data.seed, search_steps=4 if opts.search_steps is None else opts.search_steps)
+                                seed=config.seed, search_steps=config.search_steps)
 
     @classmethod
     def _from_file(cls, groups: dict[str, StateDict], meta: dict[str, Any]) -> "ShortPath":

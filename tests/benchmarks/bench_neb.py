@@ -30,7 +30,8 @@ import torch
 from mcensemble.data import create_loader
 from mcensemble.evaluate import scan
 from mcensemble.paths import LinearPath
-from mcensemble.paths.fit import CurveConfig, fit_curve
+from mcensemble.paths.curve_base import CurveConfig
+from mcensemble.paths.fit import fit_curve
 from mcensemble.paths.neb import NebConfig, fit_neb
 from mcensemble.train import TrainConfig, train_model
 
@@ -96,8 +97,8 @@ def part1(lines: list[str]) -> None:
 
 def part2(lines: list[str]) -> None:
     from mcensemble.checkpoints import save_checkpoint
-    from mcensemble.connect import ConnectOptions, connect_checkpoints
-    from mcensemble.pipeline import BuildOptions, DataOptions, ModelOptions
+    from mcensemble.connect import connect_checkpoints
+    from mcensemble.options import BuildOptions, ConnectOptions, DataOptions, ModelOptions
     make = cnn((8, 16))
     with tempfile.TemporaryDirectory() as d:
         zoo = Path(d) / "zoo"

@@ -5,7 +5,7 @@ For each task, model and seed (5 seeds by default), at equal training epochs E:
 - endpoints A and B, and a third model C, trained independently (`train.train_model`:
   SGD, cosine, batch 64, E epochs each, seeds 10 s, 10 s + 1, 10 s + 2);
 - the two-endpoint ensemble A + B (cost 2E) and the independent 3-model ensemble A + B + C (3E);
-- FGE from A (`hooks.fge_train`): E more epochs in 4 cycles, lr 0.04 -> 0.0004 (`build --method
+- FGE from A (`snapshots.fge_train`): E more epochs in 4 cycles, lr 0.04 -> 0.0004 (`build --method
   fge`'s default, its --lr), one snapshot
   per cycle, BN re-estimated (cost 2E: the budget of A + B, Garipov et al. 2018's "1 budget"
   comparison is FGE against the independent 2-model ensemble);
@@ -60,11 +60,12 @@ if __package__ in (None, ""):
 from mcensemble import zoo  # noqa: F401,E402  (registers mce_* archs)
 from mcensemble.bn import has_batchnorm, update_bn  # noqa: E402
 from mcensemble.data import create_dataset, digits_tensors  # noqa: E402
-from mcensemble.hooks import fge_train  # noqa: E402
+from mcensemble.snapshots import fge_train  # noqa: E402
 from mcensemble.members import (candidate_state, ensemble_metrics, evaluate_candidates,  # noqa: E402
                                 predict_log_probs, select_members)
-from mcensemble.paths.fit import CurveConfig, fit_curve  # noqa: E402
-from mcensemble.pipeline import BuildOptions  # noqa: E402
+from mcensemble.paths.curve_base import CurveConfig
+from mcensemble.paths.fit import fit_curve  # noqa: E402
+from mcensemble.snapshots import FgeConfig  # noqa: E402
 from mcensemble.train import TrainConfig, train_model  # noqa: E402
 
 DIGITS_TRAIN = "digits,train=300,noise=0.2"
@@ -76,7 +77,7 @@ KS = (3, 5, 8)
 GRID = 11
 FGE_CYCLES = 4
 #: FGE's highest learning rate: what `build --method fge` uses by default (its --lr)
-FGE_LR = BuildOptions.lr
+FGE_LR = FgeConfig.lr
 #: CurveConfig.lr that reproduces the previous default fit (the bends at 0.05, 4 x 0.0125)
 OLD_LR = 0.0125
 

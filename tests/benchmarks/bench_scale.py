@@ -198,7 +198,8 @@ def _memory_fn(mode: str, x, y, folder: Path, info: dict):
                 fitter.step(x, y, t, 0.01)
         return (model, a, b), fn
     if kind == "fit":
-        from mcensemble.paths.fit import CurveConfig, fit_curve
+        from mcensemble.paths.curve_base import CurveConfig
+        from mcensemble.paths.fit import fit_curve
         model, (a, b) = make_model(), states(2)
         return (model, a, b), lambda: info.setdefault("path", fit_curve(
             model, a, b, _tiny_loader(x, y), config=CurveConfig(epochs=1), progress=False,
@@ -230,7 +231,7 @@ def _memory_fn(mode: str, x, y, folder: Path, info: dict):
         import mcensemble
         from mcensemble.ensemble import save_ensemble
         save_ensemble(folder / "e.safetensors", states(K))
-        ens = mcensemble.load(folder / "e.safetensors", model=make_model, lazy=True)
+        ens = mcensemble.load_ensemble(folder / "e.safetensors", model=make_model, lazy=True)
 
         def fn():
             with torch.no_grad():

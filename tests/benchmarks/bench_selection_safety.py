@@ -57,7 +57,8 @@ from mcensemble.members import (Candidate, _greedy_with_replacement, _losses, _t
                                 candidate_state, evaluate_candidates, paired_bootstrap, predict_log_probs,
                                 select_members)
 from mcensemble.options import BuildOptions  # noqa: E402
-from mcensemble.paths.fit import CurveConfig, fit_curve  # noqa: E402
+from mcensemble.paths.curve_base import CurveConfig  # noqa: E402
+from mcensemble.paths.fit import fit_curve  # noqa: E402
 
 MEMBERS = BuildOptions.members
 WORSE = 0.01  # "more than 1% worse"

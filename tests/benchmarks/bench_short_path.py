@@ -78,7 +78,8 @@ def run_pair(name, arch, kwargs, epochs, channel_p, *, data, size, per_segment, 
     from mcensemble.evaluate import evaluate
     from mcensemble.pack import pack_report
     from mcensemble.paths import LinearPath
-    from mcensemble.paths.fit import CurveConfig, fit_curve
+    from mcensemble.paths.curve_base import CurveConfig
+    from mcensemble.paths.fit import fit_curve
     from mcensemble.paths.short import build_short_path
     model, a, b = train_pair(arch, kwargs, epochs, channel_p, data, size)
     train = create_loader(data, batch_size=256)

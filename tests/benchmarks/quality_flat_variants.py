@@ -40,8 +40,10 @@ from bench_quality import seq_cnn, seq_tensors  # noqa: E402
 from mcensemble.align import align_states  # noqa: E402
 from mcensemble.bn import update_bn  # noqa: E402
 from mcensemble.data import digits_tensors  # noqa: E402
-from mcensemble.paths.curves import BezierPath, curve_coefficients  # noqa: E402
-from mcensemble.paths.fit import CurveConfig, CurveFitter, fit_curve, lr_factor  # noqa: E402
+from mcensemble.paths.curves import BezierPath  # noqa: E402
+from mcensemble.paths.curve_base import curve_coefficients  # noqa: E402
+from mcensemble.paths.curve_base import CurveConfig
+from mcensemble.paths.fit import CurveFitter, fit_curve, lr_factor  # noqa: E402
 from mcensemble.train import TrainConfig, train_model  # noqa: E402
 from mcensemble.zoo import DigitsCNN  # noqa: E402
 

@@ -2,7 +2,6 @@
 `transformers.TrainerCallback`."""
 from __future__ import annotations
 
-import json
 import logging
 import math
 import numbers
@@ -18,13 +17,11 @@ except ImportError as e:  # pragma: no cover - depends on the environment
     raise ImportError("mcensemble_hf needs Hugging Face transformers, which is not installed: "
                       "pip install transformers accelerate") from e
 
-from mcensemble._compat import UNSET, renamed_keyword
-from mcensemble._io import atomic_path, read_header
-from mcensemble.errors import BadOptionError
+from mcensemble.errors import BadOptionError, MCEnsembleError
 from mcensemble.hooks import channel_dropout as _channel_dropout
 from mcensemble.hooks import example_batch
 from mcensemble.snapshots import (SnapshotCollector, check_bn_options, fge_collector, network_in,
-                                  save_snapshots)
+                                  read_collector_state, save_snapshots, write_collector_state)
 
 __all__ = ["MCEnsembleTrainerCallback", "SNAPSHOTS_FILE"]
 
@@ -47,7 +44,7 @@ class MCEnsembleTrainerCallback(TrainerCallback):
     mcensemble ensemble file at the end.
 
     Args:
-        out: the ensemble file written when training ends (`mcensemble.load` reads it);
+        out: the ensemble file written when training ends (`mcensemble.load_ensemble` reads it);
             default `<args.output_dir>/mcensemble.safetensors`.
         snapshots: "epoch" (a snapshot at the end of every epoch from `start_epoch` on),
             "fge" (fast geometric ensembling: a cyclical lr and a snapshot at each cycle's low
@@ -67,7 +64,7 @@ class MCEnsembleTrainerCallback(TrainerCallback):
             on `example_input` or on two samples of the first training batch, or given as
             `graph=`.
         graph: a unit graph (anything `mcensemble.units.build_unit_graph(graph=...)` takes)
-            instead of tracing. `groups=` is its old name (deprecated; it warns).
+            instead of tracing.
         example_input: the input tensor to trace the network with.
         module: dotted attribute name of the network inside the Trainer's model (e.g. "net"
             when the model is a wrapper that computes the loss); None: the model itself.
@@ -79,8 +76,6 @@ class MCEnsembleTrainerCallback(TrainerCallback):
             (tensors, (inputs, labels) tuples or dicts with a "pixel_values" / "input" /
             "image" entry), or None: where each member's BatchNorm statistics are
             re-estimated before the file is written (`bn_max_batches` caps the batches).
-            `bn_dataloader=` is its old name (deprecated; it warns): `bn_loader` is the name
-            the Lightning callback and the library use.
         precision: "fp32" (default), "bf16" or "fp16": the forward passes of that BatchNorm
             re-estimation run under autocast in this dtype (`mcensemble.precision`; the
             statistics are accumulated in float32). Training itself runs at the Trainer's
@@ -111,12 +106,7 @@ class MCEnsembleTrainerCallback(TrainerCallback):
                  graph: Any = None, example_input: torch.Tensor | None = None,
                  module: str | None = None, model_spec: Any = None,
                  bn_loader: str | Iterable | None = "train", bn_max_batches: int | None = None,
-                 resume_from: str | os.PathLike | bool | None = None, precision: str | None = None,
-                 groups: Any = UNSET, bn_dataloader: Any = UNSET):
-        where = "MCEnsembleTrainerCallback"
-        graph = renamed_keyword(graph, groups, new="graph", old="groups", where=where)
-        bn_loader = renamed_keyword(bn_loader, bn_dataloader, new="bn_loader", old="bn_dataloader", where=where,
-                                    default="train")
+                 resume_from: str | os.PathLike | bool | None = None, precision: str | None = None):
         if snapshots not in _MODES:
             raise BadOptionError(f"snapshots must be 'epoch', 'fge' or None, got {snapshots!r}",
                                  option="snapshots")
@@ -297,23 +287,9 @@ class MCEnsembleTrainerCallback(TrainerCallback):
     def save_snapshots(self, file: str | os.PathLike, *, global_step: int) -> Path:
         """Write the collector's state (snapshots, step count, schedule) to `file`
         (safetensors, atomically)."""
-        from safetensors.torch import save_file
-        state = self.collector.state_dict()
-        snaps = state.pop("snapshots")
-        keys = list(snaps[0]) if snaps else []
-        tensors = {}
-        for i, snap in enumerate(snaps):
-            if list(snap) != keys:
-                raise BadOptionError("snapshots have different tensor names; cannot save them",
-                                     option="snapshots")
-            for k, t in snap.items():
-                tensors[f"snapshot.{i}.{k}"] = t.detach().to("cpu").contiguous().clone()
-        doc = {"version": _FORMAT_VERSION, "mode": self.mode, "global_step": int(global_step),
-               "count": len(snaps), "keys": keys, **state}
-        file = Path(file)
-        with atomic_path(file) as tmp:
-            save_file(tensors, str(tmp), metadata={_META_KEY: json.dumps(doc), "format": "pt"})
-        return file
+        return write_collector_state(file, self.collector.state_dict(), key=_META_KEY,
+                                     extra={"version": _FORMAT_VERSION, "mode": self.mode,
+                                            "global_step": int(global_step)})
 
     def _resume_file(self, args, state) -> Path | None:
         if self.resume_from is False:
@@ -334,20 +310,15 @@ class MCEnsembleTrainerCallback(TrainerCallback):
             "resume_from=False to start collecting afresh", option="resume_from")
 
     def _restore(self, args, state) -> None:
-        from safetensors import safe_open
         col = self.collector
         path = self._resume_file(args, state)
         if path is None:   # afresh: count the schedule from the step the run is at
             col.load_state_dict({"step_count": state.global_step})
             return
         try:
-            doc = read_header(path).document(_META_KEY)
-            keys, n = doc["keys"], int(doc["count"])
-            with safe_open(str(path), framework="pt", device="cpu") as f:
-                snaps = [{k: f.get_tensor(f"snapshot.{i}.{k}") for k in keys} for i in range(n)]
-        except BadOptionError:
-            raise
-        except Exception as e:
+            doc = read_collector_state(path, key=_META_KEY)
+            snaps = doc.pop("snapshots")
+        except MCEnsembleError as e:
             raise BadOptionError(f"cannot read the snapshots from {str(path)!r} "
                                  f"({type(e).__name__}: {e})", option="resume_from") from e
         if doc.get("mode") != self.mode:

@@ -114,7 +114,7 @@ def test_epoch_snapshots_with_channel_dropout(tmp_path):
     assert [m["global_step"] for m in doc["members"]] == [STEPS, 2 * STEPS]
     assert all(m["kind"] == "snapshot" and m["bn"] == "re-estimated" for m in doc["members"])
     assert doc["transformers"]["channel_dropout"] == 0.2
-    ens = mcensemble.load(cb.ensemble_path, model=create_model(SPEC))
+    ens = mcensemble.load_ensemble(cb.ensemble_path, model=create_model(SPEC))
     assert len(ens) == 2
     out = ens(x)
     assert out.shape == (32, 10) and torch.allclose(out.exp().sum(1), torch.ones(32), atol=1e-5)
@@ -132,7 +132,7 @@ def test_fge_sets_the_lr_over_the_trainers_scheduler(tmp_path):
     assert [i["epoch"] for i in cb.collector.info] == [0, 1, 1]
     assert cb.ensemble_path == tmp_path / "mcensemble.safetensors"   # default: output_dir
     assert read_ensemble_metadata(cb.ensemble_path)["model"] is None
-    assert len(mcensemble.load(cb.ensemble_path, model=SPEC)) == 3
+    assert len(mcensemble.load_ensemble(cb.ensemble_path, model=SPEC)) == 3
 
 
 def test_cycle_epochs_and_start_epoch_count_optimizer_steps(tmp_path):
@@ -173,7 +173,7 @@ def test_resume_from_a_checkpoint_goes_on_collecting(tmp_path, mode):
                 assert torch.equal(a[k], b[k]), (i, k)      # restored from the checkpoint
             else:
                 assert torch.allclose(a[k].float(), b[k].float(), atol=1e-5), (i, k)
-    assert len(mcensemble.load(tmp_path / "part" / "ens.safetensors")) == n_full
+    assert len(mcensemble.load_ensemble(tmp_path / "part" / "ens.safetensors")) == n_full
 
 
 def test_resume_from_a_moved_checkpoint_needs_resume_from(tmp_path):
@@ -234,7 +234,6 @@ def test_no_snapshot_no_file(tmp_path, caplog):
     (dict(channel_dropout="x"), "channel_dropout"),
     (dict(bn_loader="val"), "bn_loader"),
     (dict(bn_loader=3), "bn_loader"),
-    (dict(bn_loader=None, bn_dataloader=None), "bn_loader"),      # the new name and its old one
     (dict(precision="fp8"), "precision"),
     (dict(example_input=[1, 2]), "example_input"),
     (dict(resume_from=True), "resume_from"),
@@ -246,16 +245,16 @@ def test_bad_arguments_name_the_option(kwargs, option):
     assert e.value.option == option
 
 
-def test_bn_dataloader_and_groups_are_deprecated_names(tmp_path):
-    from mcensemble.units import build_unit_graph
-    data = [torch.zeros(2, 1, 8, 8)]
-    with pytest.warns(DeprecationWarning, match=r"bn_dataloader=.*deprecated.*bn_loader="):
-        cb = MCEnsembleTrainerCallback(bn_dataloader=data)
-    assert cb.bn_loader is data
-    graph = build_unit_graph(create_model(SPEC), torch.zeros(1, 1, 8, 8))
-    with pytest.warns(DeprecationWarning, match=r"groups=.*deprecated.*graph="):
-        cb = MCEnsembleTrainerCallback(groups=graph, channel_dropout=0.1)
-    assert cb.graph is graph
+@pytest.mark.parametrize("old", ["bn_dataloader", "groups"])
+def test_one_keyword_per_setting(old):
+    with pytest.raises(TypeError, match=old):      # bn_loader= and graph= only
+        MCEnsembleTrainerCallback(**{old: None})
+
+
+def test_plugin_imports_only_public_modules():
+    import mcensemble_hf.callback as mod
+    source = open(mod.__file__).read()
+    assert "mcensemble._" not in source and "from mcensemble import _" not in source
 
 
 def test_bn_reestimation_runs_at_the_callback_precision(tmp_path):

@@ -11,7 +11,6 @@ from typing import Any, Iterable, Mapping
 import torch
 import torch.nn as nn
 
-from mcensemble._compat import UNSET, renamed_keyword
 from mcensemble.errors import BadOptionError
 from mcensemble.hooks import channel_dropout as _channel_dropout
 from mcensemble.hooks import example_batch
@@ -38,7 +37,7 @@ class MCEnsembleCallback(pl.Callback):
     """Channel dropout while training, snapshots along the way, an ensemble file at the end.
 
     Args:
-        out: the ensemble file written at the end of training (`mcensemble.load` reads it);
+        out: the ensemble file written at the end of training (`mcensemble.load_ensemble` reads it);
             default `<trainer.default_root_dir>/mcensemble.safetensors`.
         snapshots: "fge" (fast geometric ensembling: cyclical lr, a snapshot at each cycle's
             low point; see `mcensemble.snapshots.SnapshotCollector`), "epoch" (a snapshot at the
@@ -52,7 +51,7 @@ class MCEnsembleCallback(pl.Callback):
             (`mcensemble.hooks.channel_dropout`, traced on one training batch or
             `example_input`; `graph=` a unit graph to restrict it); removed when training ends.
         graph: a unit graph (anything `mcensemble.units.build_unit_graph(graph=...)` takes)
-            instead of tracing. `groups=` is its old name (deprecated; it warns).
+            instead of tracing.
         module: attribute name of the network inside the LightningModule (e.g. "model");
             None: the LightningModule itself. Snapshots are that network's state dicts.
         model_spec: a `mcensemble.ModelSpec` (or its dict) stored in the file so that it
@@ -80,8 +79,7 @@ class MCEnsembleCallback(pl.Callback):
                  max_snapshots: int | None = None, channel_dropout: float = 0.0, graph: Any = None,
                  example_input: torch.Tensor | None = None, module: str | None = None,
                  model_spec: Any = None, bn_loader: str | Iterable | None = "train",
-                 bn_max_batches: int | None = None, precision: str | None = None, groups: Any = UNSET):
-        graph = renamed_keyword(graph, groups, new="graph", old="groups", where="MCEnsembleCallback")
+                 bn_max_batches: int | None = None, precision: str | None = None):
         if snapshots not in _MODES:
             raise BadOptionError(f"snapshots must be 'fge', 'epoch' or None, got {snapshots!r}",
                                  option="snapshots")

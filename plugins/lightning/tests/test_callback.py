@@ -65,7 +65,7 @@ def test_epoch_snapshots_with_channel_dropout(tmp_path):
     assert [m["epoch"] for m in doc["members"]] == [0, 1]
     assert all(m["kind"] == "snapshot" and m["bn"] == "re-estimated" for m in doc["members"])
     assert doc["lightning"]["channel_dropout"] == 0.2
-    ens = mcensemble.load(cb.ensemble_path)
+    ens = mcensemble.load_ensemble(cb.ensemble_path)
     x, _ = next(iter(create_loader("digits", split="val", batch_size=32)))
     out = ens(x)
     assert out.shape == (32, 10) and torch.allclose(out.exp().sum(1), torch.ones(32), atol=1e-5)
@@ -92,7 +92,7 @@ def test_fge_cycles_set_the_lr_and_snapshot_at_low_points(tmp_path):
     assert [i["step"] for i in cb.collector.info] == [1, 5, 9]
     assert [i["epoch"] for i in cb.collector.info] == [0, 1, 1]
     assert cb.ensemble_path == tmp_path / "mcensemble.safetensors"   # default: root dir
-    assert len(mcensemble.load(cb.ensemble_path)) == 3
+    assert len(mcensemble.load_ensemble(cb.ensemble_path)) == 3
 
 
 def test_cycle_epochs_count_optimizer_steps(tmp_path):
@@ -126,7 +126,7 @@ def test_resume_from_a_lightning_checkpoint_goes_on_collecting(tmp_path):
     assert [i["epoch"] for i in second.collector.info] == [0, 1, 2, 3]
     for a, b in zip(first.collector.snapshots, second.collector.snapshots):
         assert all(torch.equal(a[k], b[k]) for k in a)
-    assert len(mcensemble.load(tmp_path / "ens.safetensors")) == 4
+    assert len(mcensemble.load_ensemble(tmp_path / "ens.safetensors")) == 4
 
 
 def _resume_run(tmp_path, out, max_epochs, snapshots="epoch", ckpt_path=None):
@@ -148,7 +148,7 @@ def test_resume_with_another_out_keeps_the_collected_snapshots(tmp_path, caplog)
     assert [i["epoch"] for i in second.collector.info] == [0, 1]       # not dropped: epoch 0 is still there
     assert all(torch.equal(v, second.collector.snapshots[0][k]) for k, v in first.collector.snapshots[0].items())
     assert "a.safetensors" in caplog.text and "b.safetensors" in caplog.text
-    assert len(mcensemble.load(tmp_path / "b.safetensors")) == 2
+    assert len(mcensemble.load_ensemble(tmp_path / "b.safetensors")) == 2
 
 
 def test_resume_with_another_snapshots_mode_is_refused(tmp_path):
@@ -170,16 +170,19 @@ def test_bn_reestimation_runs_at_the_callback_precision(tmp_path):
     assert seen[BATCHES:] == [torch.bfloat16] * 2           # BN re-estimation of the one snapshot: bf16
     doc = read_ensemble_metadata(cb.ensemble_path)
     assert doc["members"][0]["bn"] == "re-estimated"
-    assert all(v.dtype == torch.float32 for v in mcensemble.load(cb.ensemble_path).member_state_dict(0).values()
+    assert all(v.dtype == torch.float32 for v in mcensemble.load_ensemble(cb.ensemble_path).member_state_dict(0).values()
                if v.is_floating_point())
 
 
-def test_groups_is_the_deprecated_name_of_graph():
-    from mcensemble.units import build_unit_graph
-    graph = build_unit_graph(create_model(SPEC), torch.zeros(1, 1, 8, 8))
-    with pytest.warns(DeprecationWarning, match="graph="):
-        cb = MCEnsembleCallback(groups=graph, channel_dropout=0.1)
-    assert cb.graph is graph
+def test_one_keyword_per_setting():
+    with pytest.raises(TypeError, match="groups"):      # graph= only
+        MCEnsembleCallback(groups=None)
+
+
+def test_plugin_imports_only_public_modules():
+    import mcensemble_lightning.callback as mod
+    source = open(mod.__file__).read()
+    assert "mcensemble._" not in source and "from mcensemble import _" not in source
 
 
 def test_no_snapshot_no_file(tmp_path, caplog):
