@@ -145,6 +145,8 @@ def test_torchrun_build_two_processes(mce_cnn_pair, tmp_path):
     from mcensemble.data import create_loader
     from mcensemble.evaluate import evaluate
     ens = mcensemble.load_ensemble(tmp_path / "ens.safetensors")
+    assert ens.temperature == pytest.approx(rep["calibration"]["temperature"], rel=1e-6)
+    ens.temperature = 1.0  # the report's ensemble metrics are before calibration
     m = evaluate(ens, create_loader("digits", split="val", batch_size=128))
     assert m.acc > 0.3 and abs(m.nll - rep["ensemble"]["val"]["nll"]) < 1e-4
     from mcensemble.paths.fit_run import read_fit_checkpoint
