@@ -13,7 +13,6 @@ import sys
 from typing import Any
 
 import click
-from click.utils import make_default_short_help
 
 from .errors import BadOptionError, MCEnsembleError
 
@@ -123,7 +122,7 @@ class _Group(_LibraryErrors, click.Group):
         if not names:
             return
         limit = formatter.width - 6 - max(len(n) for n in names)
-        rows = [(n, make_default_short_help(COMMANDS[n], limit) if n in COMMANDS and n not in self.commands
+        rows = [(n, click.Command(n, help=COMMANDS[n]).get_short_help_str(limit) if n in COMMANDS and n not in self.commands
                  else self.commands[n].get_short_help_str(limit)) for n in names]
         with formatter.section("Commands"):
             formatter.write_dl(rows)
