@@ -25,8 +25,8 @@ from .errors import DropoutPathError, MCEnsembleError
 from .members import check_weights, ensemble_metrics, mean_log_prob, paired_bootstrap, predict_log_probs
 from .pack import pack_pair
 
-__all__ = ["Scorer", "weighted_average", "soup_state", "packed_state", "skipped_row", "decision_sentence", "vs_reference",
-           "SOUP_NOTE", "PACKED_ROW_EXAMPLES"]
+__all__ = ["Scorer", "weighted_average", "soup_state", "packed_state", "skipped_row", "decision_sentence",
+           "vs_reference", "SOUP_NOTE", "PACKED_ROW_EXAMPLES"]
 
 _log = logging.getLogger(__name__)
 

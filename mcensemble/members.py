@@ -307,6 +307,11 @@ def _losses(q: torch.Tensor, counts: torch.Tensor) -> torch.Tensor:
     return -(w @ q).clamp_min(1e-300).log()
 
 
+def _single_nlls(q: torch.Tensor) -> torch.Tensor:
+    """(M,) each candidate's NLL alone, from (M, N) true-class probabilities."""
+    return -q.clamp_min(1e-300).log().mean(dim=1)
+
+
 def _greedy_with_replacement(q: torch.Tensor, max_members: int, max_picks: int, *,
                              start: torch.Tensor | None = None) -> list[tuple[torch.Tensor, float]]:
     """Caruana et al. (2004): start from the best single candidate (or from the pick `counts`
@@ -316,8 +321,7 @@ def _greedy_with_replacement(q: torch.Tensor, max_members: int, max_picks: int, 
     earlier candidate."""
     m = q.shape[0]
     if start is None:
-        singles = -q.clamp_min(1e-300).log().mean(dim=1)
-        first = int(torch.argmin(singles))  # argmin returns the first of equal minima
+        first = int(torch.argmin(_single_nlls(q)))  # argmin returns the first of equal minima
         start = torch.zeros(m, dtype=torch.long)
         start[first] = 1
     counts = start.clone()
@@ -327,7 +331,7 @@ def _greedy_with_replacement(q: torch.Tensor, max_members: int, max_picks: int, 
     for picks in range(int(counts.sum()), max_picks):
         allowed = torch.arange(m) if int((counts > 0).sum()) < max_members else torch.nonzero(counts).flatten()
         mix = (total_q.unsqueeze(0) + q[allowed]) / (picks + 1)
-        trial = -mix.clamp_min(1e-300).log().mean(dim=1)
+        trial = _single_nlls(mix)
         j = int(torch.argmin(trial))
         if not float(trial[j]) < nll:
             break
@@ -374,12 +378,12 @@ def _pick(q: torch.Tensor, ref: torch.Tensor, *, max_members: int, min_members: 
     return ref, traj
 
 
-def _reference(q: torch.Tensor, ends: list[int], max_members: int) -> tuple[torch.Tensor, dict[str, Any]]:
+def _reference(q: torch.Tensor, singles: torch.Tensor, ends: list[int], max_members: int
+               ) -> tuple[torch.Tensor, dict[str, Any]]:
     """The user's own models: their equal-weight ensemble when there are at least two and
-    `max_members` allows them, else the best of them (lowest NLL on the selection examples);
-    with no checkpoints among the candidates, the best candidate."""
+    `max_members` allows them, else the best of them (lowest of `singles`, the candidates'
+    NLLs on the selection examples); with no checkpoints among the candidates, the best candidate."""
     m = q.shape[0]
-    singles = -q.clamp_min(1e-300).log().mean(dim=1)
     if len(ends) >= 2 and len(ends) <= max_members:
         counts, name = _counts_of(m, ends), f"the {len(ends)} checkpoints' ensemble"
     elif ends:
@@ -471,7 +475,7 @@ def select_members(cands: Sequence[Candidate], labels: torch.Tensor, *, max_memb
     ends = sorted(set(int(i) for i in endpoints))
     if any(not 0 <= i < m for i in ends):
         raise BadOptionError(f"`endpoints` {ends} must index the {m} candidates", option="endpoints")
-    singles = -q.clamp_min(1e-300).log().mean(dim=1)
+    singles = _single_nlls(q)
     best = int(torch.argmin(singles))
     base: dict[str, Any] = {"best_single": {"index": best, "nll": float(singles[best]), "cost": 1},
                             "endpoints": [{"index": i, "nll": float(singles[i])} for i in ends]}
@@ -479,7 +483,7 @@ def select_members(cands: Sequence[Candidate], labels: torch.Tensor, *, max_memb
         base["endpoints_ensemble"] = {"indices": ends, "cost": len(ends),
                                       "nll": float(_losses(q, _counts_of(m, ends)).mean()),
                                       "allowed": len(ends) <= max_members}
-    ref, reference = _reference(q, ends, max_members)
+    ref, reference = _reference(q, singles, ends, max_members)
     if exact:
         c = _counts_of(m, sorted(select_greedy_nll(cands, max_members, labels)))
         return _selection(c, "exact", float(_losses(q, c).mean()), base, {}, None, reference=reference)

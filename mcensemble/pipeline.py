@@ -302,7 +302,8 @@ def build_ensemble(files: Sequence[str | os.PathLike], *, model: ModelOptions, d
         report["aligned"] = aligned
     soup_sd = _soup(net, states, weights, train, data)
     report["baselines"] = build_baselines(net, grid, paths, ends, soup_sd, report, opts, data,
-                                           graph=unit_graph_of(net, model), loaders=(train, val, test), ensemble=ens)
+                                           graph=unit_graph_of(net, model), loaders=(train, val, test),
+                                           members=members, weights=weights)
     timings["baselines_s"] = time.perf_counter() - t3
     spec, kind = cks[0].model_spec, paths[0].kind
     sources = [(f, ck.metadata.get("sha256") or sha256_file(ck.path)) for f, ck in zip(files, cks)]

@@ -197,12 +197,14 @@ def packed_row(sc, net, a, b, train, *, graph=None, data) -> dict[str, Any]:
 
 
 def build_baselines(net, grid, paths, ends, soup_sd, report, opts: BuildOptions, data: DataOptions, *, graph,
-                     loaders, ensemble=None) -> list[dict[str, Any]]:
+                     loaders, members=None, weights=None) -> list[dict[str, Any]]:
     """Rows: each checkpoint (cost 1), their equal-weight ensemble (cost = their number),
     the soup (cost 1), the packed pair (cost 1, two checkpoints of a layered network) and
-    the built ensemble (cost K), on the report's splits. With the built `ensemble` (an
-    `EnsembleModel`), its row carries `vs_reference`: its NLL gain over the reference
-    (`report["choice"]["reference"]`, else the checkpoints' ensemble) per split, with an interval."""
+    the built ensemble (cost K), on the report's splits. With the built ensemble's `members`
+    (grid candidates) and `weights`, its row carries `vs_reference`: the members' mixture
+    (uncalibrated, as it was chosen) against the reference (`report["choice"]["reference"]`,
+    else the checkpoints' ensemble) per split, the NLL gain with an interval. Members that are
+    checkpoints, and every member's selection split, reuse what is already scored."""
     train, val, test = loaders
     sc = Scorer(net, report_splits(train, val, test), device=data.device, calibrate=calibrated_on(report))
     ends_c = endpoint_cands(grid, len(paths))
@@ -224,17 +226,15 @@ def build_baselines(net, grid, paths, ends, soup_sd, report, opts: BuildOptions,
     row = {"name": f"built ensemble ({k} member{'s' if k != 1 else ''})", "kind": "ensemble",
            "cost": sum(1 for m in report["members"] if m["weight"] > 0), **{s: e[s] for s in sc.splits if s in e},
            **calibration_of(report)}
-    if ensemble is not None:
+    if members is not None:
         ref = (report.get("choice") or {}).get("reference")
         at = {round(m["t"], 9) for m in ref["members"]} if ref else None
         ref_keys = [n for n, c in ends_c if at is None or round(c.u, 9) in at]
-        temperature, ensemble.temperature = ensemble.temperature, 1.0  # compared as chosen: uncalibrated
-        try:
-            sc.add("built", model=ensemble)
-        finally:
-            ensemble.temperature = temperature
+        keys = [next((n for n, e in ends_c if e is c), None) or
+                sc.add(("member", i), candidate_state(paths[c.path], c), known={"val": c.val_log_probs})
+                for i, c in enumerate(members)]
         row["vs_reference"] = vs_reference(sc, ref["name"] if ref else f"the {len(names)} checkpoints' ensemble",
-                                           ref_keys, ["built"])
+                                           ref_keys, keys, weights=weights)
     rows.append(row)
     return rows
 
