@@ -65,6 +65,40 @@ def randomize(model: nn.Module, seed: int = 0) -> nn.Module:
     return model.eval()
 
 
+def tiny_mlp() -> nn.Module:
+    """16 inputs (any shape that flattens to 16) -> 12 hidden -> 5 classes."""
+    return nn.Sequential(nn.Flatten(), nn.Linear(16, 12), nn.ReLU(), nn.Linear(12, 5))
+
+
+def tiny_mlp_states(k: int, *, head_scale: float = 1.0) -> list[dict[str, torch.Tensor]]:
+    """States of `k` `tiny_mlp`s initialised with seeds 0 .. k-1; `head_scale` multiplies the
+    head's weight (confident members disagree visibly)."""
+    out = []
+    for i in range(k):
+        torch.manual_seed(i)
+        m = tiny_mlp()
+        if head_scale != 1.0:
+            with torch.no_grad():
+                m[3].weight.mul_(head_scale)
+        out.append(clone_state(m))
+    return out
+
+
+def perturbed_state(model: nn.Module, seed: int, scale: float) -> dict[str, torch.Tensor]:
+    """The model's state with Gaussian noise of std `scale` added to every floating tensor
+    (running variances replaced by |noise| + 0.5), so a missed axis shows in the logits
+    (fresh models have zero biases and unit BN statistics); the model is not changed."""
+    gen = torch.Generator().manual_seed(seed)
+    out = {}
+    for k, v in model.state_dict().items():
+        if v.is_floating_point():
+            r = torch.randn(v.shape, generator=gen, dtype=v.dtype) * scale
+            out[k] = r.abs() + 0.5 if k.endswith("running_var") else v + r
+        else:
+            out[k] = v
+    return out
+
+
 def randomized_case(factory: Callable[[], nn.Module], size: int, n: int):
     """`randomize(factory())` after `torch.manual_seed(0)`, `n` random inputs of 1 x size x size,
     and the model's unit graph: (model, x, graph)."""

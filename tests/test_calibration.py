@@ -6,7 +6,6 @@ import math
 
 import pytest
 import torch
-import torch.nn as nn
 import torch.nn.functional as F
 from safetensors.torch import load_file, save_file
 
@@ -17,19 +16,14 @@ from mcensemble.ensemble import EnsembleModel, read_ensemble_metadata, save_ense
 from mcensemble.errors import BadOptionError, CheckpointError
 from mcensemble.evaluate import expected_calibration_error
 
-from helpers import assert_close_rel, clone_state
+from helpers import assert_close_rel, tiny_mlp, tiny_mlp_states
 
 
-def make_mlp() -> nn.Module:
-    return nn.Sequential(nn.Flatten(), nn.Linear(16, 12), nn.ReLU(), nn.Linear(12, 5))
+make_mlp = tiny_mlp
 
 
 def states(k: int) -> list[dict]:
-    out = []
-    for i in range(k):
-        torch.manual_seed(i)
-        out.append(clone_state(make_mlp()))
-    return out
+    return tiny_mlp_states(k)
 
 
 def overconfident(n: int = 2000, t_true: float = 2.0, seed: int = 0) -> tuple[torch.Tensor, torch.Tensor]:

@@ -5,28 +5,19 @@ import math
 
 import pytest
 import torch
-import torch.nn as nn
 
 from mcensemble.ensemble import EnsembleModel, save_ensemble
 from mcensemble.errors import BadOptionError
 from mcensemble.uncertainty import Prediction, entropy, predict_from_logits
 
-from helpers import assert_close_rel, clone_state
+from helpers import assert_close_rel, tiny_mlp, tiny_mlp_states
 
 
-def make_mlp() -> nn.Module:
-    return nn.Sequential(nn.Flatten(), nn.Linear(16, 12), nn.ReLU(), nn.Linear(12, 5))
+make_mlp = tiny_mlp
 
 
 def states(k: int) -> list[dict]:
-    out = []
-    for i in range(k):
-        torch.manual_seed(i)
-        m = make_mlp()
-        with torch.no_grad():
-            m[3].weight.mul_(4.0)  # confident members, so that they disagree visibly
-        out.append(clone_state(m))
-    return out
+    return tiny_mlp_states(k, head_scale=4.0)
 
 
 def direct(member_probs: torch.Tensor, w: torch.Tensor) -> dict[str, torch.Tensor]:

@@ -12,6 +12,7 @@ timm = pytest.importorskip("timm")
 
 from mcensemble.align import weight_matching
 from mcensemble.units import build_unit_graph, permute_state_dict
+from helpers import perturbed_state
 
 #: test models that cannot be placed exactly, with the reason (none today)
 NOT_PLACED: dict[str, str] = {}
@@ -32,17 +33,7 @@ def _input(model, seed: int = 0) -> torch.Tensor:
 
 
 def _randomised(model: torch.nn.Module, seed: int) -> dict:
-    """The model's state with every floating tensor (BN running stats too) random, so a
-    missed axis shows in the logits (fresh models have zero biases, unit BN stats)."""
-    gen = torch.Generator().manual_seed(seed)
-    out = {}
-    for k, v in model.state_dict().items():
-        if v.is_floating_point():
-            r = torch.randn(v.shape, generator=gen, dtype=v.dtype) * 0.2
-            out[k] = r.abs() + 0.5 if k.endswith("running_var") else v + r
-        else:
-            out[k] = v
-    return out
+    return perturbed_state(model, seed, 0.2)
 
 
 def _logits(model, state, x):

@@ -46,7 +46,6 @@ import argparse
 import json
 import math
 import os
-import platform
 import resource
 import subprocess
 import sys
@@ -315,10 +314,8 @@ def main() -> int:
         lines.append(f"- {name}: ours / theirs per seed pair: saddle "
                      f"{', '.join(f'{r[0]:.2f}x' for r in rs)}; wall time {', '.join(f'{r[1]:.2f}x' for r in rs)}; "
                      f"peak RSS {', '.join(f'{r[2]:.2f}x' for r in rs)}.")
-    cpu = next((ln.split(":", 1)[1].strip() for ln in Path("/proc/cpuinfo").read_text().splitlines()
-                if ln.startswith("model name")), platform.machine())
-    machine = (f"Machine: {cpu}, {os.cpu_count()} cores, Python {platform.python_version()}, torch "
-               f"{torch.__version__}, {args.threads} thread(s).")
+    from run_all import machine as machine_line
+    machine = f"Machine: {machine_line()}, {args.threads} thread(s)."
     text = "\n".join([machine, ""] + lines) + "\n"
     if args.out:
         Path(args.out).write_text(text)

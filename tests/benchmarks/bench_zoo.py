@@ -30,6 +30,8 @@ import torch
 import torch.nn.functional as F
 
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
+sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))  # tests/helpers.py
+from helpers import perturbed_state  # noqa: E402
 
 REAL = ["resnet18", "efficientnet_b0", "mobilenetv3_small_100", "convnext_atto", "regnetx_002",
         "densenet121", "vit_tiny_patch16_224", "deit_tiny_patch16_224", "deit_tiny_distilled_patch16_224",
@@ -40,15 +42,7 @@ MORE = ["pvt_v2_b0", "crossvit_tiny_240", "levit_128s", "poolformer_s12", "cafor
 
 
 def randomised(model: torch.nn.Module, seed: int) -> dict:
-    gen = torch.Generator().manual_seed(seed)
-    out = {}
-    for k, v in model.state_dict().items():
-        if v.is_floating_point():
-            r = torch.randn(v.shape, generator=gen, dtype=v.dtype) * 0.02
-            out[k] = r.abs() + 0.5 if k.endswith("running_var") else v + r
-        else:
-            out[k] = v
-    return out
+    return perturbed_state(model, seed, 0.02)
 
 
 def pass_row(name: str) -> dict:
