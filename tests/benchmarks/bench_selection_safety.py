@@ -29,13 +29,14 @@ Tasks:
   Pairs: the BN CNN and the MLP.
 
 Run:  python tests/benchmarks/bench_selection_safety.py [--out FILE.md] [--splits 20] [--threads 1]
-      [--only mnist:bn_cnn digits:mlp ...]
+      [--only mnist:bn_cnn digits:mlp ...] [--pair-seed N] [--fresh]
+`--pair-seed 1` trains and fits other pairs than the ones the rule's constants were chosen on
+(docs/benchmarks/selection_safety_heldout.md). Each pair's scanned points are cached under
+~/.cache/mcensemble-bench (or $MCE_BENCH_CACHE); `--fresh` retrains.
 """
 from __future__ import annotations
 
 import argparse
-import math
-import platform
 import sys
 import time
 from pathlib import Path
@@ -53,9 +54,9 @@ from bench_quality import DIGITS_TRAIN, GRID, _aligned, _loader, _state, _timm, 
 
 from mcensemble import zoo  # noqa: F401,E402  (registers mce_* archs)
 from mcensemble.data import create_dataset, digits_tensors  # noqa: E402
-from mcensemble.members import (Candidate, _greedy_with_replacement, _losses, _true_class_probs,  # noqa: E402
-                                candidate_state, evaluate_candidates, paired_bootstrap, predict_log_probs,
-                                select_members)
+from mcensemble.members import (Candidate, _counts_of, _greedy_with_replacement, _losses,  # noqa: E402
+                                _same_mixture, _single_nlls, _true_class_probs, candidate_state,
+                                evaluate_candidates, paired_bootstrap, predict_log_probs, select_members)
 from mcensemble.options import BuildOptions  # noqa: E402
 from mcensemble.paths.curve_base import CurveConfig  # noqa: E402
 from mcensemble.paths.fit import fit_curve  # noqa: E402
@@ -131,12 +132,9 @@ def pool_log_probs(make, train_ds, pool_ds, epochs: int, seed: int = 0) -> tuple
 def old_rule(q: torch.Tensor, ends: list[int], max_members: int, seed: int) -> torch.Tensor:
     """The rule before issue 18: counts over the candidates."""
     m = q.shape[0]
-    singles = -q.clamp_min(1e-300).log().mean(dim=1)
+    singles = _single_nlls(q)
     best = int(torch.argmin(singles))
-    ends_c = torch.zeros(m, dtype=torch.long)
-    ends_c[ends] = 1
-    best_c = torch.zeros(m, dtype=torch.long)
-    best_c[best] = 1
+    ends_c, best_c = _counts_of(m, ends), _counts_of(m, [best])
     ens_nll = float(_losses(q, ends_c).mean())
     cur = ends_c if len(ends) <= max_members and ens_nll <= float(singles[best]) else best_c
     cur_nll = float(_losses(q, cur).mean())
@@ -144,7 +142,7 @@ def old_rule(q: torch.Tensor, ends: list[int], max_members: int, seed: int) -> t
     for counts, nll in _greedy_with_replacement(q, max_members, 50):
         steps[int((counts > 0).sum())] = (counts, nll)
     for _, (counts, nll) in sorted(steps.items()):
-        if torch.equal(counts * cur.sum(), cur * counts.sum()) or not nll < cur_nll:
+        if _same_mixture(counts, cur) or not nll < cur_nll:
             continue
         if paired_bootstrap(_losses(q, cur), _losses(q, counts), seed=seed)["accepted"]:
             cur, cur_nll = counts, nll
@@ -163,6 +161,7 @@ def new_rule(lps_sel: list[torch.Tensor], labels: torch.Tensor, ends: list[int],
 def run_pair(lps: list[torch.Tensor], labels: torch.Tensor, sizes, n_splits: int) -> dict:
     ends = [0, len(lps) - 1]
     q_all = _true_class_probs([Candidate(0, 0.0, 0.0, val_log_probs=lp) for lp in lps], labels)
+    ref_c = _counts_of(len(lps), ends)
     n = labels.numel()
     out = {}
     for size in sizes:
@@ -170,14 +169,12 @@ def run_pair(lps: list[torch.Tensor], labels: torch.Tensor, sizes, n_splits: int
         for s in range(n_splits):
             perm = torch.randperm(n, generator=torch.Generator().manual_seed(1000 + s))
             sel, test = perm[:size], perm[size:]
-            ref_c = torch.zeros(len(lps), dtype=torch.long)
-            ref_c[ends] = 1
             ref_test = float(_losses(q_all[:, test], ref_c).mean())
             picks = {"new": new_rule([lp[sel] for lp in lps], labels[sel], ends, MEMBERS, s),
                      "old": old_rule(q_all[:, sel], ends, MEMBERS, s)}
             for rule, counts in picks.items():
                 nll = float(_losses(q_all[:, test], counts).mean())
-                departed = not torch.equal(counts * ref_c.sum(), ref_c * counts.sum())
+                departed = not _same_mixture(counts, ref_c)
                 rows[rule].append({"rel": (nll - ref_test) / ref_test, "departed": departed,
                                    "members": int((counts > 0).sum())})
         out[size] = rows
@@ -198,6 +195,9 @@ def main() -> int:
     ap.add_argument("--threads", type=int, default=1)
     ap.add_argument("--only", nargs="*", default=None, help="task:model, e.g. mnist:bn_cnn")
     ap.add_argument("--fresh", action="store_true", help="Retrain the pairs instead of reading the cached scans.")
+    ap.add_argument("--pair-seed", type=int, default=0,
+                    help="Seed of the pairs' training and curve (0: the pairs the rule's constants were chosen on; "
+                         "others: held-out pairs).")
     args = ap.parse_args()
     global FRESH
     FRESH = args.fresh
@@ -211,7 +211,8 @@ def main() -> int:
         train_ds, pool_ds, sizes = make_task()
         for name in todo:
             make, epochs = models[name]
-            lps, labels, info = cached_pool_log_probs(f"{task}-{name}", make, train_ds, pool_ds, epochs)
+            key = f"{task}-{name}" + (f"-seed{args.pair_seed}" if args.pair_seed else "")
+            lps, labels, info = cached_pool_log_probs(key, make, train_ds, pool_ds, epochs, seed=args.pair_seed)
             res = run_pair(lps, labels, sizes, args.splits)
             results.append((task, name, epochs, info, res))
             for size, rows in res.items():
@@ -219,8 +220,9 @@ def main() -> int:
                 print(f"{task}:{name} n_sel={size} new {new} old {old} ({info['seconds']:.0f} s)", file=sys.stderr)
     lines = ["# Selection safety: the shipped ensemble against the checkpoints' ensemble", "",
              f"Command: `python tests/benchmarks/bench_selection_safety.py --splits {args.splits} --threads "
-             f"{args.threads}`. Machine: {platform.processor() or platform.machine()}, Python "
-             f"{platform.python_version()}, torch {torch.__version__}.", "",
+             f"{args.threads} --pair-seed {args.pair_seed}` ({args.threads} torch thread(s); pair seed "
+             f"{args.pair_seed}: {'the pairs the rule was chosen on' if not args.pair_seed else 'held-out pairs'}).",
+             "",
              f"Members at most {MEMBERS} (`build`'s default); the reference is the two checkpoints' equal-weight "
              f"ensemble (BatchNorm re-estimated, as the build scores it). {args.splits} random splits of the held-out "
              "pool into selection and test examples per size. `>1% worse`: share of splits whose shipped test NLL is "
