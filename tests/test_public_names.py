@@ -80,3 +80,33 @@ def test_evaluate_is_the_module_whatever_was_imported_first(first):
             "assert not clash, clash\n")
     res = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True)
     assert res.returncode == 0, res.stderr
+
+
+BENCH = Path(__file__).resolve().parent / "benchmarks"
+#: `from mcensemble... import a, b` lines of the benchmark scripts (most import inside their
+#: job functions, so a rename elsewhere breaks them only when that job is run)
+_IMPORT = re.compile(r"^\s*from (mcensemble[\w.]*) import \(?([\w, \n]+?)\)?\s*(?:#.*)?$", re.M)
+
+
+def _bench_imports():
+    for f in sorted(BENCH.glob("*.py")):
+        for m in _IMPORT.finditer(f.read_text()):
+            for name in m.group(2).replace("\n", " ").split(","):
+                name = name.strip().split(" as ")[0].strip()
+                if name:
+                    yield f.name, m.group(1), name
+
+
+def test_benchmarks_import_only_names_that_exist():
+    import importlib
+    found = list(_bench_imports())
+    assert len(found) > 20  # the pattern still matches the scripts' imports
+    bad = []
+    for file, module, name in found:
+        mod = importlib.import_module(module)
+        if not hasattr(mod, name):
+            try:
+                importlib.import_module(f"{module}.{name}")
+            except ImportError:
+                bad.append(f"{file}: from {module} import {name}")
+    assert not bad, "benchmark scripts import names that moved or were removed:\n" + "\n".join(bad)

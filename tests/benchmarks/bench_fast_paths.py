@@ -129,7 +129,7 @@ def worker(args) -> None:
     if prof:
         prof.enable()
     if args.job == "curve":
-        from mcensemble.options import CurveConfig
+        from mcensemble.paths.curve_base import CurveConfig
         from mcensemble.paths.fit import fit_curve
         curve = fit_curve(model, a, b, train, config=CurveConfig(), progress=False)
         curve.save(args.pairfile + ".curve.safetensors")

@@ -152,7 +152,7 @@ def payoff_row(label: str, arch: str, kwargs: dict, pad: int, epochs: int, *,
 
     from mcensemble.align import align_states
     from mcensemble.evaluate import scan
-    from mcensemble.options import CurveConfig
+    from mcensemble.paths.curve_base import CurveConfig
     from mcensemble.paths.fit import fit_curve
     from mcensemble.paths.linear import LinearPath
 

@@ -43,7 +43,8 @@ from mcensemble.data import digits_tensors  # noqa: E402
 from mcensemble.paths.curves import BezierPath  # noqa: E402
 from mcensemble.paths.curve_base import curve_coefficients  # noqa: E402
 from mcensemble.paths.curve_base import CurveConfig
-from mcensemble.paths.fit import CurveFitter, fit_curve, lr_factor  # noqa: E402
+from mcensemble.paths.fit import CurveFitter, fit_curve  # noqa: E402
+from mcensemble.paths.fit_run import lr_factor  # noqa: E402
 from mcensemble.train import TrainConfig, train_model  # noqa: E402
 from mcensemble.zoo import DigitsCNN  # noqa: E402
 
