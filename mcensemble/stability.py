@@ -37,6 +37,7 @@ from .data import example_input
 from .errors import BadOptionError, DataSpecError
 from .evaluate import evaluate
 from .units import UnitGraph, UnitGroup, build_unit_graph
+from ._layout import fast_layout
 from ._partial import Partial, copy_changed
 
 __all__ = ["StabilityResult", "dropout_stability", "dropout_state", "dropout_network",
@@ -452,6 +453,7 @@ def dropout_stability(model: nn.Module, state: Mapping[str, torch.Tensor], loade
     work = copy.deepcopy(model).to(device).eval()
     graph = graph_for(work, loader, graph)
     graph.validate(state)
+    fast_layout(work, loader)
     bn_loader = loader if bn_loader is None else bn_loader
     measured = list(graph.depths) if depths is None else sorted(set(int(k) for k in depths))
     if not measured or any(k not in graph.depths for k in measured):

@@ -186,8 +186,8 @@ def test_streamed_path_is_the_constructed_one(pair, request, monkeypatch):
         assert same(got, dp.mix_states(want[i], want[i + 1], 0.25)), i
     assert same(path.vertex_states()[n // 2], want[n // 2])
     losses = path.certificate["vertex_losses"]
-    for i in (0, 1, n // 2, n - 1, n):
-        assert losses[i] == loss_at(model, want[i], ld)
+    for i in (0, 1, n // 2, n - 1, n):  # the work copy may run channels_last (`_layout`): last bits differ
+        assert losses[i] == pytest.approx(loss_at(model, want[i], ld), rel=1e-6)
     for sd in path.groups.values():  # the path owns its tensors
         for t in sd.values():
             assert all(t.data_ptr() != x.data_ptr() for x in (*a.values(), *b.values()) if x.numel())

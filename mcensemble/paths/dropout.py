@@ -54,6 +54,7 @@ import torch.nn as nn
 from tqdm import tqdm
 
 from .._io import meta_field
+from .._layout import fast_layout
 from ..bn import FixedSubset
 from ..errors import BadOptionError, DropoutPathError
 from ..evaluate import evaluate
@@ -569,6 +570,7 @@ def working_copy(model: nn.Module, a: Mapping[str, torch.Tensor], b: Mapping[str
     work = copy.deepcopy(model).to(device).eval()
     graph = graph_for(work, loader, graph)
     graph.validate(a)
+    fast_layout(work, loader)
     return a, b, work, graph
 
 

@@ -220,6 +220,8 @@ def main(argv=None):
     p.add_argument("--jobs", default=",".join(JOBS))
     p.add_argument("--old-jobs", default="path,packed_row,pack,stability", help="jobs run on the --old tree too")
     p.add_argument("--profile", action="store_true")
+    p.add_argument("--cache", help="keep the trained pairs in this folder and reuse them (same --train, --epochs); "
+                                   "outside the repository, e.g. ~/.cache/mcensemble-bench")
     p.add_argument("--threads", type=int, default=1)
     p.add_argument("--worker", choices=JOBS)
     p.add_argument("--pair", choices=sorted(PAIRS))
@@ -243,9 +245,17 @@ def main(argv=None):
     with tempfile.TemporaryDirectory() as tmp:
         for key in args.pairs.split(","):
             name, arch, kwargs, method = PAIRS[key]
-            a, b = train_pair(arch, kwargs, args.epochs, args.train)
             pf = os.path.join(tmp, f"{key}.pt")
-            torch.save({"a": a, "b": b}, pf)
+            cached = os.path.join(args.cache, f"fast_paths-{key}-{args.train}-{args.epochs}.pt") if args.cache else None
+            if cached and os.path.exists(cached):
+                blob = torch.load(cached, weights_only=True)
+            else:
+                a, b = train_pair(arch, kwargs, args.epochs, args.train)
+                blob = {"a": a, "b": b}
+                if cached:
+                    os.makedirs(args.cache, exist_ok=True)
+                    torch.save(blob, cached)
+            torch.save(blob, pf)
             got = {}
             for tree_name, tree in trees:
                 for job in jobs:
