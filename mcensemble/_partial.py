@@ -12,7 +12,7 @@ import torch.nn as nn
 from .errors import MCEnsembleError
 from .units import UnitGroup, _trace
 
-__all__ = ["Partial", "copy_changed"]
+__all__ = ["Partial", "Family", "copy_changed", "reach"]
 
 
 def copy_changed(dst: dict[str, torch.Tensor], sd: dict[str, torch.Tensor], loaded: dict[str, torch.Tensor],
@@ -25,6 +25,23 @@ def copy_changed(dst: dict[str, torch.Tensor], sd: dict[str, torch.Tensor], load
             if loaded.get(k) is not v:
                 dst[k].copy_(v)
     return {k: v for k, v in sd.items() if k not in skip}
+
+
+def reach(nodes: list, names: set[str]) -> tuple[set, set] | None:
+    """(U, F) for the tensors `names` (state-dict names) in a traced graph's `nodes`: the
+    nodes they do not reach, and those of them read by a node they reach. None when a
+    tensor is not found in the trace."""
+    hit, found = set(), set()
+    for n in nodes:
+        own = {t for t in names if t == n.target or t.startswith(f"{n.target}.")} \
+            if n.op in ("call_module", "get_attr") else set()
+        found |= own
+        if own or any(a in hit for a in n.all_input_nodes):
+            hit.add(n)
+    if found != names:
+        return None
+    u = {n for n in nodes if n not in hit}
+    return u, {n for n in u if any(v in hit for v in n.users)}
 
 
 class Partial:
@@ -62,16 +79,7 @@ class Partial:
         """(U, F): the nodes g's consumer tensors do not reach, and those of them read by a
         node they reach. None when a tensor is not found in the trace."""
         if g.name not in self.plans:
-            names = {r.tensor for r in g.refs("consumer")}
-            hit, found = set(), set()
-            for n in self.nodes:
-                own = {t for t in names if t == n.target or t.startswith(f"{n.target}.")} \
-                    if n.op in ("call_module", "get_attr") else set()
-                found |= own
-                if own or any(a in hit for a in n.all_input_nodes):
-                    hit.add(n)
-            u = {n for n in self.nodes if n not in hit}
-            self.plans[g.name] = None if found != names else (u, {n for n in u if any(v in hit for v in n.users)})
+            self.plans[g.name] = reach(self.nodes, {r.tensor for r in g.refs("consumer")})
         return self.plans[g.name]
 
     def frontier(self, g: UnitGroup, prev: tuple[str, dict] | None) -> dict:
@@ -99,3 +107,68 @@ class Partial:
             env.update(front)
         self.interp.keep, self.interp.kept = (), {}
         return self.interp.run(self.x, initial_env=env)
+
+
+class Family:
+    """Several states of one work model that differ from a base state only in some tensors
+    (the changed ones are other tensor objects, the rest the base's own): per batch the base
+    runs in full, keeping the values flowing out of the part of the network each state's
+    changed tensors do not reach, and each state runs only the part they reach. The
+    dropout networks D_k of a layered network share everything below depth k, so their
+    losses and BatchNorm statistics cost a fraction of a full pass each. `make` gives None
+    when the model does not trace; a state whose tensors are not all found in the trace
+    runs in full."""
+
+    def __init__(self, work: nn.Module, gm, base: dict[str, torch.Tensor], states: dict[Any, dict[str, torch.Tensor]]):
+        self.work, self.base, self.states = work, base, states
+        self.interp = Partial(gm, None).interp
+        self.nodes = list(gm.graph.nodes)
+        self.dst = work.state_dict(keep_vars=True)
+        #: tensors copied in at every load whatever was loaded before (running statistics that
+        #: a pass in train mode changes)
+        self.always: set[str] = set()
+        self.replan()
+
+    def replan(self, extra: dict[Any, set[str]] | None = None) -> None:
+        """Which part of the network each state reruns: what its changed tensors, and the
+        tensors `extra[key]` names, reach (everything, a full pass, when one of them is not
+        found in the trace). Call again after changing the states."""
+        self.plans = {}
+        for key, sd in self.states.items():
+            names = {n for n, t in sd.items() if t is not self.base[n]} | set((extra or {}).get(key, ()))
+            self.plans[key] = reach(self.nodes, names) or (set(), set())
+        self.keep = set().union(*(f for _, f in self.plans.values()))
+
+    @classmethod
+    def make(cls, work: nn.Module, x: torch.Tensor, base: dict[str, torch.Tensor],
+             states: dict[Any, dict[str, torch.Tensor]]) -> "Family | None":
+        try:
+            return cls(work, _trace(work, (x[:2],)), base, states)
+        except MCEnsembleError:
+            return None
+
+    def run(self, x: torch.Tensor, *, before=None, after=None) -> tuple[Any, dict[Any, Any]]:
+        """The base's output on `x` and each state's, `{key: output}`. `before(key)` /
+        `after(key)` run around each state's pass (BatchNorm re-estimation switches the
+        state's modules to train mode there); the base always runs first."""
+        loaded: dict[str, torch.Tensor] = {}
+        loaded = copy_changed(self.dst, self.base, loaded, self.always)
+        self.interp.keep, self.interp.kept = self.keep, {}
+        out = self.interp.run(x)
+        front = dict(self.interp.kept)
+        outs = {}
+        for key, sd in self.states.items():
+            loaded = copy_changed(self.dst, sd, loaded, self.always)
+            u, f = self.plans[key]
+            env = {n: None for n in u}
+            env.update({n: front[n] for n in f})
+            if before is not None:
+                before(key)
+            try:
+                self.interp.keep, self.interp.kept = (), {}
+                outs[key] = self.interp.run(x, initial_env=env)
+            finally:
+                if after is not None:
+                    after(key)
+        loaded = copy_changed(self.dst, self.base, loaded, self.always)  # the work model holds the base again
+        return out, outs

@@ -38,7 +38,8 @@ from .errors import BadOptionError, DataSpecError
 from .evaluate import evaluate
 from .units import UnitGraph, UnitGroup, build_unit_graph
 from ._layout import fast_layout
-from ._partial import Partial, copy_changed
+from ._partial import Family, Partial, copy_changed
+from .precision import resolve_precision
 
 __all__ = ["StabilityResult", "dropout_stability", "dropout_state", "dropout_network",
            "reestimate_bn", "default_kept", "graph_for", "check_kept", "changed_bn_modules", "swap_trial"]
@@ -478,18 +479,130 @@ def dropout_stability(model: nn.Module, state: Mapping[str, torch.Tensor], loade
             search["seconds"] = time.perf_counter() - t0
         kept = check_kept(graph, kept)
         nan = float("nan")
-        base = evaluate(_loaded(work, state), loader, device=device).loss if measure else nan
+        states = {k: dropout_state(state, graph, kept, k) for k in measured}
+        fam = _family(work, state, states, loader, device)
         rows, stats = [], {}
-        for k in measured:
-            sd, stats[k] = dropout_network(work, state, graph, kept, k, bn_loader=bn_loader,
-                                           device=device)
-            loss = evaluate(_loaded(work, sd), loader, device=device).loss if measure else nan
-            rows.append({"depth": int(k), "loss": loss, "increase": loss - base})
-            bar.update()
+        if fam is not None:  # every D_k in one pass over the data, sharing what lies below depth k
+            if bn_loader is not None and has_batchnorm(work):
+                stats = _family_stats(fam, bn_loader, {k: changed_bn_modules(
+                    work, state, graph, kept, bn_loader, depth=k, device=device) for k in measured}, device)
+            for k in measured:
+                states[k].update(stats.setdefault(k, {}))
+            fam.replan()
+            base, losses = _family_losses(fam, loader, device) if measure else (nan, {})
+            for k in measured:
+                loss = losses.get(k, nan)
+                rows.append({"depth": int(k), "loss": loss, "increase": loss - base})
+                bar.update()
+        else:
+            base = evaluate(_loaded(work, state), loader, device=device).loss if measure else nan
+            for k in measured:
+                sd, stats[k] = dropout_network(work, state, graph, kept, k, bn_loader=bn_loader,
+                                               device=device)
+                loss = evaluate(_loaded(work, sd), loader, device=device).loss if measure else nan
+                rows.append({"depth": int(k), "loss": loss, "increase": loss - base})
+                bar.update()
     finally:
         bar.close()
     eps = max([0.0] + [r["increase"] for r in rows]) if measure else nan
     return StabilityResult(eps, base, rows, kept, stats, graph, search)
+
+
+#: the dropout networks of one checkpoint are evaluated together (`_partial.Family`) while
+#: the tensors they change take at most this many bytes; one at a time above that
+FAMILY_BYTES = 1 << 30
+
+
+def _family(work: nn.Module, base: StateDict, states: dict[int, StateDict], loader: Iterable[Any],
+            device) -> Family | None:
+    """The D_k `states` of `base` as one `Family` (None: evaluate them one at a time, as
+    when the model does not trace, under mixed precision, or above `FAMILY_BYTES`)."""
+    if not states or resolve_precision(None, device).enabled:
+        return None
+    seen: set[int] = set()
+    size = 0
+    for sd in states.values():
+        for n, t in sd.items():
+            if t is not base[n] and id(t) not in seen:
+                seen.add(id(t))
+                size += t.numel() * t.element_size()
+    if size > FAMILY_BYTES:
+        return None
+    x = next(iter(batch_input(b) for b in loader), None)
+    return None if x is None else Family.make(work, x.to(device), base, states)
+
+
+def _family_batches(loader: Iterable[Any], device, labelled: bool):
+    prec = resolve_precision(None, device)
+    for batch in loader:
+        if labelled:
+            x, y = labelled_batch(batch, what="dropout stability")
+            yield prec.input(x.to(device)), y.to(device).long()
+        else:
+            yield prec.input(batch_input(batch).to(device)), None
+
+
+@torch.no_grad()
+def _family_stats(fam: Family, loader: Iterable[Any], modules: dict[int, list[str]],
+                  device) -> dict[int, StateDict]:
+    """`reestimate_bn` of every state of `fam` in one pass over `loader`: per state, its
+    BatchNorm `modules` on batch statistics, accumulated as `update_bn` does (cumulative
+    average, momentum None), every other module in eval mode with its own statistics."""
+    mods = dict(fam.work.named_modules())
+    use = {k: [n for n in names if mods[n].track_running_stats] for k, names in modules.items()}
+    acc = {k: {n: {b: (torch.ones_like if b == "running_var" else torch.zeros_like)(getattr(mods[n], b))
+                   for b in _BN_STATS if getattr(mods[n], b, None) is not None} for n in names}
+           for k, names in use.items()}
+    fam.replan({k: {f"{n}.running_mean" for n in names} for k, names in use.items()})  # they run in every pass
+    fam.always = {f"{n}.{b}" for n in mods if isinstance(mods[n], _BatchNorm) for b in _BN_STATS}
+    momenta = {n: m.momentum for n, m in mods.items() if isinstance(m, _BatchNorm)}
+
+    def before(k):
+        for n, bufs in acc[k].items():
+            for b, t in bufs.items():
+                getattr(mods[n], b).copy_(t)
+            mods[n].momentum = None
+            mods[n].train()
+
+    def after(k):
+        for n, bufs in acc[k].items():
+            for b, t in bufs.items():
+                t.copy_(getattr(mods[n], b))
+            mods[n].momentum = momenta[n]
+            mods[n].eval()
+
+    seen = 0
+    try:
+        for x, _ in _family_batches(loader, device, False):
+            fam.run(x, before=before, after=after)
+            seen += 1
+    finally:
+        fam.always = set()
+    if not seen:
+        raise DataSpecError("dropout stability: the BatchNorm data loader yielded no batches", option="data")
+    return {k: {f"{n}.{b}": t.cpu() for n, bufs in acc[k].items() for b, t in bufs.items()} for k in acc}
+
+
+@torch.no_grad()
+def _family_losses(fam: Family, loader: Iterable[Any], device) -> tuple[float, dict[int, float]]:
+    """Mean cross entropy on `loader` of the base and of every state of `fam` (as `evaluate`
+    sums it: float64 totals of float32 per-batch sums)."""
+    totals: dict[Any, float] = {None: 0.0, **{k: 0.0 for k in fam.states}}
+    n = 0
+    for x, y in _family_batches(loader, device, True):
+        out, outs = fam.run(x)
+        for k, o in ((None, out), *outs.items()):
+            logp = F.log_softmax((o[0] if isinstance(o, (tuple, list)) else o).float(), dim=1)
+            if y.ndim != 1 or y.shape[0] != logp.shape[0] or (y.numel() and (int(y.min()) < 0 or
+                                                                            int(y.max()) >= logp.shape[1])):
+                raise DataSpecError(f"labels of shape {tuple(y.shape)} (range [{int(y.min())}, {int(y.max())}]) "
+                                    f"do not fit outputs of shape {tuple(logp.shape)}; expected one class index "
+                                    "per example, below the model's number of classes", option="data")
+            totals[k] += float(F.nll_loss(logp, y, reduction="sum").double())
+        n += y.shape[0]
+    if n == 0:
+        raise DataSpecError("dropout stability: the data loader yielded no examples", option="data")
+    return totals.pop(None) / n, {k: v / n for k, v in totals.items()}
 
 
 def _loaded(work: nn.Module, sd: Mapping[str, torch.Tensor]) -> nn.Module:

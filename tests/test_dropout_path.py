@@ -55,11 +55,16 @@ def check_certificate(path, model, a, b, ld):
     assert cert["max_loss"] <= max(cert["loss_a"], cert["loss_b"]) + cert["eps"] + 1e-6
     assert cert["eps"] >= 0
     assert len(cert["vertex_losses"]) == path.n_vertices == len(cert["segments"]) + 1
-    # losses taken from the other end of an inactive segment, not evaluated (the dense
-    # check below evaluates them all the same)
-    inh = cert["inherited_vertices"]
-    assert inh and all(any(cert["segments"][j]["kind"] == "inactive" for j in (i - 1, i)
-                           if 0 <= j < len(cert["segments"])) for i in inh)
+    # every vertex's loss is the function's it computes (A, B, a D_k of one), checked on a
+    # probe batch, not evaluated itself (the dense check below evaluates them all the same)
+    fns = cert["vertex_functions"]
+    assert len(fns) == path.n_vertices and fns[0] == "A" and fns[-1] == "B"
+    assert cert["measured_vertices"] == [] and cert["probe"]["largest_deviation"] <= cert["probe"]["rtol"]
+    d = len(path.metadata["unit_groups"])
+    assert set(fns) == {"A", "B", *(f"D_{k}({s})" for k in range(1, d + 1) for s in "AB")}
+    for i, seg in enumerate(cert["segments"]):  # only a classifier segment changes the function
+        if seg["kind"] != "classifier":
+            assert fns[i] == fns[i + 1], (i, seg)
     for i, (seg, c) in enumerate(zip(cert["segments"], curves)):
         assert seg["kind"] in ("classifier", "inactive", "switch")
         assert c[0] == pytest.approx(cert["vertex_losses"][i], rel=1e-5, abs=1e-6)
@@ -280,3 +285,17 @@ def test_stability_taken_at_the_vertices_is_the_measured_one(pair, request):
         assert side["eps"] == pytest.approx(want.eps, rel=1e-5, abs=1e-7)
         assert side["search"]["steps"] == 2
     assert path.certificate["eps"] == max(s["eps"] for s in path.certificate["stability"])
+
+
+def test_vertex_failing_its_probe_is_evaluated_itself(cnn_pair, monkeypatch):
+    """A vertex whose logits on the probe batch differ from its function's is not given
+    that function's loss: it is evaluated on all the data (`measured_vertices`)."""
+    model, a, b = cnn_pair
+    ld = small_eval_loader()
+    monkeypatch.setattr(dp, "PROBE_RTOL", -1.0)  # no vertex passes
+    path = build_dropout_path(model, a, b, ld, search_steps=0)
+    cert = path.certificate
+    assert cert["measured_vertices"] == list(range(1, path.n_vertices - 1))
+    states = path.vertex_states()
+    for i in (1, path.n_vertices // 2, path.n_vertices - 2):
+        assert cert["vertex_losses"][i] == pytest.approx(loss_at(model, states[i], ld), rel=1e-6)

@@ -221,3 +221,27 @@ def test_only_the_asked_depths_are_measured(cnn):
     assert low.depths[0]["loss"] == pytest.approx(full.depths[0]["loss"], rel=1e-6)
     with pytest.raises(BadOptionError, match="depths"):
         dropout_stability(model, sd, small_eval_loader(), search_steps=0, depths=[7])
+
+
+@pytest.mark.parametrize("which", ["mlp", "cnn"])
+def test_family_pass_measures_what_one_at_a_time_does(which, request, monkeypatch):
+    """Every D_k in one pass over the data (`_partial.Family`: the part below depth k run
+    once, by the base) gives the losses and BatchNorm statistics of one pass per D_k."""
+    import mcensemble.stability as st
+    model, sd = request.getfixturevalue(which)
+    ld = small_eval_loader()
+    bn = [next(iter(ld))]  # a different BatchNorm loader: one batch
+    got = dropout_stability(model, sd, ld, search_steps=2, bn_loader=bn)
+    monkeypatch.setattr(st, "FAMILY_BYTES", -1)  # every D_k alone, full passes
+    want = dropout_stability(model, sd, ld, search_steps=2, bn_loader=bn)
+    assert got.kept == want.kept
+    assert got.base_loss == pytest.approx(want.base_loss, rel=1e-6)
+    for g, w in zip(got.depths, want.depths):
+        assert g["depth"] == w["depth"] and g["loss"] == pytest.approx(w["loss"], rel=1e-5)
+    assert got.bn_stats.keys() == want.bn_stats.keys()
+    for k in want.bn_stats:
+        assert got.bn_stats[k].keys() == want.bn_stats[k].keys()
+        for name, t in want.bn_stats[k].items():
+            torch.testing.assert_close(got.bn_stats[k][name], t, rtol=1e-5, atol=1e-6)
+    if which == "cnn":
+        assert any(want.bn_stats.values())  # BatchNorm statistics were compared, not only losses

@@ -55,7 +55,7 @@ from tqdm import tqdm
 
 from .._io import meta_field
 from .._layout import fast_layout
-from ..bn import FixedSubset
+from ..bn import FixedSubset, batch_input
 from ..errors import BadOptionError, DropoutPathError
 from ..evaluate import evaluate
 from ..options import check_count
@@ -68,6 +68,10 @@ __all__ = ["DropoutPath", "DropoutConfig", "build_dropout_path", "layered_chain"
 
 log = logging.getLogger(__name__)
 _ROW_ROLES = ("producer", "bn", "depthwise")
+#: a vertex's loss is the function's it computes when their logits on the first
+#: `PROBE_EXAMPLES` training examples agree to `PROBE_RTOL` (of the largest logit)
+PROBE_EXAMPLES = 64
+PROBE_RTOL = 1e-5
 
 
 
@@ -471,29 +475,87 @@ def verify_segments(vertices: list[StateDict], kinds: list[dict[str, Any]], grap
 
 class _Recorder:
     """The path as the construction makes it, one vertex at a time: each segment checked
-    (`_check_segment`), each vertex's loss taken and its delta against the vertex before it
-    on the path kept (`_encode`), so no list of full states is ever held. A's track runs
-    forward along the path; B's track runs backward (B, D_d(B), ..., E_B), so there a vertex's
-    delta is taken against the one after it on its track, and its loss one step late (E_B
-    itself is A's track's last vertex)."""
+    (`_check_segment`), each vertex's delta against the vertex before it on the path kept
+    (`_encode`), so no list of full states is ever held, and each vertex's loss taken from
+    the function it computes. Every vertex computes A, B or some D_k of one of them, its
+    units possibly in other slots (the module docstring); the stability measurement
+    already took those functions' losses on all the data, so a vertex's loss is its
+    function's, once a probe batch shows the vertex's logits equal the function's (to
+    `PROBE_RTOL`, relative; a vertex that fails the probe is evaluated on all the data
+    instead: `measured`). A's track runs forward along the path; B's track runs backward (B,
+    D_d(B), ..., E_B), so there a vertex's delta is taken against the one after it on its
+    track, one step late (E_B itself is A's track's last vertex)."""
 
-    def __init__(self, work: nn.Module, con: "_Construction", loader, ends: Iterable[StateDict],
-                 progress: bool | None):
+    def __init__(self, work: nn.Module, con: "_Construction", loader, sides: Iterable["_Side"],
+                 progress: bool | None, *, measured: Iterable[bool]):
         self.work, self.con, self.loader = work, con, loader
-        self._inputs = {id(t) for sd in ends for t in sd.values()}
+        self.sides = {s.name: s for s in sides}
+        #: per side: did its stability measurement take its losses on `loader` (else they are
+        #: evaluated here, once per function)
+        self.own = dict(zip(self.sides, measured))
+        self._inputs = {id(t) for s in self.sides.values() for t in s.state.values()}
         self._bar = tqdm(desc="dropout path vertices", leave=False, file=sys.stderr,
                          disable=None if progress is None else not progress)
+        x = None
+        for batch in loader:
+            x = batch_input(batch)[:PROBE_EXAMPLES].to(con.device)
+            break
+        self.x = x
         self.deltas: list[list[StateDict]] = [[], []]  # per track, in track order
         self.losses: list[list[float]] = [[], []]
-        self.inherited: list[list[bool]] = [[], []]  # per loss: taken from its inactive segment's other end
-        self._b_inactive = False  # B's track: was the last segment inactive (its far end's loss known)?
-        self.functions: dict[tuple[str, int], float] = {}  # (side, k) -> loss of a vertex computing D_k(side)
-        self._b_function: tuple[str, int] | None = None  # B's track: the function of the vertex not yet measured
+        self.labels: list[list[str]] = [[], []]  # the function each vertex computes: "A", "D_2(B)", ...
+        self.measured: list[list[bool]] = [[], []]  # evaluated itself (failed the probe)
+        self.deviation = 0.0  # largest relative logit deviation of a vertex from its function
+        self._canon: dict[tuple[str, int], torch.Tensor] = {}
+        self._fn_loss: dict[tuple[str, int], float] = {}
+        self._fn = [("A", 0), ("B", 0)]  # per track: the function its newest vertex computes
+        self._b_pending: tuple[tuple[str, int], bool] | None = None  # B's newest vertex: (function, probe ok)
 
     def loss(self, sd: Mapping[str, torch.Tensor]) -> float:
         self.work.load_state_dict(sd)
         self._bar.update(1)
         return evaluate(self.work, self.loader, device=self.con.device).loss
+
+    @torch.no_grad()
+    def _logits(self, sd: Mapping[str, torch.Tensor]) -> torch.Tensor:
+        self.work.load_state_dict(sd)
+        out = self.work(self.x)
+        return (out[0] if isinstance(out, (tuple, list)) else out).double()
+
+    def _canonical(self, fn: tuple[str, int]) -> StateDict:
+        side = self.sides[fn[0]]
+        return side.state if fn[1] == 0 else self.con.dk(side, fn[1])
+
+    def _probe(self, sd: StateDict, fn: tuple[str, int]) -> bool:
+        """Do `sd`'s logits on the probe batch equal those of the function `fn` computes?"""
+        if self.x is None:
+            return False
+        if fn not in self._canon:
+            self._canon[fn] = self._logits(self._canonical(fn))
+        want = self._canon[fn]
+        got = self._logits(sd)
+        dev = float((got - want).abs().max()) / max(float(want.abs().max()), 1e-12)
+        self.deviation = max(self.deviation, dev)
+        return dev <= PROBE_RTOL
+
+    def function_loss(self, fn: tuple[str, int]) -> float:
+        """The loss of A, B or D_k(side) on all the data: the stability measurement's (or
+        evaluated once, when it took none)."""
+        if fn not in self._fn_loss:
+            st, loss = self.sides[fn[0]].stab, float("nan")
+            if self.own[fn[0]]:
+                loss = st.base_loss if fn[1] == 0 else next(
+                    (r["loss"] for r in st.depths if r["depth"] == self.con.chain[fn[1] - 1].depth), loss)
+            self._fn_loss[fn] = loss if loss == loss else self.loss(self._canonical(fn))
+        return self._fn_loss[fn]
+
+    def _record(self, track: int, sd: StateDict, fn: tuple[str, int], ok: bool) -> None:
+        self.losses[track].append(self.function_loss(fn) if ok else self.loss(sd))
+        self.labels[track].append(_label(fn))
+        self.measured[track].append(not ok)
+
+    def start(self, a: StateDict) -> None:
+        self._record(0, a, ("A", 0), True)
 
     def _check(self, va: StateDict, vb: StateDict, kind: Mapping[str, Any], where: str) -> None:
         why = _check_segment(va, vb, kind["kind"], self.con.graph, self.con.chain)
@@ -505,55 +567,42 @@ class _Recorder:
         d = DropoutPath._encode_delta(prev, cur)
         return {k: (t.clone() if id(t) in self._inputs else t) for k, t in d.items()}
 
-    def _loss_or_inherited(self, track: int, sd: StateDict, same_as_last: bool) -> None:
-        """Append sd's loss: the last one when the segment between them is inactive (it
-        changes only rows of units no live unit reads, checked: the network's output is
-        the same bit for bit), else measured on the loader."""
-        last = self.losses[track][-1] if self.losses[track] else float("nan")
-        keep = same_as_last and last == last  # NaN: B's own loss, not taken yet
-        self.losses[track].append(last if keep else self.loss(sd))
-        self.inherited[track].append(keep)
-
     def a_sink(self, prev: StateDict, cur: StateDict, kind: Mapping[str, Any], function=None) -> None:
         self._check(prev, cur, kind, f"segment {len(self.losses[0]) - 1}")
-        self._loss_or_inherited(0, cur, kind["kind"] == "inactive")
+        fn = self._fn[0] = function or self._fn[0]
+        self._record(0, cur, fn, self._probe(cur, fn))
         self.deltas[0].append(self._delta(prev, cur))
-        if function is not None:
-            self.functions.setdefault(function, self.losses[0][-1])
 
     def b_sink(self, prev: StateDict, cur: StateDict, kind: Mapping[str, Any], function=None) -> None:
-        k = len(self.deltas[1]) + (1 if self.losses[1] else 0)
+        k = len(self.deltas[1]) + (1 if self._b_pending else 0)
         self._check(cur, prev, kind, f"segment {k} counted from B's end")
-        if self.losses[1]:  # prev is not B itself
-            self._loss_or_inherited(1, prev, self._b_inactive)
+        if self._b_pending is not None:  # prev is not B itself: its loss, one step late
+            self._record(1, prev, *self._b_pending)
             self.deltas[1].append(self._delta(cur, prev))
-            if self._b_function is not None:
-                self.functions.setdefault(self._b_function, self.losses[1][-1])
-        else:
-            self.losses[1].append(float("nan"))  # B's own loss: taken last
-            self.inherited[1].append(False)
-        self._b_inactive = kind["kind"] == "inactive"
-        self._b_function = function
+        fn = self._fn[1] = function or self._fn[1]
+        self._b_pending = (fn, self._probe(cur, fn))
 
     def assemble(self, a: StateDict, b: StateDict) -> tuple[dict[str, StateDict], list[float]]:
         """The path's groups (endpoints copied) and its vertex losses, in path order
-        (`self.inherited_vertices`: the indices whose loss is their inactive segment's
-        other end's)."""
+        (`self.vertex_labels`: the function each vertex computes; `self.measured_vertices`:
+        the indices evaluated themselves)."""
         da, db = self.deltas
         la, lb = self.losses
-        ia, ib = self.inherited
-        if not lb:  # B's track never moved: A's track ends at B itself
-            da, la, ia = da[:-1], la[:-1], ia[:-1]
-        flags = ia + ib[:0:-1] + [False]
-        self.inherited_vertices = [i for i, f in enumerate(flags) if f]
-        if self._b_function is not None and la:  # B's track's last vertex is A's track's last (E_B)
-            self.functions.setdefault(self._b_function, self.losses[0][-1])
+        (ta, tb), (ma, mb) = self.labels, self.measured
+        if self._b_pending is None:  # B's track never moved: A's track ends at B itself
+            da, la, ta, ma = da[:-1], la[:-1], ta[:-1], ma[:-1]
+        self.vertex_labels = ta + tb[::-1] + [_label(("B", 0))]
+        self.measured_vertices = [i for i, m in enumerate(ma + mb[::-1]) if m]
         mid = da + db[::-1]
         groups = {"endpoint.0": {k: v.clone() for k, v in a.items()},
                   "endpoint.1": {k: v.clone() for k, v in b.items()}}
         groups.update({f"delta.{i}": d for i, d in enumerate(mid, start=1)})
         self._bar.close()
-        return groups, la + lb[:0:-1] + [self.loss(b)]
+        return groups, la + lb[::-1] + [self.function_loss(("B", 0))]
+
+
+def _label(fn: tuple[str, int]) -> str:
+    return fn[0] if fn[1] == 0 else f"D_{fn[1]}({fn[0]})"
 
 
 def working_copy(model: nn.Module, a: Mapping[str, torch.Tensor], b: Mapping[str, torch.Tensor],
@@ -614,11 +663,14 @@ def build_dropout_path(model: nn.Module, a: Mapping[str, torch.Tensor], b: Mappi
     stability and choosing the kept halves). `model`: an nn.Module of the architecture
     (not changed; a copy does the work). Unsupported graphs -> `DropoutPathError`.
 
-    Stability measured here costs no evaluation pass of its own: each D_k is a function
-    some vertex computes (its units in other slots), so its loss, and eps, are those
-    vertices' losses. The D_k's BatchNorm statistics are re-estimated on a fixed subsample
-    of `bn_examples` training examples (`mcensemble.bn.FixedSubset`; None: all of
-    `loader`); every loss uses all of `loader` (`certificate["data"]`)."""
+    Every vertex computes A, B or some D_k of one of them (its units possibly in other
+    slots), so the vertices' losses are those the stability measurement takes on all of
+    `loader`, once per function (the D_k of a side in one pass over the data, sharing what
+    lies below depth k: `mcensemble._partial.Family`), each vertex checked against its
+    function on a probe batch (`certificate["vertex_functions"]`, `["probe"]`). The D_k's
+    BatchNorm statistics are re-estimated on a fixed subsample of `bn_examples` training
+    examples (`mcensemble.bn.FixedSubset`; None: all of `loader`); every loss uses all of
+    `loader` (`certificate["data"]`)."""
     t0 = time.perf_counter()
     bn_loader = None
     if bn_examples is not None and loader is not None:
@@ -630,10 +682,9 @@ def build_dropout_path(model: nn.Module, a: Mapping[str, torch.Tensor], b: Mappi
     work, con, side_a, side_b = _prepare(model, a, b, loader, graph=graph, stability_a=stability_a,
                                          stability_b=stability_b, device=device,
                                          progress=progress, search_steps=search_steps,
-                                         measure=False, bn_loader=bn_loader)
-    rec = _Recorder(work, con, loader, (side_a.state, side_b.state), progress)
-    rec.losses[0].append(rec.loss(side_a.state))
-    rec.inherited[0].append(False)
+                                         bn_loader=bn_loader)
+    rec = _Recorder(work, con, loader, (side_a, side_b), progress, measured=[not g for g in given])
+    rec.start(side_a.state)
     tr, pa = con.forward(side_a, rec.a_sink)
     side_a._dk.clear()
     trb, pb = con.forward(side_b, rec.b_sink)
@@ -649,16 +700,16 @@ def build_dropout_path(model: nn.Module, a: Mapping[str, torch.Tensor], b: Mappi
     n = len(losses)
     ts = [i / (n - 1) for i in range(n)]
     segments = [dict(k, t0=ts[i], t1=ts[i + 1]) for i, k in enumerate(kinds)]
-    for side, known, base in ((side_a, given[0], losses[0]), (side_b, given[1], losses[-1])):
-        if not known:
-            _fill_stability(side, con, rec, base)
     stab = (side_a.stab, side_b.stab)
     eps = max(float(s.eps) for s in stab)
     cert = {"max_loss": max(losses), "eps": eps, "loss_a": losses[0], "loss_b": losses[-1],
             "bound": max(losses[0], losses[-1]) + eps, "vertex_losses": losses,
-            "inherited_vertices": rec.inherited_vertices,
+            "vertex_functions": rec.vertex_labels, "measured_vertices": rec.measured_vertices,
+            "probe": {"examples": 0 if rec.x is None else int(rec.x.shape[0]), "rtol": PROBE_RTOL,
+                      "largest_deviation": rec.deviation},
             "segments": segments, "stability": [s.to_dict() for s in stab],
-            "data": {"losses": "all the training data",
+            "data": {"losses": "all the training data: each vertex's loss is that of the function it computes "
+                               "(A, B or a D_k of one of them, taken once; checked on the probe batch)",
                      "batchnorm": bn_note if not all(given) else "as the given stability results",
                      "search": "the first search_examples training examples (stability.search)"}}
     meta = {"construction_seconds": time.perf_counter() - t0,
@@ -666,22 +717,6 @@ def build_dropout_path(model: nn.Module, a: Mapping[str, torch.Tensor], b: Mappi
     log.info("dropout path: %d segments, max vertex loss %.4f (A %.4f, B %.4f, eps %.4f)",
              n - 1, cert["max_loss"], losses[0], losses[-1], eps)
     return DropoutPath._from_groups(groups, n, certificate=cert, metadata=meta)
-
-
-def _fill_stability(side: _Side, con: _Construction, rec: _Recorder, base: float) -> None:
-    """A side's stability rows from the vertices that compute its D_k (a D_k no vertex
-    computes, because its segment changed nothing, is evaluated)."""
-    rows = []
-    for k, g in enumerate(con.chain, start=1):
-        loss = rec.functions.get((side.name, k))
-        if loss is None:
-            sd = dropout_state(side.state, con.graph, side.stab.kept, g.depth)
-            sd.update(side.stab.bn_stats.get(g.depth, {}))
-            loss = rec.loss(sd)
-        rows.append({"depth": int(g.depth), "loss": loss, "increase": loss - base})
-    st = side.stab
-    st.base_loss, st.depths = base, rows
-    st.eps = max([0.0] + [r["increase"] for r in rows])
 
 
 def mix_states(va: Mapping[str, torch.Tensor], vb: Mapping[str, torch.Tensor], s: float) -> StateDict:

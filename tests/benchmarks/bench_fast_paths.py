@@ -53,6 +53,10 @@ PROFILED = {  # label -> (file suffix, function name)
     "segment checks": (None, "verify_short_segments"),
     "short measured segments": ("paths/short.py", "_measure"),
     "dropout path vertex checks": ("paths/dropout.py", "_check"),
+    "D_k losses, one pass per side": ("mcensemble/stability.py", "_family_losses"),
+    "D_k BatchNorm, one pass per side": ("mcensemble/stability.py", "_family_stats"),
+    "vertex probes": ("paths/dropout.py", "_probe"),
+    "unit graph traces": ("mcensemble/units.py", "_trace"),
 }
 
 
