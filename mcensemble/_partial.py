@@ -82,6 +82,21 @@ class Partial:
             self.plans[g.name] = reach(self.nodes, {r.tensor for r in g.refs("consumer")})
         return self.plans[g.name]
 
+    def keeping(self, groups) -> tuple[Any, dict[str, dict]]:
+        """A full pass of the loaded state: its output, and each of `groups`' frontier values
+        (`{group name: values}`, as `frontier` gives them) taken on the way."""
+        fs = {g.name: self.plan(g)[1] for g in groups}
+        self.interp.keep, self.interp.kept = set().union(*fs.values()), {}
+        out = self.interp.run(self.x)
+        return out, {name: {n: self.interp.kept[n] for n in f} for name, f in fs.items()}
+
+    def upstream_reads(self, group: str, names: set[str]) -> bool:
+        """Does a node that the consumer tensors of `group` (planned before) do not reach
+        own one of the tensors `names`? Then a change to them changes that group's frontier."""
+        u, _ = self.plans[group]
+        return any(n.op in ("call_module", "get_attr") and
+                   any(t == n.target or t.startswith(f"{n.target}.") for t in names) for n in u)
+
     def frontier(self, g: UnitGroup, prev: tuple[str, dict] | None) -> dict:
         """g's frontier values under the loaded state. `prev` = (group h, h's frontier
         values), computed under a state that differs from the loaded one only in tensors

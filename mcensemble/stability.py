@@ -315,8 +315,8 @@ class _DepthSearch:
         self.loaded: dict[str, torch.Tensor] = {}
         self.partial = Partial.make(work, x)
         self.dropped = {k: dropout_state(state, graph, kept, k) for k in graph.depths}
-        self.frontiers: dict[int, tuple[str, dict]] = {}
-        self.losses = {k: self._loss(k, self.dropped[k]) for k in graph.depths}
+        self.frontiers: dict[int, dict[str, dict]] = {}  # depth -> group -> its frontier values under D_k
+        self.losses = {k: self._loss(k, self.dropped[k], keep=graph.groups) for k in graph.depths}
         self.forwards = len(self.losses)
         self.skipped = 0
 
@@ -329,7 +329,9 @@ class _DepthSearch:
         self.loaded = copy_changed(self.dst, sd, self.loaded, self.stats)
 
     @torch.no_grad()
-    def _loss(self, k: int, sd, g: UnitGroup | None = None) -> float:
+    def _loss(self, k: int, sd, g: UnitGroup | None = None, *, keep: Iterable[UnitGroup] = ()) -> float:
+        """Loss of D_k state `sd` on (x, y): from g's frontier when given, else a full pass
+        that keeps the frontier values of the groups `keep` (D_k's own: `sd` is D_k)."""
         self._load(sd)
         for m in self.bn[k]:
             m.train()
@@ -337,9 +339,10 @@ class _DepthSearch:
             if self.partial is None:
                 out = self.work(self.x)
             elif g is None or self.partial.plan(g) is None:
-                out = self.partial()
+                out, fronts = self.partial.keeping([h for h in keep if self.partial.plan(h) is not None])
+                self.frontiers.setdefault(k, {}).update(fronts)
             else:
-                out = self.partial(g, self.frontiers[k][1])
+                out = self.partial(g, self.frontiers[k][g.name])
             return float(F.cross_entropy(out[0] if isinstance(out, (tuple, list)) else out, self.y))
         finally:
             for m in self.bn[k]:
@@ -347,13 +350,13 @@ class _DepthSearch:
 
     @torch.no_grad()
     def _frontier(self, k: int, g: UnitGroup) -> None:
-        if self.partial is None or self.partial.plan(g) is None or self.frontiers.get(k, (None,))[0] == g.name:
+        if self.partial is None or self.partial.plan(g) is None or g.name in self.frontiers.get(k, {}):
             return
         self._load(self.dropped[k])
         for m in self.bn[k]:
             m.train()
         try:
-            self.frontiers[k] = (g.name, self.partial.frontier(g, self.frontiers.get(k)))
+            self.frontiers.setdefault(k, {})[g.name] = self.partial.frontier(g, None)
         finally:
             for m in self.bn[k]:
                 m.eval()
@@ -384,9 +387,10 @@ class _DepthSearch:
         self.kept[g.name] = new
         self.dropped.update(sds)
         self.losses.update(got)
-        for k in got:  # frontiers kept for another group may have seen g's old half
-            if self.frontiers.get(k, (g.name,))[0] != g.name:
-                del self.frontiers[k]
+        for k in got:  # frontiers of other groups whose upstream part reads g's consumer tensors
+            fronts = self.frontiers.get(k, {})
+            for h in [h for h in fronts if h != g.name and self.partial.upstream_reads(h, names)]:
+                del fronts[h]
         return True
 
 
