@@ -42,7 +42,8 @@ from ._partial import Family, Partial, copy_changed
 from .precision import resolve_precision
 
 __all__ = ["StabilityResult", "dropout_stability", "dropout_state", "dropout_network",
-           "reestimate_bn", "default_kept", "graph_for", "check_kept", "changed_bn_modules", "swap_trial"]
+           "reestimate_bn", "default_kept", "graph_for", "check_kept", "changed_bn_modules", "swap_trial",
+           "GuidedSwaps", "random_swaps"]
 
 log = logging.getLogger(__name__)
 
@@ -364,6 +365,42 @@ class _DepthSearch:
     def objective(self, depth: int) -> float:
         return self.value(v for k, v in self.losses.items() if k <= depth)
 
+    def unit_gradients(self, g: UnitGroup) -> torch.Tensor:
+        """dL/dm_u for every unit u of g (float64): the loss is that of the worst D_k over
+        g's depths on (x, y), m_u the multiplier of u's consumer columns there; the sum over
+        those columns of gradient x the state's own weight. One backward pass, over the part
+        of the network g's consumers reach when the model traces."""
+        k = max((k for k in self.graph.depths if k <= g.depth), key=lambda k: self.losses[k])
+        refs = g.refs("consumer")
+        names = list(dict.fromkeys(r.tensor for r in refs))
+        self._frontier(k, g)
+        self._load(self.dropped[k])
+        params = dict(self.work.named_parameters())
+        flags = {n: p.requires_grad for n, p in params.items()}
+        for n, p in params.items():
+            p.requires_grad_(n in names)
+        for m in self.bn[k]:
+            m.train()
+        try:
+            with torch.enable_grad():
+                if self.partial is not None and self.partial.plan(g) is not None:
+                    out = self.partial(g, self.frontiers[k][g.name])
+                else:
+                    out = self.work(self.x)
+                loss = F.cross_entropy(out[0] if isinstance(out, (tuple, list)) else out, self.y)
+                grads = dict(zip(names, torch.autograd.grad(loss, [params[n] for n in names])))
+        finally:
+            for m in self.bn[k]:
+                m.eval()
+            for n, p in params.items():
+                p.requires_grad_(flags[n])
+        total = torch.zeros(g.size, dtype=torch.float64)
+        for r in refs:
+            t = (grads[r.tensor].detach().double().cpu() * self.state[r.tensor].double()).movedim(r.axis, 0)
+            t = t.reshape(t.shape[0], -1).sum(1)
+            total += t[r.indices(range(g.size))].reshape(g.size, r.block).sum(1)
+        return total
+
     def trial(self, g: UnitGroup, new: list[int]) -> bool:
         """Try `new` as g's kept half; keep it (True) when the objective over the depths
         <= g's falls by more than 1e-7."""
@@ -394,46 +431,97 @@ class _DepthSearch:
         return True
 
 
+def random_swaps(search: "_DepthSearch", g: UnitGroup, scores: torch.Tensor,
+                 gen: torch.Generator) -> list[int] | None:
+    """The next trial of the random order: a swap drawn by rank (`swap_trial`)."""
+    return swap_trial(g.size, search.kept[g.name], scores, gen)
+
+
+class GuidedSwaps:
+    """The next trial of the guided order: the untried swap whose first-order change of the
+    objective is lowest. With m_u the multiplier of unit u's consumer columns in D_k (2 kept,
+    0 dropped), the swap of a kept unit i for a dropped unit o changes the loss of the worst
+    D_k over g's depths by about 2 (dL/dm_o - dL/dm_i); dL/dm_u is the sum over u's
+    columns of weight x gradient (one backward pass over the part of the network g's
+    consumers reach, `_DepthSearch.unit_gradients`), taken again after every accepted swap.
+    None once every swap of the current half has been tried."""
+
+    def __init__(self) -> None:
+        self.gradients = 0
+        self._at: tuple[str, tuple[int, ...]] | None = None
+        self._tried: set[tuple[int, int]] = set()
+        self._grad: torch.Tensor | None = None
+
+    def __call__(self, search: "_DepthSearch", g: UnitGroup, scores: torch.Tensor,
+                 gen: torch.Generator) -> list[int] | None:
+        kept = search.kept[g.name]
+        at = (g.name, tuple(kept))
+        if at != self._at:
+            self._at, self._tried = at, set()
+            self._grad = search.unit_gradients(g)
+            self.gradients += 1
+        grad = self._grad
+        inside = torch.zeros(g.size, dtype=torch.bool)
+        inside[kept] = True
+        ks, ds = inside.nonzero().reshape(-1), (~inside).nonzero().reshape(-1)
+        delta = grad[ds][None, :] - grad[ks][:, None]  # (kept i, dropped o): about half the change
+        for i, o in self._tried:
+            delta[(ks == i).nonzero().reshape(-1), (ds == o).nonzero().reshape(-1)] = float("inf")
+        flat = int(torch.argmin(delta))
+        if not torch.isfinite(delta.reshape(-1)[flat]):
+            return None
+        i, o = int(ks[flat // len(ds)]), int(ds[flat % len(ds)])
+        self._tried.add((i, o))
+        return sorted([u for u in kept if u != i] + [o])
+
+
 def _search(work: nn.Module, state: Mapping[str, torch.Tensor], graph: UnitGraph,
             kept: dict[str, list[int]], scores: dict[str, torch.Tensor], x: torch.Tensor,
-            y: torch.Tensor, steps: int, seed: int, bar, patience: int | None = None) -> dict[str, Any]:
-    """Local search, group by group from the top: swap a kept unit (low score first) with
-    a dropped one (high score first); keep the swap when max_k<=depth L(D_k) (+ a small
-    share of their sum) goes down on (x, y) (`_DepthSearch`). A group's trials stop after
-    `patience` rejections in a row (None: never). `kept` is changed in place. Returns what
-    the search did (trials, accepted, forwards)."""
+            y: torch.Tensor, steps: int, seed: int, bar, patience: int | None = None,
+            guided: bool = True) -> dict[str, Any]:
+    """Local search, group by group from the top: swap a kept unit for a dropped one; keep
+    the swap when max_k<=depth L(D_k) (+ a small share of their sum) goes down on (x, y)
+    (`_DepthSearch`). The trials come in the guided order (`GuidedSwaps`: the predicted
+    best swap first) or, with `guided=False`, drawn at random by importance rank
+    (`random_swaps`: weak kept units and strong dropped ones first). A group's trials stop
+    after `steps`, after `patience` rejections in a row (None: never), or when no untried
+    swap is left. `kept` is changed in place. Returns what the search did (trials,
+    accepted, forwards, gradients)."""
     gen = torch.Generator().manual_seed(seed)
     search = _DepthSearch(work, state, graph, kept, x, y)
+    propose = GuidedSwaps() if guided else random_swaps
     start = search.objective(max(graph.depths))
     trials = accepted = 0
     for g in sorted(graph.groups, key=lambda g: -g.depth):
         h = len(kept[g.name])
         if h == 0 or g.size - h == 0 or steps <= 0:
             continue
-        s = scores[g.name]
         miss = 0
         for i in range(steps):
-            if patience is not None and miss >= patience:
+            new = None if patience is not None and miss >= patience else propose(search, g, scores[g.name], gen)
+            if new is None:
                 bar.update(steps - i)
                 break
             trials += 1
-            if search.trial(g, swap_trial(g.size, kept[g.name], s, gen)):
+            if search.trial(g, new):
                 accepted += 1
                 miss = 0
             else:
                 miss += 1
             bar.update()
-    return {"steps": steps, "patience": patience, "examples": int(x.shape[0]), "trials": trials,
-            "accepted": accepted, "forwards": search.forwards, "skipped_forwards": search.skipped,
-            "partial_forwards": search.partial is not None, "objective_start": start,
-            "objective_end": search.objective(max(graph.depths))}
+    return {"steps": steps, "patience": patience, "order": "guided" if guided else "random",
+            "examples": int(x.shape[0]), "trials": trials, "accepted": accepted,
+            "gradients": getattr(propose, "gradients", 0), "forwards": search.forwards,
+            "skipped_forwards": search.skipped, "partial_forwards": search.partial is not None,
+            "objective_start": start, "objective_end": search.objective(max(graph.depths))}
 
 
 def dropout_stability(model: nn.Module, state: Mapping[str, torch.Tensor], loader: Iterable[Any], *,
                       graph=None, bn_loader: Iterable[Any] | None = None, device="cpu",
                       search_steps: int = 48, search_examples: int = 512, kept=None,
-                      seed: int = 0, progress: bool | None = None, search_patience: int | None = None,
-                      depths: Iterable[int] | None = None, measure: bool = True) -> StabilityResult:
+                      seed: int = 0, progress: bool | None = None, search_patience: int | None = 4,
+                      search_guided: bool = True, depths: Iterable[int] | None = None,
+                      measure: bool = True) -> StabilityResult:
     """Measure the dropout stability of `state` (a state dict of `model`'s architecture).
 
     For each depth k of the unit graph, the loss on `loader` of D_k (the kept halves
@@ -442,11 +530,14 @@ def dropout_stability(model: nn.Module, state: Mapping[str, torch.Tensor], loade
     the full network. `kept` (group -> units) skips the choice; else importance ranking
     plus up to `search_steps` swap trials per group on `search_examples` examples (the first
     ones of `loader`), a group's trials stopping after `search_patience` rejections in a row
-    (None: all `search_steps`). `depths`: the depths to measure (default every depth of the
-    unit graph; the packed pair needs only the lowest). `measure=False`: choose the halves
-    and re-estimate BatchNorm only, no loss (losses and eps NaN: the dropout-stable path
-    takes them at its vertices, which compute the same D_k). `model` is not changed (a copy
-    does the work).
+    (None: all `search_steps`). The trials come best predicted first (`GuidedSwaps`: a
+    first-order estimate from one backward pass, taken again after each accepted swap), or,
+    with `search_guided=False`, drawn at random by importance rank (`random_swaps`).
+    `depths`: the depths to measure (default every depth of the unit graph; the packed pair
+    needs only the lowest). The D_k's BatchNorm statistics and losses are taken in one pass
+    over the data for all of them (`_partial.Family`) where the model traces. `measure=False`:
+    choose the halves and re-estimate BatchNorm only, no loss (losses and eps NaN).
+    `model` is not changed (a copy does the work).
     """
     if search_steps < 0 or search_examples < 1:
         raise BadOptionError("search_steps must be >= 0 and search_examples >= 1",
@@ -477,7 +568,7 @@ def dropout_stability(model: nn.Module, state: Mapping[str, torch.Tensor], loade
             kept = {g.name: default_kept(g, scores[g.name]) for g in graph.groups}
             if search_steps > 0:
                 search = _search(work, state, graph, kept, scores, x, y, search_steps, seed, bar,
-                                 patience=search_patience)
+                                 patience=search_patience, guided=search_guided)
             else:
                 search = {"steps": 0, "examples": int(x.shape[0]), "trials": 0, "accepted": 0}
             search["seconds"] = time.perf_counter() - t0

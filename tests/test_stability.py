@@ -199,7 +199,8 @@ def test_fast_search_makes_the_plain_searchs_choices(which, request):
     """Partial forwards, incremental D_k and skipped depths change the cost, not the choice."""
     model, sd = request.getfixturevalue(which)
     ld = small_eval_loader()
-    res = dropout_stability(model, sd, ld, search_steps=6, search_examples=200, search_patience=None)
+    res = dropout_stability(model, sd, ld, search_steps=6, search_examples=200, search_patience=None,
+                            search_guided=False)
     assert res.kept == _reference_search(model, sd, ld, 6, 200)
     assert res.search["trials"] == 6 * len(res.kept) and res.search["accepted"] > 0
 
