@@ -246,3 +246,47 @@ def test_family_pass_measures_what_one_at_a_time_does(which, request, monkeypatc
             torch.testing.assert_close(got.bn_stats[k][name], t, rtol=1e-5, atol=1e-6)
     if which == "cnn":
         assert any(want.bn_stats.values())  # BatchNorm statistics were compared, not only losses
+
+
+@pytest.mark.parametrize("which", ["mlp", "cnn"])
+def test_unit_gradients_are_the_loss_slope_in_each_units_multiplier(which, request):
+    """`_DepthSearch.unit_gradients`: dL/dm_u (m_u scales unit u's consumer columns of the
+    worst D_k) matches a central difference of the loss of that D_k, on the search data."""
+    import copy
+    from mcensemble.stability import _DepthSearch, _subset, default_kept
+    model, sd = request.getfixturevalue(which)
+    ld = small_eval_loader()
+    work = copy.deepcopy(model).eval()
+    graph = graph_for(work, ld)
+    x, y = _subset(ld, 200)
+    kept = {g.name: default_kept(g) for g in graph.groups}
+    search = _DepthSearch(work, sd, graph, kept, x, y)
+    g = min(graph.groups, key=lambda g: g.depth)  # its consumers reach the most
+    grad = search.unit_gradients(g)
+    k = max((k for k in graph.depths if k <= g.depth), key=lambda k: search.losses[k])
+    base = search.dropped[k]
+
+    def loss_with(u, h):  # D_k with unit u's consumer columns scaled by (m_u + h) / m_u
+        st = dict(base)
+        for r in g.refs("consumer"):
+            t = sd[r.tensor].clone().movedim(r.axis, 0)
+            m = torch.zeros(t.shape[0], dtype=t.dtype)
+            m[r.indices(kept[g.name])] = 2
+            m[r.indices([u])] += h
+            shape = [-1] + [1] * (t.dim() - 1)
+            st[r.tensor] = (t * m.reshape(shape)).movedim(0, r.axis).contiguous()
+        return search._loss(k, st)
+
+    h = 1e-2
+    for u in (kept[g.name][0], next(v for v in range(g.size) if v not in kept[g.name])):
+        fd = (loss_with(u, h) - loss_with(u, -h)) / (2 * h)
+        assert fd == pytest.approx(float(grad[u]), rel=0.05, abs=2e-4), (u, fd, float(grad[u]))
+
+
+def test_guided_search_stops_and_reports(mlp):
+    model, sd = mlp
+    res = dropout_stability(model, sd, small_eval_loader(), search_steps=40, search_patience=3)
+    s = res.search
+    assert s["order"] == "guided" and s["gradients"] >= len(res.kept) and s["accepted"] > 0
+    assert s["objective_end"] < s["objective_start"]
+    assert s["trials"] < 40 * len(res.kept)  # a group stops after 3 rejections in a row
