@@ -1,7 +1,7 @@
 """Benchmark: the constructed paths (dropout, short), the packed pair and stability against
 the default curve fit, on real MNIST digits, before / after side by side.
 
-Pairs (seeds 0 and 1; `--train` MNIST digits from tests/benchmarks/_mnist.py, 28x28, batch 128;
+Pairs (seeds 0 and 1, or `--seeds`; `--train` MNIST digits from tests/benchmarks/_mnist.py, 28x28, batch 128;
 SGD lr 0.1 cosine, channel dropout p = 0.2 while training):
 - VGG-style BN CNN: `mce_digits_cnn` with 4 Conv-BN-ReLU-MaxPool blocks (16-32-32-64), a
   layered network (`--method dropout`);
@@ -43,7 +43,7 @@ PAIRS = {
     "resnet": ("timm resnet10t 16-32-48-64", "resnet10t", {"channels": (16, 32, 48, 64), "stem_width": 16},
                "short"),
 }
-JOBS = ("curve", "path", "packed_row", "pack", "stability", "line_scan", "plane_scan", "build")
+JOBS = ("curve", "curve_cl", "path", "packed_row", "pack", "stability", "line_scan", "plane_scan", "build")
 PROFILED = {  # label -> (file suffix, function name)
     "evaluation passes": ("mcensemble/evaluate.py", "evaluate"),
     "BatchNorm re-estimation": ("mcensemble/bn.py", "update_bn"),
@@ -84,13 +84,13 @@ def val_data():
     return loaders(int(os.environ["BENCH_TRAIN"]))[1].dataset
 
 
-def train_pair(arch, kwargs, epochs, n_train, channel_p=0.2):
+def train_pair(arch, kwargs, epochs, n_train, channel_p=0.2, seeds=(0, 1)):
     from torch.utils.data import DataLoader
     from mcensemble.hooks import channel_dropout
     from mcensemble.train import TrainConfig, train_model
     train_ld, _ = loaders(n_train)
     states = []
-    for seed in (0, 1):
+    for seed in seeds:
         torch.manual_seed(seed)
         net = make_model(arch, kwargs)
         ld = DataLoader(train_ld.dataset, batch_size=128, shuffle=True,
@@ -137,6 +137,12 @@ def worker(args) -> None:
         from mcensemble.paths.fit import fit_curve
         curve = fit_curve(model, a, b, train, config=CurveConfig(), progress=False)
         curve.save(args.pairfile + ".curve.safetensors")
+    elif args.job == "curve_cl":  # the same fit with `--channels-last` (inputs in channels_last)
+        from mcensemble.paths.curve_base import CurveConfig
+        from mcensemble.paths.fit import fit_curve
+        from mcensemble.precision import use_precision
+        with use_precision("fp32", channels_last=True):
+            fit_curve(model, a, b, train, config=CurveConfig(), progress=False)
     elif args.job == "path":
         if method == "dropout":
             from mcensemble.paths.dropout import build_dropout_path as build
@@ -224,6 +230,7 @@ def main(argv=None):
     p.add_argument("--jobs", default=",".join(JOBS))
     p.add_argument("--old-jobs", default="path,packed_row,pack,stability", help="jobs run on the --old tree too")
     p.add_argument("--profile", action="store_true")
+    p.add_argument("--seeds", default="0,1", help="the two training seeds of each pair (another pair: 2,3)")
     p.add_argument("--cache", help="keep the trained pairs in this folder and reuse them (same --train, --epochs); "
                                    "outside the repository, e.g. ~/.cache/mcensemble-bench")
     p.add_argument("--threads", type=int, default=1)
@@ -239,22 +246,24 @@ def main(argv=None):
     trees = [("before", os.path.abspath(args.old))] if args.old else []
     trees.append(("after", ROOT))
     jobs = args.jobs.split(",")
+    seeds = tuple(int(v) for v in args.seeds.split(","))
     lines = ["# Benchmark: fast_paths", "",
              f"Machine: {platform.processor() or platform.machine()}, {os.cpu_count()} cores, Python "
              f"{platform.python_version()}, torch {torch.__version__}, 1 torch thread per job.  ",
              f"Date: {time.strftime('%Y-%m-%d')}.  ",
              "Command: `python tests/benchmarks/bench_fast_paths.py --out FILE.md"
              f"{' --old TREE' if args.old else ''} --train {args.train} --epochs {args.epochs}"
-             f"{' --profile' if args.profile else ''}`.", ""]
+             f"{' --profile' if args.profile else ''}{'' if seeds == (0, 1) else ' --seeds ' + args.seeds}`.", ""]
     with tempfile.TemporaryDirectory() as tmp:
         for key in args.pairs.split(","):
             name, arch, kwargs, method = PAIRS[key]
             pf = os.path.join(tmp, f"{key}.pt")
-            cached = os.path.join(args.cache, f"fast_paths-{key}-{args.train}-{args.epochs}.pt") if args.cache else None
+            tag = "" if seeds == (0, 1) else f"-seeds{seeds[0]}{seeds[1]}"
+            cached = os.path.join(args.cache, f"fast_paths-{key}-{args.train}-{args.epochs}{tag}.pt") if args.cache else None
             if cached and os.path.exists(cached):
                 blob = torch.load(cached, weights_only=True)
             else:
-                a, b = train_pair(arch, kwargs, args.epochs, args.train)
+                a, b = train_pair(arch, kwargs, args.epochs, args.train, seeds=seeds)
                 blob = {"a": a, "b": b}
                 if cached:
                     os.makedirs(args.cache, exist_ok=True)
@@ -263,7 +272,7 @@ def main(argv=None):
             got = {}
             for tree_name, tree in trees:
                 for job in jobs:
-                    if tree_name == "before" and (job == "curve" or job not in args.old_jobs.split(",")):
+                    if tree_name == "before" and (job.startswith("curve") or job not in args.old_jobs.split(",")):
                         continue  # the curve fit is the yardstick: timed once, on this tree
                     got[tree_name, job] = run_job(tree, key, job, pf, args.train, args.profile)
                     print(name, tree_name, job, got[tree_name, job], file=sys.stderr, flush=True)
