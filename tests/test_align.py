@@ -231,7 +231,7 @@ def test_cli_align_traces_a_sequential_1d_cnn_with_the_data(command, mce_cli, tm
 
 # moved from test_review_fixes.py
 from helpers import gaussian_batches as _data  # noqa: E402
-from mcensemble.errors import BadOptionError, DataSpecError  # noqa: E402
+from mcensemble.errors import DataSpecError  # noqa: E402
 
 
 def test_repair_empty_loader_and_bad_t():

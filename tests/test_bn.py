@@ -139,8 +139,8 @@ def test_empty_loader_keeps_stats():
 
 # moved from test_review_fixes.py
 from helpers import bn_mlp as _net, gaussian_batches as _data  # noqa: E402
-from mcensemble.bn import labelled_batch, split_batch, update_bn  # noqa: E402
-from mcensemble.errors import BadOptionError, DataSpecError  # noqa: E402
+from mcensemble.bn import labelled_batch, split_batch  # noqa: E402
+from mcensemble.errors import BadOptionError  # noqa: E402
 
 
 def test_update_bn_modules_only_those():

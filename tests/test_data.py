@@ -315,7 +315,6 @@ def test_example_input_unknown_shape():
 
 # moved from test_review_fixes.py
 from helpers import bn_mlp as _net  # noqa: E402
-from mcensemble.errors import DataSpecError  # noqa: E402
 
 
 def test_example_input_reads_dict_batches_and_refuses_empty_data():

@@ -44,7 +44,6 @@ ST_DTYPES = ["F64", "F32", "F16", "BF16", "I64", "I32", "I16", "I8", "U8", "BOOL
 
 # ----------------------------------------------------------------------------- seed files
 def _loader():
-    import torch
     from torch.utils.data import DataLoader, TensorDataset
 
     from mcensemble.data import digits_tensors

@@ -489,7 +489,6 @@ def test_check_weights_normalises_and_weighted_metrics():
 # moved from test_review_fixes.py
 from helpers import bn_mlp as _net, gaussian_batches as _data  # noqa: E402
 from mcensemble.errors import DataSpecError  # noqa: E402
-from mcensemble.members import predict_log_probs  # noqa: E402
 
 
 def test_predict_log_probs_reads_dict_targets():

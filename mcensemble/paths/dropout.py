@@ -626,11 +626,10 @@ def working_copy(model: nn.Module, a: Mapping[str, torch.Tensor], b: Mapping[str
 def _prepare(model: nn.Module, a: Mapping[str, torch.Tensor], b: Mapping[str, torch.Tensor],
              loader: Iterable[Any], *, graph=None, stability_a=None, stability_b=None,
              device="cpu", progress: bool | None = None, search_steps: int = 48,
-             lowest_only: bool = False, measure: bool = True, bn_loader=None):
+             lowest_only: bool = False, bn_loader=None):
     """Shared set-up of `build_dropout_path` and `mcensemble.pack.pack_pair`: checks the
     layout and the graph, measures stability where not given (`lowest_only`: D_1 alone,
-    all the packed pair needs; `measure=False`: halves and BatchNorm only, the path measures
-    D_k at its vertices; `bn_loader`: BatchNorm data, default `loader`). Returns
+    all the packed pair needs; `bn_loader`: BatchNorm data, default `loader`). Returns
     `(work model, construction, side A, side B)`. Private (it was `prepare`): the
     construction and the sides are this module's internal types, so only mcensemble's own
     modules call it; the public entry points are `build_dropout_path` and `pack_pair`."""
@@ -644,7 +643,7 @@ def _prepare(model: nn.Module, a: Mapping[str, torch.Tensor], b: Mapping[str, to
             st = dropout_stability(work, sd, loader, graph=graph, device=device,
                                    search_steps=search_steps, progress=progress,
                                    depths=[chain[0].depth] if lowest_only else None,
-                                   measure=measure, bn_loader=bn_loader)
+                                   bn_loader=bn_loader)
         else:
             check_kept(graph, st.kept)
         stab.append(st)

@@ -23,7 +23,6 @@ Not collected by pytest (file name does not start with test_).
 from __future__ import annotations
 
 import argparse
-import inspect
 import json
 import os
 import platform

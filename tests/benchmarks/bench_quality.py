@@ -58,7 +58,6 @@ if __package__ in (None, ""):
     sys.path.insert(0, str(Path(__file__).resolve().parents[2]))
 
 from mcensemble import zoo  # noqa: F401,E402  (registers mce_* archs)
-from mcensemble.bn import has_batchnorm, update_bn  # noqa: E402
 from mcensemble.data import create_dataset, digits_tensors  # noqa: E402
 from mcensemble.snapshots import fge_train  # noqa: E402
 from mcensemble.members import (candidate_state, ensemble_metrics, evaluate_candidates,  # noqa: E402
