@@ -39,6 +39,7 @@ def test_dense_loss_never_exceeds_the_certificate_on_a_timm_efficientnet():
     model = _effnet().eval()
     loader = create_loader(DATA, batch_size=200)
     path = build_dropout_path(model, a, b, loader, search_steps=4)
+    assert path.certificate["measured_vertices"] == [], path.certificate["probe"]  # every vertex is its function
     cert = path.certificate
     assert cert["max_loss"] <= max(cert["loss_a"], cert["loss_b"]) + cert["eps"] + 1e-6
     assert all(torch.equal(path.state_at(0.0)[k], a[k]) for k in a)
