@@ -43,7 +43,7 @@ from .precision import resolve_precision
 
 __all__ = ["StabilityResult", "dropout_stability", "dropout_state", "dropout_network",
            "reestimate_bn", "default_kept", "graph_for", "check_kept", "changed_bn_modules", "swap_trial",
-           "GuidedSwaps", "random_swaps"]
+           "GuidedSwaps", "random_swaps", "unit_slopes"]
 
 log = logging.getLogger(__name__)
 
@@ -294,6 +294,42 @@ def _proxy_loss(work: nn.Module, sd: Mapping[str, torch.Tensor], x: torch.Tensor
             mods[n].eval()
 
 
+def unit_slopes(work: nn.Module, g: UnitGroup, state: Mapping[str, torch.Tensor], graph: UnitGraph,
+                kept: Mapping[str, Any], depth: int, forward, y: torch.Tensor) -> torch.Tensor:
+    """dL/dm_u for every unit u of g (float64), L the cross entropy on labels `y` of what
+    `forward()` returns with `work` holding the dropout network D_depth of `state` (halves
+    `kept`), m_u the multiplier of u's consumer columns there (2 kept, 0 dropped): the sum
+    over u's columns of the loss gradient times the tensor's value with every other group's
+    multipliers applied. One backward pass; only g's consumer tensors take a gradient."""
+    refs = g.refs("consumer")
+    names = list(dict.fromkeys(r.tensor for r in refs))
+    params = work.state_dict(keep_vars=True)  # parameters and buffers (a consumer tensor may be either)
+    flags = {n: p.requires_grad for n, p in params.items() if p.is_floating_point()}
+    for n in flags:
+        params[n].requires_grad_(n in names)
+    try:
+        with torch.enable_grad():
+            out = forward()
+            loss = F.cross_entropy(out[0] if isinstance(out, (tuple, list)) else out, y)
+            grads = dict(zip(names, torch.autograd.grad(loss, [params[n] for n in names])))
+    finally:
+        for n, f in flags.items():
+            params[n].requires_grad_(f)
+    others: dict[str, list] = {}
+    for h in graph.groups:
+        if h is not g and h.depth >= depth:
+            for r in h.refs("consumer"):
+                if r.tensor in grads:
+                    others.setdefault(r.tensor, []).append((h, r))
+    total = torch.zeros(g.size, dtype=torch.float64)
+    for r in refs:
+        w = state[r.tensor] if r.tensor not in others else _scaled(state[r.tensor], others[r.tensor], kept)
+        t = (grads[r.tensor].detach().double().cpu() * w.double()).movedim(r.axis, 0)
+        t = t.reshape(t.shape[0], -1).sum(1)
+        total += t[r.indices(range(g.size))].reshape(g.size, r.block).sum(1)
+    return total
+
+
 class _DepthSearch:
     """The objective max_{k<=depth} L(D_k) + 1e-3 sum_k L(D_k) on (x, y) for the accepted
     kept halves, and swap trials against it. Each D_k (BatchNorm modules of groups deeper
@@ -366,40 +402,24 @@ class _DepthSearch:
         return self.value(v for k, v in self.losses.items() if k <= depth)
 
     def unit_gradients(self, g: UnitGroup) -> torch.Tensor:
-        """dL/dm_u for every unit u of g (float64): the loss is that of the worst D_k over
-        g's depths on (x, y), m_u the multiplier of u's consumer columns there; the sum over
-        those columns of gradient x the state's own weight. One backward pass, over the part
-        of the network g's consumers reach when the model traces."""
+        """`unit_slopes` of g in the worst D_k over g's depths on (x, y): one backward pass,
+        over the part of the network g's consumers reach when the model traces."""
         k = max((k for k in self.graph.depths if k <= g.depth), key=lambda k: self.losses[k])
-        refs = g.refs("consumer")
-        names = list(dict.fromkeys(r.tensor for r in refs))
         self._frontier(k, g)
         self._load(self.dropped[k])
-        params = dict(self.work.named_parameters())
-        flags = {n: p.requires_grad for n, p in params.items()}
-        for n, p in params.items():
-            p.requires_grad_(n in names)
+
+        def forward():
+            if self.partial is not None and self.partial.plan(g) is not None:
+                return self.partial(g, self.frontiers[k][g.name])
+            return self.work(self.x)
+
         for m in self.bn[k]:
             m.train()
         try:
-            with torch.enable_grad():
-                if self.partial is not None and self.partial.plan(g) is not None:
-                    out = self.partial(g, self.frontiers[k][g.name])
-                else:
-                    out = self.work(self.x)
-                loss = F.cross_entropy(out[0] if isinstance(out, (tuple, list)) else out, self.y)
-                grads = dict(zip(names, torch.autograd.grad(loss, [params[n] for n in names])))
+            return unit_slopes(self.work, g, self.state, self.graph, self.kept, k, forward, self.y)
         finally:
             for m in self.bn[k]:
                 m.eval()
-            for n, p in params.items():
-                p.requires_grad_(flags[n])
-        total = torch.zeros(g.size, dtype=torch.float64)
-        for r in refs:
-            t = (grads[r.tensor].detach().double().cpu() * self.state[r.tensor].double()).movedim(r.axis, 0)
-            t = t.reshape(t.shape[0], -1).sum(1)
-            total += t[r.indices(range(g.size))].reshape(g.size, r.block).sum(1)
-        return total
 
     def trial(self, g: UnitGroup, new: list[int]) -> bool:
         """Try `new` as g's kept half; keep it (True) when the objective over the depths

@@ -365,3 +365,33 @@ def test_dropout_vertices_batchnorm_on_a_fixed_subsample(cnn_pair):
     for k, v in want.items():
         assert_close_rel(da[k], v, rtol=1e-5)
     assert cert["vertex_losses"][1] == pytest.approx(_loss(model, da, ld), rel=1e-6)
+
+
+@pytest.mark.parametrize("size", [7, 8])
+def test_guided_joint_order_is_the_predicted_change_of_the_objective(size):
+    """`_GuidedJointSwaps` orders the swaps (A's unit i out, o in; B's half re-derived) by the
+    first-order change of max(l_A, l_B) + 1e-3 (l_A + l_B), written out here swap by swap."""
+    from types import SimpleNamespace
+    from mcensemble.paths.short import _b_half, _GuidedJointSwaps, _JointSearch
+    gen = torch.Generator().manual_seed(size)
+    g = SimpleNamespace(name="g", size=size)
+    b_score = torch.rand(size, generator=gen)
+    ga, gb = torch.randn(size, generator=gen, dtype=torch.float64), torch.randn(size, generator=gen, dtype=torch.float64)
+    s = sorted(torch.randperm(size, generator=gen)[:size // 2].tolist())
+    t = _b_half(g, s, b_score)
+    search = SimpleNamespace(kept=({"g": s}, {"g": t}), losses=[0.5, 0.45], value=_JointSearch.value,
+                             unit_gradients=lambda _g, side: (ga, gb)[side])
+    guide = _GuidedJointSwaps(search, {"g": b_score})
+    first = guide(g)
+    want = []
+    for i in s:
+        for o in (u for u in range(size) if u not in s):
+            new_t = _b_half(g, sorted([u for u in s if u != i] + [o]), b_score)
+            la = 0.5 + 2 * float(ga[o] - ga[i])
+            lb = 0.45 + 2 * (float(gb[new_t].sum()) - float(gb[t].sum()))
+            want.append((_JointSearch.value(la, lb), i, o))
+    want.sort()
+    got = [(first[0], first[1])] + [guide(g) for _ in range(len(want) - 1)]
+    assert guide(g) is None  # every swap of the current halves tried
+    for (v, i, o), (new_s, new_t) in zip(want, got):
+        assert new_s == sorted([u for u in s if u != i] + [o]) and new_t == _b_half(g, new_s, b_score), (v, i, o)

@@ -50,7 +50,8 @@ from ..bn import FixedSubset, batch_input
 from ..errors import BadOptionError, ShortPathError
 from ..evaluate import evaluate
 from ..options import check_count
-from ..stability import _importance, _subset, changed_bn_modules, check_kept, dropout_state, reestimate_bn, swap_trial
+from ..stability import (_importance, _subset, changed_bn_modules, check_kept, dropout_state, reestimate_bn,
+                         swap_trial, unit_slopes)
 from ..units import AxisRef, UnitGraph, UnitGroup, _mixes_units
 from .base import StateDict, check_same_layout, register_path
 from .dropout import DropoutPath, _bytes, _changed_units, _decode, _encode, _same, mix_states, working_copy
@@ -322,10 +323,13 @@ def _vertices(graph: UnitGraph, a: StateDict, b: StateDict, da: StateDict, db: S
 
 # ----------------------------------------------------------------------------- the search
 def choose_halves(ctx: _Ctx, a: StateDict, b: StateDict, *, steps: int, examples: int,
-                  seed: int) -> Halves:
+                  seed: int, guided: bool = True, patience: int = 4) -> Halves:
     """Minimise max(L(D_S(A)), L(D_T(B))): units ranked by A's importance minus B's (each
-    normalised per group), then `steps` swap trials per group, kept when the objective on
-    `examples` training examples goes down (BatchNorm layers on batch statistics there).
+    normalised per group), then up to `steps` swap trials per group, kept when the objective
+    on `examples` training examples goes down (BatchNorm layers on batch statistics there).
+    The trials come best predicted first (`_GuidedJointSwaps`), a group stopping after
+    `patience` rejections in a row; `guided=False`: drawn at random by rank (`_swap`), all
+    `steps` of them.
     A trial evaluates the side that binds the objective first and skips the other when the
     objective cannot go down whatever its loss (`_JointSearch`): same choices, fewer forwards."""
     if steps < 0 or examples < 1:
@@ -353,19 +357,31 @@ def choose_halves(ctx: _Ctx, a: StateDict, b: StateDict, *, steps: int, examples
             first, kept = k, search.snapshot()
     search.restore(kept)
     gen = torch.Generator().manual_seed(seed)
+    guide = _GuidedJointSwaps(search, sb) if guided else None
     start = search.best
-    accepted = 0
+    accepted = trials = 0
     bar = tqdm(total=steps * len(graph.groups), desc="short path: halves", leave=False, file=sys.stderr,
                disable=None if ctx.progress is None else not ctx.progress)
     try:
         for g in graph.groups:
-            for _ in range(steps):
-                accepted += search.trial(g, *_swap(g, search.kept[0][g.name], key[g.name], sb[g.name], gen))
+            miss = 0
+            for i in range(steps):
+                new = None if guide is not None and miss >= patience else \
+                    guide(g) if guide is not None else _swap(g, search.kept[0][g.name], key[g.name], sb[g.name], gen)
+                if new is None:
+                    bar.update(steps - i)
+                    break
+                trials += 1
+                ok = search.trial(g, *new)
+                accepted += ok
+                miss = 0 if ok else miss + 1
                 bar.update()
     finally:
         bar.close()
     s, t = search.kept
     return Halves(s, t, {"steps": steps, "examples": int(x.shape[0]), "start": first,
+                         "order": "guided" if guided else "random", "trials": trials,
+                         "gradients": guide.gradients if guide is not None else 0,
                          "start_objectives": scored, "objective_start": start,
                          "objective_end": search.best, "accepted": accepted,
                          "trial_forwards": search.trial_forwards, "skipped_forwards": search.skipped,
@@ -460,6 +476,18 @@ class _JointSearch:
         self.kept, self.dropped, self.losses, self.best = snap[0], list(snap[1]), list(snap[2]), snap[3]
         self.frontiers.clear()
 
+    def unit_gradients(self, g: UnitGroup, side: int) -> torch.Tensor:
+        """`stability.unit_slopes` of g in the accepted D_S(A) (side 0) or D_T(B) (side 1) on
+        (x, y): one backward pass, over the part of the network g's consumers reach."""
+        self._frontier(side, g)
+        self._load(self.dropped[side])
+        self._bn_train(True)
+        try:
+            return unit_slopes(self.ctx.work, g, self.states[side], self.ctx.graph, self.kept[side],
+                               self.ctx.min_depth, lambda: self._forward(side, g), self.y)
+        finally:
+            self._bn_train(False)
+
     def trial(self, g: UnitGroup, new_s: list[int], new_t: list[int]) -> bool:
         """Try A's half `new_s` and B's `new_t` of group `g`; keep them (True) when the
         objective goes down by more than 1e-7. The side with the larger loss goes first;
@@ -487,6 +515,61 @@ class _JointSearch:
             if self.frontiers.get(side, (g.name,))[0] != g.name:
                 del self.frontiers[side]
         return True
+
+
+def _b_half(g: UnitGroup, s: Iterable[int], b_score: torch.Tensor) -> list[int]:
+    """B's half T inside the complement of A's half `s`: its size // 2 units strongest for B."""
+    inside = set(s)
+    rest = sorted((u for u in range(g.size) if u not in inside), key=lambda u: -float(b_score[u]))
+    return sorted(rest[:g.size // 2])
+
+
+class _GuidedJointSwaps:
+    """The joint search's trials, best predicted first: for a swap of A's kept unit i for a
+    unit o of the complement (B's half re-derived, `_b_half`), the first-order change of
+    each side's loss from its unit slopes (`stability.unit_slopes`: 2 (dL/dm_o - dL/dm_i)
+    for A; for B, 2 x the slopes of the units entering T minus those leaving it), and so of
+    the objective. Slopes are taken again after every accepted swap; None once every swap
+    of the current halves has been tried."""
+
+    def __init__(self, search: "_JointSearch", b_score: Mapping[str, torch.Tensor]):
+        self.search, self.b_score = search, b_score
+        self.gradients = 0
+        self._at: tuple | None = None
+        self._order: list[tuple[int, int]] = []
+
+    def __call__(self, g: UnitGroup) -> tuple[list[int], list[int]] | None:
+        search = self.search
+        s, t = search.kept[0][g.name], search.kept[1][g.name]
+        at = (g.name, tuple(s), tuple(t))
+        if at != self._at:
+            self._at = at
+            ga, gb = search.unit_gradients(g, 0), search.unit_gradients(g, 1)
+            self.gradients += 2
+            la, lb = search.losses
+            inside = torch.zeros(g.size, dtype=torch.bool)
+            inside[s] = True
+            si, ci = inside.nonzero().reshape(-1), (~inside).nonzero().reshape(-1)  # A's half, its complement C
+            da = 2 * (ga[ci][None, :] - ga[si][:, None])  # (i in S, o in C)
+            # B's half: C itself (even sizes) or C less its weakest unit for B (odd sizes);
+            # after the swap C' = C - o + i
+            db = 2 * (gb[si][:, None] - gb[ci][None, :])
+            if len(ci) > len(t):
+                bs = self.b_score[g.name].double()
+                order = ci[torch.argsort(bs[ci], stable=True)]
+                w1, w2 = int(order[0]), int(order[1]) if len(order) > 1 else int(order[0])
+                rest = torch.where(ci == w1, w2, w1)  # weakest of C - o, per o
+                out = torch.where(bs[si][:, None] < bs[rest][None, :], si[:, None], rest[None, :])  # weakest of C'
+                db = db - 2 * (gb[out] - gb[w1])  # T' = C' - out, T = C - w1
+            now = search.value(la, lb)
+            pred = torch.maximum(la + da, lb + db) + 1e-3 * (la + da + lb + db) - now
+            flat = torch.argsort(pred.reshape(-1), stable=True)
+            self._order = [(int(si[k // len(ci)]), int(ci[k % len(ci)])) for k in flat.tolist()]
+        if not self._order:
+            return None
+        i, o = self._order.pop(0)
+        new_s = sorted([u for u in s if u != i] + [o])
+        return new_s, _b_half(g, new_s, self.b_score[g.name])
 
 
 def _swap(g: UnitGroup, s: list[int], key: torch.Tensor, b_score: torch.Tensor,
