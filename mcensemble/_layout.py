@@ -14,6 +14,7 @@ from typing import Any, Iterable
 import torch
 import torch.nn as nn
 
+from ._modes import modes_kept
 from .bn import batch_input
 
 __all__ = ["fast_layout"]
@@ -35,13 +36,18 @@ def _probe(data: torch.Tensor | Iterable[Any] | None) -> torch.Tensor | None:
 
 
 @torch.no_grad()
-def fast_layout(work: nn.Module, data: torch.Tensor | Iterable[Any] | None) -> bool:
+def fast_layout(work: nn.Module, data: torch.Tensor | Iterable[Any] | None, *,
+                device: str | torch.device = "cpu") -> bool:
     """Put `work` (a private copy, in eval mode) in channels_last memory format when that
     is faster and changes nothing: on CPU, for a model with 4-D convolution weights, when a
     probe batch (`data`: a batch of inputs, or a loader whose first batch is used) runs in
     both layouts with logits within `RTOL` relative of each other. Returns whether it did;
     `work` is left in its own layout otherwise (a model that calls `.view` on a
-    convolution's output, for instance, raises in channels_last)."""
+    convolution's output, for instance, raises in channels_last), and when it is to run on
+    another `device` than the CPU. The probe runs in eval mode; every module's own
+    `training` flag is back after."""
+    if torch.device(device).type != "cpu":
+        return False
     x = _probe(data)
     if x is None or not torch.is_tensor(x) or x.dim() != 4 or x.device.type != "cpu":
         return False
@@ -50,18 +56,19 @@ def fast_layout(work: nn.Module, data: torch.Tensor | Iterable[Any] | None) -> b
     if any(p.device.type != "cpu" for p in work.parameters()):
         return False
     x = x[:8]
-    try:
-        want = _logits(work(x))
-    except Exception:  # the probe is only a test: the caller's own passes report errors
-        return False
-    work.to(memory_format=torch.channels_last)
-    try:
-        got = _logits(work(x))
-        scale = max(float(want.abs().max()), 1e-12)
-        ok = got.shape == want.shape and bool(torch.isfinite(got).all()) and \
-            float((got - want).abs().max()) <= RTOL * scale
-    except Exception:
-        ok = False
-    if not ok:
-        work.to(memory_format=torch.contiguous_format)
+    with modes_kept(work, False):
+        try:
+            want = _logits(work(x))
+        except Exception:  # the probe is only a test: the caller's own passes report errors
+            return False
+        work.to(memory_format=torch.channels_last)
+        try:
+            got = _logits(work(x))
+            scale = max(float(want.abs().max()), 1e-12)
+            ok = got.shape == want.shape and bool(torch.isfinite(got).all()) and \
+                float((got - want).abs().max()) <= RTOL * scale
+        except Exception:
+            ok = False
+        if not ok:
+            work.to(memory_format=torch.contiguous_format)
     return ok

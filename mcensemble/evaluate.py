@@ -17,6 +17,7 @@ import torch.nn.functional as F
 from tqdm import tqdm
 
 from . import distributed as dist_
+from ._layout import fast_layout
 from ._modes import modes_kept
 from .bn import has_batchnorm, labelled_batch, update_bn
 from .checkpoints import check_same_architecture
@@ -240,6 +241,7 @@ def scan(path: Any, model: ModelLike, loader: Iterable[Any], *, points: int = 11
     """
     check_count(points, "points", minimum=2)  # the two endpoints
     net = as_factory(model)()
+    fast_layout(net, loader, device=device)  # a private copy: channels_last on CPU where it is faster
     bn = has_batchnorm(net)
     reestimate = bn and bn_loader is not None
     if bn and not reestimate:

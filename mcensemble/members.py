@@ -23,6 +23,7 @@ import torch.nn.functional as F
 from tqdm.auto import tqdm
 
 from . import distributed as dist_
+from ._layout import fast_layout
 from ._modes import modes_kept
 from .bn import has_batchnorm, labelled_batch, update_bn
 from .errors import BadOptionError, DataSpecError
@@ -160,12 +161,14 @@ def evaluate_candidates(paths: Sequence[Any], model: nn.Module, points: Sequence
                         device: str | torch.device = "cpu", progress: bool | None = None) -> list[Candidate]:
     """Evaluate each (path, t, u) point: BN re-estimated on `train_loader` for BN models,
     training metrics, and validation log-probabilities when `val_loader` is given.
-    `model` is used as scratch space (its weights are overwritten).
+    `model` is used as scratch space (its weights are overwritten; on CPU its memory layout
+    may become channels_last, `mcensemble._layout.fast_layout`).
 
     With several processes (`mcensemble.distributed`) each evaluates its share of the
     points (every world-th one) and every process returns all of them, in order."""
     bn = has_batchnorm(model)
     bn_names = _bn_buffer_names(model) if bn else []
+    fast_layout(model, train_loader, device=device)
     out: list[Candidate] = []
     mine = dist_.shard(list(points))
     for p, t, u in tqdm(mine, desc="points", file=sys.stderr, leave=False,

@@ -16,6 +16,7 @@ import torch
 import torch.nn as nn
 from tqdm.auto import tqdm
 
+from ._layout import fast_layout
 from .bn import has_batchnorm, update_bn
 from .errors import BadOptionError
 from .evaluate import _load_state_strict, evaluate
@@ -112,6 +113,7 @@ def scan_plane(path: Any, model: ModelLike, loader: Iterable, *, bn_loader: Iter
     a, b = path.endpoints
     bend = {**a, **groups["bend.0"]}
     net = as_factory(model)()
+    fast_layout(net, loader, device=device)  # a private copy: channels_last on CPU where it is faster
     names = _coords(net, a)
     basis = plane_basis(a, b, bend, names)
     pts = {"A": project(a, names, basis), "B": project(b, names, basis), "bend": project(bend, names, basis)}

@@ -58,3 +58,18 @@ def test_left_contiguous_where_channels_last_does_not_apply(make, x):
     assert all(p.is_contiguous() for p in work.parameters())
     if x is not None:
         work(x)  # still runs
+
+
+def test_probe_runs_in_eval_mode_and_leaves_the_modes_and_statistics():
+    torch.manual_seed(0)
+    net = conv_net().train()
+    stats = {k: v.clone() for k, v in net.state_dict().items() if "running" in k}
+    assert fast_layout(net, torch.randn(16, 2, 8, 8))
+    assert all(m.training for m in net.modules())  # train mode back
+    assert all(torch.equal(net.state_dict()[k], v) for k, v in stats.items())  # no batch statistics taken
+
+
+def test_other_devices_are_left_alone():
+    net = conv_net().eval()
+    assert not fast_layout(net, torch.randn(4, 2, 8, 8), device="cuda")
+    assert all(p.is_contiguous() for p in net.parameters())
