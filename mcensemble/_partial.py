@@ -90,6 +90,23 @@ class Partial:
         out = self.interp.run(self.x)
         return out, {name: {n: self.interp.kept[n] for n in f} for name, f in fs.items()}
 
+    @torch.no_grad()
+    def frontier_bytes(self, groups) -> int:
+        """About how many bytes `keeping(groups)` holds on x: measured on two examples."""
+        fs = set().union(*(self.plan(g)[1] for g in groups if self.plan(g) is not None))
+        if not fs:
+            return 0
+        self.interp.keep, self.interp.kept = fs, {}
+        self.interp.run(self.x[:2])
+        seen, size = set(), 0
+        for v in self.interp.kept.values():
+            for t in (v if isinstance(v, (tuple, list)) else (v,)):
+                if torch.is_tensor(t) and id(t) not in seen:
+                    seen.add(id(t))
+                    size += t.numel() * t.element_size()
+        self.interp.kept = {}
+        return size * max(1, self.x.shape[0]) // min(2, max(1, self.x.shape[0]))
+
     def upstream_reads(self, group: str, names: set[str]) -> bool:
         """Does a node that the consumer tensors of `group` (planned before) do not reach
         own one of the tensors `names`? Then a change to them changes that group's frontier."""

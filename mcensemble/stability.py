@@ -330,6 +330,11 @@ def unit_slopes(work: nn.Module, g: UnitGroup, state: Mapping[str, torch.Tensor]
     return total
 
 
+#: the kept-half search keeps every group's frontier values for every D_k (taken in one pass
+#: each) while they take at most this many bytes; above, one group's at a time
+FRONTIER_BYTES = 1 << 30
+
+
 class _DepthSearch:
     """The objective max_{k<=depth} L(D_k) + 1e-3 sum_k L(D_k) on (x, y) for the accepted
     kept halves, and swap trials against it. Each D_k (BatchNorm modules of groups deeper
@@ -353,7 +358,11 @@ class _DepthSearch:
         self.partial = Partial.make(work, x)
         self.dropped = {k: dropout_state(state, graph, kept, k) for k in graph.depths}
         self.frontiers: dict[int, dict[str, dict]] = {}  # depth -> group -> its frontier values under D_k
-        self.losses = {k: self._loss(k, self.dropped[k], keep=graph.groups) for k in graph.depths}
+        # every group's frontier from each D_k's first pass, when they fit in FRONTIER_BYTES
+        # (else each is computed when its group is searched, and dropped after: `forget`)
+        keep = graph.groups if self.partial is not None and \
+            self.partial.frontier_bytes(graph.groups) * len(graph.depths) <= FRONTIER_BYTES else ()
+        self.losses = {k: self._loss(k, self.dropped[k], keep=keep) for k in graph.depths}
         self.forwards = len(self.losses)
         self.skipped = 0
 
@@ -397,6 +406,11 @@ class _DepthSearch:
         finally:
             for m in self.bn[k]:
                 m.eval()
+
+    def forget(self, g: UnitGroup) -> None:
+        """Drop g's frontier values (its trials are over)."""
+        for fronts in self.frontiers.values():
+            fronts.pop(g.name, None)
 
     def objective(self, depth: int) -> float:
         return self.value(v for k, v in self.losses.items() if k <= depth)
@@ -529,6 +543,7 @@ def _search(work: nn.Module, state: Mapping[str, torch.Tensor], graph: UnitGraph
             else:
                 miss += 1
             bar.update()
+        search.forget(g)
     return {"steps": steps, "patience": patience, "order": "guided" if guided else "random",
             "examples": int(x.shape[0]), "trials": trials, "accepted": accepted,
             "gradients": getattr(propose, "gradients", 0), "forwards": search.forwards,

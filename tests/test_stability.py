@@ -290,3 +290,16 @@ def test_guided_search_stops_and_reports(mlp):
     assert s["order"] == "guided" and s["gradients"] >= len(res.kept) and s["accepted"] > 0
     assert s["objective_end"] < s["objective_start"]
     assert s["trials"] < 40 * len(res.kept)  # a group stops after 3 rejections in a row
+
+
+def test_frontiers_one_group_at_a_time_above_the_memory_budget(cnn, monkeypatch):
+    """Over `FRONTIER_BYTES` the search takes each group's frontiers when it gets to it (and
+    drops them after): the same choices as keeping them all from the first passes."""
+    import mcensemble.stability as st
+    model, sd = cnn
+    ld = small_eval_loader()
+    want = dropout_stability(model, sd, ld, search_steps=6, search_examples=200)
+    monkeypatch.setattr(st, "FRONTIER_BYTES", 0)
+    got = dropout_stability(model, sd, ld, search_steps=6, search_examples=200)
+    assert got.kept == want.kept and got.search["trials"] == want.search["trials"]
+    assert got.search["accepted"] > 0
