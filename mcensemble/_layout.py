@@ -15,7 +15,7 @@ import torch
 import torch.nn as nn
 
 from ._modes import modes_kept
-from .bn import batch_input
+from .bn import first_input
 
 __all__ = ["fast_layout"]
 
@@ -25,14 +25,6 @@ RTOL = 1e-4
 
 def _logits(out: Any) -> torch.Tensor:
     return (out[0] if isinstance(out, (tuple, list)) else out).detach().double()
-
-
-def _probe(data: torch.Tensor | Iterable[Any] | None) -> torch.Tensor | None:
-    if data is None or torch.is_tensor(data):
-        return data
-    for batch in data:
-        return batch_input(batch)
-    return None
 
 
 @torch.no_grad()
@@ -48,7 +40,7 @@ def fast_layout(work: nn.Module, data: torch.Tensor | Iterable[Any] | None, *,
     `training` flag is back after."""
     if torch.device(device).type != "cpu":
         return False
-    x = _probe(data)
+    x = first_input(data)
     if x is None or not torch.is_tensor(x) or x.dim() != 4 or x.device.type != "cpu":
         return False
     if not any(isinstance(m, nn.Conv2d) for m in work.modules()):

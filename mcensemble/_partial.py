@@ -12,7 +12,7 @@ import torch.nn as nn
 from .errors import MCEnsembleError
 from .units import UnitGroup, _trace
 
-__all__ = ["Partial", "Family", "copy_changed", "reach"]
+__all__ = ["Partial", "Family", "copy_changed", "distinct_bytes", "reach"]
 
 
 def copy_changed(dst: dict[str, torch.Tensor], sd: dict[str, torch.Tensor], loaded: dict[str, torch.Tensor],
@@ -27,14 +27,48 @@ def copy_changed(dst: dict[str, torch.Tensor], sd: dict[str, torch.Tensor], load
     return {k: v for k, v in sd.items() if k not in skip}
 
 
+def _keeping_interpreter(gm):
+    """A torch.fx interpreter of `gm` that keeps, in `kept`, the values of the nodes in `keep`."""
+    import torch.fx as fx
+
+    class _Keep(fx.Interpreter):
+        keep: Any = ()
+        kept: dict = {}
+
+        def run_node(self, n):
+            v = super().run_node(n)
+            if n in self.keep:
+                self.kept[n] = v
+            return v
+
+    return _Keep(gm)
+
+
+def _owns(node, names: set[str]) -> set[str]:
+    """The tensors of `names` (state-dict names) that a traced `node` holds: those of its
+    module (call_module) or the attribute itself (get_attr)."""
+    if node.op not in ("call_module", "get_attr"):
+        return set()
+    return {t for t in names if t == node.target or t.startswith(f"{node.target}.")}
+
+
+def distinct_bytes(tensors) -> int:
+    """Bytes held by the distinct tensors among `tensors` (each counted once)."""
+    seen, size = set(), 0
+    for t in tensors:
+        if torch.is_tensor(t) and id(t) not in seen:
+            seen.add(id(t))
+            size += t.numel() * t.element_size()
+    return size
+
+
 def reach(nodes: list, names: set[str]) -> tuple[set, set] | None:
     """(U, F) for the tensors `names` (state-dict names) in a traced graph's `nodes`: the
     nodes they do not reach, and those of them read by a node they reach. None when a
     tensor is not found in the trace."""
     hit, found = set(), set()
     for n in nodes:
-        own = {t for t in names if t == n.target or t.startswith(f"{n.target}.")} \
-            if n.op in ("call_module", "get_attr") else set()
+        own = _owns(n, names)
         found |= own
         if own or any(a in hit for a in n.all_input_nodes):
             hit.add(n)
@@ -52,19 +86,7 @@ class Partial:
     `make` gives None when the model does not trace (the search then runs full passes)."""
 
     def __init__(self, gm, x: torch.Tensor):
-        import torch.fx as fx
-
-        class _Keep(fx.Interpreter):
-            keep: Any = ()
-            kept: dict = {}
-
-            def run_node(self, n):
-                v = super().run_node(n)
-                if n in self.keep:
-                    self.kept[n] = v
-                return v
-
-        self.interp, self.x = _Keep(gm), x
+        self.interp, self.x = _keeping_interpreter(gm), x
         self.nodes = list(gm.graph.nodes)
         self.plans: dict[str, tuple[set, set] | None] = {}
 
@@ -97,22 +119,18 @@ class Partial:
         if not fs:
             return 0
         self.interp.keep, self.interp.kept = fs, {}
-        self.interp.run(self.x[:2])
-        seen, size = set(), 0
-        for v in self.interp.kept.values():
-            for t in (v if isinstance(v, (tuple, list)) else (v,)):
-                if torch.is_tensor(t) and id(t) not in seen:
-                    seen.add(id(t))
-                    size += t.numel() * t.element_size()
+        probe = self.x[:2]
+        self.interp.run(probe)
+        size = distinct_bytes(t for v in self.interp.kept.values()
+                              for t in (v if isinstance(v, (tuple, list)) else (v,)))
         self.interp.kept = {}
-        return size * max(1, self.x.shape[0]) // min(2, max(1, self.x.shape[0]))
+        return size * self.x.shape[0] // max(1, probe.shape[0])
 
     def upstream_reads(self, group: str, names: set[str]) -> bool:
         """Does a node that the consumer tensors of `group` (planned before) do not reach
         own one of the tensors `names`? Then a change to them changes that group's frontier."""
         u, _ = self.plans[group]
-        return any(n.op in ("call_module", "get_attr") and
-                   any(t == n.target or t.startswith(f"{n.target}.") for t in names) for n in u)
+        return any(_owns(n, names) for n in u)
 
     def frontier(self, g: UnitGroup, prev: tuple[str, dict] | None) -> dict:
         """g's frontier values under the loaded state. `prev` = (group h, h's frontier
@@ -153,7 +171,7 @@ class Family:
 
     def __init__(self, work: nn.Module, gm, base: dict[str, torch.Tensor], states: dict[Any, dict[str, torch.Tensor]]):
         self.work, self.base, self.states = work, base, states
-        self.interp = Partial(gm, None).interp
+        self.interp = _keeping_interpreter(gm)
         self.nodes = list(gm.graph.nodes)
         self.dst = work.state_dict(keep_vars=True)
         #: tensors copied in at every load whatever was loaded before (running statistics that
@@ -202,5 +220,5 @@ class Family:
             finally:
                 if after is not None:
                     after(key)
-        loaded = copy_changed(self.dst, self.base, loaded, self.always)  # the work model holds the base again
+        copy_changed(self.dst, self.base, loaded, self.always)  # the work model holds the base again
         return out, outs

@@ -46,6 +46,21 @@ def has_batchnorm(model: nn.Module) -> bool:
     return any(isinstance(m, _BatchNorm) for m in model.modules())
 
 
+def first_input(data: Any, n: int | None = None) -> torch.Tensor | None:
+    """A probe batch: `data` itself when it is a tensor, else the inputs of the first batch
+    of the loader `data` (None when it yields none, or `data` is None); its first `n`
+    examples when `n` is given."""
+    if data is None:
+        return None
+    if torch.is_tensor(data):
+        x = data
+    else:
+        x = next((batch_input(b) for b in data), None)
+        if x is None:
+            return None
+    return x if n is None else x[:n]
+
+
 def batch_input(batch: Any) -> torch.Tensor:
     """The model input of one loader batch: the tensor itself, the first element of a
     tuple / list, or the `"image"` / `"input"` (/ `"x"`, `"pixel_values"`, `"inputs"`,

@@ -80,6 +80,22 @@ def expected_calibration_error(probs: torch.Tensor, labels: torch.Tensor, n_bins
     return _ece(conf, pred.eq(labels.to(pred.device)), n_bins)
 
 
+def _log_probs(out: Any, y: torch.Tensor) -> torch.Tensor:
+    """float32 log-probabilities of a model's output `out` for a batch with labels `y`,
+    after checking the labels fit it (`DataSpecError` saying what is wrong otherwise): what
+    `evaluate` sums its loss over."""
+    logp = F.log_softmax(_logits(out).float(), dim=1)
+    if y.ndim != 1 or y.shape[0] != logp.shape[0]:
+        raise DataSpecError(f"labels of shape {tuple(y.shape)} do not match outputs of shape "
+                            f"{tuple(logp.shape)}; expected one integer class per example",
+                            option="data")
+    if y.numel() and (int(y.min()) < 0 or int(y.max()) >= logp.shape[1]):
+        raise DataSpecError(f"labels range over [{int(y.min())}, {int(y.max())}] but the model "
+                            f"outputs {logp.shape[1]} classes; check `num_classes` and the data",
+                            option="data")
+    return logp
+
+
 def _logits(out: Any) -> torch.Tensor:
     if isinstance(out, (list, tuple)) and out and isinstance(out[0], torch.Tensor):
         out = out[0]
@@ -119,15 +135,7 @@ def evaluate(model: nn.Module, loader: Iterable[Any], *, device: str | torch.dev
                 x, y = x.to(device), y.to(device).long()
                 with prec.autocast():
                     out = model(prec.input(x))
-                logp = F.log_softmax(_logits(out).float(), dim=1)
-                if y.ndim != 1 or y.shape[0] != logp.shape[0]:
-                    raise DataSpecError(f"labels of shape {tuple(y.shape)} do not match outputs of shape "
-                                        f"{tuple(logp.shape)}; expected one integer class per example",
-                                        option="data")
-                if y.numel() and (int(y.min()) < 0 or int(y.max()) >= logp.shape[1]):
-                    raise DataSpecError(f"labels range over [{int(y.min())}, {int(y.max())}] but the model "
-                                        f"outputs {logp.shape[1]} classes; check `num_classes` and the data",
-                                        option="data")
+                logp = _log_probs(out, y)
                 total_nll += float(F.nll_loss(logp, y, reduction="sum").double())
                 conf, pred = logp.max(dim=1)
                 correct = pred.eq(y)

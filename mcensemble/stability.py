@@ -32,13 +32,13 @@ import torch.nn.functional as F
 from torch.nn.modules.batchnorm import _BatchNorm
 from tqdm import tqdm
 
-from .bn import batch_input, has_batchnorm, labelled_batch, update_bn
+from .bn import batch_input, first_input, has_batchnorm, labelled_batch, update_bn
 from .data import example_input
 from .errors import BadOptionError, DataSpecError
-from .evaluate import evaluate
+from .evaluate import evaluate, _log_probs
 from .units import UnitGraph, UnitGroup, build_unit_graph
 from ._layout import fast_layout
-from ._partial import Family, Partial, copy_changed
+from ._partial import Family, Partial, copy_changed, distinct_bytes
 from .precision import resolve_precision
 
 __all__ = ["StabilityResult", "dropout_stability", "dropout_state", "dropout_network",
@@ -91,11 +91,7 @@ def graph_for(model: nn.Module, loader: Iterable[Any] | None = None, graph=None)
     two inputs of `loader` (or a probed example input)."""
     if graph is not None:
         return build_unit_graph(model, graph=graph)
-    x = None
-    if loader is not None:
-        for batch in loader:
-            x = batch_input(batch)[:2]
-            break
+    x = first_input(loader, 2)
     if x is None:
         x = example_input(model)
     dev = next((p.device for p in model.parameters()), torch.device("cpu"))
@@ -169,7 +165,7 @@ def changed_bn_modules(model: nn.Module, state: Mapping[str, torch.Tensor], grap
         return []
     depth = min(graph.depths) if depth is None else depth
     names = set(_bn_modules(model, graph, depth + 1))
-    x = data if torch.is_tensor(data) else next(iter(batch_input(b) for b in data), None)
+    x = first_input(data)
     if x is None:
         return sorted(names)
     x = x[:64].to(device)
@@ -649,16 +645,10 @@ def _family(work: nn.Module, base: StateDict, states: dict[int, StateDict], load
     when the model does not trace, under mixed precision, or above `FAMILY_BYTES`)."""
     if not states or resolve_precision(None, device).enabled:
         return None
-    seen: set[int] = set()
-    size = 0
-    for sd in states.values():
-        for n, t in sd.items():
-            if t is not base[n] and id(t) not in seen:
-                seen.add(id(t))
-                size += t.numel() * t.element_size()
+    size = distinct_bytes(t for sd in states.values() for n, t in sd.items() if t is not base[n])
     if size > FAMILY_BYTES:
         return None
-    x = next(iter(batch_input(b) for b in loader), None)
+    x = first_input(loader)
     return None if x is None else Family.make(work, x.to(device), base, states)
 
 
@@ -722,13 +712,7 @@ def _family_losses(fam: Family, loader: Iterable[Any], device) -> tuple[float, d
     for x, y in _family_batches(loader, device, True):
         out, outs = fam.run(x)
         for k, o in ((None, out), *outs.items()):
-            logp = F.log_softmax((o[0] if isinstance(o, (tuple, list)) else o).float(), dim=1)
-            if y.ndim != 1 or y.shape[0] != logp.shape[0] or (y.numel() and (int(y.min()) < 0 or
-                                                                            int(y.max()) >= logp.shape[1])):
-                raise DataSpecError(f"labels of shape {tuple(y.shape)} (range [{int(y.min())}, {int(y.max())}]) "
-                                    f"do not fit outputs of shape {tuple(logp.shape)}; expected one class index "
-                                    "per example, below the model's number of classes", option="data")
-            totals[k] += float(F.nll_loss(logp, y, reduction="sum").double())
+            totals[k] += float(F.nll_loss(_log_probs(o, y), y, reduction="sum").double())
         n += y.shape[0]
     if n == 0:
         raise DataSpecError("dropout stability: the data loader yielded no examples", option="data")

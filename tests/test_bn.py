@@ -207,3 +207,12 @@ def test_fixed_subsample_spreads_whole_batches_and_repeats():
         FixedSubset(ld, 0)
     with pytest.raises(DataSpecError, match="no batches"):
         FixedSubset([], 10)
+
+
+def test_first_input_is_the_probe_batch():
+    from mcensemble.bn import first_input
+    x = torch.arange(12.0).reshape(6, 2)
+    assert first_input(x) is x and torch.equal(first_input(x, 2), x[:2])
+    loader = [(x[:4], torch.zeros(4)), (x[4:], torch.zeros(2))]
+    assert torch.equal(first_input(loader, 3), x[:3]) and torch.equal(first_input(loader), x[:4])
+    assert first_input([]) is None and first_input(None) is None

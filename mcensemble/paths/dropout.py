@@ -55,7 +55,7 @@ from tqdm import tqdm
 
 from .._io import meta_field
 from .._layout import fast_layout
-from ..bn import FixedSubset, batch_input
+from ..bn import FixedSubset, first_input
 from ..errors import BadOptionError, DropoutPathError
 from ..evaluate import evaluate
 from ..options import check_count
@@ -473,6 +473,20 @@ def verify_segments(vertices: list[StateDict], kinds: list[dict[str, Any]], grap
             raise RuntimeError(f"internal error: segment {i} ({k['kind']}: {k['step']}) {why}")
 
 
+@torch.no_grad()
+def _logits(work: nn.Module, sd: Mapping[str, torch.Tensor], x: torch.Tensor) -> torch.Tensor:
+    """`work`'s logits on `x` with state `sd` loaded, in float64."""
+    work.load_state_dict(sd)
+    out = work(x)
+    return (out[0] if isinstance(out, (tuple, list)) else out).double()
+
+
+def _rel_err(got: torch.Tensor, want: torch.Tensor) -> float:
+    """Largest absolute deviation of `got` from `want`, relative to `want`'s largest entry."""
+    scale = max(float(want.abs().max()), 1e-12)
+    return float((got - want).abs().max()) / scale
+
+
 class _Recorder:
     """The path as the construction makes it, one vertex at a time: each segment checked
     (`_check_segment`), each vertex's delta against the vertex before it on the path kept
@@ -496,11 +510,8 @@ class _Recorder:
         self._inputs = {id(t) for s in self.sides.values() for t in s.state.values()}
         self._bar = tqdm(desc="dropout path vertices", leave=False, file=sys.stderr,
                          disable=None if progress is None else not progress)
-        x = None
-        for batch in loader:
-            x = batch_input(batch)[:PROBE_EXAMPLES].to(con.device)
-            break
-        self.x = x
+        x = first_input(loader, PROBE_EXAMPLES)
+        self.x = None if x is None else x.to(con.device)
         self.deltas: list[list[StateDict]] = [[], []]  # per track, in track order
         self.losses: list[list[float]] = [[], []]
         self.labels: list[list[str]] = [[], []]  # the function each vertex computes: "A", "D_2(B)", ...
@@ -516,12 +527,6 @@ class _Recorder:
         self._bar.update(1)
         return evaluate(self.work, self.loader, device=self.con.device).loss
 
-    @torch.no_grad()
-    def _logits(self, sd: Mapping[str, torch.Tensor]) -> torch.Tensor:
-        self.work.load_state_dict(sd)
-        out = self.work(self.x)
-        return (out[0] if isinstance(out, (tuple, list)) else out).double()
-
     def _canonical(self, fn: tuple[str, int]) -> StateDict:
         side = self.sides[fn[0]]
         return side.state if fn[1] == 0 else self.con.dk(side, fn[1])
@@ -531,10 +536,8 @@ class _Recorder:
         if self.x is None:
             return False
         if fn not in self._canon:
-            self._canon[fn] = self._logits(self._canonical(fn))
-        want = self._canon[fn]
-        got = self._logits(sd)
-        dev = float((got - want).abs().max()) / max(float(want.abs().max()), 1e-12)
+            self._canon[fn] = _logits(self.work, self._canonical(fn), self.x)
+        dev = _rel_err(_logits(self.work, sd, self.x), self._canon[fn])
         self.deviation = max(self.deviation, dev)
         return dev <= PROBE_RTOL
 

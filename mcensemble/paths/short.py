@@ -46,7 +46,7 @@ from tqdm import tqdm
 
 from .._io import meta_field
 from .._partial import Partial, copy_changed
-from ..bn import FixedSubset, batch_input
+from ..bn import FixedSubset, first_input
 from ..errors import BadOptionError, ShortPathError
 from ..evaluate import evaluate
 from ..options import check_count
@@ -54,7 +54,8 @@ from ..stability import (_importance, _subset, changed_bn_modules, check_kept, d
                          swap_trial, unit_slopes)
 from ..units import AxisRef, UnitGraph, UnitGroup, _mixes_units
 from .base import StateDict, check_same_layout, register_path
-from .dropout import DropoutPath, _bytes, _changed_units, _decode, _encode, _same, mix_states, working_copy
+from .dropout import (DropoutPath, _bytes, _changed_units, _decode, _encode, _logits, _rel_err, _same, mix_states,
+                      working_copy)
 
 __all__ = ["ShortPath", "ShortConfig", "ShortConstruction", "build_short_path", "prepare_short",
            "check_norms", "short_groups", "choose_halves", "verify_short_segments", "SEGMENT_KINDS"]
@@ -213,7 +214,7 @@ def prepare_short(model: nn.Module, a: Mapping[str, torch.Tensor], b: Mapping[st
         hv = _check_halves(graph, *halves)
     else:
         hv = choose_halves(ctx, a, b, steps=search_steps, examples=search_examples, seed=seed)
-    probe = _probe(loader)  # which BatchNorm inputs change: a few examples tell
+    probe = first_input(loader, 16)  # which BatchNorm inputs change: a few examples tell
     ctx.bn = sorted(set(changed_bn_modules(work, a, graph, hv.s, probe, device=device)) |
                     set(changed_bn_modules(work, b, graph, hv.t, probe, device=device)))
     bn_data = None
@@ -239,12 +240,6 @@ def _examples(loader) -> int | None:
         return len(loader.dataset)  # type: ignore[attr-defined]
     except (AttributeError, TypeError):
         return getattr(loader, "n", None)
-
-
-def _probe(loader: Iterable[Any], n: int = 16) -> torch.Tensor | None:
-    for batch in loader:
-        return batch_input(batch)[:n]
-    return None
 
 
 def _random_eps(ctx: _Ctx, a: StateDict, b: StateDict, seed: int, got: Mapping[str, float],
@@ -677,18 +672,6 @@ def _why_not(va: StateDict, vb: StateDict, kind: str, graph: UnitGraph, edges) -
         if bad:
             return f"changes live units {bad[:5]} of {g.name!r}"
     return None
-
-
-@torch.no_grad()
-def _logits(work: nn.Module, sd: Mapping[str, torch.Tensor], x: torch.Tensor) -> torch.Tensor:
-    work.load_state_dict(sd)
-    out = work(x)
-    return (out[0] if isinstance(out, (tuple, list)) else out).double()
-
-
-def _rel_err(got: torch.Tensor, want: torch.Tensor) -> float:
-    scale = max(float(want.abs().max()), 1e-12)
-    return float((got - want).abs().max()) / scale
 
 
 def verify_short_segments(work: nn.Module, vertices: list[StateDict], graph: UnitGraph,
