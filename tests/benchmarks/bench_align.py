@@ -23,6 +23,7 @@ import sys
 import time
 
 import torch
+from run_all import emit  # tests/benchmarks/run_all.py, beside this script
 
 from mcensemble.align import Repair, align_states
 from mcensemble.data import create_loader
@@ -146,10 +147,7 @@ def main(argv=None) -> int:
     rows = [bench_pair(label, *cfg, repeats=args.repeats) for label, cfg in PAIRS.items()
             if not args.only or cfg[0] in args.only]
     text = table(rows)
-    print(text)
-    if args.out:
-        with open(args.out, "w") as f:
-            f.write(text)
+    emit(text, args.out)
     return 0
 
 

@@ -30,6 +30,7 @@ import time
 import torch
 import torch.nn as nn
 import torch.nn.functional as F
+from run_all import emit  # tests/benchmarks/run_all.py, beside this script
 
 MODELS = {
     # name: (factory, input shape without batch)
@@ -212,10 +213,7 @@ def main(argv=None) -> int:
               "process over 10 steps (peak reset after set-up) minus its RSS after set-up (model, endpoints, "
               "batch; before any forward pass), so it includes activations, kernel workspaces and allocator caches."]
     table = "\n".join(lines)
-    print(table)
-    if args.out:
-        with open(args.out, "w") as f:
-            f.write(table + "\n")
+    emit(table + "\n", args.out)
     return 0
 
 

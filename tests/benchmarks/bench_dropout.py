@@ -27,6 +27,7 @@ import tempfile
 import time
 
 import torch
+from run_all import emit  # tests/benchmarks/run_all.py, beside this script
 
 
 def timm_efficientnet(**_):
@@ -191,10 +192,7 @@ def main(argv=None):
     text += (f"\nCPU, {args.threads} thread(s), torch {torch.__version__}. Straight line: BN "
              "re-estimated at interior points. Build time includes measuring the stability of "
              "both endpoints (kept-half search) and evaluating every vertex.\n")
-    print(text)
-    if args.out:
-        with open(args.out, "w") as f:
-            f.write(text)
+    emit(text, args.out)
 
 
 if __name__ == "__main__":

@@ -32,6 +32,7 @@ import tempfile
 import time
 
 import torch
+from run_all import emit  # tests/benchmarks/run_all.py, beside this script
 
 HERE = os.path.dirname(os.path.abspath(__file__))
 ROOT = os.path.dirname(os.path.dirname(HERE))
@@ -302,10 +303,7 @@ def main(argv=None):
                         lines.append(f"- {tree_name} {job} ({r['cpu_s']:.1f} CPU s): {parts}")
             lines.append("")
     text = "\n".join(lines) + "\n"
-    print(text)
-    if args.out:
-        with open(args.out, "w") as f:
-            f.write(text)
+    emit(text, args.out)
 
 
 if __name__ == "__main__":

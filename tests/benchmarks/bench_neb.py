@@ -26,6 +26,7 @@ import time
 from pathlib import Path
 
 import torch
+from run_all import emit  # tests/benchmarks/run_all.py, beside this script
 
 from mcensemble.data import create_loader
 from mcensemble.evaluate import scan
@@ -144,10 +145,7 @@ def main() -> int:
     part1(lines)
     part2(lines)
     text = "\n".join(lines) + "\n"
-    if args.out:
-        Path(args.out).write_text(text)
-    else:
-        sys.stdout.write(text)
+    emit(text, args.out, echo=False)
     return 0
 
 

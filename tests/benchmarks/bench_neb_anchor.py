@@ -54,6 +54,7 @@ import time
 from pathlib import Path
 
 import torch
+from run_all import emit  # tests/benchmarks/run_all.py, beside this script
 
 BATCH = 128
 PAIRS = {
@@ -317,10 +318,7 @@ def main() -> int:
     from run_all import machine as machine_line
     machine = f"Machine: {machine_line()}, {args.threads} thread(s)."
     text = "\n".join([machine, ""] + lines) + "\n"
-    if args.out:
-        Path(args.out).write_text(text)
-    else:
-        sys.stdout.write(text)
+    emit(text, args.out, echo=False)
     return 0
 
 

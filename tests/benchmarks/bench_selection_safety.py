@@ -51,6 +51,7 @@ if __package__ in (None, ""):
 
 from _mnist import mnist_datasets  # noqa: E402
 from bench_quality import DIGITS_TRAIN, GRID, _aligned, _loader, _state, _timm, train_one  # noqa: E402
+from run_all import emit  # noqa: E402  (tests/benchmarks/run_all.py, beside this script)
 
 from mcensemble import zoo  # noqa: F401,E402  (registers mce_* archs)
 from mcensemble.data import create_dataset, digits_tensors  # noqa: E402
@@ -249,9 +250,7 @@ def main() -> int:
     lines += ["", "Targets (new rule): >1% worse in at most 5% of splits, never more than 5% worse, and a mean gain "
               "at least the old rule's wherever the old rule's was positive:", "", *targets, ""]
     text = "\n".join(lines)
-    if args.out:
-        Path(args.out).write_text(text)
-    print(text)
+    emit(text, args.out)
     return 0
 
 

@@ -30,6 +30,7 @@ import tempfile
 import time
 
 import torch
+from run_all import emit  # tests/benchmarks/run_all.py, beside this script
 
 SEGS = ("1 meas.", "2 exact", "3 convex", "4 exact", "5 meas.")
 
@@ -236,10 +237,7 @@ def main(argv=None):
             plot(resnets[-1], args.plot)
     text = table(rows, args.per_segment)
     text += f"\nCPU, {args.threads} thread(s), torch {torch.__version__}.\n"
-    print(text)
-    if args.out:
-        with open(args.out, "w") as f:
-            f.write(text)
+    emit(text, args.out)
 
 
 if __name__ == "__main__":

@@ -32,6 +32,7 @@ import torch.nn.functional as F
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))  # tests/helpers.py
 from helpers import perturbed_state  # noqa: E402
+from run_all import emit  # tests/benchmarks/run_all.py, beside this script
 
 REAL = ["resnet18", "efficientnet_b0", "mobilenetv3_small_100", "convnext_atto", "regnetx_002",
         "densenet121", "vit_tiny_patch16_224", "deit_tiny_patch16_224", "deit_tiny_distilled_patch16_224",
@@ -230,10 +231,7 @@ def main(argv=None) -> int:
                 if not args.pairs or v[0] in args.pairs]
         parts.append(payoff_table(rows, args.curve_epochs))
     text = "\n".join(parts)
-    print(text)
-    if args.out:
-        with open(args.out, "w") as f:
-            f.write(text)
+    emit(text, args.out)
     return 0
 
 

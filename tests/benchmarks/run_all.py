@@ -36,6 +36,15 @@ def machine() -> str:
     return f"{cpu}, {os.cpu_count()} cores, Python {platform.python_version()}, torch {torch.__version__}"
 
 
+def emit(text: str, out: str | None = None, *, echo: bool = True) -> None:
+    """A benchmark's table: written to `out` when given (`--out FILE.md`, what this runner
+    reads) and printed (with `echo=False`, printed only when there is no `out`)."""
+    if out:
+        Path(out).write_text(text)
+    if echo or not out:
+        print(text)
+
+
 def main() -> int:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--dir", default="docs/benchmarks", help="Folder for the Markdown files.")
