@@ -699,7 +699,8 @@ def _family_stats(fam: Family, loader: Iterable[Any], modules: dict[int, list[st
     finally:
         fam.always = set()
     if not seen:
-        raise DataSpecError("dropout stability: the BatchNorm data loader yielded no batches", option="data")
+        raise DataSpecError("dropout stability: the BatchNorm data loader yielded no batches; give a non-empty "
+                            "data set", option="data")
     return {k: {f"{n}.{b}": t.cpu() for n, bufs in acc[k].items() for b, t in bufs.items()} for k in acc}
 
 
@@ -715,7 +716,8 @@ def _family_losses(fam: Family, loader: Iterable[Any], device) -> tuple[float, d
             totals[k] += float(F.nll_loss(_log_probs(o, y), y, reduction="sum").double())
         n += y.shape[0]
     if n == 0:
-        raise DataSpecError("dropout stability: the data loader yielded no examples", option="data")
+        raise DataSpecError("dropout stability: the data loader yielded no examples; give a non-empty data set",
+                            option="data")
     return totals.pop(None) / n, {k: v / n for k, v in totals.items()}
 
 

@@ -303,3 +303,10 @@ def test_frontiers_one_group_at_a_time_above_the_memory_budget(cnn, monkeypatch)
     got = dropout_stability(model, sd, ld, search_steps=6, search_examples=200)
     assert got.kept == want.kept and got.search["trials"] == want.search["trials"]
     assert got.search["accepted"] > 0
+
+
+def test_an_empty_batchnorm_loader_is_a_clear_error(cnn):
+    from mcensemble.errors import DataSpecError
+    model, sd = cnn
+    with pytest.raises(DataSpecError, match="BatchNorm data loader yielded no batches; give a non-empty"):
+        dropout_stability(model, sd, small_eval_loader(), search_steps=0, bn_loader=[])
